@@ -1,0 +1,25 @@
+//! cachefence: a Redis-protocol proxy that refuses stale cache fills.
+//!
+//! # Layout
+//!
+//! Data flows through the modules in this order:
+//!
+//! - [`server`]: accepts clients, enforces `max_clients`, drains on shutdown.
+//! - [`session`]: one task per client, paired 1:1 with its own upstream
+//!   connection; forwards requests in batches and pairs replies in order
+//!   ([`session::pairing`]), opening the upstream in [`session::upstream`].
+//! - [`resp`]: framing of requests ([`resp::request`], Redis' own grammar)
+//!   and replies ([`resp::reply`]), command classification
+//!   ([`resp::command`]: where an intercepted command is recognised), and
+//!   encoding of the replies the proxy makes itself ([`resp::encode`]).
+//! - [`config`]: the TOML file and flags, merged and validated.
+//! - [`metrics`], [`logging`]: counters and `tracing` setup.
+//!
+//! `main.rs` only parses flags, loads the config and runs [`server::Server`].
+
+pub mod config;
+pub mod logging;
+pub mod metrics;
+pub mod resp;
+pub mod server;
+pub mod session;

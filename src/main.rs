@@ -1,0 +1,62 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use cachefence::config::{Config, Settings};
+use cachefence::server::{self, Server};
+use clap::Parser;
+use tracing::{error, info};
+
+/// A Redis-protocol caching proxy that refuses stale cache fills.
+#[derive(Debug, Parser)]
+#[command(name = "cachefence", version)]
+struct Cli {
+    /// TOML configuration file (see config.example.toml).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Validate the configuration and exit (0 valid, 1 invalid).
+    #[arg(long)]
+    check: bool,
+    #[command(flatten)]
+    settings: Settings,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref(), cli.settings) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("cachefence: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if cli.check {
+        let source = config.source.as_ref().map_or("defaults and flags".into(), |p| p.display().to_string());
+        println!("cachefence: configuration OK ({source})");
+        return ExitCode::SUCCESS;
+    }
+    cachefence::logging::init(&config);
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.workers > 0 {
+        runtime.worker_threads(config.workers);
+    }
+    let runtime = match runtime.enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cachefence: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let server = Server::bind(config.clone()).await?;
+        info!(listen = %server.local_addr(), upstream = %config.upstream, "cachefence listening");
+        server.run(server::signal()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("cachefence: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

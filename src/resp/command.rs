@@ -1,0 +1,124 @@
+//! Command classification: what the proxy must know about a request to pair
+//! its replies. Everything not named here is [`Command::Plain`]: exactly one
+//! reply, forwarded untouched. This is the place where the consistency layer
+//! hooks the commands it intercepts.
+
+use super::request::{Frame, string2ll};
+
+/// A pub/sub family: the reply kinds and the counter each one moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubFamily {
+    /// SUBSCRIBE / UNSUBSCRIBE.
+    Channel,
+    /// PSUBSCRIBE / PUNSUBSCRIBE.
+    Pattern,
+    /// SSUBSCRIBE / SUNSUBSCRIBE.
+    Shard,
+}
+
+/// `CLIENT REPLY` modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyMode {
+    On,
+    Off,
+    Skip,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// One reply, no effect on the connection's mode.
+    Plain,
+    /// `(P|S)SUBSCRIBE a b …`: one confirmation per argument.
+    Subscribe(SubFamily, u64),
+    /// `(P|S)UNSUBSCRIBE a b …` (one confirmation each) or with no argument
+    /// (one per current subscription of the family, at least one).
+    Unsubscribe(SubFamily, Option<u64>),
+    /// `HELLO [protover …]`: on success the connection speaks `protover`.
+    Hello(Option<u8>),
+    /// `RESET`: back to RESP2, no subscriptions, no MONITOR, replies on.
+    Reset,
+    /// `MONITOR`: after `+OK`, a stream of unsolicited lines.
+    Monitor,
+    /// `QUIT` / `SHUTDOWN`: Redis may close without (another) reply.
+    Closing,
+    /// `CLIENT REPLY ON|OFF|SKIP`.
+    ClientReply(ReplyMode),
+}
+
+/// Longest command name worth comparing; longer names are plain commands.
+const MAX_NAME: usize = 16;
+
+impl Command {
+    /// Classifies a complete request. `request` holds the request's bytes.
+    pub fn classify(frame: &Frame, request: &[u8]) -> Command {
+        let Some(name) = frame.arg(request, 0) else {
+            return Command::Plain;
+        };
+        if name.len() > MAX_NAME {
+            return Command::Plain;
+        }
+        let mut upper = [0u8; MAX_NAME];
+        let upper = &mut upper[..name.len()];
+        upper.copy_from_slice(name);
+        upper.make_ascii_uppercase();
+        let args = frame.argc as u64 - 1;
+        let unsubscribe = |family| Command::Unsubscribe(family, (args > 0).then_some(args));
+        match &*upper {
+            b"SUBSCRIBE" => Command::Subscribe(SubFamily::Channel, args),
+            b"PSUBSCRIBE" => Command::Subscribe(SubFamily::Pattern, args),
+            b"SSUBSCRIBE" => Command::Subscribe(SubFamily::Shard, args),
+            b"UNSUBSCRIBE" => unsubscribe(SubFamily::Channel),
+            b"PUNSUBSCRIBE" => unsubscribe(SubFamily::Pattern),
+            b"SUNSUBSCRIBE" => unsubscribe(SubFamily::Shard),
+            b"HELLO" => Command::Hello(
+                frame
+                    .arg(request, 1)
+                    .and_then(string2ll)
+                    .and_then(|v| u8::try_from(v).ok()),
+            ),
+            b"RESET" => Command::Reset,
+            b"MONITOR" => Command::Monitor,
+            b"QUIT" | b"SHUTDOWN" => Command::Closing,
+            b"CLIENT" if frame.argc == 3 => {
+                let is = |i: usize, word: &str| {
+                    frame
+                        .arg(request, i)
+                        .is_some_and(|a| a.eq_ignore_ascii_case(word.as_bytes()))
+                };
+                match () {
+                    _ if !is(1, "REPLY") => Command::Plain,
+                    _ if is(2, "ON") => Command::ClientReply(ReplyMode::On),
+                    _ if is(2, "OFF") => Command::ClientReply(ReplyMode::Off),
+                    _ if is(2, "SKIP") => Command::ClientReply(ReplyMode::Skip),
+                    _ => Command::Plain,
+                }
+            }
+            _ => Command::Plain,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resp::request::RequestFramer;
+
+    fn classify(input: &[u8]) -> Command {
+        let frame = RequestFramer::new(1 << 20).next(input).unwrap().unwrap();
+        Command::classify(&frame, input)
+    }
+
+    #[test]
+    fn names_are_matched_case_insensitively() {
+        assert_eq!(classify(b"subscribe a b\r\n"), Command::Subscribe(SubFamily::Channel, 2));
+        assert_eq!(classify(b"PUnsubscribe\r\n"), Command::Unsubscribe(SubFamily::Pattern, None));
+        assert_eq!(classify(b"sunsubscribe x\r\n"), Command::Unsubscribe(SubFamily::Shard, Some(1)));
+        assert_eq!(classify(b"hello 3 auth u p\r\n"), Command::Hello(Some(3)));
+        assert_eq!(classify(b"HELLO\r\n"), Command::Hello(None));
+        assert_eq!(classify(b"client reply off\r\n"), Command::ClientReply(ReplyMode::Off));
+        assert_eq!(classify(b"CLIENT REPLY maybe\r\n"), Command::Plain);
+        assert_eq!(classify(b"*1\r\n$4\r\nquit\r\n"), Command::Closing);
+        assert_eq!(classify(b"GET k\r\n"), Command::Plain);
+        assert_eq!(classify(b"averyveryverylongcommandname\r\n"), Command::Plain);
+    }
+}

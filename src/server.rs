@@ -1,0 +1,132 @@
+//! The accept loop: connection limit, one task per client, graceful
+//! shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::resp::encode;
+use crate::session::{self, Context};
+
+/// A bound listener, ready to [`run`](Server::run).
+pub struct Server {
+    listener: TcpListener,
+    ctx: Arc<Context>,
+}
+
+impl Server {
+    pub async fn bind(config: Config) -> anyhow::Result<Server> {
+        let listener = TcpListener::bind(&config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        Ok(Server {
+            listener,
+            ctx: Arc::new(Context {
+                config,
+                metrics: Metrics::default(),
+            }),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    /// Shared state, for tests and (later) the admin commands.
+    pub fn context(&self) -> Arc<Context> {
+        self.ctx.clone()
+    }
+
+    /// Serves clients until `shutdown` completes, then stops accepting and
+    /// lets connections deliver their in-flight replies for up to
+    /// `shutdown_timeout` before returning.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Server { listener, ctx } = self;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        // Every session holds a sender; `recv` returns `None` once all are gone.
+        let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+        let permits = Arc::new(Semaphore::new(ctx.config.max_clients));
+        tokio::pin!(shutdown);
+        loop {
+            let (socket, peer) = tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Usually EMFILE: back off instead of spinning.
+                        warn!(%error, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            ctx.metrics.connections_total.inc();
+            let _ = socket.set_nodelay(true);
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                ctx.metrics.connections_rejected.inc();
+                warn!(%peer, max_clients = ctx.config.max_clients, "client rejected: max number of clients reached");
+                tokio::spawn(reject(socket));
+                continue;
+            };
+            let span = info_span!("conn", %peer, upstream = %ctx.config.upstream);
+            let (ctx, stop_rx, done) = (ctx.clone(), stop_rx.clone(), done_tx.clone());
+            tokio::spawn(
+                async move {
+                    ctx.metrics.connections_current.inc();
+                    session::run(socket, peer, ctx.clone(), stop_rx).await;
+                    ctx.metrics.connections_current.dec();
+                    drop((permit, done));
+                }
+                .instrument(span),
+            );
+        }
+        drop(listener);
+        let open = ctx.metrics.connections_current.get();
+        info!(open, "shutting down: stopped accepting, draining connections");
+        let _ = stop_tx.send(true);
+        drop(done_tx);
+        let deadline = ctx.config.shutdown_timeout;
+        match tokio::time::timeout(deadline, done_rx.recv()).await {
+            Ok(_) => info!("shutdown complete"),
+            Err(_) => warn!(
+                open = ctx.metrics.connections_current.get(),
+                ?deadline,
+                "shutdown deadline passed; closing remaining connections"
+            ),
+        }
+        Ok(())
+    }
+}
+
+/// Turns a client away the way Redis does.
+async fn reject(mut socket: TcpStream) {
+    let reply = encode::error("ERR max number of clients reached");
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), socket.write_all(&reply)).await;
+    let _ = socket.shutdown().await;
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => info!(signal = "SIGINT", "signal received"),
+            _ = term.recv() => info!(signal = "SIGTERM", "signal received"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,382 @@
+//! Pairing replies with requests.
+//!
+//! Each forwarded request leaves an [`Expect`] in a bounded queue; each frame
+//! from upstream either answers the request at the head of the queue or is
+//! unsolicited (RESP3 pushes, pub/sub messages, MONITOR lines). The queue is
+//! what later lets the proxy act on one command's reply, answer every
+//! pending request when the upstream dies, and finish in-flight replies on
+//! shutdown.
+//!
+//! The connection modes that change the reply stream are tracked here from
+//! the replies themselves (not from the requests), so they follow what Redis
+//! actually did: the protocol version (HELLO), pub/sub subscription counts,
+//! MONITOR.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
+use crate::resp::command::{Command, ReplyMode, SubFamily};
+use crate::resp::request::string2ll;
+
+/// What the proxy expects back for one forwarded request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    /// One reply, forwarded as is.
+    Reply,
+    /// One reply; on success the protocol becomes `version` (if given).
+    Hello(Option<u8>),
+    /// One reply; on success every mode is reset.
+    Reset,
+    /// One reply; on success the connection streams MONITOR lines.
+    Monitor,
+    /// One reply, or none if Redis closes the connection (QUIT, SHUTDOWN).
+    Closing,
+    /// `left` subscription confirmations of `family`, or one error.
+    Confirm { family: SubFamily, left: u64 },
+    /// Unsubscribe from everything in `family`: one confirmation per current
+    /// subscription (at least one), counted when it reaches the head.
+    ConfirmAll(SubFamily),
+    /// A reply the proxy made itself, sent in its place in the order;
+    /// `close` ends the connection after it.
+    Local { reply: Bytes, close: bool },
+}
+
+impl Expect {
+    /// The expectation for a request, given the connection's `CLIENT REPLY`
+    /// mode, which it updates. `None`: Redis sends nothing back.
+    pub fn for_command(command: Command, mode: &mut ReplyMode) -> Option<Expect> {
+        let expect = match command {
+            Command::Plain => Expect::Reply,
+            Command::Subscribe(family, n) => Expect::Confirm {
+                family,
+                left: n.max(1),
+            },
+            Command::Unsubscribe(family, Some(n)) => Expect::Confirm { family, left: n },
+            Command::Unsubscribe(family, None) => Expect::ConfirmAll(family),
+            Command::Hello(version) => Expect::Hello(version),
+            Command::Reset => {
+                *mode = ReplyMode::On;
+                return Some(Expect::Reset);
+            }
+            Command::Monitor => Expect::Monitor,
+            Command::Closing => Expect::Closing,
+            Command::ClientReply(new) => {
+                *mode = new;
+                return (new == ReplyMode::On).then_some(Expect::Reply);
+            }
+        };
+        match *mode {
+            ReplyMode::On => Some(expect),
+            ReplyMode::Off => None,
+            ReplyMode::Skip => {
+                *mode = ReplyMode::On;
+                None
+            }
+        }
+    }
+}
+
+/// Subscriptions as Redis reported them in its confirmations.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Subscriptions {
+    pub channels: u64,
+    pub patterns: u64,
+    pub shard: u64,
+}
+
+impl Subscriptions {
+    pub fn any(&self) -> bool {
+        self.channels + self.patterns + self.shard > 0
+    }
+
+    fn count(&self, family: SubFamily) -> u64 {
+        match family {
+            SubFamily::Channel => self.channels,
+            SubFamily::Pattern => self.patterns,
+            SubFamily::Shard => self.shard,
+        }
+    }
+
+    /// Applies a confirmation carrying Redis' new total: channels and
+    /// patterns share one total, shard channels have their own.
+    fn confirm(&mut self, family: SubFamily, total: u64) {
+        match family {
+            SubFamily::Channel => self.channels = total.saturating_sub(self.patterns),
+            SubFamily::Pattern => self.patterns = total.saturating_sub(self.channels),
+            SubFamily::Shard => self.shard = total,
+        }
+    }
+}
+
+/// Where a frame from upstream goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// It answered the request at the head of the queue.
+    Reply,
+    /// Out-of-band (push, message, MONITOR line) or unexpected.
+    Unsolicited,
+}
+
+#[derive(Debug, Default)]
+pub struct Pairing {
+    pending: VecDeque<Expect>,
+    resp3: bool,
+    monitor: bool,
+    subs: Subscriptions,
+    /// Shutting down: no new requests; close once nothing is pending.
+    pub draining: bool,
+}
+
+impl Pairing {
+    pub fn push(&mut self, expect: Expect) {
+        self.pending.push_back(expect);
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn is_resp3(&self) -> bool {
+        self.resp3
+    }
+
+    /// Nothing is owed and nothing may arrive unasked: the connection is
+    /// idle in the sense of Redis' `timeout`.
+    pub fn is_idle(&self) -> bool {
+        self.pending.is_empty() && !self.monitor && !self.subs.any()
+    }
+
+    /// The head of the queue is a reply the proxy made itself.
+    pub fn take_local(&mut self) -> Option<(Bytes, bool)> {
+        match self.pending.front() {
+            Some(Expect::Local { .. }) => match self.pending.pop_front() {
+                Some(Expect::Local { reply, close }) => Some((reply, close)),
+                _ => unreachable!(),
+            },
+            _ => None,
+        }
+    }
+
+    /// Requests whose replies will never come once the upstream is gone,
+    /// excluding those that legitimately end the connection.
+    pub fn abandon(&mut self) -> usize {
+        let owed = self
+            .pending
+            .iter()
+            .filter(|e| !matches!(e, Expect::Closing | Expect::Local { .. }))
+            .count();
+        self.pending.clear();
+        owed
+    }
+
+    /// May a frame of type `kind` be forwarded before it is complete? Only
+    /// when nothing about it needs to be inspected.
+    pub fn may_stream(&self, kind: u8) -> bool {
+        kind != b'>'
+            && !self.monitor
+            && !self.subs.any()
+            && matches!(self.pending.front(), Some(Expect::Reply))
+    }
+
+    /// Routes one complete top-level frame (`frame` holds all of its bytes
+    /// unless it was streamed, in which case it is a plain reply).
+    pub fn route(&mut self, kind: u8, frame: &[u8]) -> Route {
+        if let Some(Expect::ConfirmAll(family)) = self.pending.front() {
+            let family = *family;
+            let left = self.subs.count(family).max(1);
+            self.pending[0] = Expect::Confirm { family, left };
+        }
+        let confirming = match self.pending.front() {
+            Some(Expect::Confirm { family, .. }) => Some(*family),
+            _ => None,
+        };
+        let inspect = kind == b'>' || (kind == b'*' && !self.resp3 && (self.subs.any() || confirming.is_some()));
+        if inspect {
+            match pubsub_kind(frame) {
+                Some(PubSub::Message) => return Route::Unsolicited,
+                Some(PubSub::Confirmation(family)) => {
+                    if let Some(total) = trailing_integer(frame) {
+                        self.subs.confirm(family, total);
+                    }
+                    if confirming != Some(family) {
+                        return Route::Unsolicited;
+                    }
+                    if let Some(Expect::Confirm { left, .. }) = self.pending.front_mut() {
+                        *left -= 1;
+                        if *left == 0 {
+                            self.pending.pop_front();
+                        }
+                    }
+                    return Route::Reply;
+                }
+                None if kind == b'>' => return Route::Unsolicited,
+                None => {}
+            }
+        }
+        if self.monitor && kind == b'+' && is_monitor_line(frame) {
+            return Route::Unsolicited;
+        }
+        let Some(expect) = self.pending.pop_front() else {
+            return Route::Unsolicited;
+        };
+        let ok = !matches!(kind, b'-' | b'!');
+        match expect {
+            Expect::Hello(Some(version)) if ok => self.resp3 = version == 3,
+            Expect::Reset if ok => {
+                self.resp3 = false;
+                self.monitor = false;
+                self.subs = Subscriptions::default();
+            }
+            Expect::Monitor if ok => self.monitor = true,
+            _ => {}
+        }
+        Route::Reply
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PubSub {
+    Message,
+    Confirmation(SubFamily),
+}
+
+/// Classifies a pub/sub frame by its first element.
+fn pubsub_kind(frame: &[u8]) -> Option<PubSub> {
+    let kind = first_bulk(frame)?;
+    let lower = |w: &str| kind.eq_ignore_ascii_case(w.as_bytes());
+    Some(match () {
+        _ if lower("message") || lower("pmessage") || lower("smessage") => PubSub::Message,
+        _ if lower("subscribe") || lower("unsubscribe") => PubSub::Confirmation(SubFamily::Channel),
+        _ if lower("psubscribe") || lower("punsubscribe") => PubSub::Confirmation(SubFamily::Pattern),
+        _ if lower("ssubscribe") || lower("sunsubscribe") => PubSub::Confirmation(SubFamily::Shard),
+        _ => return None,
+    })
+}
+
+/// The first element of an aggregate frame, if it is a bulk string.
+fn first_bulk(frame: &[u8]) -> Option<&[u8]> {
+    let header_end = memchr::memchr(b'\n', frame)? + 1;
+    let rest = frame.get(header_end..)?;
+    let rest = rest.strip_prefix(b"$")?;
+    let len_end = memchr::memchr(b'\r', rest)?;
+    let len = usize::try_from(string2ll(&rest[..len_end])?).ok()?;
+    rest.get(len_end + 2..len_end + 2 + len)
+}
+
+/// The value of a frame's last line if it is `:<n>` (the subscription count
+/// that ends every confirmation).
+fn trailing_integer(frame: &[u8]) -> Option<u64> {
+    let body = frame.strip_suffix(b"\r\n")?;
+    let start = memchr::memrchr(b'\n', body).map_or(0, |i| i + 1);
+    let line = body[start..].strip_prefix(b":")?;
+    u64::try_from(string2ll(line)?).ok()
+}
+
+/// `+1700000000.123456 [0 127.0.0.1:5000] "get" "k"`.
+fn is_monitor_line(frame: &[u8]) -> bool {
+    frame.len() > 2 && frame[1].is_ascii_digit() && memchr::memmem::find(frame, b" [").is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn confirmation(kind: &str, channel: &str, total: u64, push: bool) -> Vec<u8> {
+        let t = if push { '>' } else { '*' };
+        format!(
+            "{t}3\r\n${}\r\n{kind}\r\n${}\r\n{channel}\r\n:{total}\r\n",
+            kind.len(),
+            channel.len()
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn resp2_subscribe_pairs_each_confirmation_and_passes_messages() {
+        let mut p = Pairing::default();
+        p.push(Expect::Confirm {
+            family: SubFamily::Channel,
+            left: 2,
+        });
+        p.push(Expect::Reply);
+        let a = confirmation("subscribe", "a", 1, false);
+        assert_eq!(p.route(b'*', &a), Route::Reply);
+        let msg = b"*3\r\n$7\r\nmessage\r\n$1\r\na\r\n$2\r\nhi\r\n";
+        assert_eq!(p.route(b'*', msg), Route::Unsolicited);
+        let b = confirmation("subscribe", "b", 2, false);
+        assert_eq!(p.route(b'*', &b), Route::Reply);
+        assert_eq!(p.pending(), 1);
+        assert_eq!(p.subs.channels, 2);
+        // `PING` while subscribed in RESP2: an array that is a reply.
+        assert_eq!(p.route(b'*', b"*2\r\n$4\r\npong\r\n$0\r\n\r\n"), Route::Reply);
+        assert_eq!(p.pending(), 0);
+    }
+
+    #[test]
+    fn unsubscribe_all_waits_for_one_confirmation_per_subscription() {
+        let mut p = Pairing::default();
+        p.subs = Subscriptions {
+            channels: 2,
+            patterns: 1,
+            shard: 0,
+        };
+        p.push(Expect::ConfirmAll(SubFamily::Channel));
+        assert_eq!(p.route(b'*', &confirmation("unsubscribe", "a", 2, false)), Route::Reply);
+        assert_eq!(p.pending(), 1);
+        assert_eq!(p.route(b'*', &confirmation("unsubscribe", "b", 1, false)), Route::Reply);
+        assert_eq!(p.pending(), 0);
+        assert_eq!(p.subs.channels, 0);
+        assert_eq!(p.subs.patterns, 1);
+    }
+
+    #[test]
+    fn resp3_pushes_never_answer_plain_requests() {
+        let mut p = Pairing::default();
+        p.push(Expect::Hello(Some(3)));
+        assert_eq!(p.route(b'%', b"%0\r\n"), Route::Reply);
+        assert!(p.is_resp3());
+        p.push(Expect::Reply);
+        let invalidate = b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n";
+        assert_eq!(p.route(b'>', invalidate), Route::Unsolicited);
+        assert_eq!(p.pending(), 1);
+        assert_eq!(p.route(b'$', b"$-1\r\n"), Route::Reply);
+    }
+
+    #[test]
+    fn subscribe_errors_consume_the_request() {
+        let mut p = Pairing::default();
+        p.push(Expect::Confirm {
+            family: SubFamily::Channel,
+            left: 1,
+        });
+        assert_eq!(p.route(b'-', b"-ERR wrong number of arguments\r\n"), Route::Reply);
+        assert_eq!(p.pending(), 0);
+    }
+
+    #[test]
+    fn monitor_lines_are_unsolicited_after_monitor_succeeds() {
+        let mut p = Pairing::default();
+        p.push(Expect::Monitor);
+        assert_eq!(p.route(b'+', b"+OK\r\n"), Route::Reply);
+        let line = b"+1700000000.000001 [0 127.0.0.1:5000] \"get\" \"k\"\r\n";
+        assert_eq!(p.route(b'+', line), Route::Unsolicited);
+        p.push(Expect::Reset);
+        assert_eq!(p.route(b'+', b"+RESET\r\n"), Route::Reply);
+        assert!(p.is_idle());
+    }
+
+    #[test]
+    fn client_reply_off_and_skip_expect_nothing() {
+        let mut mode = ReplyMode::On;
+        assert_eq!(Expect::for_command(Command::ClientReply(ReplyMode::Skip), &mut mode), None);
+        assert_eq!(Expect::for_command(Command::Plain, &mut mode), None);
+        assert_eq!(Expect::for_command(Command::Plain, &mut mode), Some(Expect::Reply));
+        assert_eq!(Expect::for_command(Command::ClientReply(ReplyMode::Off), &mut mode), None);
+        assert_eq!(Expect::for_command(Command::Plain, &mut mode), None);
+        assert_eq!(
+            Expect::for_command(Command::ClientReply(ReplyMode::On), &mut mode),
+            Some(Expect::Reply)
+        );
+    }
+}
