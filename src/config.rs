@@ -60,7 +60,9 @@ impl FromStr for Upstream {
         let (rest, url) = match s.strip_prefix("redis://") {
             Some(rest) => (rest, true),
             None if s.contains("://") => {
-                return Err(format!("unsupported scheme in `{s}` (only redis:// is supported)"));
+                return Err(format!(
+                    "unsupported scheme in `{s}` (only redis:// is supported)"
+                ));
             }
             None => (s, false),
         };
@@ -109,7 +111,9 @@ fn split_host_port(authority: &str, default_port: Option<u16>) -> Result<(String
         return Err(bad());
     }
     let port = match port {
-        Some(p) => p.parse().map_err(|_| format!("bad port `{p}` in `{authority}`"))?,
+        Some(p) => p
+            .parse()
+            .map_err(|_| format!("bad port `{p}` in `{authority}`"))?,
         None => default_port.ok_or_else(bad)?,
     };
     Ok((host.to_string(), port))
@@ -121,7 +125,11 @@ fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while i < bytes.len() {
         let hex = |b: u8| (b as char).to_digit(16);
-        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
             (b'%', Some(h), Some(l)) => {
                 out.push((h * 16 + l) as u8);
                 i += 3;
@@ -184,7 +192,7 @@ impl FromStr for Span {
 impl fmt::Display for Span {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
-        if ms % 1000 == 0 {
+        if ms.is_multiple_of(1000) {
             write!(f, "{}s", ms / 1000)
         } else {
             write!(f, "{ms}ms")
@@ -222,8 +230,8 @@ impl FromStr for Size {
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.0 {
-            n if n > 0 && n % (1 << 20) == 0 => write!(f, "{}mb", n >> 20),
-            n if n > 0 && n % (1 << 10) == 0 => write!(f, "{}kb", n >> 10),
+            n if n > 0 && n.is_multiple_of(1 << 20) => write!(f, "{}mb", n >> 20),
+            n if n > 0 && n.is_multiple_of(1 << 10) => write!(f, "{}kb", n >> 10),
             n => write!(f, "{n}"),
         }
     }
@@ -240,7 +248,8 @@ pub enum LogFormat {
 impl FromStr for LogFormat {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        <Self as clap::ValueEnum>::from_str(s, false).map_err(|_| format!("bad log format `{s}` (use text or json)"))
+        <Self as clap::ValueEnum>::from_str(s, false)
+            .map_err(|_| format!("bad log format `{s}` (use text or json)"))
     }
 }
 
@@ -329,7 +338,7 @@ settings! {
     shutdown_timeout: Span = Span(Duration::from_secs(10));
     /// Worker threads (0 = one per available CPU).
     workers: u32 = 0;
-    /// Log level or filter (`info`, `debug`, `cachefence=trace`); RUST_LOG is used when unset.
+    /// Log level or filter (`info`, `debug`, `cachefence=trace`); RUST_LOG wins over the file's.
     log_level: String = "info".to_string();
     /// `text` or `json`.
     log_format: LogFormat = LogFormat::Text;
@@ -348,8 +357,6 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub workers: usize,
     pub log_level: String,
-    /// Whether `log_level` was set explicitly (flag or file) rather than defaulted.
-    pub log_level_explicit: bool,
     pub log_format: LogFormat,
     /// The file the settings came from, if any.
     pub source: Option<PathBuf>,
@@ -369,8 +376,8 @@ impl Config {
             None => None,
         };
         let explicit = flags.clone().over(file.clone().unwrap_or_default());
-        let mut config = Config::resolve(explicit, path.map(Path::to_path_buf))
-            .with_context(|| match path {
+        let mut config =
+            Config::resolve(explicit, path.map(Path::to_path_buf)).with_context(|| match path {
                 Some(p) => format!("invalid configuration in {}", p.display()),
                 None => "invalid configuration".to_string(),
             })?;
@@ -381,7 +388,6 @@ impl Config {
     /// Fills unset keys with defaults and checks what cannot be checked one
     /// value at a time.
     pub fn resolve(explicit: Settings, source: Option<PathBuf>) -> anyhow::Result<Config> {
-        let log_level_explicit = explicit.log_level.is_some();
         let s = explicit.over(Settings::defaults());
         let listen = s.listen.expect("defaulted");
         listen
@@ -403,7 +409,10 @@ impl Config {
         };
         let timeout = s.timeout.expect("defaulted").0;
         let connect_timeout = s.connect_timeout.expect("defaulted").0;
-        anyhow::ensure!(!connect_timeout.is_zero(), "key `connect_timeout`: must be greater than 0");
+        anyhow::ensure!(
+            !connect_timeout.is_zero(),
+            "key `connect_timeout`: must be greater than 0"
+        );
         let log_level = s.log_level.expect("defaulted");
         tracing_subscriber::EnvFilter::try_new(&log_level)
             .map_err(|e| anyhow::anyhow!("key `log_level`: bad filter `{log_level}`: {e}"))?;
@@ -418,7 +427,6 @@ impl Config {
             shutdown_timeout: s.shutdown_timeout.expect("defaulted").0,
             workers: s.workers.expect("defaulted") as usize,
             log_level,
-            log_level_explicit,
             log_format: s.log_format.expect("defaulted"),
             source,
         })

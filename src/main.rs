@@ -21,7 +21,8 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    cli.settings.log_level = cachefence::logging::level_from_env(cli.settings.log_level.take());
     let config = match Config::load(cli.config.as_deref(), cli.settings) {
         Ok(config) => config,
         Err(e) => {
@@ -30,7 +31,10 @@ fn main() -> ExitCode {
         }
     };
     if cli.check {
-        let source = config.source.as_ref().map_or("defaults and flags".into(), |p| p.display().to_string());
+        let source = config
+            .source
+            .as_ref()
+            .map_or("defaults and flags".into(), |p| p.display().to_string());
         println!("cachefence: configuration OK ({source})");
         return ExitCode::SUCCESS;
     }

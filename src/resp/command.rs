@@ -110,12 +110,24 @@ mod tests {
 
     #[test]
     fn names_are_matched_case_insensitively() {
-        assert_eq!(classify(b"subscribe a b\r\n"), Command::Subscribe(SubFamily::Channel, 2));
-        assert_eq!(classify(b"PUnsubscribe\r\n"), Command::Unsubscribe(SubFamily::Pattern, None));
-        assert_eq!(classify(b"sunsubscribe x\r\n"), Command::Unsubscribe(SubFamily::Shard, Some(1)));
+        assert_eq!(
+            classify(b"subscribe a b\r\n"),
+            Command::Subscribe(SubFamily::Channel, 2)
+        );
+        assert_eq!(
+            classify(b"PUnsubscribe\r\n"),
+            Command::Unsubscribe(SubFamily::Pattern, None)
+        );
+        assert_eq!(
+            classify(b"sunsubscribe x\r\n"),
+            Command::Unsubscribe(SubFamily::Shard, Some(1))
+        );
         assert_eq!(classify(b"hello 3 auth u p\r\n"), Command::Hello(Some(3)));
         assert_eq!(classify(b"HELLO\r\n"), Command::Hello(None));
-        assert_eq!(classify(b"client reply off\r\n"), Command::ClientReply(ReplyMode::Off));
+        assert_eq!(
+            classify(b"client reply off\r\n"),
+            Command::ClientReply(ReplyMode::Off)
+        );
         assert_eq!(classify(b"CLIENT REPLY maybe\r\n"), Command::Plain);
         assert_eq!(classify(b"*1\r\n$4\r\nquit\r\n"), Command::Closing);
         assert_eq!(classify(b"GET k\r\n"), Command::Plain);

@@ -154,8 +154,7 @@ impl RequestFramer {
             let len = match self.bulk_len {
                 Some(len) => len,
                 None => {
-                    let Some(line) = header_line(buf, self.pos, "too big bulk count string")?
-                    else {
+                    let Some(line) = header_line(buf, self.pos, "too big bulk count string")? else {
                         return Ok(None);
                     };
                     if buf[self.pos] != b'$' {
@@ -228,8 +227,8 @@ fn parse_inline(buf: &[u8]) -> Result<Option<Frame>, ProtocolError> {
     } else {
         newline
     };
-    let args = split_args(&buf[..line_end])
-        .ok_or_else(|| ProtocolError::new("unbalanced quotes in request"))?;
+    let args =
+        split_args(&buf[..line_end]).ok_or_else(|| ProtocolError::new("unbalanced quotes in request"))?;
     Ok(Some(Frame {
         len: newline + 1,
         argc: args.len(),
@@ -424,7 +423,10 @@ mod tests {
             (b"*1\r\n+PING\r\n", "Protocol error: expected '$', got '+'"),
             (b"*1\r\n$-1\r\n", "Protocol error: invalid bulk length"),
             (b"*1\r\n$01\r\n", "Protocol error: invalid bulk length"),
-            (b"SET \"a b\"c\r\n", "Protocol error: unbalanced quotes in request"),
+            (
+                b"SET \"a b\"c\r\n",
+                "Protocol error: unbalanced quotes in request",
+            ),
             (b"GET 'x\r\n", "Protocol error: unbalanced quotes in request"),
         ];
         for (input, text) in cases {
@@ -449,8 +451,18 @@ mod tests {
         let input = b"set \"a\\x41\\n\" 'it\\'s' plain\n";
         let frame = RequestFramer::new(1 << 20).next(input).unwrap().unwrap();
         assert_eq!(frame.len, input.len());
-        let Args::Inline(args) = frame.args else { panic!("inline") };
-        assert_eq!(args, vec![b"set".to_vec(), b"aA\n".to_vec(), b"it's".to_vec(), b"plain".to_vec()]);
+        let Args::Inline(args) = frame.args else {
+            panic!("inline")
+        };
+        assert_eq!(
+            args,
+            vec![
+                b"set".to_vec(),
+                b"aA\n".to_vec(),
+                b"it's".to_vec(),
+                b"plain".to_vec()
+            ]
+        );
         let blank = RequestFramer::new(1 << 20).next(b"  \r\n").unwrap().unwrap();
         assert_eq!((blank.len, blank.argc), (4, 0));
     }
@@ -461,7 +473,16 @@ mod tests {
         assert_eq!(string2ll(b"-1"), Some(-1));
         assert_eq!(string2ll(b"9223372036854775807"), Some(i64::MAX));
         assert_eq!(string2ll(b"-9223372036854775808"), Some(i64::MIN));
-        for bad in [&b""[..], b"-", b"-0", b"01", b"+1", b" 1", b"1 ", b"9223372036854775808"] {
+        for bad in [
+            &b""[..],
+            b"-",
+            b"-0",
+            b"01",
+            b"+1",
+            b" 1",
+            b"1 ",
+            b"9223372036854775808",
+        ] {
             assert_eq!(string2ll(bad), None, "{bad:?}");
         }
     }

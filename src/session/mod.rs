@@ -48,7 +48,12 @@ pub struct Context {
 
 /// Serves one client until either side closes, the client idles past
 /// `timeout`, or a shutdown drains it.
-pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<Context>, shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<Context>,
+    shutdown: watch::Receiver<bool>,
+) {
     let mut upstream = match upstream::connect(&ctx.config.upstream, ctx.config.connect_timeout).await {
         Ok(stream) => stream,
         Err(error) => {
@@ -138,7 +143,9 @@ impl Default for Shared {
 
 impl Shared {
     fn pairing(&self) -> MutexGuard<'_, Pairing> {
-        self.pairing.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.pairing
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn touch(&self) {
@@ -315,8 +322,12 @@ where
             _ = shared.wake_replies.notified() => continue,
         };
         match read {
-            Ok(0) => return upstream_lost(client, shared, ctx, scanner.in_frame(), "closed the connection").await,
-            Err(error) => return upstream_lost(client, shared, ctx, scanner.in_frame(), &error.to_string()).await,
+            Ok(0) => {
+                return upstream_lost(client, shared, ctx, scanner.in_frame(), "closed the connection").await;
+            }
+            Err(error) => {
+                return upstream_lost(client, shared, ctx, scanner.in_frame(), &error.to_string()).await;
+            }
             Ok(_) => {}
         }
         let (upto, close) = {
@@ -349,7 +360,10 @@ where
             };
             (upto, close)
         };
-        if write_with_inserts(client, &buf[..upto], &mut inserts).await.is_err() {
+        if write_with_inserts(client, &buf[..upto], &mut inserts)
+            .await
+            .is_err()
+        {
             return SessionEnd::ClientWriteFailed;
         }
         shared.touch();

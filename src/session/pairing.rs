@@ -191,7 +191,8 @@ impl Pairing {
             Some(Expect::Confirm { family, .. }) => Some(*family),
             _ => None,
         };
-        let inspect = kind == b'>' || (kind == b'*' && !self.resp3 && (self.subs.any() || confirming.is_some()));
+        let inspect =
+            kind == b'>' || (kind == b'*' && !self.resp3 && (self.subs.any() || confirming.is_some()));
         if inspect {
             match pubsub_kind(frame) {
                 Some(PubSub::Message) => return Route::Unsolicited,
@@ -315,16 +316,24 @@ mod tests {
 
     #[test]
     fn unsubscribe_all_waits_for_one_confirmation_per_subscription() {
-        let mut p = Pairing::default();
-        p.subs = Subscriptions {
-            channels: 2,
-            patterns: 1,
-            shard: 0,
+        let mut p = Pairing {
+            subs: Subscriptions {
+                channels: 2,
+                patterns: 1,
+                shard: 0,
+            },
+            ..Default::default()
         };
         p.push(Expect::ConfirmAll(SubFamily::Channel));
-        assert_eq!(p.route(b'*', &confirmation("unsubscribe", "a", 2, false)), Route::Reply);
+        assert_eq!(
+            p.route(b'*', &confirmation("unsubscribe", "a", 2, false)),
+            Route::Reply
+        );
         assert_eq!(p.pending(), 1);
-        assert_eq!(p.route(b'*', &confirmation("unsubscribe", "b", 1, false)), Route::Reply);
+        assert_eq!(
+            p.route(b'*', &confirmation("unsubscribe", "b", 1, false)),
+            Route::Reply
+        );
         assert_eq!(p.pending(), 0);
         assert_eq!(p.subs.channels, 0);
         assert_eq!(p.subs.patterns, 1);
@@ -369,10 +378,19 @@ mod tests {
     #[test]
     fn client_reply_off_and_skip_expect_nothing() {
         let mut mode = ReplyMode::On;
-        assert_eq!(Expect::for_command(Command::ClientReply(ReplyMode::Skip), &mut mode), None);
+        assert_eq!(
+            Expect::for_command(Command::ClientReply(ReplyMode::Skip), &mut mode),
+            None
+        );
         assert_eq!(Expect::for_command(Command::Plain, &mut mode), None);
-        assert_eq!(Expect::for_command(Command::Plain, &mut mode), Some(Expect::Reply));
-        assert_eq!(Expect::for_command(Command::ClientReply(ReplyMode::Off), &mut mode), None);
+        assert_eq!(
+            Expect::for_command(Command::Plain, &mut mode),
+            Some(Expect::Reply)
+        );
+        assert_eq!(
+            Expect::for_command(Command::ClientReply(ReplyMode::Off), &mut mode),
+            None
+        );
         assert_eq!(Expect::for_command(Command::Plain, &mut mode), None);
         assert_eq!(
             Expect::for_command(Command::ClientReply(ReplyMode::On), &mut mode),

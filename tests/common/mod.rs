@@ -1,0 +1,386 @@
+//! Test harness shared by the integration tests and the proto-tests runner:
+//! scratch `redis-server` processes on free loopback ports, the proxy run
+//! in-process, and a raw RESP client that reads whole frames.
+//!
+//! A missing `redis-server` is a test failure with a clear message, never a
+//! skip.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use cachefence::config::{Config, Settings};
+use cachefence::server::Server;
+use cachefence::session::Context;
+
+/// How long any single wait in a test may take.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A free loopback port (bound once, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("binding an ephemeral loopback port")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A scratch `redis-server` owned by one test; killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+    dir: PathBuf,
+    args: Vec<String>,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        Self::start_with(&[])
+    }
+
+    /// Starts `redis-server` with extra `--name value` arguments.
+    pub fn start_with(args: &[&str]) -> RedisServer {
+        Self::start_on_with(free_port(), args)
+    }
+
+    /// Starts `redis-server` on a given port.
+    pub fn start_on(port: u16) -> RedisServer {
+        Self::start_on_with(port, &[])
+    }
+
+    fn start_on_with(port: u16, args: &[&str]) -> RedisServer {
+        let dir = std::env::temp_dir().join(format!("cachefence-test-redis-{port}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("creating a scratch dir for redis-server");
+        let mut server = RedisServer {
+            port,
+            child: None,
+            dir,
+            args: args.iter().map(|s| s.to_string()).collect(),
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let port = self.port.to_string();
+        let mut command = Command::new("redis-server");
+        command
+            .args([
+                "--port",
+                &port,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args([
+                "--daemonize",
+                "no",
+                "--logfile",
+                "",
+                "--enable-debug-command",
+                "yes",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = command.spawn().unwrap_or_else(|e| {
+            panic!(
+                "cannot start `redis-server` ({e}). The tests need Redis 7 installed: \
+                 `apt-get install -y redis-server`, or run `bash scripts/test.sh`, which installs it."
+            )
+        });
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                use std::io::{Read, Write};
+                s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+                let mut buf = [0u8; 64];
+                if s.write_all(b"PING\r\n").is_ok()
+                    && s.read(&mut buf)
+                        .is_ok_and(|n| buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH"))
+                {
+                    return;
+                }
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("redis-server on port {} exited at start ({status})", self.port);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} not ready within {WAIT:?}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port, empty.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("server running").id().to_string();
+        let status = Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill {signal} {pid} failed");
+    }
+
+    /// SIGSTOP: the server keeps its sockets but answers nothing.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.signal_quietly();
+        }
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl RedisServer {
+    fn signal_quietly(&self) -> std::io::Result<()> {
+        // A paused server must be resumed to die cleanly.
+        let pid = self
+            .child
+            .as_ref()
+            .map(|c| c.id().to_string())
+            .unwrap_or_default();
+        Command::new("kill")
+            .args(["-CONT", &pid])
+            .stderr(Stdio::null())
+            .status()
+            .map(|_| ())
+    }
+}
+
+/// The proxy running in-process on an ephemeral port.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub ctx: std::sync::Arc<Context>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Proxy {
+    /// Starts a proxy in front of `upstream` with `toml` settings on top.
+    pub async fn start(upstream: &str, toml: &str) -> Proxy {
+        let mut settings: Settings = cachefence::config::parse_settings(toml).expect("test settings parse");
+        settings.listen.get_or_insert_with(|| "127.0.0.1:0".to_string());
+        settings
+            .upstream
+            .get_or_insert_with(|| upstream.parse().expect("test upstream parses"));
+        let config = Config::resolve(settings, None).expect("test config is valid");
+        let server = Server::bind(config).await.expect("binding the proxy");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let addr = server.local_addr();
+        let ctx = server.context();
+        let task = tokio::spawn(server.run(async move {
+            let _ = stopped.await;
+        }));
+        Proxy {
+            addr,
+            ctx,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Signals shutdown and waits for the server to return.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(WAIT * 2, task)
+                .await
+                .expect("proxy shut down in time")
+                .expect("proxy task")
+                .expect("proxy run");
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Encodes a command as a multibulk request.
+pub fn cmd(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// Same, from a whitespace-separated string (no quoting).
+pub fn cmds(line: &str) -> Vec<u8> {
+    let args: Vec<&[u8]> = line.split_whitespace().map(str::as_bytes).collect();
+    cmd(&args)
+}
+
+/// A raw client that sends bytes and reads whole RESP frames.
+pub struct RawClient {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawClient {
+    pub async fn connect(addr: impl tokio::net::ToSocketAddrs) -> RawClient {
+        let stream = tokio::time::timeout(WAIT, TcpStream::connect(addr))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        stream.set_nodelay(true).unwrap();
+        RawClient {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write to server");
+    }
+
+    /// Reads one complete frame (its raw bytes), or `None` on EOF or if none
+    /// completes within `timeout`.
+    pub async fn read_frame_within(&mut self, timeout: Duration) -> Option<Vec<u8>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(len) = frame_len(&self.buf) {
+                return Some(self.buf.drain(..len).collect());
+            }
+            let mut chunk = vec![0u8; 64 * 1024];
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Reads one frame or panics.
+    pub async fn read_frame(&mut self) -> Vec<u8> {
+        match self.read_frame_within(WAIT).await {
+            Some(frame) => frame,
+            None => panic!(
+                "no complete reply within {WAIT:?}; buffered: {:?}",
+                String::from_utf8_lossy(&self.buf)
+            ),
+        }
+    }
+
+    /// Sends a command and returns its reply as text (lossy).
+    pub async fn call(&mut self, line: &str) -> String {
+        self.send(&cmds(line)).await;
+        String::from_utf8_lossy(&self.read_frame().await).into_owned()
+    }
+
+    /// Reads until EOF (bounded by `WAIT`), returning everything unread.
+    pub async fn read_to_close(&mut self) -> (Vec<u8>, bool) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut out = std::mem::take(&mut self.buf);
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return (out, true),
+                Ok(Ok(n)) => out.extend_from_slice(&chunk[..n]),
+                Err(_) => return (out, false),
+            }
+        }
+    }
+
+    /// Whatever arrives within `wait` (expected: nothing).
+    pub async fn read_quiet(&mut self, wait: Duration) -> Vec<u8> {
+        let mut out = std::mem::take(&mut self.buf);
+        let mut chunk = vec![0u8; 64 * 1024];
+        if let Ok(Ok(n)) = tokio::time::timeout(wait, self.stream.read(&mut chunk)).await {
+            out.extend_from_slice(&chunk[..n]);
+        }
+        out
+    }
+}
+
+/// Length of the first complete RESP2/RESP3 frame in `buf`. Deliberately
+/// independent of the proxy's own scanner.
+pub fn frame_len(buf: &[u8]) -> Option<usize> {
+    walk(buf, 0)
+}
+
+fn walk(buf: &[u8], pos: usize) -> Option<usize> {
+    let line_end = pos + buf.get(pos..)?.windows(2).position(|w| w == b"\r\n")?;
+    let body = std::str::from_utf8(&buf[pos + 1..line_end]).ok()?;
+    let next = line_end + 2;
+    match buf[pos] {
+        b'$' | b'!' | b'=' => match body.parse::<i64>().ok()? {
+            -1 => Some(next),
+            n => {
+                let end = next + n as usize + 2;
+                (buf.len() >= end).then_some(end)
+            }
+        },
+        b'*' | b'~' | b'>' | b'%' | b'|' => {
+            let n: i64 = body.parse().ok()?;
+            let items = if matches!(buf[pos], b'%' | b'|') {
+                n * 2
+            } else {
+                n.max(0)
+            };
+            let mut at = next;
+            for _ in 0..items {
+                at = walk(buf, at)?;
+            }
+            if buf[pos] == b'|' { walk(buf, at) } else { Some(at) }
+        }
+        _ => Some(next),
+    }
+}
+
+/// Bytes as a readable, unambiguous string (`\r\n` and non-printables escaped).
+pub fn escape(bytes: &[u8]) -> String {
+    bytes.escape_ascii().to_string()
+}

@@ -1,0 +1,232 @@
+//! The configuration file, the flags and the binary's behaviour around them:
+//! the documented example, `--check`, clear errors, secrets kept out of logs,
+//! JSON logs, and draining on SIGTERM.
+
+mod common;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cachefence::config::{Config, Settings, parse_settings};
+use common::{RawClient, RedisServer, WAIT, cmds, free_port};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_cachefence");
+
+fn example_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml")
+}
+
+fn scratch_file(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cachefence-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn example_config_documents_every_key_with_its_default() {
+    let text = std::fs::read_to_string(example_path()).expect("config.example.toml exists");
+    let example = parse_settings(&text).expect("config.example.toml parses");
+    let documented: toml::Table = toml::from_str(&text).unwrap();
+    let all: toml::Table = toml::Table::try_from(Settings::defaults()).unwrap();
+    let missing: Vec<&String> = all.keys().filter(|k| !documented.contains_key(*k)).collect();
+    assert!(!all.is_empty());
+    assert!(
+        missing.is_empty(),
+        "keys not documented in config.example.toml: {missing:?}"
+    );
+    assert_eq!(
+        Config::resolve(example, None).unwrap(),
+        Config::resolve(Settings::default(), None).unwrap(),
+        "the example's values are not the defaults"
+    );
+}
+
+fn run_check(args: &[&str]) -> (bool, String) {
+    let out = Command::new(BINARY)
+        .arg("--check")
+        .args(args)
+        .output()
+        .expect("running cachefence");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn check_accepts_the_example_and_rejects_bad_files_naming_file_line_and_key() {
+    let example = example_path();
+    let (ok, text) = run_check(&["--config", example.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    assert!(text.contains("configuration OK"), "{text}");
+
+    let typo = scratch_file("typo.toml", "listen = \"127.0.0.1:7000\"\nmax_clinets = 5\n");
+    let (ok, text) = run_check(&["--config", typo.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        text.contains(typo.to_str().unwrap()) && text.contains("line 2") && text.contains("max_clinets"),
+        "{text}"
+    );
+
+    let bad_value = scratch_file("bad-value.toml", "\nconnect_timeout = \"soon\"\n");
+    let (ok, text) = run_check(&["--config", bad_value.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        text.contains("line 2") && text.contains("connect_timeout") && text.contains("soon"),
+        "{text}"
+    );
+
+    let bad_listen = scratch_file("bad-listen.toml", "listen = \"nowhere\"\n");
+    let (ok, text) = run_check(&["--config", bad_listen.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        text.contains("bad-listen.toml") && text.contains("`listen`"),
+        "{text}"
+    );
+
+    let (ok, text) = run_check(&["--config", "/nonexistent/cachefence.toml"]);
+    assert!(!ok);
+    assert!(
+        text.contains("cannot read config file /nonexistent/cachefence.toml"),
+        "{text}"
+    );
+}
+
+#[test]
+fn flags_override_the_file() {
+    let file = scratch_file("override.toml", "max_clients = 0\n");
+    let (ok, text) = run_check(&["--config", file.to_str().unwrap()]);
+    assert!(!ok && text.contains("max_clients"), "{text}");
+    let (ok, text) = run_check(&["--config", file.to_str().unwrap(), "--max-clients", "5"]);
+    assert!(ok, "{text}");
+}
+
+/// The binary, started in front of `upstream`, with stderr captured.
+fn spawn_proxy(port: u16, extra: &[&str]) -> Child {
+    let child = Command::new(BINARY)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting cachefence");
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "cachefence did not start listening");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([name, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn wait_exit(mut child: Child) -> (std::process::ExitStatus, String) {
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "cachefence did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut logs = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut logs).unwrap();
+    (status, logs)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_finishes_in_flight_replies_then_exits_zero() {
+    let redis = RedisServer::start();
+    let port = free_port();
+    let child = spawn_proxy(port, &["--upstream", &redis.addr(), "--shutdown-timeout", "5s"]);
+    let mut busy = RawClient::connect(("127.0.0.1", port)).await;
+    let mut idle = RawClient::connect(("127.0.0.1", port)).await;
+    assert_eq!(idle.call("PING").await, "+PONG\r\n");
+    busy.send(&cmds("DEBUG SLEEP 1")).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    signal(&child, "-TERM");
+    // The in-flight reply still arrives, then the connection closes.
+    let (bytes, closed) = busy.read_to_close().await;
+    assert_eq!((bytes.as_slice(), closed), (&b"+OK\r\n"[..], true));
+    let (bytes, closed) = idle.read_to_close().await;
+    assert!(bytes.is_empty() && closed);
+    let (status, logs) = wait_exit(child);
+    assert!(status.success(), "exit {status}: {logs}");
+    assert!(
+        logs.contains("signal received") && logs.contains("SIGTERM"),
+        "{logs}"
+    );
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "still accepting after exit"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_deadline_bounds_a_reply_that_never_comes() {
+    let redis = RedisServer::start();
+    let port = free_port();
+    let child = spawn_proxy(
+        port,
+        &["--upstream", &redis.addr(), "--shutdown-timeout", "300ms"],
+    );
+    let mut blocked = RawClient::connect(("127.0.0.1", port)).await;
+    blocked.send(&cmds("BLPOP nothing 0")).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    signal(&child, "-INT");
+    let (status, logs) = wait_exit(child);
+    assert!(status.success(), "exit {status}: {logs}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(logs.contains("shutdown deadline passed"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_password_never_appears_in_logs_and_json_logs_are_structured() {
+    let redis = RedisServer::start_with(&["--requirepass", "hunter2-secret"]);
+    let port = free_port();
+    let url = format!("redis://:hunter2-secret@{}", redis.addr());
+    let child = spawn_proxy(
+        port,
+        &["--upstream", &url, "--log-level", "trace", "--log-format", "json"],
+    );
+    let mut client = RawClient::connect(("127.0.0.1", port)).await;
+    assert_eq!(client.call("SET k v").await, "+OK\r\n");
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    signal(&child, "-TERM");
+    let (status, logs) = wait_exit(child);
+    assert!(status.success());
+    assert!(
+        !logs.contains("hunter2"),
+        "the password leaked into the logs:\n{logs}"
+    );
+    let lines: Vec<&str> = logs.lines().collect();
+    assert!(!lines.is_empty());
+    let listening = lines
+        .iter()
+        .find(|l| l.contains("cachefence listening"))
+        .expect("a start-up line");
+    let event: serde_json::Value = serde_json::from_str(listening).expect("JSON log line");
+    assert_eq!(event["fields"]["upstream"], redis.addr());
+    let conn_line = lines
+        .iter()
+        .find(|l| l.contains("session started"))
+        .expect("a per-connection event");
+    let event: serde_json::Value = serde_json::from_str(conn_line).unwrap();
+    assert!(
+        event["span"]["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:")),
+        "{conn_line}"
+    );
+    assert_eq!(event["span"]["upstream"], redis.addr());
+}
