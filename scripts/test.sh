@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: installs what a fresh machine lacks
+# (redis-server, redis-tools), then formatting, lints, the release build, and
+# every test (unit, integration, proto-tests). The tests start their own
+# redis-server processes on free loopback ports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+ensure_installed redis-server redis-server redis-tools
+ensure_installed redis-cli redis-tools
+ensure_installed redis-benchmark redis-tools
+for component in rustfmt clippy; do
+    cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1 || rustup component add "$component"
+done
+redis-server --version
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --locked --all-targets -- -D warnings
+echo "==> cargo build --release"
+cargo build --locked --release
+echo "==> cargo test"
+cargo test --locked --all-targets
