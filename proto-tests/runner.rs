@@ -1,7 +1,11 @@
 //! Differential conformance suite: every case in `proto-tests/cases/` is run
 //! against a fresh Redis directly and, through the proxy, against an
 //! identical fresh Redis; the replies must be byte-identical (after the
-//! case's own explicit normalisers, if it has any).
+//! case's own explicit normalisers, if it has any). Every case runs through
+//! the proxy twice — fences on (the default, every key fenced) and fences
+//! off — unless it pins `proxy fences = false` itself. A case marked
+//! `differs <reason>` documents a known difference: it passes while the
+//! proxy's replies differ, and fails once they no longer do.
 //!
 //! `cargo test --test proto` runs it; `PROTO_FILTER=substring` narrows it.
 //! The case format is described in `proto-tests/README.md`.
@@ -45,6 +49,8 @@ struct Case {
     proxy_toml: String,
     steps: Vec<Step>,
     norms: Vec<(regex::Regex, String)>,
+    /// A documented, known difference from Redis.
+    differs: Option<String>,
 }
 
 fn main() {
@@ -74,7 +80,13 @@ fn main() {
     let mut failed = 0;
     for (case, outcome) in &results {
         match outcome {
-            Ok(()) => println!("ok   {} ({})", case.name, case.origin),
+            Ok(()) => match &case.differs {
+                None => println!("ok   {} ({})", case.name, case.origin),
+                Some(reason) => println!(
+                    "ok   {} ({}) -- known difference: {reason}",
+                    case.name, case.origin
+                ),
+            },
             Err(diff) => {
                 failed += 1;
                 println!("FAIL {} ({})\n{diff}", case.name, case.origin);
@@ -107,7 +119,36 @@ async fn run_all(cases: Vec<Case>) -> Vec<(Case, Result<(), String>)> {
 }
 
 async fn run_case(case: &Case) -> Result<(), String> {
-    let (direct, proxied) = tokio::join!(run_side(case, false), run_side(case, true));
+    let pinned = case
+        .proxy_toml
+        .lines()
+        .any(|l| l.trim_start().starts_with("fences"));
+    let mut modes = vec![("fences on", case.proxy_toml.clone())];
+    if !pinned {
+        modes.push(("fences off", format!("{}fences = false\n", case.proxy_toml)));
+    }
+    let mut failures = String::new();
+    for (mode, toml) in modes {
+        let outcome = compare(case, &toml).await;
+        match (&case.differs, outcome) {
+            (None, Ok(())) => {}
+            (None, Err(diff)) => failures += &format!("  [{}]\n{diff}", if pinned { "pinned" } else { mode }),
+            (Some(_), Err(_)) => {}
+            (Some(reason), Ok(())) => {
+                failures += &format!("  [{mode}] documented difference no longer occurs: {reason}\n")
+            }
+        }
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures)
+    }
+}
+
+/// Runs the case directly and through a proxy configured with `toml`.
+async fn compare(case: &Case, toml: &str) -> Result<(), String> {
+    let (direct, proxied) = tokio::join!(run_side(case, None), run_side(case, Some(toml)));
     let render = |t: &[(String, Vec<u8>)]| -> Vec<String> {
         t.iter()
             .map(|(who, bytes)| {
@@ -143,7 +184,7 @@ async fn run_case(case: &Case) -> Result<(), String> {
 
 /// Runs the steps against one fresh Redis, directly or through a proxy, and
 /// returns what each read saw.
-async fn run_side(case: &Case, via_proxy: bool) -> Vec<(String, Vec<u8>)> {
+async fn run_side(case: &Case, via_proxy: Option<&str>) -> Vec<(String, Vec<u8>)> {
     let args = case.redis_args.clone();
     let redis = tokio::task::spawn_blocking(move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -152,8 +193,8 @@ async fn run_side(case: &Case, via_proxy: bool) -> Vec<(String, Vec<u8>)> {
     .await
     .expect("starting redis-server");
     let proxy = match via_proxy {
-        true => Some(Proxy::start(&redis.addr(), &case.proxy_toml).await),
-        false => None,
+        Some(toml) => Some(Proxy::start(&redis.addr(), toml).await),
+        None => None,
     };
     let target = proxy.as_ref().map_or(redis.addr(), |p| p.addr.to_string());
     let mut conns: HashMap<String, RawClient> = HashMap::new();
@@ -313,6 +354,7 @@ fn parse_line(line: &str, at: &str, cases: &mut Vec<Case>) -> Result<(), String>
             case.proxy_toml.push('\n');
         }
         "sleep" => case.steps.push(Step::Sleep(millis(rest)?)),
+        "differs" if !rest.is_empty() => case.differs = Some(rest.to_string()),
         "norm" => {
             let (re, with) = rest
                 .split_once(" => ")

@@ -14,6 +14,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::fence::{CacheSection, Scope};
+
 /// Where the proxy connects, parsed from `host:port` or
 /// `redis://[user:password@]host[:port][/db]`.
 #[derive(Clone, PartialEq, Eq)]
@@ -293,23 +295,29 @@ impl Serialize for Secret {
 /// One set of settings, as the file or the flags give them: every field
 /// optional so that the two can be merged key by key.
 macro_rules! settings {
-    ($( $(#[doc = $doc:literal])* $name:ident : $ty:ty = $default:expr ;)*) => {
+    (
+        $( $(#[doc = $doc:literal])* $name:ident : $ty:ty = $default:expr ;)*
+        @file_only {
+            $( $(#[doc = $fdoc:literal])* $fname:ident : $fty:ty = $fdefault:expr ;)*
+        }
+    ) => {
         /// The keys of `cachefence.toml`. Unknown keys are an error.
         #[derive(Debug, Default, Clone, PartialEq, Deserialize, Serialize, clap::Args)]
         #[serde(deny_unknown_fields)]
         pub struct Settings {
             $( $(#[doc = $doc])* #[arg(long)] pub $name: Option<$ty>, )*
+            $( $(#[doc = $fdoc])* #[arg(skip)] pub $fname: Option<$fty>, )*
         }
 
         impl Settings {
             /// Every key at its default value.
             pub fn defaults() -> Settings {
-                Settings { $( $name: Some($default), )* }
+                Settings { $( $name: Some($default), )* $( $fname: Some($fdefault), )* }
             }
 
             /// Keys set in `self` win over `base`.
             pub fn over(self, base: Settings) -> Settings {
-                Settings { $( $name: self.$name.or(base.$name), )* }
+                Settings { $( $name: self.$name.or(base.$name), )* $( $fname: self.$fname.or(base.$fname), )* }
             }
         }
     };
@@ -342,6 +350,12 @@ settings! {
     log_level: String = "info".to_string();
     /// `text` or `json`.
     log_format: LogFormat = LogFormat::Text;
+    /// Version fences on the keys of the `[[cache]]` sections (false: a pure passthrough proxy).
+    fences: bool = true;
+    @file_only {
+        /// Fenced key patterns and their rules (`[[cache]]` tables; the first match wins).
+        cache: Vec<CacheSection> = vec![CacheSection::defaults()];
+    }
 }
 
 /// The validated configuration the proxy runs with.
@@ -358,6 +372,8 @@ pub struct Config {
     pub workers: usize,
     pub log_level: String,
     pub log_format: LogFormat,
+    /// The fenced key space; `None` when fences are off.
+    pub fences: Option<Scope>,
     /// The file the settings came from, if any.
     pub source: Option<PathBuf>,
 }
@@ -428,6 +444,10 @@ impl Config {
             workers: s.workers.expect("defaulted") as usize,
             log_level,
             log_format: s.log_format.expect("defaulted"),
+            fences: match s.fences.expect("defaulted") {
+                true => Some(Scope::new(&s.cache.expect("defaulted"))?),
+                false => None,
+            },
             source,
         })
     }

@@ -12,12 +12,15 @@
 //!   and replies ([`resp::reply`]), command classification
 //!   ([`resp::command`]: where an intercepted command is recognised), and
 //!   encoding of the replies the proxy makes itself ([`resp::encode`]).
+//! - [`fence`]: version fences and lease tickets — which commands are
+//!   intercepted, the Lua script that checks and moves fences in Redis.
 //! - [`config`]: the TOML file and flags, merged and validated.
 //! - [`metrics`], [`logging`]: counters and `tracing` setup.
 //!
 //! `main.rs` only parses flags, loads the config and runs [`server::Server`].
 
 pub mod config;
+pub mod fence;
 pub mod logging;
 pub mod metrics;
 pub mod resp;

@@ -16,6 +16,9 @@ struct Cli {
     /// Validate the configuration and exit (0 valid, 1 invalid).
     #[arg(long)]
     check: bool,
+    /// Turn fences off: a pure, byte-exact passthrough proxy (same as `fences = false`).
+    #[arg(long, conflicts_with = "fences")]
+    no_fences: bool,
     #[command(flatten)]
     settings: Settings,
 }
@@ -23,6 +26,9 @@ struct Cli {
 fn main() -> ExitCode {
     let mut cli = Cli::parse();
     cli.settings.log_level = cachefence::logging::level_from_env(cli.settings.log_level.take());
+    if cli.no_fences {
+        cli.settings.fences = Some(false);
+    }
     let config = match Config::load(cli.config.as_deref(), cli.settings) {
         Ok(config) => config,
         Err(e) => {

@@ -12,6 +12,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::Config;
+use crate::fence::Fences;
 use crate::metrics::Metrics;
 use crate::resp::encode;
 use crate::session::{self, Context};
@@ -30,6 +31,7 @@ impl Server {
         Ok(Server {
             listener,
             ctx: Arc::new(Context {
+                fences: config.fences.clone().map(Fences::new),
                 config,
                 metrics: Metrics::default(),
             }),

@@ -3,12 +3,10 @@
 //! `redis-protocol` (RESP2 and RESP3 types, nested, with attributes), which
 //! is the oracle for where each frame ends.
 
-use std::collections::{HashMap, HashSet};
-
 use cachefence::resp::reply::ReplyScanner;
 use cachefence::resp::request::{Args, RequestFramer};
 use proptest::prelude::*;
-use redis_protocol::resp3::types::{OwnedFrame, Resp3Frame, VerbatimStringFormat};
+use redis_protocol::resp3::types::{FrameMap, FrameSet, OwnedFrame, Resp3Frame, VerbatimStringFormat};
 
 fn text() -> impl Strategy<Value = String> {
     "[a-zA-Z0-9 :._-]{0,12}"
@@ -80,11 +78,11 @@ fn frame() -> impl Strategy<Value = OwnedFrame> {
                 attributes: None
             }),
             prop::collection::vec((key(), inner), 0..4).prop_map(|pairs| OwnedFrame::Map {
-                data: pairs.into_iter().collect::<HashMap<_, _>>(),
+                data: pairs.into_iter().collect::<FrameMap<_, _>>(),
                 attributes: None
             }),
             prop::collection::vec(key(), 0..4).prop_map(|keys| OwnedFrame::Set {
-                data: keys.into_iter().collect::<HashSet<_>>(),
+                data: keys.into_iter().collect::<FrameSet<_>>(),
                 attributes: None
             }),
         ]
@@ -92,7 +90,7 @@ fn frame() -> impl Strategy<Value = OwnedFrame> {
     // Sometimes annotate a top-level frame with an attribute (`|1 ...`).
     (nested, any::<bool>(), key()).prop_map(|(frame, annotate, k)| match (frame, annotate) {
         (OwnedFrame::Array { data, .. }, true) => {
-            let attributes = HashMap::from([(
+            let attributes = FrameMap::from_iter([(
                 k,
                 OwnedFrame::Number {
                     data: 1,

@@ -43,6 +43,33 @@ pub enum Command {
     Closing,
     /// `CLIENT REPLY ON|OFF|SKIP`.
     ClientReply(ReplyMode),
+    /// `MULTI`, `EXEC`, `DISCARD`: the transaction state decides whether
+    /// fenced commands can be intercepted.
+    Multi,
+    EndMulti,
+    /// A command the fence layer may intercept when its key is fenced.
+    Fenced(Fenced),
+    /// `CACHE.*`: answered by the proxy.
+    Admin,
+}
+
+/// The commands the consistency layer looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fenced {
+    /// `GET key`: a nil reply is a miss.
+    Get,
+    /// `SET key value [options]`: a fill with a ticket, else a write.
+    Set,
+    /// `SETEX key seconds value`.
+    SetEx,
+    /// `PSETEX key milliseconds value`.
+    PSetEx,
+    /// `MSET key value [key value …]`: a write of every key.
+    MSet,
+    /// Other single-key writes (`APPEND`, `SETRANGE`, `INCR`…, `SETNX`, `GETSET`).
+    Write,
+    /// `DEL`, `UNLINK`, `GETDEL`: invalidations of every key.
+    Delete,
 }
 
 /// Longest command name worth comparing; longer names are plain commands.
@@ -79,6 +106,17 @@ impl Command {
             b"RESET" => Command::Reset,
             b"MONITOR" => Command::Monitor,
             b"QUIT" | b"SHUTDOWN" => Command::Closing,
+            b"MULTI" => Command::Multi,
+            b"EXEC" | b"DISCARD" => Command::EndMulti,
+            b"GET" => Command::Fenced(Fenced::Get),
+            b"SET" => Command::Fenced(Fenced::Set),
+            b"SETEX" => Command::Fenced(Fenced::SetEx),
+            b"PSETEX" => Command::Fenced(Fenced::PSetEx),
+            b"MSET" => Command::Fenced(Fenced::MSet),
+            b"APPEND" | b"SETRANGE" | b"INCR" | b"INCRBY" | b"DECR" | b"DECRBY" | b"INCRBYFLOAT"
+            | b"SETNX" | b"GETSET" => Command::Fenced(Fenced::Write),
+            b"DEL" | b"UNLINK" | b"GETDEL" => Command::Fenced(Fenced::Delete),
+            _ if upper.starts_with(b"CACHE.") => Command::Admin,
             b"CLIENT" if frame.argc == 3 => {
                 let is = |i: usize, word: &str| {
                     frame
@@ -130,7 +168,10 @@ mod tests {
         );
         assert_eq!(classify(b"CLIENT REPLY maybe\r\n"), Command::Plain);
         assert_eq!(classify(b"*1\r\n$4\r\nquit\r\n"), Command::Closing);
-        assert_eq!(classify(b"GET k\r\n"), Command::Plain);
+        assert_eq!(classify(b"GET k\r\n"), Command::Fenced(Fenced::Get));
+        assert_eq!(classify(b"unlink a b\r\n"), Command::Fenced(Fenced::Delete));
+        assert_eq!(classify(b"cache.stats\r\n"), Command::Admin);
+        assert_eq!(classify(b"LRANGE l 0 -1\r\n"), Command::Plain);
         assert_eq!(classify(b"averyveryverylongcommandname\r\n"), Command::Plain);
     }
 }

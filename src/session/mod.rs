@@ -4,46 +4,68 @@
 //!
 //! - **requests** ([`forward_requests`]): read what the client sent, frame
 //!   and classify every complete request, leave an [`Expect`] for each, and
-//!   forward the whole batch in one write, byte for byte.
+//!   forward the whole batch in one write — byte for byte, except the
+//!   commands the fence layer rewrites ([`fenced`]). It is the only writer
+//!   to the upstream, so the proxy's own script calls (a miss script after a
+//!   nil `GET`) reach it as [`Injection`]s and take their place in order.
 //! - **replies** ([`forward_replies`]): read what Redis sent, find frame
-//!   boundaries, route each frame (reply to the head request, or
-//!   unsolicited), and write the bytes to the client as they came —
-//!   streaming a frame still in progress when nothing about it needs a look.
-//!
-//! Only the replies direction writes to the client, so replies the proxy
-//! makes itself ([`Expect::Local`]) take their place in the same order.
+//!   boundaries, route each frame (reply to the head request, unsolicited,
+//!   or a fence reply to translate), and write the bytes to the client as
+//!   they came — streaming a frame still in progress when nothing about it
+//!   needs a look. A reply waiting for the proxy's own script holds every
+//!   later reply behind it ([`Outbox`]), so the client sees Redis' order.
 
+pub mod fenced;
 pub mod pairing;
 pub mod upstream;
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, warn};
 
 use crate::config::Config;
+use crate::fence::Fences;
 use crate::metrics::Metrics;
 use crate::resp::command::{Command, ReplyMode};
 use crate::resp::encode;
 use crate::resp::reply::ReplyScanner;
 use crate::resp::request::{INLINE_MAX, ProtocolError, RequestFramer};
-pub use pairing::{Expect, Pairing, Route};
+use fenced::{FenceExpect, FenceSession, Plan, ScriptReply};
+pub use pairing::{Expect, LocalReply, Pairing, Route};
 
 /// Bytes read per system call at most, and the least free space offered to a
 /// read; the buffers grow past this only for a frame that needs it.
 const READ_CHUNK: usize = 16 * 1024;
 const MIN_READ: usize = 4 * 1024;
+/// The proxy's own calls waiting to be written upstream, per connection.
+const MAX_INJECTIONS: usize = 1024;
 
-/// What every session shares: the configuration and the counters.
+/// What every session shares: the configuration, the counters and the
+/// fence layer's soft state.
 #[derive(Debug)]
 pub struct Context {
     pub config: Config,
     pub metrics: Metrics,
+    /// `None` when fences are off: the proxy is a pure passthrough.
+    pub fences: Option<Fences>,
+}
+
+/// A script call the proxy sends upstream on its own behalf (a miss, or a
+/// call sent again after `NOSCRIPT`), with what its reply means.
+#[derive(Debug)]
+pub struct Injection {
+    pub call: fenced::ScriptCall,
+    /// Send the script's source (Redis lost it).
+    pub reload: bool,
+    pub expect: Expect,
 }
 
 /// Serves one client until either side closes, the client idles past
@@ -67,23 +89,59 @@ pub async fn run(
     };
     debug!(%peer, "session started");
     let shared = Shared::default();
+    let fence = ctx.fences.as_ref().map(FenceSession::new);
+    let (inject_tx, inject_rx) = mpsc::channel(MAX_INJECTIONS);
     let (mut client_rd, mut client_wr) = client.split();
     let (mut upstream_rd, mut upstream_wr) = upstream.split();
     let mut shutdown = shutdown;
-    let requests = forward_requests(&mut client_rd, &mut upstream_wr, &shared, &ctx, &mut shutdown);
-    let replies = forward_replies(&mut upstream_rd, &mut client_wr, &shared, &ctx);
-    tokio::pin!(requests, replies);
-    let end = tokio::select! {
-        end = &mut replies => end,
-        end = &mut requests => match end {
-            RequestsEnd::Idle => SessionEnd::Idle,
-            RequestsEnd::ClientGone => SessionEnd::ClientGone,
-            // The replies direction finishes what is owed.
-            RequestsEnd::ClientClosed | RequestsEnd::Shutdown | RequestsEnd::ProtocolError
-            | RequestsEnd::UpstreamGone => replies.await,
-        },
+    let end = {
+        let requests = forward_requests(
+            &mut client_rd,
+            &mut upstream_wr,
+            &shared,
+            &ctx,
+            fence.as_ref(),
+            inject_rx,
+            &mut shutdown,
+        );
+        let replies = forward_replies(
+            &mut upstream_rd,
+            &mut client_wr,
+            &shared,
+            &ctx,
+            fence.as_ref(),
+            inject_tx,
+        );
+        tokio::pin!(requests, replies);
+        tokio::select! {
+            end = &mut replies => end,
+            end = &mut requests => match end {
+                RequestsEnd::Idle => SessionEnd::Idle,
+                RequestsEnd::ClientGone => SessionEnd::ClientGone,
+                // The replies direction finishes what is owed.
+                RequestsEnd::ClientClosed | RequestsEnd::Shutdown | RequestsEnd::ProtocolError
+                | RequestsEnd::UpstreamGone => replies.await,
+            },
+        }
     };
+    if matches!(end, SessionEnd::Closed) {
+        linger(&mut client_rd).await;
+    }
+    if let Some(fence) = &fence {
+        fence.forget_all();
+    }
     debug!(?end, "session ended");
+}
+
+/// After a closing error reply: read and drop what the client still sends,
+/// briefly, so that closing with unread input (which makes the kernel send
+/// RST) cannot destroy the reply before the client reads it.
+async fn linger<R: AsyncRead + Unpin>(client: &mut R) {
+    let mut scratch = [0u8; 4096];
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(500), async {
+        while matches!(client.read(&mut scratch).await, Ok(n) if n > 0) {}
+    })
+    .await;
 }
 
 #[derive(Debug)]
@@ -169,6 +227,8 @@ async fn forward_requests<R, W>(
     upstream: &mut W,
     shared: &Shared,
     ctx: &Context,
+    fence: Option<&FenceSession<'_>>,
+    mut injections: mpsc::Receiver<Injection>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> RequestsEnd
 where
@@ -177,38 +237,55 @@ where
 {
     let config = &ctx.config;
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    let mut framer = RequestFramer::new(config.max_frame_size);
-    let mut reply_mode = ReplyMode::On;
-    let drain = || {
-        shared.pairing().draining = true;
-        shared.wake_replies.notify_one();
-        RequestsEnd::Shutdown
+    let mut state = RequestState {
+        framer: RequestFramer::new(config.max_frame_size),
+        reply_mode: ReplyMode::On,
+        in_multi: false,
+        multi_pubsub: false,
+        discarding: false,
     };
-    if *shutdown.borrow() {
-        return drain();
+    // After a shutdown or the client's end, keep writing the proxy's own
+    // calls: replies already owed may depend on them.
+    let mut reading = !*shutdown.borrow();
+    let mut end = RequestsEnd::Shutdown;
+    if !reading {
+        drain(shared);
     }
     loop {
-        while shared.pairing().pending() >= config.max_pending {
-            tokio::select! {
-                _ = shared.room.notified() => {}
-                _ = shutdown.changed() => return drain(),
-            }
-        }
+        let room = shared.pairing().pending() < config.max_pending;
         if buf.capacity() - buf.len() < MIN_READ {
             buf.reserve(READ_CHUNK);
         }
-        let read = loop {
-            let idle_deadline = config.timeout.map(|t| shared.last_activity() + t);
-            tokio::select! {
-                read = client.read_buf(&mut buf) => break read,
-                _ = shutdown.changed() => return drain(),
-                _ = sleep_until(idle_deadline) => {
-                    let timeout = config.timeout.expect("a deadline implies a timeout");
-                    if shared.pairing().is_idle() && shared.last_activity().elapsed() >= timeout {
-                        debug!(?timeout, "closing idle client");
-                        return RequestsEnd::Idle;
-                    }
+        let idle_deadline = config
+            .timeout
+            .filter(|_| reading)
+            .map(|t| shared.last_activity() + t);
+        let read = tokio::select! {
+            read = client.read_buf(&mut buf), if reading && room => read,
+            _ = shared.room.notified(), if reading && !room => continue,
+            injection = injections.recv() => {
+                let Some(injection) = injection else { return end };
+                let fence = fence.expect("injections imply fences");
+                let bytes = fence.encode(&injection.call, injection.reload);
+                shared.pairing().push(injection.expect);
+                if let Err(error) = upstream.write_all(&bytes).await {
+                    debug!(%error, "upstream write failed");
+                    return RequestsEnd::UpstreamGone;
                 }
+                continue;
+            }
+            _ = shutdown.changed(), if reading => {
+                reading = false;
+                drain(shared);
+                continue;
+            }
+            _ = sleep_until(idle_deadline) => {
+                let timeout = config.timeout.expect("a deadline implies a timeout");
+                if shared.pairing().is_idle() && shared.last_activity().elapsed() >= timeout {
+                    debug!(?timeout, "closing idle client");
+                    return RequestsEnd::Idle;
+                }
+                continue;
             }
         };
         match read {
@@ -216,7 +293,9 @@ where
                 // Half-close upstream too: Redis then sees what it would
                 // have seen without the proxy.
                 let _ = upstream.shutdown().await;
-                return RequestsEnd::ClientClosed;
+                reading = false;
+                end = RequestsEnd::ClientClosed;
+                continue;
             }
             Ok(_) => shared.touch(),
             Err(error) => {
@@ -224,87 +303,284 @@ where
                 return RequestsEnd::ClientGone;
             }
         }
-        let (complete, failure) = frame_requests(&buf, &mut framer, &mut reply_mode, shared, ctx);
-        if complete > 0 {
-            if let Err(error) = upstream.write_all(&buf[..complete]).await {
-                debug!(%error, "upstream write failed");
-                return RequestsEnd::UpstreamGone;
-            }
-            buf.advance(complete);
+        if state.discarding {
+            buf.clear();
+            continue;
         }
-        if let Some(error) = failure {
+        let batch = frame_requests(&buf, &mut state, shared, ctx, fence);
+        let written = match &batch.rewritten {
+            Some(bytes) => upstream.write_all(bytes).await,
+            None if batch.complete > 0 => upstream.write_all(&buf[..batch.complete]).await,
+            None => Ok(()),
+        };
+        if let Err(error) = written {
+            debug!(%error, "upstream write failed");
+            return RequestsEnd::UpstreamGone;
+        }
+        buf.advance(batch.complete);
+        if batch.locals {
+            shared.wake_replies.notify_one();
+        }
+        if let Some(error) = batch.failure {
             ctx.metrics.protocol_errors.inc();
-            debug!(%error, "closing client after protocol error");
-            shared.reply_locally(encode::error(&format!("ERR {error}")), true);
-            return RequestsEnd::ProtocolError;
+            if state.reply_mode == ReplyMode::On {
+                debug!(%error, "closing client after protocol error");
+                shared.reply_locally(encode::error(&format!("ERR {error}")), true);
+                reading = false;
+                end = RequestsEnd::ProtocolError;
+            } else {
+                // As Redis: the error reply is suppressed, so the close that
+                // would follow it never comes; further input is ignored.
+                debug!(%error, "protocol error with replies off: ignoring further input");
+                state.discarding = true;
+            }
+        }
+        if state.discarding {
+            buf.clear();
         }
     }
 }
 
+fn drain(shared: &Shared) {
+    shared.pairing().draining = true;
+    shared.wake_replies.notify_one();
+}
+
+/// What the requests direction keeps between reads.
+struct RequestState {
+    framer: RequestFramer,
+    reply_mode: ReplyMode,
+    /// Inside `MULTI`: fenced commands are queued as they are (a limit).
+    in_multi: bool,
+    /// The transaction queued (un)subscriptions: its `EXEC` reply moves
+    /// the subscription counts.
+    multi_pubsub: bool,
+    /// A protocol error under `CLIENT REPLY OFF`: input is read and dropped.
+    discarding: bool,
+}
+
+/// One read's worth of complete requests.
+struct Batch {
+    /// Bytes of `buf` they span.
+    complete: usize,
+    /// What to send instead of `buf[..complete]`, when a command was
+    /// rewritten or answered locally.
+    rewritten: Option<BytesMut>,
+    /// Some requests are answered by the proxy.
+    locals: bool,
+    failure: Option<ProtocolError>,
+}
+
 /// Frames every complete request at the front of `buf` and queues what each
-/// expects back. Returns how many bytes they span and the protocol error
-/// that stopped framing, if any.
+/// expects back.
 fn frame_requests(
     buf: &[u8],
-    framer: &mut RequestFramer,
-    reply_mode: &mut ReplyMode,
+    state: &mut RequestState,
     shared: &Shared,
     ctx: &Context,
-) -> (usize, Option<ProtocolError>) {
+    fence: Option<&FenceSession<'_>>,
+) -> Batch {
     let mut pairing = shared.pairing();
-    let mut complete = 0;
+    let mut batch = Batch {
+        complete: 0,
+        rewritten: None,
+        locals: false,
+        failure: None,
+    };
+    // Bytes of `buf` already copied into `rewritten`.
+    let mut copied = 0;
     let mut commands = 0;
-    let failure = loop {
-        match framer.next(&buf[complete..]) {
-            Ok(Some(frame)) => {
-                let request = &buf[complete..complete + frame.len];
-                complete += frame.len;
-                if frame.argc == 0 {
-                    continue; // Redis ignores it and sends nothing.
-                }
-                commands += 1;
-                let command = Command::classify(&frame, request);
-                if let Some(expect) = Expect::for_command(command, reply_mode) {
-                    pairing.push(expect);
-                }
-            }
-            Ok(None) if buf.len() - complete > ctx.config.max_frame_size + INLINE_MAX => {
-                break Some(ProtocolError(format!(
+    loop {
+        let frame = match state.framer.next(&buf[batch.complete..]) {
+            Ok(Some(frame)) => frame,
+            Ok(None) if buf.len() - batch.complete > ctx.config.max_frame_size + INLINE_MAX => {
+                batch.failure = Some(ProtocolError(format!(
                     "request larger than max_frame_size ({} bytes)",
                     ctx.config.max_frame_size
                 )));
+                break;
             }
-            Ok(None) => break None,
-            Err(error) => break Some(error),
+            Ok(None) => break,
+            Err(error) => {
+                batch.failure = Some(error);
+                break;
+            }
+        };
+        let start = batch.complete;
+        let request = &buf[start..start + frame.len];
+        batch.complete += frame.len;
+        if frame.argc == 0 {
+            continue; // Redis ignores it and sends nothing.
         }
-    };
+        commands += 1;
+        let command = Command::classify(&frame, request);
+        let mut exec_with_pubsub = false;
+        match command {
+            Command::Multi => (state.in_multi, state.multi_pubsub) = (true, false),
+            Command::Subscribe(..) | Command::Unsubscribe(..) if state.in_multi => state.multi_pubsub = true,
+            Command::EndMulti => {
+                exec_with_pubsub = state.in_multi && state.multi_pubsub;
+                state.in_multi = false;
+            }
+            Command::Reset => state.in_multi = false,
+            _ => {}
+        }
+        // Where Redis would refuse the command anyway (unauthenticated,
+        // RESP2 subscribed) or its reply is not its own (MULTI, CLIENT REPLY),
+        // it goes as it is.
+        let interceptable = !state.in_multi && state.reply_mode == ReplyMode::On && pairing.may_intercept();
+        let plan = match (fence, command) {
+            (Some(fence), Command::Fenced(fenced)) if interceptable => fence.plan(fenced, &frame, request),
+            (Some(fence), Command::Admin) if interceptable => Some(fence.admin(&frame, request)),
+            _ => None,
+        };
+        let (replacement, expect) = match plan {
+            None => match Expect::for_command(command, &mut state.reply_mode) {
+                Some(_) if exec_with_pubsub => (None, Some(Expect::Exec)),
+                expect => (None, expect),
+            },
+            Some(Plan::Forward(expect)) => (None, Some(Expect::Fence(expect))),
+            Some(Plan::Rewrite(call, expect)) => {
+                let fence = fence.expect("plans imply fences");
+                (Some(fence.encode(&call, false)), Some(Expect::Fence(expect)))
+            }
+            Some(Plan::Local(reply)) => {
+                batch.locals = true;
+                (Some(Bytes::new()), Some(Expect::Fence(FenceExpect::Local(reply))))
+            }
+        };
+        if let Some(expect) = expect {
+            pairing.push(expect);
+        }
+        if let Some(bytes) = replacement {
+            let out = batch
+                .rewritten
+                .get_or_insert_with(|| BytesMut::with_capacity(buf.len() + bytes.len()));
+            out.extend_from_slice(&buf[copied..start]);
+            out.extend_from_slice(&bytes);
+            copied = batch.complete;
+        }
+    }
+    if let Some(out) = &mut batch.rewritten {
+        out.extend_from_slice(&buf[copied..batch.complete]);
+    }
     ctx.metrics.commands.add(commands);
-    (complete, failure)
+    batch
+}
+
+/// What goes to the client, in order: ranges of the read buffer while
+/// nothing is held, and replies held behind one that waits for the proxy's
+/// own script call.
+#[derive(Debug, Default)]
+struct Outbox {
+    pieces: Vec<Piece>,
+    held: VecDeque<Slot>,
+    next_slot: u64,
+    /// A closing reply is queued: close once everything before it is out.
+    closing: bool,
+}
+
+#[derive(Debug)]
+enum Piece {
+    Range(Range<usize>),
+    Bytes(Bytes),
+}
+
+#[derive(Debug)]
+enum Slot {
+    Ready(Bytes),
+    Waiting(u64),
+}
+
+impl Outbox {
+    /// A frame of the read buffer goes to the client as is.
+    fn forward(&mut self, buf: &[u8], range: Range<usize>) {
+        if !self.held.is_empty() {
+            self.held
+                .push_back(Slot::Ready(Bytes::copy_from_slice(&buf[range])));
+        } else if let Some(Piece::Range(last)) = self.pieces.last_mut()
+            && last.end == range.start
+        {
+            last.end = range.end;
+        } else {
+            self.pieces.push(Piece::Range(range));
+        }
+    }
+
+    /// Bytes of the proxy's own take the place of a frame.
+    fn send(&mut self, bytes: Bytes) {
+        if self.held.is_empty() {
+            self.pieces.push(Piece::Bytes(bytes));
+        } else {
+            self.held.push_back(Slot::Ready(bytes));
+        }
+    }
+
+    /// A reply that must wait: everything after it is held too.
+    fn hold(&mut self) -> u64 {
+        self.next_slot += 1;
+        self.held.push_back(Slot::Waiting(self.next_slot));
+        self.next_slot
+    }
+
+    /// The held reply is known; releases what is no longer blocked.
+    fn resolve(&mut self, slot: u64, bytes: Bytes) {
+        if let Some(entry) = self
+            .held
+            .iter_mut()
+            .find(|s| matches!(s, Slot::Waiting(id) if *id == slot))
+        {
+            *entry = Slot::Ready(bytes);
+        }
+        while let Some(Slot::Ready(_)) = self.held.front() {
+            if let Some(Slot::Ready(bytes)) = self.held.pop_front() {
+                self.pieces.push(Piece::Bytes(bytes));
+            }
+        }
+    }
+
+    fn is_holding(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    async fn write<W: AsyncWrite + Unpin>(&mut self, client: &mut W, buf: &[u8]) -> std::io::Result<()> {
+        for piece in self.pieces.drain(..) {
+            match piece {
+                Piece::Range(range) => client.write_all(&buf[range]).await?,
+                Piece::Bytes(bytes) => client.write_all(&bytes).await?,
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Upstream → client.
-async fn forward_replies<R, W>(upstream: &mut R, client: &mut W, shared: &Shared, ctx: &Context) -> SessionEnd
+async fn forward_replies<R, W>(
+    upstream: &mut R,
+    client: &mut W,
+    shared: &Shared,
+    ctx: &Context,
+    fence: Option<&FenceSession<'_>>,
+    injections: mpsc::Sender<Injection>,
+) -> SessionEnd
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut scanner = ReplyScanner::default();
-    // Replies of the proxy's own to insert after a given offset of `buf`.
-    let mut inserts: Vec<(usize, Bytes)> = Vec::new();
+    let mut outbox = Outbox::default();
     loop {
         // Local replies owed before any further upstream frame.
         let (close, drained) = {
             let mut pairing = shared.pairing();
-            let close = take_locals(&mut pairing, 0, &mut inserts);
-            let drained = pairing.draining && pairing.pending() == 0 && !scanner.in_frame();
+            let close = take_locals(&mut pairing, &mut outbox);
+            let drained =
+                pairing.draining && pairing.pending() == 0 && !scanner.in_frame() && !outbox.is_holding();
             (close, drained)
         };
-        if !inserts.is_empty() {
-            if write_with_inserts(client, &[], &mut inserts).await.is_err() {
-                return SessionEnd::ClientWriteFailed;
-            }
-            shared.touch();
+        if outbox.write(client, &[]).await.is_err() {
+            return SessionEnd::ClientWriteFailed;
         }
         if close {
             let _ = client.shutdown().await;
@@ -334,11 +610,21 @@ where
             let mut pairing = shared.pairing();
             let before = pairing.pending();
             let mut close = false;
+            let mut upto = 0;
             loop {
                 match scanner.advance(&buf) {
                     Ok(Some(frame)) => {
-                        pairing.route(frame.kind, &buf[frame.start..frame.end]);
-                        if take_locals(&mut pairing, frame.end, &mut inserts) {
+                        let range = frame.start..frame.end;
+                        match pairing.route(frame.kind, &buf[range.clone()]) {
+                            Route::Reply | Route::Unsolicited => outbox.forward(&buf, range),
+                            Route::Fence(expect) => {
+                                let resp3 = pairing.is_resp3();
+                                let fence = fence.expect("fence expectations imply fences");
+                                on_fence_reply(expect, &buf[range], resp3, fence, &mut outbox, &injections);
+                            }
+                        }
+                        upto = frame.end;
+                        if take_locals(&mut pairing, &mut outbox) || outbox.closing && !outbox.is_holding() {
                             close = true;
                             break;
                         }
@@ -353,17 +639,20 @@ where
             if pairing.pending() < before {
                 shared.room.notify_one();
             }
-            let upto = match (close, scanner.frame_kind()) {
-                (true, _) => inserts.last().map_or(0, |(at, _)| *at),
-                (false, Some(kind)) if !pairing.may_stream(kind) => scanner.frame_start(),
-                (false, _) => scanner.scanned(),
-            };
+            if !close {
+                match scanner.frame_kind() {
+                    Some(kind) if outbox.is_holding() || !pairing.may_stream(kind) => {}
+                    Some(_) => {
+                        // Stream the frame in progress.
+                        outbox.forward(&buf, scanner.frame_start()..scanner.scanned());
+                        upto = scanner.scanned();
+                    }
+                    None => upto = scanner.scanned(),
+                }
+            }
             (upto, close)
         };
-        if write_with_inserts(client, &buf[..upto], &mut inserts)
-            .await
-            .is_err()
-        {
+        if outbox.write(client, &buf).await.is_err() {
             return SessionEnd::ClientWriteFailed;
         }
         shared.touch();
@@ -376,34 +665,94 @@ where
     }
 }
 
-/// Moves the local replies at the head of the queue into `inserts`, to go
-/// after offset `at`. Returns true if one of them closes the connection.
-fn take_locals(pairing: &mut Pairing, at: usize, inserts: &mut Vec<(usize, Bytes)>) -> bool {
-    while let Some((reply, close)) = pairing.take_local() {
-        inserts.push((at, reply));
-        if close {
-            return true;
+/// A frame answering an intercepted request.
+fn on_fence_reply(
+    expect: FenceExpect,
+    frame: &[u8],
+    resp3: bool,
+    fence: &FenceSession<'_>,
+    outbox: &mut Outbox,
+    injections: &mpsc::Sender<Injection>,
+) {
+    let noscript = frame.starts_with(b"-NOSCRIPT");
+    match expect {
+        FenceExpect::Get { key, policy } if is_nil(frame) => {
+            // A miss: hold the nil until the miss script has run.
+            let slot = outbox.hold();
+            let call = fence.miss_call(&key, policy);
+            let reply = ScriptReply::Miss {
+                key,
+                policy,
+                nil: Bytes::copy_from_slice(frame),
+            };
+            inject(injections, call, reply, slot, false, outbox, frame);
         }
+        FenceExpect::Get { .. } => outbox.send(Bytes::copy_from_slice(frame)),
+        FenceExpect::Script { call, reply, slot } if noscript => {
+            // The script cache was flushed: send it again with its source.
+            fence.fences.stats.script_reloads.inc();
+            let slot = slot.unwrap_or_else(|| outbox.hold());
+            inject(injections, call, reply, slot, true, outbox, frame);
+        }
+        FenceExpect::Script {
+            reply, slot: None, ..
+        } => outbox.send(fence.translate(&reply, frame, resp3)),
+        FenceExpect::Script {
+            reply,
+            slot: Some(slot),
+            ..
+        } => outbox.resolve(slot, fence.translate(&reply, frame, resp3)),
+        FenceExpect::Local(reply) => outbox.send(reply.encode(resp3)),
     }
-    false
 }
 
-/// Writes `bytes` with the local replies spliced in at their offsets.
-async fn write_with_inserts<W: AsyncWrite + Unpin>(
-    client: &mut W,
-    bytes: &[u8],
-    inserts: &mut Vec<(usize, Bytes)>,
-) -> std::io::Result<()> {
-    let mut written = 0;
-    for (at, reply) in inserts.drain(..) {
-        client.write_all(&bytes[written..at]).await?;
-        client.write_all(&reply).await?;
-        written = at;
+/// Asks the requests direction to send one of the proxy's own calls; if
+/// that is impossible, the held reply is released as it is.
+fn inject(
+    injections: &mpsc::Sender<Injection>,
+    call: fenced::ScriptCall,
+    reply: ScriptReply,
+    slot: u64,
+    reload: bool,
+    outbox: &mut Outbox,
+    fallback: &[u8],
+) {
+    let expect = Expect::Fence(FenceExpect::Script {
+        call: call.clone(),
+        reply: reply.clone(),
+        slot: Some(slot),
+    });
+    if injections.try_send(Injection { call, reload, expect }).is_err() {
+        warn!("too many calls of the proxy's own in flight; releasing a reply unfenced");
+        let release = match reply {
+            ScriptReply::Miss { nil, .. } => nil,
+            _ => Bytes::copy_from_slice(fallback),
+        };
+        outbox.resolve(slot, release);
     }
-    if written < bytes.len() {
-        client.write_all(&bytes[written..]).await?;
+}
+
+fn is_nil(frame: &[u8]) -> bool {
+    frame == b"$-1\r\n" || frame == b"_\r\n"
+}
+
+/// Moves the local replies at the head of the queue into the outbox.
+/// Returns true once one of them closes the connection and nothing is held
+/// before it any more.
+fn take_locals(pairing: &mut Pairing, outbox: &mut Outbox) -> bool {
+    while let Some(local) = pairing.take_local() {
+        match local {
+            LocalReply::Raw { reply, close } => {
+                outbox.send(reply);
+                if close {
+                    outbox.closing = true;
+                    break;
+                }
+            }
+            LocalReply::Built(reply) => outbox.send(reply.encode(pairing.is_resp3())),
+        }
     }
-    Ok(())
+    outbox.closing && !outbox.is_holding()
 }
 
 /// The upstream connection ended: every request still owed a reply gets an

@@ -16,6 +16,7 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 
+use super::fenced::FenceExpect;
 use crate::resp::command::{Command, ReplyMode, SubFamily};
 use crate::resp::request::string2ll;
 
@@ -40,6 +41,10 @@ pub enum Expect {
     /// A reply the proxy made itself, sent in its place in the order;
     /// `close` ends the connection after it.
     Local { reply: Bytes, close: bool },
+    /// An intercepted command (see [`super::fenced`]).
+    Fence(FenceExpect),
+    /// `EXEC` of a transaction that queued (un)subscriptions.
+    Exec,
 }
 
 impl Expect {
@@ -47,7 +52,9 @@ impl Expect {
     /// mode, which it updates. `None`: Redis sends nothing back.
     pub fn for_command(command: Command, mode: &mut ReplyMode) -> Option<Expect> {
         let expect = match command {
-            Command::Plain => Expect::Reply,
+            Command::Plain | Command::Multi | Command::EndMulti | Command::Fenced(_) | Command::Admin => {
+                Expect::Reply
+            }
             Command::Subscribe(family, n) => Expect::Confirm {
                 family,
                 left: n.max(1),
@@ -110,12 +117,23 @@ impl Subscriptions {
 }
 
 /// Where a frame from upstream goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     /// It answered the request at the head of the queue.
     Reply,
     /// Out-of-band (push, message, MONITOR line) or unexpected.
     Unsolicited,
+    /// It answered an intercepted request: the session decides what the
+    /// client gets.
+    Fence(FenceExpect),
+}
+
+/// A reply the proxy owes at the head of the queue, in place of a frame
+/// from upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalReply {
+    Raw { reply: Bytes, close: bool },
+    Built(crate::resp::value::Reply),
 }
 
 #[derive(Debug, Default)]
@@ -124,13 +142,30 @@ pub struct Pairing {
     resp3: bool,
     monitor: bool,
     subs: Subscriptions,
+    /// Redis answered `-NOAUTH` and nothing has succeeded since.
+    unauthenticated: bool,
+    /// Subscription requests still waiting for their confirmations.
+    confirms_pending: usize,
+    /// Redis answered a `QUIT`: it sends nothing more.
+    quit: bool,
     /// Shutting down: no new requests; close once nothing is pending.
     pub draining: bool,
 }
 
 impl Pairing {
     pub fn push(&mut self, expect: Expect) {
+        if matches!(expect, Expect::Confirm { .. } | Expect::ConfirmAll(_)) {
+            self.confirms_pending += 1;
+        }
         self.pending.push_back(expect);
+    }
+
+    fn pop(&mut self) -> Option<Expect> {
+        let expect = self.pending.pop_front()?;
+        if matches!(expect, Expect::Confirm { .. } | Expect::ConfirmAll(_)) {
+            self.confirms_pending -= 1;
+        }
+        Some(expect)
     }
 
     pub fn pending(&self) -> usize {
@@ -141,6 +176,13 @@ impl Pairing {
         self.resp3
     }
 
+    /// Whether a command may be rewritten: not while Redis refuses most
+    /// commands anyway (before `AUTH`, RESP2 subscribed), where the error
+    /// must name the client's command.
+    pub fn may_intercept(&self) -> bool {
+        !self.unauthenticated && (self.resp3 || !self.subs.any() && self.confirms_pending == 0)
+    }
+
     /// Nothing is owed and nothing may arrive unasked: the connection is
     /// idle in the sense of Redis' `timeout`.
     pub fn is_idle(&self) -> bool {
@@ -148,35 +190,49 @@ impl Pairing {
     }
 
     /// The head of the queue is a reply the proxy made itself.
-    pub fn take_local(&mut self) -> Option<(Bytes, bool)> {
+    pub fn take_local(&mut self) -> Option<LocalReply> {
         match self.pending.front() {
-            Some(Expect::Local { .. }) => match self.pending.pop_front() {
-                Some(Expect::Local { reply, close }) => Some((reply, close)),
-                _ => unreachable!(),
-            },
+            Some(Expect::Local { .. } | Expect::Fence(FenceExpect::Local(_))) => {
+                match self.pending.pop_front() {
+                    Some(Expect::Local { reply, close }) => Some(LocalReply::Raw { reply, close }),
+                    Some(Expect::Fence(FenceExpect::Local(reply))) => Some(LocalReply::Built(reply)),
+                    _ => unreachable!(),
+                }
+            }
             _ => None,
         }
     }
 
     /// Requests whose replies will never come once the upstream is gone,
-    /// excluding those that legitimately end the connection.
+    /// excluding those that legitimately end the connection: requests after
+    /// a `QUIT` are never answered by Redis either.
     pub fn abandon(&mut self) -> usize {
+        if self.quit {
+            self.pending.clear();
+            self.confirms_pending = 0;
+            return 0;
+        }
         let owed = self
             .pending
             .iter()
-            .filter(|e| !matches!(e, Expect::Closing | Expect::Local { .. }))
+            .take_while(|e| !matches!(e, Expect::Closing))
+            .filter(|e| !matches!(e, Expect::Local { .. } | Expect::Fence(FenceExpect::Local(_))))
             .count();
         self.pending.clear();
+        self.confirms_pending = 0;
         owed
     }
 
     /// May a frame of type `kind` be forwarded before it is complete? Only
     /// when nothing about it needs to be inspected.
     pub fn may_stream(&self, kind: u8) -> bool {
-        kind != b'>'
-            && !self.monitor
-            && !self.subs.any()
-            && matches!(self.pending.front(), Some(Expect::Reply))
+        let head = match self.pending.front() {
+            Some(Expect::Reply) => true,
+            // A bulk still arriving is not nil: the GET was a hit.
+            Some(Expect::Fence(FenceExpect::Get { .. })) => kind == b'$',
+            _ => false,
+        };
+        head && kind != b'>' && !self.monitor && !self.subs.any()
     }
 
     /// Routes one complete top-level frame (`frame` holds all of its bytes
@@ -206,7 +262,7 @@ impl Pairing {
                     if let Some(Expect::Confirm { left, .. }) = self.pending.front_mut() {
                         *left -= 1;
                         if *left == 0 {
-                            self.pending.pop_front();
+                            self.pop();
                         }
                     }
                     return Route::Reply;
@@ -218,11 +274,26 @@ impl Pairing {
         if self.monitor && kind == b'+' && is_monitor_line(frame) {
             return Route::Unsolicited;
         }
-        let Some(expect) = self.pending.pop_front() else {
+        let Some(expect) = self.pop() else {
             return Route::Unsolicited;
         };
         let ok = !matches!(kind, b'-' | b'!');
+        if ok {
+            self.unauthenticated = false;
+        } else if frame.starts_with(b"-NOAUTH") {
+            self.unauthenticated = true;
+        }
         match expect {
+            Expect::Exec if ok => {
+                // Subscriptions made inside the transaction.
+                if let Some(crate::resp::value::Value::Array(replies)) =
+                    crate::resp::value::Value::decode(frame, self.resp3)
+                {
+                    for reply in replies {
+                        self.confirm_from_value(&reply);
+                    }
+                }
+            }
             Expect::Hello(Some(version)) if ok => self.resp3 = version == 3,
             Expect::Reset if ok => {
                 self.resp3 = false;
@@ -230,9 +301,29 @@ impl Pairing {
                 self.subs = Subscriptions::default();
             }
             Expect::Monitor if ok => self.monitor = true,
+            Expect::Closing if ok => self.quit = true,
+            Expect::Fence(fence) => return Route::Fence(fence),
             _ => {}
         }
         Route::Reply
+    }
+}
+
+impl Pairing {
+    /// Applies a confirmation found inside an `EXEC` reply.
+    fn confirm_from_value(&mut self, reply: &crate::resp::value::Value) {
+        use crate::resp::value::Value;
+        let Value::Array(items) = reply else { return };
+        let (Some(kind), Some(Value::Int(total))) = (items.first().and_then(Value::as_bytes), items.get(2))
+        else {
+            return;
+        };
+        let mut frame = format!("*1\r\n${}\r\n", kind.len()).into_bytes();
+        frame.extend_from_slice(kind);
+        frame.extend_from_slice(b"\r\n");
+        if let Some(PubSub::Confirmation(family)) = pubsub_kind(&frame) {
+            self.subs.confirm(family, u64::try_from(*total).unwrap_or(0));
+        }
     }
 }
 

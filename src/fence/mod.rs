@@ -1,0 +1,219 @@
+//! Version fences and lease tickets: the consistency layer.
+//!
+//! - [`policy`]: which keys are fenced (`[[cache]]` globs) and how.
+//! - [`script`]: the one Lua script that does every fence operation in
+//!   Redis, and the fence key naming.
+//! - this module: the state shared by all sessions — tickets (per
+//!   connection, never borrowed), counters — and the rules that turn an
+//!   intercepted command into a script call and a script reply back into the
+//!   reply the client expects.
+
+pub mod policy;
+pub mod script;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+
+use crate::metrics::Counter;
+pub use policy::{CacheSection, LagPolicy, OnStaleFill, OnWrite, Policy, Scope};
+
+/// Most tickets held at once by the whole proxy; a miss past it gets no
+/// ticket (its fill is then treated as a write).
+pub const MAX_TICKETS: usize = 1 << 20;
+/// Most tickets one connection holds at once.
+pub const MAX_TICKETS_PER_CONNECTION: usize = 4096;
+
+/// What a miss leaves behind: the proof that this connection read the key
+/// while the fence had `version`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ticket {
+    /// Fence version at the miss (as Redis wrote it).
+    pub version: Bytes,
+    /// Redis `TIME` at the miss, µs (as Redis wrote it).
+    pub miss_us: Bytes,
+    /// Last invalidation before the miss, µs (`0`: none known).
+    pub invalidated_us: Bytes,
+    /// When the proxy issued it; tickets older than `lease_ttl` are refused.
+    pub issued: Instant,
+    /// Index of the policy that fenced the key.
+    pub policy: usize,
+}
+
+/// Why a fill was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The fence moved since the miss (an invalidation, a write, or another fill won).
+    FenceMoved,
+    /// The fence is gone (eviction, FLUSH, restart): nothing proves the read is fresh.
+    FenceMissing,
+    /// The ticket is older than `lease_ttl`.
+    Expired,
+    /// The miss was within `lag_window` of an invalidation (`lag_policy = "refuse"`).
+    LagWindow,
+}
+
+impl Refusal {
+    pub fn from_script(reason: &[u8]) -> Refusal {
+        match reason {
+            b"fence_missing" => Refusal::FenceMissing,
+            b"lag_window" => Refusal::LagWindow,
+            _ => Refusal::FenceMoved,
+        }
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Refusal::FenceMoved => "fence_moved",
+            Refusal::FenceMissing => "fence_missing",
+            Refusal::Expired => "expired",
+            Refusal::LagWindow => "lag_window",
+        }
+    }
+}
+
+/// Counters of the consistency layer (`CACHE.STATS`).
+#[derive(Debug, Default)]
+pub struct FenceStats {
+    pub misses: Counter,
+    pub tickets_issued: Counter,
+    pub tickets_dropped: Counter,
+    pub fills_accepted: Counter,
+    pub fills_not_stored_nx: Counter,
+    pub refused_fence_moved: Counter,
+    pub refused_fence_missing: Counter,
+    pub refused_expired: Counter,
+    pub refused_lag_window: Counter,
+    pub writes: Counter,
+    pub writes_rejected: Counter,
+    pub invalidations: Counter,
+    pub script_reloads: Counter,
+}
+
+impl FenceStats {
+    pub fn refused(&self, why: Refusal) -> &Counter {
+        match why {
+            Refusal::FenceMoved => &self.refused_fence_moved,
+            Refusal::FenceMissing => &self.refused_fence_missing,
+            Refusal::Expired => &self.refused_expired,
+            Refusal::LagWindow => &self.refused_lag_window,
+        }
+    }
+
+    /// Name/value pairs for `CACHE.STATS`.
+    pub fn fields(&self, tickets_outstanding: usize) -> Vec<(&'static str, u64)> {
+        vec![
+            ("misses", self.misses.get()),
+            ("tickets_issued", self.tickets_issued.get()),
+            ("tickets_outstanding", tickets_outstanding as u64),
+            ("tickets_dropped", self.tickets_dropped.get()),
+            ("fills_accepted", self.fills_accepted.get()),
+            ("fills_not_stored_nx", self.fills_not_stored_nx.get()),
+            ("fills_refused_fence_moved", self.refused_fence_moved.get()),
+            ("fills_refused_fence_missing", self.refused_fence_missing.get()),
+            ("fills_refused_expired", self.refused_expired.get()),
+            ("fills_refused_lag_window", self.refused_lag_window.get()),
+            ("writes", self.writes.get()),
+            ("writes_rejected", self.writes_rejected.get()),
+            ("invalidations", self.invalidations.get()),
+            ("script_reloads", self.script_reloads.get()),
+        ]
+    }
+}
+
+/// State shared by every session of one proxy process. Soft state only: the
+/// fences themselves live in Redis (C4).
+#[derive(Debug)]
+pub struct Fences {
+    pub scope: Scope,
+    /// Tickets by (connection, key): a connection only ever sees its own.
+    tickets: DashMap<(u64, Bytes), Ticket>,
+    pub stats: FenceStats,
+    next_connection: AtomicU64,
+    /// This process's identity in herd lease holder names.
+    instance: String,
+}
+
+impl Fences {
+    pub fn new(scope: Scope) -> Fences {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        Fences {
+            scope,
+            tickets: DashMap::new(),
+            stats: FenceStats::default(),
+            next_connection: AtomicU64::new(1),
+            instance: format!("{}-{nanos:x}", std::process::id()),
+        }
+    }
+
+    /// The policy of `key` with its index, if the key is fenced.
+    pub fn policy(&self, key: &[u8]) -> Option<(usize, &Policy)> {
+        self.scope
+            .policies()
+            .iter()
+            .enumerate()
+            .find(|(_, p)| policy::glob_match(p.pattern.as_bytes(), key))
+    }
+
+    pub fn policy_at(&self, index: usize) -> &Policy {
+        &self.scope.policies()[index]
+    }
+
+    /// A new connection identity, for tickets and lease holder names.
+    pub fn connection(&self) -> u64 {
+        self.next_connection.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn lease_holder(&self, connection: u64) -> String {
+        format!("{}:{connection}", self.instance)
+    }
+
+    /// Records a ticket unless a bound is reached. `held` is how many the
+    /// connection holds already.
+    pub fn issue(&self, connection: u64, key: Bytes, ticket: Ticket, held: usize) -> bool {
+        if held >= MAX_TICKETS_PER_CONNECTION || self.tickets.len() >= MAX_TICKETS {
+            self.stats.tickets_dropped.inc();
+            return false;
+        }
+        self.stats.tickets_issued.inc();
+        self.tickets.insert((connection, key), ticket);
+        true
+    }
+
+    /// Takes this connection's ticket for `key`, if any (a fill consumes it).
+    pub fn take(&self, connection: u64, key: &[u8]) -> Option<Ticket> {
+        self.tickets
+            .remove(&(connection, Bytes::copy_from_slice(key)))
+            .map(|(_, ticket)| ticket)
+    }
+
+    /// Drops the tickets of a connection that ended.
+    pub fn forget(&self, connection: u64, keys: impl IntoIterator<Item = Bytes>) {
+        for key in keys {
+            self.tickets.remove(&(connection, key));
+        }
+    }
+
+    pub fn tickets_outstanding(&self) -> usize {
+        self.tickets.len()
+    }
+
+    /// Outstanding tickets for one key, over all connections (`CACHE.FENCE`).
+    pub fn tickets_for(&self, key: &[u8]) -> usize {
+        self.tickets.iter().filter(|e| e.key().1 == key).count()
+    }
+}
+
+/// Milliseconds, at least 1, as Redis wants them in `PEXPIRE`.
+pub fn millis(d: Duration) -> String {
+    d.as_millis().max(1).to_string()
+}
+
+/// Microseconds.
+pub fn micros(d: Duration) -> String {
+    d.as_micros().to_string()
+}

@@ -1,0 +1,259 @@
+//! Which keys are fenced and how: the `[[cache]]` sections of the config.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Span;
+
+/// What a C2 fill inside the lag window does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LagPolicy {
+    /// Store with a TTL that ends `lag_window` after the invalidation.
+    #[default]
+    ShortTtl,
+    /// Do not store.
+    Refuse,
+}
+
+/// What a SET-family command without a ticket (a write) does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnWrite {
+    /// Store the value and bump the fence atomically.
+    #[default]
+    Write,
+    /// Delete the key and bump the fence (the value is not stored).
+    Invalidate,
+    /// Answer an error.
+    Reject,
+}
+
+/// How a refused fill is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStaleFill {
+    /// `+OK`, as if stored (the application cannot tell, the cache stays right).
+    #[default]
+    Ok,
+    /// `-STALE ...`.
+    Error,
+}
+
+/// One `[[cache]]` section as written in the file.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSection {
+    pub pattern: Option<String>,
+    pub lease_ttl: Option<Span>,
+    pub lag_window: Option<Span>,
+    pub lag_policy: Option<LagPolicy>,
+    pub hold: Option<Span>,
+    pub on_write: Option<OnWrite>,
+    pub on_stale_fill: Option<OnStaleFill>,
+    pub double_delete: Option<Span>,
+}
+
+impl CacheSection {
+    /// The default section: every key, every setting at its default.
+    pub fn defaults() -> CacheSection {
+        CacheSection {
+            pattern: Some("*".into()),
+            lease_ttl: Some(Span(Duration::from_secs(10))),
+            lag_window: Some(Span(Duration::ZERO)),
+            lag_policy: Some(LagPolicy::ShortTtl),
+            hold: Some(Span(Duration::from_millis(200))),
+            on_write: Some(OnWrite::Write),
+            on_stale_fill: Some(OnStaleFill::Ok),
+            double_delete: Some(Span(Duration::ZERO)),
+        }
+    }
+}
+
+/// The rules for the keys matching one pattern.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub pattern: String,
+    pub lease_ttl: Duration,
+    pub lag_window: Duration,
+    pub lag_policy: LagPolicy,
+    pub hold: Duration,
+    pub on_write: OnWrite,
+    pub on_stale_fill: OnStaleFill,
+    pub double_delete: Option<Duration>,
+}
+
+impl Policy {
+    pub fn from_section(section: &CacheSection) -> anyhow::Result<Policy> {
+        let d = CacheSection::defaults();
+        let span = |v: Option<Span>, default: Option<Span>| v.or(default).expect("defaulted").0;
+        let policy = Policy {
+            pattern: section.pattern.clone().or(d.pattern).expect("defaulted"),
+            lease_ttl: span(section.lease_ttl, d.lease_ttl),
+            lag_window: span(section.lag_window, d.lag_window),
+            lag_policy: section.lag_policy.or(d.lag_policy).expect("defaulted"),
+            hold: span(section.hold, d.hold),
+            on_write: section.on_write.or(d.on_write).expect("defaulted"),
+            on_stale_fill: section.on_stale_fill.or(d.on_stale_fill).expect("defaulted"),
+            double_delete: Some(span(section.double_delete, d.double_delete)).filter(|d| !d.is_zero()),
+        };
+        anyhow::ensure!(!policy.pattern.is_empty(), "`pattern` must not be empty");
+        anyhow::ensure!(
+            policy.lease_ttl >= Duration::from_millis(100),
+            "`lease_ttl` must be at least 100ms (pattern `{}`)",
+            policy.pattern
+        );
+        anyhow::ensure!(
+            policy.hold <= policy.lease_ttl,
+            "`hold` must not exceed `lease_ttl` (pattern `{}`)",
+            policy.pattern
+        );
+        Ok(policy)
+    }
+
+    /// How long a fence outlives its last change: every ticket it could
+    /// admit is older than `lease_ttl` by then, and the lag rule is moot
+    /// after `lag_window`.
+    pub fn fence_ttl(&self) -> Duration {
+        let margin = (self.lease_ttl / 10).max(Duration::from_secs(1));
+        self.lease_ttl + self.lag_window + margin
+    }
+}
+
+/// The fenced key space: the first section whose pattern matches wins.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scope {
+    policies: Vec<Policy>,
+}
+
+impl Scope {
+    pub fn new(sections: &[CacheSection]) -> anyhow::Result<Scope> {
+        let policies = sections
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                Policy::from_section(s).map_err(|e| anyhow::anyhow!("[[cache]] section {}: {e}", i + 1))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Scope { policies })
+    }
+
+    /// The policy of `key`, or `None` when the key is not fenced.
+    pub fn policy(&self, key: &[u8]) -> Option<&Policy> {
+        self.policies
+            .iter()
+            .find(|p| glob_match(p.pattern.as_bytes(), key))
+    }
+
+    pub fn policies(&self) -> &[Policy] {
+        &self.policies
+    }
+}
+
+/// Redis' glob matching (`KEYS`, `SCAN MATCH`): `*`, `?`, `[abc]`, `[^a-z]`,
+/// and `\` to escape.
+pub fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    match pattern.split_first() {
+        None => text.is_empty(),
+        Some((b'*', rest)) => {
+            let rest = rest
+                .iter()
+                .position(|&b| b != b'*')
+                .map_or(&[][..], |i| &rest[i..]);
+            if rest.is_empty() {
+                return true;
+            }
+            (0..=text.len()).any(|i| glob_match(rest, &text[i..]))
+        }
+        Some((b'?', rest)) => !text.is_empty() && glob_match(rest, &text[1..]),
+        Some((b'[', rest)) => {
+            let Some((&c, text_rest)) = text.split_first() else {
+                return false;
+            };
+            let (negate, mut class) = match rest.split_first() {
+                Some((b'^', r)) => (true, r),
+                _ => (false, rest),
+            };
+            let mut matched = false;
+            loop {
+                match class {
+                    [] => break,
+                    [b']', r @ ..] => {
+                        class = r;
+                        break;
+                    }
+                    [b'\\', e, r @ ..] => {
+                        matched |= *e == c;
+                        class = r;
+                    }
+                    [lo, b'-', hi, r @ ..] if *hi != b']' => {
+                        let (lo, hi) = if lo <= hi { (*lo, *hi) } else { (*hi, *lo) };
+                        matched |= (lo..=hi).contains(&c);
+                        class = r;
+                    }
+                    [x, r @ ..] => {
+                        matched |= *x == c;
+                        class = r;
+                    }
+                }
+            }
+            matched != negate && glob_match(class, text_rest)
+        }
+        Some((b'\\', [escaped, rest @ ..])) => text.first() == Some(escaped) && glob_match(rest, &text[1..]),
+        Some((&p, rest)) => text.first() == Some(&p) && glob_match(rest, &text[1..]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_like_redis() {
+        let cases: &[(&str, &str, bool)] = &[
+            ("*", "anything", true),
+            ("user:*", "user:42", true),
+            ("user:*", "users:42", false),
+            ("h?llo", "hello", true),
+            ("h?llo", "hllo", false),
+            ("h[ae]llo", "hallo", true),
+            ("h[^e]llo", "hello", false),
+            ("h[a-b]llo", "hbllo", true),
+            ("key\\*", "key*", true),
+            ("key\\*", "key1", false),
+            ("*:profile:*", "user:profile:7", true),
+        ];
+        for (pattern, text, want) in cases {
+            assert_eq!(
+                glob_match(pattern.as_bytes(), text.as_bytes()),
+                *want,
+                "{pattern} vs {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn first_matching_section_wins_and_others_pass_through() {
+        let sections = vec![
+            CacheSection {
+                pattern: Some("session:*".into()),
+                on_write: Some(OnWrite::Invalidate),
+                ..Default::default()
+            },
+            CacheSection {
+                pattern: Some("user:*".into()),
+                ..Default::default()
+            },
+        ];
+        let scope = Scope::new(&sections).unwrap();
+        assert_eq!(scope.policy(b"session:1").unwrap().on_write, OnWrite::Invalidate);
+        assert_eq!(scope.policy(b"user:1").unwrap().on_write, OnWrite::Write);
+        assert!(scope.policy(b"other").is_none());
+        let bad = CacheSection {
+            hold: Some(Span(Duration::from_secs(60))),
+            ..Default::default()
+        };
+        assert!(Scope::new(&[bad]).is_err());
+    }
+}

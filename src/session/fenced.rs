@@ -1,0 +1,583 @@
+//! The session's side of the consistency layer: how an intercepted request
+//! is sent (as is, rewritten to a fence script call, or answered here) and
+//! how the reply to it becomes the reply the client expects.
+//!
+//! | client sends | fenced key, ticket held | fenced key, no ticket |
+//! |---|---|---|
+//! | `GET k` | forwarded; a nil reply is held while the miss script runs | same |
+//! | `SET k v …`, `SETEX`, `PSETEX` | fill script (stored only if the fence did not move) | write per `on_write` |
+//! | `MSET`, `APPEND`, `INCR`… | write per `on_write` | write per `on_write` |
+//! | `DEL`, `UNLINK`, `GETDEL` | invalidation script | invalidation script |
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use crate::fence::script::{self, fence_key};
+use crate::fence::{Fences, OnStaleFill, OnWrite, Policy, Refusal, Ticket, micros, millis};
+use crate::resp::command::Fenced;
+use crate::resp::request::{Args, Frame};
+use crate::resp::value::{Reply, Value};
+
+/// A fence script call, kept so it can be sent again with its source after
+/// a `NOSCRIPT` (e.g. after `SCRIPT FLUSH`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScriptCall {
+    pub keys: Vec<Bytes>,
+    pub args: Vec<Bytes>,
+}
+
+impl ScriptCall {
+    fn new(keys: Vec<Bytes>, args: Vec<Bytes>) -> ScriptCall {
+        ScriptCall { keys, args }
+    }
+
+    pub fn encode(&self, with_source: bool) -> Bytes {
+        let keys: Vec<&[u8]> = self.keys.iter().map(|k| &k[..]).collect();
+        let args: Vec<&[u8]> = self.args.iter().map(|a| &a[..]).collect();
+        match with_source {
+            true => script::call_with_source(&keys, &args),
+            false => script::call(&keys, &args),
+        }
+    }
+}
+
+/// How a fence script's reply becomes the client's reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScriptReply {
+    /// The proxy's miss script after a nil `GET`: the value that appeared,
+    /// or the original nil (`nil`, in the client's protocol) and a ticket.
+    Miss { key: Bytes, policy: usize, nil: Bytes },
+    /// A fill: `+OK` stored, nil when `NX` kept an existing value, and a
+    /// refusal answered per `on_stale_fill`.
+    Fill { policy: usize },
+    /// A write or invalidation running the client's own command: its reply,
+    /// with Lua's `false` turned back into the protocol's nil.
+    Command,
+    /// `on_write = "invalidate"` of a SET-family command: `+OK`.
+    Ok,
+    /// `CACHE.FENCE key`.
+    FenceInfo { key: Bytes },
+}
+
+/// What the session expects back for an intercepted request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FenceExpect {
+    /// A `GET` of a fenced key, forwarded as is.
+    Get { key: Bytes, policy: usize },
+    /// A fence script call; with `slot`, the proxy's own call whose result
+    /// fills a held reply, else the rewritten client command itself.
+    Script {
+        call: ScriptCall,
+        reply: ScriptReply,
+        slot: Option<u64>,
+    },
+    /// A reply built by the proxy, encoded when it reaches the head of the
+    /// queue (when the protocol in force is known).
+    Local(Reply),
+}
+
+/// How to send one intercepted request.
+#[derive(Debug)]
+pub enum Plan {
+    /// Send the request's bytes unchanged.
+    Forward(FenceExpect),
+    /// Send this script call instead.
+    Rewrite(ScriptCall, FenceExpect),
+    /// Send nothing; the proxy answers.
+    Local(Reply),
+}
+
+/// The fence state of one connection.
+#[derive(Debug)]
+pub struct FenceSession<'a> {
+    pub fences: &'a Fences,
+    pub connection: u64,
+    /// Keys this connection holds tickets for (dropped with it).
+    pub tickets: Mutex<HashSet<Bytes>>,
+    /// The script's source was sent on this connection (later calls use
+    /// `EVALSHA`). Only the requests direction, the one upstream writer,
+    /// encodes calls, so the first call on the wire is the one with source.
+    loaded: std::sync::atomic::AtomicBool,
+}
+
+impl<'a> FenceSession<'a> {
+    pub fn new(fences: &'a Fences) -> FenceSession<'a> {
+        FenceSession {
+            fences,
+            connection: fences.connection(),
+            tickets: Mutex::new(HashSet::new()),
+            loaded: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Encodes a call for the wire: with the script's source the first
+    /// time on this connection, or when Redis lost the script (`reload`).
+    pub fn encode(&self, call: &ScriptCall, reload: bool) -> Bytes {
+        let first = !self.loaded.swap(true, std::sync::atomic::Ordering::Relaxed);
+        call.encode(first || reload)
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashSet<Bytes>> {
+        self.tickets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Plans a fenced command, or `None` if none of its keys is fenced.
+    pub fn plan(&self, command: Fenced, frame: &Frame, request: &[u8]) -> Option<Plan> {
+        let words = all_args(frame, request);
+        let key = words.get(1)?;
+        match command {
+            Fenced::Get => {
+                let (policy, _) = self.fences.policy(key)?;
+                (words.len() == 2).then(|| {
+                    Plan::Forward(FenceExpect::Get {
+                        key: key.clone(),
+                        policy,
+                    })
+                })
+            }
+            Fenced::Set | Fenced::SetEx | Fenced::PSetEx => {
+                let (policy, rules) = self.fences.policy(key)?;
+                match self.fill(command, &words, policy, rules) {
+                    Some(plan) => Some(plan),
+                    None => self.write(command, &words, vec![key.clone()]),
+                }
+            }
+            Fenced::MSet => {
+                let keys: Vec<Bytes> = words[1..].iter().step_by(2).cloned().collect();
+                self.write(command, &words, keys)
+            }
+            Fenced::Write => self.write(command, &words, vec![key.clone()]),
+            Fenced::Delete => {
+                let keys = words[1..].to_vec();
+                let call = self.command_call("inval", &words, &keys)?;
+                self.fences.stats.invalidations.inc();
+                Some(Plan::Rewrite(
+                    call.clone(),
+                    FenceExpect::Script {
+                        call,
+                        reply: ScriptReply::Command,
+                        slot: None,
+                    },
+                ))
+            }
+        }
+    }
+
+    /// A fill, if this connection holds a ticket for the key and the command
+    /// is a plain store (`SET` with only expiry options and `NX`).
+    fn fill(&self, command: Fenced, words: &[Bytes], policy: usize, rules: &Policy) -> Option<Plan> {
+        let key = &words[1];
+        let (value, expiry, nx) = match command {
+            Fenced::SetEx => (
+                words.get(3)?,
+                vec![Bytes::from_static(b"EX"), words.get(2)?.clone()],
+                false,
+            ),
+            Fenced::PSetEx => (
+                words.get(3)?,
+                vec![Bytes::from_static(b"PX"), words.get(2)?.clone()],
+                false,
+            ),
+            _ => {
+                let value = words.get(2)?;
+                let (mut expiry, mut nx) = (Vec::new(), false);
+                let mut i = 3;
+                while i < words.len() {
+                    let word = words[i].to_ascii_uppercase();
+                    match &word[..] {
+                        b"NX" => nx = true,
+                        b"KEEPTTL" => expiry.push(words[i].clone()),
+                        b"EX" | b"PX" | b"EXAT" | b"PXAT" => {
+                            expiry.extend([words[i].clone(), words.get(i + 1)?.clone()]);
+                            i += 1;
+                        }
+                        _ => return None, // XX, GET: not a fill
+                    }
+                    i += 1;
+                }
+                (value, expiry, nx)
+            }
+        };
+        if words.len() > 4 && command != Fenced::Set {
+            return None;
+        }
+        let ticket = self.fences.take(self.connection, key)?;
+        self.held().remove(key);
+        if ticket.issued.elapsed() > rules.lease_ttl {
+            return Some(self.refuse(Refusal::Expired, rules));
+        }
+        let lag_refuse = matches!(rules.lag_policy, crate::fence::LagPolicy::Refuse);
+        let mut args = vec![
+            Bytes::from_static(b"fill"),
+            millis(rules.fence_ttl()).into(),
+            ticket.version,
+            ticket.miss_us,
+            micros(rules.lag_window).into(),
+            Bytes::from_static(if lag_refuse { b"1" } else { b"0" }),
+            Bytes::from_static(if nx { b"1" } else { b"0" }),
+            value.clone(),
+        ];
+        args.extend(expiry);
+        let call = ScriptCall::new(vec![key.clone(), fence_key(key).into()], args);
+        Some(Plan::Rewrite(
+            call.clone(),
+            FenceExpect::Script {
+                call,
+                reply: ScriptReply::Fill { policy },
+                slot: None,
+            },
+        ))
+    }
+
+    fn refuse(&self, why: Refusal, rules: &Policy) -> Plan {
+        self.fences.stats.refused(why).inc();
+        Plan::Local(stale_reply(why, rules))
+    }
+
+    /// A write of `keys` per the strictest `on_write` among their policies;
+    /// `None` if none of them is fenced.
+    fn write(&self, command: Fenced, words: &[Bytes], keys: Vec<Bytes>) -> Option<Plan> {
+        let policies: Vec<&Policy> = keys
+            .iter()
+            .filter_map(|k| self.fences.policy(k).map(|(_, p)| p))
+            .collect();
+        if policies.is_empty() {
+            return None;
+        }
+        let on_write = policies.iter().map(|p| p.on_write).max_by_key(|w| match w {
+            OnWrite::Write => 0,
+            OnWrite::Invalidate => 1,
+            OnWrite::Reject => 2,
+        });
+        Some(match on_write.expect("at least one policy") {
+            OnWrite::Reject => {
+                self.fences.stats.writes_rejected.inc();
+                let key = String::from_utf8_lossy(&keys[0]);
+                Plan::Local(Reply::Error(format!(
+                    "ERR cachefence: writes to '{key}' are rejected (on_write = \"reject\"); \
+                     read it (miss) and fill it, or use CACHE.INVALIDATE"
+                )))
+            }
+            OnWrite::Invalidate if store_only(command, words) => {
+                let mut del = vec![Bytes::from_static(b"DEL")];
+                del.extend(keys.iter().cloned());
+                let call = self.command_call("inval", &del, &keys).expect("fenced keys");
+                self.fences.stats.invalidations.inc();
+                Plan::Rewrite(
+                    call.clone(),
+                    FenceExpect::Script {
+                        call,
+                        reply: ScriptReply::Ok,
+                        slot: None,
+                    },
+                )
+            }
+            _ => {
+                let call = self.command_call("write", words, &keys).expect("fenced keys");
+                self.fences.stats.writes.inc();
+                Plan::Rewrite(
+                    call.clone(),
+                    FenceExpect::Script {
+                        call,
+                        reply: ScriptReply::Command,
+                        slot: None,
+                    },
+                )
+            }
+        })
+    }
+
+    /// A `write`/`inval` call running `words` (the command) on `keys`,
+    /// moving the fences of the fenced ones; `None` if none is fenced.
+    fn command_call(&self, op: &'static str, words: &[Bytes], keys: &[Bytes]) -> Option<ScriptCall> {
+        let fenced: Vec<(&Bytes, &Policy)> = keys
+            .iter()
+            .filter_map(|k| self.fences.policy(k).map(|(_, p)| (k, p)))
+            .collect();
+        if fenced.is_empty() {
+            return None;
+        }
+        let ttl = fenced
+            .iter()
+            .map(|(_, p)| p.fence_ttl())
+            .max()
+            .expect("not empty");
+        let mut all_keys: Vec<Bytes> = keys.to_vec();
+        all_keys.extend(fenced.iter().map(|(k, _)| Bytes::from(fence_key(k))));
+        let mut args = vec![
+            Bytes::from(op),
+            millis(ttl).into(),
+            fenced.len().to_string().into(),
+        ];
+        args.extend(words.iter().cloned());
+        Some(ScriptCall::new(all_keys, args))
+    }
+
+    /// The proxy's miss script for a nil `GET`.
+    pub fn miss_call(&self, key: &Bytes, policy: usize) -> ScriptCall {
+        let rules = self.fences.policy_at(policy);
+        self.fences.stats.misses.inc();
+        ScriptCall::new(
+            vec![key.clone(), fence_key(key).into()],
+            vec![
+                Bytes::from_static(b"miss"),
+                millis(rules.fence_ttl()).into(),
+                self.fences.lease_holder(self.connection).into(),
+                millis(rules.lease_ttl).into(),
+                Bytes::from_static(b"force"),
+            ],
+        )
+    }
+
+    /// Turns a fence script's reply into the client's reply (`None`: the
+    /// script could not run; the caller decides).
+    pub fn translate(&self, reply: &ScriptReply, frame: &[u8], resp3: bool) -> Bytes {
+        let value = Value::decode(frame, resp3);
+        match (reply, value) {
+            (_, Some(Value::Error(_))) | (_, None) => Bytes::copy_from_slice(frame),
+            (ScriptReply::Miss { key, policy, nil }, Some(Value::Array(items))) => {
+                self.miss_outcome(key, *policy, nil, &items)
+            }
+            (ScriptReply::Miss { nil, .. }, Some(_)) => nil.clone(),
+            (ScriptReply::Fill { policy }, Some(Value::Array(items))) => {
+                let rules = self.fences.policy_at(*policy);
+                match items.first().and_then(Value::as_int) {
+                    Some(1) => {
+                        self.fences.stats.fills_accepted.inc();
+                        Reply::Status("OK").encode(resp3)
+                    }
+                    Some(2) => {
+                        self.fences.stats.fills_not_stored_nx.inc();
+                        Reply::Nil.encode(resp3)
+                    }
+                    _ => {
+                        let why = Refusal::from_script(
+                            items.get(1).and_then(Value::as_bytes).map_or(&b""[..], |b| b),
+                        );
+                        self.fences.stats.refused(why).inc();
+                        stale_reply(why, rules).encode(resp3)
+                    }
+                }
+            }
+            (ScriptReply::Command, Some(Value::Bool(false))) => Reply::Nil.encode(resp3),
+            (ScriptReply::Command, Some(_)) => Bytes::copy_from_slice(frame),
+            (ScriptReply::Ok, Some(_)) => Reply::Status("OK").encode(resp3),
+            (ScriptReply::FenceInfo { key }, Some(Value::Array(items))) => {
+                self.fence_info(key, &items).encode(resp3)
+            }
+            (_, Some(_)) => Bytes::copy_from_slice(frame),
+        }
+    }
+
+    /// `{1, value}`: the value appeared; `{0, version, invalidated, now, leader}`: a ticket.
+    fn miss_outcome(&self, key: &Bytes, policy: usize, nil: &Bytes, items: &[Value]) -> Bytes {
+        match (items.first().and_then(Value::as_int), items.get(1)) {
+            (Some(1), Some(Value::Bulk(value))) => Reply::Bulk(value.clone()).encode(false),
+            (Some(0), Some(Value::Bulk(version))) => {
+                let ticket = Ticket {
+                    version: version.clone(),
+                    invalidated_us: items
+                        .get(2)
+                        .and_then(Value::as_bytes)
+                        .cloned()
+                        .unwrap_or_default(),
+                    miss_us: items
+                        .get(3)
+                        .and_then(Value::as_bytes)
+                        .cloned()
+                        .unwrap_or_default(),
+                    issued: Instant::now(),
+                    policy,
+                };
+                let mut held = self.held();
+                if self
+                    .fences
+                    .issue(self.connection, key.clone(), ticket, held.len())
+                {
+                    held.insert(key.clone());
+                }
+                nil.clone()
+            }
+            _ => nil.clone(),
+        }
+    }
+
+    fn fence_info(&self, key: &Bytes, items: &[Value]) -> Reply {
+        let field = |i: usize| items.get(i).and_then(Value::as_bytes).cloned();
+        let now: i64 = field(4)
+            .and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok())
+            .unwrap_or(0);
+        let age_ms = |i: usize| -> Reply {
+            match field(i).and_then(|b| std::str::from_utf8(&b).ok()?.parse::<i64>().ok()) {
+                Some(t) if t > 0 => Reply::Int((now - t) / 1000),
+                _ => Reply::Nil,
+            }
+        };
+        let policy = self
+            .fences
+            .policy(key)
+            .map(|(_, p)| Reply::Bulk(p.pattern.clone().into()));
+        Reply::Map(vec![
+            (Reply::Bulk("key".into()), Reply::Bulk(key.clone())),
+            (Reply::Bulk("fenced_by".into()), policy.unwrap_or(Reply::Nil)),
+            (
+                Reply::Bulk("version".into()),
+                field(0).map_or(Reply::Nil, Reply::Bulk),
+            ),
+            (Reply::Bulk("invalidated_ms_ago".into()), age_ms(1)),
+            (
+                Reply::Bulk("lease_holder".into()),
+                field(2).map_or(Reply::Nil, Reply::Bulk),
+            ),
+            (
+                Reply::Bulk("ttl_ms".into()),
+                Reply::Int(items.get(5).and_then(Value::as_int).unwrap_or(-2)),
+            ),
+            (
+                Reply::Bulk("tickets_outstanding".into()),
+                Reply::Int(self.fences.tickets_for(key) as i64),
+            ),
+        ])
+    }
+
+    /// `CACHE.*` commands: a plan to send (`CACHE.INVALIDATE`, `CACHE.FENCE`)
+    /// or a reply.
+    pub fn admin(&self, frame: &Frame, request: &[u8]) -> Plan {
+        let words = all_args(frame, request);
+        let name = String::from_utf8_lossy(&words[0]).to_ascii_uppercase();
+        let arity = || {
+            Reply::Error(format!(
+                "ERR wrong number of arguments for '{}' command",
+                name.to_lowercase()
+            ))
+        };
+        match name.as_str() {
+            "CACHE.HELP" => Plan::Local(Reply::Array(
+                HELP.iter()
+                    .map(|l| Reply::Bulk(Bytes::from_static(l.as_bytes())))
+                    .collect(),
+            )),
+            "CACHE.STATS" => Plan::Local(Reply::Map(
+                self.fences
+                    .stats
+                    .fields(self.fences.tickets_outstanding())
+                    .into_iter()
+                    .map(|(k, v)| {
+                        (
+                            Reply::Bulk(Bytes::from_static(k.as_bytes())),
+                            Reply::Int(v as i64),
+                        )
+                    })
+                    .collect(),
+            )),
+            "CACHE.INVALIDATE" if words.len() >= 2 => {
+                let keys = words[1..].to_vec();
+                let mut del = vec![Bytes::from_static(b"DEL")];
+                del.extend(keys.iter().cloned());
+                // Explicit invalidations fence the keys even outside every pattern.
+                let ttl = self
+                    .fences
+                    .scope
+                    .policies()
+                    .iter()
+                    .map(Policy::fence_ttl)
+                    .max()
+                    .unwrap_or_default();
+                let mut all = keys.clone();
+                all.extend(keys.iter().map(|k| Bytes::from(fence_key(k))));
+                let mut args = vec![
+                    Bytes::from_static(b"inval"),
+                    millis(ttl).into(),
+                    keys.len().to_string().into(),
+                ];
+                args.extend(del);
+                let call = ScriptCall::new(all, args);
+                self.fences.stats.invalidations.inc();
+                Plan::Rewrite(
+                    call.clone(),
+                    FenceExpect::Script {
+                        call,
+                        reply: ScriptReply::Command,
+                        slot: None,
+                    },
+                )
+            }
+            "CACHE.FENCE" if words.len() == 2 => {
+                let key = words[1].clone();
+                let call = ScriptCall::new(vec![fence_key(&key).into()], vec![Bytes::from_static(b"peek")]);
+                Plan::Rewrite(
+                    call.clone(),
+                    FenceExpect::Script {
+                        call,
+                        reply: ScriptReply::FenceInfo { key },
+                        slot: None,
+                    },
+                )
+            }
+            "CACHE.INVALIDATE" | "CACHE.FENCE" => Plan::Local(arity()),
+            _ => Plan::Local(Reply::Error(format!(
+                "ERR unknown cachefence command '{name}'; try CACHE.HELP, CACHE.STATS, CACHE.FENCE, CACHE.INVALIDATE"
+            ))),
+        }
+    }
+
+    /// Tickets this connection still holds, to forget when it ends.
+    pub fn forget_all(&self) {
+        let keys: Vec<Bytes> = self.held().drain().collect();
+        self.fences.forget(self.connection, keys);
+    }
+}
+
+const HELP: &[&str] = &[
+    "CACHE.HELP -- this list",
+    "CACHE.STATS -- counters: misses, tickets, fills accepted/refused by reason, writes, invalidations",
+    "CACHE.FENCE <key> -- the key's fence: version, last invalidation, lease holder, ttl, outstanding tickets",
+    "CACHE.INVALIDATE <key> [key ...] -- delete the keys and move their fences (in-flight fills are refused)",
+];
+
+fn stale_reply(why: Refusal, rules: &Policy) -> Reply {
+    match rules.on_stale_fill {
+        OnStaleFill::Ok => Reply::Status("OK"),
+        OnStaleFill::Error => Reply::Error(format!("STALE cachefence: fill refused ({})", why.as_str())),
+    }
+}
+
+/// SET-family commands whose reply is `+OK` whatever the value: those that
+/// `on_write = "invalidate"` can turn into a delete.
+fn store_only(command: Fenced, words: &[Bytes]) -> bool {
+    match command {
+        Fenced::SetEx | Fenced::PSetEx | Fenced::MSet => true,
+        Fenced::Set => !words[3..].iter().any(|w| {
+            let w = w.to_ascii_uppercase();
+            w == b"GET" || w == b"NX" || w == b"XX"
+        }),
+        _ => false,
+    }
+}
+
+/// Every argument of a complete request.
+pub fn all_args(frame: &Frame, request: &[u8]) -> Vec<Bytes> {
+    match &frame.args {
+        Args::Inline(args) => args.iter().map(|a| Bytes::copy_from_slice(a)).collect(),
+        Args::Multibulk(_) => {
+            let mut out = Vec::with_capacity(frame.argc);
+            let mut pos = memchr::memchr(b'\n', request).map_or(request.len(), |i| i + 1);
+            while out.len() < frame.argc && pos < request.len() {
+                let Some(line) = memchr::memchr(b'\r', &request[pos..]) else {
+                    break;
+                };
+                let len: usize = std::str::from_utf8(&request[pos + 1..pos + line])
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                let start = pos + line + 2;
+                out.push(Bytes::copy_from_slice(&request[start..start + len]));
+                pos = start + len + 2;
+            }
+            out
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! The cache-aside races of DESIGN.md, driven step by step with several
+//! client connections and a database stand-in (a primary and a replica that
+//! lags until told to catch up). Each runs the same script against plain
+//! Redis — the control, where the stale value stays — and through
+//! cachefence, where it must not.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{Proxy, RawClient, RedisServer, cmds};
+
+/// The database stand-in: writes go to the primary; the replica shows them
+/// only after `replicate`.
+#[derive(Default)]
+struct Database {
+    primary: HashMap<&'static str, String>,
+    replica: HashMap<&'static str, String>,
+}
+
+impl Database {
+    fn write(&mut self, key: &'static str, value: &str) {
+        self.primary.insert(key, value.to_string());
+    }
+
+    fn replicate(&mut self) {
+        self.replica = self.primary.clone();
+    }
+}
+
+/// Where a script runs: plain Redis, or cachefence with these settings.
+enum Target {
+    Redis,
+    Cachefence(&'static str),
+}
+
+struct Setup {
+    _redis: RedisServer,
+    proxy: Option<Proxy>,
+    addr: String,
+}
+
+impl Setup {
+    async fn new(target: &Target) -> Setup {
+        let redis = RedisServer::start();
+        let proxy = match target {
+            Target::Redis => None,
+            Target::Cachefence(toml) => Some(Proxy::start(&redis.addr(), toml).await),
+        };
+        let addr = proxy.as_ref().map_or(redis.addr(), |p| p.addr.to_string());
+        Setup {
+            _redis: redis,
+            proxy,
+            addr,
+        }
+    }
+
+    async fn client(&self) -> RawClient {
+        RawClient::connect(self.addr.as_str()).await
+    }
+}
+
+/// The cached value of `key` as text (`None` if absent), read directly.
+async fn cached(client: &mut RawClient, key: &str) -> Option<String> {
+    let reply = client.call(&format!("GET {key}")).await;
+    match reply.as_str() {
+        "$-1\r\n" | "_\r\n" => None,
+        _ => reply
+            .strip_prefix('$')
+            .and_then(|r| r.split_once("\r\n"))
+            .map(|(_, v)| v.trim_end().to_string()),
+    }
+}
+
+/// R1: reader misses and reads X=1; writer writes X=2 and deletes; reader
+/// fills X=1.
+async fn r1_script(target: Target) -> (Option<String>, String) {
+    let setup = Setup::new(&target).await;
+    let mut db = Database::default();
+    db.write("x", "1");
+    db.replicate();
+    let (mut reader, mut writer) = (setup.client().await, setup.client().await);
+
+    assert_eq!(reader.call("GET user:x").await, "$-1\r\n");
+    let read = db.primary["x"].clone();
+    db.write("x", "2");
+    assert_eq!(writer.call("DEL user:x").await, ":0\r\n");
+    assert_eq!(reader.call(&format!("SET user:x {read} EX 60")).await, "+OK\r\n");
+
+    let value = cached(&mut setup.client().await, "user:x").await;
+    drop(setup.proxy);
+    (value, db.primary["x"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn r1_read_write_race_fill_is_refused() {
+    let (stale, db) = r1_script(Target::Redis).await;
+    assert_eq!(
+        (stale.as_deref(), db.as_str()),
+        (Some("1"), "2"),
+        "control: plain Redis keeps the stale value"
+    );
+    let (value, db) = r1_script(Target::Cachefence("")).await;
+    assert_eq!(
+        (value, db.as_str()),
+        (None, "2"),
+        "through cachefence the stale fill is refused"
+    );
+}
+
+/// R2-style ordering without a change log is covered by R1's fence; R3:
+/// writer writes X=2 on the primary and deletes; a reader misses, reads
+/// X=1 from the lagging replica and fills.
+async fn r3_script(target: Target) -> (Option<String>, i64) {
+    let setup = Setup::new(&target).await;
+    let mut db = Database::default();
+    db.write("x", "1");
+    db.replicate();
+    let (mut reader, mut writer) = (setup.client().await, setup.client().await);
+
+    db.write("x", "2");
+    assert_eq!(writer.call("DEL user:x").await, ":0\r\n");
+    assert_eq!(reader.call("GET user:x").await, "$-1\r\n");
+    let read = db.replica["x"].clone(); // the replica still says 1
+    assert_eq!(reader.call(&format!("SET user:x {read} EX 60")).await, "+OK\r\n");
+
+    let mut check = setup.client().await;
+    let value = cached(&mut check, "user:x").await;
+    let ttl = check.call("PTTL user:x").await;
+    let ttl: i64 = ttl.trim_start_matches(':').trim_end().parse().unwrap();
+    drop(setup.proxy);
+    (value, ttl)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn r3_replica_lag_fill_is_cut_to_the_lag_window_or_refused() {
+    let (stale, ttl) = r3_script(Target::Redis).await;
+    assert_eq!(
+        stale.as_deref(),
+        Some("1"),
+        "control: the stale replica value is cached"
+    );
+    assert!(ttl > 59_000, "control: for its whole TTL ({ttl} ms)");
+
+    // short_ttl: stored, but expiring lag_window after the invalidation.
+    let (value, ttl) = r3_script(Target::Cachefence(
+        "[[cache]]\npattern = \"user:*\"\nlag_window = \"2s\"\n",
+    ))
+    .await;
+    assert_eq!(value.as_deref(), Some("1"));
+    assert!(
+        (1..=2_000).contains(&ttl),
+        "stale for at most lag_window, got {ttl} ms"
+    );
+
+    // refuse: not stored at all.
+    let refuse = "[[cache]]\npattern = \"user:*\"\nlag_window = \"2s\"\nlag_policy = \"refuse\"\n";
+    let (value, _) = r3_script(Target::Cachefence(refuse)).await;
+    assert_eq!(value, None);
+}
+
+/// R7: A writes DB=1, B writes DB=2, B sets cache 2, A sets cache 1.
+async fn r7_script(target: Target) -> (Option<String>, String) {
+    let setup = Setup::new(&target).await;
+    let mut db = Database::default();
+    let (mut a, mut b) = (setup.client().await, setup.client().await);
+    db.write("x", "1");
+    db.write("x", "2");
+    assert_eq!(b.call("SET user:x 2").await, "+OK\r\n");
+    assert_eq!(a.call("SET user:x 1").await, "+OK\r\n");
+    let value = cached(&mut setup.client().await, "user:x").await;
+    drop(setup.proxy);
+    (value, db.primary["x"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn r7_update_on_write_race_is_removed_by_on_write_invalidate() {
+    let (stale, db) = r7_script(Target::Redis).await;
+    assert_eq!(
+        (stale.as_deref(), db.as_str()),
+        (Some("1"), "2"),
+        "control: the older write wins"
+    );
+    let (value, db) = r7_script(Target::Cachefence("[[cache]]\non_write = \"invalidate\"\n")).await;
+    assert_eq!((value, db.as_str()), (None, "2"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fence_lost_between_miss_and_fill_refuses_the_fill() {
+    let setup = Setup::new(&Target::Cachefence("")).await;
+    let (mut reader, mut admin) = (setup.client().await, setup.client().await);
+    assert_eq!(reader.call("GET k").await, "$-1\r\n");
+    assert_eq!(admin.call("FLUSHALL").await, "+OK\r\n");
+    assert_eq!(reader.call("SET k stale").await, "+OK\r\n");
+    assert_eq!(cached(&mut admin, "k").await, None);
+    let stats = admin.call("CACHE.STATS").await;
+    assert!(stats.contains("fills_refused_fence_missing\r\n:1\r\n"), "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_writer_never_consumes_a_readers_ticket_and_first_fill_wins() {
+    let setup = Setup::new(&Target::Cachefence("[[cache]]\non_stale_fill = \"error\"\n")).await;
+    let (mut reader, mut writer, mut other) =
+        (setup.client().await, setup.client().await, setup.client().await);
+    assert_eq!(reader.call("GET k").await, "$-1\r\n");
+    assert_eq!(other.call("GET k").await, "$-1\r\n");
+    // Another connection's SET is a write (no ticket there): stored, fence moved.
+    assert_eq!(writer.call("SET k fresh").await, "+OK\r\n");
+    // The reader's ticket is still its own, but the fence moved: refused.
+    assert_eq!(
+        reader.call("SET k old").await,
+        "-STALE cachefence: fill refused (fence_moved)\r\n"
+    );
+    assert_eq!(cached(&mut writer, "k").await.as_deref(), Some("fresh"));
+
+    // First fill wins: two tickets of one version, the second fill is stale.
+    assert_eq!(writer.call("DEL k").await, ":1\r\n");
+    assert_eq!(reader.call("GET k").await, "$-1\r\n");
+    assert_eq!(other.call("GET k").await, "$-1\r\n");
+    assert_eq!(reader.call("SET k v1").await, "+OK\r\n");
+    assert_eq!(
+        other.call("SET k v2").await,
+        "-STALE cachefence: fill refused (fence_moved)\r\n"
+    );
+    assert_eq!(cached(&mut writer, "k").await.as_deref(), Some("v1"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fence_versions_never_repeat_across_redis_restarts() {
+    let mut redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.addr(), "").await;
+    let mut versions = Vec::new();
+    for round in 0..3 {
+        let mut client = RawClient::connect(proxy.addr).await;
+        for _ in 0..3 {
+            assert!(client.call("DEL k").await.starts_with(':'));
+            let info = client.call("CACHE.FENCE k").await;
+            let version = info
+                .split("version\r\n")
+                .nth(1)
+                .and_then(|r| r.split("\r\n").nth(1))
+                .unwrap()
+                .to_string();
+            versions.push(version);
+        }
+        if round < 2 {
+            redis.restart();
+        }
+    }
+    let mut unique = versions.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), versions.len(), "a version repeated: {versions:?}");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cache_commands_answer_in_the_connections_protocol() {
+    let setup = Setup::new(&Target::Cachefence("[[cache]]\npattern = \"user:*\"\n")).await;
+    let mut c = setup.client().await;
+    assert_eq!(c.call("SET user:1 a").await, "+OK\r\n");
+    assert_eq!(c.call("CACHE.INVALIDATE user:1 user:2").await, ":1\r\n");
+    let resp2 = c.call("CACHE.STATS").await;
+    assert!(resp2.starts_with("*28\r\n$6\r\nmisses\r\n"), "{resp2}");
+    assert!(resp2.contains("$13\r\ninvalidations\r\n:1\r\n"), "{resp2}");
+    let fence = c.call("CACHE.FENCE user:1").await;
+    assert!(
+        fence.starts_with("*14\r\n$3\r\nkey\r\n$6\r\nuser:1\r\n$9\r\nfenced_by\r\n$6\r\nuser:*\r\n"),
+        "{fence}"
+    );
+    c.send(&cmds("HELLO 3")).await;
+    c.read_frame().await;
+    let resp3 = c.call("CACHE.STATS").await;
+    assert!(
+        resp3.starts_with("%14\r\n") && resp3.contains("$6\r\nmisses\r\n:0\r\n"),
+        "{resp3}"
+    );
+    assert!(
+        c.call("CACHE.FENCE nothing")
+            .await
+            .contains("$9\r\nfenced_by\r\n_\r\n")
+    );
+    let unknown = c.call("CACHE.NOPE").await;
+    assert!(
+        unknown.starts_with("-ERR unknown cachefence command 'CACHE.NOPE'; try CACHE.HELP"),
+        "{unknown}"
+    );
+    // Keys outside every pattern are pure passthrough: no fence is made.
+    assert_eq!(c.call("SET other 1").await, "+OK\r\n");
+    assert_eq!(c.call("EXISTS cachefence:{other}").await, ":0\r\n");
+}
