@@ -86,7 +86,10 @@ async fn redis_cli_pipe_mass_insertion() {
     // Every key is there (DBSIZE would also count the fences next to them).
     let mut direct = RawClient::connect(redis.addr()).await;
     let keys: Vec<String> = (0..20_000).map(|i| format!("key:{i}")).collect();
-    assert_eq!(direct.call(&format!("EXISTS {}", keys.join(" "))).await, ":20000\r\n");
+    assert_eq!(
+        direct.call(&format!("EXISTS {}", keys.join(" "))).await,
+        ":20000\r\n"
+    );
     assert_eq!(direct.call("GET key:19999").await, "$11\r\nvalue:19999\r\n");
     proxy.shutdown().await;
 }

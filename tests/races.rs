@@ -261,7 +261,7 @@ async fn cache_commands_answer_in_the_connections_protocol() {
     assert_eq!(c.call("SET user:1 a").await, "+OK\r\n");
     assert_eq!(c.call("CACHE.INVALIDATE user:1 user:2").await, ":1\r\n");
     let resp2 = c.call("CACHE.STATS").await;
-    assert!(resp2.starts_with("*28\r\n$6\r\nmisses\r\n"), "{resp2}");
+    assert!(resp2.starts_with("*34\r\n$6\r\nmisses\r\n"), "{resp2}");
     assert!(resp2.contains("$13\r\ninvalidations\r\n:1\r\n"), "{resp2}");
     let fence = c.call("CACHE.FENCE user:1").await;
     assert!(
@@ -272,7 +272,7 @@ async fn cache_commands_answer_in_the_connections_protocol() {
     c.read_frame().await;
     let resp3 = c.call("CACHE.STATS").await;
     assert!(
-        resp3.starts_with("%14\r\n") && resp3.contains("$6\r\nmisses\r\n:0\r\n"),
+        resp3.starts_with("%17\r\n") && resp3.contains("$6\r\nmisses\r\n:0\r\n"),
         "{resp3}"
     );
     assert!(
@@ -288,4 +288,94 @@ async fn cache_commands_answer_in_the_connections_protocol() {
     // Keys outside every pattern are pure passthrough: no fence is made.
     assert_eq!(c.call("SET other 1").await, "+OK\r\n");
     assert_eq!(c.call("EXISTS cachefence:{other}").await, ":0\r\n");
+}
+
+/// R8: `readers` clients miss the same hot key at once; each that gets nil
+/// reads the database (counted, 50 ms) and fills. Returns the database
+/// reads and what every reader ended up with.
+async fn r8_script(target: Target, readers: usize) -> (usize, Vec<String>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let setup = Setup::new(&target).await;
+    let database_reads = Arc::new(AtomicUsize::new(0));
+    // Connect everyone first, then let them all miss at once.
+    let mut clients = Vec::new();
+    for _ in 0..readers {
+        clients.push(setup.client().await);
+    }
+    let start = Arc::new(tokio::sync::Barrier::new(readers));
+    let mut tasks = Vec::new();
+    for mut client in clients {
+        let (reads, start) = (database_reads.clone(), start.clone());
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            let reply = client.call("GET hot").await;
+            if reply != "$-1\r\n" {
+                return reply;
+            }
+            reads.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            assert_eq!(client.call("SET hot from-db EX 60").await, "+OK\r\n");
+            "filled".to_string()
+        }));
+    }
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.unwrap());
+    }
+    drop(setup.proxy);
+    (database_reads.load(Ordering::SeqCst), outcomes)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn r8_stampede_sends_one_reader_to_the_database() {
+    let (reads, _) = r8_script(Target::Redis, 200).await;
+    assert_eq!(reads, 200, "control: every reader misses and reads the database");
+    let (reads, outcomes) = r8_script(Target::Cachefence("[[cache]]\nhold = \"2s\"\n"), 200).await;
+    assert_eq!(reads, 1, "through cachefence one reader goes to the database");
+    let served = outcomes.iter().filter(|o| *o == "$7\r\nfrom-db\r\n").count();
+    assert_eq!(served, 199, "the others get the value it filled: {outcomes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_held_miss_gives_up_after_hold_and_gets_a_ticket_of_its_own() {
+    let setup = Setup::new(&Target::Cachefence("[[cache]]\nhold = \"300ms\"\n")).await;
+    let (mut leader, mut waiter) = (setup.client().await, setup.client().await);
+    assert_eq!(leader.call("GET k").await, "$-1\r\n");
+    let started = std::time::Instant::now();
+    // The leader never fills: the waiter is released with nil after `hold`.
+    assert_eq!(waiter.call("GET k").await, "$-1\r\n");
+    let waited = started.elapsed();
+    assert!(waited >= std::time::Duration::from_millis(280), "{waited:?}");
+    // … holding a ticket of its own: its fill is accepted.
+    assert_eq!(waiter.call("SET k mine").await, "+OK\r\n");
+    assert_eq!(cached(&mut leader, "k").await.as_deref(), Some("mine"));
+    let stats = leader.call("CACHE.STATS").await;
+    assert!(stats.contains("$15\r\nholds_timed_out\r\n:1\r\n"), "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_proxies_share_one_herd_lease_and_refuse_each_others_stale_fills() {
+    let redis = RedisServer::start();
+    let (a, b) = (
+        Proxy::start(&redis.addr(), "").await,
+        Proxy::start(&redis.addr(), "").await,
+    );
+    let mut reader_a = RawClient::connect(a.addr).await;
+    let mut reader_b = RawClient::connect(b.addr).await;
+    let mut writer = RawClient::connect(b.addr).await;
+    // Reader on A leads; reader on B waits (polling Redis), then gets A's fill.
+    assert_eq!(reader_a.call("GET k").await, "$-1\r\n");
+    reader_b.send(&cmds("GET k")).await;
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert_eq!(reader_a.call("SET k from-a").await, "+OK\r\n");
+    assert_eq!(reader_b.read_frame().await, b"$6\r\nfrom-a\r\n");
+    // A miss on A, an invalidation through B, then A's stale fill is refused.
+    assert_eq!(writer.call("DEL k").await, ":1\r\n");
+    assert_eq!(reader_a.call("GET k").await, "$-1\r\n");
+    assert_eq!(writer.call("DEL k").await, ":0\r\n");
+    assert_eq!(reader_a.call("SET k stale").await, "+OK\r\n");
+    assert_eq!(cached(&mut writer, "k").await, None);
+    a.shutdown().await;
+    b.shutdown().await;
 }

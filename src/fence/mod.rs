@@ -90,6 +90,12 @@ pub struct FenceStats {
     pub writes_rejected: Counter,
     pub invalidations: Counter,
     pub script_reloads: Counter,
+    /// Misses that waited for another client's fill (herd control).
+    pub holds: Counter,
+    /// … and got the value it filled.
+    pub holds_served: Counter,
+    /// … and gave up after `hold` (then got a ticket of their own).
+    pub holds_timed_out: Counter,
 }
 
 impl FenceStats {
@@ -119,6 +125,9 @@ impl FenceStats {
             ("writes_rejected", self.writes_rejected.get()),
             ("invalidations", self.invalidations.get()),
             ("script_reloads", self.script_reloads.get()),
+            ("holds", self.holds.get()),
+            ("holds_served", self.holds_served.get()),
+            ("holds_timed_out", self.holds_timed_out.get()),
         ]
     }
 }
@@ -134,6 +143,9 @@ pub struct Fences {
     next_connection: AtomicU64,
     /// This process's identity in herd lease holder names.
     instance: String,
+    /// Sessions holding a miss on a key, woken when a fill, refusal or
+    /// invalidation of that key passes through this process.
+    herd: DashMap<Bytes, Vec<std::sync::Weak<tokio::sync::Notify>>>,
 }
 
 impl Fences {
@@ -147,6 +159,23 @@ impl Fences {
             stats: FenceStats::default(),
             next_connection: AtomicU64::new(1),
             instance: format!("{}-{nanos:x}", std::process::id()),
+            herd: DashMap::new(),
+        }
+    }
+
+    /// Asks to be woken when `key` is filled, refused or invalidated here.
+    pub fn watch(&self, key: &Bytes, session: &std::sync::Arc<tokio::sync::Notify>) {
+        let mut waiters = self.herd.entry(key.clone()).or_default();
+        waiters.retain(|w| w.strong_count() > 0);
+        waiters.push(std::sync::Arc::downgrade(session));
+    }
+
+    /// Wakes the sessions waiting on `key`.
+    pub fn wake(&self, key: &[u8]) {
+        if let Some((_, waiters)) = self.herd.remove(key) {
+            for waiter in waiters.iter().filter_map(std::sync::Weak::upgrade) {
+                waiter.notify_one();
+            }
         }
     }
 

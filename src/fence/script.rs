@@ -57,21 +57,30 @@ if op == 'miss' then
   return {0, v, t, fmt(now), leader}
 elseif op == 'fill' then
   -- KEYS: key, fence. ARGV: op, fence_ttl_ms, version, miss_us, lag_us,
-  -- lag_refuse, nx, value, then the client's expiry words (EX 10, PXAT …)
-  local f = redis.call('HMGET', KEYS[2], 'v', 't')
+  -- lag_refuse, nx, lease_holder, value, then the client's expiry words.
+  local f = redis.call('HMGET', KEYS[2], 'v', 't', 'h')
   if not f[1] then return {0, 'fence_missing'} end
-  if f[1] ~= ARGV[3] then return {0, 'fence_moved'} end
-  local args = {'SET', KEYS[1], ARGV[8]}
-  for i = 9, #ARGV do args[#args + 1] = ARGV[i] end
+  -- A refused fill hands the herd lease back, so waiters stop waiting.
+  local function refuse(reason)
+    if f[3] == ARGV[8] then redis.call('HDEL', KEYS[2], 'h', 'he') end
+    return {0, reason}
+  end
+  local function refuse_nx()
+    refuse('nx')
+    return {2}
+  end
+  if f[1] ~= ARGV[3] then return refuse('fence_moved') end
+  local args = {'SET', KEYS[1], ARGV[9]}
+  for i = 10, #ARGV do args[#args + 1] = ARGV[i] end
   local lag = tonumber(ARGV[5])
   local invalidated = tonumber(f[2] or '0')
   if lag > 0 and invalidated > 0 and tonumber(ARGV[4]) - invalidated < lag then
-    if ARGV[6] == '1' then return {0, 'lag_window'} end
+    if ARGV[6] == '1' then return refuse('lag_window') end
     local lag_end = invalidated + lag
-    if lag_end <= now then return {0, 'lag_window'} end
+    if lag_end <= now then return refuse('lag_window') end
     -- The client's own expiry, if it ends sooner, stands.
     local ends = math.huge
-    for i = 9, #ARGV - 1 do
+    for i = 10, #ARGV - 1 do
       local w, n = string.upper(ARGV[i]), tonumber(ARGV[i + 1])
       if w == 'EX' then ends = now + n * 1000000
       elseif w == 'PX' then ends = now + n * 1000
@@ -79,13 +88,13 @@ elseif op == 'fill' then
       elseif w == 'PXAT' then ends = n * 1000 end
     end
     if lag_end < ends then
-      args = {'SET', KEYS[1], ARGV[8], 'PXAT', fmt(math.ceil(lag_end / 1000))}
+      args = {'SET', KEYS[1], ARGV[9], 'PXAT', fmt(math.ceil(lag_end / 1000))}
     end
   end
   if ARGV[7] == '1' then args[#args + 1] = 'NX' end
   local stored = redis.pcall(unpack(args))
   if type(stored) == 'table' and stored.err then return stored end
-  if not stored then return {2} end
+  if not stored then return refuse_nx() end
   bump(KEYS[2], ARGV[2], false)
   return {1}
 elseif op == 'write' or op == 'inval' then

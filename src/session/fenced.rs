@@ -49,15 +49,22 @@ impl ScriptCall {
 pub enum ScriptReply {
     /// The proxy's miss script after a nil `GET`: the value that appeared,
     /// or the original nil (`nil`, in the client's protocol) and a ticket.
-    Miss { key: Bytes, policy: usize, nil: Bytes },
+    /// Unless `forced`, a miss whose herd lease another client holds waits.
+    Miss {
+        key: Bytes,
+        policy: usize,
+        nil: Bytes,
+        forced: bool,
+    },
     /// A fill: `+OK` stored, nil when `NX` kept an existing value, and a
     /// refusal answered per `on_stale_fill`.
-    Fill { policy: usize },
+    Fill { policy: usize, key: Bytes },
     /// A write or invalidation running the client's own command: its reply,
-    /// with Lua's `false` turned back into the protocol's nil.
-    Command,
+    /// with Lua's `false` turned back into the protocol's nil. `keys` are
+    /// the fenced keys it moved (their held misses are woken).
+    Command { keys: Vec<Bytes> },
     /// `on_write = "invalidate"` of a SET-family command: `+OK`.
-    Ok,
+    Ok { keys: Vec<Bytes> },
     /// `CACHE.FENCE key`.
     FenceInfo { key: Bytes },
 }
@@ -77,6 +84,15 @@ pub enum FenceExpect {
     /// A reply built by the proxy, encoded when it reaches the head of the
     /// queue (when the protocol in force is known).
     Local(Reply),
+}
+
+/// What a miss script's reply means for the held `GET`.
+#[derive(Debug)]
+pub enum MissOutcome {
+    /// Release this reply (the value, or nil with a ticket issued).
+    Reply(Bytes),
+    /// Another client holds the herd lease: keep waiting for its fill.
+    Wait,
 }
 
 /// How to send one intercepted request.
@@ -158,7 +174,7 @@ impl<'a> FenceSession<'a> {
                     call.clone(),
                     FenceExpect::Script {
                         call,
-                        reply: ScriptReply::Command,
+                        reply: ScriptReply::Command { keys: keys.clone() },
                         slot: None,
                     },
                 ))
@@ -218,6 +234,7 @@ impl<'a> FenceSession<'a> {
             micros(rules.lag_window).into(),
             Bytes::from_static(if lag_refuse { b"1" } else { b"0" }),
             Bytes::from_static(if nx { b"1" } else { b"0" }),
+            self.fences.lease_holder(self.connection).into(),
             value.clone(),
         ];
         args.extend(expiry);
@@ -226,7 +243,10 @@ impl<'a> FenceSession<'a> {
             call.clone(),
             FenceExpect::Script {
                 call,
-                reply: ScriptReply::Fill { policy },
+                reply: ScriptReply::Fill {
+                    policy,
+                    key: key.clone(),
+                },
                 slot: None,
             },
         ))
@@ -270,7 +290,7 @@ impl<'a> FenceSession<'a> {
                     call.clone(),
                     FenceExpect::Script {
                         call,
-                        reply: ScriptReply::Ok,
+                        reply: ScriptReply::Ok { keys: keys.clone() },
                         slot: None,
                     },
                 )
@@ -282,7 +302,7 @@ impl<'a> FenceSession<'a> {
                     call.clone(),
                     FenceExpect::Script {
                         call,
-                        reply: ScriptReply::Command,
+                        reply: ScriptReply::Command { keys: keys.clone() },
                         slot: None,
                     },
                 )
@@ -316,10 +336,10 @@ impl<'a> FenceSession<'a> {
         Some(ScriptCall::new(all_keys, args))
     }
 
-    /// The proxy's miss script for a nil `GET`.
-    pub fn miss_call(&self, key: &Bytes, policy: usize) -> ScriptCall {
+    /// The proxy's miss script for a nil `GET`; `force` takes a ticket
+    /// even while another client holds the herd lease.
+    pub fn miss_call(&self, key: &Bytes, policy: usize, force: bool) -> ScriptCall {
         let rules = self.fences.policy_at(policy);
-        self.fences.stats.misses.inc();
         ScriptCall::new(
             vec![key.clone(), fence_key(key).into()],
             vec![
@@ -327,7 +347,7 @@ impl<'a> FenceSession<'a> {
                 millis(rules.fence_ttl()).into(),
                 self.fences.lease_holder(self.connection).into(),
                 millis(rules.lease_ttl).into(),
-                Bytes::from_static(b"force"),
+                Bytes::from_static(if force { b"force" } else { b"wait" }),
             ],
         )
     }
@@ -338,11 +358,12 @@ impl<'a> FenceSession<'a> {
         let value = Value::decode(frame, resp3);
         match (reply, value) {
             (_, Some(Value::Error(_))) | (_, None) => Bytes::copy_from_slice(frame),
-            (ScriptReply::Miss { key, policy, nil }, Some(Value::Array(items))) => {
-                self.miss_outcome(key, *policy, nil, &items)
-            }
-            (ScriptReply::Miss { nil, .. }, Some(_)) => nil.clone(),
-            (ScriptReply::Fill { policy }, Some(Value::Array(items))) => {
+            (ScriptReply::Miss { .. }, _) => match self.miss(reply, frame, resp3) {
+                MissOutcome::Reply(bytes) => bytes,
+                MissOutcome::Wait => unreachable!("a waiting miss is not translated"),
+            },
+            (ScriptReply::Fill { policy, key }, Some(Value::Array(items))) => {
+                self.fences.wake(key);
                 let rules = self.fences.policy_at(*policy);
                 match items.first().and_then(Value::as_int) {
                     Some(1) => {
@@ -362,9 +383,14 @@ impl<'a> FenceSession<'a> {
                     }
                 }
             }
-            (ScriptReply::Command, Some(Value::Bool(false))) => Reply::Nil.encode(resp3),
-            (ScriptReply::Command, Some(_)) => Bytes::copy_from_slice(frame),
-            (ScriptReply::Ok, Some(_)) => Reply::Status("OK").encode(resp3),
+            (ScriptReply::Command { keys } | ScriptReply::Ok { keys }, Some(value)) => {
+                keys.iter().for_each(|k| self.fences.wake(k));
+                match (reply, value) {
+                    (ScriptReply::Ok { .. }, _) => Reply::Status("OK").encode(resp3),
+                    (_, Value::Bool(false)) => Reply::Nil.encode(resp3),
+                    _ => Bytes::copy_from_slice(frame),
+                }
+            }
             (ScriptReply::FenceInfo { key }, Some(Value::Array(items))) => {
                 self.fence_info(key, &items).encode(resp3)
             }
@@ -372,10 +398,29 @@ impl<'a> FenceSession<'a> {
         }
     }
 
-    /// `{1, value}`: the value appeared; `{0, version, invalidated, now, leader}`: a ticket.
-    fn miss_outcome(&self, key: &Bytes, policy: usize, nil: &Bytes, items: &[Value]) -> Bytes {
+    /// A miss script's reply: `{1, value}` (the value appeared) or
+    /// `{0, version, invalidated, now, leader}` (a ticket, unless another
+    /// client leads and this miss may still wait).
+    pub fn miss(&self, reply: &ScriptReply, frame: &[u8], resp3: bool) -> MissOutcome {
+        let ScriptReply::Miss {
+            key,
+            policy,
+            nil,
+            forced,
+        } = reply
+        else {
+            unreachable!("only misses")
+        };
+        let Some(Value::Array(items)) = Value::decode(frame, resp3) else {
+            // The script failed: release the nil as Redis gave it, no ticket.
+            return MissOutcome::Reply(nil.clone());
+        };
+        let leader = items.get(4).and_then(Value::as_int) == Some(1);
         match (items.first().and_then(Value::as_int), items.get(1)) {
-            (Some(1), Some(Value::Bulk(value))) => Reply::Bulk(value.clone()).encode(false),
+            (Some(1), Some(Value::Bulk(value))) => {
+                MissOutcome::Reply(Reply::Bulk(value.clone()).encode(false))
+            }
+            (Some(0), Some(Value::Bulk(_))) if !leader && !forced => MissOutcome::Wait,
             (Some(0), Some(Value::Bulk(version))) => {
                 let ticket = Ticket {
                     version: version.clone(),
@@ -390,7 +435,7 @@ impl<'a> FenceSession<'a> {
                         .cloned()
                         .unwrap_or_default(),
                     issued: Instant::now(),
-                    policy,
+                    policy: *policy,
                 };
                 let mut held = self.held();
                 if self
@@ -399,9 +444,9 @@ impl<'a> FenceSession<'a> {
                 {
                     held.insert(key.clone());
                 }
-                nil.clone()
+                MissOutcome::Reply(nil.clone())
             }
-            _ => nil.clone(),
+            _ => MissOutcome::Reply(nil.clone()),
         }
     }
 
@@ -500,7 +545,7 @@ impl<'a> FenceSession<'a> {
                     call.clone(),
                     FenceExpect::Script {
                         call,
-                        reply: ScriptReply::Command,
+                        reply: ScriptReply::Command { keys: keys.clone() },
                         slot: None,
                     },
                 )

@@ -90,6 +90,7 @@ pub async fn run(
     debug!(%peer, "session started");
     let shared = Shared::default();
     let fence = ctx.fences.as_ref().map(FenceSession::new);
+    let herd_wake = Arc::new(Notify::new());
     let (inject_tx, inject_rx) = mpsc::channel(MAX_INJECTIONS);
     let (mut client_rd, mut client_wr) = client.split();
     let (mut upstream_rd, mut upstream_wr) = upstream.split();
@@ -104,13 +105,18 @@ pub async fn run(
             inject_rx,
             &mut shutdown,
         );
+        let herd = Herd {
+            waits: Vec::new(),
+            wake: herd_wake.clone(),
+            injections: inject_tx,
+        };
         let replies = forward_replies(
             &mut upstream_rd,
             &mut client_wr,
             &shared,
             &ctx,
             fence.as_ref(),
-            inject_tx,
+            herd,
         );
         tokio::pin!(requests, replies);
         tokio::select! {
@@ -561,7 +567,7 @@ async fn forward_replies<R, W>(
     shared: &Shared,
     ctx: &Context,
     fence: Option<&FenceSession<'_>>,
-    injections: mpsc::Sender<Injection>,
+    mut herd: Herd,
 ) -> SessionEnd
 where
     R: AsyncRead + Unpin,
@@ -596,6 +602,14 @@ where
         let read = tokio::select! {
             read = upstream.read_buf(&mut buf) => read,
             _ = shared.wake_replies.notified() => continue,
+            _ = herd.wake.notified(), if !herd.waits.is_empty() => {
+                herd.poll(fence.expect("herd waits imply fences"), &mut outbox, true);
+                continue;
+            }
+            _ = sleep_until(herd.next_poll()) => {
+                herd.poll(fence.expect("herd waits imply fences"), &mut outbox, false);
+                continue;
+            }
         };
         match read {
             Ok(0) => {
@@ -620,7 +634,7 @@ where
                             Route::Fence(expect) => {
                                 let resp3 = pairing.is_resp3();
                                 let fence = fence.expect("fence expectations imply fences");
-                                on_fence_reply(expect, &buf[range], resp3, fence, &mut outbox, &injections);
+                                on_fence_reply(expect, &buf[range], resp3, fence, &mut outbox, &mut herd);
                             }
                         }
                         upto = frame.end;
@@ -672,28 +686,51 @@ fn on_fence_reply(
     resp3: bool,
     fence: &FenceSession<'_>,
     outbox: &mut Outbox,
-    injections: &mpsc::Sender<Injection>,
+    herd: &mut Herd,
 ) {
     let noscript = frame.starts_with(b"-NOSCRIPT");
     match expect {
         FenceExpect::Get { key, policy } if is_nil(frame) => {
             // A miss: hold the nil until the miss script has run.
+            fence.fences.stats.misses.inc();
             let slot = outbox.hold();
-            let call = fence.miss_call(&key, policy);
+            let forced = fence.fences.policy_at(policy).hold.is_zero();
+            let call = fence.miss_call(&key, policy, forced);
             let reply = ScriptReply::Miss {
                 key,
                 policy,
                 nil: Bytes::copy_from_slice(frame),
+                forced,
             };
-            inject(injections, call, reply, slot, false, outbox, frame);
+            inject(&herd.injections, call, reply, slot, false, outbox, frame);
         }
         FenceExpect::Get { .. } => outbox.send(Bytes::copy_from_slice(frame)),
         FenceExpect::Script { call, reply, slot } if noscript => {
             // The script cache was flushed: send it again with its source.
             fence.fences.stats.script_reloads.inc();
             let slot = slot.unwrap_or_else(|| outbox.hold());
-            inject(injections, call, reply, slot, true, outbox, frame);
+            inject(&herd.injections, call, reply, slot, true, outbox, frame);
         }
+        FenceExpect::Script {
+            reply: reply @ ScriptReply::Miss { .. },
+            slot: Some(slot),
+            ..
+        } => match fence.miss(&reply, frame, resp3) {
+            fenced::MissOutcome::Reply(bytes) => {
+                if herd.waited(slot) {
+                    let served = !bytes.starts_with(b"$-1") && !bytes.starts_with(b"_");
+                    let stats = &fence.fences.stats;
+                    if served {
+                        &stats.holds_served
+                    } else {
+                        &stats.holds_timed_out
+                    }
+                    .inc();
+                }
+                outbox.resolve(slot, bytes);
+            }
+            fenced::MissOutcome::Wait => herd.wait(fence, slot, reply),
+        },
         FenceExpect::Script {
             reply, slot: None, ..
         } => outbox.send(fence.translate(&reply, frame, resp3)),
@@ -729,6 +766,101 @@ fn inject(
             _ => Bytes::copy_from_slice(fallback),
         };
         outbox.resolve(slot, release);
+    }
+}
+
+/// Misses held while another client fills the key (herd control, C7).
+struct Herd {
+    waits: Vec<HerdWait>,
+    /// Woken by [`Fences::wake`] when a fill, refusal or invalidation of a
+    /// watched key passes through this process.
+    wake: Arc<Notify>,
+    injections: mpsc::Sender<Injection>,
+}
+
+struct HerdWait {
+    slot: u64,
+    reply: ScriptReply,
+    /// After this, take a ticket regardless (nil goes to the client).
+    deadline: Instant,
+    /// When to ask Redis again (the lease holder may be another process).
+    next_poll: Instant,
+    /// Asked again; its answer is on the way.
+    in_flight: bool,
+}
+
+impl Herd {
+    /// How often a held miss asks Redis again, for leaders in other processes.
+    fn poll_every(hold: std::time::Duration) -> std::time::Duration {
+        (hold / 10).clamp(
+            std::time::Duration::from_millis(2),
+            std::time::Duration::from_millis(25),
+        )
+    }
+
+    /// Holds a miss whose lease another client has.
+    fn wait(&mut self, fence: &FenceSession<'_>, slot: u64, reply: ScriptReply) {
+        let ScriptReply::Miss { key, policy, .. } = &reply else {
+            return;
+        };
+        let hold = fence.fences.policy_at(*policy).hold;
+        fence.fences.watch(key, &self.wake);
+        let now = Instant::now();
+        match self.waits.iter_mut().find(|w| w.slot == slot) {
+            Some(wait) => {
+                wait.in_flight = false;
+                wait.next_poll = now + Self::poll_every(hold);
+            }
+            None => {
+                fence.fences.stats.holds.inc();
+                self.waits.push(HerdWait {
+                    slot,
+                    reply,
+                    deadline: now + hold,
+                    next_poll: now + Self::poll_every(hold),
+                    in_flight: false,
+                });
+            }
+        }
+    }
+
+    /// The miss held in `slot` is answered; forgets it. Whether it waited.
+    fn waited(&mut self, slot: u64) -> bool {
+        let before = self.waits.len();
+        self.waits.retain(|w| w.slot != slot);
+        self.waits.len() < before
+    }
+
+    fn next_poll(&self) -> Option<Instant> {
+        self.waits
+            .iter()
+            .filter(|w| !w.in_flight)
+            .map(|w| w.next_poll.min(w.deadline))
+            .min()
+    }
+
+    /// Asks Redis again for the waits that are due (all of them when woken
+    /// in-process); past its deadline a miss takes a ticket regardless.
+    fn poll(&mut self, fence: &FenceSession<'_>, outbox: &mut Outbox, woken: bool) {
+        let now = Instant::now();
+        for wait in self.waits.iter_mut().filter(|w| !w.in_flight) {
+            if !woken && wait.next_poll.min(wait.deadline) > now {
+                continue;
+            }
+            let ScriptReply::Miss { key, policy, nil, .. } = &wait.reply else {
+                continue;
+            };
+            let forced = now >= wait.deadline;
+            let reply = ScriptReply::Miss {
+                key: key.clone(),
+                policy: *policy,
+                nil: nil.clone(),
+                forced,
+            };
+            wait.in_flight = true;
+            let call = fence.miss_call(key, *policy, forced);
+            inject(&self.injections, call, reply, wait.slot, false, outbox, nil);
+        }
     }
 }
 
