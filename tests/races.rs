@@ -379,3 +379,59 @@ async fn two_proxies_share_one_herd_lease_and_refuse_each_others_stale_fills() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// The token in a `[nil, token]` reply of `CACHE.GET`.
+fn lease_token(reply: &str) -> String {
+    let (nil, rest) = reply.strip_prefix("*2\r\n").and_then(|r| r.split_once("\r\n")).expect("an array of two");
+    assert!(nil == "$-1" || nil == "_", "{reply}");
+    rest.split("\r\n").nth(1).expect("a token").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lease_api_works_across_connections_and_proxies() {
+    let redis = RedisServer::start();
+    let (a, b) = (Proxy::start(&redis.addr(), "").await, Proxy::start(&redis.addr(), "").await);
+    let mut on_a = RawClient::connect(a.addr).await;
+    let mut on_b = RawClient::connect(b.addr).await;
+    let mut writer = RawClient::connect(b.addr).await;
+
+    // Miss through A, fill through B (another connection, another process).
+    let token = lease_token(&on_a.call("CACHE.GET user:1").await);
+    assert!(token.starts_with("cf1."), "{token}");
+    assert_eq!(on_b.call(&format!("CACHE.FILL user:1 {token} alice EX 60")).await, "+OK\r\n");
+    assert_eq!(on_a.call("CACHE.GET user:1").await, "*2\r\n$5\r\nalice\r\n$-1\r\n");
+    // The token was used up: first fill wins.
+    assert_eq!(on_b.call(&format!("CACHE.FILL user:1 {token} again")).await, "+STALE\r\n");
+
+    // R1 through the lease API: an invalidation between miss and fill.
+    assert_eq!(writer.call("DEL user:1").await, ":1\r\n");
+    let token = lease_token(&on_a.call("CACHE.GET user:1").await);
+    assert_eq!(writer.call("DEL user:1").await, ":0\r\n");
+    assert_eq!(on_b.call(&format!("CACHE.FILL user:1 {token} stale")).await, "+STALE\r\n");
+    assert_eq!(cached(&mut writer, "user:1").await, None);
+
+    // RESP3 replies, and bad input.
+    on_a.send(&cmds("HELLO 3")).await;
+    on_a.read_frame().await;
+    let token = lease_token(&on_a.call("CACHE.GET user:1").await);
+    assert_eq!(on_a.call(&format!("CACHE.FILL user:1 {token} bob PX 60000")).await, "+OK\r\n");
+    assert_eq!(on_a.call("CACHE.GET user:1").await, "*2\r\n$3\r\nbob\r\n_\r\n");
+    assert_eq!(on_a.call("CACHE.FILL user:1 nonsense v").await, "-ERR cachefence: invalid lease token\r\n");
+    assert_eq!(
+        on_a.call(&format!("CACHE.FILL user:1 {token} v EX soon")).await,
+        "-ERR syntax error (CACHE.FILL key token value [EX s|PX ms])\r\n"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lease_tokens_expire_after_lease_ttl() {
+    let setup = Setup::new(&Target::Cachefence("[[cache]]\nlease_ttl = \"200ms\"\nhold = \"0s\"\n")).await;
+    let mut c = setup.client().await;
+    let token = lease_token(&c.call("CACHE.GET k").await);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(c.call(&format!("CACHE.FILL k {token} late")).await, "+STALE\r\n");
+    assert!(c.call("CACHE.STATS").await.contains("$21\r\nfills_refused_expired\r\n:1\r\n"));
+    assert_eq!(cached(&mut c, "k").await, None);
+}

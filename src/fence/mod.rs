@@ -60,6 +60,7 @@ impl Refusal {
         match reason {
             b"fence_missing" => Refusal::FenceMissing,
             b"lag_window" => Refusal::LagWindow,
+            b"expired" => Refusal::Expired,
             _ => Refusal::FenceMoved,
         }
     }

@@ -57,7 +57,8 @@ if op == 'miss' then
   return {0, v, t, fmt(now), leader}
 elseif op == 'fill' then
   -- KEYS: key, fence. ARGV: op, fence_ttl_ms, version, miss_us, lag_us,
-  -- lag_refuse, nx, lease_holder, value, then the client's expiry words.
+  -- lag_refuse, nx, lease_holder, lease_us, value, then the client's
+  -- expiry words.
   local f = redis.call('HMGET', KEYS[2], 'v', 't', 'h')
   if not f[1] then return {0, 'fence_missing'} end
   -- A refused fill hands the herd lease back, so waiters stop waiting.
@@ -70,8 +71,9 @@ elseif op == 'fill' then
     return {2}
   end
   if f[1] ~= ARGV[3] then return refuse('fence_moved') end
-  local args = {'SET', KEYS[1], ARGV[9]}
-  for i = 10, #ARGV do args[#args + 1] = ARGV[i] end
+  if now - tonumber(ARGV[4]) > tonumber(ARGV[9]) then return refuse('expired') end
+  local args = {'SET', KEYS[1], ARGV[10]}
+  for i = 11, #ARGV do args[#args + 1] = ARGV[i] end
   local lag = tonumber(ARGV[5])
   local invalidated = tonumber(f[2] or '0')
   if lag > 0 and invalidated > 0 and tonumber(ARGV[4]) - invalidated < lag then
@@ -80,7 +82,7 @@ elseif op == 'fill' then
     if lag_end <= now then return refuse('lag_window') end
     -- The client's own expiry, if it ends sooner, stands.
     local ends = math.huge
-    for i = 10, #ARGV - 1 do
+    for i = 11, #ARGV - 1 do
       local w, n = string.upper(ARGV[i]), tonumber(ARGV[i + 1])
       if w == 'EX' then ends = now + n * 1000000
       elseif w == 'PX' then ends = now + n * 1000
@@ -88,7 +90,7 @@ elseif op == 'fill' then
       elseif w == 'PXAT' then ends = n * 1000 end
     end
     if lag_end < ends then
-      args = {'SET', KEYS[1], ARGV[9], 'PXAT', fmt(math.ceil(lag_end / 1000))}
+      args = {'SET', KEYS[1], ARGV[10], 'PXAT', fmt(math.ceil(lag_end / 1000))}
     end
   end
   if ARGV[7] == '1' then args[#args + 1] = 'NX' end

@@ -57,8 +57,15 @@ pub enum ScriptReply {
         forced: bool,
     },
     /// A fill: `+OK` stored, nil when `NX` kept an existing value, and a
-    /// refusal answered per `on_stale_fill`.
-    Fill { policy: usize, key: Bytes },
+    /// refusal answered per `on_stale_fill` — or, for `CACHE.FILL`
+    /// (`lease_api`), `+OK` / `+STALE`.
+    Fill {
+        policy: usize,
+        key: Bytes,
+        lease_api: bool,
+    },
+    /// `CACHE.GET`: `[value, nil]` on a hit, `[nil, token]` on a miss.
+    LeaseGet,
     /// A write or invalidation running the client's own command: its reply,
     /// with Lua's `false` turned back into the protocol's nil. `keys` are
     /// the fenced keys it moved (their held misses are woken).
@@ -225,20 +232,7 @@ impl<'a> FenceSession<'a> {
         if ticket.issued.elapsed() > rules.lease_ttl {
             return Some(self.refuse(Refusal::Expired, rules));
         }
-        let lag_refuse = matches!(rules.lag_policy, crate::fence::LagPolicy::Refuse);
-        let mut args = vec![
-            Bytes::from_static(b"fill"),
-            millis(rules.fence_ttl()).into(),
-            ticket.version,
-            ticket.miss_us,
-            micros(rules.lag_window).into(),
-            Bytes::from_static(if lag_refuse { b"1" } else { b"0" }),
-            Bytes::from_static(if nx { b"1" } else { b"0" }),
-            self.fences.lease_holder(self.connection).into(),
-            value.clone(),
-        ];
-        args.extend(expiry);
-        let call = ScriptCall::new(vec![key.clone(), fence_key(key).into()], args);
+        let call = self.fill_call(key, rules, ticket.version, ticket.miss_us, nx, value, expiry);
         Some(Plan::Rewrite(
             call.clone(),
             FenceExpect::Script {
@@ -246,10 +240,47 @@ impl<'a> FenceSession<'a> {
                 reply: ScriptReply::Fill {
                     policy,
                     key: key.clone(),
+                    lease_api: false,
                 },
                 slot: None,
             },
         ))
+    }
+
+    /// The fill script call: store `value` only if the fence still has
+    /// `version`, the miss (`miss_us`, Redis clock) is younger than
+    /// `lease_ttl`, and the lag rule allows it.
+    #[allow(clippy::too_many_arguments)]
+    fn fill_call(
+        &self,
+        key: &Bytes,
+        rules: &Policy,
+        version: Bytes,
+        miss_us: Bytes,
+        nx: bool,
+        value: &Bytes,
+        expiry: Vec<Bytes>,
+    ) -> ScriptCall {
+        let lag_refuse = matches!(rules.lag_policy, crate::fence::LagPolicy::Refuse);
+        let mut args = vec![
+            Bytes::from_static(b"fill"),
+            millis(rules.fence_ttl()).into(),
+            version,
+            miss_us,
+            micros(rules.lag_window).into(),
+            Bytes::from_static(if lag_refuse { b"1" } else { b"0" }),
+            Bytes::from_static(if nx { b"1" } else { b"0" }),
+            self.fences.lease_holder(self.connection).into(),
+            micros(rules.lease_ttl).into(),
+            value.clone(),
+        ];
+        args.extend(expiry);
+        ScriptCall::new(vec![key.clone(), fence_key(key).into()], args)
+    }
+
+    /// The policy for the lease API: the key's, else the first section's.
+    fn lease_policy(&self, key: &[u8]) -> (usize, &Policy) {
+        self.fences.policy(key).unwrap_or((0, self.fences.policy_at(0)))
     }
 
     fn refuse(&self, why: Refusal, rules: &Policy) -> Plan {
@@ -362,7 +393,45 @@ impl<'a> FenceSession<'a> {
                 MissOutcome::Reply(bytes) => bytes,
                 MissOutcome::Wait => unreachable!("a waiting miss is not translated"),
             },
-            (ScriptReply::Fill { policy, key }, Some(Value::Array(items))) => {
+            (
+                ScriptReply::Fill {
+                    key, lease_api: true, ..
+                },
+                Some(Value::Array(items)),
+            ) => {
+                self.fences.wake(key);
+                match items.first().and_then(Value::as_int) {
+                    Some(1) => {
+                        self.fences.stats.fills_accepted.inc();
+                        Reply::Status("OK").encode(resp3)
+                    }
+                    _ => {
+                        let why = Refusal::from_script(
+                            items.get(1).and_then(Value::as_bytes).map_or(&b""[..], |b| b),
+                        );
+                        self.fences.stats.refused(why).inc();
+                        Reply::Status("STALE").encode(resp3)
+                    }
+                }
+            }
+            (ScriptReply::LeaseGet, Some(Value::Array(items))) => {
+                let field = |i: usize| {
+                    items
+                        .get(i)
+                        .and_then(Value::as_bytes)
+                        .cloned()
+                        .unwrap_or_default()
+                };
+                match items.first().and_then(Value::as_int) {
+                    Some(1) => Reply::Array(vec![Reply::Bulk(field(1)), Reply::Nil]).encode(resp3),
+                    _ => {
+                        self.fences.stats.tickets_issued.inc();
+                        let token = lease_token(&field(1), &field(3));
+                        Reply::Array(vec![Reply::Nil, Reply::Bulk(token)]).encode(resp3)
+                    }
+                }
+            }
+            (ScriptReply::Fill { policy, key, .. }, Some(Value::Array(items))) => {
                 self.fences.wake(key);
                 let rules = self.fences.policy_at(*policy);
                 match items.first().and_then(Value::as_int) {
@@ -562,9 +631,53 @@ impl<'a> FenceSession<'a> {
                     },
                 )
             }
-            "CACHE.INVALIDATE" | "CACHE.FENCE" => Plan::Local(arity()),
+            "CACHE.GET" if words.len() == 2 => {
+                let key = words[1].clone();
+                let (policy, _) = self.lease_policy(&key);
+                let call = self.miss_call(&key, policy, true);
+                Plan::Rewrite(
+                    call.clone(),
+                    FenceExpect::Script {
+                        call,
+                        reply: ScriptReply::LeaseGet,
+                        slot: None,
+                    },
+                )
+            }
+            "CACHE.FILL" if words.len() == 4 || words.len() == 6 => {
+                let key = words[1].clone();
+                let (policy, rules) = self.lease_policy(&key);
+                let Some((version, miss_us)) = parse_lease_token(&words[2]) else {
+                    return Plan::Local(Reply::Error("ERR cachefence: invalid lease token".into()));
+                };
+                let expiry = words[4..].to_vec();
+                let valid_expiry = expiry.is_empty()
+                    || (matches!(&expiry[0].to_ascii_uppercase()[..], b"EX" | b"PX")
+                        && std::str::from_utf8(&expiry[1])
+                            .is_ok_and(|n| n.parse::<u64>().is_ok_and(|n| n > 0)));
+                if !valid_expiry {
+                    return Plan::Local(Reply::Error(
+                        "ERR syntax error (CACHE.FILL key token value [EX s|PX ms])".into(),
+                    ));
+                }
+                let call = self.fill_call(&key, rules, version, miss_us, false, &words[3], expiry);
+                Plan::Rewrite(
+                    call.clone(),
+                    FenceExpect::Script {
+                        call,
+                        reply: ScriptReply::Fill {
+                            policy,
+                            key,
+                            lease_api: true,
+                        },
+                        slot: None,
+                    },
+                )
+            }
+            "CACHE.INVALIDATE" | "CACHE.FENCE" | "CACHE.GET" | "CACHE.FILL" => Plan::Local(arity()),
             _ => Plan::Local(Reply::Error(format!(
-                "ERR unknown cachefence command '{name}'; try CACHE.HELP, CACHE.STATS, CACHE.FENCE, CACHE.INVALIDATE"
+                "ERR unknown cachefence command '{name}'; try CACHE.HELP, CACHE.STATS, CACHE.FENCE, \
+                 CACHE.INVALIDATE, CACHE.GET, CACHE.FILL"
             ))),
         }
     }
@@ -581,7 +694,28 @@ const HELP: &[&str] = &[
     "CACHE.STATS -- counters: misses, tickets, fills accepted/refused by reason, writes, invalidations",
     "CACHE.FENCE <key> -- the key's fence: version, last invalidation, lease holder, ttl, outstanding tickets",
     "CACHE.INVALIDATE <key> [key ...] -- delete the keys and move their fences (in-flight fills are refused)",
+    "CACHE.GET <key> -- [value, nil] on a hit; [nil, token] on a miss: a lease usable from any connection or proxy",
+    "CACHE.FILL <key> <token> <value> [EX s|PX ms] -- store if nothing invalidated the key since the miss: OK or STALE",
 ];
+
+/// The opaque lease token of `CACHE.GET`: the fence version and the miss
+/// time (Redis clock), so that any proxy can check a `CACHE.FILL`.
+fn lease_token(version: &[u8], miss_us: &[u8]) -> Bytes {
+    let mut token = b"cf1.".to_vec();
+    token.extend_from_slice(version);
+    token.push(b'.');
+    token.extend_from_slice(miss_us);
+    token.into()
+}
+
+fn parse_lease_token(token: &[u8]) -> Option<(Bytes, Bytes)> {
+    let rest = token.strip_prefix(b"cf1.")?;
+    let dot = rest.iter().position(|&b| b == b'.')?;
+    let (version, miss_us) = (&rest[..dot], &rest[dot + 1..]);
+    let digits = |s: &[u8]| !s.is_empty() && s.iter().all(u8::is_ascii_digit);
+    (digits(version) && digits(miss_us))
+        .then(|| (Bytes::copy_from_slice(version), Bytes::copy_from_slice(miss_us)))
+}
 
 fn stale_reply(why: Refusal, rules: &Policy) -> Reply {
     match rules.on_stale_fill {
