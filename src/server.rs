@@ -31,7 +31,10 @@ impl Server {
         Ok(Server {
             listener,
             ctx: Arc::new(Context {
-                fences: config.fences.clone().map(Fences::new),
+                fences: config
+                    .fences
+                    .clone()
+                    .map(|scope| Fences::new(scope, Some((config.upstream.clone(), config.connect_timeout)))),
                 config,
                 metrics: Metrics::default(),
             }),

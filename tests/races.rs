@@ -382,7 +382,10 @@ async fn two_proxies_share_one_herd_lease_and_refuse_each_others_stale_fills() {
 
 /// The token in a `[nil, token]` reply of `CACHE.GET`.
 fn lease_token(reply: &str) -> String {
-    let (nil, rest) = reply.strip_prefix("*2\r\n").and_then(|r| r.split_once("\r\n")).expect("an array of two");
+    let (nil, rest) = reply
+        .strip_prefix("*2\r\n")
+        .and_then(|r| r.split_once("\r\n"))
+        .expect("an array of two");
     assert!(nil == "$-1" || nil == "_", "{reply}");
     rest.split("\r\n").nth(1).expect("a token").to_string()
 }
@@ -390,7 +393,10 @@ fn lease_token(reply: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn lease_api_works_across_connections_and_proxies() {
     let redis = RedisServer::start();
-    let (a, b) = (Proxy::start(&redis.addr(), "").await, Proxy::start(&redis.addr(), "").await);
+    let (a, b) = (
+        Proxy::start(&redis.addr(), "").await,
+        Proxy::start(&redis.addr(), "").await,
+    );
     let mut on_a = RawClient::connect(a.addr).await;
     let mut on_b = RawClient::connect(b.addr).await;
     let mut writer = RawClient::connect(b.addr).await;
@@ -398,25 +404,44 @@ async fn lease_api_works_across_connections_and_proxies() {
     // Miss through A, fill through B (another connection, another process).
     let token = lease_token(&on_a.call("CACHE.GET user:1").await);
     assert!(token.starts_with("cf1."), "{token}");
-    assert_eq!(on_b.call(&format!("CACHE.FILL user:1 {token} alice EX 60")).await, "+OK\r\n");
-    assert_eq!(on_a.call("CACHE.GET user:1").await, "*2\r\n$5\r\nalice\r\n$-1\r\n");
+    assert_eq!(
+        on_b.call(&format!("CACHE.FILL user:1 {token} alice EX 60")).await,
+        "+OK\r\n"
+    );
+    assert_eq!(
+        on_a.call("CACHE.GET user:1").await,
+        "*2\r\n$5\r\nalice\r\n$-1\r\n"
+    );
     // The token was used up: first fill wins.
-    assert_eq!(on_b.call(&format!("CACHE.FILL user:1 {token} again")).await, "+STALE\r\n");
+    assert_eq!(
+        on_b.call(&format!("CACHE.FILL user:1 {token} again")).await,
+        "+STALE\r\n"
+    );
 
     // R1 through the lease API: an invalidation between miss and fill.
     assert_eq!(writer.call("DEL user:1").await, ":1\r\n");
     let token = lease_token(&on_a.call("CACHE.GET user:1").await);
     assert_eq!(writer.call("DEL user:1").await, ":0\r\n");
-    assert_eq!(on_b.call(&format!("CACHE.FILL user:1 {token} stale")).await, "+STALE\r\n");
+    assert_eq!(
+        on_b.call(&format!("CACHE.FILL user:1 {token} stale")).await,
+        "+STALE\r\n"
+    );
     assert_eq!(cached(&mut writer, "user:1").await, None);
 
     // RESP3 replies, and bad input.
     on_a.send(&cmds("HELLO 3")).await;
     on_a.read_frame().await;
     let token = lease_token(&on_a.call("CACHE.GET user:1").await);
-    assert_eq!(on_a.call(&format!("CACHE.FILL user:1 {token} bob PX 60000")).await, "+OK\r\n");
+    assert_eq!(
+        on_a.call(&format!("CACHE.FILL user:1 {token} bob PX 60000"))
+            .await,
+        "+OK\r\n"
+    );
     assert_eq!(on_a.call("CACHE.GET user:1").await, "*2\r\n$3\r\nbob\r\n_\r\n");
-    assert_eq!(on_a.call("CACHE.FILL user:1 nonsense v").await, "-ERR cachefence: invalid lease token\r\n");
+    assert_eq!(
+        on_a.call("CACHE.FILL user:1 nonsense v").await,
+        "-ERR cachefence: invalid lease token\r\n"
+    );
     assert_eq!(
         on_a.call(&format!("CACHE.FILL user:1 {token} v EX soon")).await,
         "-ERR syntax error (CACHE.FILL key token value [EX s|PX ms])\r\n"
@@ -427,11 +452,41 @@ async fn lease_api_works_across_connections_and_proxies() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn lease_tokens_expire_after_lease_ttl() {
-    let setup = Setup::new(&Target::Cachefence("[[cache]]\nlease_ttl = \"200ms\"\nhold = \"0s\"\n")).await;
+    let setup = Setup::new(&Target::Cachefence(
+        "[[cache]]\nlease_ttl = \"200ms\"\nhold = \"0s\"\n",
+    ))
+    .await;
     let mut c = setup.client().await;
     let token = lease_token(&c.call("CACHE.GET k").await);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(c.call(&format!("CACHE.FILL k {token} late")).await, "+STALE\r\n");
-    assert!(c.call("CACHE.STATS").await.contains("$21\r\nfills_refused_expired\r\n:1\r\n"));
+    assert!(
+        c.call("CACHE.STATS")
+            .await
+            .contains("$21\r\nfills_refused_expired\r\n:1\r\n")
+    );
     assert_eq!(cached(&mut c, "k").await, None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn double_delete_removes_a_fill_from_a_lagging_read_in_the_clients_database() {
+    let setup = Setup::new(&Target::Cachefence("[[cache]]\ndouble_delete = \"300ms\"\n")).await;
+    let (mut reader, mut writer) = (setup.client().await, setup.client().await);
+    for c in [&mut reader, &mut writer] {
+        assert_eq!(c.call("SELECT 3").await, "+OK\r\n");
+    }
+    // R3 without lag_window: the miss comes after the delete, so the fill of
+    // the replica's old value is accepted …
+    assert_eq!(writer.call("DEL k").await, ":0\r\n");
+    assert_eq!(reader.call("GET k").await, "$-1\r\n");
+    assert_eq!(reader.call("SET k old-from-replica").await, "+OK\r\n");
+    assert_eq!(
+        cached(&mut writer, "k").await.as_deref(),
+        Some("old-from-replica")
+    );
+    // … and the second delete, 300 ms after the first, removes it.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    assert_eq!(cached(&mut writer, "k").await, None);
+    let stats = writer.call("CACHE.STATS").await;
+    assert!(stats.contains("$19\r\nsecond_deletes_done\r\n:1\r\n"), "{stats}");
 }

@@ -10,6 +10,7 @@
 
 pub mod policy;
 pub mod script;
+pub mod second_delete;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -147,10 +148,20 @@ pub struct Fences {
     /// Sessions holding a miss on a key, woken when a fill, refusal or
     /// invalidation of that key passes through this process.
     herd: DashMap<Bytes, Vec<std::sync::Weak<tokio::sync::Notify>>>,
+    /// The `double_delete` worker, when some policy asks for it.
+    pub second_deletes: Option<second_delete::SecondDeletes>,
 }
 
 impl Fences {
-    pub fn new(scope: Scope) -> Fences {
+    /// The fence state of one process; with `upstream`, starts the
+    /// `double_delete` worker if some policy needs it (needs a runtime).
+    pub fn new(scope: Scope, upstream: Option<(crate::config::Upstream, Duration)>) -> Fences {
+        let second_deletes = match upstream {
+            Some((upstream, timeout)) if scope.policies().iter().any(|p| p.double_delete.is_some()) => {
+                Some(second_delete::SecondDeletes::start(upstream, timeout))
+            }
+            _ => None,
+        };
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
@@ -161,6 +172,22 @@ impl Fences {
             next_connection: AtomicU64::new(1),
             instance: format!("{}-{nanos:x}", std::process::id()),
             herd: DashMap::new(),
+            second_deletes,
+        }
+    }
+
+    /// After an invalidation in database `db`: schedules the second delete
+    /// of the keys whose policy has `double_delete`.
+    pub fn invalidated(&self, db: u32, keys: &[Bytes]) {
+        let Some(worker) = &self.second_deletes else {
+            return;
+        };
+        for key in keys {
+            if let Some((_, policy)) = self.policy(key)
+                && let Some(delay) = policy.double_delete
+            {
+                worker.schedule(delay, db, vec![key.clone()], policy.fence_ttl());
+            }
         }
     }
 

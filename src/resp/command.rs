@@ -43,6 +43,8 @@ pub enum Command {
     Closing,
     /// `CLIENT REPLY ON|OFF|SKIP`.
     ClientReply(ReplyMode),
+    /// `SELECT db`: on success, the connection's database.
+    Select(Option<u32>),
     /// `MULTI`, `EXEC`, `DISCARD`: the transaction state decides whether
     /// fenced commands can be intercepted.
     Multi,
@@ -107,6 +109,12 @@ impl Command {
             b"MONITOR" => Command::Monitor,
             b"QUIT" | b"SHUTDOWN" => Command::Closing,
             b"MULTI" => Command::Multi,
+            b"SELECT" => Command::Select(
+                frame
+                    .arg(request, 1)
+                    .and_then(string2ll)
+                    .and_then(|v| u32::try_from(v).ok()),
+            ),
             b"EXEC" | b"DISCARD" => Command::EndMulti,
             b"GET" => Command::Fenced(Fenced::Get),
             b"SET" => Command::Fenced(Fenced::Set),

@@ -68,8 +68,9 @@ pub enum ScriptReply {
     LeaseGet,
     /// A write or invalidation running the client's own command: its reply,
     /// with Lua's `false` turned back into the protocol's nil. `keys` are
-    /// the fenced keys it moved (their held misses are woken).
-    Command { keys: Vec<Bytes> },
+    /// the fenced keys it moved (their held misses are woken; after an
+    /// invalidation, their second delete is scheduled).
+    Command { keys: Vec<Bytes>, invalidation: bool },
     /// `on_write = "invalidate"` of a SET-family command: `+OK`.
     Ok { keys: Vec<Bytes> },
     /// `CACHE.FENCE key`.
@@ -181,7 +182,10 @@ impl<'a> FenceSession<'a> {
                     call.clone(),
                     FenceExpect::Script {
                         call,
-                        reply: ScriptReply::Command { keys: keys.clone() },
+                        reply: ScriptReply::Command {
+                            keys: keys.clone(),
+                            invalidation: true,
+                        },
                         slot: None,
                     },
                 ))
@@ -333,7 +337,10 @@ impl<'a> FenceSession<'a> {
                     call.clone(),
                     FenceExpect::Script {
                         call,
-                        reply: ScriptReply::Command { keys: keys.clone() },
+                        reply: ScriptReply::Command {
+                            keys: keys.clone(),
+                            invalidation: false,
+                        },
                         slot: None,
                     },
                 )
@@ -385,7 +392,7 @@ impl<'a> FenceSession<'a> {
 
     /// Turns a fence script's reply into the client's reply (`None`: the
     /// script could not run; the caller decides).
-    pub fn translate(&self, reply: &ScriptReply, frame: &[u8], resp3: bool) -> Bytes {
+    pub fn translate(&self, reply: &ScriptReply, frame: &[u8], resp3: bool, db: u32) -> Bytes {
         let value = Value::decode(frame, resp3);
         match (reply, value) {
             (_, Some(Value::Error(_))) | (_, None) => Bytes::copy_from_slice(frame),
@@ -452,8 +459,18 @@ impl<'a> FenceSession<'a> {
                     }
                 }
             }
-            (ScriptReply::Command { keys } | ScriptReply::Ok { keys }, Some(value)) => {
+            (ScriptReply::Command { keys, .. } | ScriptReply::Ok { keys }, Some(value)) => {
                 keys.iter().for_each(|k| self.fences.wake(k));
+                if matches!(
+                    reply,
+                    ScriptReply::Ok { .. }
+                        | ScriptReply::Command {
+                            invalidation: true,
+                            ..
+                        }
+                ) {
+                    self.fences.invalidated(db, keys);
+                }
                 match (reply, value) {
                     (ScriptReply::Ok { .. }, _) => Reply::Status("OK").encode(resp3),
                     (_, Value::Bool(false)) => Reply::Nil.encode(resp3),
@@ -574,19 +591,21 @@ impl<'a> FenceSession<'a> {
                     .map(|l| Reply::Bulk(Bytes::from_static(l.as_bytes())))
                     .collect(),
             )),
-            "CACHE.STATS" => Plan::Local(Reply::Map(
-                self.fences
-                    .stats
-                    .fields(self.fences.tickets_outstanding())
-                    .into_iter()
-                    .map(|(k, v)| {
-                        (
-                            Reply::Bulk(Bytes::from_static(k.as_bytes())),
-                            Reply::Int(v as i64),
-                        )
-                    })
-                    .collect(),
-            )),
+            "CACHE.STATS" => {
+                let mut fields = self.fences.stats.fields(self.fences.tickets_outstanding());
+                if let Some(worker) = &self.fences.second_deletes {
+                    fields.push(("second_deletes_done", worker.stats.done.get()));
+                    fields.push(("second_deletes_dropped", worker.stats.dropped.get()));
+                    fields.push(("second_deletes_failed", worker.stats.failed.get()));
+                }
+                let name = |k: &'static str| Reply::Bulk(Bytes::from_static(k.as_bytes()));
+                Plan::Local(Reply::Map(
+                    fields
+                        .into_iter()
+                        .map(|(k, v)| (name(k), Reply::Int(v as i64)))
+                        .collect(),
+                ))
+            }
             "CACHE.INVALIDATE" if words.len() >= 2 => {
                 let keys = words[1..].to_vec();
                 let mut del = vec![Bytes::from_static(b"DEL")];
@@ -614,7 +633,10 @@ impl<'a> FenceSession<'a> {
                     call.clone(),
                     FenceExpect::Script {
                         call,
-                        reply: ScriptReply::Command { keys: keys.clone() },
+                        reply: ScriptReply::Command {
+                            keys: keys.clone(),
+                            invalidation: true,
+                        },
                         slot: None,
                     },
                 )

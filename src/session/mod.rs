@@ -89,6 +89,7 @@ pub async fn run(
     };
     debug!(%peer, "session started");
     let shared = Shared::default();
+    shared.pairing().db = ctx.config.upstream.db;
     let fence = ctx.fences.as_ref().map(FenceSession::new);
     let herd_wake = Arc::new(Notify::new());
     let (inject_tx, inject_rx) = mpsc::channel(MAX_INJECTIONS);
@@ -632,9 +633,16 @@ where
                         match pairing.route(frame.kind, &buf[range.clone()]) {
                             Route::Reply | Route::Unsolicited => outbox.forward(&buf, range),
                             Route::Fence(expect) => {
-                                let resp3 = pairing.is_resp3();
+                                let (resp3, db) = (pairing.is_resp3(), pairing.db);
                                 let fence = fence.expect("fence expectations imply fences");
-                                on_fence_reply(expect, &buf[range], resp3, fence, &mut outbox, &mut herd);
+                                on_fence_reply(
+                                    expect,
+                                    &buf[range],
+                                    (resp3, db),
+                                    fence,
+                                    &mut outbox,
+                                    &mut herd,
+                                );
                             }
                         }
                         upto = frame.end;
@@ -683,7 +691,7 @@ where
 fn on_fence_reply(
     expect: FenceExpect,
     frame: &[u8],
-    resp3: bool,
+    (resp3, db): (bool, u32),
     fence: &FenceSession<'_>,
     outbox: &mut Outbox,
     herd: &mut Herd,
@@ -733,12 +741,12 @@ fn on_fence_reply(
         },
         FenceExpect::Script {
             reply, slot: None, ..
-        } => outbox.send(fence.translate(&reply, frame, resp3)),
+        } => outbox.send(fence.translate(&reply, frame, resp3, db)),
         FenceExpect::Script {
             reply,
             slot: Some(slot),
             ..
-        } => outbox.resolve(slot, fence.translate(&reply, frame, resp3)),
+        } => outbox.resolve(slot, fence.translate(&reply, frame, resp3, db)),
         FenceExpect::Local(reply) => outbox.send(reply.encode(resp3)),
     }
 }

@@ -45,6 +45,8 @@ pub enum Expect {
     Fence(FenceExpect),
     /// `EXEC` of a transaction that queued (un)subscriptions.
     Exec,
+    /// One reply; on success the connection uses database `db`.
+    Select(u32),
 }
 
 impl Expect {
@@ -52,9 +54,13 @@ impl Expect {
     /// mode, which it updates. `None`: Redis sends nothing back.
     pub fn for_command(command: Command, mode: &mut ReplyMode) -> Option<Expect> {
         let expect = match command {
-            Command::Plain | Command::Multi | Command::EndMulti | Command::Fenced(_) | Command::Admin => {
-                Expect::Reply
-            }
+            Command::Plain
+            | Command::Multi
+            | Command::EndMulti
+            | Command::Fenced(_)
+            | Command::Admin
+            | Command::Select(None) => Expect::Reply,
+            Command::Select(Some(db)) => Expect::Select(db),
             Command::Subscribe(family, n) => Expect::Confirm {
                 family,
                 left: n.max(1),
@@ -148,6 +154,8 @@ pub struct Pairing {
     confirms_pending: usize,
     /// Redis answered a `QUIT`: it sends nothing more.
     quit: bool,
+    /// The database the connection has selected, as far as replies show.
+    pub db: u32,
     /// Shutting down: no new requests; close once nothing is pending.
     pub draining: bool,
 }
@@ -295,7 +303,9 @@ impl Pairing {
                 }
             }
             Expect::Hello(Some(version)) if ok => self.resp3 = version == 3,
+            Expect::Select(db) if ok => self.db = db,
             Expect::Reset if ok => {
+                self.db = 0;
                 self.resp3 = false;
                 self.monitor = false;
                 self.subs = Subscriptions::default();
