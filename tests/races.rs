@@ -490,3 +490,25 @@ async fn double_delete_removes_a_fill_from_a_lagging_read_in_the_clients_databas
     let stats = writer.call("CACHE.STATS").await;
     assert!(stats.contains("$19\r\nsecond_deletes_done\r\n:1\r\n"), "{stats}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mget_and_getex_misses_leave_tickets() {
+    let setup = Setup::new(&Target::Cachefence("[[cache]]\npattern = \"user:*\"\non_stale_fill = \"error\"\n")).await;
+    let (mut reader, mut writer) = (setup.client().await, setup.client().await);
+    assert_eq!(writer.call("SET user:a A").await, "+OK\r\n");
+    // Each nil of a fenced key in an MGET is a miss with a ticket.
+    assert_eq!(reader.call("MGET user:a user:b other").await, "*3\r\n$1\r\nA\r\n$-1\r\n$-1\r\n");
+    assert_eq!(writer.call("DEL user:b").await, ":0\r\n");
+    assert_eq!(reader.call("SET user:b stale").await, "-STALE cachefence: fill refused (fence_moved)\r\n");
+    assert_eq!(reader.call("MGET user:b").await, "*1\r\n$-1\r\n");
+    assert_eq!(reader.call("SET user:b fresh").await, "+OK\r\n");
+    assert_eq!(cached(&mut writer, "user:b").await.as_deref(), Some("fresh"));
+    // GETEX too.
+    assert_eq!(reader.call("GETEX user:c EX 10").await, "$-1\r\n");
+    assert_eq!(writer.call("DEL user:c").await, ":0\r\n");
+    assert_eq!(reader.call("SET user:c old").await, "-STALE cachefence: fill refused (fence_moved)\r\n");
+    // The rebuilt array follows the connection's protocol.
+    reader.send(&cmds("HELLO 3")).await;
+    reader.read_frame().await;
+    assert_eq!(reader.call("MGET user:a user:zz").await, "*2\r\n$1\r\nA\r\n_\r\n");
+}

@@ -60,6 +60,10 @@ pub enum Command {
 pub enum Fenced {
     /// `GET key`: a nil reply is a miss.
     Get,
+    /// `GETEX key [options]`: a nil reply is a miss.
+    GetEx,
+    /// `MGET key…`: each nil of a fenced key is a miss.
+    MGet,
     /// `SET key value [options]`: a fill with a ticket, else a write.
     Set,
     /// `SETEX key seconds value`.
@@ -117,6 +121,8 @@ impl Command {
             ),
             b"EXEC" | b"DISCARD" => Command::EndMulti,
             b"GET" => Command::Fenced(Fenced::Get),
+            b"GETEX" => Command::Fenced(Fenced::GetEx),
+            b"MGET" => Command::Fenced(Fenced::MGet),
             b"SET" => Command::Fenced(Fenced::Set),
             b"SETEX" => Command::Fenced(Fenced::SetEx),
             b"PSETEX" => Command::Fenced(Fenced::PSetEx),

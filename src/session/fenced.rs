@@ -66,6 +66,9 @@ pub enum ScriptReply {
     },
     /// `CACHE.GET`: `[value, nil]` on a hit, `[nil, token]` on a miss.
     LeaseGet,
+    /// The miss script for element `index` of a held `MGET` reply (never
+    /// waits for another client's fill).
+    MGetMiss { key: Bytes, policy: usize, index: usize },
     /// A write or invalidation running the client's own command: its reply,
     /// with Lua's `false` turned back into the protocol's nil. `keys` are
     /// the fenced keys it moved (their held misses are woken; after an
@@ -80,8 +83,10 @@ pub enum ScriptReply {
 /// What the session expects back for an intercepted request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FenceExpect {
-    /// A `GET` of a fenced key, forwarded as is.
+    /// A `GET` (or `GETEX`) of a fenced key, forwarded as is.
     Get { key: Bytes, policy: usize },
+    /// An `MGET` with fenced keys (`None`: not fenced), forwarded as is.
+    MGet { keys: Vec<Option<(Bytes, usize)>> },
     /// A fence script call; with `slot`, the proxy's own call whose result
     /// fills a held reply, else the rewritten client command itself.
     Script {
@@ -153,14 +158,23 @@ impl<'a> FenceSession<'a> {
         let words = all_args(frame, request);
         let key = words.get(1)?;
         match command {
-            Fenced::Get => {
+            Fenced::Get | Fenced::GetEx => {
                 let (policy, _) = self.fences.policy(key)?;
-                (words.len() == 2).then(|| {
+                (words.len() == 2 || command == Fenced::GetEx).then(|| {
                     Plan::Forward(FenceExpect::Get {
                         key: key.clone(),
                         policy,
                     })
                 })
+            }
+            Fenced::MGet => {
+                let keys: Vec<Option<(Bytes, usize)>> = words[1..]
+                    .iter()
+                    .map(|k| self.fences.policy(k).map(|(policy, _)| (k.clone(), policy)))
+                    .collect();
+                keys.iter()
+                    .any(Option::is_some)
+                    .then(|| Plan::Forward(FenceExpect::MGet { keys }))
             }
             Fenced::Set | Fenced::SetEx | Fenced::PSetEx => {
                 let (policy, rules) = self.fences.policy(key)?;
@@ -488,14 +502,15 @@ impl<'a> FenceSession<'a> {
     /// `{0, version, invalidated, now, leader}` (a ticket, unless another
     /// client leads and this miss may still wait).
     pub fn miss(&self, reply: &ScriptReply, frame: &[u8], resp3: bool) -> MissOutcome {
-        let ScriptReply::Miss {
-            key,
-            policy,
-            nil,
-            forced,
-        } = reply
-        else {
-            unreachable!("only misses")
+        let (key, policy, nil, forced) = match reply {
+            ScriptReply::Miss {
+                key,
+                policy,
+                nil,
+                forced,
+            } => (key, policy, nil, *forced),
+            ScriptReply::MGetMiss { key, policy, .. } => (key, policy, &Bytes::new(), true),
+            _ => unreachable!("only misses"),
         };
         let Some(Value::Array(items)) = Value::decode(frame, resp3) else {
             // The script failed: release the nil as Redis gave it, no ticket.

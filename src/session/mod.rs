@@ -38,6 +38,7 @@ use crate::resp::command::{Command, ReplyMode};
 use crate::resp::encode;
 use crate::resp::reply::ReplyScanner;
 use crate::resp::request::{INLINE_MAX, ProtocolError, RequestFramer};
+use crate::resp::value::{Reply, Value};
 use fenced::{FenceExpect, FenceSession, Plan, ScriptReply};
 pub use pairing::{Expect, LocalReply, Pairing, Route};
 
@@ -108,6 +109,7 @@ pub async fn run(
         );
         let herd = Herd {
             waits: Vec::new(),
+            mgets: std::collections::HashMap::new(),
             wake: herd_wake.clone(),
             injections: inject_tx,
         };
@@ -713,6 +715,40 @@ fn on_fence_reply(
             inject(&herd.injections, call, reply, slot, false, outbox, frame);
         }
         FenceExpect::Get { .. } => outbox.send(Bytes::copy_from_slice(frame)),
+        FenceExpect::MGet { keys } => {
+            let Some(Value::Array(items)) = Value::decode(frame, resp3) else {
+                return outbox.send(Bytes::copy_from_slice(frame));
+            };
+            let misses: Vec<usize> = (0..items.len())
+                .filter(|&i| items[i] == Value::Nil && keys.get(i).is_some_and(Option::is_some))
+                .collect();
+            if misses.is_empty() {
+                return outbox.send(Bytes::copy_from_slice(frame));
+            }
+            // Hold the array until every nil of a fenced key had its miss script.
+            fence.fences.stats.misses.add(misses.len() as u64);
+            let slot = outbox.hold();
+            let elements = items
+                .into_iter()
+                .map(|v| match v {
+                    Value::Bulk(b) => Reply::Bulk(b),
+                    _ => Reply::Nil,
+                })
+                .collect();
+            herd.mgets.insert(
+                slot,
+                MGetMisses {
+                    elements,
+                    waiting: misses.len(),
+                },
+            );
+            for index in misses {
+                let (key, policy) = keys[index].clone().expect("a fenced key");
+                let call = fence.miss_call(&key, policy, true);
+                let reply = ScriptReply::MGetMiss { key, policy, index };
+                inject(&herd.injections, call, reply, slot, false, outbox, frame);
+            }
+        }
         FenceExpect::Script { call, reply, slot } if noscript => {
             // The script cache was flushed: send it again with its source.
             fence.fences.stats.script_reloads.inc();
@@ -739,6 +775,26 @@ fn on_fence_reply(
             }
             fenced::MissOutcome::Wait => herd.wait(fence, slot, reply),
         },
+        FenceExpect::Script {
+            reply: reply @ ScriptReply::MGetMiss { index, .. },
+            slot: Some(slot),
+            ..
+        } => {
+            let value = match fence.miss(&reply, frame, resp3) {
+                fenced::MissOutcome::Reply(bytes) if !bytes.is_empty() => Value::decode(&bytes, false),
+                _ => None,
+            };
+            if let Some(state) = herd.mgets.get_mut(&slot) {
+                if let Some(Value::Bulk(v)) = value {
+                    state.elements[index] = Reply::Bulk(v);
+                }
+                state.waiting -= 1;
+                if state.waiting == 0 {
+                    let elements = herd.mgets.remove(&slot).map(|s| s.elements).unwrap_or_default();
+                    outbox.resolve(slot, Reply::Array(elements).encode(resp3));
+                }
+            }
+        }
         FenceExpect::Script {
             reply, slot: None, ..
         } => outbox.send(fence.translate(&reply, frame, resp3, db)),
@@ -777,13 +833,22 @@ fn inject(
     }
 }
 
-/// Misses held while another client fills the key (herd control, C7).
+/// Misses in progress: those held while another client fills the key
+/// (herd control, C7), and `MGET` replies waiting for their misses.
 struct Herd {
     waits: Vec<HerdWait>,
+    mgets: std::collections::HashMap<u64, MGetMisses>,
     /// Woken by [`Fences::wake`] when a fill, refusal or invalidation of a
     /// watched key passes through this process.
     wake: Arc<Notify>,
     injections: mpsc::Sender<Injection>,
+}
+
+/// An `MGET` reply being rebuilt: its elements, and how many miss scripts
+/// are still to answer.
+struct MGetMisses {
+    elements: Vec<Reply>,
+    waiting: usize,
 }
 
 struct HerdWait {
