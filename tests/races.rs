@@ -493,22 +493,64 @@ async fn double_delete_removes_a_fill_from_a_lagging_read_in_the_clients_databas
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mget_and_getex_misses_leave_tickets() {
-    let setup = Setup::new(&Target::Cachefence("[[cache]]\npattern = \"user:*\"\non_stale_fill = \"error\"\n")).await;
+    let setup = Setup::new(&Target::Cachefence(
+        "[[cache]]\npattern = \"user:*\"\non_stale_fill = \"error\"\n",
+    ))
+    .await;
     let (mut reader, mut writer) = (setup.client().await, setup.client().await);
     assert_eq!(writer.call("SET user:a A").await, "+OK\r\n");
     // Each nil of a fenced key in an MGET is a miss with a ticket.
-    assert_eq!(reader.call("MGET user:a user:b other").await, "*3\r\n$1\r\nA\r\n$-1\r\n$-1\r\n");
+    assert_eq!(
+        reader.call("MGET user:a user:b other").await,
+        "*3\r\n$1\r\nA\r\n$-1\r\n$-1\r\n"
+    );
     assert_eq!(writer.call("DEL user:b").await, ":0\r\n");
-    assert_eq!(reader.call("SET user:b stale").await, "-STALE cachefence: fill refused (fence_moved)\r\n");
+    assert_eq!(
+        reader.call("SET user:b stale").await,
+        "-STALE cachefence: fill refused (fence_moved)\r\n"
+    );
     assert_eq!(reader.call("MGET user:b").await, "*1\r\n$-1\r\n");
     assert_eq!(reader.call("SET user:b fresh").await, "+OK\r\n");
     assert_eq!(cached(&mut writer, "user:b").await.as_deref(), Some("fresh"));
     // GETEX too.
     assert_eq!(reader.call("GETEX user:c EX 10").await, "$-1\r\n");
     assert_eq!(writer.call("DEL user:c").await, ":0\r\n");
-    assert_eq!(reader.call("SET user:c old").await, "-STALE cachefence: fill refused (fence_moved)\r\n");
+    assert_eq!(
+        reader.call("SET user:c old").await,
+        "-STALE cachefence: fill refused (fence_moved)\r\n"
+    );
     // The rebuilt array follows the connection's protocol.
     reader.send(&cmds("HELLO 3")).await;
     reader.read_frame().await;
     assert_eq!(reader.call("MGET user:a user:zz").await, "*2\r\n$1\r\nA\r\n_\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_and_deletes_inside_multi_move_the_fence_with_replies_unchanged() {
+    let setup = Setup::new(&Target::Cachefence("[[cache]]\non_stale_fill = \"error\"\n")).await;
+    let (mut reader, mut writer) = (setup.client().await, setup.client().await);
+    assert_eq!(reader.call("GET k").await, "$-1\r\n");
+    writer.send(&[cmds("MULTI"), cmds("SET k new"), cmds("GETDEL k"), cmds("INCR n"), cmds("EXEC")].concat()).await;
+    for expected in ["+OK\r\n", "+QUEUED\r\n", "+QUEUED\r\n", "+QUEUED\r\n"] {
+        assert_eq!(writer.read_frame().await, expected.as_bytes());
+    }
+    assert_eq!(writer.read_frame().await, b"*3\r\n+OK\r\n$3\r\nnew\r\n:1\r\n");
+    assert_eq!(reader.call("SET k old").await, "-STALE cachefence: fill refused (fence_moved)\r\n");
+
+    // RESP3: a nil inside EXEC stays the protocol's nil, not Lua's false.
+    writer.send(&cmds("HELLO 3")).await;
+    writer.read_frame().await;
+    writer.send(&[cmds("MULTI"), cmds("GETDEL absent"), cmds("DEL k"), cmds("EXEC")].concat()).await;
+    for expected in ["+OK\r\n", "+QUEUED\r\n", "+QUEUED\r\n"] {
+        assert_eq!(writer.read_frame().await, expected.as_bytes());
+    }
+    assert_eq!(writer.read_frame().await, b"*2\r\n_\r\n:0\r\n");
+    // A malformed command still aborts the transaction exactly as Redis does.
+    writer.send(&[cmds("MULTI"), cmds("SET k"), cmds("EXEC")].concat()).await;
+    assert_eq!(writer.read_frame().await, b"+OK\r\n");
+    assert_eq!(writer.read_frame().await, b"-ERR wrong number of arguments for 'set' command\r\n");
+    assert_eq!(
+        writer.read_frame().await,
+        b"-EXECABORT Transaction discarded because of previous errors.\r\n"
+    );
 }

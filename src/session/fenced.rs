@@ -97,6 +97,9 @@ pub enum FenceExpect {
     /// A reply built by the proxy, encoded when it reaches the head of the
     /// queue (when the protocol in force is known).
     Local(Reply),
+    /// The `EXEC` reply of a transaction that queued rewritten commands:
+    /// the translation of each queued command, in order.
+    Exec(Vec<Option<ScriptReply>>),
 }
 
 /// What a miss script's reply means for the held `GET`.
@@ -154,8 +157,14 @@ impl<'a> FenceSession<'a> {
     }
 
     /// Plans a fenced command, or `None` if none of its keys is fenced.
-    pub fn plan(&self, command: Fenced, frame: &Frame, request: &[u8]) -> Option<Plan> {
+    /// Inside `MULTI` (`queued`), a `SET` is never a fill: the transaction's
+    /// replies come later, all at once.
+    pub fn plan(&self, command: Fenced, frame: &Frame, request: &[u8], queued: bool) -> Option<Plan> {
         let words = all_args(frame, request);
+        if !plausible_arity(command, &words) {
+            // Redis' own arity error (and, in MULTI, EXECABORT) stays exact.
+            return None;
+        }
         let key = words.get(1)?;
         match command {
             Fenced::Get | Fenced::GetEx => {
@@ -178,7 +187,7 @@ impl<'a> FenceSession<'a> {
             }
             Fenced::Set | Fenced::SetEx | Fenced::PSetEx => {
                 let (policy, rules) = self.fences.policy(key)?;
-                match self.fill(command, &words, policy, rules) {
+                match self.fill(command, &words, policy, rules).filter(|_| !queued) {
                     Some(plan) => Some(plan),
                     None => self.write(command, &words, vec![key.clone()]),
                 }
@@ -771,6 +780,28 @@ fn store_only(command: Fenced, words: &[Bytes]) -> bool {
             w == b"GET" || w == b"NX" || w == b"XX"
         }),
         _ => false,
+    }
+}
+
+/// Whether a fenced command has an argument count Redis accepts; others go
+/// as they are so Redis' own error stays exact.
+fn plausible_arity(command: Fenced, words: &[Bytes]) -> bool {
+    let n = words.len();
+    match command {
+        Fenced::Get => n == 2,
+        Fenced::GetEx | Fenced::MGet => n >= 2,
+        Fenced::Set => n >= 3,
+        Fenced::SetEx | Fenced::PSetEx => n == 4,
+        Fenced::MSet => n >= 3 && n % 2 == 1,
+        Fenced::Delete => match &words[0].to_ascii_uppercase()[..] {
+            b"GETDEL" => n == 2,
+            _ => n >= 2,
+        },
+        Fenced::Write => match &words[0].to_ascii_uppercase()[..] {
+            b"INCR" | b"DECR" => n == 2,
+            b"SETRANGE" => n == 4,
+            _ => n == 3,
+        },
     }
 }
 

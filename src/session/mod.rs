@@ -34,7 +34,7 @@ use tracing::{debug, warn};
 use crate::config::Config;
 use crate::fence::Fences;
 use crate::metrics::Metrics;
-use crate::resp::command::{Command, ReplyMode};
+use crate::resp::command::{Command, Fenced, ReplyMode};
 use crate::resp::encode;
 use crate::resp::reply::ReplyScanner;
 use crate::resp::request::{INLINE_MAX, ProtocolError, RequestFramer};
@@ -423,12 +423,13 @@ fn frame_requests(
         }
         commands += 1;
         let command = Command::classify(&frame, request);
-        let mut exec_with_pubsub = false;
+        let (mut exec_with_pubsub, mut exec_fenced) = (false, false);
         match command {
             Command::Multi => (state.in_multi, state.multi_pubsub) = (true, false),
             Command::Subscribe(..) | Command::Unsubscribe(..) if state.in_multi => state.multi_pubsub = true,
             Command::EndMulti => {
                 exec_with_pubsub = state.in_multi && state.multi_pubsub;
+                exec_fenced = state.in_multi && fence.is_some();
                 state.in_multi = false;
             }
             Command::Reset => state.in_multi = false,
@@ -437,15 +438,31 @@ fn frame_requests(
         // Where Redis would refuse the command anyway (unauthenticated,
         // RESP2 subscribed) or its reply is not its own (MULTI, CLIENT REPLY),
         // it goes as it is.
-        let interceptable = !state.in_multi && state.reply_mode == ReplyMode::On && pairing.may_intercept();
+        let interceptable = state.reply_mode == ReplyMode::On && pairing.may_intercept();
+        let queued = state.in_multi && fence.is_some() && interceptable && command != Command::Multi;
         let plan = match (fence, command) {
-            (Some(fence), Command::Fenced(fenced)) if interceptable => fence.plan(fenced, &frame, request),
-            (Some(fence), Command::Admin) if interceptable => Some(fence.admin(&frame, request)),
+            // Reads inside MULTI answer later, in EXEC: no miss handling there.
+            (Some(_), Command::Fenced(Fenced::Get | Fenced::GetEx | Fenced::MGet)) if state.in_multi => None,
+            (Some(fence), Command::Fenced(fenced)) if interceptable => {
+                fence.plan(fenced, &frame, request, state.in_multi)
+            }
+            (Some(fence), Command::Admin) if interceptable && !state.in_multi => {
+                Some(fence.admin(&frame, request))
+            }
             _ => None,
         };
         let (replacement, expect) = match plan {
+            // In MULTI: rewritten with the script's source (a NOSCRIPT would
+            // only show in EXEC, too late to resend), translated in EXEC.
+            Some(Plan::Rewrite(call, FenceExpect::Script { reply, .. })) if queued => {
+                (Some(call.encode(true)), Some(Expect::Queued(Some(reply))))
+            }
+            Some(Plan::Local(_)) | Some(Plan::Forward(_)) | None if queued => (
+                None,
+                Expect::for_command(command, &mut state.reply_mode).map(|_| Expect::Queued(None)),
+            ),
             None => match Expect::for_command(command, &mut state.reply_mode) {
-                Some(_) if exec_with_pubsub => (None, Some(Expect::Exec)),
+                Some(_) if exec_with_pubsub || exec_fenced => (None, Some(Expect::Exec)),
                 expect => (None, expect),
             },
             Some(Plan::Forward(expect)) => (None, Some(Expect::Fence(expect))),
@@ -804,7 +821,39 @@ fn on_fence_reply(
             ..
         } => outbox.resolve(slot, fence.translate(&reply, frame, resp3, db)),
         FenceExpect::Local(reply) => outbox.send(reply.encode(resp3)),
+        FenceExpect::Exec(queued) => outbox.send(exec_reply(frame, &queued, fence, (resp3, db))),
     }
+}
+
+/// An `EXEC` array with the replies of rewritten commands translated and
+/// every other element exactly as Redis sent it.
+fn exec_reply(
+    frame: &[u8],
+    queued: &[Option<ScriptReply>],
+    fence: &FenceSession<'_>,
+    (resp3, db): (bool, u32),
+) -> Bytes {
+    let Some(header) = memchr::memchr(b'\n', frame).map(|i| i + 1) else {
+        return Bytes::copy_from_slice(frame);
+    };
+    let mut out = BytesMut::with_capacity(frame.len() + 16);
+    out.extend_from_slice(&frame[..header]);
+    let elements = &frame[header..];
+    let mut scanner = ReplyScanner::default();
+    let mut start = 0;
+    for translation in queued {
+        let Ok(Some(element)) = scanner.advance(elements) else {
+            return Bytes::copy_from_slice(frame);
+        };
+        let bytes = &elements[start..element.end];
+        match translation {
+            Some(reply) => out.extend_from_slice(&fence.translate(reply, bytes, resp3, db)),
+            None => out.extend_from_slice(bytes),
+        }
+        start = element.end;
+    }
+    out.extend_from_slice(&elements[start..]);
+    out.freeze()
 }
 
 /// Asks the requests direction to send one of the proxy's own calls; if

@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 
-use super::fenced::FenceExpect;
+use super::fenced::{FenceExpect, ScriptReply};
 use crate::resp::command::{Command, ReplyMode, SubFamily};
 use crate::resp::request::string2ll;
 
@@ -47,6 +47,9 @@ pub enum Expect {
     Exec,
     /// One reply; on success the connection uses database `db`.
     Select(u32),
+    /// A command inside `MULTI` (fences on): when Redis answers `+QUEUED`,
+    /// its `EXEC` result will need this translation (if rewritten).
+    Queued(Option<ScriptReply>),
 }
 
 impl Expect {
@@ -156,6 +159,8 @@ pub struct Pairing {
     quit: bool,
     /// The database the connection has selected, as far as replies show.
     pub db: u32,
+    /// Translations of the commands queued in the open transaction.
+    queued: Vec<Option<ScriptReply>>,
     /// Shutting down: no new requests; close once nothing is pending.
     pub draining: bool,
 }
@@ -292,7 +297,12 @@ impl Pairing {
             self.unauthenticated = true;
         }
         match expect {
-            Expect::Exec if ok => {
+            Expect::Queued(translation) if frame == b"+QUEUED\r\n" => self.queued.push(translation),
+            Expect::Exec => {
+                let queued = std::mem::take(&mut self.queued);
+                if !ok || !matches!(kind, b'*') {
+                    return Route::Reply;
+                }
                 // Subscriptions made inside the transaction.
                 if let Some(crate::resp::value::Value::Array(replies)) =
                     crate::resp::value::Value::decode(frame, self.resp3)
@@ -301,10 +311,14 @@ impl Pairing {
                         self.confirm_from_value(&reply);
                     }
                 }
+                if queued.iter().any(Option::is_some) {
+                    return Route::Fence(FenceExpect::Exec(queued));
+                }
             }
             Expect::Hello(Some(version)) if ok => self.resp3 = version == 3,
             Expect::Select(db) if ok => self.db = db,
             Expect::Reset if ok => {
+                self.queued.clear();
                 self.db = 0;
                 self.resp3 = false;
                 self.monitor = false;
