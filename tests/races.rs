@@ -554,3 +554,31 @@ async fn writes_and_deletes_inside_multi_move_the_fence_with_replies_unchanged()
         b"-EXECABORT Transaction discarded because of previous errors.\r\n"
     );
 }
+
+/// The version in a `CACHE.FENCE` reply.
+fn fence_version(info: &str) -> u64 {
+    info.split("version\r\n").nth(1).and_then(|r| r.split("\r\n").nth(1)).and_then(|v| v.parse().ok()).expect("a version")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fence_versions_grow_across_fence_expiry_and_proxy_restarts() {
+    let redis = RedisServer::start();
+    let settings = "[[cache]]\nlease_ttl = \"100ms\"\nhold = \"50ms\"\n";
+    let mut last = 0;
+    for _ in 0..2 {
+        let proxy = Proxy::start(&redis.addr(), settings).await;
+        let mut client = RawClient::connect(proxy.addr).await;
+        assert_eq!(client.call("DEL k").await, ":0\r\n");
+        let version = fence_version(&client.call("CACHE.FENCE k").await);
+        assert!(version > last, "{version} after {last}");
+        last = version;
+        // Let the fence expire (lease_ttl + 1 s margin), then miss: a new fence.
+        tokio::time::sleep(std::time::Duration::from_millis(1_300)).await;
+        assert_eq!(client.call("EXISTS cachefence:{k}").await, ":0\r\n");
+        assert_eq!(client.call("GET k").await, "$-1\r\n");
+        let version = fence_version(&client.call("CACHE.FENCE k").await);
+        assert!(version > last, "{version} after {last}");
+        last = version;
+        proxy.shutdown().await;
+    }
+}
