@@ -53,7 +53,18 @@ impl RedisServer {
         Self::start_on_with(port, &[])
     }
 
+    /// Starts `redis-server` on `port`; when the port was taken meanwhile
+    /// (`free_port` releases it before the server binds it), on another free
+    /// port unless the caller asked for this one.
     fn start_on_with(port: u16, args: &[&str]) -> RedisServer {
+        Self::try_start(port, args).unwrap_or_else(|| {
+            (0..5)
+                .find_map(|_| Self::try_start(free_port(), args))
+                .expect("redis-server could not bind a free loopback port in 6 attempts")
+        })
+    }
+
+    fn try_start(port: u16, args: &[&str]) -> Option<RedisServer> {
         let dir = std::env::temp_dir().join(format!("cachefence-test-redis-{port}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("creating a scratch dir for redis-server");
         let mut server = RedisServer {
@@ -62,11 +73,11 @@ impl RedisServer {
             dir,
             args: args.iter().map(|s| s.to_string()).collect(),
         };
-        server.spawn();
-        server
+        server.spawn().then_some(server)
     }
 
-    fn spawn(&mut self) {
+    /// Spawns the server; false if it could not bind its port.
+    fn spawn(&mut self) -> bool {
         let port = self.port.to_string();
         let mut command = Command::new("redis-server");
         command
@@ -100,25 +111,37 @@ impl RedisServer {
             )
         });
         self.child = Some(child);
-        self.wait_ready();
+        self.wait_ready()
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits until our child answers on the port. False if it exited (the
+    /// port was taken); a server of someone else's answering there does not
+    /// count: `INFO server` must show our child's pid.
+    fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + WAIT;
+        let pid = self.child.as_ref().expect("spawned").id();
         loop {
+            if self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+                .is_some()
+            {
+                self.child = None;
+                return false;
+            }
             if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
                 use std::io::{Read, Write};
                 s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-                let mut buf = [0u8; 64];
-                if s.write_all(b"PING\r\n").is_ok()
-                    && s.read(&mut buf)
-                        .is_ok_and(|n| buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH"))
+                let mut buf = vec![0u8; 16 * 1024];
+                if s.write_all(b"INFO server\r\n").is_ok()
+                    && let Ok(n) = s.read(&mut buf)
                 {
-                    return;
+                    let reply = String::from_utf8_lossy(&buf[..n]);
+                    if reply.starts_with("-NOAUTH") || reply.contains(&format!("process_id:{pid}\r\n")) {
+                        return true;
+                    }
                 }
-            }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("redis-server on port {} exited at start ({status})", self.port);
             }
             assert!(
                 Instant::now() < deadline,
@@ -144,7 +167,11 @@ impl RedisServer {
     /// Starts the server again on the same port, empty.
     pub fn restart(&mut self) {
         self.kill();
-        self.spawn();
+        assert!(
+            self.spawn(),
+            "redis-server could not bind port {} again",
+            self.port
+        );
     }
 
     fn signal(&self, signal: &str) {
