@@ -530,25 +530,46 @@ async fn writes_and_deletes_inside_multi_move_the_fence_with_replies_unchanged()
     let setup = Setup::new(&Target::Cachefence("[[cache]]\non_stale_fill = \"error\"\n")).await;
     let (mut reader, mut writer) = (setup.client().await, setup.client().await);
     assert_eq!(reader.call("GET k").await, "$-1\r\n");
-    writer.send(&[cmds("MULTI"), cmds("SET k new"), cmds("GETDEL k"), cmds("INCR n"), cmds("EXEC")].concat()).await;
+    writer
+        .send(
+            &[
+                cmds("MULTI"),
+                cmds("SET k new"),
+                cmds("GETDEL k"),
+                cmds("INCR n"),
+                cmds("EXEC"),
+            ]
+            .concat(),
+        )
+        .await;
     for expected in ["+OK\r\n", "+QUEUED\r\n", "+QUEUED\r\n", "+QUEUED\r\n"] {
         assert_eq!(writer.read_frame().await, expected.as_bytes());
     }
     assert_eq!(writer.read_frame().await, b"*3\r\n+OK\r\n$3\r\nnew\r\n:1\r\n");
-    assert_eq!(reader.call("SET k old").await, "-STALE cachefence: fill refused (fence_moved)\r\n");
+    assert_eq!(
+        reader.call("SET k old").await,
+        "-STALE cachefence: fill refused (fence_moved)\r\n"
+    );
 
     // RESP3: a nil inside EXEC stays the protocol's nil, not Lua's false.
     writer.send(&cmds("HELLO 3")).await;
     writer.read_frame().await;
-    writer.send(&[cmds("MULTI"), cmds("GETDEL absent"), cmds("DEL k"), cmds("EXEC")].concat()).await;
+    writer
+        .send(&[cmds("MULTI"), cmds("GETDEL absent"), cmds("DEL k"), cmds("EXEC")].concat())
+        .await;
     for expected in ["+OK\r\n", "+QUEUED\r\n", "+QUEUED\r\n"] {
         assert_eq!(writer.read_frame().await, expected.as_bytes());
     }
     assert_eq!(writer.read_frame().await, b"*2\r\n_\r\n:0\r\n");
     // A malformed command still aborts the transaction exactly as Redis does.
-    writer.send(&[cmds("MULTI"), cmds("SET k"), cmds("EXEC")].concat()).await;
+    writer
+        .send(&[cmds("MULTI"), cmds("SET k"), cmds("EXEC")].concat())
+        .await;
     assert_eq!(writer.read_frame().await, b"+OK\r\n");
-    assert_eq!(writer.read_frame().await, b"-ERR wrong number of arguments for 'set' command\r\n");
+    assert_eq!(
+        writer.read_frame().await,
+        b"-ERR wrong number of arguments for 'set' command\r\n"
+    );
     assert_eq!(
         writer.read_frame().await,
         b"-EXECABORT Transaction discarded because of previous errors.\r\n"
@@ -557,7 +578,11 @@ async fn writes_and_deletes_inside_multi_move_the_fence_with_replies_unchanged()
 
 /// The version in a `CACHE.FENCE` reply.
 fn fence_version(info: &str) -> u64 {
-    info.split("version\r\n").nth(1).and_then(|r| r.split("\r\n").nth(1)).and_then(|v| v.parse().ok()).expect("a version")
+    info.split("version\r\n")
+        .nth(1)
+        .and_then(|r| r.split("\r\n").nth(1))
+        .and_then(|v| v.parse().ok())
+        .expect("a version")
 }
 
 #[tokio::test(flavor = "multi_thread")]
