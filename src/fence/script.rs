@@ -141,6 +141,21 @@ pub fn call_with_source(keys: &[&[u8]], args: &[&[u8]]) -> Bytes {
     command(&words)
 }
 
+/// Keys and arguments of an invalidation: `DEL keys` and every key's fence
+/// moved (its invalidation time recorded), atomically.
+pub fn invalidation(keys: &[Bytes], fence_ttl: std::time::Duration) -> (Vec<Bytes>, Vec<Bytes>) {
+    let mut all = keys.to_vec();
+    all.extend(keys.iter().map(|k| Bytes::from(fence_key(k))));
+    let mut args = vec![
+        Bytes::from_static(b"inval"),
+        super::millis(fence_ttl).into(),
+        keys.len().to_string().into(),
+        Bytes::from_static(b"DEL"),
+    ];
+    args.extend(keys.iter().cloned());
+    (all, args)
+}
+
 /// The fence key of `key`: in the key's hash slot (its `{tag}` if it has
 /// one, else the whole key as the tag), under a prefix of its own.
 pub fn fence_key(key: &[u8]) -> Vec<u8> {

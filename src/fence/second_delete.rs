@@ -55,19 +55,11 @@ impl SecondDeletes {
 
     /// Deletes `keys` again (moving their fences) after `delay`.
     pub fn schedule(&self, delay: Duration, db: u32, keys: Vec<Bytes>, fence_ttl: Duration) {
-        let mut all = keys.clone();
-        all.extend(keys.iter().map(|k| Bytes::from(script::fence_key(k))));
-        let mut args = vec![
-            Bytes::from_static(b"inval"),
-            super::millis(fence_ttl).into(),
-            keys.len().to_string().into(),
-            Bytes::from_static(b"DEL"),
-        ];
-        args.extend(keys);
+        let (keys, args) = script::invalidation(&keys, fence_ttl);
         let job = Job {
             due: Instant::now() + delay,
             db,
-            keys: all,
+            keys,
             args,
         };
         if self.jobs.try_send(job).is_err() {

@@ -160,6 +160,13 @@ impl<'a> FenceSession<'a> {
     /// Inside `MULTI` (`queued`), a `SET` is never a fill: the transaction's
     /// replies come later, all at once.
     pub fn plan(&self, command: Fenced, frame: &Frame, request: &[u8], queued: bool) -> Option<Plan> {
+        if command == Fenced::Get {
+            // The hot path: no argument copies, one glob match.
+            let key = frame.arg(request, 1).filter(|_| frame.argc == 2)?;
+            let (policy, _) = self.fences.policy(key)?;
+            let key = Bytes::copy_from_slice(key);
+            return Some(Plan::Forward(FenceExpect::Get { key, policy }));
+        }
         let words = all_args(frame, request);
         if !plausible_arity(command, &words) {
             // Redis' own arity error (and, in MULTI, EXECABORT) stays exact.
@@ -201,15 +208,11 @@ impl<'a> FenceSession<'a> {
                 let keys = words[1..].to_vec();
                 let call = self.command_call("inval", &words, &keys)?;
                 self.fences.stats.invalidations.inc();
-                Some(Plan::Rewrite(
-                    call.clone(),
-                    FenceExpect::Script {
-                        call,
-                        reply: ScriptReply::Command {
-                            keys: keys.clone(),
-                            invalidation: true,
-                        },
-                        slot: None,
+                Some(rewrite(
+                    call,
+                    ScriptReply::Command {
+                        keys: keys.clone(),
+                        invalidation: true,
                     },
                 ))
             }
@@ -260,16 +263,12 @@ impl<'a> FenceSession<'a> {
             return Some(self.refuse(Refusal::Expired, rules));
         }
         let call = self.fill_call(key, rules, ticket.version, ticket.miss_us, nx, value, expiry);
-        Some(Plan::Rewrite(
-            call.clone(),
-            FenceExpect::Script {
-                call,
-                reply: ScriptReply::Fill {
-                    policy,
-                    key: key.clone(),
-                    lease_api: false,
-                },
-                slot: None,
+        Some(rewrite(
+            call,
+            ScriptReply::Fill {
+                policy,
+                key: key.clone(),
+                lease_api: false,
             },
         ))
     }
@@ -344,27 +343,16 @@ impl<'a> FenceSession<'a> {
                 del.extend(keys.iter().cloned());
                 let call = self.command_call("inval", &del, &keys).expect("fenced keys");
                 self.fences.stats.invalidations.inc();
-                Plan::Rewrite(
-                    call.clone(),
-                    FenceExpect::Script {
-                        call,
-                        reply: ScriptReply::Ok { keys: keys.clone() },
-                        slot: None,
-                    },
-                )
+                rewrite(call, ScriptReply::Ok { keys: keys.clone() })
             }
             _ => {
                 let call = self.command_call("write", words, &keys).expect("fenced keys");
                 self.fences.stats.writes.inc();
-                Plan::Rewrite(
-                    call.clone(),
-                    FenceExpect::Script {
-                        call,
-                        reply: ScriptReply::Command {
-                            keys: keys.clone(),
-                            invalidation: false,
-                        },
-                        slot: None,
+                rewrite(
+                    call,
+                    ScriptReply::Command {
+                        keys: keys.clone(),
+                        invalidation: false,
                     },
                 )
             }
@@ -407,7 +395,9 @@ impl<'a> FenceSession<'a> {
                 Bytes::from_static(b"miss"),
                 millis(rules.fence_ttl()).into(),
                 self.fences.lease_holder(self.connection).into(),
-                millis(rules.lease_ttl).into(),
+                // The herd lease lasts `hold`: a miss that is never filled
+                // (a row that does not exist) delays others at most that long.
+                millis(rules.hold).into(),
                 Bytes::from_static(if force { b"force" } else { b"wait" }),
             ],
         )
@@ -632,8 +622,6 @@ impl<'a> FenceSession<'a> {
             }
             "CACHE.INVALIDATE" if words.len() >= 2 => {
                 let keys = words[1..].to_vec();
-                let mut del = vec![Bytes::from_static(b"DEL")];
-                del.extend(keys.iter().cloned());
                 // Explicit invalidations fence the keys even outside every pattern.
                 let ttl = self
                     .fences
@@ -643,52 +631,27 @@ impl<'a> FenceSession<'a> {
                     .map(Policy::fence_ttl)
                     .max()
                     .unwrap_or_default();
-                let mut all = keys.clone();
-                all.extend(keys.iter().map(|k| Bytes::from(fence_key(k))));
-                let mut args = vec![
-                    Bytes::from_static(b"inval"),
-                    millis(ttl).into(),
-                    keys.len().to_string().into(),
-                ];
-                args.extend(del);
+                let (all, args) = script::invalidation(&keys, ttl);
                 let call = ScriptCall::new(all, args);
                 self.fences.stats.invalidations.inc();
-                Plan::Rewrite(
-                    call.clone(),
-                    FenceExpect::Script {
-                        call,
-                        reply: ScriptReply::Command {
-                            keys: keys.clone(),
-                            invalidation: true,
-                        },
-                        slot: None,
+                rewrite(
+                    call,
+                    ScriptReply::Command {
+                        keys: keys.clone(),
+                        invalidation: true,
                     },
                 )
             }
             "CACHE.FENCE" if words.len() == 2 => {
                 let key = words[1].clone();
                 let call = ScriptCall::new(vec![fence_key(&key).into()], vec![Bytes::from_static(b"peek")]);
-                Plan::Rewrite(
-                    call.clone(),
-                    FenceExpect::Script {
-                        call,
-                        reply: ScriptReply::FenceInfo { key },
-                        slot: None,
-                    },
-                )
+                rewrite(call, ScriptReply::FenceInfo { key })
             }
             "CACHE.GET" if words.len() == 2 => {
                 let key = words[1].clone();
                 let (policy, _) = self.lease_policy(&key);
                 let call = self.miss_call(&key, policy, true);
-                Plan::Rewrite(
-                    call.clone(),
-                    FenceExpect::Script {
-                        call,
-                        reply: ScriptReply::LeaseGet,
-                        slot: None,
-                    },
-                )
+                rewrite(call, ScriptReply::LeaseGet)
             }
             "CACHE.FILL" if words.len() == 4 || words.len() == 6 => {
                 let key = words[1].clone();
@@ -707,16 +670,12 @@ impl<'a> FenceSession<'a> {
                     ));
                 }
                 let call = self.fill_call(&key, rules, version, miss_us, false, &words[3], expiry);
-                Plan::Rewrite(
-                    call.clone(),
-                    FenceExpect::Script {
-                        call,
-                        reply: ScriptReply::Fill {
-                            policy,
-                            key,
-                            lease_api: true,
-                        },
-                        slot: None,
+                rewrite(
+                    call,
+                    ScriptReply::Fill {
+                        policy,
+                        key,
+                        lease_api: true,
                     },
                 )
             }
@@ -781,6 +740,19 @@ fn store_only(command: Fenced, words: &[Bytes]) -> bool {
         }),
         _ => false,
     }
+}
+
+/// Sends `call` in place of the client's command; `reply` says how its reply
+/// becomes the client's.
+fn rewrite(call: ScriptCall, reply: ScriptReply) -> Plan {
+    Plan::Rewrite(
+        call.clone(),
+        FenceExpect::Script {
+            call,
+            reply,
+            slot: None,
+        },
+    )
 }
 
 /// Whether a fenced command has an argument count Redis accepts; others go

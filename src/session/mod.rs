@@ -504,6 +504,8 @@ struct Outbox {
     next_slot: u64,
     /// A closing reply is queued: close once everything before it is out.
     closing: bool,
+    /// Where several pieces are gathered into one write.
+    gathered: BytesMut,
 }
 
 #[derive(Debug)]
@@ -569,13 +571,29 @@ impl Outbox {
         !self.held.is_empty()
     }
 
+    /// Writes the pieces: one range as it is (the passthrough case, no
+    /// copy), several gathered into one write.
     async fn write<W: AsyncWrite + Unpin>(&mut self, client: &mut W, buf: &[u8]) -> std::io::Result<()> {
-        for piece in self.pieces.drain(..) {
-            match piece {
-                Piece::Range(range) => client.write_all(&buf[range]).await?,
-                Piece::Bytes(bytes) => client.write_all(&bytes).await?,
+        match self.pieces.as_slice() {
+            [] => return Ok(()),
+            [Piece::Range(range)] => client.write_all(&buf[range.clone()]).await?,
+            [Piece::Bytes(bytes)] => client.write_all(bytes).await?,
+            pieces => {
+                self.gathered.clear();
+                for piece in pieces {
+                    match piece {
+                        Piece::Range(range) => self.gathered.extend_from_slice(&buf[range.clone()]),
+                        Piece::Bytes(bytes) => self.gathered.extend_from_slice(bytes),
+                    }
+                }
+                client.write_all(&self.gathered).await?;
+                // Do not keep a large one-off buffer for the connection's life.
+                if self.gathered.capacity() > 4 * READ_CHUNK {
+                    self.gathered = BytesMut::new();
+                }
             }
         }
+        self.pieces.clear();
         Ok(())
     }
 }
@@ -651,6 +669,10 @@ where
                         let range = frame.start..frame.end;
                         match pairing.route(frame.kind, &buf[range.clone()]) {
                             Route::Reply | Route::Unsolicited => outbox.forward(&buf, range),
+                            // A hit costs nothing: forwarded like any reply.
+                            Route::Fence(FenceExpect::Get { .. }) if !is_nil(&buf[range.clone()]) => {
+                                outbox.forward(&buf, range)
+                            }
                             Route::Fence(expect) => {
                                 let (resp3, db) = (pairing.is_resp3(), pairing.db);
                                 let fence = fence.expect("fence expectations imply fences");
@@ -731,7 +753,7 @@ fn on_fence_reply(
             };
             inject(&herd.injections, call, reply, slot, false, outbox, frame);
         }
-        FenceExpect::Get { .. } => outbox.send(Bytes::copy_from_slice(frame)),
+        FenceExpect::Get { .. } => unreachable!("hits are forwarded by the caller"),
         FenceExpect::MGet { keys } => {
             let Some(Value::Array(items)) = Value::decode(frame, resp3) else {
                 return outbox.send(Bytes::copy_from_slice(frame));
