@@ -75,61 +75,8 @@ if [[ " $TARGETS_LIST " == *" cachefence "* ]] && [ -z "$CACHEFENCE" ]; then
     [ -x "$CACHEFENCE" ] || die "$CACHEFENCE not found"
 fi
 
-# ------------------------------------------------------- processes, cleanup
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/cachefence-bench.XXXXXX")
-PIDS=()
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    local pid
-    for pid in "${PIDS[@]:-}"; do
-        [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]:-}"; do
-        [ -n "$pid" ] && wait "$pid" 2>/dev/null || true
-    done
-    if [ "${BENCH_KEEP_TMP:-0}" = 1 ]; then log "kept $WORK"; else rm -rf "$WORK"; fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-USED_PORTS=" "
-# Ports are drawn below the kernel's ephemeral range (so that client sockets of
-# other programs cannot hold them) and must have no socket at all on them.
-EPHEMERAL_LOW=$(awk '{ print $1 }' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
-PORT_LOW=10000
-PORT_HIGH=$((EPHEMERAL_LOW > PORT_LOW + 1000 ? EPHEMERAL_LOW - 1 : 32767))
-port_in_use() {
-    if command -v ss >/dev/null 2>&1; then
-        [ -n "$(ss -Htan "( sport = :$1 )" 2>/dev/null)" ] && return 0
-    fi
-    (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null
-}
-free_port() { # sets FREE_PORT: a loopback port nothing uses, not handed out before
-    local p i
-    for i in $(seq 1 200); do
-        p=$((PORT_LOW + (RANDOM * 32768 + RANDOM) % (PORT_HIGH - PORT_LOW + 1)))
-        [[ "$USED_PORTS" == *" $p "* ]] && continue
-        if ! port_in_use "$p"; then
-            USED_PORTS+="$p "
-            FREE_PORT=$p
-            return 0
-        fi
-    done
-    die "no free port found"
-}
-
-wait_port() { # wait until HOST:$1 accepts connections; $2 = pid that must stay alive
-    local i
-    for i in $(seq 1 100); do
-        kill -0 "$2" 2>/dev/null || return 1
-        if (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
-    return 1
-}
+# shellcheck source=lib.sh
+source "$SCRIPT_DIR/lib.sh"
 
 # --------------------------------------------------------------- start up
 free_port; REDIS_PORT=$FREE_PORT
@@ -173,9 +120,11 @@ fi
 
 if [[ " $TARGETS_LIST " == *" cachefence "* ]]; then
     free_port; PORT[cachefence]=$FREE_PORT
-    log "starting cachefence on $HOST:${PORT[cachefence]} (CPU $CLIENT_CPU, --workers 1)"
+    # This table measures the proxy core (issue #3's targets): fences off.
+    # bench/fences.sh, run at the end, measures the fence layer on vs off.
+    log "starting cachefence on $HOST:${PORT[cachefence]} (CPU $CLIENT_CPU, --workers 1, --no-fences)"
     taskset -c "$CLIENT_CPU" "$CACHEFENCE" --listen "$HOST:${PORT[cachefence]}" \
-        --upstream "$HOST:$REDIS_PORT" --workers 1 --log-level warn \
+        --upstream "$HOST:$REDIS_PORT" --workers 1 --log-level warn --no-fences \
         >"$WORK/cachefence.log" 2>&1 &
     PID[cachefence]=$!
     PIDS+=("${PID[cachefence]}")
@@ -313,6 +262,7 @@ done
 echo
 echo "cachefence benchmark  ($(date -u '+%Y-%m-%d %H:%M:%SZ'), $(nproc) CPUs, redis on CPU $SERVER_CPU, client+proxies on CPU $CLIENT_CPU)"
 echo "redis-benchmark -d $VALUE_SIZE -r $KEYSPACE -t get,set; $RUNS runs; rps = median over runs;"
+echo "cachefence here is the proxy core (--no-fences); the fence layer is measured in the second part"
 echo "ratio = median over runs of (target rps / direct Redis rps in the same run); spread = (max-min)/median of direct Redis rps"
 echo
 header=$(printf '%-8s %-4s' layout cmd)
@@ -380,6 +330,20 @@ done
 if [ "$FAILED" -ne 0 ]; then
     echo
     echo "some measurements FAILED (see [bench] messages on stderr); numbers above are incomplete"
-    exit 1
 fi
+
+# ------------------------------------------------------ fences section
+# bench/fences.sh: GET hits and the miss->fill loop with fences on vs off,
+# with its own scratch Redis and cachefence instances (same pinning).
+# BENCH_FENCES=0 skips it.
+FENCES_RC=0
+if [ "${BENCH_FENCES:-1}" != 0 ] && have cachefence; then
+    # Stop this part's processes first; the fences part starts its own.
+    for pid in "${PIDS[@]:-}"; do [ -n "$pid" ] && kill "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]:-}"; do [ -n "$pid" ] && wait "$pid" 2>/dev/null || true; done
+    PIDS=()
+    CACHEFENCE_BIN=$CACHEFENCE bash "$SCRIPT_DIR/fences.sh" || FENCES_RC=$?
+fi
+
+[ "$FAILED" -eq 0 ] && [ "$FENCES_RC" -eq 0 ] || exit 1
 exit 0
