@@ -409,9 +409,10 @@ impl<'a> FenceSession<'a> {
         let value = Value::decode(frame, resp3);
         match (reply, value) {
             (_, Some(Value::Error(_))) | (_, None) => Bytes::copy_from_slice(frame),
-            (ScriptReply::Miss { .. }, _) => match self.miss(reply, frame, resp3) {
+            // Misses are handled by the session (they may wait); total anyway.
+            (ScriptReply::Miss { nil, .. }, _) => match self.miss(reply, frame, resp3) {
                 MissOutcome::Reply(bytes) => bytes,
-                MissOutcome::Wait => unreachable!("a waiting miss is not translated"),
+                MissOutcome::Wait => nil.clone(),
             },
             (
                 ScriptReply::Fill {

@@ -753,7 +753,8 @@ fn on_fence_reply(
             };
             inject(&herd.injections, call, reply, slot, false, outbox, frame);
         }
-        FenceExpect::Get { .. } => unreachable!("hits are forwarded by the caller"),
+        // Hits are forwarded by the caller as ranges; this copy keeps the match total.
+        FenceExpect::Get { .. } => outbox.send(Bytes::copy_from_slice(frame)),
         FenceExpect::MGet { keys } => {
             let Some(Value::Array(items)) = Value::decode(frame, resp3) else {
                 return outbox.send(Bytes::copy_from_slice(frame));
