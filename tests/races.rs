@@ -607,3 +607,77 @@ async fn fence_versions_grow_across_fence_expiry_and_proxy_restarts() {
         proxy.shutdown().await;
     }
 }
+
+/// R4: writers A and B update the primary and delete; a miss reads a replica
+/// that has neither write, and fills.
+async fn r4_script(target: Target) -> (Option<String>, i64, String) {
+    let setup = Setup::new(&target).await;
+    let mut db = Database::default();
+    db.write("x", "1");
+    db.replicate();
+    let (mut a, mut b, mut reader) = (setup.client().await, setup.client().await, setup.client().await);
+    db.write("x", "2");
+    assert_eq!(a.call("DEL user:x").await, ":0\r\n");
+    db.write("x", "3");
+    assert_eq!(b.call("DEL user:x").await, ":0\r\n");
+    assert_eq!(reader.call("GET user:x").await, "$-1\r\n");
+    let read = db.replica["x"].clone(); // neither write has reached it
+    assert_eq!(reader.call(&format!("SET user:x {read} EX 60")).await, "+OK\r\n");
+    let mut check = setup.client().await;
+    let value = cached(&mut check, "user:x").await;
+    let ttl: i64 = check
+        .call("PTTL user:x")
+        .await
+        .trim_start_matches(':')
+        .trim_end()
+        .parse()
+        .unwrap();
+    drop(setup.proxy);
+    (value, ttl, db.primary["x"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn r4_two_writers_and_a_lagging_replica_stay_bounded_by_the_lag_window() {
+    let (stale, ttl, db) = r4_script(Target::Redis).await;
+    assert_eq!(
+        (stale.as_deref(), db.as_str()),
+        (Some("1"), "3"),
+        "control: stale for the fill's TTL"
+    );
+    assert!(ttl > 59_000);
+    let short = "[[cache]]\nlag_window = \"2s\"\n";
+    let (value, ttl, _) = r4_script(Target::Cachefence(short)).await;
+    assert_eq!(value.as_deref(), Some("1"));
+    assert!(
+        (1..=2_000).contains(&ttl),
+        "stale for at most lag_window, got {ttl} ms"
+    );
+    let refuse = "[[cache]]\nlag_window = \"2s\"\nlag_policy = \"refuse\"\n";
+    let (value, _, _) = r4_script(Target::Cachefence(refuse)).await;
+    assert_eq!(value, None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fill_on_another_connection_than_its_miss_follows_on_write() {
+    for (on_write, reply, stored) in [
+        ("write", "+OK\r\n", Some("v")),
+        ("invalidate", "+OK\r\n", None),
+        ("reject", "-ERR cachefence: writes to 'k' are rejected", None),
+    ] {
+        let setup = Setup::new(&Target::Cachefence(match on_write {
+            "write" => "[[cache]]\non_write = \"write\"\n",
+            "invalidate" => "[[cache]]\non_write = \"invalidate\"\n",
+            _ => "[[cache]]\non_write = \"reject\"\n",
+        }))
+        .await;
+        let (mut missed_here, mut filled_there) = (setup.client().await, setup.client().await);
+        assert_eq!(missed_here.call("GET k").await, "$-1\r\n");
+        let got = filled_there.call("SET k v").await;
+        assert!(got.starts_with(reply), "on_write = {on_write}: {got}");
+        assert_eq!(
+            cached(&mut missed_here, "k").await.as_deref(),
+            stored,
+            "on_write = {on_write}"
+        );
+    }
+}
