@@ -116,11 +116,14 @@ impl RedisServer {
 
     /// Waits until our child answers on the port. False if it exited (the
     /// port was taken); a server of someone else's answering there does not
-    /// count: `INFO server` must show our child's pid.
+    /// count: `INFO server` must show our child's pid. Exactly one
+    /// connection is made (refused attempts allocate nothing in Redis), so
+    /// the client ids tests see do not depend on how long start-up took.
     fn wait_ready(&mut self) -> bool {
+        use std::io::{Read, Write};
         let deadline = Instant::now() + WAIT;
         let pid = self.child.as_ref().expect("spawned").id();
-        loop {
+        let mut stream = loop {
             if self
                 .child
                 .as_mut()
@@ -130,18 +133,8 @@ impl RedisServer {
                 self.child = None;
                 return false;
             }
-            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
-                use std::io::{Read, Write};
-                s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-                let mut buf = vec![0u8; 16 * 1024];
-                if s.write_all(b"INFO server\r\n").is_ok()
-                    && let Ok(n) = s.read(&mut buf)
-                {
-                    let reply = String::from_utf8_lossy(&buf[..n]);
-                    if reply.starts_with("-NOAUTH") || reply.contains(&format!("process_id:{pid}\r\n")) {
-                        return true;
-                    }
-                }
+            if let Ok(stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                break stream;
             }
             assert!(
                 Instant::now() < deadline,
@@ -149,7 +142,30 @@ impl RedisServer {
                 self.port
             );
             std::thread::sleep(Duration::from_millis(5));
+        };
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        stream
+            .write_all(b"INFO server\r\n")
+            .expect("writing to the new redis-server");
+        let mut reply = Vec::new();
+        let mut chunk = [0u8; 4096];
+        // `$<len>\r\n...\r\n` or an error line; read until complete.
+        while frame_len(&reply).is_none() {
+            match stream.read(&mut chunk) {
+                Ok(n) if n > 0 => reply.extend_from_slice(&chunk[..n]),
+                _ => break,
+            }
         }
+        let reply = String::from_utf8_lossy(&reply);
+        if reply.starts_with("-NOAUTH") || reply.contains(&format!("process_id:{pid}\r\n")) {
+            return true;
+        }
+        // Someone else's server holds the port; ours will exit.
+        let _ = self.child.take().map(|mut c| {
+            let _ = c.kill();
+            c.wait()
+        });
+        false
     }
 
     pub fn addr(&self) -> String {
