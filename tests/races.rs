@@ -681,3 +681,31 @@ async fn a_fill_on_another_connection_than_its_miss_follows_on_write() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flushed_script_cache_is_reloaded_without_the_client_noticing() {
+    let setup = Setup::new(&Target::Cachefence("[[cache]]\non_stale_fill = \"error\"\n")).await;
+    let (mut reader, mut writer) = (setup.client().await, setup.client().await);
+    // Both connections have sent the script once (with its source).
+    assert_eq!(writer.call("SET k v").await, "+OK\r\n");
+    assert_eq!(reader.call("DEL nothing").await, ":0\r\n");
+    assert_eq!(writer.call("SCRIPT FLUSH").await, "+OK\r\n");
+    // EVALSHA now fails with NOSCRIPT inside the proxy; the client sees
+    // its command's own replies, and the fences still work.
+    assert_eq!(reader.call("GET fresh").await, "$-1\r\n");
+    assert_eq!(writer.call("DEL fresh").await, ":0\r\n");
+    assert_eq!(
+        reader.call("SET fresh stale").await,
+        "-STALE cachefence: fill refused (fence_moved)\r\n"
+    );
+    assert_eq!(writer.call("DEL k").await, ":1\r\n");
+    let stats = writer.call("CACHE.STATS").await;
+    let reloads: u64 = stats
+        .split("$14\r\nscript_reloads\r\n:")
+        .nth(1)
+        .and_then(|r| r.split("\r\n").next())
+        .and_then(|n| n.parse().ok())
+        .expect("script_reloads in CACHE.STATS");
+    // The script cache is global: the first NOSCRIPT reloads it for every connection.
+    assert_eq!(reloads, 1, "{stats}");
+}
