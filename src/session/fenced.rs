@@ -194,7 +194,12 @@ impl<'a> FenceSession<'a> {
             }
             Fenced::Set | Fenced::SetEx | Fenced::PSetEx => {
                 let (policy, rules) = self.fences.policy(key)?;
-                match self.fill(command, &words, policy, rules).filter(|_| !queued) {
+                let fill = if queued {
+                    None
+                } else {
+                    self.fill(command, &words, policy, rules)
+                };
+                match fill {
                     Some(plan) => Some(plan),
                     None => self.write(command, &words, vec![key.clone()]),
                 }

@@ -215,8 +215,11 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn touch(&self) {
-        *self.last_activity.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    /// Records activity, which only the idle `timeout` needs.
+    fn touch(&self, config: &Config) {
+        if config.timeout.is_some() {
+            *self.last_activity.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        }
     }
 
     fn last_activity(&self) -> Instant {
@@ -272,7 +275,7 @@ where
         let read = tokio::select! {
             read = client.read_buf(&mut buf), if reading && room => read,
             _ = shared.room.notified(), if reading && !room => continue,
-            injection = injections.recv() => {
+            injection = injections.recv(), if fence.is_some() => {
                 let Some(injection) = injection else { return end };
                 let fence = fence.expect("injections imply fences");
                 let bytes = fence.encode(&injection.call, injection.reload);
@@ -306,7 +309,7 @@ where
                 end = RequestsEnd::ClientClosed;
                 continue;
             }
-            Ok(_) => shared.touch(),
+            Ok(_) => shared.touch(config),
             Err(error) => {
                 debug!(%error, "client read failed");
                 return RequestsEnd::ClientGone;
@@ -718,7 +721,7 @@ where
         if outbox.write(client, &buf).await.is_err() {
             return SessionEnd::ClientWriteFailed;
         }
-        shared.touch();
+        shared.touch(&ctx.config);
         if close {
             let _ = client.shutdown().await;
             return SessionEnd::Closed;
