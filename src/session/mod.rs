@@ -468,14 +468,20 @@ fn frame_requests(
                 Some(_) if exec_with_pubsub || exec_fenced => (None, Some(Expect::Exec)),
                 expect => (None, expect),
             },
-            Some(Plan::Forward(expect)) => (None, Some(Expect::Fence(expect))),
+            Some(Plan::Forward(expect)) => (None, Some(Expect::Fence(Box::new(expect)))),
             Some(Plan::Rewrite(call, expect)) => {
                 let fence = fence.expect("plans imply fences");
-                (Some(fence.encode(&call, false)), Some(Expect::Fence(expect)))
+                (
+                    Some(fence.encode(&call, false)),
+                    Some(Expect::Fence(Box::new(expect))),
+                )
             }
             Some(Plan::Local(reply)) => {
                 batch.locals = true;
-                (Some(Bytes::new()), Some(Expect::Fence(FenceExpect::Local(reply))))
+                (
+                    Some(Bytes::new()),
+                    Some(Expect::Fence(Box::new(FenceExpect::Local(reply)))),
+                )
             }
         };
         if let Some(expect) = expect {
@@ -893,11 +899,11 @@ fn inject(
     outbox: &mut Outbox,
     fallback: &[u8],
 ) {
-    let expect = Expect::Fence(FenceExpect::Script {
+    let expect = Expect::Fence(Box::new(FenceExpect::Script {
         call: call.clone(),
         reply: reply.clone(),
         slot: Some(slot),
-    });
+    }));
     if injections.try_send(Injection { call, reload, expect }).is_err() {
         warn!("too many calls of the proxy's own in flight; releasing a reply unfenced");
         let release = match reply {

@@ -41,8 +41,9 @@ pub enum Expect {
     /// A reply the proxy made itself, sent in its place in the order;
     /// `close` ends the connection after it.
     Local { reply: Bytes, close: bool },
-    /// An intercepted command (see [`super::fenced`]).
-    Fence(FenceExpect),
+    /// An intercepted command (see [`super::fenced`]); boxed so that the
+    /// queue entry of every plain command stays small.
+    Fence(Box<FenceExpect>),
     /// `EXEC` of a transaction that queued (un)subscriptions.
     Exec,
     /// One reply; on success the connection uses database `db`.
@@ -53,6 +54,15 @@ pub enum Expect {
 }
 
 impl Expect {
+    /// A reply the proxy makes itself (no frame from upstream answers it).
+    fn is_local(&self) -> bool {
+        match self {
+            Expect::Local { .. } => true,
+            Expect::Fence(fence) => matches!(**fence, FenceExpect::Local(_)),
+            _ => false,
+        }
+    }
+
     /// The expectation for a request, given the connection's `CLIENT REPLY`
     /// mode, which it updates. `None`: Redis sends nothing back.
     pub fn for_command(command: Command, mode: &mut ReplyMode) -> Option<Expect> {
@@ -204,14 +214,15 @@ impl Pairing {
 
     /// The head of the queue is a reply the proxy made itself.
     pub fn take_local(&mut self) -> Option<LocalReply> {
-        match self.pending.front() {
-            Some(Expect::Local { .. } | Expect::Fence(FenceExpect::Local(_))) => {
-                match self.pending.pop_front() {
-                    Some(Expect::Local { reply, close }) => Some(LocalReply::Raw { reply, close }),
-                    Some(Expect::Fence(FenceExpect::Local(reply))) => Some(LocalReply::Built(reply)),
-                    _ => unreachable!(),
-                }
-            }
+        if !self.pending.front().is_some_and(Expect::is_local) {
+            return None;
+        }
+        match self.pending.pop_front()? {
+            Expect::Local { reply, close } => Some(LocalReply::Raw { reply, close }),
+            Expect::Fence(fence) => match *fence {
+                FenceExpect::Local(reply) => Some(LocalReply::Built(reply)),
+                _ => None,
+            },
             _ => None,
         }
     }
@@ -229,7 +240,7 @@ impl Pairing {
             .pending
             .iter()
             .take_while(|e| !matches!(e, Expect::Closing))
-            .filter(|e| !matches!(e, Expect::Local { .. } | Expect::Fence(FenceExpect::Local(_))))
+            .filter(|e| !e.is_local())
             .count();
         self.pending.clear();
         self.confirms_pending = 0;
@@ -242,7 +253,7 @@ impl Pairing {
         let head = match self.pending.front() {
             Some(Expect::Reply) => true,
             // A bulk still arriving is not nil: the GET was a hit.
-            Some(Expect::Fence(FenceExpect::Get { .. })) => kind == b'$',
+            Some(Expect::Fence(fence)) => matches!(**fence, FenceExpect::Get { .. }) && kind == b'$',
             _ => false,
         };
         head && kind != b'>' && !self.monitor && !self.subs.any()
@@ -326,7 +337,7 @@ impl Pairing {
             }
             Expect::Monitor if ok => self.monitor = true,
             Expect::Closing if ok => self.quit = true,
-            Expect::Fence(fence) => return Route::Fence(fence),
+            Expect::Fence(fence) => return Route::Fence(*fence),
             _ => {}
         }
         Route::Reply

@@ -157,8 +157,24 @@ impl RedisServer {
             }
         }
         let reply = String::from_utf8_lossy(&reply);
-        if reply.starts_with("-NOAUTH") || reply.contains(&format!("process_id:{pid}\r\n")) {
+        if reply.contains(&format!("process_id:{pid}\r\n")) {
             return true;
+        }
+        if reply.starts_with("-NOAUTH") {
+            // INFO needs the password; but redis-server exits at once when it
+            // cannot bind, so if our child still runs a moment later, the
+            // port (and the server that answered) is ours.
+            std::thread::sleep(Duration::from_millis(100));
+            if self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+                .is_none()
+            {
+                return true;
+            }
+            self.child = None;
+            return false;
         }
         // Someone else's server holds the port; ours will exit.
         let _ = self.child.take().map(|mut c| {
