@@ -411,6 +411,30 @@ impl<'a> FenceSession<'a> {
     /// Turns a fence script's reply into the client's reply (`None`: the
     /// script could not run; the caller decides).
     pub fn translate(&self, reply: &ScriptReply, frame: &[u8], resp3: bool, db: u32) -> Bytes {
+        if let ScriptReply::Command { keys, .. } | ScriptReply::Ok { keys } = reply {
+            // Writes and invalidations, the common case: no decoding needed.
+            if matches!(frame.first(), Some(b'-' | b'!')) {
+                return Bytes::copy_from_slice(frame);
+            }
+            keys.iter().for_each(|k| self.fences.wake(k));
+            if matches!(
+                reply,
+                ScriptReply::Ok { .. }
+                    | ScriptReply::Command {
+                        invalidation: true,
+                        ..
+                    }
+            ) {
+                self.fences.invalidated(db, keys);
+            }
+            return match reply {
+                ScriptReply::Ok { .. } => Reply::Status("OK").encode(resp3),
+                // Lua's false (a nil inside the script) reaches a RESP3 client
+                // as a boolean; the client's command answered nil.
+                _ if frame == b"#f\r\n" => Reply::Nil.encode(resp3),
+                _ => Bytes::copy_from_slice(frame),
+            };
+        }
         let value = Value::decode(frame, resp3);
         match (reply, value) {
             (_, Some(Value::Error(_))) | (_, None) => Bytes::copy_from_slice(frame),
@@ -476,24 +500,6 @@ impl<'a> FenceSession<'a> {
                         self.fences.stats.refused(why).inc();
                         stale_reply(why, rules).encode(resp3)
                     }
-                }
-            }
-            (ScriptReply::Command { keys, .. } | ScriptReply::Ok { keys }, Some(value)) => {
-                keys.iter().for_each(|k| self.fences.wake(k));
-                if matches!(
-                    reply,
-                    ScriptReply::Ok { .. }
-                        | ScriptReply::Command {
-                            invalidation: true,
-                            ..
-                        }
-                ) {
-                    self.fences.invalidated(db, keys);
-                }
-                match (reply, value) {
-                    (ScriptReply::Ok { .. }, _) => Reply::Status("OK").encode(resp3),
-                    (_, Value::Bool(false)) => Reply::Nil.encode(resp3),
-                    _ => Bytes::copy_from_slice(frame),
                 }
             }
             (ScriptReply::FenceInfo { key }, Some(Value::Array(items))) => {
