@@ -128,8 +128,7 @@ pub async fn run(
                 RequestsEnd::Idle => SessionEnd::Idle,
                 RequestsEnd::ClientGone => SessionEnd::ClientGone,
                 // The replies direction finishes what is owed.
-                RequestsEnd::ClientClosed | RequestsEnd::Shutdown | RequestsEnd::ProtocolError
-                | RequestsEnd::UpstreamGone => replies.await,
+                RequestsEnd::UpstreamGone | RequestsEnd::RepliesDone => replies.await,
             },
         }
     };
@@ -155,18 +154,16 @@ async fn linger<R: AsyncRead + Unpin>(client: &mut R) {
 
 #[derive(Debug)]
 enum RequestsEnd {
-    /// The client closed its side; the upstream was told the same.
-    ClientClosed,
     /// Reading from the client failed.
     ClientGone,
     /// Idle past `timeout`.
     Idle,
-    /// The server is shutting down.
-    Shutdown,
-    /// Malformed request; the error reply is queued.
-    ProtocolError,
     /// Writing to the upstream failed.
     UpstreamGone,
+    /// The replies direction ended (it owns the injection sender). After the
+    /// client's end, a shutdown or a protocol error the requests direction
+    /// stops reading but keeps sending injections until then.
+    RepliesDone,
 }
 
 #[derive(Debug)]
@@ -259,7 +256,6 @@ where
     // After a shutdown or the client's end, keep writing the proxy's own
     // calls: replies already owed may depend on them.
     let mut reading = !*shutdown.borrow();
-    let mut end = RequestsEnd::Shutdown;
     if !reading {
         drain(shared);
     }
@@ -276,7 +272,7 @@ where
             read = client.read_buf(&mut buf), if reading && room => read,
             _ = shared.room.notified(), if reading && !room => continue,
             injection = injections.recv(), if fence.is_some() => {
-                let Some(injection) = injection else { return end };
+                let Some(injection) = injection else { return RequestsEnd::RepliesDone };
                 let fence = fence.expect("injections imply fences");
                 let bytes = fence.encode(&injection.call, injection.reload);
                 shared.pairing().push(injection.expect);
@@ -306,7 +302,6 @@ where
                 // have seen without the proxy.
                 let _ = upstream.shutdown().await;
                 reading = false;
-                end = RequestsEnd::ClientClosed;
                 continue;
             }
             Ok(_) => shared.touch(config),
@@ -339,16 +334,13 @@ where
                 debug!(%error, "closing client after protocol error");
                 shared.reply_locally(encode::error(&format!("ERR {error}")), true);
                 reading = false;
-                end = RequestsEnd::ProtocolError;
             } else {
                 // As Redis: the error reply is suppressed, so the close that
                 // would follow it never comes; further input is ignored.
                 debug!(%error, "protocol error with replies off: ignoring further input");
                 state.discarding = true;
+                buf.clear();
             }
-        }
-        if state.discarding {
-            buf.clear();
         }
     }
 }
@@ -696,7 +688,7 @@ where
                             }
                         }
                         upto = frame.end;
-                        if take_locals(&mut pairing, &mut outbox) || outbox.closing && !outbox.is_holding() {
+                        if take_locals(&mut pairing, &mut outbox) {
                             close = true;
                             break;
                         }
