@@ -33,14 +33,12 @@ pub const MAX_TICKETS_PER_CONNECTION: usize = 4096;
 pub struct Ticket {
     /// Fence version at the miss (as Redis wrote it).
     pub version: Bytes,
-    /// Redis `TIME` at the miss, µs (as Redis wrote it).
+    /// Redis `TIME` at the miss, µs (as Redis wrote it). The lag rule
+    /// compares it, in the fill script, with the fence's invalidation time
+    /// as it is at fill time.
     pub miss_us: Bytes,
-    /// Last invalidation before the miss, µs (`0`: none known).
-    pub invalidated_us: Bytes,
     /// When the proxy issued it; tickets older than `lease_ttl` are refused.
     pub issued: Instant,
-    /// Index of the policy that fenced the key.
-    pub policy: usize,
 }
 
 /// Why a fill was refused.
@@ -209,11 +207,7 @@ impl Fences {
 
     /// The policy of `key` with its index, if the key is fenced.
     pub fn policy(&self, key: &[u8]) -> Option<(usize, &Policy)> {
-        self.scope
-            .policies()
-            .iter()
-            .enumerate()
-            .find(|(_, p)| policy::glob_match(p.pattern.as_bytes(), key))
+        self.scope.policy(key)
     }
 
     pub fn policy_at(&self, index: usize) -> &Policy {

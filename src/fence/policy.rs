@@ -139,11 +139,12 @@ impl Scope {
         Ok(Scope { policies })
     }
 
-    /// The policy of `key`, or `None` when the key is not fenced.
-    pub fn policy(&self, key: &[u8]) -> Option<&Policy> {
+    /// The policy of `key` with its index, or `None` when the key is not fenced.
+    pub fn policy(&self, key: &[u8]) -> Option<(usize, &Policy)> {
         self.policies
             .iter()
-            .find(|p| glob_match(p.pattern.as_bytes(), key))
+            .enumerate()
+            .find(|(_, p)| glob_match(p.pattern.as_bytes(), key))
     }
 
     pub fn policies(&self) -> &[Policy] {
@@ -247,8 +248,12 @@ mod tests {
             },
         ];
         let scope = Scope::new(&sections).unwrap();
-        assert_eq!(scope.policy(b"session:1").unwrap().on_write, OnWrite::Invalidate);
-        assert_eq!(scope.policy(b"user:1").unwrap().on_write, OnWrite::Write);
+        assert_eq!(
+            scope.policy(b"session:1").unwrap().1.on_write,
+            OnWrite::Invalidate
+        );
+        assert_eq!(scope.policy(b"user:1").unwrap().1.on_write, OnWrite::Write);
+        assert_eq!(scope.policy(b"user:1").unwrap().0, 1);
         assert!(scope.policy(b"other").is_none());
         let bad = CacheSection {
             hold: Some(Span(Duration::from_secs(60))),

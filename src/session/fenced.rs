@@ -174,14 +174,13 @@ impl<'a> FenceSession<'a> {
         }
         let key = words.get(1)?;
         match command {
+            // GET returned above; GETEX is handled like it.
             Fenced::Get | Fenced::GetEx => {
                 let (policy, _) = self.fences.policy(key)?;
-                (words.len() == 2 || command == Fenced::GetEx).then(|| {
-                    Plan::Forward(FenceExpect::Get {
-                        key: key.clone(),
-                        policy,
-                    })
-                })
+                Some(Plan::Forward(FenceExpect::Get {
+                    key: key.clone(),
+                    policy,
+                }))
             }
             Fenced::MGet => {
                 let keys: Vec<Option<(Bytes, usize)>> = words[1..]
@@ -259,9 +258,6 @@ impl<'a> FenceSession<'a> {
                 (value, expiry, nx)
             }
         };
-        if words.len() > 4 && command != Fenced::Set {
-            return None;
-        }
         let ticket = self.fences.take(self.connection, key)?;
         self.held().remove(key);
         if ticket.issued.elapsed() > rules.lease_ttl {
@@ -443,27 +439,6 @@ impl<'a> FenceSession<'a> {
                 MissOutcome::Reply(bytes) => bytes,
                 MissOutcome::Wait => nil.clone(),
             },
-            (
-                ScriptReply::Fill {
-                    key, lease_api: true, ..
-                },
-                Some(Value::Array(items)),
-            ) => {
-                self.fences.wake(key);
-                match items.first().and_then(Value::as_int) {
-                    Some(1) => {
-                        self.fences.stats.fills_accepted.inc();
-                        Reply::Status("OK").encode(resp3)
-                    }
-                    _ => {
-                        let why = Refusal::from_script(
-                            items.get(1).and_then(Value::as_bytes).map_or(&b""[..], |b| b),
-                        );
-                        self.fences.stats.refused(why).inc();
-                        Reply::Status("STALE").encode(resp3)
-                    }
-                }
-            }
             (ScriptReply::LeaseGet, Some(Value::Array(items))) => {
                 let field = |i: usize| {
                     items
@@ -481,9 +456,15 @@ impl<'a> FenceSession<'a> {
                     }
                 }
             }
-            (ScriptReply::Fill { policy, key, .. }, Some(Value::Array(items))) => {
+            (
+                ScriptReply::Fill {
+                    policy,
+                    key,
+                    lease_api,
+                },
+                Some(Value::Array(items)),
+            ) => {
                 self.fences.wake(key);
-                let rules = self.fences.policy_at(*policy);
                 match items.first().and_then(Value::as_int) {
                     Some(1) => {
                         self.fences.stats.fills_accepted.inc();
@@ -494,11 +475,13 @@ impl<'a> FenceSession<'a> {
                         Reply::Nil.encode(resp3)
                     }
                     _ => {
-                        let why = Refusal::from_script(
-                            items.get(1).and_then(Value::as_bytes).map_or(&b""[..], |b| b),
-                        );
+                        let reason = items.get(1).and_then(Value::as_bytes).map_or(&b""[..], |b| b);
+                        let why = Refusal::from_script(reason);
                         self.fences.stats.refused(why).inc();
-                        stale_reply(why, rules).encode(resp3)
+                        match lease_api {
+                            true => Reply::Status("STALE").encode(resp3),
+                            false => stale_reply(why, self.fences.policy_at(*policy)).encode(resp3),
+                        }
                     }
                 }
             }
@@ -513,14 +496,9 @@ impl<'a> FenceSession<'a> {
     /// `{0, version, invalidated, now, leader}` (a ticket, unless another
     /// client leads and this miss may still wait).
     pub fn miss(&self, reply: &ScriptReply, frame: &[u8], resp3: bool) -> MissOutcome {
-        let (key, policy, nil, forced) = match reply {
-            ScriptReply::Miss {
-                key,
-                policy,
-                nil,
-                forced,
-            } => (key, policy, nil, *forced),
-            ScriptReply::MGetMiss { key, policy, .. } => (key, policy, &Bytes::new(), true),
+        let (key, nil, forced) = match reply {
+            ScriptReply::Miss { key, nil, forced, .. } => (key, nil, *forced),
+            ScriptReply::MGetMiss { key, .. } => (key, &Bytes::new(), true),
             _ => unreachable!("only misses"),
         };
         let Some(Value::Array(items)) = Value::decode(frame, resp3) else {
@@ -536,18 +514,12 @@ impl<'a> FenceSession<'a> {
             (Some(0), Some(Value::Bulk(version))) => {
                 let ticket = Ticket {
                     version: version.clone(),
-                    invalidated_us: items
-                        .get(2)
-                        .and_then(Value::as_bytes)
-                        .cloned()
-                        .unwrap_or_default(),
                     miss_us: items
                         .get(3)
                         .and_then(Value::as_bytes)
                         .cloned()
                         .unwrap_or_default(),
                     issued: Instant::now(),
-                    policy: *policy,
                 };
                 let mut held = self.held();
                 if self
