@@ -8,8 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
@@ -17,7 +16,6 @@ use tracing::{debug, warn};
 use super::script;
 use crate::config::Upstream;
 use crate::metrics::Counter;
-use crate::resp::reply::ReplyScanner;
 use crate::session::upstream;
 
 /// Second deletes waiting at most, per process.
@@ -130,11 +128,10 @@ async fn run(
     let conn = connection.as_mut().expect("connected");
     if conn.db != job.db {
         let db = job.db.to_string();
-        call(
-            &mut conn.stream,
-            crate::resp::encode::command(&[b"SELECT", db.as_bytes()]),
-        )
-        .await?;
+        let select = crate::resp::encode::command(&[b"SELECT", db.as_bytes()]);
+        upstream::call(&mut conn.stream, &select)
+            .await
+            .map_err(std::io::Error::other)?;
         conn.db = job.db;
     }
     let keys: Vec<&[u8]> = job.keys.iter().map(|k| &k[..]).collect();
@@ -144,25 +141,7 @@ async fn run(
         false => script::call_with_source(&keys, &args),
     };
     conn.loaded = true;
-    call(&mut conn.stream, request).await
-}
-
-/// Sends one command and requires a non-error reply.
-async fn call(stream: &mut TcpStream, request: Bytes) -> std::io::Result<()> {
-    stream.write_all(&request).await?;
-    let mut buf = BytesMut::with_capacity(64);
-    let mut scanner = ReplyScanner::default();
-    loop {
-        if stream.read_buf(&mut buf).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        if let Some(frame) = scanner.advance(&buf).map_err(std::io::Error::other)? {
-            if frame.is_error() {
-                return Err(std::io::Error::other(
-                    String::from_utf8_lossy(&buf[..frame.end]).into_owned(),
-                ));
-            }
-            return Ok(());
-        }
-    }
+    upstream::call(&mut conn.stream, &request)
+        .await
+        .map_err(std::io::Error::other)
 }

@@ -56,39 +56,55 @@ pub async fn connect(upstream: &Upstream, timeout: Duration) -> Result<TcpStream
     }
 }
 
+/// Why one command sent with [`call`] did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// Redis answered an error (its text, without `-` and CRLF) or bytes
+    /// that are not RESP.
+    #[error("{0}")]
+    Refused(String),
+}
+
 /// Sends one command and requires a non-error reply.
+pub async fn call(stream: &mut TcpStream, request: &[u8]) -> Result<(), CallError> {
+    stream.write_all(request).await?;
+    let mut buf = BytesMut::with_capacity(256);
+    let mut scanner = ReplyScanner::default();
+    loop {
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+        let frame = scanner
+            .advance(&buf)
+            .map_err(|e| CallError::Refused(e.to_string()))?;
+        if let Some(frame) = frame {
+            if frame.is_error() {
+                let text = String::from_utf8_lossy(&buf[1..frame.end - 2]).into_owned();
+                return Err(CallError::Refused(text));
+            }
+            return Ok(());
+        }
+    }
+}
+
+/// One step of the proxy's own handshake.
 async fn handshake(
     stream: &mut TcpStream,
     args: &[&[u8]],
     step: &'static str,
     addr: &str,
 ) -> Result<(), UpstreamError> {
-    let io = |e: std::io::Error| UpstreamError::Unreachable {
-        addr: addr.to_string(),
-        reason: e.to_string(),
-    };
-    stream.write_all(&command(args)).await.map_err(io)?;
-    let mut buf = BytesMut::with_capacity(256);
-    let mut scanner = ReplyScanner::default();
-    loop {
-        if stream.read_buf(&mut buf).await.map_err(io)? == 0 {
-            return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
-        }
-        let frame = scanner.advance(&buf).map_err(|e| UpstreamError::Rejected {
+    call(stream, &command(args)).await.map_err(|error| match error {
+        CallError::Io(e) => UpstreamError::Unreachable {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        },
+        CallError::Refused(reply) => UpstreamError::Rejected {
             addr: addr.to_string(),
             step,
-            reply: e.to_string(),
-        })?;
-        if let Some(frame) = frame {
-            if frame.is_error() {
-                let reply = String::from_utf8_lossy(&buf[1..frame.end - 2]).into_owned();
-                return Err(UpstreamError::Rejected {
-                    addr: addr.to_string(),
-                    step,
-                    reply,
-                });
-            }
-            return Ok(());
-        }
-    }
+            reply,
+        },
+    })
 }
