@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::changelog::{ChangeLogConfig, PostgresSection};
 use crate::fence::{CacheSection, Scope};
 
 /// Where the proxy connects, parsed from `host:port` or
@@ -342,6 +343,9 @@ settings! {
     timeout: Span = Span(Duration::ZERO);
     /// Time allowed to connect to (and authenticate with) the upstream.
     connect_timeout: Span = Span(Duration::from_secs(2));
+    /// Longest silence from the upstream while a reply is due (blocking
+    /// commands excepted); past it the client gets errors and is closed (0 = never).
+    reply_timeout: Span = Span(Duration::from_secs(30));
     /// On SIGINT/SIGTERM, how long in-flight replies may take before exit.
     shutdown_timeout: Span = Span(Duration::from_secs(10));
     /// Worker threads (0 = one per available CPU).
@@ -355,6 +359,8 @@ settings! {
     @file_only {
         /// Fenced key patterns and their rules (`[[cache]]` tables; the first match wins).
         cache: Vec<CacheSection> = vec![CacheSection::defaults()];
+        /// The PostgreSQL change log (`[postgres]` and `[[postgres.table]]`).
+        postgres: PostgresSection = PostgresSection::defaults();
     }
 }
 
@@ -368,12 +374,15 @@ pub struct Config {
     pub max_pending: usize,
     pub timeout: Option<Duration>,
     pub connect_timeout: Duration,
+    pub reply_timeout: Option<Duration>,
     pub shutdown_timeout: Duration,
     pub workers: usize,
     pub log_level: String,
     pub log_format: LogFormat,
     /// The fenced key space; `None` when fences are off.
     pub fences: Option<Scope>,
+    /// The PostgreSQL change log; `None` without `[postgres] url`.
+    pub changelog: Option<ChangeLogConfig>,
     /// The file the settings came from, if any.
     pub source: Option<PathBuf>,
 }
@@ -425,6 +434,7 @@ impl Config {
         };
         let timeout = s.timeout.expect("defaulted").0;
         let connect_timeout = s.connect_timeout.expect("defaulted").0;
+        let reply_timeout = s.reply_timeout.expect("defaulted").0;
         anyhow::ensure!(
             !connect_timeout.is_zero(),
             "key `connect_timeout`: must be greater than 0"
@@ -440,6 +450,7 @@ impl Config {
             max_pending: positive("max_pending", s.max_pending.expect("defaulted").into())?,
             timeout: (!timeout.is_zero()).then_some(timeout),
             connect_timeout,
+            reply_timeout: (!reply_timeout.is_zero()).then_some(reply_timeout),
             shutdown_timeout: s.shutdown_timeout.expect("defaulted").0,
             workers: s.workers.expect("defaulted") as usize,
             log_level,
@@ -448,6 +459,7 @@ impl Config {
                 true => Some(Scope::new(&s.cache.expect("defaulted"))?),
                 false => None,
             },
+            changelog: s.postgres.expect("defaulted").resolve()?,
             source,
         })
     }

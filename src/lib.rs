@@ -19,6 +19,7 @@
 //!
 //! `main.rs` only parses flags, loads the config and runs [`server::Server`].
 
+pub mod changelog;
 pub mod config;
 pub mod fence;
 pub mod logging;

@@ -1,6 +1,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use cachefence::changelog::install;
 use cachefence::config::{Config, Settings};
 use cachefence::server::{self, Server};
 use clap::Parser;
@@ -11,7 +12,7 @@ use tracing::{error, info};
 #[command(name = "cachefence", version)]
 struct Cli {
     /// TOML configuration file (see config.example.toml).
-    #[arg(long, short)]
+    #[arg(long, short, global = true)]
     config: Option<PathBuf>,
     /// Validate the configuration and exit (0 valid, 1 invalid).
     #[arg(long)]
@@ -21,6 +22,33 @@ struct Cli {
     no_fences: bool,
     #[command(flatten)]
     settings: Settings,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// The PostgreSQL change log's outbox and triggers (`[postgres]` in the config).
+    Pg {
+        #[command(subcommand)]
+        action: PgAction,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum PgAction {
+    /// Create (or update) the outbox table and one trigger per `[[postgres.table]]`, in one transaction.
+    Install {
+        /// Print the SQL instead of running it.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Drop the triggers, their functions and the outbox (with unconsumed rows).
+    Uninstall {
+        /// Print the SQL instead of running it.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -36,6 +64,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(Command::Pg { action }) = cli.command {
+        return pg(&config, action);
+    }
     if cli.check {
         let source = config
             .source
@@ -65,6 +96,47 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
+            eprintln!("cachefence: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `cachefence pg install|uninstall [--dry-run]`.
+fn pg(config: &Config, action: PgAction) -> ExitCode {
+    let Some(changelog) = &config.changelog else {
+        eprintln!(
+            "cachefence: `pg` needs `[postgres] url` and `[[postgres.table]]` mappings in the config file (--config)"
+        );
+        return ExitCode::FAILURE;
+    };
+    let (action, dry_run) = match action {
+        PgAction::Install { dry_run } => (install::Action::Install, dry_run),
+        PgAction::Uninstall { dry_run } => (install::Action::Uninstall, dry_run),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    let result = match runtime {
+        Ok(runtime) => runtime.block_on(install::run(changelog, action, dry_run)),
+        Err(e) => Err(e.into()),
+    };
+    match result {
+        Ok(sql) if dry_run => {
+            print!("{sql}");
+            ExitCode::SUCCESS
+        }
+        Ok(_) => {
+            let what = match action {
+                install::Action::Install => "installed",
+                install::Action::Uninstall => "uninstalled",
+            };
+            println!(
+                "cachefence: change log {what} (outbox {}, {} table(s))",
+                changelog.outbox,
+                changelog.tables.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
             eprintln!("cachefence: {e:#}");
             ExitCode::FAILURE
         }

@@ -34,6 +34,10 @@ impl Gauge {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
 
+    pub fn set(&self, value: u64) {
+        self.0.store(value, Ordering::Relaxed);
+    }
+
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
@@ -53,6 +57,8 @@ pub struct Metrics {
     pub upstream_connect_errors: Counter,
     /// Upstream connections lost with replies pending.
     pub upstream_lost: Counter,
+    /// Upstream connections closed by `reply_timeout`.
+    pub upstream_timeouts: Counter,
     /// Clients closed for malformed requests.
     pub protocol_errors: Counter,
 }

@@ -11,6 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::{Instrument, info, info_span, warn};
 
+use crate::changelog::{ChangeLogStats, consumer};
 use crate::config::Config;
 use crate::fence::Fences;
 use crate::metrics::Metrics;
@@ -28,13 +29,20 @@ impl Server {
         let listener = TcpListener::bind(&config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let changelog = config
+            .changelog
+            .as_ref()
+            .map(|_| Arc::new(ChangeLogStats::default()));
         Ok(Server {
             listener,
             ctx: Arc::new(Context {
-                fences: config
-                    .fences
-                    .clone()
-                    .map(|scope| Fences::new(scope, Some((config.upstream.clone(), config.connect_timeout)))),
+                fences: config.fences.clone().map(|scope| {
+                    let mut fences =
+                        Fences::new(scope, Some((config.upstream.clone(), config.connect_timeout)));
+                    fences.changelog = changelog.clone();
+                    fences
+                }),
+                changelog,
                 config,
                 metrics: Metrics::default(),
             }),
@@ -61,6 +69,10 @@ impl Server {
         // Every session holds a sender; `recv` returns `None` once all are gone.
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
         let permits = Arc::new(Semaphore::new(ctx.config.max_clients));
+        if let (Some(config), Some(stats)) = (&ctx.config.changelog, &ctx.changelog) {
+            let consumer = consumer::run(config.clone(), ctx.clone(), stats.clone(), stop_rx.clone());
+            tokio::spawn(consumer.instrument(info_span!("changelog")));
+        }
         tokio::pin!(shutdown);
         loop {
             let (socket, peer) = tokio::select! {

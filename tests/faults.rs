@@ -5,38 +5,35 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Proxy, RawClient, RedisServer, WAIT, cmd, cmds, free_port};
-
-/// Polls `check` every 20 ms until it holds, for at most `WAIT`.
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use common::{Proxy, RawClient, RedisServer, cmd, cmds, eventually, free_port};
 
 #[tokio::test(flavor = "multi_thread")]
-async fn unreachable_upstream_answers_an_error_and_recovers_for_new_clients() {
+async fn unreachable_upstream_answers_errors_then_serves_the_same_client() {
     let port = free_port();
     let upstream = format!("127.0.0.1:{port}");
     let proxy = Proxy::start(&upstream, "connect_timeout = \"500ms\"").await;
 
     let mut client = RawClient::connect(proxy.addr).await;
-    let (bytes, closed) = client.read_to_close().await;
-    let text = String::from_utf8_lossy(&bytes);
-    assert!(
-        text.starts_with(&format!("-ERR cachefence: upstream {upstream} unreachable ("))
-            && text.ends_with(")\r\n"),
-        "{text}"
+    let refused =
+        format!("-ERR cachefence: upstream {upstream} unreachable (Connection refused (os error 111))");
+    assert_eq!(client.call("PING").await, format!("{refused}\r\n"));
+    // A delete of a fenced key is answered with an error and queued (C3).
+    assert_eq!(
+        client.call("DEL k").await,
+        format!("{refused}; the delete will be retried\r\n")
     );
-    assert!(closed);
-    assert_eq!(proxy.ctx.metrics.upstream_connect_errors.get(), 1);
+    // Tried at the connection, then again before each request.
+    assert_eq!(proxy.ctx.metrics.upstream_connect_errors.get(), 3);
+    let undelivered = &proxy.ctx.fences.as_ref().unwrap().undelivered;
+    assert_eq!(undelivered.len(), 1);
 
-    // Redis appears on that port: the next client is served.
-    let _redis = RedisServer::start_on(port);
-    let mut client = RawClient::connect(proxy.addr).await;
+    // Redis appears on that port: the same connection is served, and the
+    // queued delete reaches it.
+    let redis = RedisServer::start_on(port);
     assert_eq!(client.call("PING").await, "+PONG\r\n");
+    eventually("the queued delete is delivered", async || undelivered.is_empty()).await;
+    let mut direct = RawClient::connect(redis.addr()).await;
+    assert_eq!(direct.call("EXISTS cachefence:{k}").await, ":1\r\n");
     proxy.shutdown().await;
 }
 
@@ -78,15 +75,14 @@ async fn paused_upstream_times_out_the_handshake_then_resumes_without_loss() {
     // A new client cannot be authenticated upstream in time.
     let started = Instant::now();
     let mut late = RawClient::connect(proxy.addr).await;
-    let (bytes, closed) = late.read_to_close().await;
     assert_eq!(
-        String::from_utf8_lossy(&bytes),
+        late.call("PING").await,
         format!(
             "-ERR cachefence: upstream {} unreachable (no answer within 300ms)\r\n",
             redis.addr()
         )
     );
-    assert!(closed && started.elapsed() < Duration::from_secs(3));
+    assert!(started.elapsed() < Duration::from_secs(3));
     // The existing client's request waits while Redis is stopped, then gets
     // its reply.
     before.send(&cmds("INCR k")).await;
@@ -281,5 +277,88 @@ async fn sixty_four_mib_values_round_trip() {
     assert!(reply.starts_with(header.as_bytes()));
     assert!(reply[header.len()..reply.len() - 2] == value[..], "value differs");
     assert_eq!(client.call("STRLEN big").await, format!(":{}\r\n", value.len()));
+    proxy.shutdown().await;
+}
+
+/// C3 against plain Redis: a delete that cannot be delivered is simply lost,
+/// and the value it was meant to remove outlives the outage.
+#[tokio::test(flavor = "multi_thread")]
+async fn control_a_delete_that_cannot_be_delivered_is_lost_with_plain_redis() {
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let mut client = RawClient::connect(redis.addr()).await;
+    assert_eq!(client.call("SET k old").await, "+OK\r\n");
+    redis.kill();
+    // The writer's DEL fails: nothing reaches Redis.
+    assert!(tokio::net::TcpStream::connect(redis.addr()).await.is_err());
+    redis.restart();
+    let mut client = RawClient::connect(redis.addr()).await;
+    assert_eq!(client.call("GET k").await, "$3\r\nold\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delete_that_cannot_be_delivered_is_retried_and_its_key_reads_as_a_miss() {
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let proxy = Proxy::start(&redis.addr(), "connect_timeout = \"300ms\"").await;
+    let mut client = RawClient::connect(proxy.addr).await;
+    assert_eq!(client.call("SET k old").await, "+OK\r\n");
+    redis.kill();
+    let mut writer = RawClient::connect(proxy.addr).await;
+    let reply = writer.call("DEL k").await;
+    assert!(reply.ends_with("; the delete will be retried\r\n"), "{reply}");
+    // While it is pending: reads miss, fills are refused.
+    let mut reader = RawClient::connect(proxy.addr).await;
+    assert_eq!(reader.call("GET k").await, "$-1\r\n");
+    let mget = reader.call("MGET k").await;
+    assert!(mget.starts_with("-ERR cachefence: upstream"), "{mget}");
+    redis.restart();
+    let mut reader = RawClient::connect(proxy.addr).await;
+    let fences = proxy.ctx.fences.as_ref().unwrap();
+    assert_eq!(reader.call("CACHE.FILL k cf1.1.1 stale").await, "+STALE\r\n");
+    eventually("the delete reaches Redis", async || fences.undelivered.is_empty()).await;
+    let mut direct = RawClient::connect(redis.addr()).await;
+    assert_eq!(direct.call("GET k").await, "$-1\r\n");
+    assert_eq!(direct.call("EXISTS cachefence:{k}").await, ":1\r\n");
+    assert_eq!(fences.undelivered.stats.delivered.get(), 1);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_upstream_times_out_its_replies_and_deletes_are_retried() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.addr(), "reply_timeout = \"300ms\"").await;
+    let mut client = RawClient::connect(proxy.addr).await;
+    assert_eq!(client.call("SET k old").await, "+OK\r\n");
+    // A blocking command may wait longer than reply_timeout.
+    let mut blocked = RawClient::connect(proxy.addr).await;
+    blocked.send(&cmds("BLPOP list 0")).await;
+    assert_eq!(blocked.read_quiet(Duration::from_millis(500)).await, b"");
+    redis.pause();
+    let started = Instant::now();
+    client.send(&[cmds("GET k"), cmds("DEL k")].concat()).await;
+    let (bytes, closed) = client.read_to_close().await;
+    let error = format!(
+        "-ERR cachefence: upstream {} did not reply within 300ms\r\n",
+        redis.addr()
+    );
+    assert_eq!(String::from_utf8_lossy(&bytes), error.repeat(2));
+    assert!(closed && started.elapsed() < Duration::from_secs(3));
+    assert_eq!(proxy.ctx.metrics.upstream_timeouts.get(), 1);
+    let fences = proxy.ctx.fences.as_ref().unwrap();
+    assert_eq!(fences.undelivered.len(), 1);
+    // The key reads as a miss through the proxy while Redis is stopped.
+    let mut reader = RawClient::connect(proxy.addr).await;
+    assert_eq!(reader.call("GET k").await, "$-1\r\n");
+    redis.resume();
+    eventually("the delete reaches Redis", async || fences.undelivered.is_empty()).await;
+    let mut direct = RawClient::connect(redis.addr()).await;
+    assert_eq!(direct.call("GET k").await, "$-1\r\n");
+    assert_eq!(direct.call("LPUSH list x").await, ":1\r\n");
+    assert_eq!(blocked.read_frame().await, b"*2\r\n$4\r\nlist\r\n$1\r\nx\r\n");
+    // No session is left behind.
+    drop((reader, blocked));
+    eventually("every session ended", async || {
+        proxy.ctx.metrics.connections_current.get() == 0
+    })
+    .await;
     proxy.shutdown().await;
 }

@@ -261,7 +261,7 @@ async fn cache_commands_answer_in_the_connections_protocol() {
     assert_eq!(c.call("SET user:1 a").await, "+OK\r\n");
     assert_eq!(c.call("CACHE.INVALIDATE user:1 user:2").await, ":1\r\n");
     let resp2 = c.call("CACHE.STATS").await;
-    assert!(resp2.starts_with("*34\r\n$6\r\nmisses\r\n"), "{resp2}");
+    assert!(resp2.starts_with("*48\r\n$6\r\nmisses\r\n"), "{resp2}");
     assert!(resp2.contains("$13\r\ninvalidations\r\n:1\r\n"), "{resp2}");
     let fence = c.call("CACHE.FENCE user:1").await;
     assert!(
@@ -272,7 +272,7 @@ async fn cache_commands_answer_in_the_connections_protocol() {
     c.read_frame().await;
     let resp3 = c.call("CACHE.STATS").await;
     assert!(
-        resp3.starts_with("%17\r\n") && resp3.contains("$6\r\nmisses\r\n:0\r\n"),
+        resp3.starts_with("%24\r\n") && resp3.contains("$6\r\nmisses\r\n:0\r\n"),
         "{resp3}"
     );
     assert!(

@@ -8,9 +8,11 @@
 //!   intercepted command into a script call and a script reply back into the
 //!   reply the client expects.
 
+pub mod invalidator;
 pub mod policy;
 pub mod script;
 pub mod second_delete;
+pub mod undelivered;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -52,6 +54,8 @@ pub enum Refusal {
     Expired,
     /// The miss was within `lag_window` of an invalidation (`lag_policy = "refuse"`).
     LagWindow,
+    /// A delete of the key could not be delivered yet and is being retried.
+    PendingDelete,
 }
 
 impl Refusal {
@@ -70,6 +74,7 @@ impl Refusal {
             Refusal::FenceMissing => "fence_missing",
             Refusal::Expired => "expired",
             Refusal::LagWindow => "lag_window",
+            Refusal::PendingDelete => "pending_delete",
         }
     }
 }
@@ -86,6 +91,7 @@ pub struct FenceStats {
     pub refused_fence_missing: Counter,
     pub refused_expired: Counter,
     pub refused_lag_window: Counter,
+    pub refused_pending_delete: Counter,
     pub writes: Counter,
     pub writes_rejected: Counter,
     pub invalidations: Counter,
@@ -105,6 +111,7 @@ impl FenceStats {
             Refusal::FenceMissing => &self.refused_fence_missing,
             Refusal::Expired => &self.refused_expired,
             Refusal::LagWindow => &self.refused_lag_window,
+            Refusal::PendingDelete => &self.refused_pending_delete,
         }
     }
 
@@ -121,6 +128,7 @@ impl FenceStats {
             ("fills_refused_fence_missing", self.refused_fence_missing.get()),
             ("fills_refused_expired", self.refused_expired.get()),
             ("fills_refused_lag_window", self.refused_lag_window.get()),
+            ("fills_refused_pending_delete", self.refused_pending_delete.get()),
             ("writes", self.writes.get()),
             ("writes_rejected", self.writes_rejected.get()),
             ("invalidations", self.invalidations.get()),
@@ -148,17 +156,28 @@ pub struct Fences {
     herd: DashMap<Bytes, Vec<std::sync::Weak<tokio::sync::Notify>>>,
     /// The `double_delete` worker, when some policy asks for it.
     pub second_deletes: Option<second_delete::SecondDeletes>,
+    /// Client deletes that could not be delivered, being retried (C3).
+    pub undelivered: std::sync::Arc<undelivered::Undelivered>,
+    /// The change-log consumer's counters, when one runs (`CACHE.STATS`).
+    pub changelog: Option<std::sync::Arc<crate::changelog::ChangeLogStats>>,
 }
 
 impl Fences {
-    /// The fence state of one process; with `upstream`, starts the
-    /// `double_delete` worker if some policy needs it (needs a runtime).
+    /// The fence state of one process; with `upstream`, starts the retry
+    /// worker of undelivered deletes and the `double_delete` worker if some
+    /// policy needs it (needs a runtime).
     pub fn new(scope: Scope, upstream: Option<(crate::config::Upstream, Duration)>) -> Fences {
+        let undelivered = std::sync::Arc::new(undelivered::Undelivered::default());
         let second_deletes = match upstream {
-            Some((upstream, timeout)) if scope.policies().iter().any(|p| p.double_delete.is_some()) => {
-                Some(second_delete::SecondDeletes::start(upstream, timeout))
+            Some((upstream, timeout)) => {
+                undelivered.start(upstream.clone(), timeout, scope.clone());
+                scope
+                    .policies()
+                    .iter()
+                    .any(|p| p.double_delete.is_some())
+                    .then(|| second_delete::SecondDeletes::start(upstream, timeout, scope.clone()))
             }
-            _ => None,
+            None => None,
         };
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -171,6 +190,8 @@ impl Fences {
             instance: format!("{}-{nanos:x}", std::process::id()),
             herd: DashMap::new(),
             second_deletes,
+            undelivered,
+            changelog: None,
         }
     }
 
@@ -184,7 +205,7 @@ impl Fences {
             if let Some((_, policy)) = self.policy(key)
                 && let Some(delay) = policy.double_delete
             {
-                worker.schedule(delay, db, vec![key.clone()], policy.fence_ttl());
+                worker.schedule(delay, db, vec![key.clone()]);
             }
         }
     }

@@ -53,6 +53,10 @@ pub enum Command {
     Fenced(Fenced),
     /// `CACHE.*`: answered by the proxy.
     Admin,
+    /// A command that may legitimately wait for its reply as long as it
+    /// asks (`BLPOP`, `XREAD BLOCK`, `WAIT` …): no `reply_timeout` while
+    /// one is pending.
+    Blocking,
 }
 
 /// The commands the consistency layer looks at.
@@ -130,6 +134,8 @@ impl Command {
             b"APPEND" | b"SETRANGE" | b"INCR" | b"INCRBY" | b"DECR" | b"DECRBY" | b"INCRBYFLOAT"
             | b"SETNX" | b"GETSET" => Command::Fenced(Fenced::Write),
             b"DEL" | b"UNLINK" | b"GETDEL" => Command::Fenced(Fenced::Delete),
+            b"BLPOP" | b"BRPOP" | b"BRPOPLPUSH" | b"BLMOVE" | b"BLMPOP" | b"BZPOPMIN" | b"BZPOPMAX"
+            | b"BZMPOP" | b"XREAD" | b"XREADGROUP" | b"WAIT" | b"WAITAOF" => Command::Blocking,
             _ if upper.starts_with(b"CACHE.") => Command::Admin,
             b"CLIENT" if frame.argc == 3 => {
                 let is = |i: usize, word: &str| {
@@ -186,6 +192,7 @@ mod tests {
         assert_eq!(classify(b"unlink a b\r\n"), Command::Fenced(Fenced::Delete));
         assert_eq!(classify(b"cache.stats\r\n"), Command::Admin);
         assert_eq!(classify(b"LRANGE l 0 -1\r\n"), Command::Plain);
+        assert_eq!(classify(b"blpop l 0\r\n"), Command::Blocking);
         assert_eq!(classify(b"averyveryverylongcommandname\r\n"), Command::Plain);
     }
 }

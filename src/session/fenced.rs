@@ -80,6 +80,19 @@ pub enum ScriptReply {
     FenceInfo { key: Bytes },
 }
 
+impl ScriptReply {
+    /// The keys of an invalidation (`DEL`, `UNLINK`, `GETDEL`, `CACHE.INVALIDATE`).
+    pub fn invalidated_keys(&self) -> Option<Vec<Bytes>> {
+        match self {
+            ScriptReply::Command {
+                keys,
+                invalidation: true,
+            } => Some(keys.clone()),
+            _ => None,
+        }
+    }
+}
+
 /// What the session expects back for an intercepted request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FenceExpect {
@@ -159,11 +172,23 @@ impl<'a> FenceSession<'a> {
     /// Plans a fenced command, or `None` if none of its keys is fenced.
     /// Inside `MULTI` (`queued`), a `SET` is never a fill: the transaction's
     /// replies come later, all at once.
-    pub fn plan(&self, command: Fenced, frame: &Frame, request: &[u8], queued: bool) -> Option<Plan> {
+    /// `db` is the connection's database, for deletes still being retried
+    /// (their keys read as nil and refuse fills).
+    pub fn plan(
+        &self,
+        command: Fenced,
+        frame: &Frame,
+        request: &[u8],
+        queued: bool,
+        db: u32,
+    ) -> Option<Plan> {
         if command == Fenced::Get {
             // The hot path: no argument copies, one glob match.
             let key = frame.arg(request, 1).filter(|_| frame.argc == 2)?;
             let (policy, _) = self.fences.policy(key)?;
+            if self.undelivered(db, key) {
+                return Some(Plan::Local(Reply::Nil));
+            }
             let key = Bytes::copy_from_slice(key);
             return Some(Plan::Forward(FenceExpect::Get { key, policy }));
         }
@@ -177,6 +202,9 @@ impl<'a> FenceSession<'a> {
             // GET returned above; GETEX is handled like it.
             Fenced::Get | Fenced::GetEx => {
                 let (policy, _) = self.fences.policy(key)?;
+                if self.undelivered(db, key) {
+                    return Some(Plan::Local(Reply::Nil));
+                }
                 Some(Plan::Forward(FenceExpect::Get {
                     key: key.clone(),
                     policy,
@@ -196,7 +224,7 @@ impl<'a> FenceSession<'a> {
                 let fill = if queued {
                     None
                 } else {
-                    self.fill(command, &words, policy, rules)
+                    self.fill(command, &words, policy, rules, db)
                 };
                 match fill {
                     Some(plan) => Some(plan),
@@ -225,7 +253,7 @@ impl<'a> FenceSession<'a> {
 
     /// A fill, if this connection holds a ticket for the key and the command
     /// is a plain store (`SET` with only expiry options and `NX`).
-    fn fill(&self, command: Fenced, words: &[Bytes], policy: usize, rules: &Policy) -> Option<Plan> {
+    fn fill(&self, command: Fenced, words: &[Bytes], policy: usize, rules: &Policy, db: u32) -> Option<Plan> {
         let key = &words[1];
         let (value, expiry, nx) = match command {
             Fenced::SetEx => (
@@ -262,6 +290,9 @@ impl<'a> FenceSession<'a> {
         self.held().remove(key);
         if ticket.issued.elapsed() > rules.lease_ttl {
             return Some(self.refuse(Refusal::Expired, rules));
+        }
+        if self.undelivered(db, key) {
+            return Some(self.refuse(Refusal::PendingDelete, rules));
         }
         let call = self.fill_call(key, rules, ticket.version, ticket.miss_us, nx, value, expiry);
         Some(rewrite(
@@ -303,6 +334,16 @@ impl<'a> FenceSession<'a> {
         ];
         args.extend(expiry);
         ScriptCall::new(vec![key.clone(), fence_key(key).into()], args)
+    }
+
+    /// Is a delete of `key` waiting to be retried? Such a key reads as a
+    /// miss and refuses fills through this proxy (counted).
+    pub fn undelivered(&self, db: u32, key: &[u8]) -> bool {
+        let pending = self.fences.undelivered.is_pending(db, key);
+        if pending {
+            self.fences.undelivered.stats.reads_missed.inc();
+        }
+        pending
     }
 
     /// The policy for the lease API: the key's, else the first section's.
@@ -574,7 +615,7 @@ impl<'a> FenceSession<'a> {
 
     /// `CACHE.*` commands: a plan to send (`CACHE.INVALIDATE`, `CACHE.FENCE`)
     /// or a reply.
-    pub fn admin(&self, frame: &Frame, request: &[u8]) -> Plan {
+    pub fn admin(&self, frame: &Frame, request: &[u8], db: u32) -> Plan {
         let words = all_args(frame, request);
         let name = String::from_utf8_lossy(&words[0]).to_ascii_uppercase();
         let arity = || {
@@ -595,6 +636,18 @@ impl<'a> FenceSession<'a> {
                     fields.push(("second_deletes_done", worker.stats.done.get()));
                     fields.push(("second_deletes_dropped", worker.stats.dropped.get()));
                     fields.push(("second_deletes_failed", worker.stats.failed.get()));
+                }
+                let undelivered = &self.fences.undelivered;
+                fields.extend([
+                    ("undelivered_deletes_pending", undelivered.len() as u64),
+                    ("undelivered_deletes_queued", undelivered.stats.queued.get()),
+                    ("undelivered_deletes_delivered", undelivered.stats.delivered.get()),
+                    ("undelivered_deletes_retries", undelivered.stats.retries.get()),
+                    ("undelivered_deletes_dropped", undelivered.stats.dropped.get()),
+                    ("undelivered_reads_missed", undelivered.stats.reads_missed.get()),
+                ]);
+                if let Some(changelog) = &self.fences.changelog {
+                    fields.extend(changelog.fields());
                 }
                 let name = |k: &'static str| Reply::Bulk(Bytes::from_static(k.as_bytes()));
                 Plan::Local(Reply::Map(
@@ -631,6 +684,10 @@ impl<'a> FenceSession<'a> {
                 let call = ScriptCall::new(vec![fence_key(&key).into()], vec![Bytes::from_static(b"peek")]);
                 rewrite(call, ScriptReply::FenceInfo { key })
             }
+            "CACHE.GET" if words.len() == 2 && self.undelivered(db, &words[1]) => {
+                // No value and no lease: a delete of the key is still pending.
+                Plan::Local(Reply::Array(vec![Reply::Nil, Reply::Nil]))
+            }
             "CACHE.GET" if words.len() == 2 => {
                 let key = words[1].clone();
                 let (policy, _) = self.lease_policy(&key);
@@ -652,6 +709,10 @@ impl<'a> FenceSession<'a> {
                     return Plan::Local(Reply::Error(
                         "ERR syntax error (CACHE.FILL key token value [EX s|PX ms])".into(),
                     ));
+                }
+                if self.undelivered(db, &key) {
+                    self.fences.stats.refused(Refusal::PendingDelete).inc();
+                    return Plan::Local(Reply::Status("STALE"));
                 }
                 let call = self.fill_call(&key, rules, version, miss_us, false, &words[3], expiry);
                 rewrite(

@@ -57,6 +57,8 @@ pub struct Context {
     pub metrics: Metrics,
     /// `None` when fences are off: the proxy is a pure passthrough.
     pub fences: Option<Fences>,
+    /// The change-log consumer's counters, when `[postgres]` is configured.
+    pub changelog: Option<Arc<crate::changelog::ChangeLogStats>>,
 }
 
 /// A script call the proxy sends upstream on its own behalf (a miss, or a
@@ -77,17 +79,24 @@ pub async fn run(
     ctx: Arc<Context>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let mut upstream = match upstream::connect(&ctx.config.upstream, ctx.config.connect_timeout).await {
-        Ok(stream) => stream,
-        Err(error) => {
-            ctx.metrics.upstream_connect_errors.inc();
-            warn!(%error, "cannot serve client: upstream connection failed");
-            let reply = encode::error(&format!("ERR cachefence: {error}"));
-            let _ = client.write_all(&reply).await;
-            let _ = client.shutdown().await;
-            return;
-        }
-    };
+    let mut shutdown = shutdown;
+    let (mut upstream, unread) =
+        match upstream::connect(&ctx.config.upstream, ctx.config.connect_timeout).await {
+            Ok(stream) => (stream, BytesMut::new()),
+            Err(error @ upstream::UpstreamError::Rejected { .. }) => {
+                // The proxy's own credentials are wrong: nothing will change that.
+                ctx.metrics.upstream_connect_errors.inc();
+                warn!(%error, "cannot serve client: upstream connection failed");
+                let reply = encode::error(&format!("ERR cachefence: {error}"));
+                let _ = client.write_all(&reply).await;
+                let _ = client.shutdown().await;
+                return;
+            }
+            Err(error) => match unreachable(&mut client, &ctx, error, &mut shutdown).await {
+                Some(connected) => connected,
+                None => return,
+            },
+        };
     debug!(%peer, "session started");
     let shared = Shared::default();
     shared.pairing().db = ctx.config.upstream.db;
@@ -96,10 +105,9 @@ pub async fn run(
     let (inject_tx, inject_rx) = mpsc::channel(MAX_INJECTIONS);
     let (mut client_rd, mut client_wr) = client.split();
     let (mut upstream_rd, mut upstream_wr) = upstream.split();
-    let mut shutdown = shutdown;
     let end = {
         let requests = forward_requests(
-            &mut client_rd,
+            (&mut client_rd, unread),
             &mut upstream_wr,
             &shared,
             &ctx,
@@ -139,6 +147,104 @@ pub async fn run(
         fence.forget_all();
     }
     debug!(?end, "session ended");
+}
+
+/// The upstream cannot be reached: each request the client sends is
+/// answered with the error — a delete of fenced keys is also queued and
+/// retried until Redis takes it (C3) — and the upstream is tried again
+/// before each new batch. `Some` once it answers: the connection and what
+/// the client sent that is still unanswered.
+async fn unreachable(
+    client: &mut TcpStream,
+    ctx: &Context,
+    mut error: upstream::UpstreamError,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<(TcpStream, BytesMut)> {
+    let config = &ctx.config;
+    let mut framer = RequestFramer::new(config.max_frame_size);
+    let mut buf = BytesMut::new();
+    loop {
+        ctx.metrics.upstream_connect_errors.inc();
+        debug!(%error, "upstream unreachable: answering with errors");
+        let (mut replies, mut done, mut close) = (BytesMut::new(), 0, false);
+        while !close {
+            let frame = match framer.next(&buf[done..]) {
+                Ok(Some(frame)) => frame,
+                Ok(None) if buf.len() - done <= config.max_frame_size + INLINE_MAX => break,
+                Ok(None) => {
+                    let text = format!(
+                        "ERR Protocol error: request larger than max_frame_size ({} bytes)",
+                        config.max_frame_size
+                    );
+                    replies.extend_from_slice(&encode::error(&text));
+                    break;
+                }
+                Err(protocol) => {
+                    replies.extend_from_slice(&encode::error(&format!("ERR {protocol}")));
+                    close = true;
+                    break;
+                }
+            };
+            let request = &buf[done..done + frame.len];
+            done += frame.len;
+            if frame.argc == 0 {
+                continue;
+            }
+            let reply = match Command::classify(&frame, request) {
+                Command::Closing => {
+                    close = true;
+                    encode::error(&format!("ERR cachefence: {error}"))
+                }
+                // A key whose delete waits reads as a miss (RESP2: HELLO failed too).
+                Command::Fenced(Fenced::Get | Fenced::GetEx)
+                    if frame.arg(request, 1).is_some_and(|key| {
+                        ctx.fences.as_ref().is_some_and(|f| {
+                            f.policy(key).is_some() && f.undelivered.is_pending(config.upstream.db, key)
+                        })
+                    }) =>
+                {
+                    Bytes::from_static(b"$-1\r\n")
+                }
+                Command::Fenced(Fenced::Delete) if ctx.fences.is_some() => {
+                    let fences = ctx.fences.as_ref().expect("checked");
+                    let keys: Vec<Bytes> = fenced::all_args(&frame, request)
+                        .split_off(1)
+                        .into_iter()
+                        .filter(|k| fences.policy(k).is_some())
+                        .collect();
+                    match !keys.is_empty() && fences.undelivered.push(config.upstream.db, &keys) {
+                        true => {
+                            encode::error(&format!("ERR cachefence: {error}; the delete will be retried"))
+                        }
+                        false => encode::error(&format!("ERR cachefence: {error}")),
+                    }
+                }
+                _ => encode::error(&format!("ERR cachefence: {error}")),
+            };
+            replies.extend_from_slice(&reply);
+        }
+        buf.advance(done);
+        if client.write_all(&replies).await.is_err() || close {
+            let _ = client.shutdown().await;
+            return None;
+        }
+        let idle = sleep_until(config.timeout.map(|t| Instant::now() + t));
+        let read = tokio::select! {
+            read = client.read_buf(&mut buf) => read,
+            _ = shutdown.changed() => return None,
+            _ = idle => return None,
+        };
+        if !matches!(read, Ok(n) if n > 0) {
+            return None;
+        }
+        match upstream::connect(&config.upstream, config.connect_timeout).await {
+            Ok(stream) => {
+                debug!("upstream reachable again");
+                return Some((stream, buf));
+            }
+            Err(again) => error = again,
+        }
+    }
 }
 
 /// After a closing error reply: read and drop what the client still sends,
@@ -232,7 +338,7 @@ impl Shared {
 
 /// Client → upstream.
 async fn forward_requests<R, W>(
-    client: &mut R,
+    (client, unread): (&mut R, BytesMut),
     upstream: &mut W,
     shared: &Shared,
     ctx: &Context,
@@ -245,7 +351,9 @@ where
     W: AsyncWrite + Unpin,
 {
     let config = &ctx.config;
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut buf = unread;
+    // Requests read before the upstream answered are framed first.
+    let mut unframed = !buf.is_empty();
     let mut state = RequestState {
         framer: RequestFramer::new(config.max_frame_size),
         reply_mode: ReplyMode::On,
@@ -268,14 +376,25 @@ where
             .timeout
             .filter(|_| reading)
             .map(|t| shared.last_activity() + t);
-        let read = tokio::select! {
+        let read = if std::mem::take(&mut unframed) {
+            Ok(buf.len())
+        } else {
+            tokio::select! {
             read = client.read_buf(&mut buf), if reading && room => read,
             _ = shared.room.notified(), if reading && !room => continue,
             injection = injections.recv(), if fence.is_some() => {
                 let Some(injection) = injection else { return RequestsEnd::RepliesDone };
                 let fence = fence.expect("injections imply fences");
                 let bytes = fence.encode(&injection.call, injection.reload);
-                shared.pairing().push(injection.expect);
+                let due = {
+                    let mut pairing = shared.pairing();
+                    let was_due = pairing.awaits_upstream();
+                    pairing.push(injection.expect);
+                    !was_due && pairing.awaits_upstream()
+                };
+                if due && config.reply_timeout.is_some() {
+                    shared.wake_replies.notify_one();
+                }
                 if let Err(error) = upstream.write_all(&bytes).await {
                     debug!(%error, "upstream write failed");
                     return RequestsEnd::UpstreamGone;
@@ -294,6 +413,7 @@ where
                     return RequestsEnd::Idle;
                 }
                 continue;
+            }
             }
         };
         match read {
@@ -325,7 +445,7 @@ where
             return RequestsEnd::UpstreamGone;
         }
         buf.advance(batch.complete);
-        if batch.locals {
+        if batch.wake {
             shared.wake_replies.notify_one();
         }
         if let Some(error) = batch.failure {
@@ -370,8 +490,9 @@ struct Batch {
     /// What to send instead of `buf[..complete]`, when a command was
     /// rewritten or answered locally.
     rewritten: Option<BytesMut>,
-    /// Some requests are answered by the proxy.
-    locals: bool,
+    /// The replies direction must look: some requests are answered by the
+    /// proxy, or a reply became due (its `reply_timeout` starts).
+    wake: bool,
     failure: Option<ProtocolError>,
 }
 
@@ -385,10 +506,11 @@ fn frame_requests(
     fence: Option<&FenceSession<'_>>,
 ) -> Batch {
     let mut pairing = shared.pairing();
+    let was_due = pairing.awaits_upstream();
     let mut batch = Batch {
         complete: 0,
         rewritten: None,
-        locals: false,
+        wake: false,
         failure: None,
     };
     // Bytes of `buf` already copied into `rewritten`.
@@ -439,10 +561,10 @@ fn frame_requests(
             // Reads inside MULTI answer later, in EXEC: no miss handling there.
             (Some(_), Command::Fenced(Fenced::Get | Fenced::GetEx | Fenced::MGet)) if state.in_multi => None,
             (Some(fence), Command::Fenced(fenced)) if interceptable => {
-                fence.plan(fenced, &frame, request, state.in_multi)
+                fence.plan(fenced, &frame, request, state.in_multi, pairing.db)
             }
             (Some(fence), Command::Admin) if interceptable && !state.in_multi => {
-                Some(fence.admin(&frame, request))
+                Some(fence.admin(&frame, request, pairing.db))
             }
             _ => None,
         };
@@ -469,7 +591,7 @@ fn frame_requests(
                 )
             }
             Some(Plan::Local(reply)) => {
-                batch.locals = true;
+                batch.wake = true;
                 (
                     Some(Bytes::new()),
                     Some(Expect::Fence(Box::new(FenceExpect::Local(reply)))),
@@ -491,6 +613,7 @@ fn frame_requests(
     if let Some(out) = &mut batch.rewritten {
         out.extend_from_slice(&buf[copied..batch.complete]);
     }
+    batch.wake |= !was_due && ctx.config.reply_timeout.is_some() && pairing.awaits_upstream();
     ctx.metrics.commands.add(commands);
     batch
 }
@@ -615,14 +738,16 @@ where
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut scanner = ReplyScanner::default();
     let mut outbox = Outbox::default();
+    // Since when Redis owes a reply and has sent nothing (`reply_timeout`).
+    let mut silent_since: Option<Instant> = None;
     loop {
         // Local replies owed before any further upstream frame.
-        let (close, drained) = {
+        let (close, drained, awaits) = {
             let mut pairing = shared.pairing();
             let close = take_locals(&mut pairing, &mut outbox);
             let drained =
                 pairing.draining && pairing.pending() == 0 && !scanner.in_frame() && !outbox.is_holding();
-            (close, drained)
+            (close, drained, pairing.awaits_upstream() || scanner.in_frame())
         };
         if outbox.write(client, &[]).await.is_err() {
             return SessionEnd::ClientWriteFailed;
@@ -635,10 +760,22 @@ where
             let _ = client.shutdown().await;
             return SessionEnd::Drained;
         }
+        // Counted from here, after any wait for the client to read.
+        silent_since = match (awaits, silent_since) {
+            (false, _) => None,
+            (true, since) => Some(since.unwrap_or_else(Instant::now)),
+        };
         if buf.capacity() - buf.len() < MIN_READ {
             buf.reserve(READ_CHUNK);
         }
+        let reply_deadline = ctx
+            .config
+            .reply_timeout
+            .zip(silent_since)
+            .map(|(t, since)| since + t);
         let read = tokio::select! {
+            // Bytes already there count before the deadline does.
+            biased;
             read = upstream.read_buf(&mut buf) => read,
             _ = shared.wake_replies.notified() => continue,
             _ = herd.wake.notified(), if !herd.waits.is_empty() => {
@@ -649,13 +786,29 @@ where
                 herd.poll(fence.expect("herd waits imply fences"), &mut outbox, false);
                 continue;
             }
+            _ = sleep_until(reply_deadline) => {
+                let timeout = ctx.config.reply_timeout.expect("a deadline implies a timeout");
+                ctx.metrics.upstream_timeouts.inc();
+                let reason = format!("did not reply within {timeout:?}");
+                return upstream_lost(client, shared, ctx, fence, scanner.in_frame(), &reason).await;
+            }
         };
+        silent_since = None;
         match read {
             Ok(0) => {
-                return upstream_lost(client, shared, ctx, scanner.in_frame(), "closed the connection").await;
+                return upstream_lost(
+                    client,
+                    shared,
+                    ctx,
+                    fence,
+                    scanner.in_frame(),
+                    "closed the connection",
+                )
+                .await;
             }
             Err(error) => {
-                return upstream_lost(client, shared, ctx, scanner.in_frame(), &error.to_string()).await;
+                return upstream_lost(client, shared, ctx, fence, scanner.in_frame(), &error.to_string())
+                    .await;
             }
             Ok(_) => {}
         }
@@ -763,8 +916,30 @@ fn on_fence_reply(
             let misses: Vec<usize> = (0..items.len())
                 .filter(|&i| items[i] == Value::Nil && keys.get(i).is_some_and(Option::is_some))
                 .collect();
-            if misses.is_empty() {
+            // Keys whose delete is still being retried read as nil.
+            let undelivered: Vec<usize> = match fence.fences.undelivered.is_empty() {
+                true => Vec::new(),
+                false => (0..items.len())
+                    .filter(|&i| items[i] != Value::Nil)
+                    .filter(|&i| matches!(&keys.get(i), Some(Some((key, _))) if fence.undelivered(db, key)))
+                    .collect(),
+            };
+            if misses.is_empty() && undelivered.is_empty() {
                 return outbox.send(Bytes::copy_from_slice(frame));
+            }
+            let mut items = items;
+            for &i in &undelivered {
+                items[i] = Value::Nil;
+            }
+            if misses.is_empty() {
+                let elements = items
+                    .into_iter()
+                    .map(|v| match v {
+                        Value::Bulk(b) => Reply::Bulk(b),
+                        _ => Reply::Nil,
+                    })
+                    .collect();
+                return outbox.send(Reply::Array(elements).encode(resp3));
             }
             // Hold the array until every nil of a fenced key had its miss script.
             fence.fences.stats.misses.add(misses.len() as u64);
@@ -1040,10 +1215,17 @@ async fn upstream_lost<W: AsyncWrite + Unpin>(
     client: &mut W,
     shared: &Shared,
     ctx: &Context,
+    fence: Option<&FenceSession<'_>>,
     mid_frame: bool,
     reason: &str,
 ) -> SessionEnd {
-    let owed = shared.pairing().abandon();
+    let (owed, deletes) = shared.pairing().abandon();
+    if let Some(fence) = fence {
+        for (db, keys) in deletes {
+            // The client gets an error; the delete is retried until Redis takes it (C3).
+            fence.fences.undelivered.push(db, &keys);
+        }
+    }
     if owed > 0 {
         ctx.metrics.upstream_lost.inc();
         warn!(owed, reason, "upstream connection lost with replies pending");

@@ -25,6 +25,9 @@ use crate::resp::request::string2ll;
 pub enum Expect {
     /// One reply, forwarded as is.
     Reply,
+    /// One reply to a blocking command, forwarded as is; it may take as
+    /// long as the command asks.
+    Blocking,
     /// One reply; on success the protocol becomes `version` (if given).
     Hello(Option<u8>),
     /// One reply; on success every mode is reset.
@@ -73,6 +76,7 @@ impl Expect {
             | Command::Fenced(_)
             | Command::Admin
             | Command::Select(None) => Expect::Reply,
+            Command::Blocking => Expect::Blocking,
             Command::Select(Some(db)) => Expect::Select(db),
             Command::Subscribe(family, n) => Expect::Confirm {
                 family,
@@ -173,22 +177,34 @@ pub struct Pairing {
     queued: Vec<Option<ScriptReply>>,
     /// Shutting down: no new requests; close once nothing is pending.
     pub draining: bool,
+    /// Blocking commands pending.
+    blocking: usize,
 }
 
 impl Pairing {
     pub fn push(&mut self, expect: Expect) {
-        if matches!(expect, Expect::Confirm { .. } | Expect::ConfirmAll(_)) {
-            self.confirms_pending += 1;
+        match expect {
+            Expect::Confirm { .. } | Expect::ConfirmAll(_) => self.confirms_pending += 1,
+            Expect::Blocking => self.blocking += 1,
+            _ => {}
         }
         self.pending.push_back(expect);
     }
 
     fn pop(&mut self) -> Option<Expect> {
         let expect = self.pending.pop_front()?;
-        if matches!(expect, Expect::Confirm { .. } | Expect::ConfirmAll(_)) {
-            self.confirms_pending -= 1;
+        match expect {
+            Expect::Confirm { .. } | Expect::ConfirmAll(_) => self.confirms_pending -= 1,
+            Expect::Blocking => self.blocking -= 1,
+            _ => {}
         }
         Some(expect)
+    }
+
+    /// A reply from upstream is due now and no pending command may
+    /// legitimately keep Redis silent (`reply_timeout` applies).
+    pub fn awaits_upstream(&self) -> bool {
+        self.blocking == 0 && self.pending.front().is_some_and(|e| !e.is_local())
     }
 
     pub fn pending(&self) -> usize {
@@ -229,29 +245,47 @@ impl Pairing {
 
     /// Requests whose replies will never come once the upstream is gone,
     /// excluding those that legitimately end the connection: requests after
-    /// a `QUIT` are never answered by Redis either.
-    pub fn abandon(&mut self) -> usize {
+    /// a `QUIT` are never answered by Redis either. Also returns the keys of
+    /// the invalidations among them, by database: Redis may never have
+    /// applied them.
+    pub fn abandon(&mut self) -> (usize, Vec<(u32, Vec<Bytes>)>) {
+        let mut deletes = Vec::new();
+        let pending = std::mem::take(&mut self.pending);
+        (self.confirms_pending, self.blocking) = (0, 0);
         if self.quit {
-            self.pending.clear();
-            self.confirms_pending = 0;
-            return 0;
+            return (0, deletes);
         }
-        let owed = self
-            .pending
-            .iter()
-            .take_while(|e| !matches!(e, Expect::Closing))
-            .filter(|e| !e.is_local())
-            .count();
-        self.pending.clear();
-        self.confirms_pending = 0;
-        owed
+        let (mut owed, mut db) = (0, self.db);
+        for expect in pending.iter().take_while(|e| !matches!(e, Expect::Closing)) {
+            owed += usize::from(!expect.is_local());
+            match expect {
+                Expect::Select(selected) => db = *selected,
+                Expect::Fence(fence) => match &**fence {
+                    FenceExpect::Script {
+                        reply, slot: None, ..
+                    } => {
+                        deletes.extend(reply.invalidated_keys().map(|keys| (db, keys)));
+                    }
+                    FenceExpect::Exec(queued) => deletes.extend(
+                        queued
+                            .iter()
+                            .flatten()
+                            .filter_map(ScriptReply::invalidated_keys)
+                            .map(|keys| (db, keys)),
+                    ),
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+        (owed, deletes)
     }
 
     /// May a frame of type `kind` be forwarded before it is complete? Only
     /// when nothing about it needs to be inspected.
     pub fn may_stream(&self, kind: u8) -> bool {
         let head = match self.pending.front() {
-            Some(Expect::Reply) => true,
+            Some(Expect::Reply | Expect::Blocking) => true,
             // A bulk still arriving is not nil: the GET was a hit.
             Some(Expect::Fence(fence)) => matches!(**fence, FenceExpect::Get { .. }) && kind == b'$',
             _ => false,

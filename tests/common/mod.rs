@@ -6,6 +6,8 @@
 //! skip.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -20,6 +22,15 @@ use cachefence::session::Context;
 
 /// How long any single wait in a test may take.
 pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Polls `check` every 20 ms until it holds, for at most `WAIT`.
+pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
 
 /// A free loopback port (bound once, then released).
 pub fn free_port() -> u16 {

@@ -1,0 +1,207 @@
+//! The PostgreSQL change log: durable invalidation of cache keys from the
+//! database's own record of what changed (races R2, R5, R6; contract C3).
+//!
+//! - [`template`]: key templates (`user:{id}`) and quoted SQL names.
+//! - [`install`]: `cachefence pg install|uninstall` — the outbox table and
+//!   one trigger per mapped table, which writes the keys of a row's old and
+//!   new version into the outbox in the writer's own transaction and
+//!   `NOTIFY`s.
+//! - [`consumer`]: `LISTEN` plus a periodic poll; claims outbox rows with
+//!   `FOR UPDATE SKIP LOCKED`, invalidates their keys through the same path
+//!   as a client's `DEL`, and deletes the rows only after Redis acknowledged
+//!   (at least once; several proxies share one outbox).
+
+pub mod consumer;
+pub mod install;
+pub mod template;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Secret, Span};
+use crate::metrics::{Counter, Gauge};
+use template::{KeyTemplate, QualifiedName};
+
+/// The `[postgres]` table of the config file.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSection {
+    /// `postgres://user[:password]@host[:port]/database`; empty: no change log.
+    #[serde(default)]
+    pub url: Secret,
+    /// Connections in the consumer's pool (the `LISTEN` connection is extra).
+    #[serde(default = "PostgresSection::default_pool_size")]
+    pub pool_size: u32,
+    /// How often the outbox is polled when no `NOTIFY` arrives (NOTIFY is
+    /// not durable: a notification sent while the proxy was away is lost).
+    #[serde(default = "PostgresSection::default_poll_interval")]
+    pub poll_interval: Span,
+    /// Outbox rows claimed per transaction.
+    #[serde(default = "PostgresSection::default_batch_size")]
+    pub batch_size: u32,
+    /// The `NOTIFY` channel.
+    #[serde(default = "PostgresSection::default_channel")]
+    pub channel: String,
+    /// The outbox table, `schema.table`.
+    #[serde(default = "PostgresSection::default_outbox")]
+    pub outbox: String,
+    /// `[[postgres.table]]`: which keys a row of a table maps to.
+    #[serde(default, rename = "table", skip_serializing_if = "Vec::is_empty")]
+    pub tables: Vec<TableMapping>,
+}
+
+impl PostgresSection {
+    fn default_pool_size() -> u32 {
+        4
+    }
+    fn default_poll_interval() -> Span {
+        Span(Duration::from_secs(1))
+    }
+    fn default_batch_size() -> u32 {
+        500
+    }
+    fn default_channel() -> String {
+        "cachefence".to_string()
+    }
+    fn default_outbox() -> String {
+        "cachefence.outbox".to_string()
+    }
+
+    pub fn defaults() -> PostgresSection {
+        PostgresSection {
+            url: Secret::default(),
+            pool_size: Self::default_pool_size(),
+            poll_interval: Self::default_poll_interval(),
+            batch_size: Self::default_batch_size(),
+            channel: Self::default_channel(),
+            outbox: Self::default_outbox(),
+            tables: Vec::new(),
+        }
+    }
+
+    /// Validates the section; `None` when no `url` is set (and no table is
+    /// mapped).
+    pub fn resolve(&self) -> anyhow::Result<Option<ChangeLogConfig>> {
+        if self.url.expose().is_empty() {
+            anyhow::ensure!(
+                self.tables.is_empty(),
+                "key `postgres.url`: `[[postgres.table]]` mappings need the database's url"
+            );
+            return Ok(None);
+        }
+        self.url
+            .expose()
+            .parse::<deadpool_postgres::tokio_postgres::Config>()
+            .map_err(|e| anyhow::anyhow!("key `postgres.url`: {e}"))?;
+        anyhow::ensure!(
+            self.pool_size > 0,
+            "key `postgres.pool_size`: must be greater than 0"
+        );
+        anyhow::ensure!(
+            self.batch_size > 0,
+            "key `postgres.batch_size`: must be greater than 0"
+        );
+        anyhow::ensure!(
+            !self.poll_interval.0.is_zero(),
+            "key `postgres.poll_interval`: must be greater than 0"
+        );
+        anyhow::ensure!(
+            !self.channel.is_empty(),
+            "key `postgres.channel`: must not be empty"
+        );
+        let outbox =
+            QualifiedName::parse(&self.outbox).map_err(|e| anyhow::anyhow!("key `postgres.outbox`: {e}"))?;
+        let mut tables = Vec::new();
+        for (i, mapping) in self.tables.iter().enumerate() {
+            let at = |e: String| anyhow::anyhow!("[[postgres.table]] #{} (`{}`): {e}", i + 1, mapping.table);
+            let table = QualifiedName::parse(&mapping.table).map_err(at)?;
+            if mapping.keys.is_empty() {
+                return Err(at("`keys` is empty".into()));
+            }
+            let keys = mapping
+                .keys
+                .iter()
+                .map(|k| KeyTemplate::parse(k))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(at)?;
+            if tables.iter().any(|t: &Mapping| t.table == table) {
+                return Err(at(
+                    "the table is mapped twice (list all its keys in one entry)".into()
+                ));
+            }
+            tables.push(Mapping { table, keys });
+        }
+        Ok(Some(ChangeLogConfig {
+            url: self.url.clone(),
+            pool_size: self.pool_size as usize,
+            poll_interval: self.poll_interval.0,
+            batch_size: i64::from(self.batch_size),
+            channel: self.channel.clone(),
+            outbox,
+            tables,
+        }))
+    }
+}
+
+/// One `[[postgres.table]]` entry as written.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableMapping {
+    /// `schema.table` (or `table`, in `public`).
+    pub table: String,
+    /// Key templates: `user:{id}` renders column `id` of the row.
+    pub keys: Vec<String>,
+}
+
+/// A validated mapping.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mapping {
+    pub table: QualifiedName,
+    pub keys: Vec<KeyTemplate>,
+}
+
+/// The validated `[postgres]` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeLogConfig {
+    pub url: Secret,
+    pub pool_size: usize,
+    pub poll_interval: Duration,
+    pub batch_size: i64,
+    pub channel: String,
+    pub outbox: QualifiedName,
+    pub tables: Vec<Mapping>,
+}
+
+impl ChangeLogConfig {
+    pub fn pg_config(&self) -> deadpool_postgres::tokio_postgres::Config {
+        self.url.expose().parse().expect("validated in resolve")
+    }
+}
+
+/// Counters of the consumer (`CACHE.STATS`).
+#[derive(Debug, Default)]
+pub struct ChangeLogStats {
+    /// Outbox rows applied to Redis and deleted.
+    pub rows_consumed: Counter,
+    /// Keys invalidated from those rows.
+    pub keys_invalidated: Counter,
+    /// Batches rolled back and tried again (PostgreSQL or Redis failed).
+    pub retries: Counter,
+    /// Age of the oldest unconsumed row at the last poll, ms (0: empty).
+    pub lag_ms: Gauge,
+    /// 1 while the consumer is connected to PostgreSQL.
+    pub connected: Gauge,
+}
+
+impl ChangeLogStats {
+    pub fn fields(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("changelog_connected", self.connected.get()),
+            ("changelog_rows_consumed", self.rows_consumed.get()),
+            ("changelog_keys_invalidated", self.keys_invalidated.get()),
+            ("changelog_retries", self.retries.get()),
+            ("changelog_lag_ms", self.lag_ms.get()),
+        ]
+    }
+}

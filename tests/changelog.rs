@@ -1,0 +1,340 @@
+//! The PostgreSQL change log (issue #5): `pg install`, the consumer, and the
+//! races it closes (R2, R5, R6), each shown against plain Redis first.
+//!
+//! Every test uses a PostgreSQL schema of its own (created and dropped) and
+//! private `redis-server`s.
+
+mod common;
+
+use std::time::Duration;
+
+use common::pg::Schema;
+use common::{Proxy, RawClient, RedisServer, eventually};
+
+const USERS: &[&str] = &["user:{id}", "user:email:{email}"];
+
+fn consumed(proxy: &Proxy) -> u64 {
+    proxy
+        .ctx
+        .changelog
+        .as_ref()
+        .expect("a change log")
+        .rows_consumed
+        .get()
+}
+
+async fn users(test: &str) -> (Schema, String) {
+    let pg = Schema::create(test).await;
+    pg.exec("CREATE TABLE {s}.users (id int PRIMARY KEY, email text, name text NOT NULL)")
+        .await;
+    let toml = pg.toml(&[("users", USERS)]);
+    pg.install(&toml).await;
+    (pg, toml)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn row_changes_invalidate_exactly_the_keys_of_the_old_and_new_rows() {
+    let redis = RedisServer::start();
+    let (pg, toml) = users("keys").await;
+    let proxy = Proxy::start(&redis.addr(), &toml).await;
+    let mut redis_client = RawClient::connect(redis.addr()).await;
+    let candidates = [
+        "user:1",
+        "user:2",
+        "user:3",
+        "user:email:a@x",
+        "user:email:b@x",
+        "other",
+    ];
+    let mut rows = 0;
+    // Sets every candidate key, runs `sql` (one row change), waits for the
+    // change-log row to be applied, and returns the keys that were deleted.
+    let mut step = async |sql: &str| -> Vec<&str> {
+        for key in candidates {
+            assert_eq!(redis_client.call(&format!("SET {key} cached")).await, "+OK\r\n");
+        }
+        pg.exec(sql).await;
+        rows += 1;
+        eventually("the change-log row is applied", async || consumed(&proxy) == rows).await;
+        let mut gone = Vec::new();
+        for key in candidates {
+            if redis_client.call(&format!("EXISTS {key}")).await == ":0\r\n" {
+                gone.push(key);
+            }
+        }
+        gone
+    };
+    assert_eq!(
+        step("INSERT INTO {s}.users VALUES (1, 'a@x', 'Ann')").await,
+        ["user:1", "user:email:a@x"]
+    );
+    assert_eq!(
+        step("UPDATE {s}.users SET email = 'b@x' WHERE id = 1").await,
+        ["user:1", "user:email:a@x", "user:email:b@x"]
+    );
+    // The key column itself changes: both the old and the new key go.
+    assert_eq!(
+        step("UPDATE {s}.users SET id = 2 WHERE id = 1").await,
+        ["user:1", "user:2", "user:email:b@x"]
+    );
+    assert_eq!(
+        step("DELETE FROM {s}.users WHERE id = 2").await,
+        ["user:2", "user:email:b@x"]
+    );
+    // A NULL column renders no key (nothing could be cached under it).
+    assert_eq!(
+        step("INSERT INTO {s}.users VALUES (3, NULL, 'Cy')").await,
+        ["user:3"]
+    );
+    // A transaction that rolls back leaves nothing in the outbox.
+    pg.exec("BEGIN; UPDATE {s}.users SET name = 'x'; ROLLBACK").await;
+    assert_eq!(pg.outbox_len().await, 0);
+    assert_eq!(consumed(&proxy), 5);
+    let stats = proxy.ctx.changelog.as_ref().unwrap();
+    assert_eq!(stats.keys_invalidated.get(), 2 + 3 + 3 + 2 + 1);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn install_is_idempotent_and_names_a_missing_column() {
+    let (pg, toml) = users("install").await;
+    pg.install(&toml).await; // twice: same objects, no error
+    assert_eq!(
+        pg.count(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = '{s}.users'::regclass AND NOT tgisinternal"
+        )
+        .await,
+        1
+    );
+    let bad = pg.toml(&[("users", &["user:{id}", "user:email:{emial}"])]);
+    let settings = cachefence::config::parse_settings(&bad).unwrap();
+    let config = cachefence::config::Config::resolve(settings, None).unwrap();
+    let error = cachefence::changelog::install::run(
+        config.changelog.as_ref().unwrap(),
+        cachefence::changelog::install::Action::Install,
+        false,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "[[postgres.table]] #1: table {}.users has no column `emial` (key template `user:email:{{emial}}`); its columns: id, email, name",
+            pg.name
+        )
+    );
+}
+
+/// A cache-aside read: the cached value, or the row read from PostgreSQL
+/// and stored (on the same connection, so through cachefence it is a fill).
+async fn read_through(cache: &mut RawClient, pg: &Schema, id: i32) -> String {
+    let key = format!("user:{id}");
+    let reply = cache.call(&format!("GET {key}")).await;
+    if reply != "$-1\r\n"
+        && let Some(value) = reply.strip_prefix('$').and_then(|r| r.split("\r\n").nth(1))
+    {
+        return value.to_string();
+    }
+    let name = load(pg, id).await;
+    cache.call(&format!("SET {key} {name}")).await;
+    name
+}
+
+async fn load(pg: &Schema, id: i32) -> String {
+    let sql = format!("SELECT name FROM {}.users WHERE id = {id}", pg.name);
+    pg.client.query_one(&sql, &[]).await.unwrap().get(0)
+}
+
+/// Waits for the outbox to be consumed through cachefence; against plain
+/// Redis nothing consumes it, so it waits as long as cachefence could take.
+async fn settle(pg: &Schema, through_proxy: bool) {
+    match through_proxy {
+        true => eventually("the outbox is consumed", async || pg.outbox_len().await == 0).await,
+        false => tokio::time::sleep(Duration::from_millis(500)).await,
+    }
+}
+
+/// One race against plain Redis (`None`) or through cachefence; returns
+/// what a reader sees afterwards and what the database holds.
+async fn race(name: &str, through_proxy: bool) -> (String, String) {
+    let redis = RedisServer::start();
+    let (pg, toml) = users(name).await;
+    pg.exec("INSERT INTO {s}.users VALUES (1, 'a@x', 'old')").await;
+    let proxy = match through_proxy {
+        true => Some(Proxy::start(&redis.addr(), &toml).await),
+        false => None,
+    };
+    let addr = proxy.as_ref().map_or(redis.addr(), |p| p.addr.to_string());
+    settle(&pg, through_proxy).await;
+    let mut reader = RawClient::connect(&addr).await;
+    let mut writer = RawClient::connect(&addr).await;
+    match name {
+        // R2, delete before write: the writer deletes, a reader misses and
+        // reads the old row, the writer commits, the reader fills.
+        "r2" => {
+            assert_eq!(writer.call("DEL user:1").await, ":0\r\n");
+            assert_eq!(reader.call("GET user:1").await, "$-1\r\n");
+            let old = load(&pg, 1).await;
+            pg.exec("UPDATE {s}.users SET name = 'new' WHERE id = 1").await;
+            reader.call(&format!("SET user:1 {old}")).await;
+        }
+        // R5, failed invalidation: the value is cached; the writer commits
+        // and crashes before its DEL.
+        "r5" => {
+            assert_eq!(read_through(&mut reader, &pg, 1).await, "old");
+            pg.exec("BEGIN; UPDATE {s}.users SET name = 'new' WHERE id = 1; COMMIT")
+                .await;
+            drop(writer);
+        }
+        // R6, out-of-band write: someone runs UPDATE in psql; nobody deletes.
+        "r6" => {
+            assert_eq!(read_through(&mut reader, &pg, 1).await, "old");
+            let psql = common::pg::connect().await;
+            let sql = format!("UPDATE {}.users SET name = 'new' WHERE id = 1", pg.name);
+            psql.batch_execute(&sql).await.unwrap();
+        }
+        other => unreachable!("{other}"),
+    }
+    settle(&pg, through_proxy).await;
+    let seen = read_through(&mut reader, &pg, 1).await;
+    if let Some(proxy) = proxy {
+        proxy.shutdown().await;
+    }
+    (seen, load(&pg, 1).await)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn r2_delete_before_write() {
+    assert_eq!(race("r2", false).await, ("old".into(), "new".into()), "control");
+    assert_eq!(race("r2", true).await, ("new".into(), "new".into()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn r5_writer_commits_and_never_deletes() {
+    assert_eq!(race("r5", false).await, ("old".into(), "new".into()), "control");
+    assert_eq!(race("r5", true).await, ("new".into(), "new".into()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn r6_update_run_directly_in_psql() {
+    assert_eq!(race("r6", false).await, ("old".into(), "new".into()), "control");
+    assert_eq!(race("r6", true).await, ("new".into(), "new".into()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fill_whose_miss_preceded_the_commit_is_refused_once_the_row_is_applied() {
+    let redis = RedisServer::start();
+    let (pg, toml) = users("fill").await;
+    pg.exec("INSERT INTO {s}.users VALUES (1, 'a@x', 'old')").await;
+    for through_proxy in [false, true] {
+        let proxy = Proxy::start(&redis.addr(), &toml).await;
+        eventually("the outbox is consumed", async || pg.outbox_len().await == 0).await;
+        pg.exec("UPDATE {s}.users SET name = 'old' WHERE id = 1").await;
+        eventually("the outbox is consumed", async || pg.outbox_len().await == 0).await;
+        let addr = match through_proxy {
+            true => proxy.addr.to_string(),
+            false => redis.addr(),
+        };
+        let mut reader = RawClient::connect(&addr).await;
+        assert_eq!(reader.call("GET user:1").await, "$-1\r\n");
+        let old = load(&pg, 1).await;
+        let before = consumed(&proxy);
+        pg.exec("UPDATE {s}.users SET name = 'new' WHERE id = 1").await;
+        eventually("the change-log row is applied", async || {
+            consumed(&proxy) == before + 1
+        })
+        .await;
+        assert_eq!(reader.call(&format!("SET user:1 {old}")).await, "+OK\r\n");
+        let mut direct = RawClient::connect(redis.addr()).await;
+        let cached = direct.call("GET user:1").await;
+        let fences = proxy.ctx.fences.as_ref().unwrap();
+        match through_proxy {
+            // Plain Redis stores the value read before the commit.
+            false => assert_eq!(cached, "$3\r\nold\r\n", "control"),
+            true => {
+                assert_eq!(cached, "$-1\r\n");
+                assert_eq!(fences.stats.refused_fence_moved.get(), 1);
+            }
+        }
+        assert_eq!(
+            direct.call("DEL user:1").await,
+            if through_proxy { ":0\r\n" } else { ":1\r\n" }
+        );
+        proxy.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_proxies_share_one_outbox_and_leave_no_row_behind() {
+    let redis = RedisServer::start();
+    let pg = Schema::create("two").await;
+    pg.exec("CREATE TABLE {s}.items (id int PRIMARY KEY, n int NOT NULL)")
+        .await;
+    pg.exec("INSERT INTO {s}.items SELECT g, 0 FROM generate_series(1, 200) g")
+        .await;
+    let toml = pg
+        .toml(&[("items", &["item:{id}"])])
+        .replace("poll_interval", "batch_size = 7\npoll_interval");
+    pg.install(&toml).await;
+    let a = Proxy::start(&redis.addr(), &toml).await;
+    let b = Proxy::start(&redis.addr(), &toml).await;
+    let mut direct = RawClient::connect(redis.addr()).await;
+    for id in 1..=200 {
+        direct.call(&format!("SET item:{id} cached")).await;
+    }
+    // 2 000 committed changes, 10 rows per transaction.
+    for round in 0..200 {
+        let first = round % 20 * 10 + 1;
+        let sql = format!(
+            "UPDATE {}.items SET n = n + 1 WHERE id BETWEEN {first} AND {}",
+            pg.name,
+            first + 9
+        );
+        pg.client.batch_execute(&sql).await.unwrap();
+    }
+    eventually("every row is consumed", async || {
+        consumed(&a) + consumed(&b) >= 2000
+    })
+    .await;
+    assert_eq!(pg.outbox_len().await, 0);
+    assert_eq!(
+        consumed(&a) + consumed(&b),
+        2000,
+        "a: {}, b: {}",
+        consumed(&a),
+        consumed(&b)
+    );
+    for id in 1..=200 {
+        assert_eq!(
+            direct.call(&format!("EXISTS item:{id}")).await,
+            ":0\r\n",
+            "item:{id}"
+        );
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_away_keeps_redis_traffic_flowing_and_rows_wait() {
+    let redis = RedisServer::start();
+    let (pg, toml) = users("away").await;
+    // A database that does not exist: the consumer cannot connect.
+    let broken = toml.replace("/test\"", "/cachefence_no_such_db\"");
+    let proxy = Proxy::start(&redis.addr(), &broken).await;
+    let mut client = RawClient::connect(proxy.addr).await;
+    assert_eq!(client.call("SET user:1 cached").await, "+OK\r\n");
+    pg.exec("INSERT INTO {s}.users VALUES (1, 'a@x', 'Ann')").await;
+    let stats = proxy.ctx.changelog.clone().unwrap();
+    eventually("the consumer retried", async || stats.retries.get() >= 2).await;
+    assert_eq!(stats.connected.get(), 0);
+    assert_eq!(client.call("GET user:1").await, "$6\r\ncached\r\n");
+    assert_eq!(pg.outbox_len().await, 1);
+    proxy.shutdown().await;
+    // With the right database, the waiting row is applied.
+    let proxy = Proxy::start(&redis.addr(), &toml).await;
+    eventually("the row is applied", async || consumed(&proxy) == 1).await;
+    let mut client = RawClient::connect(proxy.addr).await;
+    assert_eq!(client.call("GET user:1").await, "$-1\r\n");
+    proxy.shutdown().await;
+}
