@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: installs what a fresh machine lacks
-# (redis-server, redis-tools), then formatting, lints, the release build, and
-# every test (unit, integration, proto-tests). The tests start their own
-# redis-server processes on free loopback ports.
+# (redis-server, redis-tools; PostgreSQL, started if it is stopped), then
+# formatting, lints, the release build, and every test (unit, integration,
+# proto-tests). The tests start their own redis-server processes on free
+# loopback ports and use PostgreSQL schemas of their own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -14,6 +15,7 @@ for component in rustfmt clippy; do
     cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1 || rustup component add "$component"
 done
 redis-server --version
+ensure_postgres
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

@@ -92,6 +92,18 @@ async fn row_changes_invalidate_exactly_the_keys_of_the_old_and_new_rows() {
     assert_eq!(consumed(&proxy), 5);
     let stats = proxy.ctx.changelog.as_ref().unwrap();
     assert_eq!(stats.keys_invalidated.get(), 2 + 3 + 3 + 2 + 1);
+    // The same figures for operators, with the outbox lag and retries.
+    let mut admin = RawClient::connect(proxy.addr).await;
+    let text = admin.call("CACHE.STATS").await;
+    for field in [
+        "$19\r\nchangelog_connected\r\n:1\r\n",
+        "$23\r\nchangelog_rows_consumed\r\n:5\r\n",
+        "$26\r\nchangelog_keys_invalidated\r\n:11\r\n",
+        "$17\r\nchangelog_retries\r\n:0\r\n",
+        "$16\r\nchangelog_lag_ms\r\n:0\r\n",
+    ] {
+        assert!(text.contains(field), "{field:?} not in {text}");
+    }
     proxy.shutdown().await;
 }
 
@@ -337,4 +349,223 @@ async fn postgres_away_keeps_redis_traffic_flowing_and_rows_wait() {
     let mut client = RawClient::connect(proxy.addr).await;
     assert_eq!(client.call("GET user:1").await, "$-1\r\n");
     proxy.shutdown().await;
+}
+
+/// The proxy binary as a child process, so that it can be SIGKILLed.
+struct ProxyProcess {
+    child: std::process::Child,
+    port: u16,
+    config: std::path::PathBuf,
+}
+
+impl ProxyProcess {
+    fn start(port: u16, config: &std::path::Path) -> ProxyProcess {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_cachefence"))
+            .args(["--config", config.to_str().unwrap()])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting cachefence");
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < common::WAIT,
+                "cachefence did not start listening"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ProxyProcess {
+            child,
+            port,
+            config: config.to_path_buf(),
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn restart(&mut self) {
+        self.kill();
+        *self = ProxyProcess::start(self.port, &self.config);
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Cache-aside readers through the proxy until `stop`: GET, and on a miss
+/// read the row and SET it on the same connection; any error drops the
+/// connection and the half-done read (no SET on a new connection).
+async fn reader(port: u16, table: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> u64 {
+    let db = common::pg::connect().await;
+    let mut fills = 0;
+    let mut n = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        n += 1;
+        let id = n % 50 + 1;
+        let Ok(Ok(mut cache)) = tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::net::TcpStream::connect(("127.0.0.1", port)),
+        )
+        .await
+        .map(|c| c.map(RawClient::from_stream)) else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        for _ in 0..20 {
+            let Some(reply) = cache
+                .call_within(&format!("GET item:{id}"), Duration::from_secs(2))
+                .await
+            else {
+                break;
+            };
+            if reply != "$-1\r\n" {
+                continue;
+            }
+            let sql = format!("SELECT n FROM {table} WHERE id = {id}");
+            let Ok(row) = db.query_one(&sql, &[]).await else {
+                break;
+            };
+            let value: i32 = row.get(0);
+            match cache
+                .call_within(&format!("SET item:{id} {value}"), Duration::from_secs(2))
+                .await
+            {
+                Some(reply) if reply == "+OK\r\n" => fills += 1,
+                _ => break,
+            }
+        }
+    }
+    fills
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn durability_ten_thousand_updates_across_proxy_redis_and_postgres_restarts() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // Redis keeps its data across the restart (AOF, fsync always), so a
+    // lost invalidation would show as a stale value afterwards.
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let pg = Schema::create("durable").await;
+    pg.exec("CREATE TABLE {s}.items (id int PRIMARY KEY, n int NOT NULL)")
+        .await;
+    pg.exec("INSERT INTO {s}.items SELECT g, 0 FROM generate_series(1, 50) g")
+        .await;
+    let app = format!("cf_consumer_{}", pg.name);
+    let toml = pg
+        .toml(&[("items", &["item:{id}"])])
+        .replace("/test\"", &format!("/test?application_name={app}\""))
+        + &format!("upstream = \"{}\"\nreply_timeout = \"2s\"\n", redis.addr());
+    // `upstream` must precede the tables: put the top-level keys first.
+    let (postgres, top) = toml.split_at(toml.find("upstream =").unwrap());
+    let toml = format!("{top}{postgres}");
+    pg.install(&toml).await;
+    let config = std::env::temp_dir().join(format!("cachefence-durable-{}.toml", std::process::id()));
+    std::fs::write(&config, &toml).unwrap();
+    let port = common::free_port();
+    let mut proxy = ProxyProcess::start(port, &config);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let table = format!("{}.items", pg.name);
+    let readers: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(reader(port, table.clone(), stop.clone())))
+        .collect();
+    // Caches every item through the proxy, so that an invalidation lost in
+    // the fault that follows would leave a stale value behind.
+    let warm = async || {
+        let mut cache = RawClient::connect(("127.0.0.1", port)).await;
+        for id in 1..=50 {
+            if cache.call(&format!("GET item:{id}")).await == "$-1\r\n" {
+                let n = pg
+                    .count(&format!("SELECT n::bigint FROM {table} WHERE id = {id}"))
+                    .await;
+                assert_eq!(cache.call(&format!("SET item:{id} {n}")).await, "+OK\r\n");
+            }
+        }
+    };
+    let redis_addr = redis.addr();
+    // After a phase: once the outbox is drained, every cached item equals
+    // its row (the readers keep going; the writer is paused).
+    let check = async |phase: &str| -> usize {
+        let drained = std::time::Instant::now();
+        while pg.outbox_len().await > 0 {
+            assert!(
+                drained.elapsed() < Duration::from_secs(60),
+                "{phase}: the outbox was not drained"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut direct = RawClient::connect(&redis_addr).await;
+        let mut cached = 0;
+        for id in 1..=50 {
+            let n = pg
+                .count(&format!("SELECT n::bigint FROM {table} WHERE id = {id}"))
+                .await;
+            let value = direct.call(&format!("GET item:{id}")).await;
+            if value != "$-1\r\n" {
+                cached += 1;
+                let fresh = format!("${}\r\n{n}\r\n", n.to_string().len());
+                assert_eq!(value, fresh, "{phase}: item:{id} is stale");
+            }
+        }
+        cached
+    };
+    // 10 000 row updates, 10 per transaction, in four phases of 250
+    // transactions, each run during its fault. Before each fault every item
+    // is cached, so an invalidation lost in it leaves a stale value.
+    let mut round = 0;
+    let mut update = async || {
+        let first = round * 7 % 50;
+        round += 1;
+        let ids: Vec<String> = (0..10).map(|i| ((first + i * 5) % 50 + 1).to_string()).collect();
+        let sql = format!("UPDATE {table} SET n = n + 1 WHERE id IN ({})", ids.join(","));
+        pg.client.batch_execute(&sql).await.unwrap();
+    };
+    let mut cached = Vec::new();
+    for phase in [
+        "steady",
+        "proxy killed",
+        "redis down",
+        "postgres connections terminated",
+    ] {
+        warm().await;
+        match phase {
+            "proxy killed" => proxy.kill(),
+            "redis down" => redis.kill(),
+            "postgres connections terminated" => {
+                let sql = format!(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = '{app}'"
+                );
+                assert!(pg.count(&sql).await >= 1, "the consumer's connections were found");
+            }
+            _ => {}
+        }
+        for _ in 0..250 {
+            update().await;
+        }
+        match phase {
+            "proxy killed" => proxy.restart(),
+            "redis down" => redis.restart(),
+            _ => {}
+        }
+        cached.push(check(phase).await);
+    }
+    assert_eq!(pg.count("SELECT sum(n) FROM {s}.items").await, 10_000);
+    stop.store(true, Ordering::Relaxed);
+    let mut fills = 0;
+    for reader in readers {
+        fills += reader.await.unwrap();
+    }
+    assert!(fills > 0, "the readers filled the cache");
+    eprintln!(
+        "durability: {fills} reader fills; items cached after each phase {cached:?}, all equal to the database"
+    );
+    let _ = std::fs::remove_file(&config);
 }

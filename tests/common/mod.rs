@@ -207,7 +207,8 @@ impl RedisServer {
         }
     }
 
-    /// Starts the server again on the same port, empty.
+    /// Starts the server again on the same port and directory: empty,
+    /// unless it was started with persistence (`--appendonly yes`).
     pub fn restart(&mut self) {
         self.kill();
         assert!(
@@ -353,8 +354,25 @@ impl RawClient {
         }
     }
 
+    pub fn from_stream(stream: TcpStream) -> RawClient {
+        let _ = stream.set_nodelay(true);
+        RawClient {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
     pub async fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.expect("write to server");
+    }
+
+    /// Sends a command and returns its reply, or `None` if the connection
+    /// failed or no reply came within `timeout` (for clients that expect
+    /// faults).
+    pub async fn call_within(&mut self, line: &str, timeout: Duration) -> Option<String> {
+        self.stream.write_all(&cmds(line)).await.ok()?;
+        let frame = self.read_frame_within(timeout).await?;
+        Some(String::from_utf8_lossy(&frame).into_owned())
     }
 
     /// Reads one complete frame (its raw bytes), or `None` on EOF or if none
