@@ -372,10 +372,15 @@ where
         if buf.capacity() - buf.len() < MIN_READ {
             buf.reserve(READ_CHUNK);
         }
-        let idle_deadline = config
-            .timeout
-            .filter(|_| reading)
-            .map(|t| shared.last_activity() + t);
+        // Past due while a reply is owed (the client is not idle): look
+        // again one `timeout` later instead of spinning on a past deadline.
+        let idle_deadline = config.timeout.filter(|_| reading).map(|t| {
+            let at = shared.last_activity() + t;
+            match at <= Instant::now() && !shared.pairing().is_idle() {
+                true => Instant::now() + t,
+                false => at,
+            }
+        });
         let read = if std::mem::take(&mut unframed) {
             Ok(buf.len())
         } else {
@@ -625,7 +630,9 @@ fn frame_requests(
 struct Outbox {
     pieces: Vec<Piece>,
     held: VecDeque<Slot>,
-    next_slot: u64,
+    /// Entries ever released from the front of `held`: a slot's number is
+    /// its absolute position, so finding it costs nothing.
+    released: u64,
     /// A closing reply is queued: close once everything before it is out.
     closing: bool,
     /// Where several pieces are gathered into one write.
@@ -641,7 +648,7 @@ enum Piece {
 #[derive(Debug)]
 enum Slot {
     Ready(Bytes),
-    Waiting(u64),
+    Waiting,
 }
 
 impl Outbox {
@@ -670,22 +677,22 @@ impl Outbox {
 
     /// A reply that must wait: everything after it is held too.
     fn hold(&mut self) -> u64 {
-        self.next_slot += 1;
-        self.held.push_back(Slot::Waiting(self.next_slot));
-        self.next_slot
+        let slot = self.released + self.held.len() as u64;
+        self.held.push_back(Slot::Waiting);
+        slot
     }
 
     /// The held reply is known; releases what is no longer blocked.
     fn resolve(&mut self, slot: u64, bytes: Bytes) {
-        if let Some(entry) = self
-            .held
-            .iter_mut()
-            .find(|s| matches!(s, Slot::Waiting(id) if *id == slot))
-        {
+        let index = slot
+            .checked_sub(self.released)
+            .and_then(|i| usize::try_from(i).ok());
+        if let Some(entry @ Slot::Waiting) = index.and_then(|i| self.held.get_mut(i)) {
             *entry = Slot::Ready(bytes);
         }
         while let Some(Slot::Ready(_)) = self.held.front() {
             if let Some(Slot::Ready(bytes)) = self.held.pop_front() {
+                self.released += 1;
                 self.pieces.push(Piece::Bytes(bytes));
             }
         }
