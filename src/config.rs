@@ -341,6 +341,8 @@ settings! {
     max_pending: u32 = 1 << 20;
     /// Close a client idle this long (0 = never; like Redis' `timeout`).
     timeout: Span = Span(Duration::ZERO);
+    /// TCP keepalive on client connections, as Redis' `tcp-keepalive` (0 = off).
+    tcp_keepalive: Span = Span(Duration::from_secs(300));
     /// Time allowed to connect to (and authenticate with) the upstream.
     connect_timeout: Span = Span(Duration::from_secs(2));
     /// Longest silence from the upstream while a reply is due (blocking
@@ -373,6 +375,7 @@ pub struct Config {
     pub max_frame_size: usize,
     pub max_pending: usize,
     pub timeout: Option<Duration>,
+    pub tcp_keepalive: Option<Duration>,
     pub connect_timeout: Duration,
     pub reply_timeout: Option<Duration>,
     pub shutdown_timeout: Duration,
@@ -449,6 +452,7 @@ impl Config {
             max_frame_size: positive("max_frame_size", s.max_frame_size.expect("defaulted").0)?,
             max_pending: positive("max_pending", s.max_pending.expect("defaulted").into())?,
             timeout: (!timeout.is_zero()).then_some(timeout),
+            tcp_keepalive: Some(s.tcp_keepalive.expect("defaulted").0).filter(|t| !t.is_zero()),
             connect_timeout,
             reply_timeout: (!reply_timeout.is_zero()).then_some(reply_timeout),
             shutdown_timeout: s.shutdown_timeout.expect("defaulted").0,

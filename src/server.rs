@@ -26,9 +26,8 @@ pub struct Server {
 
 impl Server {
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
-        let listener = TcpListener::bind(&config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let listener =
+            listen(&config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
         let changelog = config
             .changelog
             .as_ref()
@@ -89,6 +88,15 @@ impl Server {
             };
             ctx.metrics.connections_total.inc();
             let _ = socket.set_nodelay(true);
+            if let Some(interval) = ctx.config.tcp_keepalive {
+                // As Redis' `tcp-keepalive`: a peer gone without FIN or RST
+                // is found, and its upstream connection closed.
+                let keepalive = socket2::TcpKeepalive::new()
+                    .with_time(interval)
+                    .with_interval((interval / 3).max(std::time::Duration::from_secs(1)))
+                    .with_retries(3);
+                let _ = socket2::SockRef::from(&socket).set_tcp_keepalive(&keepalive);
+            }
             let Ok(permit) = permits.clone().try_acquire_owned() else {
                 ctx.metrics.connections_rejected.inc();
                 warn!(%peer, max_clients = ctx.config.max_clients, "client rejected: max number of clients reached");
@@ -123,6 +131,21 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// Redis' `tcp-backlog` default: a burst of connects (a pool starting) is
+/// queued, not dropped into SYN retries.
+const BACKLOG: u32 = 511;
+
+fn listen(addr: &str) -> anyhow::Result<TcpListener> {
+    let addr: SocketAddr = addr.parse()?;
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    Ok(socket.listen(BACKLOG)?)
 }
 
 /// Turns a client away the way Redis does.

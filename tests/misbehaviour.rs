@@ -627,11 +627,6 @@ fn client_that_never_reads_gets_of_long_keys_is_bounded_in_bytes() {
 /// answers, and the cost per miss should not grow with the pipeline. Times
 /// 5 000 and 20 000 misses in one write: linear cost is a ratio near 4.
 #[test]
-#[ignore = "bug: quadratic in the misses held at once: Outbox::resolve (session/mod.rs) scans the \
-            held VecDeque from the front for every resolved slot, and once 1 024 miss scripts are \
-            in flight (MAX_INJECTIONS) inject() fails and resolves the newest slot, i.e. a full \
-            scan; measured 20 000 pipelined misses ~10x (not 4x) the time of 5 000, and misses past \
-            the first 1 024 in flight get no ticket"]
 fn pipelined_misses_are_answered_in_linear_time() {
     serial(async {
         let redis = RedisServer::start();
@@ -661,10 +656,6 @@ fn pipelined_misses_are_answered_in_linear_time() {
 /// A reply owed past the idle `timeout` (a `BLPOP` longer than it) keeps the
 /// client open, as in Redis — and should cost no CPU while it waits.
 #[test]
-#[ignore = "bug: forward_requests (session/mod.rs) busy-loops once the idle deadline passes while \
-            a reply is owed: the deadline (last activity + timeout) stays in the past, so \
-            sleep_until fires at once and the loop `continue`s; ~100% of a core for as long as the \
-            reply is owed (forever for a client that never reads)"]
 fn idle_timeout_costs_no_cpu_while_a_reply_is_owed() {
     serial(async {
         let redis = RedisServer::start();
@@ -798,9 +789,6 @@ fn silent_half_closed_and_reset_clients_release_their_upstream_connections() {
 /// (`tcp-keepalive 300`); the proxy's accepted sockets should too, or such a
 /// client holds its upstream connection forever.
 #[test]
-#[ignore = "bug: the proxy never sets SO_KEEPALIVE on accepted client sockets (server.rs accept loop), \
-            so with timeout 0 a half-open client and its upstream connection are never reaped; \
-            Redis arms keepalive (tcp-keepalive 300) on its own"]
 fn half_open_clients_are_probed_by_tcp_keepalive_like_redis() {
     serial(async {
         let redis = RedisServer::start();
@@ -1189,49 +1177,27 @@ fn clients_past_the_open_file_limit_get_an_error_and_the_proxy_recovers() {
 
 // ------------------------------------------------------- connection bursts
 
-/// 500 clients connecting at once (an application restarting with a pool)
-/// are all accepted at once by Redis, whose listen backlog is 511
-/// (`tcp-backlog`). The proxy listens with a backlog of 128, so the same
-/// burst through it overflows the accept queue: the kernel drops the
-/// handshakes past 128 and those clients retry after 1 s, 3 s, 7 s.
+/// Clients connecting at once (an application restarting with a pool) are
+/// queued by the kernel up to the listen backlog; past it their handshakes
+/// are dropped and retried after 1 s, 3 s, 7 s. Redis listens with a backlog
+/// of 511 (`tcp-backlog`); the proxy must too. `ss` shows a listening
+/// socket's backlog as its Send-Q — a check that does not depend on timing.
 #[test]
-#[ignore = "bug: the listener's backlog is 128 (server.rs Server::bind uses tokio's \
-            TcpListener::bind, i.e. mio's listen(128)), against Redis' 511: a burst of 500 \
-            connects leaves clients waiting >= 1 s for a SYN retransmission"]
-fn a_burst_of_500_connects_is_accepted_without_syn_retries() {
+fn the_listen_backlog_is_redis_511() {
     serial(async {
-        const BURST: usize = 500;
         let redis = RedisServer::start();
         let proxy = ProxyProcess::start(&redis, &[], None).await;
-        let mut slowest = Vec::new();
-        for addr in [redis.addr(), proxy.addr()] {
-            let mut set = tokio::task::JoinSet::new();
-            for _ in 0..BURST {
-                let addr = addr.clone();
-                set.spawn(async move {
-                    let started = Instant::now();
-                    let mut client = RawClient::connect(addr).await;
-                    assert_eq!(client.call("PING").await, "+PONG\r\n");
-                    (started.elapsed(), client)
-                });
-            }
-            let mut times = Vec::new();
-            let mut clients = Vec::new();
-            while let Some(done) = set.join_next().await {
-                let (time, client) = done.expect("burst client");
-                times.push(time);
-                clients.push(client);
-            }
-            times.sort();
-            let slow = times.iter().filter(|t| **t >= Duration::from_millis(900)).count();
-            slowest.push((times[times.len() - 1], slow));
-        }
-        eprintln!(
-            "burst of {BURST} connects + PING: Redis slowest {:?} ({} clients >= 900 ms), \
-             proxy slowest {:?} ({} clients >= 900 ms)",
-            slowest[0].0, slowest[0].1, slowest[1].0, slowest[1].1
-        );
-        assert_eq!(slowest[0].1, 0, "even Redis was slow: the machine is overloaded");
-        assert_eq!(slowest[1].1, 0, "clients waited for a SYN retransmission");
+        let backlog = |port: u16| -> String {
+            let out = std::process::Command::new("ss")
+                .args(["-Hltn", &format!("sport = :{port}")])
+                .output()
+                .expect("running ss (iproute2)");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.split_whitespace().nth(2).unwrap_or_default().to_string()
+        };
+        let (redis_backlog, proxy_backlog) = (backlog(redis.port), backlog(proxy.port));
+        eprintln!("listen backlog: redis {redis_backlog}, proxy {proxy_backlog}");
+        assert_eq!(redis_backlog, "511");
+        assert_eq!(proxy_backlog, "511");
     })
 }
