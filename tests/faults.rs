@@ -362,3 +362,44 @@ async fn a_silent_upstream_times_out_its_replies_and_deletes_are_retried() {
     .await;
     proxy.shutdown().await;
 }
+
+/// A Redis that accepts connections but is still loading its data answers
+/// `-LOADING` to everything: a fenced delete it refused is retried (C3) —
+/// here by a fake upstream that stays in that state.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delete_refused_with_loading_is_retried() {
+    let fake = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = fake.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = fake.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = vec![0u8; 64 * 1024];
+                while matches!(socket.read(&mut buf).await, Ok(n) if n > 0) {
+                    let reply = b"-LOADING Redis is loading the dataset in memory\r\n";
+                    if socket.write_all(reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = Proxy::start(&upstream, "").await;
+    let mut client = RawClient::connect(proxy.addr).await;
+    assert_eq!(
+        client.call("DEL k").await,
+        "-LOADING Redis is loading the dataset in memory\r\n"
+    );
+    let undelivered = &proxy.ctx.fences.as_ref().unwrap().undelivered;
+    assert!(undelivered.is_pending(0, b"k"));
+    assert_eq!(client.call("GET k").await, "$-1\r\n");
+    eventually("the retry worker tried again", async || {
+        undelivered.stats.retries.get() >= 1
+    })
+    .await;
+    assert!(undelivered.is_pending(0, b"k"));
+    proxy.shutdown().await;
+}

@@ -451,6 +451,14 @@ impl<'a> FenceSession<'a> {
         if let ScriptReply::Command { keys, .. } | ScriptReply::Ok { keys } = reply {
             // Writes and invalidations, the common case: no decoding needed.
             if matches!(frame.first(), Some(b'-' | b'!')) {
+                // Redis took the connection but not the delete (still loading
+                // its data after a restart, a script running): retried like an
+                // undeliverable one, so the value it meant to remove goes (C3).
+                if let Some(keys) = reply.invalidated_keys()
+                    && (frame.starts_with(b"-LOADING") || frame.starts_with(b"-BUSY"))
+                {
+                    self.fences.undelivered.push(db, &keys);
+                }
                 return Bytes::copy_from_slice(frame);
             }
             keys.iter().for_each(|k| self.fences.wake(k));
