@@ -368,7 +368,7 @@ where
         drain(shared);
     }
     loop {
-        let room = shared.pairing().pending() < config.max_pending;
+        let room = shared.pairing().has_room(config.max_pending);
         if buf.capacity() - buf.len() < MIN_READ {
             buf.reserve(READ_CHUNK);
         }

@@ -57,6 +57,19 @@ pub enum Expect {
 }
 
 impl Expect {
+    /// Bytes of the client's request this expectation keeps (keys, and a
+    /// fill's value kept to resend after `NOSCRIPT`), for the per-connection
+    /// bound [`MAX_HELD_BYTES`].
+    fn weight(&self) -> usize {
+        let Expect::Fence(fence) = self else { return 0 };
+        match &**fence {
+            FenceExpect::Get { key, .. } => key.len(),
+            FenceExpect::MGet { keys } => keys.iter().flatten().map(|(k, _)| k.len()).sum(),
+            FenceExpect::Script { call, .. } => call.keys.iter().chain(&call.args).map(|b| b.len()).sum(),
+            FenceExpect::Local(_) | FenceExpect::Exec(_) => 0,
+        }
+    }
+
     /// A reply the proxy makes itself (no frame from upstream answers it).
     fn is_local(&self) -> bool {
         match self {
@@ -106,6 +119,12 @@ impl Expect {
         }
     }
 }
+
+/// Most bytes of requests that intercepted commands keep while their
+/// replies are owed, per connection: past it the session stops reading the
+/// client (as `max_pending` does by count), so a client that never reads its
+/// replies cannot make the proxy hold its keys without bound.
+pub const MAX_HELD_BYTES: usize = 16 << 20;
 
 /// Subscriptions as Redis reported them in its confirmations.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -179,6 +198,8 @@ pub struct Pairing {
     pub draining: bool,
     /// Blocking commands pending.
     blocking: usize,
+    /// Sum of the pending expectations' [`Expect::weight`].
+    held_bytes: usize,
 }
 
 impl Pairing {
@@ -188,6 +209,7 @@ impl Pairing {
             Expect::Blocking => self.blocking += 1,
             _ => {}
         }
+        self.held_bytes += expect.weight();
         self.pending.push_back(expect);
     }
 
@@ -198,6 +220,7 @@ impl Pairing {
             Expect::Blocking => self.blocking -= 1,
             _ => {}
         }
+        self.held_bytes -= expect.weight();
         Some(expect)
     }
 
@@ -209,6 +232,12 @@ impl Pairing {
 
     pub fn pending(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Room for another request: under `max_pending` requests and
+    /// [`MAX_HELD_BYTES`].
+    pub fn has_room(&self, max_pending: usize) -> bool {
+        self.pending.len() < max_pending && self.held_bytes < MAX_HELD_BYTES
     }
 
     pub fn is_resp3(&self) -> bool {
@@ -251,7 +280,7 @@ impl Pairing {
     pub fn abandon(&mut self) -> (usize, Vec<(u32, Vec<Bytes>)>) {
         let mut deletes = Vec::new();
         let pending = std::mem::take(&mut self.pending);
-        (self.confirms_pending, self.blocking) = (0, 0);
+        (self.confirms_pending, self.blocking, self.held_bytes) = (0, 0, 0);
         if self.quit {
             return (0, deletes);
         }
