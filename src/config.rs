@@ -358,6 +358,9 @@ settings! {
     log_format: LogFormat = LogFormat::Text;
     /// Version fences on the keys of the `[[cache]]` sections (false: a pure passthrough proxy).
     fences: bool = true;
+    /// Password for the proxy's own admin commands (`CACHE.INVALIDATE`), given
+    /// with `CACHE.AUTH <password>`; separate from Redis' AUTH. Empty: no password.
+    admin_password: Secret = Secret::default();
     @file_only {
         /// Fenced key patterns and their rules (`[[cache]]` tables; the first match wins).
         cache: Vec<CacheSection> = vec![CacheSection::defaults()];
@@ -384,6 +387,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// The fenced key space; `None` when fences are off.
     pub fences: Option<Scope>,
+    /// `CACHE.AUTH` password for the admin commands; `None`: open.
+    pub admin_password: Option<Secret>,
     /// The PostgreSQL change log; `None` without `[postgres] url`.
     pub changelog: Option<ChangeLogConfig>,
     /// The file the settings came from, if any.
@@ -464,6 +469,7 @@ impl Config {
                 false => None,
             },
             changelog: s.postgres.expect("defaulted").resolve()?,
+            admin_password: s.admin_password.filter(|p| !p.0.is_empty()),
             source,
         })
     }

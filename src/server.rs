@@ -39,6 +39,7 @@ impl Server {
                     let mut fences =
                         Fences::new(scope, Some((config.upstream.clone(), config.connect_timeout)));
                     fences.changelog = changelog.clone();
+                    fences.admin_password = config.admin_password.clone();
                     fences
                 }),
                 changelog,

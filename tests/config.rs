@@ -190,16 +190,33 @@ async fn shutdown_deadline_bounds_a_reply_that_never_comes() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn upstream_password_never_appears_in_logs_and_json_logs_are_structured() {
+async fn passwords_never_appear_in_logs_and_json_logs_are_structured() {
     let redis = RedisServer::start_with(&["--requirepass", "hunter2-secret"]);
     let port = free_port();
     let url = format!("redis://:hunter2-secret@{}", redis.addr());
     let child = spawn_proxy(
         port,
-        &["--upstream", &url, "--log-level", "trace", "--log-format", "json"],
+        &[
+            "--upstream",
+            &url,
+            "--admin-password",
+            "adm1n-hunter2",
+            "--log-level",
+            "trace",
+            "--log-format",
+            "json",
+        ],
     );
     let mut client = RawClient::connect(("127.0.0.1", port)).await;
     assert_eq!(client.call("SET k v").await, "+OK\r\n");
+    // Admin password, wrong and right: neither reaches the logs.
+    assert!(
+        client
+            .call("CACHE.AUTH hunter2-wrong")
+            .await
+            .starts_with("-WRONGPASS")
+    );
+    assert_eq!(client.call("CACHE.AUTH adm1n-hunter2").await, "+OK\r\n");
     drop(client);
     tokio::time::sleep(Duration::from_millis(100)).await;
     signal(&child, "-TERM");

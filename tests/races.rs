@@ -709,3 +709,39 @@ async fn a_flushed_script_cache_is_reloaded_without_the_client_noticing() {
     // The script cache is global: the first NOSCRIPT reloads it for every connection.
     assert_eq!(reloads, 1, "{stats}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_commands_need_the_admin_password() {
+    let setup = Setup::new(&Target::Cachefence("admin_password = \"s3cret-admin\"\n")).await;
+    let mut c = setup.client().await;
+    assert_eq!(c.call("SET user:1 a").await, "+OK\r\n");
+    assert_eq!(
+        c.call("CACHE.INVALIDATE user:1").await,
+        "-NOAUTH cachefence: CACHE.INVALIDATE needs CACHE.AUTH <admin password> first\r\n"
+    );
+    assert_eq!(c.call("GET user:1").await, "$1\r\na\r\n");
+    // The lease API and the read-only commands stay open to applications.
+    assert!(c.call("CACHE.STATS").await.starts_with("*48\r\n"));
+    assert_eq!(
+        c.call("CACHE.AUTH wrong").await,
+        "-WRONGPASS cachefence: invalid admin password\r\n"
+    );
+    assert_eq!(c.call("CACHE.AUTH s3cret-admin").await, "+OK\r\n");
+    assert_eq!(c.call("CACHE.INVALIDATE user:1").await, ":1\r\n");
+    // Per connection: another connection is not admitted.
+    let mut other = setup.client().await;
+    assert!(other.call("CACHE.INVALIDATE user:1").await.starts_with("-NOAUTH"));
+    // Redis' own AUTH is untouched: its error passes through as Redis wrote it.
+    assert_eq!(
+        other.call("AUTH s3cret-admin").await,
+        "-ERR AUTH <password> called without any password configured for the default user. \
+         Are you sure your configuration is correct?\r\n"
+    );
+    // Without a password configured, CACHE.AUTH says so.
+    let open = Setup::new(&Target::Cachefence("")).await;
+    let mut c = open.client().await;
+    assert_eq!(
+        c.call("CACHE.AUTH x").await,
+        "-ERR cachefence: CACHE.AUTH called without an admin password configured\r\n"
+    );
+}

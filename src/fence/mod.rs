@@ -160,6 +160,8 @@ pub struct Fences {
     pub undelivered: std::sync::Arc<undelivered::Undelivered>,
     /// The change-log consumer's counters, when one runs (`CACHE.STATS`).
     pub changelog: Option<std::sync::Arc<crate::changelog::ChangeLogStats>>,
+    /// `admin_password`: what `CACHE.AUTH` must give before admin commands.
+    pub admin_password: Option<crate::config::Secret>,
 }
 
 impl Fences {
@@ -192,6 +194,7 @@ impl Fences {
             second_deletes,
             undelivered,
             changelog: None,
+            admin_password: None,
         }
     }
 

@@ -146,6 +146,8 @@ pub struct FenceSession<'a> {
     /// `EVALSHA`). Only the requests direction, the one upstream writer,
     /// encodes calls, so the first call on the wire is the one with source.
     loaded: std::sync::atomic::AtomicBool,
+    /// `CACHE.AUTH` succeeded on this connection.
+    admin: std::sync::atomic::AtomicBool,
 }
 
 impl<'a> FenceSession<'a> {
@@ -155,6 +157,7 @@ impl<'a> FenceSession<'a> {
             connection: fences.connection(),
             tickets: Mutex::new(HashSet::new()),
             loaded: std::sync::atomic::AtomicBool::new(false),
+            admin: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -632,7 +635,26 @@ impl<'a> FenceSession<'a> {
                 name.to_lowercase()
             ))
         };
+        let admitted =
+            self.fences.admin_password.is_none() || self.admin.load(std::sync::atomic::Ordering::Relaxed);
         match name.as_str() {
+            "CACHE.AUTH" if words.len() == 2 => Plan::Local(match &self.fences.admin_password {
+                None => Reply::Error(
+                    "ERR cachefence: CACHE.AUTH called without an admin password configured".into(),
+                ),
+                Some(password) if same_secret(password.expose().as_bytes(), &words[1]) => {
+                    self.admin.store(true, std::sync::atomic::Ordering::Relaxed);
+                    Reply::Status("OK")
+                }
+                Some(_) => {
+                    tracing::warn!("CACHE.AUTH with a wrong admin password");
+                    self.admin.store(false, std::sync::atomic::Ordering::Relaxed);
+                    Reply::Error("WRONGPASS cachefence: invalid admin password".into())
+                }
+            }),
+            "CACHE.INVALIDATE" if !admitted => Plan::Local(Reply::Error(format!(
+                "NOAUTH cachefence: {name} needs CACHE.AUTH <admin password> first"
+            ))),
             "CACHE.HELP" => Plan::Local(Reply::Array(
                 HELP.iter()
                     .map(|l| Reply::Bulk(Bytes::from_static(l.as_bytes())))
@@ -732,10 +754,12 @@ impl<'a> FenceSession<'a> {
                     },
                 )
             }
-            "CACHE.INVALIDATE" | "CACHE.FENCE" | "CACHE.GET" | "CACHE.FILL" => Plan::Local(arity()),
+            "CACHE.INVALIDATE" | "CACHE.FENCE" | "CACHE.GET" | "CACHE.FILL" | "CACHE.AUTH" => {
+                Plan::Local(arity())
+            }
             _ => Plan::Local(Reply::Error(format!(
                 "ERR unknown cachefence command '{name}'; try CACHE.HELP, CACHE.STATS, CACHE.FENCE, \
-                 CACHE.INVALIDATE, CACHE.GET, CACHE.FILL"
+                 CACHE.INVALIDATE, CACHE.GET, CACHE.FILL, CACHE.AUTH"
             ))),
         }
     }
@@ -747,11 +771,17 @@ impl<'a> FenceSession<'a> {
     }
 }
 
+/// Compares a secret in time independent of where the first difference is.
+fn same_secret(expected: &[u8], given: &[u8]) -> bool {
+    expected.len() == given.len() && expected.iter().zip(given).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
 const HELP: &[&str] = &[
     "CACHE.HELP -- this list",
     "CACHE.STATS -- counters: misses, tickets, fills accepted/refused by reason, writes, invalidations",
     "CACHE.FENCE <key> -- the key's fence: version, last invalidation, lease holder, ttl, outstanding tickets",
     "CACHE.INVALIDATE <key> [key ...] -- delete the keys and move their fences (in-flight fills are refused)",
+    "CACHE.AUTH <password> -- unlock the admin commands (CACHE.INVALIDATE) when admin_password is set",
     "CACHE.GET <key> -- [value, nil] on a hit; [nil, token] on a miss: a lease usable from any connection or proxy",
     "CACHE.FILL <key> <token> <value> [EX s|PX ms] -- store if nothing invalidated the key since the miss: OK or STALE",
 ];
