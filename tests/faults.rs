@@ -403,3 +403,71 @@ async fn a_delete_refused_with_loading_is_retried() {
     assert!(undelivered.is_pending(0, b"k"));
     proxy.shutdown().await;
 }
+
+/// A TCP relay in front of `upstream` that holds every chunk Redis sends
+/// for `delay` before passing it on (a slow network or a slow server).
+async fn slow_relay(upstream: String, delay: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let (mut client_rd, mut client_wr) = client.into_split();
+            let (mut server_rd, mut server_wr) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut client_rd, &mut server_wr).await;
+                let _ = server_wr.shutdown().await;
+            });
+            tokio::spawn(async move {
+                let mut chunk = vec![0u8; 64 * 1024];
+                while let Ok(n @ 1..) = server_rd.read(&mut chunk).await {
+                    tokio::time::sleep(delay).await;
+                    if client_wr.write_all(&chunk[..n]).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = client_wr.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_upstream_still_refuses_stale_fills_and_tickets_past_lease_ttl() {
+    let redis = RedisServer::start();
+    let relay = slow_relay(redis.addr(), Duration::from_millis(50)).await;
+    let proxy = Proxy::start(&relay, "[[cache]]\nlease_ttl = \"300ms\"\nhold = \"0s\"\n").await;
+    let mut direct = RawClient::connect(redis.addr()).await;
+    // R1 through the slow link: plain Redis (the control) keeps the stale
+    // value; through cachefence the fill is refused.
+    for (key, addr, expected) in [
+        ("plain", relay.clone(), "$5\r\nstale\r\n"),
+        ("fenced", proxy.addr.to_string(), "$-1\r\n"),
+    ] {
+        let (mut reader, mut writer) = (RawClient::connect(&addr).await, RawClient::connect(&addr).await);
+        assert_eq!(reader.call(&format!("GET {key}")).await, "$-1\r\n");
+        assert_eq!(writer.call(&format!("DEL {key}")).await, ":0\r\n");
+        assert_eq!(reader.call(&format!("SET {key} stale")).await, "+OK\r\n");
+        assert_eq!(direct.call(&format!("GET {key}")).await, expected, "{key}");
+    }
+    let fences = proxy.ctx.fences.as_ref().unwrap();
+    assert_eq!(fences.stats.refused_fence_moved.get(), 1);
+    // A ticket older than lease_ttl is refused even though nothing moved the
+    // fence (the slow link adds its 50 ms per round trip on top).
+    let mut reader = RawClient::connect(proxy.addr).await;
+    assert_eq!(reader.call("GET late").await, "$-1\r\n");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(reader.call("SET late v").await, "+OK\r\n");
+    assert_eq!(direct.call("GET late").await, "$-1\r\n");
+    assert_eq!(fences.stats.refused_expired.get(), 1);
+    // A fill within lease_ttl over the same slow link is stored.
+    assert_eq!(reader.call("GET quick").await, "$-1\r\n");
+    assert_eq!(reader.call("SET quick v").await, "+OK\r\n");
+    assert_eq!(direct.call("GET quick").await, "$1\r\nv\r\n");
+    assert_eq!(fences.tickets_outstanding(), 0);
+    proxy.shutdown().await;
+}
