@@ -16,9 +16,10 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::changelog::{ChangeLogConfig, PostgresSection};
 use crate::fence::{CacheSection, Scope};
+use crate::tls::{ServerTls, UpstreamTls};
 
 /// Where the proxy connects, parsed from `host:port` or
-/// `redis://[user:password@]host[:port][/db]`.
+/// `redis[s]://[user:password@]host[:port][/db]`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Upstream {
     pub host: String,
@@ -26,6 +27,8 @@ pub struct Upstream {
     pub user: Option<String>,
     pub password: Option<Secret>,
     pub db: u32,
+    /// TLS to Redis (`rediss://` or `upstream_tls`); `None`: plain TCP.
+    pub tls: Option<UpstreamTls>,
 }
 
 impl Upstream {
@@ -52,6 +55,7 @@ impl fmt::Debug for Upstream {
             .field("user", &self.user)
             .field("password", &self.password)
             .field("db", &self.db)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -60,14 +64,15 @@ impl FromStr for Upstream {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let (rest, url) = match s.strip_prefix("redis://") {
-            Some(rest) => (rest, true),
-            None if s.contains("://") => {
+        let (rest, url, tls) = match (s.strip_prefix("redis://"), s.strip_prefix("rediss://")) {
+            (Some(rest), _) => (rest, true, false),
+            (_, Some(rest)) => (rest, true, true),
+            _ if s.contains("://") => {
                 return Err(format!(
-                    "unsupported scheme in `{s}` (only redis:// is supported)"
+                    "unsupported scheme in `{s}` (only redis:// and rediss:// are supported)"
                 ));
             }
-            None => (s, false),
+            _ => (s, false, false),
         };
         let (credentials, rest) = match rest.rsplit_once('@') {
             Some((c, r)) if url => (Some(c), r),
@@ -95,6 +100,7 @@ impl FromStr for Upstream {
             user,
             password,
             db,
+            tls: tls.then(UpstreamTls::default),
         })
     }
 }
@@ -361,6 +367,21 @@ settings! {
     /// Password for the proxy's own admin commands (`CACHE.INVALIDATE`), given
     /// with `CACHE.AUTH <password>`; separate from Redis' AUTH. Empty: no password.
     admin_password: Secret = Secret::default();
+    /// Certificate chain (PEM) the proxy presents to clients; with `tls_key_file`
+    /// set too, the listener speaks TLS only. Empty: plain TCP.
+    tls_cert_file: String = String::new();
+    /// Private key (PEM) of `tls_cert_file`.
+    tls_key_file: String = String::new();
+    /// CA certificates (PEM): clients must present a certificate signed by one.
+    /// Empty: no client certificates asked for.
+    tls_ca_cert_file: String = String::new();
+    /// TLS to the upstream (a `rediss://` upstream URL turns it on too).
+    upstream_tls: bool = false;
+    /// CA certificates (PEM) Redis' certificate must chain to. Empty: the
+    /// Mozilla root certificates (webpki-roots) built into the proxy.
+    upstream_tls_ca_cert_file: String = String::new();
+    /// Name Redis' certificate must be valid for (also sent as SNI). Empty: the upstream host.
+    upstream_tls_server_name: String = String::new();
     @file_only {
         /// Fenced key patterns and their rules (`[[cache]]` tables; the first match wins).
         cache: Vec<CacheSection> = vec![CacheSection::defaults()];
@@ -389,6 +410,9 @@ pub struct Config {
     pub fences: Option<Scope>,
     /// `CACHE.AUTH` password for the admin commands; `None`: open.
     pub admin_password: Option<Secret>,
+    /// TLS on the client listener; `None`: plain TCP. (TLS to the upstream
+    /// is [`Upstream::tls`].)
+    pub tls: Option<ServerTls>,
     /// The PostgreSQL change log; `None` without `[postgres] url`.
     pub changelog: Option<ChangeLogConfig>,
     /// The file the settings came from, if any.
@@ -436,6 +460,43 @@ impl Config {
         if upstream.user.is_some() && upstream.password.is_none() {
             anyhow::bail!("key `upstream_user`: an upstream user needs `upstream_password` too");
         }
+        let file = |value: Option<String>| value.filter(|v| !v.is_empty()).map(PathBuf::from);
+        let tls = match (
+            file(s.tls_cert_file),
+            file(s.tls_key_file),
+            file(s.tls_ca_cert_file),
+        ) {
+            (Some(cert), Some(key), ca) => Some(ServerTls::load(cert, key, ca)?),
+            (None, None, None) => None,
+            (None, _, _) => anyhow::bail!(
+                "key `tls_cert_file`: needed for client TLS (`tls_key_file` or `tls_ca_cert_file` is set)"
+            ),
+            (Some(_), None, _) => anyhow::bail!("key `tls_key_file`: needed with `tls_cert_file`"),
+        };
+        let (upstream_ca, server_name) = (
+            file(s.upstream_tls_ca_cert_file),
+            s.upstream_tls_server_name.filter(|n| !n.is_empty()),
+        );
+        if s.upstream_tls.expect("defaulted") {
+            upstream.tls.get_or_insert_default();
+        }
+        match &mut upstream.tls {
+            Some(tls) => {
+                tls.ca_cert_file = upstream_ca;
+                tls.server_name = server_name;
+                tls.prepare(&upstream.host)?;
+            }
+            None if upstream_ca.is_some() || server_name.is_some() => {
+                let key = match upstream_ca {
+                    Some(_) => "upstream_tls_ca_cert_file",
+                    None => "upstream_tls_server_name",
+                };
+                anyhow::bail!(
+                    "key `{key}`: set, but TLS to the upstream is off (set `upstream_tls = true` or use a rediss:// upstream)"
+                );
+            }
+            None => {}
+        }
         let positive = |key: &str, n: u64| -> anyhow::Result<usize> {
             anyhow::ensure!(n > 0, "key `{key}`: must be greater than 0");
             Ok(usize::try_from(n)?)
@@ -470,6 +531,7 @@ impl Config {
             },
             changelog: s.postgres.expect("defaulted").resolve()?,
             admin_password: s.admin_password.filter(|p| !p.0.is_empty()),
+            tls,
             source,
         })
     }
@@ -502,6 +564,10 @@ mod tests {
         assert_eq!(u.addr(), "[::1]:7000");
         assert!("localhost".parse::<Upstream>().is_err());
         assert!("http://x:1".parse::<Upstream>().is_err());
+        assert_eq!(u.tls, None);
+        let u: Upstream = "rediss://:pw@cache.local/2".parse().unwrap();
+        assert_eq!((u.host.as_str(), u.port, u.db), ("cache.local", 6379, 2));
+        assert_eq!(u.tls, Some(crate::tls::UpstreamTls::default()));
         assert!("h:notaport".parse::<Upstream>().is_err());
     }
 

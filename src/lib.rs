@@ -14,6 +14,8 @@
 //!   encoding of the replies the proxy makes itself ([`resp::encode`]).
 //! - [`fence`]: version fences and lease tickets — which commands are
 //!   intercepted, the Lua script that checks and moves fences in Redis.
+//! - [`net`]: the streams sessions run on (plain TCP, or TLS either side);
+//!   [`tls`]: certificates and keys, read and checked at start.
 //! - [`config`]: the TOML file and flags, merged and validated.
 //! - [`metrics`], [`logging`]: counters and `tracing` setup.
 //!
@@ -24,6 +26,8 @@ pub mod config;
 pub mod fence;
 pub mod logging;
 pub mod metrics;
+pub mod net;
 pub mod resp;
 pub mod server;
 pub mod session;
+pub mod tls;

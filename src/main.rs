@@ -89,7 +89,13 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         let server = Server::bind(config.clone()).await?;
-        info!(listen = %server.local_addr(), upstream = %config.upstream, "cachefence listening");
+        info!(
+            listen = %server.local_addr(),
+            upstream = %config.upstream,
+            tls = config.tls.is_some(),
+            upstream_tls = config.upstream.tls.is_some(),
+            "cachefence listening"
+        );
         server.run(server::signal()).await
     });
     match result {

@@ -61,4 +61,6 @@ pub struct Metrics {
     pub upstream_timeouts: Counter,
     /// Clients closed for malformed requests.
     pub protocol_errors: Counter,
+    /// Clients on the TLS listener whose handshake failed or timed out.
+    pub tls_handshake_errors: Counter,
 }

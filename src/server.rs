@@ -9,12 +9,14 @@ use anyhow::Context as _;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
-use tracing::{Instrument, info, info_span, warn};
+use tokio_rustls::TlsAcceptor;
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::changelog::{ChangeLogStats, consumer};
 use crate::config::Config;
 use crate::fence::Fences;
 use crate::metrics::Metrics;
+use crate::net::Stream;
 use crate::resp::encode;
 use crate::session::{self, Context};
 
@@ -98,18 +100,28 @@ impl Server {
                     .with_retries(3);
                 let _ = socket2::SockRef::from(&socket).set_tcp_keepalive(&keepalive);
             }
+            let tls = ctx.config.tls.as_ref().map(|tls| tls.acceptor().clone());
             let Ok(permit) = permits.clone().try_acquire_owned() else {
                 ctx.metrics.connections_rejected.inc();
                 warn!(%peer, max_clients = ctx.config.max_clients, "client rejected: max number of clients reached");
-                tokio::spawn(reject(socket));
+                tokio::spawn(reject(socket, tls));
                 continue;
             };
             let span = info_span!("conn", %peer, upstream = %ctx.config.upstream);
-            let (ctx, stop_rx, done) = (ctx.clone(), stop_rx.clone(), done_tx.clone());
+            let (ctx, mut stop_rx, done) = (ctx.clone(), stop_rx.clone(), done_tx.clone());
             tokio::spawn(
                 async move {
                     ctx.metrics.connections_current.inc();
-                    session::run(socket, peer, ctx.clone(), stop_rx).await;
+                    let client = match tls {
+                        None => Some(Stream::Plain(socket)),
+                        Some(tls) => tokio::select! {
+                            client = handshake(&tls, socket, &ctx, TLS_HANDSHAKE_TIMEOUT) => client,
+                            _ = stop_rx.changed() => None,
+                        },
+                    };
+                    if let Some(client) = client {
+                        session::run(client, peer, ctx.clone(), stop_rx).await;
+                    }
                     ctx.metrics.connections_current.dec();
                     drop((permit, done));
                 }
@@ -149,11 +161,45 @@ fn listen(addr: &str) -> anyhow::Result<TcpListener> {
     Ok(socket.listen(BACKLOG)?)
 }
 
-/// Turns a client away the way Redis does.
-async fn reject(mut socket: TcpStream) {
-    let reply = encode::error("ERR max number of clients reached");
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), socket.write_all(&reply)).await;
-    let _ = socket.shutdown().await;
+/// How long a client on the TLS listener has to complete its handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The TLS handshake of a client on the TLS listener; `None` (logged and
+/// counted) if it fails or takes longer than `timeout`.
+async fn handshake(
+    tls: &TlsAcceptor,
+    socket: TcpStream,
+    ctx: &Context,
+    timeout: std::time::Duration,
+) -> Option<Stream> {
+    let error = match tokio::time::timeout(timeout, tls.accept(socket)).await {
+        Ok(Ok(stream)) => return Some(Stream::from(stream)),
+        Ok(Err(error)) => error.to_string(),
+        Err(_) => format!("not complete within {timeout:?}"),
+    };
+    ctx.metrics.tls_handshake_errors.inc();
+    debug!(%error, "client TLS handshake failed");
+    None
+}
+
+/// Turns a client away the way Redis does (on the TLS listener, after the
+/// handshake).
+async fn reject(socket: TcpStream, tls: Option<TlsAcceptor>) {
+    let limit = std::time::Duration::from_secs(1);
+    let _ = tokio::time::timeout(limit, async {
+        let mut client = match tls {
+            None => Stream::Plain(socket),
+            Some(tls) => match tls.accept(socket).await {
+                Ok(stream) => Stream::from(stream),
+                Err(_) => return,
+            },
+        };
+        let reply = encode::error("ERR max number of clients reached");
+        if client.write_all(&reply).await.is_ok() {
+            let _ = client.shutdown().await;
+        }
+    })
+    .await;
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -7,11 +7,11 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::net::TcpStream;
 
 use super::Scope;
 use super::script;
 use crate::config::Upstream;
+use crate::net::Stream;
 use crate::resp::encode::command;
 use crate::session::upstream;
 
@@ -22,7 +22,7 @@ const KEYS_PER_CALL: usize = 1000;
 /// The connection: which database it has selected, and whether the script
 /// was sent with its source on it.
 struct Connection {
-    stream: TcpStream,
+    stream: Stream,
     db: u32,
     loaded: bool,
 }

@@ -27,13 +27,13 @@ use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, warn};
 
 use crate::config::Config;
 use crate::fence::Fences;
 use crate::metrics::Metrics;
+use crate::net::{Split, Stream};
 use crate::resp::command::{Command, Fenced, ReplyMode};
 use crate::resp::encode;
 use crate::resp::reply::ReplyScanner;
@@ -73,47 +73,59 @@ pub struct Injection {
 
 /// Serves one client until either side closes, the client idles past
 /// `timeout`, or a shutdown drains it.
-pub async fn run(
-    mut client: TcpStream,
-    peer: SocketAddr,
-    ctx: Arc<Context>,
-    shutdown: watch::Receiver<bool>,
-) {
+pub async fn run(mut client: Stream, peer: SocketAddr, ctx: Arc<Context>, shutdown: watch::Receiver<bool>) {
     let mut shutdown = shutdown;
-    let (mut upstream, unread) =
-        match upstream::connect(&ctx.config.upstream, ctx.config.connect_timeout).await {
-            Ok(stream) => (stream, BytesMut::new()),
-            Err(error @ upstream::UpstreamError::Rejected { .. }) => {
-                // The proxy's own credentials are wrong: nothing will change that.
-                ctx.metrics.upstream_connect_errors.inc();
-                warn!(%error, "cannot serve client: upstream connection failed");
-                let reply = encode::error(&format!("ERR cachefence: {error}"));
-                let _ = client.write_all(&reply).await;
-                let _ = client.shutdown().await;
-                return;
-            }
-            Err(error) => match unreachable(&mut client, &ctx, error, &mut shutdown).await {
-                Some(connected) => connected,
-                None => return,
-            },
-        };
+    let (upstream, unread) = match upstream::connect(&ctx.config.upstream, ctx.config.connect_timeout).await {
+        Ok(stream) => (stream, BytesMut::new()),
+        Err(error @ upstream::UpstreamError::Rejected { .. }) => {
+            // The proxy's own credentials are wrong: nothing will change that.
+            ctx.metrics.upstream_connect_errors.inc();
+            warn!(%error, "cannot serve client: upstream connection failed");
+            let reply = encode::error(&format!("ERR cachefence: {error}"));
+            let _ = client.write_all(&reply).await;
+            let _ = client.shutdown().await;
+            return;
+        }
+        Err(error) => match unreachable(&mut client, &ctx, error, &mut shutdown).await {
+            Some(connected) => connected,
+            None => return,
+        },
+    };
     debug!(%peer, "session started");
+    // Chosen once per connection: without TLS on either side, both sockets
+    // are split lock-free and the session is the same code as before TLS.
+    match (client, upstream) {
+        (Stream::Plain(mut client), Stream::Plain(mut upstream)) => {
+            serve(&mut client, &mut upstream, unread, &ctx, &mut shutdown).await
+        }
+        (mut client, mut upstream) => serve(&mut client, &mut upstream, unread, &ctx, &mut shutdown).await,
+    }
+}
+
+/// Runs both directions until the session ends.
+async fn serve<S: Split>(
+    client: &mut S,
+    upstream: &mut S,
+    unread: BytesMut,
+    ctx: &Context,
+    shutdown: &mut watch::Receiver<bool>,
+) {
     let shared = Shared::default();
     shared.pairing().db = ctx.config.upstream.db;
     let fence = ctx.fences.as_ref().map(FenceSession::new);
     let herd_wake = Arc::new(Notify::new());
     let (inject_tx, inject_rx) = mpsc::channel(MAX_INJECTIONS);
-    let (mut client_rd, mut client_wr) = client.split();
-    let (mut upstream_rd, mut upstream_wr) = upstream.split();
+    let (mut client_rd, mut client_wr) = client.halves();
+    let (mut upstream_rd, mut upstream_wr) = upstream.halves();
     let end = {
         let requests = forward_requests(
             (&mut client_rd, unread),
             &mut upstream_wr,
             &shared,
-            &ctx,
+            ctx,
             fence.as_ref(),
             inject_rx,
-            &mut shutdown,
+            shutdown,
         );
         let herd = Herd {
             waits: Vec::new(),
@@ -125,7 +137,7 @@ pub async fn run(
             &mut upstream_rd,
             &mut client_wr,
             &shared,
-            &ctx,
+            ctx,
             fence.as_ref(),
             herd,
         );
@@ -155,11 +167,11 @@ pub async fn run(
 /// before each new batch. `Some` once it answers: the connection and what
 /// the client sent that is still unanswered.
 async fn unreachable(
-    client: &mut TcpStream,
+    client: &mut Stream,
     ctx: &Context,
     mut error: upstream::UpstreamError,
     shutdown: &mut watch::Receiver<bool>,
-) -> Option<(TcpStream, BytesMut)> {
+) -> Option<(Stream, BytesMut)> {
     let config = &ctx.config;
     let mut framer = RequestFramer::new(config.max_frame_size);
     let mut buf = BytesMut::new();
@@ -224,7 +236,7 @@ async fn unreachable(
             replies.extend_from_slice(&reply);
         }
         buf.advance(done);
-        if client.write_all(&replies).await.is_err() || close {
+        if send(client, &replies).await.is_err() || close {
             let _ = client.shutdown().await;
             return None;
         }
@@ -391,16 +403,8 @@ where
                 let Some(injection) = injection else { return RequestsEnd::RepliesDone };
                 let fence = fence.expect("injections imply fences");
                 let bytes = fence.encode(&injection.call, injection.reload);
-                let due = {
-                    let mut pairing = shared.pairing();
-                    let was_due = pairing.awaits_upstream();
-                    pairing.push(injection.expect);
-                    !was_due && pairing.awaits_upstream()
-                };
-                if due && config.reply_timeout.is_some() {
-                    shared.wake_replies.notify_one();
-                }
-                if let Err(error) = upstream.write_all(&bytes).await {
+                shared.pairing().push(injection.expect);
+                if let Err(error) = send(upstream, &bytes).await {
                     debug!(%error, "upstream write failed");
                     return RequestsEnd::UpstreamGone;
                 }
@@ -441,8 +445,8 @@ where
         }
         let batch = frame_requests(&buf, &mut state, shared, ctx, fence);
         let written = match &batch.rewritten {
-            Some(bytes) => upstream.write_all(bytes).await,
-            None if batch.complete > 0 => upstream.write_all(&buf[..batch.complete]).await,
+            Some(bytes) => send(upstream, bytes).await,
+            None if batch.complete > 0 => send(upstream, &buf[..batch.complete]).await,
             None => Ok(()),
         };
         if let Err(error) = written {
@@ -496,7 +500,7 @@ struct Batch {
     /// rewritten or answered locally.
     rewritten: Option<BytesMut>,
     /// The replies direction must look: some requests are answered by the
-    /// proxy, or a reply became due (its `reply_timeout` starts).
+    /// proxy.
     wake: bool,
     failure: Option<ProtocolError>,
 }
@@ -511,7 +515,6 @@ fn frame_requests(
     fence: Option<&FenceSession<'_>>,
 ) -> Batch {
     let mut pairing = shared.pairing();
-    let was_due = pairing.awaits_upstream();
     let mut batch = Batch {
         complete: 0,
         rewritten: None,
@@ -618,7 +621,6 @@ fn frame_requests(
     if let Some(out) = &mut batch.rewritten {
         out.extend_from_slice(&buf[copied..batch.complete]);
     }
-    batch.wake |= !was_due && ctx.config.reply_timeout.is_some() && pairing.awaits_upstream();
     ctx.metrics.commands.add(commands);
     batch
 }
@@ -707,8 +709,8 @@ impl Outbox {
     async fn write<W: AsyncWrite + Unpin>(&mut self, client: &mut W, buf: &[u8]) -> std::io::Result<()> {
         match self.pieces.as_slice() {
             [] => return Ok(()),
-            [Piece::Range(range)] => client.write_all(&buf[range.clone()]).await?,
-            [Piece::Bytes(bytes)] => client.write_all(bytes).await?,
+            [Piece::Range(range)] => send(client, &buf[range.clone()]).await?,
+            [Piece::Bytes(bytes)] => send(client, bytes).await?,
             pieces => {
                 self.gathered.clear();
                 for piece in pieces {
@@ -717,7 +719,7 @@ impl Outbox {
                         Piece::Bytes(bytes) => self.gathered.extend_from_slice(bytes),
                     }
                 }
-                client.write_all(&self.gathered).await?;
+                send(client, &self.gathered).await?;
                 // Do not keep a large one-off buffer for the connection's life.
                 if self.gathered.capacity() > 4 * READ_CHUNK {
                     self.gathered = BytesMut::new();
@@ -745,16 +747,20 @@ where
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut scanner = ReplyScanner::default();
     let mut outbox = Outbox::default();
-    // Since when Redis owes a reply and has sent nothing (`reply_timeout`).
-    let mut silent_since: Option<Instant> = None;
+    // `reply_timeout` without a timer or a clock read per request: a check
+    // every `reply_timeout` fires when a reply was owed at this check and the
+    // last one and nothing came from Redis in between (so after 1 to 2 times
+    // `reply_timeout` of silence).
+    let mut check = ctx.config.reply_timeout.map(|t| Box::pin(tokio::time::sleep(t)));
+    let (mut reads, mut reads_at_check, mut due_at_check) = (0u64, 0u64, false);
     loop {
         // Local replies owed before any further upstream frame.
-        let (close, drained, awaits) = {
+        let (close, drained) = {
             let mut pairing = shared.pairing();
             let close = take_locals(&mut pairing, &mut outbox);
             let drained =
                 pairing.draining && pairing.pending() == 0 && !scanner.in_frame() && !outbox.is_holding();
-            (close, drained, pairing.awaits_upstream() || scanner.in_frame())
+            (close, drained)
         };
         if outbox.write(client, &[]).await.is_err() {
             return SessionEnd::ClientWriteFailed;
@@ -767,21 +773,11 @@ where
             let _ = client.shutdown().await;
             return SessionEnd::Drained;
         }
-        // Counted from here, after any wait for the client to read.
-        silent_since = match (awaits, silent_since) {
-            (false, _) => None,
-            (true, since) => Some(since.unwrap_or_else(Instant::now)),
-        };
         if buf.capacity() - buf.len() < MIN_READ {
             buf.reserve(READ_CHUNK);
         }
-        let reply_deadline = ctx
-            .config
-            .reply_timeout
-            .zip(silent_since)
-            .map(|(t, since)| since + t);
         let read = tokio::select! {
-            // Bytes already there count before the deadline does.
+            // Bytes already there count before the reply check does.
             biased;
             read = upstream.read_buf(&mut buf) => read,
             _ = shared.wake_replies.notified() => continue,
@@ -793,14 +789,22 @@ where
                 herd.poll(fence.expect("herd waits imply fences"), &mut outbox, false);
                 continue;
             }
-            _ = sleep_until(reply_deadline) => {
-                let timeout = ctx.config.reply_timeout.expect("a deadline implies a timeout");
-                ctx.metrics.upstream_timeouts.inc();
-                let reason = format!("did not reply within {timeout:?}");
-                return upstream_lost(client, shared, ctx, fence, scanner.in_frame(), &reason).await;
+            _ = async { check.as_mut().expect("guarded").as_mut().await }, if check.is_some() => {
+                let timeout = ctx.config.reply_timeout.expect("a check implies a timeout");
+                let due = shared.pairing().awaits_upstream() || scanner.in_frame();
+                if due && due_at_check && reads == reads_at_check {
+                    ctx.metrics.upstream_timeouts.inc();
+                    let reason = format!("did not reply within {timeout:?}");
+                    return upstream_lost(client, shared, ctx, fence, scanner.in_frame(), &reason).await;
+                }
+                (due_at_check, reads_at_check) = (due, reads);
+                if let Some(check) = &mut check {
+                    check.as_mut().reset(tokio::time::Instant::now() + timeout);
+                }
+                continue;
             }
         };
-        silent_since = None;
+        reads += 1;
         match read {
             Ok(0) => {
                 return upstream_lost(
@@ -1248,6 +1252,13 @@ async fn upstream_lost<W: AsyncWrite + Unpin>(
     }
     let _ = client.shutdown().await;
     SessionEnd::UpstreamClosed
+}
+
+/// Writes all of `bytes` and flushes: a TLS stream may keep the end of
+/// what it was given until flushed (for plain TCP, flushing does nothing).
+async fn send<W: AsyncWrite + Unpin>(stream: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -3,10 +3,11 @@
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::Upstream;
+use crate::net::Stream;
 use crate::resp::encode::command;
 use crate::resp::reply::ReplyScanner;
 
@@ -22,20 +23,33 @@ pub enum UpstreamError {
     },
 }
 
-/// Connects to the upstream and runs the proxy's own handshake (AUTH with
-/// the configured credentials, SELECT of the URL's database), all within
-/// `timeout`.
-pub async fn connect(upstream: &Upstream, timeout: Duration) -> Result<TcpStream, UpstreamError> {
+/// Connects to the upstream and runs the proxy's own handshake (the TLS
+/// handshake with `upstream_tls`, AUTH with the configured credentials,
+/// SELECT of the URL's database), all within `timeout`.
+pub async fn connect(upstream: &Upstream, timeout: Duration) -> Result<Stream, UpstreamError> {
     let addr = upstream.addr();
     let unreachable = |reason: String| UpstreamError::Unreachable {
         addr: addr.clone(),
         reason,
     };
     let attempt = async {
-        let mut stream = TcpStream::connect((upstream.host.as_str(), upstream.port))
+        let tcp = TcpStream::connect((upstream.host.as_str(), upstream.port))
             .await
             .map_err(|e| unreachable(e.to_string()))?;
-        stream.set_nodelay(true).map_err(|e| unreachable(e.to_string()))?;
+        tcp.set_nodelay(true).map_err(|e| unreachable(e.to_string()))?;
+        let mut stream = match &upstream.tls {
+            None => Stream::Plain(tcp),
+            Some(tls) => {
+                let (connector, name) = tls
+                    .client(&upstream.host)
+                    .map_err(|e| unreachable(e.to_string()))?;
+                let tls = connector
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| unreachable(format!("TLS handshake failed: {e}")))?;
+                Stream::from(tls)
+            }
+        };
         if let Some(password) = &upstream.password {
             let mut args: Vec<&[u8]> = vec![b"AUTH"];
             if let Some(user) = &upstream.user {
@@ -68,8 +82,13 @@ pub enum CallError {
 }
 
 /// Sends one command and requires a non-error reply.
-pub async fn call(stream: &mut TcpStream, request: &[u8]) -> Result<(), CallError> {
+pub async fn call<S>(stream: &mut S, request: &[u8]) -> Result<(), CallError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     stream.write_all(request).await?;
+    // A TLS stream may keep the end of the request until flushed.
+    stream.flush().await?;
     let mut buf = BytesMut::with_capacity(256);
     let mut scanner = ReplyScanner::default();
     loop {
@@ -91,7 +110,7 @@ pub async fn call(stream: &mut TcpStream, request: &[u8]) -> Result<(), CallErro
 
 /// One step of the proxy's own handshake.
 async fn handshake(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     args: &[&[u8]],
     step: &'static str,
     addr: &str,
