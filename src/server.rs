@@ -42,6 +42,7 @@ impl Server {
                         Fences::new(scope, Some((config.upstream.clone(), config.connect_timeout)));
                     fences.changelog = changelog.clone();
                     fences.admin_password = config.admin_password.clone();
+                    fences.about = crate::fence::About::of(&config);
                     fences
                 }),
                 changelog,

@@ -217,6 +217,25 @@ async fn passwords_never_appear_in_logs_and_json_logs_are_structured() {
             .starts_with("-WRONGPASS")
     );
     assert_eq!(client.call("CACHE.AUTH adm1n-hunter2").await, "+OK\r\n");
+    // CACHE.INFO describes the proxy without any secret.
+    let info = client.call("CACHE.INFO").await;
+    assert!(
+        info.starts_with("$") && info.contains("\r\n# cachefence\r\nversion:"),
+        "{info}"
+    );
+    assert!(
+        info.contains(&format!("\r\nupstream:{}\r\n", redis.addr())),
+        "{info}"
+    );
+    assert!(
+        info.contains(&format!("\r\nlisten:127.0.0.1:{port}\r\n")),
+        "{info}"
+    );
+    assert!(
+        info.contains("\r\nfenced_patterns:*\r\nchangelog_outbox:\r\nadmin_password:set\r\n"),
+        "{info}"
+    );
+    assert!(!info.contains("hunter2"), "a secret in CACHE.INFO: {info}");
     drop(client);
     tokio::time::sleep(Duration::from_millis(100)).await;
     signal(&child, "-TERM");

@@ -162,6 +162,34 @@ pub struct Fences {
     pub changelog: Option<std::sync::Arc<crate::changelog::ChangeLogStats>>,
     /// `admin_password`: what `CACHE.AUTH` must give before admin commands.
     pub admin_password: Option<crate::config::Secret>,
+    /// What `CACHE.INFO` reports about the process (no secrets).
+    pub about: About,
+}
+
+/// The proxy as `CACHE.INFO` describes it: nothing secret goes in here.
+#[derive(Debug, Clone, Default)]
+pub struct About {
+    pub started: Option<Instant>,
+    pub config_file: Option<String>,
+    pub listen: String,
+    /// `host:port` (never the URL, which may carry a password).
+    pub upstream: String,
+    pub upstream_db: u32,
+    /// The change log's outbox, when one is consumed.
+    pub outbox: Option<String>,
+}
+
+impl About {
+    pub fn of(config: &crate::config::Config) -> About {
+        About {
+            started: Some(Instant::now()),
+            config_file: config.source.as_ref().map(|p| p.display().to_string()),
+            listen: config.listen.clone(),
+            upstream: config.upstream.addr(),
+            upstream_db: config.upstream.db,
+            outbox: config.changelog.as_ref().map(|c| c.outbox.to_string()),
+        }
+    }
 }
 
 impl Fences {
@@ -195,6 +223,7 @@ impl Fences {
             undelivered,
             changelog: None,
             admin_password: None,
+            about: About::default(),
         }
     }
 

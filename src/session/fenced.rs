@@ -660,6 +660,7 @@ impl<'a> FenceSession<'a> {
                     .map(|l| Reply::Bulk(Bytes::from_static(l.as_bytes())))
                     .collect(),
             )),
+            "CACHE.INFO" => Plan::Local(Reply::Bulk(self.info().into())),
             "CACHE.STATS" => {
                 let mut fields = self.fences.stats.fields(self.fences.tickets_outstanding());
                 if let Some(worker) = &self.fences.second_deletes {
@@ -759,9 +760,48 @@ impl<'a> FenceSession<'a> {
             }
             _ => Plan::Local(Reply::Error(format!(
                 "ERR unknown cachefence command '{name}'; try CACHE.HELP, CACHE.STATS, CACHE.FENCE, \
-                 CACHE.INVALIDATE, CACHE.GET, CACHE.FILL, CACHE.AUTH"
+                 CACHE.INVALIDATE, CACHE.GET, CACHE.FILL, CACHE.AUTH, CACHE.INFO"
             ))),
         }
+    }
+
+    /// `CACHE.INFO`: the proxy itself, as Redis' `INFO` formats a section.
+    /// Addresses only, never a URL or a password.
+    fn info(&self) -> String {
+        let about = &self.fences.about;
+        let patterns: Vec<&str> = self
+            .fences
+            .scope
+            .policies()
+            .iter()
+            .map(|p| p.pattern.as_str())
+            .collect();
+        let mut lines = vec![
+            "# cachefence".to_string(),
+            format!("version:{}", env!("CARGO_PKG_VERSION")),
+            format!(
+                "uptime_in_seconds:{}",
+                about.started.map_or(0, |s| s.elapsed().as_secs())
+            ),
+            format!("process_id:{}", std::process::id()),
+            format!("config_file:{}", about.config_file.as_deref().unwrap_or("")),
+            format!("listen:{}", about.listen),
+            format!("upstream:{}", about.upstream),
+            format!("upstream_db:{}", about.upstream_db),
+            "fences:on".to_string(),
+            format!("fenced_patterns:{}", patterns.join(",")),
+            format!("changelog_outbox:{}", about.outbox.as_deref().unwrap_or("")),
+            format!(
+                "admin_password:{}",
+                if self.fences.admin_password.is_some() {
+                    "set"
+                } else {
+                    "none"
+                }
+            ),
+        ];
+        lines.push(String::new());
+        lines.join("\r\n")
     }
 
     /// Tickets this connection still holds, to forget when it ends.
@@ -782,6 +822,7 @@ const HELP: &[&str] = &[
     "CACHE.FENCE <key> -- the key's fence: version, last invalidation, lease holder, ttl, outstanding tickets",
     "CACHE.INVALIDATE <key> [key ...] -- delete the keys and move their fences (in-flight fills are refused)",
     "CACHE.AUTH <password> -- unlock the admin commands (CACHE.INVALIDATE) when admin_password is set",
+    "CACHE.INFO -- version, uptime, config file, listen address, upstream, fenced patterns (no secrets)",
     "CACHE.GET <key> -- [value, nil] on a hit; [nil, token] on a miss: a lease usable from any connection or proxy",
     "CACHE.FILL <key> <token> <value> [EX s|PX ms] -- store if nothing invalidated the key since the miss: OK or STALE",
 ];
