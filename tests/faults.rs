@@ -471,3 +471,23 @@ async fn a_slow_upstream_still_refuses_stale_fills_and_tickets_past_lease_ttl() 
     assert_eq!(fences.tickets_outstanding(), 0);
     proxy.shutdown().await;
 }
+
+/// While a delete waits for its retry, MGET answers nil for that key and
+/// the other values as Redis sent them. (Redis here cannot run the fence
+/// script, so the retry keeps failing and the key stays queued.)
+#[tokio::test(flavor = "multi_thread")]
+async fn mget_reads_a_key_whose_delete_waits_as_nil() {
+    let redis = RedisServer::start_with(&["--rename-command", "EVAL", "", "--rename-command", "EVALSHA", ""]);
+    let proxy = Proxy::start(&redis.addr(), "").await;
+    let mut direct = RawClient::connect(redis.addr()).await;
+    assert_eq!(direct.call("MSET a 1 b 2").await, "+OK\r\n");
+    let undelivered = &proxy.ctx.fences.as_ref().unwrap().undelivered;
+    undelivered.push(0, &[bytes::Bytes::from_static(b"b")]);
+    let mut client = RawClient::connect(proxy.addr).await;
+    assert_eq!(client.call("MGET a b c").await, "*3\r\n$1\r\n1\r\n$-1\r\n$-1\r\n");
+    assert_eq!(client.call("GET b").await, "$-1\r\n");
+    assert_eq!(client.call("GET a").await, "$1\r\n1\r\n");
+    assert!(undelivered.is_pending(0, b"b"));
+    assert_eq!(direct.call("GET b").await, "$1\r\n2\r\n");
+    proxy.shutdown().await;
+}

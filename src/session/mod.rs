@@ -938,30 +938,20 @@ fn on_fence_reply(
             if misses.is_empty() && undelivered.is_empty() {
                 return outbox.send(Bytes::copy_from_slice(frame));
             }
-            let mut items = items;
-            for &i in &undelivered {
-                items[i] = Value::Nil;
-            }
+            let elements: Vec<Reply> = items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::Bulk(b) if !undelivered.contains(&i) => Reply::Bulk(b),
+                    _ => Reply::Nil,
+                })
+                .collect();
             if misses.is_empty() {
-                let elements = items
-                    .into_iter()
-                    .map(|v| match v {
-                        Value::Bulk(b) => Reply::Bulk(b),
-                        _ => Reply::Nil,
-                    })
-                    .collect();
                 return outbox.send(Reply::Array(elements).encode(resp3));
             }
             // Hold the array until every nil of a fenced key had its miss script.
             fence.fences.stats.misses.add(misses.len() as u64);
             let slot = outbox.hold();
-            let elements = items
-                .into_iter()
-                .map(|v| match v {
-                    Value::Bulk(b) => Reply::Bulk(b),
-                    _ => Reply::Nil,
-                })
-                .collect();
             herd.mgets.insert(
                 slot,
                 MGetMisses {
