@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use common::{Proxy, RawClient, RedisServer, WAIT, cmd, cmds, free_port};
+use common::{Proxy, RawClient, RedisServer, WAIT, cmd, cmds, eventually_within, free_port};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_cachefence");
 
@@ -40,18 +40,6 @@ fn serial<F: Future>(body: F) -> F::Output {
         .build()
         .expect("building a test runtime")
         .block_on(body)
-}
-
-/// Polls `check` every 20 ms until it holds, for at most `limit`.
-async fn eventually(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// The proxy binary as a child process, with stderr in a scratch file.
@@ -116,7 +104,7 @@ impl ProxyProcess {
             std::thread::sleep(Duration::from_millis(20));
         }
         // The probe's session opens one upstream connection and closes it.
-        eventually(
+        eventually_within(
             "the readiness probe's session has come and gone",
             WAIT,
             async || {
@@ -126,7 +114,7 @@ impl ProxyProcess {
         )
         .await;
         let mut fds = proxy.fds();
-        eventually("the proxy's descriptors are settled", WAIT, async || {
+        eventually_within("the proxy's descriptors are settled", WAIT, async || {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let now = proxy.fds();
             std::mem::replace(&mut fds, now) == now
@@ -394,7 +382,7 @@ fn slowloris_is_answered_when_complete_and_closed_when_idle_while_others_are_ser
         // The slow and stalled clients' upstream connections are closed; the
         // normal client's is the only one left.
         let redis = &redis;
-        eventually(
+        eventually_within(
             "only the normal client's upstream connection is left",
             WAIT,
             async || {
@@ -515,7 +503,7 @@ fn client_that_never_reads_1mib_replies_is_backpressured_and_others_are_served()
         writer.abort();
         let _ = writer.await;
         let redis = &redis;
-        eventually(
+        eventually_within(
             "the non-reading client's upstream connection is closed",
             WAIT,
             async || {
@@ -566,7 +554,7 @@ fn client_that_never_reads_many_small_replies_is_bounded_by_max_pending() {
         writer.abort();
         let _ = writer.await;
         let redis = &redis;
-        eventually(
+        eventually_within(
             "the non-reading client's upstream connection is closed",
             WAIT,
             async || upstream_clients(redis).await == 1,
@@ -729,7 +717,7 @@ fn silent_half_closed_and_reset_clients_release_their_upstream_connections() {
         let (bytes, closed) = fin_owed.read_to_close().await;
         assert_eq!((bytes.as_slice(), closed), (&b"+PONG\r\n"[..], true));
         let half_closed = started.elapsed();
-        eventually(
+        eventually_within(
             "fin, fin-owed and reset are gone upstream",
             Duration::from_millis(500),
             async || {
@@ -748,7 +736,7 @@ fn silent_half_closed_and_reset_clients_release_their_upstream_connections() {
         let (bytes, closed) = after_reply.read_to_close().await;
         assert_eq!((bytes.as_slice(), closed), (&b""[..], true));
         let silent_closed = started.elapsed();
-        eventually("only `kept` is left upstream", WAIT, async || {
+        eventually_within("only `kept` is left upstream", WAIT, async || {
             upstream_clients(redis).await == 1 && names().await.contains("name=kept ")
         })
         .await;
@@ -765,7 +753,7 @@ fn silent_half_closed_and_reset_clients_release_their_upstream_connections() {
         assert_eq!(kept.call("PING").await, "+PONG\r\n");
         assert_eq!(forever.ctx.metrics.connections_current.get(), 1);
         drop(kept);
-        eventually("`kept` is gone upstream", WAIT, async || {
+        eventually_within("`kept` is gone upstream", WAIT, async || {
             upstream_clients(redis).await == 0
         })
         .await;
@@ -879,13 +867,13 @@ fn ten_thousand_idle_clients() {
         let rss_after_ping = proxy.rss_kib();
         let all_gone = async |clients: Vec<RawClient>| {
             drop(clients);
-            eventually(
+            eventually_within(
                 "every upstream connection is closed",
                 Duration::from_secs(30),
                 async || upstream_clients(redis).await == 1,
             )
             .await;
-            eventually("the proxy's descriptors are back to baseline", WAIT, async || {
+            eventually_within("the proxy's descriptors are back to baseline", WAIT, async || {
                 proxy.fds() as u64 == base_fds
             })
             .await;
@@ -1036,7 +1024,7 @@ fn connection_churn_leaks_nothing() {
             info_on(&mut info, section, field).await.parse().unwrap()
         };
         let quiet = async || {
-            eventually(
+            eventually_within(
                 "no upstream connection is left",
                 Duration::from_secs(30),
                 async || ask("connected_clients").await == 1,
@@ -1054,7 +1042,7 @@ fn connection_churn_leaks_nothing() {
         let took = started.elapsed();
         let rss_end = proxy.rss_kib();
         quiet().await;
-        eventually("the proxy's descriptors are back to baseline", WAIT, async || {
+        eventually_within("the proxy's descriptors are back to baseline", WAIT, async || {
             proxy.fds() == fds_base
         })
         .await;
@@ -1150,7 +1138,7 @@ fn clients_past_the_open_file_limit_get_an_error_and_the_proxy_recovers() {
 
         drop((served, past, unaccepted));
         let redis = &redis;
-        eventually("every descriptor is free again", WAIT, async || {
+        eventually_within("every descriptor is free again", WAIT, async || {
             proxy.fds() == base && upstream_clients(redis).await == 0
         })
         .await;
