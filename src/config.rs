@@ -364,9 +364,12 @@ settings! {
     log_format: LogFormat = LogFormat::Text;
     /// Version fences on the keys of the `[[cache]]` sections (false: a pure passthrough proxy).
     fences: bool = true;
-    /// Password for the proxy's own admin commands (`CACHE.INVALIDATE`), given
-    /// with `CACHE.AUTH <password>`; separate from Redis' AUTH. Empty: no password.
+    /// Password for the proxy's own admin commands (`CACHE.INVALIDATE`,
+    /// `CACHE.RELOAD`), given with `CACHE.AUTH <password>`; separate from
+    /// Redis' AUTH. Empty: no password.
     admin_password: Secret = Secret::default();
+    /// Address of the Prometheus endpoint (`GET /metrics`, plain HTTP). Empty: off.
+    metrics_listen: String = String::new();
     /// Certificate chain (PEM) the proxy presents to clients; with `tls_key_file`
     /// set too, the listener speaks TLS only. Empty: plain TCP.
     tls_cert_file: String = String::new();
@@ -410,6 +413,8 @@ pub struct Config {
     pub fences: Option<Scope>,
     /// `CACHE.AUTH` password for the admin commands; `None`: open.
     pub admin_password: Option<Secret>,
+    /// The Prometheus endpoint's address; `None`: off.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// TLS on the client listener; `None`: plain TCP. (TLS to the upstream
     /// is [`Upstream::tls`].)
     pub tls: Option<ServerTls>,
@@ -417,6 +422,8 @@ pub struct Config {
     pub changelog: Option<ChangeLogConfig>,
     /// The file the settings came from, if any.
     pub source: Option<PathBuf>,
+    /// The command-line settings, applied over the file again on a reload.
+    pub flags: Settings,
 }
 
 impl Default for Config {
@@ -432,13 +439,14 @@ impl Config {
             Some(p) => Some(read_file(p)?),
             None => None,
         };
-        let explicit = flags.clone().over(file.clone().unwrap_or_default());
+        let explicit = flags.clone().over(file.unwrap_or_default());
         let mut config =
             Config::resolve(explicit, path.map(Path::to_path_buf)).with_context(|| match path {
                 Some(p) => format!("invalid configuration in {}", p.display()),
                 None => "invalid configuration".to_string(),
             })?;
         config.source = path.map(Path::to_path_buf);
+        config.flags = flags;
         Ok(config)
     }
 
@@ -508,6 +516,13 @@ impl Config {
             !connect_timeout.is_zero(),
             "key `connect_timeout`: must be greater than 0"
         );
+        let metrics_listen = match s.metrics_listen.filter(|a| !a.is_empty()) {
+            Some(addr) => Some(
+                addr.parse::<std::net::SocketAddr>()
+                    .map_err(|e| anyhow::anyhow!("key `metrics_listen`: bad address `{addr}`: {e}"))?,
+            ),
+            None => None,
+        };
         let log_level = s.log_level.expect("defaulted");
         tracing_subscriber::EnvFilter::try_new(&log_level)
             .map_err(|e| anyhow::anyhow!("key `log_level`: bad filter `{log_level}`: {e}"))?;
@@ -531,8 +546,10 @@ impl Config {
             },
             changelog: s.postgres.expect("defaulted").resolve()?,
             admin_password: s.admin_password.filter(|p| !p.0.is_empty()),
+            metrics_listen,
             tls,
             source,
+            flags: Settings::default(),
         })
     }
 }

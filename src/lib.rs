@@ -23,7 +23,9 @@
 
 pub mod changelog;
 pub mod config;
+pub mod exporter;
 pub mod fence;
+pub mod live;
 pub mod logging;
 pub mod metrics;
 pub mod net;

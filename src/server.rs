@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -23,7 +23,12 @@ use crate::session::{self, Context};
 /// A bound listener, ready to [`run`](Server::run).
 pub struct Server {
     listener: TcpListener,
+    /// The Prometheus endpoint's, when `metrics_listen` is set.
+    metrics: Option<TcpListener>,
     ctx: Arc<Context>,
+    /// Installed before the listener is visible to anyone: a SIGHUP sent
+    /// as soon as the port answers reloads instead of killing the process.
+    hangups: mpsc::Receiver<()>,
 }
 
 impl Server {
@@ -34,18 +39,32 @@ impl Server {
             .changelog
             .as_ref()
             .map(|_| Arc::new(ChangeLogStats::default()));
+        let metrics = match config.metrics_listen {
+            Some(addr) => Some(
+                crate::exporter::bind(addr)
+                    .with_context(|| format!("cannot listen on {addr} (metrics_listen)"))?,
+            ),
+            None => None,
+        };
+        let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
+        let hangups = hangups();
         Ok(Server {
             listener,
+            metrics,
+            hangups,
             ctx: Arc::new(Context {
                 fences: config.fences.clone().map(|scope| {
                     let mut fences =
                         Fences::new(scope, Some((config.upstream.clone(), config.connect_timeout)));
                     fences.changelog = changelog.clone();
-                    fences.admin_password = config.admin_password.clone();
+                    fences.admin_password =
+                        arc_swap::ArcSwapOption::from_pointee(config.admin_password.clone());
                     fences.about = crate::fence::About::of(&config);
                     fences
                 }),
                 changelog,
+                live: crate::live::Live::new(&config),
+                metrics_addr,
                 config,
                 metrics: Metrics::default(),
             }),
@@ -67,19 +86,31 @@ impl Server {
     /// lets connections deliver their in-flight replies for up to
     /// `shutdown_timeout` before returning.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let Server { listener, ctx } = self;
+        let Server {
+            listener,
+            metrics,
+            ctx,
+            mut hangups,
+        } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         // Every session holds a sender; `recv` returns `None` once all are gone.
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
-        let permits = Arc::new(Semaphore::new(ctx.config.max_clients));
         if let (Some(config), Some(stats)) = (&ctx.config.changelog, &ctx.changelog) {
             let consumer = consumer::run(config.clone(), ctx.clone(), stats.clone(), stop_rx.clone());
             tokio::spawn(consumer.instrument(info_span!("changelog")));
+        }
+        if let Some(metrics) = metrics {
+            let exporter = crate::exporter::serve(metrics, ctx.clone(), stop_rx.clone());
+            tokio::spawn(exporter.instrument(info_span!("metrics")));
         }
         tokio::pin!(shutdown);
         loop {
             let (socket, peer) = tokio::select! {
                 _ = &mut shutdown => break,
+                Some(()) = hangups.recv() => {
+                    let _ = crate::live::reload(&ctx, "SIGHUP");
+                    continue;
+                }
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(error) => {
@@ -92,7 +123,7 @@ impl Server {
             };
             ctx.metrics.connections_total.inc();
             let _ = socket.set_nodelay(true);
-            if let Some(interval) = ctx.config.tcp_keepalive {
+            if let Some(interval) = ctx.live.tcp_keepalive() {
                 // As Redis' `tcp-keepalive`: a peer gone without FIN or RST
                 // is found, and its upstream connection closed.
                 let keepalive = socket2::TcpKeepalive::new()
@@ -102,17 +133,19 @@ impl Server {
                 let _ = socket2::SockRef::from(&socket).set_tcp_keepalive(&keepalive);
             }
             let tls = ctx.config.tls.as_ref().map(|tls| tls.acceptor().clone());
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
+            // Only this loop adds connections: the check and the count agree.
+            let max_clients = ctx.live.max_clients();
+            if ctx.metrics.connections_current.get() >= max_clients as u64 {
                 ctx.metrics.connections_rejected.inc();
-                warn!(%peer, max_clients = ctx.config.max_clients, "client rejected: max number of clients reached");
+                warn!(%peer, max_clients, "client rejected: max number of clients reached");
                 tokio::spawn(reject(socket, tls));
                 continue;
-            };
+            }
+            ctx.metrics.connections_current.inc();
             let span = info_span!("conn", %peer, upstream = %ctx.config.upstream);
             let (ctx, mut stop_rx, done) = (ctx.clone(), stop_rx.clone(), done_tx.clone());
             tokio::spawn(
                 async move {
-                    ctx.metrics.connections_current.inc();
                     let client = match tls {
                         None => Some(Stream::Plain(socket)),
                         Some(tls) => tokio::select! {
@@ -124,7 +157,7 @@ impl Server {
                         session::run(client, peer, ctx.clone(), stop_rx).await;
                     }
                     ctx.metrics.connections_current.dec();
-                    drop((permit, done));
+                    drop(done);
                 }
                 .instrument(span),
             );
@@ -134,7 +167,7 @@ impl Server {
         info!(open, "shutting down: stopped accepting, draining connections");
         let _ = stop_tx.send(true);
         drop(done_tx);
-        let deadline = ctx.config.shutdown_timeout;
+        let deadline = ctx.live.shutdown_timeout();
         match tokio::time::timeout(deadline, done_rx.recv()).await {
             Ok(_) => info!("shutdown complete"),
             Err(_) => warn!(
@@ -201,6 +234,29 @@ async fn reject(socket: TcpStream, tls: Option<TlsAcceptor>) {
         }
     })
     .await;
+}
+
+/// SIGHUPs, as a stream (a reload each). Nothing arrives where there are
+/// no signals or the handler cannot be installed (logged).
+fn hangups() -> mpsc::Receiver<()> {
+    let (tx, rx) = mpsc::channel(1);
+    #[cfg(unix)]
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    // One pending reload is enough: it reads the newest file.
+                    if let Err(mpsc::error::TrySendError::Closed(())) = tx.try_send(()) {
+                        return;
+                    }
+                }
+            });
+        }
+        Err(error) => warn!(%error, "cannot install a SIGHUP handler: reload with CACHE.RELOAD"),
+    }
+    #[cfg(not(unix))]
+    drop(tx);
+    rx
 }
 
 /// Resolves on SIGINT or SIGTERM.

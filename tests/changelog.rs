@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::pg::Schema;
-use common::{Proxy, RawClient, RedisServer, eventually};
+use common::{Proxy, ProxyProcess, RawClient, RedisServer, eventually};
 
 const USERS: &[&str] = &["user:{id}", "user:email:{email}"];
 
@@ -292,8 +292,8 @@ async fn two_proxies_share_one_outbox_and_leave_no_row_behind() {
     let config = std::env::temp_dir().join(format!("cachefence-two-{}.toml", std::process::id()));
     std::fs::write(&config, format!("upstream = \"{}\"\n{toml}", redis.addr())).unwrap();
     let (a, b) = (
-        ProxyProcess::start(common::free_port(), &config),
-        ProxyProcess::start(common::free_port(), &config),
+        ProxyProcess::start(&["--config", config.to_str().unwrap()]),
+        ProxyProcess::start(&["--config", config.to_str().unwrap()]),
     );
     let consumed = async |p: &ProxyProcess| -> u64 {
         let stats = RawClient::connect(("127.0.0.1", p.port))
@@ -359,55 +359,6 @@ async fn postgres_away_keeps_redis_traffic_flowing_and_rows_wait() {
     let mut client = RawClient::connect(proxy.addr).await;
     assert_eq!(client.call("GET user:1").await, "$-1\r\n");
     proxy.shutdown().await;
-}
-
-/// The proxy binary as a child process, so that it can be SIGKILLed.
-struct ProxyProcess {
-    child: std::process::Child,
-    port: u16,
-    config: std::path::PathBuf,
-}
-
-impl ProxyProcess {
-    fn start(port: u16, config: &std::path::Path) -> ProxyProcess {
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_cachefence"))
-            .args(["--config", config.to_str().unwrap()])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("starting cachefence");
-        let started = std::time::Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < common::WAIT,
-                "cachefence did not start listening"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        ProxyProcess {
-            child,
-            port,
-            config: config.to_path_buf(),
-        }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn restart(&mut self) {
-        self.kill();
-        *self = ProxyProcess::start(self.port, &self.config);
-    }
-}
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Cache-aside readers through the proxy until `stop`: GET, and on a miss
@@ -479,8 +430,8 @@ async fn durability_ten_thousand_updates_across_proxy_redis_and_postgres_restart
     pg.install(&toml).await;
     let config = std::env::temp_dir().join(format!("cachefence-durable-{}.toml", std::process::id()));
     std::fs::write(&config, &toml).unwrap();
-    let port = common::free_port();
-    let mut proxy = ProxyProcess::start(port, &config);
+    let mut proxy = ProxyProcess::start(&["--config", config.to_str().unwrap()]);
+    let port = proxy.port;
 
     let stop = Arc::new(AtomicBool::new(false));
     let table = format!("{}.items", pg.name);

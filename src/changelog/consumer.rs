@@ -174,7 +174,6 @@ async fn drain(
     let claim = format!("SELECT id, keys FROM {outbox} ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED");
     let delete = format!("DELETE FROM {outbox} WHERE id = ANY($1)");
     let db = ctx.config.upstream.db;
-    let scope = ctx.fences.as_ref().map(|f| &f.scope);
     let timed =
         |what: &'static str| move |_| Failure::Postgres(format!("{what}: no answer within {PG_TIMEOUT:?}"));
     let mut client = tokio::time::timeout(PG_TIMEOUT, pool.get())
@@ -202,8 +201,10 @@ async fn drain(
         }
         keys.sort_unstable();
         keys.dedup();
+        // The scope in force now (a reload may have changed it).
+        let scope = ctx.fences.as_ref().map(|f| f.scope.load_full());
         invalidator
-            .invalidate(db, &keys, scope)
+            .invalidate(db, &keys, scope.as_deref())
             .await
             .map_err(Failure::Redis)?;
         if let Some(fences) = &ctx.fences {

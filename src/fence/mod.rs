@@ -95,6 +95,11 @@ pub struct FenceStats {
     pub writes: Counter,
     pub writes_rejected: Counter,
     pub invalidations: Counter,
+    /// Keys of client invalidations (`DEL`, `UNLINK`, `GETDEL`,
+    /// `on_write = "invalidate"`) sent to Redis.
+    pub keys_invalidated_client: Counter,
+    /// Keys of `CACHE.INVALIDATE` sent to Redis.
+    pub keys_invalidated_admin: Counter,
     pub script_reloads: Counter,
     /// Misses that waited for another client's fill (herd control).
     pub holds: Counter,
@@ -144,7 +149,8 @@ impl FenceStats {
 /// fences themselves live in Redis (C4).
 #[derive(Debug)]
 pub struct Fences {
-    pub scope: Scope,
+    /// The `[[cache]]` sections in force; a reload swaps them whole.
+    pub scope: LiveScope,
     /// Tickets by (connection, key): a connection only ever sees its own.
     tickets: DashMap<(u64, Bytes), Ticket>,
     pub stats: FenceStats,
@@ -160,11 +166,17 @@ pub struct Fences {
     pub undelivered: std::sync::Arc<undelivered::Undelivered>,
     /// The change-log consumer's counters, when one runs (`CACHE.STATS`).
     pub changelog: Option<std::sync::Arc<crate::changelog::ChangeLogStats>>,
-    /// `admin_password`: what `CACHE.AUTH` must give before admin commands.
-    pub admin_password: Option<crate::config::Secret>,
+    /// `admin_password`: what `CACHE.AUTH` must give before admin commands
+    /// (a reload may change it).
+    pub admin_password: arc_swap::ArcSwapOption<crate::config::Secret>,
     /// What `CACHE.INFO` reports about the process (no secrets).
     pub about: About,
 }
+
+/// The fenced key space as it is now, shared with the workers: readers
+/// load it (no lock, no reference count on the hot path), a reload stores
+/// a new one.
+pub type LiveScope = std::sync::Arc<arc_swap::ArcSwap<Scope>>;
 
 /// The proxy as `CACHE.INFO` describes it: nothing secret goes in here.
 #[derive(Debug, Clone, Default)]
@@ -197,18 +209,14 @@ impl Fences {
     /// worker of undelivered deletes and the `double_delete` worker if some
     /// policy needs it (needs a runtime).
     pub fn new(scope: Scope, upstream: Option<(crate::config::Upstream, Duration)>) -> Fences {
+        let scope: LiveScope = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(scope));
         let undelivered = std::sync::Arc::new(undelivered::Undelivered::default());
-        let second_deletes = match upstream {
-            Some((upstream, timeout)) => {
-                undelivered.start(upstream.clone(), timeout, scope.clone());
-                scope
-                    .policies()
-                    .iter()
-                    .any(|p| p.double_delete.is_some())
-                    .then(|| second_delete::SecondDeletes::start(upstream, timeout, scope.clone()))
-            }
-            None => None,
-        };
+        // The second-delete worker runs even if no policy asks for it yet (a
+        // reload may); it connects on its first job.
+        let second_deletes = upstream.map(|(upstream, timeout)| {
+            undelivered.start(upstream.clone(), timeout, scope.clone());
+            second_delete::SecondDeletes::start(upstream, timeout, scope.clone())
+        });
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
@@ -222,7 +230,7 @@ impl Fences {
             second_deletes,
             undelivered,
             changelog: None,
-            admin_password: None,
+            admin_password: arc_swap::ArcSwapOption::empty(),
             about: About::default(),
         }
     }
@@ -233,8 +241,9 @@ impl Fences {
         let Some(worker) = &self.second_deletes else {
             return;
         };
+        let scope = self.scope();
         for key in keys {
-            if let Some((_, policy)) = self.policy(key)
+            if let Some((_, policy)) = scope.policy(key)
                 && let Some(delay) = policy.double_delete
             {
                 worker.schedule(delay, db, vec![key.clone()]);
@@ -258,13 +267,15 @@ impl Fences {
         }
     }
 
-    /// The policy of `key` with its index, if the key is fenced.
-    pub fn policy(&self, key: &[u8]) -> Option<(usize, &Policy)> {
-        self.scope.policy(key)
+    /// The `[[cache]]` sections in force. Hold the guard for one batch of
+    /// work, not across waits.
+    pub fn scope(&self) -> arc_swap::Guard<std::sync::Arc<Scope>> {
+        self.scope.load()
     }
 
-    pub fn policy_at(&self, index: usize) -> &Policy {
-        &self.scope.policies()[index]
+    /// Whether `key` is fenced now.
+    pub fn is_fenced(&self, key: &[u8]) -> bool {
+        self.scope().policy(key).is_some()
     }
 
     /// A new connection identity, for tickets and lease holder names.

@@ -121,34 +121,100 @@ impl Policy {
     }
 }
 
+/// Distinct policies one process may have seen over all its reloads.
+pub const MAX_KNOWN_POLICIES: usize = 4096;
+
 /// The fenced key space: the first section whose pattern matches wins.
+///
+/// A policy is named by its index in `known`, which only grows (equal
+/// policies share an index): an index taken by a request before a reload
+/// still names the same rules when its reply comes after it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scope {
-    policies: Vec<Policy>,
+    /// Every distinct policy so far, in the order first seen.
+    known: Vec<Policy>,
+    /// The sections in force, in order, as indices into `known`.
+    active: Vec<usize>,
+    /// The lease API's policy for keys outside every pattern: the first
+    /// section's, or the defaults when there is none.
+    fallback: usize,
 }
 
 impl Scope {
     pub fn new(sections: &[CacheSection]) -> anyhow::Result<Scope> {
-        let policies = sections
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                Policy::from_section(s).map_err(|e| anyhow::anyhow!("[[cache]] section {}: {e}", i + 1))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        Ok(Scope { policies })
+        let mut scope = Scope {
+            known: Vec::with_capacity(sections.len()),
+            active: Vec::with_capacity(sections.len()),
+            fallback: 0,
+        };
+        for (i, section) in sections.iter().enumerate() {
+            let policy = Policy::from_section(section)
+                .map_err(|e| anyhow::anyhow!("[[cache]] section {}: {e}", i + 1))?;
+            let index = scope.intern(policy)?;
+            scope.active.push(index);
+        }
+        scope.fallback = match scope.active.first() {
+            Some(&first) => first,
+            None => scope.intern(Policy::from_section(&CacheSection::defaults())?)?,
+        };
+        Ok(scope)
+    }
+
+    /// The scope after a reload to `next`'s sections: the indices of
+    /// policies this one knows stay what they were.
+    pub fn succeeded_by(&self, next: &Scope) -> anyhow::Result<Scope> {
+        let mut scope = Scope {
+            known: self.known.clone(),
+            active: Vec::with_capacity(next.active.len()),
+            fallback: 0,
+        };
+        for policy in next.policies() {
+            let index = scope.intern(policy.clone())?;
+            scope.active.push(index);
+        }
+        scope.fallback = scope.intern(next.known[next.fallback].clone())?;
+        Ok(scope)
+    }
+
+    /// Whether both have the same sections in force.
+    pub fn same_sections(&self, other: &Scope) -> bool {
+        self.policies().eq(other.policies())
+    }
+
+    fn intern(&mut self, policy: Policy) -> anyhow::Result<usize> {
+        if let Some(index) = self.known.iter().position(|p| *p == policy) {
+            return Ok(index);
+        }
+        anyhow::ensure!(
+            self.known.len() < MAX_KNOWN_POLICIES,
+            "{MAX_KNOWN_POLICIES} distinct [[cache]] sections were loaded since start; restart to load more"
+        );
+        self.known.push(policy);
+        Ok(self.known.len() - 1)
     }
 
     /// The policy of `key` with its index, or `None` when the key is not fenced.
     pub fn policy(&self, key: &[u8]) -> Option<(usize, &Policy)> {
-        self.policies
+        self.active
             .iter()
-            .enumerate()
+            .map(|&i| (i, &self.known[i]))
             .find(|(_, p)| glob_match(p.pattern.as_bytes(), key))
     }
 
-    pub fn policies(&self) -> &[Policy] {
-        &self.policies
+    /// The policy an index names (taken from this scope or an earlier one).
+    pub fn policy_at(&self, index: usize) -> &Policy {
+        &self.known[index]
+    }
+
+    /// The policy of `key`, else the fallback (the lease API fences any key).
+    pub fn lease_policy(&self, key: &[u8]) -> (usize, &Policy) {
+        self.policy(key)
+            .unwrap_or((self.fallback, &self.known[self.fallback]))
+    }
+
+    /// The sections in force, in order.
+    pub fn policies(&self) -> impl Iterator<Item = &Policy> {
+        self.active.iter().map(|&i| &self.known[i])
     }
 }
 
@@ -260,5 +326,34 @@ mod tests {
             ..Default::default()
         };
         assert!(Scope::new(&[bad]).is_err());
+    }
+
+    #[test]
+    fn a_reload_keeps_the_indices_of_known_policies() {
+        let section = |pattern: &str, on_write| CacheSection {
+            pattern: Some(pattern.into()),
+            on_write: Some(on_write),
+            ..Default::default()
+        };
+        let before = Scope::new(&[section("a:*", OnWrite::Write), section("b:*", OnWrite::Write)]).unwrap();
+        let (b_index, _) = before.policy(b"b:1").unwrap();
+        let file = Scope::new(&[section("b:*", OnWrite::Write), section("a:*", OnWrite::Reject)]).unwrap();
+        let after = before.succeeded_by(&file).unwrap();
+        assert!(!after.same_sections(&before) && after.same_sections(&file));
+        // A reply to a request planned before the reload finds its rules.
+        assert_eq!(after.policy_at(b_index).pattern, "b:*");
+        assert_eq!(after.policy(b"b:1").unwrap().0, b_index);
+        assert_eq!(after.policy(b"a:1").unwrap().1.on_write, OnWrite::Reject);
+        assert_eq!(after.policy_at(0).on_write, OnWrite::Write);
+        let patterns: Vec<&str> = after.policies().map(|p| p.pattern.as_str()).collect();
+        assert_eq!(patterns, ["b:*", "a:*"]);
+        // Reloading the same sections again adds nothing.
+        let again = after.succeeded_by(&file).unwrap();
+        assert_eq!(again.known.len(), 3);
+        assert_eq!(again, after);
+        // No sections: nothing fenced, the lease API uses the defaults.
+        let none = Scope::new(&[]).unwrap();
+        assert!(none.policy(b"a:1").is_none());
+        assert_eq!(none.lease_policy(b"a:1").1.lease_ttl, Duration::from_secs(10));
     }
 }

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use super::Scope;
+use super::LiveScope;
 use super::invalidator::Invalidator;
 use crate::config::Upstream;
 use crate::metrics::Counter;
@@ -42,7 +42,7 @@ pub struct SecondDeletes {
 
 impl SecondDeletes {
     /// Starts the worker (needs a tokio runtime).
-    pub fn start(upstream: Upstream, timeout: Duration, scope: Scope) -> SecondDeletes {
+    pub fn start(upstream: Upstream, timeout: Duration, scope: LiveScope) -> SecondDeletes {
         let (jobs, queue) = mpsc::channel(QUEUE);
         let stats = std::sync::Arc::new(SecondDeleteStats::default());
         let invalidator = Invalidator::new(upstream, timeout);
@@ -67,14 +67,17 @@ impl SecondDeletes {
 async fn worker(
     mut queue: mpsc::Receiver<Job>,
     mut invalidator: Invalidator,
-    scope: Scope,
+    scope: LiveScope,
     stats: std::sync::Arc<SecondDeleteStats>,
 ) {
     while let Some(job) = queue.recv().await {
         tokio::time::sleep_until(job.due.into()).await;
         let mut done = false;
         for _ in 0..2 {
-            match invalidator.invalidate(job.db, &job.keys, Some(&scope)).await {
+            match invalidator
+                .invalidate(job.db, &job.keys, Some(&scope.load()))
+                .await
+            {
                 Ok(()) => {
                     done = true;
                     break;

@@ -19,7 +19,7 @@ use dashmap::DashMap;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use super::Scope;
+use super::LiveScope;
 use super::invalidator::Invalidator;
 use crate::config::Upstream;
 use crate::metrics::Counter;
@@ -118,7 +118,7 @@ impl Undelivered {
     }
 
     /// Starts the retry worker (needs a tokio runtime).
-    pub fn start(self: &Arc<Self>, upstream: Upstream, timeout: Duration, scope: Scope) {
+    pub fn start(self: &Arc<Self>, upstream: Upstream, timeout: Duration, scope: LiveScope) {
         let this = Arc::downgrade(self);
         let invalidator = Invalidator::new(upstream, timeout);
         tokio::spawn(retry(this, invalidator, scope));
@@ -127,7 +127,7 @@ impl Undelivered {
 
 /// Retries until the queue is empty, backing off while Redis is away; ends
 /// when the proxy's state is dropped.
-async fn retry(this: std::sync::Weak<Undelivered>, mut invalidator: Invalidator, scope: Scope) {
+async fn retry(this: std::sync::Weak<Undelivered>, mut invalidator: Invalidator, scope: LiveScope) {
     let mut backoff = FIRST_RETRY;
     let mut failing = false;
     loop {
@@ -147,7 +147,7 @@ async fn retry(this: std::sync::Weak<Undelivered>, mut invalidator: Invalidator,
         }
         let mut result = Ok(());
         for (db, keys) in &by_db {
-            result = invalidator.invalidate(*db, keys, Some(&scope)).await;
+            result = invalidator.invalidate(*db, keys, Some(&scope.load())).await;
             if result.is_err() {
                 break;
             }

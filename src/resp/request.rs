@@ -93,6 +93,11 @@ impl RequestFramer {
         }
     }
 
+    /// Changes the largest bulk accepted (a reload of `max_frame_size`).
+    pub fn set_max_bulk_len(&mut self, max_bulk_len: usize) {
+        self.max_bulk_len = max_bulk_len;
+    }
+
     /// Bytes of the current, still incomplete request that have been
     /// validated so far (0 when at a request boundary).
     pub fn partial_len(&self) -> usize {

@@ -16,7 +16,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use crate::fence::script::{self, fence_key};
-use crate::fence::{Fences, OnStaleFill, OnWrite, Policy, Refusal, Ticket, micros, millis};
+use crate::fence::{Fences, OnStaleFill, OnWrite, Policy, Refusal, Scope, Ticket, micros, millis};
 use crate::resp::command::Fenced;
 use crate::resp::request::{Args, Frame};
 use crate::resp::value::{Reply, Value};
@@ -185,10 +185,11 @@ impl<'a> FenceSession<'a> {
         queued: bool,
         db: u32,
     ) -> Option<Plan> {
+        let scope = self.fences.scope();
         if command == Fenced::Get {
             // The hot path: no argument copies, one glob match.
             let key = frame.arg(request, 1).filter(|_| frame.argc == 2)?;
-            let (policy, _) = self.fences.policy(key)?;
+            let (policy, _) = scope.policy(key)?;
             if self.undelivered(db, key) {
                 return Some(Plan::Local(Reply::Nil));
             }
@@ -204,7 +205,7 @@ impl<'a> FenceSession<'a> {
         match command {
             // GET returned above; GETEX is handled like it.
             Fenced::Get | Fenced::GetEx => {
-                let (policy, _) = self.fences.policy(key)?;
+                let (policy, _) = scope.policy(key)?;
                 if self.undelivered(db, key) {
                     return Some(Plan::Local(Reply::Nil));
                 }
@@ -216,14 +217,14 @@ impl<'a> FenceSession<'a> {
             Fenced::MGet => {
                 let keys: Vec<Option<(Bytes, usize)>> = words[1..]
                     .iter()
-                    .map(|k| self.fences.policy(k).map(|(policy, _)| (k.clone(), policy)))
+                    .map(|k| scope.policy(k).map(|(policy, _)| (k.clone(), policy)))
                     .collect();
                 keys.iter()
                     .any(Option::is_some)
                     .then(|| Plan::Forward(FenceExpect::MGet { keys }))
             }
             Fenced::Set | Fenced::SetEx | Fenced::PSetEx => {
-                let (policy, rules) = self.fences.policy(key)?;
+                let (policy, rules) = scope.policy(key)?;
                 let fill = if queued {
                     None
                 } else {
@@ -231,18 +232,19 @@ impl<'a> FenceSession<'a> {
                 };
                 match fill {
                     Some(plan) => Some(plan),
-                    None => self.write(command, &words, vec![key.clone()]),
+                    None => self.write(&scope, command, &words, vec![key.clone()]),
                 }
             }
             Fenced::MSet => {
                 let keys: Vec<Bytes> = words[1..].iter().step_by(2).cloned().collect();
-                self.write(command, &words, keys)
+                self.write(&scope, command, &words, keys)
             }
-            Fenced::Write => self.write(command, &words, vec![key.clone()]),
+            Fenced::Write => self.write(&scope, command, &words, vec![key.clone()]),
             Fenced::Delete => {
                 let keys = words[1..].to_vec();
-                let call = self.command_call("inval", &words, &keys)?;
+                let call = command_call(&scope, "inval", &words, &keys)?;
                 self.fences.stats.invalidations.inc();
+                self.fences.stats.keys_invalidated_client.add(keys.len() as u64);
                 Some(rewrite(
                     call,
                     ScriptReply::Command {
@@ -349,11 +351,6 @@ impl<'a> FenceSession<'a> {
         pending
     }
 
-    /// The policy for the lease API: the key's, else the first section's.
-    fn lease_policy(&self, key: &[u8]) -> (usize, &Policy) {
-        self.fences.policy(key).unwrap_or((0, self.fences.policy_at(0)))
-    }
-
     fn refuse(&self, why: Refusal, rules: &Policy) -> Plan {
         self.fences.stats.refused(why).inc();
         Plan::Local(stale_reply(why, rules))
@@ -361,10 +358,10 @@ impl<'a> FenceSession<'a> {
 
     /// A write of `keys` per the strictest `on_write` among their policies;
     /// `None` if none of them is fenced.
-    fn write(&self, command: Fenced, words: &[Bytes], keys: Vec<Bytes>) -> Option<Plan> {
+    fn write(&self, scope: &Scope, command: Fenced, words: &[Bytes], keys: Vec<Bytes>) -> Option<Plan> {
         let policies: Vec<&Policy> = keys
             .iter()
-            .filter_map(|k| self.fences.policy(k).map(|(_, p)| p))
+            .filter_map(|k| scope.policy(k).map(|(_, p)| p))
             .collect();
         if policies.is_empty() {
             return None;
@@ -386,12 +383,13 @@ impl<'a> FenceSession<'a> {
             OnWrite::Invalidate if store_only(command, words) => {
                 let mut del = vec![Bytes::from_static(b"DEL")];
                 del.extend(keys.iter().cloned());
-                let call = self.command_call("inval", &del, &keys).expect("fenced keys");
+                let call = command_call(scope, "inval", &del, &keys).expect("fenced keys");
                 self.fences.stats.invalidations.inc();
+                self.fences.stats.keys_invalidated_client.add(keys.len() as u64);
                 rewrite(call, ScriptReply::Ok { keys: keys.clone() })
             }
             _ => {
-                let call = self.command_call("write", words, &keys).expect("fenced keys");
+                let call = command_call(scope, "write", words, &keys).expect("fenced keys");
                 self.fences.stats.writes.inc();
                 rewrite(
                     call,
@@ -404,36 +402,11 @@ impl<'a> FenceSession<'a> {
         })
     }
 
-    /// A `write`/`inval` call running `words` (the command) on `keys`,
-    /// moving the fences of the fenced ones; `None` if none is fenced.
-    fn command_call(&self, op: &'static str, words: &[Bytes], keys: &[Bytes]) -> Option<ScriptCall> {
-        let fenced: Vec<(&Bytes, &Policy)> = keys
-            .iter()
-            .filter_map(|k| self.fences.policy(k).map(|(_, p)| (k, p)))
-            .collect();
-        if fenced.is_empty() {
-            return None;
-        }
-        let ttl = fenced
-            .iter()
-            .map(|(_, p)| p.fence_ttl())
-            .max()
-            .expect("not empty");
-        let mut all_keys: Vec<Bytes> = keys.to_vec();
-        all_keys.extend(fenced.iter().map(|(k, _)| Bytes::from(fence_key(k))));
-        let mut args = vec![
-            Bytes::from(op),
-            millis(ttl).into(),
-            fenced.len().to_string().into(),
-        ];
-        args.extend(words.iter().cloned());
-        Some(ScriptCall::new(all_keys, args))
-    }
-
     /// The proxy's miss script for a nil `GET`; `force` takes a ticket
     /// even while another client holds the herd lease.
     pub fn miss_call(&self, key: &Bytes, policy: usize, force: bool) -> ScriptCall {
-        let rules = self.fences.policy_at(policy);
+        let scope = self.fences.scope();
+        let rules = scope.policy_at(policy);
         ScriptCall::new(
             vec![key.clone(), fence_key(key).into()],
             vec![
@@ -532,7 +505,7 @@ impl<'a> FenceSession<'a> {
                         self.fences.stats.refused(why).inc();
                         match lease_api {
                             true => Reply::Status("STALE").encode(resp3),
-                            false => stale_reply(why, self.fences.policy_at(*policy)).encode(resp3),
+                            false => stale_reply(why, self.fences.scope().policy_at(*policy)).encode(resp3),
                         }
                     }
                 }
@@ -599,6 +572,7 @@ impl<'a> FenceSession<'a> {
         };
         let policy = self
             .fences
+            .scope()
             .policy(key)
             .map(|(_, p)| Reply::Bulk(p.pattern.clone().into()));
         Reply::Map(vec![
@@ -626,7 +600,7 @@ impl<'a> FenceSession<'a> {
 
     /// `CACHE.*` commands: a plan to send (`CACHE.INVALIDATE`, `CACHE.FENCE`)
     /// or a reply.
-    pub fn admin(&self, frame: &Frame, request: &[u8], db: u32) -> Plan {
+    pub fn admin(&self, frame: &Frame, request: &[u8], db: u32, ctx: &super::Context) -> Plan {
         let words = all_args(frame, request);
         let name = String::from_utf8_lossy(&words[0]).to_ascii_uppercase();
         let arity = || {
@@ -635,10 +609,10 @@ impl<'a> FenceSession<'a> {
                 name.to_lowercase()
             ))
         };
-        let admitted =
-            self.fences.admin_password.is_none() || self.admin.load(std::sync::atomic::Ordering::Relaxed);
+        let password = self.fences.admin_password.load();
+        let admitted = password.is_none() || self.admin.load(std::sync::atomic::Ordering::Relaxed);
         match name.as_str() {
-            "CACHE.AUTH" if words.len() == 2 => Plan::Local(match &self.fences.admin_password {
+            "CACHE.AUTH" if words.len() == 2 => Plan::Local(match &*password {
                 None => Reply::Error(
                     "ERR cachefence: CACHE.AUTH called without an admin password configured".into(),
                 ),
@@ -652,7 +626,7 @@ impl<'a> FenceSession<'a> {
                     Reply::Error("WRONGPASS cachefence: invalid admin password".into())
                 }
             }),
-            "CACHE.INVALIDATE" if !admitted => Plan::Local(Reply::Error(format!(
+            "CACHE.INVALIDATE" | "CACHE.RELOAD" if !admitted => Plan::Local(Reply::Error(format!(
                 "NOAUTH cachefence: {name} needs CACHE.AUTH <admin password> first"
             ))),
             "CACHE.HELP" => Plan::Local(Reply::Array(
@@ -661,6 +635,31 @@ impl<'a> FenceSession<'a> {
                     .collect(),
             )),
             "CACHE.INFO" => Plan::Local(Reply::Bulk(self.info().into())),
+            "CACHE.RELOAD" if words.len() == 1 => {
+                Plan::Local(match crate::live::reload(ctx, "CACHE.RELOAD") {
+                    Ok(done) => {
+                        let names = |keys: Vec<&'static str>| {
+                            Reply::Array(
+                                keys.into_iter()
+                                    .map(|k| Reply::Bulk(Bytes::from_static(k.as_bytes())))
+                                    .collect(),
+                            )
+                        };
+                        Reply::Map(vec![
+                            (Reply::Bulk("file".into()), Reply::Bulk(done.file.into())),
+                            (Reply::Bulk("applied".into()), names(done.applied)),
+                            (
+                                Reply::Bulk("restart_required".into()),
+                                names(done.restart_required),
+                            ),
+                        ])
+                    }
+                    Err(error) => Reply::Error(format!(
+                        "ERR cachefence: reload rejected, the running configuration is kept: {}",
+                        one_line(&format!("{error:#}"))
+                    )),
+                })
+            }
             "CACHE.STATS" => {
                 let mut fields = self.fences.stats.fields(self.fences.tickets_outstanding());
                 if let Some(worker) = &self.fences.second_deletes {
@@ -693,15 +692,15 @@ impl<'a> FenceSession<'a> {
                 // Explicit invalidations fence the keys even outside every pattern.
                 let ttl = self
                     .fences
-                    .scope
+                    .scope()
                     .policies()
-                    .iter()
                     .map(Policy::fence_ttl)
                     .max()
                     .unwrap_or_default();
                 let (all, args) = script::invalidation(&keys, ttl);
                 let call = ScriptCall::new(all, args);
                 self.fences.stats.invalidations.inc();
+                self.fences.stats.keys_invalidated_admin.add(keys.len() as u64);
                 rewrite(
                     call,
                     ScriptReply::Command {
@@ -721,13 +720,14 @@ impl<'a> FenceSession<'a> {
             }
             "CACHE.GET" if words.len() == 2 => {
                 let key = words[1].clone();
-                let (policy, _) = self.lease_policy(&key);
+                let (policy, _) = self.fences.scope().lease_policy(&key);
                 let call = self.miss_call(&key, policy, true);
                 rewrite(call, ScriptReply::LeaseGet)
             }
             "CACHE.FILL" if words.len() == 4 || words.len() == 6 => {
                 let key = words[1].clone();
-                let (policy, rules) = self.lease_policy(&key);
+                let scope = self.fences.scope();
+                let (policy, rules) = scope.lease_policy(&key);
                 let Some((version, miss_us)) = parse_lease_token(&words[2]) else {
                     return Plan::Local(Reply::Error("ERR cachefence: invalid lease token".into()));
                 };
@@ -755,12 +755,11 @@ impl<'a> FenceSession<'a> {
                     },
                 )
             }
-            "CACHE.INVALIDATE" | "CACHE.FENCE" | "CACHE.GET" | "CACHE.FILL" | "CACHE.AUTH" => {
-                Plan::Local(arity())
-            }
+            "CACHE.INVALIDATE" | "CACHE.FENCE" | "CACHE.GET" | "CACHE.FILL" | "CACHE.AUTH"
+            | "CACHE.RELOAD" => Plan::Local(arity()),
             _ => Plan::Local(Reply::Error(format!(
                 "ERR unknown cachefence command '{name}'; try CACHE.HELP, CACHE.STATS, CACHE.FENCE, \
-                 CACHE.INVALIDATE, CACHE.GET, CACHE.FILL, CACHE.AUTH, CACHE.INFO"
+                 CACHE.INVALIDATE, CACHE.GET, CACHE.FILL, CACHE.AUTH, CACHE.INFO, CACHE.RELOAD"
             ))),
         }
     }
@@ -769,13 +768,8 @@ impl<'a> FenceSession<'a> {
     /// Addresses only, never a URL or a password.
     fn info(&self) -> String {
         let about = &self.fences.about;
-        let patterns: Vec<&str> = self
-            .fences
-            .scope
-            .policies()
-            .iter()
-            .map(|p| p.pattern.as_str())
-            .collect();
+        let scope = self.fences.scope();
+        let patterns: Vec<&str> = scope.policies().map(|p| p.pattern.as_str()).collect();
         let mut lines = vec![
             "# cachefence".to_string(),
             format!("version:{}", env!("CARGO_PKG_VERSION")),
@@ -793,7 +787,7 @@ impl<'a> FenceSession<'a> {
             format!("changelog_outbox:{}", about.outbox.as_deref().unwrap_or("")),
             format!(
                 "admin_password:{}",
-                if self.fences.admin_password.is_some() {
+                if self.fences.admin_password.load().is_some() {
                     "set"
                 } else {
                     "none"
@@ -811,6 +805,37 @@ impl<'a> FenceSession<'a> {
     }
 }
 
+/// A `write`/`inval` call running `words` (the command) on `keys`, moving
+/// the fences of the fenced ones; `None` if none is fenced.
+fn command_call(scope: &Scope, op: &'static str, words: &[Bytes], keys: &[Bytes]) -> Option<ScriptCall> {
+    let fenced: Vec<(&Bytes, &Policy)> = keys
+        .iter()
+        .filter_map(|k| scope.policy(k).map(|(_, p)| (k, p)))
+        .collect();
+    if fenced.is_empty() {
+        return None;
+    }
+    let ttl = fenced
+        .iter()
+        .map(|(_, p)| p.fence_ttl())
+        .max()
+        .expect("not empty");
+    let mut all_keys: Vec<Bytes> = keys.to_vec();
+    all_keys.extend(fenced.iter().map(|(k, _)| Bytes::from(fence_key(k))));
+    let mut args = vec![
+        Bytes::from(op),
+        millis(ttl).into(),
+        fenced.len().to_string().into(),
+    ];
+    args.extend(words.iter().cloned());
+    Some(ScriptCall::new(all_keys, args))
+}
+
+/// An error text fit for a RESP error line (TOML errors span lines).
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 /// Compares a secret in time independent of where the first difference is.
 fn same_secret(expected: &[u8], given: &[u8]) -> bool {
     expected.len() == given.len() && expected.iter().zip(given).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
@@ -821,7 +846,8 @@ const HELP: &[&str] = &[
     "CACHE.STATS -- counters: misses, tickets, fills accepted/refused by reason, writes, invalidations",
     "CACHE.FENCE <key> -- the key's fence: version, last invalidation, lease holder, ttl, outstanding tickets",
     "CACHE.INVALIDATE <key> [key ...] -- delete the keys and move their fences (in-flight fills are refused)",
-    "CACHE.AUTH <password> -- unlock the admin commands (CACHE.INVALIDATE) when admin_password is set",
+    "CACHE.AUTH <password> -- unlock the admin commands (CACHE.INVALIDATE, CACHE.RELOAD) when admin_password is set",
+    "CACHE.RELOAD -- re-read the config file: [[cache]] sections, limits, log level now; lists what needs a restart",
     "CACHE.INFO -- version, uptime, config file, listen address, upstream, fenced patterns (no secrets)",
     "CACHE.GET <key> -- [value, nil] on a hit; [nil, token] on a miss: a lease usable from any connection or proxy",
     "CACHE.FILL <key> <token> <value> [EX s|PX ms] -- store if nothing invalidated the key since the miss: OK or STALE",

@@ -32,7 +32,8 @@ use tracing::{debug, warn};
 
 use crate::config::Config;
 use crate::fence::Fences;
-use crate::metrics::Metrics;
+use crate::live::Live;
+use crate::metrics::{Class, ClassCounts, Metrics};
 use crate::net::{Split, Stream};
 use crate::resp::command::{Command, Fenced, ReplyMode};
 use crate::resp::encode;
@@ -48,12 +49,19 @@ const READ_CHUNK: usize = 16 * 1024;
 const MIN_READ: usize = 4 * 1024;
 /// The proxy's own calls waiting to be written upstream, per connection.
 const MAX_INJECTIONS: usize = 1024;
+/// How often a session without `reply_timeout` looks whether a reload set one.
+const REPLY_TIMEOUT_OFF_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What every session shares: the configuration, the counters and the
 /// fence layer's soft state.
 #[derive(Debug)]
 pub struct Context {
+    /// The configuration the proxy started with; what a reload can change
+    /// is read from `live`.
     pub config: Config,
+    pub live: crate::live::Live,
+    /// Where the Prometheus endpoint listens, when `metrics_listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
     pub metrics: Metrics,
     /// `None` when fences are off: the proxy is a pure passthrough.
     pub fences: Option<Fences>,
@@ -173,7 +181,7 @@ async fn unreachable(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<(Stream, BytesMut)> {
     let config = &ctx.config;
-    let mut framer = RequestFramer::new(config.max_frame_size);
+    let mut framer = RequestFramer::new(ctx.live.max_frame_size());
     let mut buf = BytesMut::new();
     loop {
         ctx.metrics.upstream_connect_errors.inc();
@@ -182,11 +190,11 @@ async fn unreachable(
         while !close {
             let frame = match framer.next(&buf[done..]) {
                 Ok(Some(frame)) => frame,
-                Ok(None) if buf.len() - done <= config.max_frame_size + INLINE_MAX => break,
+                Ok(None) if buf.len() - done <= ctx.live.max_frame_size() + INLINE_MAX => break,
                 Ok(None) => {
                     let text = format!(
                         "ERR Protocol error: request larger than max_frame_size ({} bytes)",
-                        config.max_frame_size
+                        ctx.live.max_frame_size()
                     );
                     replies.extend_from_slice(&encode::error(&text));
                     break;
@@ -211,7 +219,7 @@ async fn unreachable(
                 Command::Fenced(Fenced::Get | Fenced::GetEx)
                     if frame.arg(request, 1).is_some_and(|key| {
                         ctx.fences.as_ref().is_some_and(|f| {
-                            f.policy(key).is_some() && f.undelivered.is_pending(config.upstream.db, key)
+                            f.is_fenced(key) && f.undelivered.is_pending(config.upstream.db, key)
                         })
                     }) =>
                 {
@@ -222,7 +230,7 @@ async fn unreachable(
                     let keys: Vec<Bytes> = fenced::all_args(&frame, request)
                         .split_off(1)
                         .into_iter()
-                        .filter(|k| fences.policy(k).is_some())
+                        .filter(|k| fences.is_fenced(k))
                         .collect();
                     match !keys.is_empty() && fences.undelivered.push(config.upstream.db, &keys) {
                         true => {
@@ -240,7 +248,7 @@ async fn unreachable(
             let _ = client.shutdown().await;
             return None;
         }
-        let idle = sleep_until(config.timeout.map(|t| Instant::now() + t));
+        let idle = sleep_until(ctx.live.timeout().map(|t| Instant::now() + t));
         let read = tokio::select! {
             read = client.read_buf(&mut buf) => read,
             _ = shutdown.changed() => return None,
@@ -251,6 +259,7 @@ async fn unreachable(
         }
         match upstream::connect(&config.upstream, config.connect_timeout).await {
             Ok(stream) => {
+                ctx.metrics.upstream_reconnects.inc();
                 debug!("upstream reachable again");
                 return Some((stream, buf));
             }
@@ -331,8 +340,8 @@ impl Shared {
     }
 
     /// Records activity, which only the idle `timeout` needs.
-    fn touch(&self, config: &Config) {
-        if config.timeout.is_some() {
+    fn touch(&self, live: &Live) {
+        if live.timeout().is_some() {
             *self.last_activity.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         }
     }
@@ -362,12 +371,11 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let config = &ctx.config;
     let mut buf = unread;
     // Requests read before the upstream answered are framed first.
     let mut unframed = !buf.is_empty();
     let mut state = RequestState {
-        framer: RequestFramer::new(config.max_frame_size),
+        framer: RequestFramer::new(ctx.live.max_frame_size()),
         reply_mode: ReplyMode::On,
         in_multi: false,
         multi_pubsub: false,
@@ -380,13 +388,15 @@ where
         drain(shared);
     }
     loop {
-        let room = shared.pairing().has_room(config.max_pending);
+        let room = shared.pairing().has_room(ctx.live.max_pending());
+        state.framer.set_max_bulk_len(ctx.live.max_frame_size());
+        let timeout = ctx.live.timeout();
         if buf.capacity() - buf.len() < MIN_READ {
             buf.reserve(READ_CHUNK);
         }
         // Past due while a reply is owed (the client is not idle): look
         // again one `timeout` later instead of spinning on a past deadline.
-        let idle_deadline = config.timeout.filter(|_| reading).map(|t| {
+        let idle_deadline = timeout.filter(|_| reading).map(|t| {
             let at = shared.last_activity() + t;
             match at <= Instant::now() && !shared.pairing().is_idle() {
                 true => Instant::now() + t,
@@ -416,7 +426,7 @@ where
                 continue;
             }
             _ = sleep_until(idle_deadline) => {
-                let timeout = config.timeout.expect("a deadline implies a timeout");
+                let timeout = timeout.expect("a deadline implies a timeout");
                 if shared.pairing().is_idle() && shared.last_activity().elapsed() >= timeout {
                     debug!(?timeout, "closing idle client");
                     return RequestsEnd::Idle;
@@ -433,7 +443,7 @@ where
                 reading = false;
                 continue;
             }
-            Ok(_) => shared.touch(config),
+            Ok(_) => shared.touch(&ctx.live),
             Err(error) => {
                 debug!(%error, "client read failed");
                 return RequestsEnd::ClientGone;
@@ -523,14 +533,14 @@ fn frame_requests(
     };
     // Bytes of `buf` already copied into `rewritten`.
     let mut copied = 0;
-    let mut commands = 0;
+    let mut classes: ClassCounts = [0; 3];
     loop {
         let frame = match state.framer.next(&buf[batch.complete..]) {
             Ok(Some(frame)) => frame,
-            Ok(None) if buf.len() - batch.complete > ctx.config.max_frame_size + INLINE_MAX => {
+            Ok(None) if buf.len() - batch.complete > ctx.live.max_frame_size() + INLINE_MAX => {
                 batch.failure = Some(ProtocolError(format!(
                     "request larger than max_frame_size ({} bytes)",
-                    ctx.config.max_frame_size
+                    ctx.live.max_frame_size()
                 )));
                 break;
             }
@@ -546,7 +556,6 @@ fn frame_requests(
         if frame.argc == 0 {
             continue; // Redis ignores it and sends nothing.
         }
-        commands += 1;
         let command = Command::classify(&frame, request);
         let (mut exec_with_pubsub, mut exec_fenced) = (false, false);
         match command {
@@ -572,10 +581,16 @@ fn frame_requests(
                 fence.plan(fenced, &frame, request, state.in_multi, pairing.db)
             }
             (Some(fence), Command::Admin) if interceptable && !state.in_multi => {
-                Some(fence.admin(&frame, request, pairing.db))
+                Some(fence.admin(&frame, request, pairing.db, ctx))
             }
             _ => None,
         };
+        let class = match (&plan, command) {
+            (None, _) => Class::Passthrough,
+            (Some(_), Command::Admin) => Class::Admin,
+            (Some(_), _) => Class::Intercepted,
+        };
+        classes[class as usize] += 1;
         let (replacement, expect) = match plan {
             // In MULTI: rewritten with the script's source (a NOSCRIPT would
             // only show in EXEC, too late to resend), translated in EXEC.
@@ -621,7 +636,12 @@ fn frame_requests(
     if let Some(out) = &mut batch.rewritten {
         out.extend_from_slice(&buf[copied..batch.complete]);
     }
-    ctx.metrics.commands.add(commands);
+    if classes != [0; 3] {
+        for class in Class::ALL {
+            ctx.metrics.commands[class as usize].add(u64::from(classes[class as usize]));
+        }
+        pairing.mark(Instant::now(), classes);
+    }
     batch
 }
 
@@ -750,14 +770,17 @@ where
     // `reply_timeout` without a timer or a clock read per request: a check
     // every `reply_timeout` fires when a reply was owed at this check and the
     // last one and nothing came from Redis in between (so after 1 to 2 times
-    // `reply_timeout` of silence).
-    let mut check = ctx.config.reply_timeout.map(|t| Box::pin(tokio::time::sleep(t)));
+    // `reply_timeout` of silence). Without a `reply_timeout` the check only
+    // looks every few seconds whether a reload set one.
+    let period = || ctx.live.reply_timeout().unwrap_or(REPLY_TIMEOUT_OFF_RECHECK);
+    let mut check = Box::pin(tokio::time::sleep(period()));
     let (mut reads, mut reads_at_check, mut due_at_check) = (0u64, 0u64, false);
     loop {
         // Local replies owed before any further upstream frame.
         let (close, drained) = {
             let mut pairing = shared.pairing();
             let close = take_locals(&mut pairing, &mut outbox);
+            observe_latency(&mut pairing, &ctx.metrics);
             let drained =
                 pairing.draining && pairing.pending() == 0 && !scanner.in_frame() && !outbox.is_holding();
             (close, drained)
@@ -789,18 +812,16 @@ where
                 herd.poll(fence.expect("herd waits imply fences"), &mut outbox, false);
                 continue;
             }
-            _ = async { check.as_mut().expect("guarded").as_mut().await }, if check.is_some() => {
-                let timeout = ctx.config.reply_timeout.expect("a check implies a timeout");
-                let due = shared.pairing().awaits_upstream() || scanner.in_frame();
+            _ = &mut check => {
+                let due = ctx.live.reply_timeout().is_some()
+                    && (shared.pairing().awaits_upstream() || scanner.in_frame());
                 if due && due_at_check && reads == reads_at_check {
                     ctx.metrics.upstream_timeouts.inc();
-                    let reason = format!("did not reply within {timeout:?}");
+                    let reason = format!("did not reply within {:?}", period());
                     return upstream_lost(client, shared, ctx, fence, scanner.in_frame(), &reason).await;
                 }
                 (due_at_check, reads_at_check) = (due, reads);
-                if let Some(check) = &mut check {
-                    check.as_mut().reset(tokio::time::Instant::now() + timeout);
-                }
+                check.as_mut().reset(tokio::time::Instant::now() + period());
                 continue;
             }
         };
@@ -866,6 +887,7 @@ where
             }
             if pairing.pending() < before {
                 shared.room.notify_one();
+                observe_latency(&mut pairing, &ctx.metrics);
             }
             if !close {
                 match scanner.frame_kind() {
@@ -883,7 +905,7 @@ where
         if outbox.write(client, &buf).await.is_err() {
             return SessionEnd::ClientWriteFailed;
         }
-        shared.touch(&ctx.config);
+        shared.touch(&ctx.live);
         if close {
             let _ = client.shutdown().await;
             return SessionEnd::Closed;
@@ -908,7 +930,7 @@ fn on_fence_reply(
             // A miss: hold the nil until the miss script has run.
             fence.fences.stats.misses.inc();
             let slot = outbox.hold();
-            let forced = fence.fences.policy_at(policy).hold.is_zero();
+            let forced = fence.fences.scope().policy_at(policy).hold.is_zero();
             let call = fence.miss_call(&key, policy, forced);
             let reply = ScriptReply::Miss {
                 key,
@@ -1125,7 +1147,7 @@ impl Herd {
         let ScriptReply::Miss { key, policy, .. } = &reply else {
             return;
         };
-        let hold = fence.fences.policy_at(*policy).hold;
+        let hold = fence.fences.scope().policy_at(*policy).hold;
         fence.fences.watch(key, &self.wake);
         let now = Instant::now();
         match self.waits.iter_mut().find(|w| w.slot == slot) {
@@ -1193,6 +1215,24 @@ fn is_nil(frame: &[u8]) -> bool {
 /// Moves the local replies at the head of the queue into the outbox.
 /// Returns true once one of them closes the connection and nothing is held
 /// before it any more.
+/// Records the latency of the request batches answered by now.
+fn observe_latency(pairing: &mut Pairing, metrics: &Metrics) {
+    let Some(mut mark) = pairing.take_answered() else {
+        return;
+    };
+    let now = Instant::now();
+    loop {
+        let latency = now.saturating_duration_since(mark.at);
+        for class in Class::ALL {
+            metrics.latency[class as usize].observe(latency, u64::from(mark.counts[class as usize]));
+        }
+        match pairing.take_answered() {
+            Some(next) => mark = next,
+            None => return,
+        }
+    }
+}
+
 fn take_locals(pairing: &mut Pairing, outbox: &mut Outbox) -> bool {
     while let Some(local) = pairing.take_local() {
         match local {

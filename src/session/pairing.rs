@@ -200,6 +200,24 @@ pub struct Pairing {
     blocking: usize,
     /// Sum of the pending expectations' [`Expect::weight`].
     held_bytes: usize,
+    /// Expectations pushed and popped so far: a [`Mark`] is answered once
+    /// `popped` reaches its `upto` (the queue is first in, first out).
+    pushed: u64,
+    popped: u64,
+    /// Request batches whose replies are not all routed yet, for latency.
+    marks: VecDeque<Mark>,
+}
+
+/// Most batches timed at once per connection; past it a batch goes untimed.
+const MAX_MARKS: usize = 1024;
+
+/// A batch of requests read at `at`, answered when the expectation pushed
+/// last for it (number `upto`) is popped.
+#[derive(Debug, Clone, Copy)]
+pub struct Mark {
+    upto: u64,
+    pub at: std::time::Instant,
+    pub counts: crate::metrics::ClassCounts,
 }
 
 impl Pairing {
@@ -210,11 +228,29 @@ impl Pairing {
             _ => {}
         }
         self.held_bytes += expect.weight();
+        self.pushed += 1;
         self.pending.push_back(expect);
+    }
+
+    /// Times the batch whose expectations were pushed last.
+    pub fn mark(&mut self, at: std::time::Instant, counts: crate::metrics::ClassCounts) {
+        if self.marks.len() < MAX_MARKS {
+            let upto = self.pushed;
+            self.marks.push_back(Mark { upto, at, counts });
+        }
+    }
+
+    /// The oldest timed batch, if every reply to it has been routed.
+    pub fn take_answered(&mut self) -> Option<Mark> {
+        match self.marks.front() {
+            Some(mark) if mark.upto <= self.popped => self.marks.pop_front(),
+            _ => None,
+        }
     }
 
     fn pop(&mut self) -> Option<Expect> {
         let expect = self.pending.pop_front()?;
+        self.popped += 1;
         match expect {
             Expect::Confirm { .. } | Expect::ConfirmAll(_) => self.confirms_pending -= 1,
             Expect::Blocking => self.blocking -= 1,
@@ -262,6 +298,7 @@ impl Pairing {
         if !self.pending.front().is_some_and(Expect::is_local) {
             return None;
         }
+        self.popped += 1;
         match self.pending.pop_front()? {
             Expect::Local { reply, close } => Some(LocalReply::Raw { reply, close }),
             Expect::Fence(fence) => match *fence {
@@ -281,6 +318,7 @@ impl Pairing {
         let mut deletes = Vec::new();
         let pending = std::mem::take(&mut self.pending);
         (self.confirms_pending, self.blocking, self.held_bytes) = (0, 0, 0);
+        (self.popped, self.marks) = (self.pushed, VecDeque::new());
         if self.quit {
             return (0, deletes);
         }

@@ -303,6 +303,29 @@ impl Proxy {
         }
     }
 
+    /// Starts a proxy from the config file `path` (the way `--config`
+    /// does), listening on a free port: a reload re-reads that file.
+    pub async fn start_file(path: &std::path::Path) -> Proxy {
+        let flags = Settings {
+            listen: Some("127.0.0.1:0".to_string()),
+            ..Default::default()
+        };
+        let config = Config::load(Some(path), flags).expect("test config file is valid");
+        let server = Server::bind(config).await.expect("binding the proxy");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let addr = server.local_addr();
+        let ctx = server.context();
+        let task = tokio::spawn(server.run(async move {
+            let _ = stopped.await;
+        }));
+        Proxy {
+            addr,
+            ctx,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
     /// Signals shutdown and waits for the server to return.
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
@@ -323,6 +346,99 @@ impl Drop for Proxy {
         if let Some(task) = self.task.take() {
             task.abort();
         }
+    }
+}
+
+/// The `cachefence` binary run as a process of its own (signals, kills,
+/// restarts, its log), listening on `port`; killed on drop.
+pub struct ProxyProcess {
+    child: Child,
+    pub port: u16,
+    pub pid: u32,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+impl ProxyProcess {
+    /// `cachefence --listen 127.0.0.1:<free port> <args>`, once it listens.
+    pub fn start(args: &[&str]) -> ProxyProcess {
+        ProxyProcess::start_on(free_port(), args.iter().map(|a| a.to_string()).collect())
+    }
+
+    fn start_on(port: u16, args: Vec<String>) -> ProxyProcess {
+        static STARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = std::env::temp_dir().join(format!("cachefence-test-{}-{port}-{n}.log", std::process::id()));
+        let stderr = std::fs::File::create(&log).expect("creating the proxy's log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_cachefence"))
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("starting cachefence");
+        let pid = child.id();
+        let mut proxy = ProxyProcess {
+            child,
+            port,
+            pid,
+            args,
+            log,
+        };
+        let deadline = Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            proxy.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "cachefence did not start listening: {}",
+                proxy.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        proxy
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// What it wrote to stderr so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a signal (`-HUP`, `-STOP`, …) with kill(1).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([name, &self.pid.to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill {name} {}", self.pid);
+    }
+
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().expect("polling the proxy") {
+            panic!("cachefence exited ({status}): {}", self.logs());
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Kills it and starts it again on the same port with the same arguments.
+    pub fn restart(&mut self) {
+        self.kill();
+        *self = ProxyProcess::start_on(self.port, self.args.clone());
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 
