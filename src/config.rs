@@ -368,6 +368,9 @@ settings! {
     /// `CACHE.RELOAD`), given with `CACHE.AUTH <password>`; separate from
     /// Redis' AUTH. Empty: no password.
     admin_password: Secret = Secret::default();
+    /// Keys whose recent history `CACHE.EXPLAIN` keeps (16 events each; the key
+    /// first recorded longest ago goes first). 0: off.
+    explain_keys: u32 = crate::fence::DEFAULT_EXPLAIN_KEYS as u32;
     /// Address of the Prometheus endpoint (`GET /metrics`, plain HTTP). Empty: off.
     metrics_listen: String = String::new();
     /// Certificate chain (PEM) the proxy presents to clients; with `tls_key_file`
@@ -413,6 +416,8 @@ pub struct Config {
     pub fences: Option<Scope>,
     /// `CACHE.AUTH` password for the admin commands; `None`: open.
     pub admin_password: Option<Secret>,
+    /// Keys `CACHE.EXPLAIN` keeps a history of (0: off).
+    pub explain_keys: usize,
     /// The Prometheus endpoint's address; `None`: off.
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// TLS on the client listener; `None`: plain TCP. (TLS to the upstream
@@ -547,6 +552,7 @@ impl Config {
             changelog: s.postgres.expect("defaulted").resolve()?,
             admin_password: s.admin_password.filter(|p| !p.0.is_empty()),
             metrics_listen,
+            explain_keys: s.explain_keys.expect("defaulted") as usize,
             tls,
             source,
             flags: Settings::default(),

@@ -193,6 +193,11 @@ fn try_reload(ctx: &Context) -> anyhow::Result<Reloaded> {
         old.admin_password != next.admin_password,
         ctx.fences.is_some(),
     );
+    note(
+        "explain_keys",
+        old.explain_keys != next.explain_keys,
+        ctx.fences.is_some(),
+    );
     let fences_switched = old.fences.is_some() != next.fences.is_some();
     note("fences", fences_switched, false);
     note("cache", !fences_switched && scope.is_some(), true);
@@ -232,6 +237,7 @@ fn try_reload(ctx: &Context) -> anyhow::Result<Reloaded> {
         fences
             .admin_password
             .store(next.admin_password.clone().map(std::sync::Arc::new));
+        fences.history.set_max_keys(next.explain_keys);
     }
     ctx.live.store(&next);
     *applied = next;

@@ -60,6 +60,7 @@ impl Server {
                     fences.admin_password =
                         arc_swap::ArcSwapOption::from_pointee(config.admin_password.clone());
                     fences.about = crate::fence::About::of(&config);
+                    fences.history.set_max_keys(config.explain_keys);
                     fences
                 }),
                 changelog,

@@ -370,3 +370,70 @@ async fn the_metrics_endpoint_counts_what_the_proxy_does() {
     assert!(junk.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{junk}");
     proxy.shutdown().await;
 }
+
+/// The lines of `CACHE.EXPLAIN key`, each without its timestamp (checked).
+async fn explain(client: &mut RawClient, key: &str) -> Vec<String> {
+    let stamp = regex::Regex::new(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z $").unwrap();
+    let reply = client.call(&format!("CACHE.EXPLAIN {key}")).await;
+    let mut lines = reply.split("\r\n");
+    let count: usize = lines.next().unwrap().strip_prefix('*').unwrap().parse().unwrap();
+    let mut events = Vec::new();
+    for _ in 0..count {
+        let _length = lines.next().unwrap();
+        let line = lines.next().unwrap();
+        assert!(stamp.is_match(&line[..25]), "{line}");
+        events.push(line[25..].to_string());
+    }
+    events
+}
+
+#[tokio::test]
+async fn cache_explain_tells_why_a_fill_was_refused() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.addr(), "[[cache]]\npattern = \"user:*\"\n").await;
+    let mut reader = RawClient::connect(proxy.addr).await;
+    assert_eq!(reader.call("PING").await, "+PONG\r\n");
+    let mut writer = RawClient::connect(proxy.addr).await;
+    assert_eq!(writer.call("PING").await, "+PONG\r\n");
+    assert_eq!(explain(&mut reader, "user:7").await, Vec::<String>::new());
+
+    // The fence version now, as CACHE.FENCE reports it.
+    let version = async |client: &mut RawClient| -> String {
+        let fence = client.call("CACHE.FENCE user:7").await;
+        let at = fence.find("$7\r\nversion\r\n$").expect("a version") + 13;
+        fence[at..].split("\r\n").nth(1).unwrap().to_string()
+    };
+    // The read/write race (R1): the fill of the read made before the DEL is dropped.
+    assert_eq!(reader.call("GET user:7").await, "$-1\r\n");
+    let first = version(&mut writer).await;
+    assert_eq!(writer.call("DEL user:7").await, ":0\r\n");
+    assert_eq!(reader.call("SET user:7 old").await, "+OK\r\n");
+    // The next read misses again and its fill is stored.
+    assert_eq!(reader.call("GET user:7").await, "$-1\r\n");
+    let second = version(&mut writer).await;
+    assert_ne!(first, second);
+    assert_eq!(reader.call("SET user:7 new").await, "+OK\r\n");
+    assert_eq!(writer.call("CACHE.INVALIDATE user:7").await, ":1\r\n");
+    assert_eq!(writer.call("SET user:7 direct").await, "+OK\r\n");
+    // Keys outside the fenced patterns have no history.
+    assert_eq!(writer.call("SET other 1").await, "+OK\r\n");
+
+    assert_eq!(
+        explain(&mut writer, "user:7").await,
+        [
+            &format!("conn 1 miss: ticket at fence version {first}"),
+            "conn 2 invalidated by a client (DEL/UNLINK/GETDEL or on_write)",
+            "conn 1 fill refused (fence_moved): an invalidation, a write or another fill came after the miss",
+            &format!("conn 1 miss: ticket at fence version {second}"),
+            "conn 1 fill stored: the fence had not moved since the miss",
+            "conn 2 invalidated by CACHE.INVALIDATE",
+            "conn 2 write stored without a ticket (on_write = write): the fence moved",
+        ]
+    );
+    assert_eq!(explain(&mut writer, "other").await, Vec::<String>::new());
+    assert_eq!(
+        writer.call("CACHE.EXPLAIN").await,
+        "-ERR wrong number of arguments for 'cache.explain' command\r\n"
+    );
+    proxy.shutdown().await;
+}

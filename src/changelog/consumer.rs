@@ -209,6 +209,8 @@ async fn drain(
             .map_err(Failure::Redis)?;
         if let Some(fences) = &ctx.fences {
             keys.iter().for_each(|k| fences.wake(k));
+            let what = crate::fence::history::What::Invalidated(crate::fence::history::Source::ChangeLog);
+            fences.history.record_all(&keys, 0, what);
             fences.invalidated(db, &keys);
         }
         tokio::time::timeout(PG_TIMEOUT, tx.execute(&delete, &[&ids]))

@@ -8,6 +8,7 @@
 //!   intercepted command into a script call and a script reply back into the
 //!   reply the client expects.
 
+pub mod history;
 pub mod invalidator;
 pub mod policy;
 pub mod script;
@@ -26,6 +27,8 @@ pub use policy::{CacheSection, LagPolicy, OnStaleFill, OnWrite, Policy, Scope};
 /// Most tickets held at once by the whole proxy; a miss past it gets no
 /// ticket (its fill is then treated as a write).
 pub const MAX_TICKETS: usize = 1 << 20;
+/// Keys `CACHE.EXPLAIN` keeps a history of, unless `explain_keys` says otherwise.
+pub const DEFAULT_EXPLAIN_KEYS: usize = 10_000;
 /// Most tickets one connection holds at once.
 pub const MAX_TICKETS_PER_CONNECTION: usize = 4096;
 
@@ -171,6 +174,8 @@ pub struct Fences {
     pub admin_password: arc_swap::ArcSwapOption<crate::config::Secret>,
     /// What `CACHE.INFO` reports about the process (no secrets).
     pub about: About,
+    /// Recent events per key, for `CACHE.EXPLAIN`.
+    pub history: history::History,
 }
 
 /// The fenced key space as it is now, shared with the workers: readers
@@ -232,6 +237,7 @@ impl Fences {
             changelog: None,
             admin_password: arc_swap::ArcSwapOption::empty(),
             about: About::default(),
+            history: history::History::new(DEFAULT_EXPLAIN_KEYS),
         }
     }
 
@@ -295,6 +301,14 @@ impl Fences {
             return false;
         }
         self.stats.tickets_issued.inc();
+        let version = std::str::from_utf8(&ticket.version)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        self.history.record(
+            &key,
+            history::Event::now(connection, history::What::Miss { version }),
+        );
         self.tickets.insert((connection, key), ticket);
         true
     }

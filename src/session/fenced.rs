@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
+use crate::fence::history::{Event, Source, What};
 use crate::fence::script::{self, fence_key};
 use crate::fence::{Fences, OnStaleFill, OnWrite, Policy, Refusal, Scope, Ticket, micros, millis};
 use crate::resp::command::Fenced;
@@ -65,7 +66,7 @@ pub enum ScriptReply {
         lease_api: bool,
     },
     /// `CACHE.GET`: `[value, nil]` on a hit, `[nil, token]` on a miss.
-    LeaseGet,
+    LeaseGet { key: Bytes },
     /// The miss script for element `index` of a held `MGET` reply (never
     /// waits for another client's fill).
     MGetMiss { key: Bytes, policy: usize, index: usize },
@@ -244,6 +245,7 @@ impl<'a> FenceSession<'a> {
                 let keys = words[1..].to_vec();
                 let call = command_call(&scope, "inval", &words, &keys)?;
                 self.fences.stats.invalidations.inc();
+                self.record_fenced(&scope, &keys, What::Invalidated(Source::Client));
                 self.fences.stats.keys_invalidated_client.add(keys.len() as u64);
                 Some(rewrite(
                     call,
@@ -294,10 +296,10 @@ impl<'a> FenceSession<'a> {
         let ticket = self.fences.take(self.connection, key)?;
         self.held().remove(key);
         if ticket.issued.elapsed() > rules.lease_ttl {
-            return Some(self.refuse(Refusal::Expired, rules));
+            return Some(self.refuse(key, Refusal::Expired, rules));
         }
         if self.undelivered(db, key) {
-            return Some(self.refuse(Refusal::PendingDelete, rules));
+            return Some(self.refuse(key, Refusal::PendingDelete, rules));
         }
         let call = self.fill_call(key, rules, ticket.version, ticket.miss_us, nx, value, expiry);
         Some(rewrite(
@@ -351,8 +353,9 @@ impl<'a> FenceSession<'a> {
         pending
     }
 
-    fn refuse(&self, why: Refusal, rules: &Policy) -> Plan {
+    fn refuse(&self, key: &[u8], why: Refusal, rules: &Policy) -> Plan {
         self.fences.stats.refused(why).inc();
+        self.record(key, What::FillRefused(why));
         Plan::Local(stale_reply(why, rules))
     }
 
@@ -374,6 +377,7 @@ impl<'a> FenceSession<'a> {
         Some(match on_write.expect("at least one policy") {
             OnWrite::Reject => {
                 self.fences.stats.writes_rejected.inc();
+                self.record_fenced(scope, &keys, What::WriteRejected);
                 let key = String::from_utf8_lossy(&keys[0]);
                 Plan::Local(Reply::Error(format!(
                     "ERR cachefence: writes to '{key}' are rejected (on_write = \"reject\"); \
@@ -385,12 +389,14 @@ impl<'a> FenceSession<'a> {
                 del.extend(keys.iter().cloned());
                 let call = command_call(scope, "inval", &del, &keys).expect("fenced keys");
                 self.fences.stats.invalidations.inc();
+                self.record_fenced(scope, &keys, What::Invalidated(Source::Client));
                 self.fences.stats.keys_invalidated_client.add(keys.len() as u64);
                 rewrite(call, ScriptReply::Ok { keys: keys.clone() })
             }
             _ => {
                 let call = command_call(scope, "write", words, &keys).expect("fenced keys");
                 self.fences.stats.writes.inc();
+                self.record_fenced(scope, &keys, What::Write);
                 rewrite(
                     call,
                     ScriptReply::Command {
@@ -464,7 +470,7 @@ impl<'a> FenceSession<'a> {
                 MissOutcome::Reply(bytes) => bytes,
                 MissOutcome::Wait => nil.clone(),
             },
-            (ScriptReply::LeaseGet, Some(Value::Array(items))) => {
+            (ScriptReply::LeaseGet { key }, Some(Value::Array(items))) => {
                 let field = |i: usize| {
                     items
                         .get(i)
@@ -476,6 +482,11 @@ impl<'a> FenceSession<'a> {
                     Some(1) => Reply::Array(vec![Reply::Bulk(field(1)), Reply::Nil]).encode(resp3),
                     _ => {
                         self.fences.stats.tickets_issued.inc();
+                        let version = std::str::from_utf8(&field(1))
+                            .ok()
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0);
+                        self.record(key, What::Miss { version });
                         let token = lease_token(&field(1), &field(3));
                         Reply::Array(vec![Reply::Nil, Reply::Bulk(token)]).encode(resp3)
                     }
@@ -493,16 +504,19 @@ impl<'a> FenceSession<'a> {
                 match items.first().and_then(Value::as_int) {
                     Some(1) => {
                         self.fences.stats.fills_accepted.inc();
+                        self.record(key, What::FillAccepted);
                         Reply::Status("OK").encode(resp3)
                     }
                     Some(2) => {
                         self.fences.stats.fills_not_stored_nx.inc();
+                        self.record(key, What::FillNotStored);
                         Reply::Nil.encode(resp3)
                     }
                     _ => {
                         let reason = items.get(1).and_then(Value::as_bytes).map_or(&b""[..], |b| b);
                         let why = Refusal::from_script(reason);
                         self.fences.stats.refused(why).inc();
+                        self.record(key, What::FillRefused(why));
                         match lease_api {
                             true => Reply::Status("STALE").encode(resp3),
                             false => stale_reply(why, self.fences.scope().policy_at(*policy)).encode(resp3),
@@ -700,6 +714,9 @@ impl<'a> FenceSession<'a> {
                 let (all, args) = script::invalidation(&keys, ttl);
                 let call = ScriptCall::new(all, args);
                 self.fences.stats.invalidations.inc();
+                self.fences
+                    .history
+                    .record_all(&keys, self.connection, What::Invalidated(Source::Admin));
                 self.fences.stats.keys_invalidated_admin.add(keys.len() as u64);
                 rewrite(
                     call,
@@ -709,6 +726,14 @@ impl<'a> FenceSession<'a> {
                     },
                 )
             }
+            "CACHE.EXPLAIN" if words.len() == 2 => Plan::Local(Reply::Array(
+                self.fences
+                    .history
+                    .explain(&words[1])
+                    .iter()
+                    .map(|event| Reply::Bulk(event.describe().into()))
+                    .collect(),
+            )),
             "CACHE.FENCE" if words.len() == 2 => {
                 let key = words[1].clone();
                 let call = ScriptCall::new(vec![fence_key(&key).into()], vec![Bytes::from_static(b"peek")]);
@@ -722,7 +747,7 @@ impl<'a> FenceSession<'a> {
                 let key = words[1].clone();
                 let (policy, _) = self.fences.scope().lease_policy(&key);
                 let call = self.miss_call(&key, policy, true);
-                rewrite(call, ScriptReply::LeaseGet)
+                rewrite(call, ScriptReply::LeaseGet { key })
             }
             "CACHE.FILL" if words.len() == 4 || words.len() == 6 => {
                 let key = words[1].clone();
@@ -743,6 +768,7 @@ impl<'a> FenceSession<'a> {
                 }
                 if self.undelivered(db, &key) {
                     self.fences.stats.refused(Refusal::PendingDelete).inc();
+                    self.record(&key, What::FillRefused(Refusal::PendingDelete));
                     return Plan::Local(Reply::Status("STALE"));
                 }
                 let call = self.fill_call(&key, rules, version, miss_us, false, &words[3], expiry);
@@ -756,10 +782,10 @@ impl<'a> FenceSession<'a> {
                 )
             }
             "CACHE.INVALIDATE" | "CACHE.FENCE" | "CACHE.GET" | "CACHE.FILL" | "CACHE.AUTH"
-            | "CACHE.RELOAD" => Plan::Local(arity()),
+            | "CACHE.RELOAD" | "CACHE.EXPLAIN" => Plan::Local(arity()),
             _ => Plan::Local(Reply::Error(format!(
                 "ERR unknown cachefence command '{name}'; try CACHE.HELP, CACHE.STATS, CACHE.FENCE, \
-                 CACHE.INVALIDATE, CACHE.GET, CACHE.FILL, CACHE.AUTH, CACHE.INFO, CACHE.RELOAD"
+                 CACHE.INVALIDATE, CACHE.GET, CACHE.FILL, CACHE.AUTH, CACHE.INFO, CACHE.RELOAD, CACHE.EXPLAIN"
             ))),
         }
     }
@@ -796,6 +822,19 @@ impl<'a> FenceSession<'a> {
         ];
         lines.push(String::new());
         lines.join("\r\n")
+    }
+
+    /// Records an event of `key` for `CACHE.EXPLAIN`.
+    fn record(&self, key: &[u8], what: What) {
+        self.fences.history.record(key, Event::now(self.connection, what));
+    }
+
+    /// Records an event of the fenced ones among `keys`.
+    fn record_fenced(&self, scope: &Scope, keys: &[Bytes], what: What) {
+        let event = Event::now(self.connection, what);
+        for key in keys.iter().filter(|k| scope.policy(k).is_some()) {
+            self.fences.history.record(key, event);
+        }
     }
 
     /// Tickets this connection still holds, to forget when it ends.
@@ -844,6 +883,7 @@ fn same_secret(expected: &[u8], given: &[u8]) -> bool {
 const HELP: &[&str] = &[
     "CACHE.HELP -- this list",
     "CACHE.STATS -- counters: misses, tickets, fills accepted/refused by reason, writes, invalidations",
+    "CACHE.EXPLAIN <key> -- the key's recent history here: misses (ticket version), fills and why refused, invalidations by source, writes",
     "CACHE.FENCE <key> -- the key's fence: version, last invalidation, lease holder, ttl, outstanding tickets",
     "CACHE.INVALIDATE <key> [key ...] -- delete the keys and move their fences (in-flight fills are refused)",
     "CACHE.AUTH <password> -- unlock the admin commands (CACHE.INVALIDATE, CACHE.RELOAD) when admin_password is set",

@@ -1,0 +1,244 @@
+//! `CACHE.EXPLAIN key`: the recent history of a key as this proxy saw it —
+//! misses with the fence version their ticket holds, fills and why they
+//! were refused, invalidations and where they came from, writes — so that
+//! "why is this value stale / why was my SET dropped" has an answer.
+//!
+//! Bounded twice: [`EVENTS_PER_KEY`] per key (oldest dropped first), and
+//! `explain_keys` keys in all (the key first recorded longest ago is
+//! dropped first). Keys are recorded across databases, by name.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+
+use super::Refusal;
+
+/// Events kept per key.
+pub const EVENTS_PER_KEY: usize = 16;
+
+/// Where an invalidation came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// `DEL`, `UNLINK`, `GETDEL`, or a write under `on_write = "invalidate"`.
+    Client,
+    /// `CACHE.INVALIDATE`.
+    Admin,
+    /// A row change read from the PostgreSQL change log.
+    ChangeLog,
+}
+
+/// What happened to a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum What {
+    /// A read found nothing; the reader's ticket holds fence `version`.
+    Miss { version: u64 },
+    /// A fill was stored.
+    FillAccepted,
+    /// A fill with `NX` found a value and stored nothing.
+    FillNotStored,
+    /// A fill was refused.
+    FillRefused(Refusal),
+    /// An invalidation was sent (the value deleted, the fence moved).
+    Invalidated(Source),
+    /// A write without a ticket was stored (`on_write = "write"`).
+    Write,
+    /// A write was refused (`on_write = "reject"`).
+    WriteRejected,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Event {
+    /// Wall clock, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// The client connection (0: the proxy itself).
+    pub connection: u64,
+    pub what: What,
+}
+
+impl Event {
+    pub fn now(connection: u64, what: What) -> Event {
+        let at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Event {
+            at_ms,
+            connection,
+            what,
+        }
+    }
+
+    /// One line for `CACHE.EXPLAIN`.
+    pub fn describe(&self) -> String {
+        let who = match self.connection {
+            0 => "proxy".to_string(),
+            n => format!("conn {n}"),
+        };
+        let what = match self.what {
+            What::Miss { version } => format!("miss: ticket at fence version {version}"),
+            What::FillAccepted => "fill stored: the fence had not moved since the miss".to_string(),
+            What::FillNotStored => "fill not stored: NX found a value".to_string(),
+            What::FillRefused(why) => format!(
+                "fill refused ({}): {}",
+                why.as_str(),
+                match why {
+                    Refusal::FenceMoved => "an invalidation, a write or another fill came after the miss",
+                    Refusal::FenceMissing =>
+                        "the fence is gone (evicted, flushed, Redis restarted): nothing proves the read fresh",
+                    Refusal::Expired => "the ticket was older than lease_ttl",
+                    Refusal::LagWindow => "the miss was within lag_window of an invalidation",
+                    Refusal::PendingDelete => "a delete of the key is waiting to be retried",
+                }
+            ),
+            What::Invalidated(Source::Client) => {
+                "invalidated by a client (DEL/UNLINK/GETDEL or on_write)".to_string()
+            }
+            What::Invalidated(Source::Admin) => "invalidated by CACHE.INVALIDATE".to_string(),
+            What::Invalidated(Source::ChangeLog) => "invalidated by the PostgreSQL change log".to_string(),
+            What::Write => "write stored without a ticket (on_write = write): the fence moved".to_string(),
+            What::WriteRejected => "write rejected (on_write = reject)".to_string(),
+        };
+        format!("{} {who} {what}", rfc3339_ms(self.at_ms))
+    }
+}
+
+/// Recent events per key.
+#[derive(Debug)]
+pub struct History {
+    keys: DashMap<Bytes, VecDeque<Event>>,
+    /// Keys in the order first recorded, for the global bound.
+    order: Mutex<VecDeque<Bytes>>,
+    max_keys: AtomicUsize,
+}
+
+impl History {
+    pub fn new(max_keys: usize) -> History {
+        History {
+            keys: DashMap::new(),
+            order: Mutex::new(VecDeque::new()),
+            max_keys: AtomicUsize::new(max_keys),
+        }
+    }
+
+    /// `explain_keys` (a reload may change it; 0 turns recording off).
+    pub fn set_max_keys(&self, max_keys: usize) {
+        self.max_keys.store(max_keys, Ordering::Relaxed);
+        if max_keys == 0 {
+            self.keys.clear();
+            self.order.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        }
+    }
+
+    pub fn record(&self, key: &[u8], event: Event) {
+        let max_keys = self.max_keys.load(Ordering::Relaxed);
+        if max_keys == 0 {
+            return;
+        }
+        if let Some(mut events) = self.keys.get_mut(key) {
+            if events.len() == EVENTS_PER_KEY {
+                events.pop_front();
+            }
+            events.push_back(event);
+            return;
+        }
+        let key = Bytes::copy_from_slice(key);
+        let mut events = VecDeque::with_capacity(4);
+        events.push_back(event);
+        if self.keys.insert(key.clone(), events).is_some() {
+            return; // Another session recorded it first; ours replaced its one event.
+        }
+        let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        order.push_back(key);
+        while order.len() > max_keys {
+            if let Some(oldest) = order.pop_front() {
+                self.keys.remove(&oldest);
+            }
+        }
+    }
+
+    pub fn record_all(&self, keys: &[Bytes], connection: u64, what: What) {
+        if self.max_keys.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let event = Event::now(connection, what);
+        for key in keys {
+            self.record(key, event);
+        }
+    }
+
+    /// The key's events, oldest first.
+    pub fn explain(&self, key: &[u8]) -> Vec<Event> {
+        self.keys
+            .get(key)
+            .map(|events| events.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Keys with a history now.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+/// `2026-11-23T18:50:01.123Z`.
+fn rfc3339_ms(ms: u64) -> String {
+    let (secs, millis) = (ms / 1000, ms % 1000);
+    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339() {
+        assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_ms(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(rfc3339_ms(1_795_459_801_005), "2026-11-23T18:50:01.005Z");
+    }
+
+    #[test]
+    fn bounded_per_key_and_in_all() {
+        let history = History::new(3);
+        for i in 0..20u64 {
+            history.record(b"a", Event::now(1, What::Miss { version: i }));
+        }
+        let events = history.explain(b"a");
+        assert_eq!(events.len(), EVENTS_PER_KEY);
+        assert_eq!(events[0].what, What::Miss { version: 4 });
+        assert_eq!(events[15].what, What::Miss { version: 19 });
+        for key in [&b"b"[..], b"c", b"d"] {
+            history.record(key, Event::now(2, What::Write));
+        }
+        // `a` was recorded first: it went.
+        assert_eq!(history.len(), 3);
+        assert!(history.explain(b"a").is_empty());
+        assert_eq!(history.explain(b"d").len(), 1);
+        history.set_max_keys(0);
+        history.record(b"e", Event::now(2, What::Write));
+        assert!(history.is_empty());
+    }
+}
