@@ -1,8 +1,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use cachefence::changelog::install;
-use cachefence::config::{Config, Settings};
+use cachefence::changelog::{audit, install};
+use cachefence::config::{Config, Settings, Span};
 use cachefence::server::{self, Server};
 use clap::Parser;
 use tracing::{error, info};
@@ -32,6 +32,20 @@ enum Command {
     Pg {
         #[command(subcommand)]
         action: PgAction,
+    },
+    /// Sample cached keys, read their rows from PostgreSQL through the
+    /// `values` expressions of `[[postgres.table]]`, and report how many
+    /// cached values are stale (exit 0: none, 3: some, 1: error).
+    Audit {
+        /// Keys to sample, at most.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+        sample: u64,
+        /// How long a disagreement may take to resolve (a change in flight) before it counts as stale.
+        #[arg(long, default_value = "2s")]
+        settle: Span,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -64,8 +78,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Some(Command::Pg { action }) = cli.command {
-        return pg(&config, action);
+    match cli.command {
+        Some(Command::Pg { action }) => return pg(&config, action),
+        Some(Command::Audit { sample, settle, json }) => return audit(&config, sample, settle, json),
+        None => {}
     }
     if cli.check {
         let source = config
@@ -144,6 +160,48 @@ fn pg(config: &Config, action: PgAction) -> ExitCode {
         }
         Err(e) => {
             eprintln!("cachefence: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `cachefence audit [--sample N] [--settle DURATION] [--json]`: exit 0
+/// when no stale value was found, 3 when some were, 1 on errors.
+fn audit(config: &Config, sample: u64, settle: Span, json: bool) -> ExitCode {
+    let Some(changelog) = &config.changelog else {
+        eprintln!(
+            "cachefence: `audit` needs `[postgres] url` and `[[postgres.table]]` mappings with `values` in the config file (--config)"
+        );
+        return ExitCode::FAILURE;
+    };
+    cachefence::logging::init(config);
+    let options = audit::Options {
+        sample: usize::try_from(sample).unwrap_or(usize::MAX),
+        settle: settle.0,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    let result = match runtime {
+        Ok(runtime) => runtime.block_on(audit::run(
+            changelog,
+            &config.upstream,
+            config.connect_timeout,
+            options,
+        )),
+        Err(e) => Err(e.into()),
+    };
+    match result {
+        Ok(report) => {
+            match json {
+                true => println!("{}", report.json()),
+                false => print!("{}", report.text()),
+            }
+            match report.stale_total() {
+                0 => ExitCode::SUCCESS,
+                _ => ExitCode::from(3),
+            }
+        }
+        Err(e) => {
+            eprintln!("cachefence: audit failed: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -10,11 +10,16 @@
 //!   `FOR UPDATE SKIP LOCKED`, invalidates their keys through the same path
 //!   as a client's `DEL`, and deletes the rows only after Redis acknowledged
 //!   (at least once; several proxies share one outbox).
+//! - [`audit`]: `cachefence audit` — samples cached keys, reads their rows
+//!   back through the mappings' `values` expressions and reports how many
+//!   cached values disagree with the database.
 
+pub mod audit;
 pub mod consumer;
 pub mod install;
 pub mod template;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -130,7 +135,23 @@ impl PostgresSection {
                     "the table is mapped twice (list all its keys in one entry)".into()
                 ));
             }
-            tables.push(Mapping { table, keys });
+            for (template, expression) in &mapping.values {
+                if !mapping.keys.contains(template) {
+                    return Err(at(format!(
+                        "`values` names `{template}`, which is not one of its `keys` ({})",
+                        mapping.keys.join(", ")
+                    )));
+                }
+                if expression.trim().is_empty() {
+                    return Err(at(format!("`values`: the expression of `{template}` is empty")));
+                }
+            }
+            let values = mapping
+                .keys
+                .iter()
+                .map(|k| mapping.values.get(k).cloned())
+                .collect();
+            tables.push(Mapping { table, keys, values });
         }
         Ok(Some(ChangeLogConfig {
             url: self.url.clone(),
@@ -152,6 +173,12 @@ pub struct TableMapping {
     pub table: String,
     /// Key templates: `user:{id}` renders column `id` of the row.
     pub keys: Vec<String>,
+    /// For `cachefence audit`: key template → SQL expression over the row
+    /// (aliased `t`) that renders the exact value the application caches
+    /// under that key, e.g. `row_to_json(t)::text`. Templates without one
+    /// are not compared. The triggers do not use it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub values: BTreeMap<String, String>,
 }
 
 /// A validated mapping.
@@ -159,6 +186,8 @@ pub struct TableMapping {
 pub struct Mapping {
     pub table: QualifiedName,
     pub keys: Vec<KeyTemplate>,
+    /// The `values` expression of each of `keys` (same order), if any.
+    pub values: Vec<Option<String>>,
 }
 
 /// The validated `[postgres]` section.
@@ -203,5 +232,69 @@ impl ChangeLogStats {
             ("changelog_retries", self.retries.get()),
             ("changelog_lag_ms", self.lag_ms.get()),
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(table: &str) -> anyhow::Result<Option<ChangeLogConfig>> {
+        let text = format!("url = \"postgres://u@h/db\"\n[[table]]\n{table}");
+        toml::from_str::<PostgresSection>(&text)?.resolve()
+    }
+
+    #[test]
+    fn values_belong_to_the_entrys_own_key_templates() {
+        let config = resolve(
+            "table = \"users\"\nkeys = [\"user:{id}\", \"user:email:{email}\"]\n\
+             values = { \"user:{id}\" = \"row_to_json(t)::text\" }\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            config.tables[0].values,
+            [Some("row_to_json(t)::text".to_string()), None]
+        );
+        let error = resolve(
+            "table = \"users\"\nkeys = [\"user:{id}\", \"u:{email}\"]\nvalues = { \"user:{idd}\" = \"t.name\" }\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "[[postgres.table]] #1 (`users`): `values` names `user:{idd}`, which is not one of its `keys` (user:{id}, u:{email})"
+        );
+        let error =
+            resolve("table = \"users\"\nkeys = [\"user:{id}\"]\nvalues = { \"user:{id}\" = \" \" }\n")
+                .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "[[postgres.table]] #1 (`users`): `values`: the expression of `user:{id}` is empty"
+        );
+        // No `values`: the mapping is as before.
+        let config = resolve("table = \"users\"\nkeys = [\"user:{id}\"]\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(config.tables[0].values, [None]);
+    }
+
+    #[test]
+    fn pg_install_ignores_value_expressions() {
+        let keys = "table = \"users\"\nkeys = [\"user:{id}\", \"user:email:{email}\"]\n";
+        let plain = resolve(keys).unwrap().unwrap();
+        let with_values = resolve(&format!(
+            "{keys}values = {{ \"user:{{id}}\" = \"row_to_json(t)::text\", \"user:email:{{email}}\" = \"t.id::text\" }}\n"
+        ))
+        .unwrap()
+        .unwrap();
+        assert_ne!(plain, with_values);
+        assert_eq!(
+            install::install_sql(&plain).unwrap(),
+            install::install_sql(&with_values).unwrap()
+        );
+        assert_eq!(
+            install::uninstall_sql(&plain),
+            install::uninstall_sql(&with_values)
+        );
     }
 }
