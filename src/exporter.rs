@@ -277,19 +277,19 @@ pub fn render(ctx: &Context) -> String {
                 ("second_delete", second),
             ],
         );
-        e.counters(
+        e.counter(
             "cachefence_herd_holds_total",
-            "Misses held while another client filled the key, by outcome.",
+            "Misses held while another client filled the key (herd control).",
+            s.holds.get(),
+        );
+        e.counters(
+            "cachefence_herd_hold_outcomes_total",
+            "Held misses by how they ended: served (got the other client's value) or timed_out (after hold, \
+             a ticket of their own).",
             "outcome",
             &[
                 ("served", s.holds_served.get()),
                 ("timed_out", s.holds_timed_out.get()),
-                (
-                    "other",
-                    s.holds
-                        .get()
-                        .saturating_sub(s.holds_served.get() + s.holds_timed_out.get()),
-                ),
             ],
         );
         e.counter(

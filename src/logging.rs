@@ -21,8 +21,11 @@ pub fn level_from_env(flag: Option<String>) -> Option<String> {
 
 pub fn init(config: &Config) {
     let filter = EnvFilter::new(&config.log_level);
+    // Colours only on a terminal: a log file or journal gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Text => {
