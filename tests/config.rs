@@ -4,13 +4,12 @@
 
 mod common;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cachefence::config::{Config, Settings, parse_settings};
-use common::{RawClient, RedisServer, WAIT, cmds, free_port};
+use common::{ProxyProcess, RawClient, RedisServer, cmds};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_cachefence");
 
@@ -103,62 +102,24 @@ fn flags_override_the_file() {
     assert!(ok, "{text}");
 }
 
-/// The binary, started in front of `upstream`, with stderr captured.
-fn spawn_proxy(port: u16, extra: &[&str]) -> Child {
-    let child = Command::new(BINARY)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting cachefence");
-    let deadline = Instant::now() + WAIT;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "cachefence did not start listening");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
-}
-
-fn signal(child: &Child, name: &str) {
-    let status = Command::new("kill")
-        .args([name, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-fn wait_exit(mut child: Child) -> (std::process::ExitStatus, String) {
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "cachefence did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut logs = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut logs).unwrap();
-    (status, logs)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_finishes_in_flight_replies_then_exits_zero() {
     let redis = RedisServer::start();
-    let port = free_port();
-    let child = spawn_proxy(port, &["--upstream", &redis.addr(), "--shutdown-timeout", "5s"]);
+    let mut proxy = ProxyProcess::start(&["--upstream", &redis.addr(), "--shutdown-timeout", "5s"]);
+    let port = proxy.port;
     let mut busy = RawClient::connect(("127.0.0.1", port)).await;
     let mut idle = RawClient::connect(("127.0.0.1", port)).await;
     assert_eq!(idle.call("PING").await, "+PONG\r\n");
     busy.send(&cmds("DEBUG SLEEP 1")).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    signal(&child, "-TERM");
+    proxy.signal("-TERM");
     // The in-flight reply still arrives, then the connection closes.
     let (bytes, closed) = busy.read_to_close().await;
     assert_eq!((bytes.as_slice(), closed), (&b"+OK\r\n"[..], true));
     let (bytes, closed) = idle.read_to_close().await;
     assert!(bytes.is_empty() && closed);
-    let (status, logs) = wait_exit(child);
+    let status = proxy.wait_exit();
+    let logs = proxy.logs();
     assert!(status.success(), "exit {status}: {logs}");
     assert!(
         logs.contains("signal received") && logs.contains("SIGTERM"),
@@ -173,17 +134,15 @@ async fn sigterm_finishes_in_flight_replies_then_exits_zero() {
 #[tokio::test(flavor = "multi_thread")]
 async fn shutdown_deadline_bounds_a_reply_that_never_comes() {
     let redis = RedisServer::start();
-    let port = free_port();
-    let child = spawn_proxy(
-        port,
-        &["--upstream", &redis.addr(), "--shutdown-timeout", "300ms"],
-    );
+    let mut proxy = ProxyProcess::start(&["--upstream", &redis.addr(), "--shutdown-timeout", "300ms"]);
+    let port = proxy.port;
     let mut blocked = RawClient::connect(("127.0.0.1", port)).await;
     blocked.send(&cmds("BLPOP nothing 0")).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let started = Instant::now();
-    signal(&child, "-INT");
-    let (status, logs) = wait_exit(child);
+    proxy.signal("-INT");
+    let status = proxy.wait_exit();
+    let logs = proxy.logs();
     assert!(status.success(), "exit {status}: {logs}");
     assert!(started.elapsed() < Duration::from_secs(3));
     assert!(logs.contains("shutdown deadline passed"), "{logs}");
@@ -192,21 +151,18 @@ async fn shutdown_deadline_bounds_a_reply_that_never_comes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn passwords_never_appear_in_logs_and_json_logs_are_structured() {
     let redis = RedisServer::start_with(&["--requirepass", "hunter2-secret"]);
-    let port = free_port();
     let url = format!("redis://:hunter2-secret@{}", redis.addr());
-    let child = spawn_proxy(
-        port,
-        &[
-            "--upstream",
-            &url,
-            "--admin-password",
-            "adm1n-hunter2",
-            "--log-level",
-            "trace",
-            "--log-format",
-            "json",
-        ],
-    );
+    let mut proxy = ProxyProcess::start(&[
+        "--upstream",
+        &url,
+        "--admin-password",
+        "adm1n-hunter2",
+        "--log-level",
+        "trace",
+        "--log-format",
+        "json",
+    ]);
+    let port = proxy.port;
     let mut client = RawClient::connect(("127.0.0.1", port)).await;
     assert_eq!(client.call("SET k v").await, "+OK\r\n");
     // Admin password, wrong and right: neither reaches the logs.
@@ -238,8 +194,9 @@ async fn passwords_never_appear_in_logs_and_json_logs_are_structured() {
     assert!(!info.contains("hunter2"), "a secret in CACHE.INFO: {info}");
     drop(client);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    signal(&child, "-TERM");
-    let (status, logs) = wait_exit(child);
+    proxy.signal("-TERM");
+    let status = proxy.wait_exit();
+    let logs = proxy.logs();
     assert!(status.success());
     assert!(
         !logs.contains("hunter2"),

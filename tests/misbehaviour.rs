@@ -12,8 +12,6 @@
 mod common;
 
 use std::future::Future;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,9 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use common::{Proxy, RawClient, RedisServer, WAIT, cmd, cmds, eventually_within, free_port};
-
-const BINARY: &str = env!("CARGO_BIN_EXE_cachefence");
+use common::{Proxy, RawClient, RedisServer, WAIT, cmd, cmds, eventually_within};
 
 // ------------------------------------------------------------------ harness
 
@@ -42,19 +38,28 @@ fn serial<F: Future>(body: F) -> F::Output {
         .block_on(body)
 }
 
-/// The proxy binary as a child process, with stderr in a scratch file.
-struct ProxyProcess {
-    child: Child,
-    port: u16,
-    pid: u32,
-    log: PathBuf,
+/// The proxy binary as a child process ([`common::ProxyProcess`]), with
+/// what these tests measure of it.
+struct ProxyProcess(common::ProxyProcess);
+
+impl std::ops::Deref for ProxyProcess {
+    type Target = common::ProxyProcess;
+    fn deref(&self) -> &common::ProxyProcess {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ProxyProcess {
+    fn deref_mut(&mut self) -> &mut common::ProxyProcess {
+        &mut self.0
+    }
 }
 
 impl ProxyProcess {
     /// Starts `cachefence --listen <free port> --upstream <upstream> <args>`
     /// with its soft RLIMIT_NOFILE set to `nofile` (`None`: raised to the
-    /// hard limit) through `sh -c 'ulimit -n ...; exec ...'`. Waits until it
-    /// listens, then until the readiness probe's upstream connection is gone.
+    /// hard limit). Waits until it listens, then until the readiness
+    /// probe's upstream connection is gone.
     async fn start(redis: &RedisServer, args: &[&str], nofile: Option<u64>) -> ProxyProcess {
         // Asked on one connection, so that asking adds no connection.
         let mut admin = RawClient::connect(redis.addr()).await;
@@ -63,46 +68,11 @@ impl ProxyProcess {
         };
         let received = count(&mut admin, "stats", "total_connections_received").await;
         let connected = count(&mut admin, "clients", "connected_clients").await;
-        let port = free_port();
-        let log = std::env::temp_dir().join(format!(
-            "cachefence-misbehaviour-{}-{port}.log",
-            std::process::id()
-        ));
-        let stderr = std::fs::File::create(&log).expect("creating the proxy's log file");
+        let upstream = redis.addr();
+        let mut all = vec!["--upstream", &upstream, "--log-level", "warn"];
+        all.extend_from_slice(args);
         let limit = nofile.map_or_else(|| "hard".to_string(), |n| n.to_string());
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg(r#"l=$1; shift; [ "$l" = hard ] && l=$(ulimit -H -n); ulimit -n "$l" || exit 97; exec "$@""#)
-            .arg("sh")
-            .arg(&limit)
-            .arg(BINARY)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--upstream", &redis.addr(), "--log-level", "warn"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("starting sh -c 'ulimit -n ...; exec cachefence ...'");
-        let pid = child.id();
-        let mut proxy = ProxyProcess {
-            child,
-            port,
-            pid,
-            log,
-        };
-        let deadline = Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = proxy.child.try_wait().unwrap() {
-                panic!("cachefence exited at start ({status}): {}", proxy.logs());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "cachefence did not start listening: {}",
-                proxy.logs()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let proxy = ProxyProcess(common::ProxyProcess::start_with_nofile(&all, Some(limit)));
         // The probe's session opens one upstream connection and closes it.
         eventually_within(
             "the readiness probe's session has come and gone",
@@ -121,14 +91,6 @@ impl ProxyProcess {
         })
         .await;
         proxy
-    }
-
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     fn rss_kib(&self) -> u64 {
@@ -158,20 +120,6 @@ impl ProxyProcess {
             .find(|l| l.starts_with("Max open files"))
             .expect("a Max open files line");
         line.split_whitespace().nth(3).unwrap().parse().unwrap()
-    }
-
-    fn assert_running(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            panic!("cachefence exited ({status}): {}", self.logs());
-        }
-    }
-}
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
     }
 }
 

@@ -356,21 +356,39 @@ pub struct ProxyProcess {
     pub port: u16,
     pub pid: u32,
     args: Vec<String>,
+    /// Soft RLIMIT_NOFILE it runs with (`"hard"`: the hard limit), if set.
+    nofile: Option<String>,
     log: PathBuf,
 }
 
 impl ProxyProcess {
     /// `cachefence --listen 127.0.0.1:<free port> <args>`, once it listens.
     pub fn start(args: &[&str]) -> ProxyProcess {
-        ProxyProcess::start_on(free_port(), args.iter().map(|a| a.to_string()).collect())
+        ProxyProcess::start_with_nofile(args, None)
     }
 
-    fn start_on(port: u16, args: Vec<String>) -> ProxyProcess {
+    /// The same with its soft RLIMIT_NOFILE set to `nofile` (a number, or
+    /// `"hard"` for the hard limit) through `sh -c 'ulimit -n ...; exec ...'`.
+    pub fn start_with_nofile(args: &[&str], nofile: Option<String>) -> ProxyProcess {
+        ProxyProcess::start_on(free_port(), args.iter().map(|a| a.to_string()).collect(), nofile)
+    }
+
+    fn start_on(port: u16, args: Vec<String>, nofile: Option<String>) -> ProxyProcess {
         static STARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = std::env::temp_dir().join(format!("cachefence-test-{}-{port}-{n}.log", std::process::id()));
         let stderr = std::fs::File::create(&log).expect("creating the proxy's log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_cachefence"))
+        let mut command = match &nofile {
+            None => Command::new(env!("CARGO_BIN_EXE_cachefence")),
+            Some(limit) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(r#"l=$1; shift; [ "$l" = hard ] && l=$(ulimit -H -n); ulimit -n "$l" || exit 97; exec "$@""#)
+                    .args(["sh", limit, env!("CARGO_BIN_EXE_cachefence")]);
+                sh
+            }
+        };
+        let child = command
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(&args)
             .stdin(Stdio::null())
@@ -384,6 +402,7 @@ impl ProxyProcess {
             port,
             pid,
             args,
+            nofile,
             log,
         };
         let deadline = Instant::now() + WAIT;
@@ -428,10 +447,26 @@ impl ProxyProcess {
         let _ = self.child.wait();
     }
 
+    /// Waits (at most `WAIT`) for it to exit by itself.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("polling the proxy") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cachefence did not exit: {}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Kills it and starts it again on the same port with the same arguments.
     pub fn restart(&mut self) {
         self.kill();
-        *self = ProxyProcess::start_on(self.port, self.args.clone());
+        *self = ProxyProcess::start_on(self.port, self.args.clone(), self.nofile.clone());
     }
 }
 
