@@ -133,13 +133,11 @@ pub fn render(ctx: &Context) -> String {
         "version",
         &[(env!("CARGO_PKG_VERSION"), 1)],
     );
-    if let Some(started) = ctx.fences.as_ref().and_then(|f| f.about.started) {
-        e.gauge(
-            "cachefence_uptime_seconds",
-            "Seconds since the proxy started.",
-            started.elapsed().as_secs(),
-        );
-    }
+    e.gauge(
+        "cachefence_uptime_seconds",
+        "Seconds since the proxy started.",
+        ctx.started.elapsed().as_secs(),
+    );
     e.gauge(
         "cachefence_connections_current",
         "Client connections being served.",

@@ -66,6 +66,7 @@ impl Server {
                 changelog,
                 live: crate::live::Live::new(&config),
                 metrics_addr,
+                started: std::time::Instant::now(),
                 config,
                 metrics: Metrics::default(),
             }),

@@ -437,3 +437,34 @@ async fn cache_explain_tells_why_a_fill_was_refused() {
     );
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn without_fences_the_endpoint_has_the_proxy_metrics_only() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(
+        &redis.addr(),
+        "fences = false\nmetrics_listen = \"127.0.0.1:0\"\n",
+    )
+    .await;
+    let addr = proxy.ctx.metrics_addr.expect("the endpoint is on");
+    let mut client = RawClient::connect(proxy.addr).await;
+    assert_eq!(client.call("SET user:1 a").await, "+OK\r\n");
+    // Without fences CACHE.* goes to Redis like any other command.
+    assert!(
+        client
+            .call("CACHE.STATS")
+            .await
+            .starts_with("-ERR unknown command 'CACHE.STATS'")
+    );
+    let samples = scrape(addr).await;
+    assert_eq!(samples["cachefence_commands_total{class=\"passthrough\"}"], 2.0);
+    assert_eq!(samples["cachefence_commands_total{class=\"intercepted\"}"], 0.0);
+    assert_eq!(samples["cachefence_connections_current"], 1.0);
+    assert!(samples.contains_key("cachefence_uptime_seconds"));
+    assert!(
+        !samples
+            .keys()
+            .any(|k| k.starts_with("cachefence_misses") || k.contains("changelog"))
+    );
+    proxy.shutdown().await;
+}

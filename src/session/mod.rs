@@ -60,6 +60,8 @@ pub struct Context {
     /// is read from `live`.
     pub config: Config,
     pub live: crate::live::Live,
+    /// When the proxy started.
+    pub started: std::time::Instant,
     /// Where the Prometheus endpoint listens, when `metrics_listen` is set.
     pub metrics_addr: Option<SocketAddr>,
     pub metrics: Metrics,

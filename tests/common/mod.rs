@@ -288,19 +288,7 @@ impl Proxy {
             .upstream
             .get_or_insert_with(|| upstream.parse().expect("test upstream parses"));
         let config = Config::resolve(settings, None).expect("test config is valid");
-        let server = Server::bind(config).await.expect("binding the proxy");
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let addr = server.local_addr();
-        let ctx = server.context();
-        let task = tokio::spawn(server.run(async move {
-            let _ = stopped.await;
-        }));
-        Proxy {
-            addr,
-            ctx,
-            stop: Some(stop),
-            task: Some(task),
-        }
+        Proxy::serve(config).await
     }
 
     /// Starts a proxy from the config file `path` (the way `--config`
@@ -311,6 +299,10 @@ impl Proxy {
             ..Default::default()
         };
         let config = Config::load(Some(path), flags).expect("test config file is valid");
+        Proxy::serve(config).await
+    }
+
+    async fn serve(config: Config) -> Proxy {
         let server = Server::bind(config).await.expect("binding the proxy");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let addr = server.local_addr();
