@@ -202,11 +202,14 @@ async fn cache_reload_without_a_config_file_says_so() {
 #[tokio::test]
 async fn sighup_reloads_the_file_and_a_bad_file_is_logged_and_ignored() {
     let redis = RedisServer::start();
-    let file = ConfigFile::new("sighup", &users(&redis.addr(), "write", "log_level = \"info\""));
+    let file = ConfigFile::new("sighup", &users(&redis.addr(), "write", "log_level = \"warn\""));
     let mut proxy = ProxyProcess::start(&["--config", file.path()]);
     let mut client = RawClient::connect(proxy.addr()).await;
     assert_eq!(client.call("SET user:1 a").await, "+OK\r\n");
+    // At `warn`, the start's INFO line is not logged.
+    assert!(!proxy.logs().contains("cachefence listening"), "{}", proxy.logs());
 
+    // The new level applies to the reload's own INFO line.
     file.write(&users(&redis.addr(), "reject", "log_level = \"info\""));
     proxy.signal("-HUP");
     eventually("the reload rejects writes", async || {
@@ -232,6 +235,15 @@ async fn sighup_reloads_the_file_and_a_bad_file_is_logged_and_ignored() {
     proxy.assert_running();
     assert_eq!(client.call("SET user:1 c").await, REJECTED);
     assert_eq!(client.call("GET user:1").await, "$1\r\na\r\n");
+
+    // Back to `warn`: the change applies, and its INFO line is not logged.
+    file.write(&users(&redis.addr(), "write", "log_level = \"warn\""));
+    proxy.signal("-HUP");
+    eventually("writes are stored again", async || {
+        client.call("SET user:3 d").await == "+OK\r\n"
+    })
+    .await;
+    assert_eq!(proxy.logs().matches("configuration reloaded").count(), 1);
 }
 
 /// `GET <path>` over plain HTTP/1.1; the whole response.
