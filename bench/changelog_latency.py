@@ -41,6 +41,8 @@ import sys
 import time
 import urllib.parse
 
+from resp import encode, parse
+
 
 def log(msg):
     print(f"[changelog] {msg}", file=sys.stderr, flush=True)
@@ -174,43 +176,6 @@ class Pg:
 
 
 # --------------------------------------------------------------------- Redis
-class Incomplete(Exception):
-    pass
-
-
-class RedisError(str):
-    pass
-
-
-def resp_parse(buf, pos):
-    """One RESP2 value at buf[pos:], as (value, next position)."""
-    end = buf.find(b"\r\n", pos)
-    if end < 0:
-        raise Incomplete
-    kind, line, nxt = buf[pos], bytes(buf[pos + 1 : end]), end + 2
-    if kind == ord("+"):
-        return line.decode(), nxt
-    if kind == ord("-"):
-        return RedisError(line.decode()), nxt
-    if kind == ord(":"):
-        return int(line), nxt
-    if kind == ord("$"):
-        n = int(line)
-        if n < 0:
-            return None, nxt
-        if len(buf) < nxt + n + 2:
-            raise Incomplete
-        return bytes(buf[nxt : nxt + n]), nxt + n + 2
-    if kind == ord("*"):
-        n = int(line)
-        items = []
-        for _ in range(max(n, 0)):
-            item, nxt = resp_parse(buf, nxt)
-            items.append(item)
-        return (items if n >= 0 else None), nxt
-    raise ValueError(f"unexpected RESP type {chr(kind)!r}")
-
-
 class Redis:
     def __init__(self, host, port):
         self.sock = socket.create_connection((host, port), timeout=10)
@@ -219,21 +184,17 @@ class Redis:
         self.buf = bytearray()
 
     def send(self, *args):
-        out = [b"*%d\r\n" % len(args)]
-        for a in args:
-            a = a if isinstance(a, bytes) else str(a).encode()
-            out.append(b"$%d\r\n%s\r\n" % (len(a), a))
-        self.sock.sendall(b"".join(out))
+        self.sock.sendall(encode(*args))
 
     def values(self):
         """Every complete value received so far (after a recv)."""
         out, pos = [], 0
-        try:
-            while pos < len(self.buf):
-                value, pos = resp_parse(self.buf, pos)
-                out.append(value)
-        except Incomplete:
-            pass
+        while pos < len(self.buf):
+            parsed = parse(self.buf, pos)
+            if parsed is None:
+                break
+            value, pos = parsed
+            out.append(value)
         del self.buf[:pos]
         return out
 

@@ -33,57 +33,10 @@ import socket
 import sys
 import time
 
+from resp import ReplyError, encode, parse
+
 ADMIN_COMMANDS = {"info", "config|resetstat", "flushall", "ping"}
 SCRIPT_ONLY = {"time", "hmget", "hset", "hget", "hdel", "pexpire"}
-
-
-def encode(*args):
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        if isinstance(a, str):
-            a = a.encode()
-        elif isinstance(a, int):
-            a = str(a).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
-    return b"".join(out)
-
-
-def parse(buf, pos=0):
-    """One RESP2 reply from buf[pos:]: (value, next_pos), or None if incomplete.
-    Errors come back as ('ERR', message); nil as None inside a tuple-free path."""
-    end = buf.find(b"\r\n", pos)
-    if end < 0:
-        return None
-    kind, line = buf[pos:pos + 1], buf[pos + 1:end]
-    nxt = end + 2
-    if kind == b"+":
-        return line.decode(errors="replace"), nxt
-    if kind == b"-":
-        return ("ERR", line.decode(errors="replace")), nxt
-    if kind == b":":
-        return int(line), nxt
-    if kind == b"$":
-        n = int(line)
-        if n < 0:
-            return None, nxt
-        if len(buf) < nxt + n + 2:
-            return None
-        return bytes(buf[nxt:nxt + n]), nxt + n + 2
-    if kind == b"*":
-        n = int(line)
-        if n < 0:
-            return None, nxt
-        items = []
-        for _ in range(n):
-            r = parse(buf, nxt)
-            if r is None:
-                return None
-            item, nxt = r
-            items.append(item)
-        return items, nxt
-    if kind == b"_":  # RESP3 null
-        return None, nxt
-    raise ValueError("unexpected reply %r" % bytes(buf[pos:pos + 40]))
 
 
 class Admin:
@@ -100,8 +53,8 @@ class Admin:
             if r is not None:
                 value, used = r
                 del self.buf[:used]
-                if isinstance(value, tuple):
-                    raise RuntimeError("redis: %s" % value[1])
+                if isinstance(value, ReplyError):
+                    raise RuntimeError("redis: %s" % value)
                 return value
             data = self.sock.recv(1 << 16)
             if not data:
@@ -235,19 +188,19 @@ def main():
                 continue
             reply, used = r
             del conn.buf[:used]
-            if isinstance(reply, tuple):
+            if isinstance(reply, ReplyError):
                 errors += 1
-                first_error = first_error or reply[1]
+                first_error = first_error or str(reply)
             if conn.state == "get":
                 gets += 1
-                if reply is not None and not isinstance(reply, tuple):
+                if reply is not None and not isinstance(reply, ReplyError):
                     unexpected += 1
                 conn.state = "set"
                 send(conn, set_cmd(conn.key))
             else:
                 if reply == "OK":
                     pairs += 1
-                elif not isinstance(reply, tuple):
+                elif not isinstance(reply, ReplyError):
                     errors += 1
                     first_error = first_error or "SET answered %r" % (reply,)
                 if now < deadline:

@@ -42,56 +42,7 @@ import sys
 import threading
 import time
 
-
-def encode(*args):
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        if isinstance(a, str):
-            a = a.encode()
-        elif isinstance(a, int):
-            a = str(a).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
-    return b"".join(out)
-
-
-class ReplyError(Exception):
-    pass
-
-
-def parse(buf, pos=0):
-    """One RESP2 reply from buf[pos:]: (value, next_pos), or None if
-    incomplete. Error replies come back as ReplyError instances."""
-    end = buf.find(b"\r\n", pos)
-    if end < 0:
-        return None
-    kind, line = buf[pos:pos + 1], bytes(buf[pos + 1:end])
-    nxt = end + 2
-    if kind == b"+":
-        return line.decode(errors="replace"), nxt
-    if kind == b"-":
-        return ReplyError(line.decode(errors="replace")), nxt
-    if kind == b":":
-        return int(line), nxt
-    if kind == b"$":
-        n = int(line)
-        if n < 0:
-            return None, nxt
-        if len(buf) < nxt + n + 2:
-            return None
-        return bytes(buf[nxt:nxt + n]), nxt + n + 2
-    if kind == b"*":
-        n = int(line)
-        if n < 0:
-            return None, nxt
-        items = []
-        for _ in range(n):
-            r = parse(buf, nxt)
-            if r is None:
-                return None
-            item, nxt = r
-            items.append(item)
-        return items, nxt
-    raise ValueError("unexpected reply %r" % bytes(buf[pos:pos + 40]))
+from resp import ReplyError, encode, parse
 
 
 class Conn:
@@ -272,7 +223,7 @@ def worker(args, index, db, stats, stop, rate):
                 filled = timed("SET", key, value_for(key, version, args.value_size), "EX", args.ttl)
                 if filled == "OK":
                     counts["fills"] += 1
-                elif isinstance(filled, ReplyError) and filled.args[0].startswith("STALE"):
+                elif isinstance(filled, ReplyError) and filled.startswith("STALE"):
                     counts["fill_refused"] += 1
         except (OSError, ConnectionError, ValueError) as e:
             counts["conn_failures"] += 1
