@@ -480,3 +480,44 @@ async fn without_fences_the_endpoint_has_the_proxy_metrics_only() {
     );
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn cache_explain_shows_second_deletes_and_retried_deletes() {
+    let mut redis = RedisServer::start();
+    let proxy = Proxy::start(
+        &redis.addr(),
+        "[[cache]]\npattern = \"user:*\"\ndouble_delete = \"100ms\"\n",
+    )
+    .await;
+    let mut client = RawClient::connect(proxy.addr).await;
+    assert_eq!(client.call("DEL user:8").await, ":0\r\n");
+    eventually("the second delete is recorded", async || {
+        explain(&mut client, "user:8").await.len() == 2
+    })
+    .await;
+    assert_eq!(
+        explain(&mut client, "user:8").await,
+        [
+            "conn 1 invalidated by a client (DEL/UNLINK/GETDEL or on_write)",
+            "proxy invalidated again by double_delete",
+        ]
+    );
+    // A delete sent while Redis is away is retried once it is back.
+    redis.kill();
+    let mut offline = RawClient::connect(proxy.addr).await;
+    assert_eq!(
+        offline.call("DEL user:9").await,
+        format!(
+            "-ERR cachefence: upstream {} unreachable (Connection refused (os error 111)); the delete will be retried\r\n",
+            redis.addr()
+        )
+    );
+    redis.restart();
+    eventually("the retried delete is recorded", async || {
+        let mut c = RawClient::connect(proxy.addr).await;
+        explain(&mut c, "user:9").await
+            == ["proxy invalidated by the retry of a client delete Redis could not take before"]
+    })
+    .await;
+    proxy.shutdown().await;
+}

@@ -29,6 +29,10 @@ pub enum Source {
     Admin,
     /// A row change read from the PostgreSQL change log.
     ChangeLog,
+    /// A client delete Redis could not take at first, delivered by the retry worker.
+    Retry,
+    /// The second delete of `double_delete`.
+    SecondDelete,
 }
 
 /// What happened to a key.
@@ -98,6 +102,10 @@ impl Event {
             }
             What::Invalidated(Source::Admin) => "invalidated by CACHE.INVALIDATE".to_string(),
             What::Invalidated(Source::ChangeLog) => "invalidated by the PostgreSQL change log".to_string(),
+            What::Invalidated(Source::Retry) => {
+                "invalidated by the retry of a client delete Redis could not take before".to_string()
+            }
+            What::Invalidated(Source::SecondDelete) => "invalidated again by double_delete".to_string(),
             What::Write => "write stored without a ticket (on_write = write): the fence moved".to_string(),
             What::WriteRejected => "write rejected (on_write = reject)".to_string(),
         };

@@ -175,7 +175,7 @@ pub struct Fences {
     /// What `CACHE.INFO` reports about the process (no secrets).
     pub about: About,
     /// Recent events per key, for `CACHE.EXPLAIN`.
-    pub history: history::History,
+    pub history: std::sync::Arc<history::History>,
 }
 
 /// The fenced key space as it is now, shared with the workers: readers
@@ -216,11 +216,12 @@ impl Fences {
     pub fn new(scope: Scope, upstream: Option<(crate::config::Upstream, Duration)>) -> Fences {
         let scope: LiveScope = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(scope));
         let undelivered = std::sync::Arc::new(undelivered::Undelivered::default());
+        let history = std::sync::Arc::new(history::History::new(DEFAULT_EXPLAIN_KEYS));
         // The second-delete worker runs even if no policy asks for it yet (a
         // reload may); it connects on its first job.
         let second_deletes = upstream.map(|(upstream, timeout)| {
-            undelivered.start(upstream.clone(), timeout, scope.clone());
-            second_delete::SecondDeletes::start(upstream, timeout, scope.clone())
+            undelivered.start(upstream.clone(), timeout, scope.clone(), history.clone());
+            second_delete::SecondDeletes::start(upstream, timeout, scope.clone(), history.clone())
         });
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -237,7 +238,7 @@ impl Fences {
             changelog: None,
             admin_password: arc_swap::ArcSwapOption::empty(),
             about: About::default(),
-            history: history::History::new(DEFAULT_EXPLAIN_KEYS),
+            history,
         }
     }
 

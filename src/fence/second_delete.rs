@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::LiveScope;
+use super::history::{History, Source, What};
 use super::invalidator::Invalidator;
 use crate::config::Upstream;
 use crate::metrics::Counter;
@@ -42,11 +43,16 @@ pub struct SecondDeletes {
 
 impl SecondDeletes {
     /// Starts the worker (needs a tokio runtime).
-    pub fn start(upstream: Upstream, timeout: Duration, scope: LiveScope) -> SecondDeletes {
+    pub fn start(
+        upstream: Upstream,
+        timeout: Duration,
+        scope: LiveScope,
+        history: std::sync::Arc<History>,
+    ) -> SecondDeletes {
         let (jobs, queue) = mpsc::channel(QUEUE);
         let stats = std::sync::Arc::new(SecondDeleteStats::default());
         let invalidator = Invalidator::new(upstream, timeout);
-        tokio::spawn(worker(queue, invalidator, scope, stats.clone()));
+        tokio::spawn(worker(queue, invalidator, scope, history, stats.clone()));
         SecondDeletes { jobs, stats }
     }
 
@@ -68,6 +74,7 @@ async fn worker(
     mut queue: mpsc::Receiver<Job>,
     mut invalidator: Invalidator,
     scope: LiveScope,
+    history: std::sync::Arc<History>,
     stats: std::sync::Arc<SecondDeleteStats>,
 ) {
     while let Some(job) = queue.recv().await {
@@ -86,7 +93,10 @@ async fn worker(
             }
         }
         match done {
-            true => stats.done.inc(),
+            true => {
+                stats.done.inc();
+                history.record_all(&job.keys, 0, What::Invalidated(Source::SecondDelete));
+            }
             false => {
                 stats.failed.inc();
                 warn!(

@@ -20,6 +20,7 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use super::LiveScope;
+use super::history::{History, Source, What};
 use super::invalidator::Invalidator;
 use crate::config::Upstream;
 use crate::metrics::Counter;
@@ -118,16 +119,27 @@ impl Undelivered {
     }
 
     /// Starts the retry worker (needs a tokio runtime).
-    pub fn start(self: &Arc<Self>, upstream: Upstream, timeout: Duration, scope: LiveScope) {
+    pub fn start(
+        self: &Arc<Self>,
+        upstream: Upstream,
+        timeout: Duration,
+        scope: LiveScope,
+        history: Arc<History>,
+    ) {
         let this = Arc::downgrade(self);
         let invalidator = Invalidator::new(upstream, timeout);
-        tokio::spawn(retry(this, invalidator, scope));
+        tokio::spawn(retry(this, invalidator, scope, history));
     }
 }
 
 /// Retries until the queue is empty, backing off while Redis is away; ends
 /// when the proxy's state is dropped.
-async fn retry(this: std::sync::Weak<Undelivered>, mut invalidator: Invalidator, scope: LiveScope) {
+async fn retry(
+    this: std::sync::Weak<Undelivered>,
+    mut invalidator: Invalidator,
+    scope: LiveScope,
+    history: Arc<History>,
+) {
     let mut backoff = FIRST_RETRY;
     let mut failing = false;
     loop {
@@ -155,6 +167,9 @@ async fn retry(this: std::sync::Weak<Undelivered>, mut invalidator: Invalidator,
         match result {
             Ok(()) => {
                 queue.delivered(&batch);
+                for (_, keys) in &by_db {
+                    history.record_all(keys, 0, What::Invalidated(Source::Retry));
+                }
                 if failing {
                     info!(keys = batch.len(), "undelivered deletes reached Redis");
                 }
