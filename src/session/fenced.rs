@@ -180,13 +180,13 @@ impl<'a> FenceSession<'a> {
     /// (their keys read as nil and refuse fills).
     pub fn plan(
         &self,
+        scope: &Scope,
         command: Fenced,
         frame: &Frame,
         request: &[u8],
         queued: bool,
         db: u32,
     ) -> Option<Plan> {
-        let scope = self.fences.scope();
         if command == Fenced::Get {
             // The hot path: no argument copies, one glob match.
             let key = frame.arg(request, 1).filter(|_| frame.argc == 2)?;
@@ -233,19 +233,19 @@ impl<'a> FenceSession<'a> {
                 };
                 match fill {
                     Some(plan) => Some(plan),
-                    None => self.write(&scope, command, &words, vec![key.clone()]),
+                    None => self.write(scope, command, &words, vec![key.clone()]),
                 }
             }
             Fenced::MSet => {
                 let keys: Vec<Bytes> = words[1..].iter().step_by(2).cloned().collect();
-                self.write(&scope, command, &words, keys)
+                self.write(scope, command, &words, keys)
             }
-            Fenced::Write => self.write(&scope, command, &words, vec![key.clone()]),
+            Fenced::Write => self.write(scope, command, &words, vec![key.clone()]),
             Fenced::Delete => {
                 let keys = words[1..].to_vec();
-                let call = command_call(&scope, "inval", &words, &keys)?;
+                let call = command_call(scope, "inval", &words, &keys)?;
                 self.fences.stats.invalidations.inc();
-                self.record_fenced(&scope, &keys, What::Invalidated(Source::Client));
+                self.record_fenced(scope, &keys, What::Invalidated(Source::Client));
                 self.fences.stats.keys_invalidated_client.add(keys.len() as u64);
                 Some(rewrite(
                     call,

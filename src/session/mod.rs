@@ -536,6 +536,8 @@ fn frame_requests(
     // Bytes of `buf` already copied into `rewritten`.
     let mut copied = 0;
     let mut classes: ClassCounts = [0; 3];
+    // The `[[cache]]` sections, loaded once per batch (at its first fenced command).
+    let mut scope = None;
     loop {
         let frame = match state.framer.next(&buf[batch.complete..]) {
             Ok(Some(frame)) => frame,
@@ -580,7 +582,8 @@ fn frame_requests(
             // Reads inside MULTI answer later, in EXEC: no miss handling there.
             (Some(_), Command::Fenced(Fenced::Get | Fenced::GetEx | Fenced::MGet)) if state.in_multi => None,
             (Some(fence), Command::Fenced(fenced)) if interceptable => {
-                fence.plan(fenced, &frame, request, state.in_multi, pairing.db)
+                let scope = scope.get_or_insert_with(|| fence.fences.scope());
+                fence.plan(scope, fenced, &frame, request, state.in_multi, pairing.db)
             }
             (Some(fence), Command::Admin) if interceptable && !state.in_multi => {
                 Some(fence.admin(&frame, request, pairing.db, ctx))
