@@ -40,6 +40,12 @@ pub async fn eventually_within(what: &str, limit: Duration, mut check: impl Asyn
     }
 }
 
+/// Whether a redis-server log says the server accepts connections.
+fn says_ready(log: &[u8]) -> bool {
+    log.windows(b"Ready to accept connections".len())
+        .any(|w| w == b"Ready to accept connections")
+}
+
 /// A free loopback port (bound once, then released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -84,7 +90,12 @@ impl RedisServer {
     }
 
     fn try_start(port: u16, args: &[&str]) -> Option<RedisServer> {
-        let dir = std::env::temp_dir().join(format!("cachefence-test-redis-{port}-{}", std::process::id()));
+        // One directory per start: a server stopped on the same port (ports
+        // are reused) removes its own directory, never this one's log.
+        static STARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("cachefence-test-redis-{}-{port}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("creating a scratch dir for redis-server");
         let mut server = RedisServer {
             port,
@@ -98,6 +109,9 @@ impl RedisServer {
     /// Spawns the server; false if it could not bind its port.
     fn spawn(&mut self) -> bool {
         let port = self.port.to_string();
+        let log = self.dir.join("redis.log");
+        // Restarts append to the same log: only what this start writes counts.
+        let logged = std::fs::metadata(&log).map_or(0, |m| m.len() as usize);
         let mut command = Command::new("redis-server");
         command
             .args([
@@ -110,14 +124,9 @@ impl RedisServer {
                 "--appendonly",
                 "no",
             ])
-            .args([
-                "--daemonize",
-                "no",
-                "--logfile",
-                "",
-                "--enable-debug-command",
-                "yes",
-            ])
+            .args(["--daemonize", "no", "--enable-debug-command", "yes"])
+            .arg("--logfile")
+            .arg(&log)
             .arg("--dir")
             .arg(&self.dir)
             .args(&self.args)
@@ -130,19 +139,20 @@ impl RedisServer {
             )
         });
         self.child = Some(child);
-        self.wait_ready()
+        self.wait_ready(&log, logged)
     }
 
-    /// Waits until our child answers on the port. False if it exited (the
-    /// port was taken); a server of someone else's answering there does not
-    /// count: `INFO server` must show our child's pid. Exactly one
-    /// connection is made (refused attempts allocate nothing in Redis), so
-    /// the client ids tests see do not depend on how long start-up took.
-    fn wait_ready(&mut self) -> bool {
+    /// Waits until our child says in its log that it accepts connections;
+    /// false if it exited first (the port was taken). Nothing connects before
+    /// that, so a server of someone else's that holds the port (another
+    /// test's) never sees a connection from here. Then exactly one
+    /// connection checks the pid (`INFO server`), so the client ids tests
+    /// see do not depend on how long start-up took.
+    fn wait_ready(&mut self, log: &std::path::Path, logged: usize) -> bool {
         use std::io::{Read, Write};
         let deadline = Instant::now() + WAIT;
         let pid = self.child.as_ref().expect("spawned").id();
-        let mut stream = loop {
+        loop {
             if self
                 .child
                 .as_mut()
@@ -152,8 +162,9 @@ impl RedisServer {
                 self.child = None;
                 return false;
             }
-            if let Ok(stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
-                break stream;
+            let text = std::fs::read(log).unwrap_or_default();
+            if says_ready(text.get(logged..).unwrap_or_default()) {
+                break;
             }
             assert!(
                 Instant::now() < deadline,
@@ -161,6 +172,9 @@ impl RedisServer {
                 self.port
             );
             std::thread::sleep(Duration::from_millis(5));
+        }
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
         };
         stream.set_read_timeout(Some(WAIT)).unwrap();
         let mut reply = Vec::new();
