@@ -146,17 +146,19 @@ impl History {
             return;
         }
         if let Some(mut events) = self.keys.get_mut(key) {
-            if events.len() == EVENTS_PER_KEY {
-                events.pop_front();
-            }
-            events.push_back(event);
+            push(&mut events, event);
             return;
         }
         let key = Bytes::copy_from_slice(key);
-        let mut events = VecDeque::with_capacity(4);
-        events.push_back(event);
-        if self.keys.insert(key.clone(), events).is_some() {
-            return; // Another session recorded it first; ours replaced its one event.
+        match self.keys.entry(key.clone()) {
+            // Another session recorded it between the lookup and here.
+            dashmap::Entry::Occupied(mut events) => {
+                push(events.get_mut(), event);
+                return;
+            }
+            dashmap::Entry::Vacant(slot) => {
+                push(slot.insert(VecDeque::with_capacity(4)).value_mut(), event);
+            }
         }
         let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
         order.push_back(key);
@@ -193,6 +195,14 @@ impl History {
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
+}
+
+/// Appends `event`, dropping the oldest past [`EVENTS_PER_KEY`].
+fn push(events: &mut VecDeque<Event>, event: Event) {
+    if events.len() == EVENTS_PER_KEY {
+        events.pop_front();
+    }
+    events.push_back(event);
 }
 
 /// `2026-11-23T18:50:01.123Z`.
