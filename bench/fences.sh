@@ -74,8 +74,11 @@ source "$SCRIPT_DIR/lib.sh"
 
 # --------------------------------------------------------------- start up
 declare -A PORT PID LABEL
-TARGETS=(redis off on)
+# metrics and noexplain are "fences on" with one observability knob turned:
+# the Prometheus endpoint on (latency timing), CACHE.EXPLAIN's history off.
+TARGETS=(redis off on metrics noexplain)
 LABEL[redis]="redis"; LABEL[off]="fences off"; LABEL[on]="fences on"
+LABEL[metrics]="on+metrics"; LABEL[noexplain]="on-explain"
 
 free_port; PORT[redis]=$FREE_PORT
 log "starting redis-server on $HOST:${PORT[redis]} (CPU $SERVER_CPU)"
@@ -89,10 +92,14 @@ wait_port "${PORT[redis]}" "${PID[redis]}" || { cat "$WORK/redis.log" >&2 || tru
 R() { redis-cli -h "$HOST" -p "${PORT[redis]}" "$@"; }
 [ "$(R ping)" = PONG ] || die "redis-server does not answer PING"
 
-for t in on off; do
+for t in on off metrics noexplain; do
     free_port; PORT[$t]=$FREE_PORT
     extra=()
-    [ "$t" = off ] && extra=(--no-fences)
+    case $t in
+        off) extra=(--no-fences) ;;
+        metrics) free_port; METRICS_PORT=$FREE_PORT; extra=(--metrics-listen "$HOST:$METRICS_PORT") ;;
+        noexplain) extra=(--explain-keys 0) ;;
+    esac
     log "starting cachefence (${LABEL[$t]}) on $HOST:${PORT[$t]} (CPU $CLIENT_CPU, --workers 1${extra[*]:+ ${extra[*]}})"
     taskset -c "$CLIENT_CPU" "$CACHEFENCE" --listen "$HOST:${PORT[$t]}" \
         --upstream "$HOST:${PORT[redis]}" --workers 1 --log-level warn "${extra[@]}" \
@@ -238,6 +245,20 @@ for run in $(seq 1 "$RUNS"); do
     done
 done
 log "fences measurements took $((SECONDS - START))s"
+# The metrics instance did time its commands: its endpoint says so.
+SCRAPED=$(python3 - "$HOST" "${METRICS_PORT}" <<'PY'
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+s.sendall(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")
+body = b""
+while chunk := s.recv(65536):
+    body += chunk
+for line in body.decode().splitlines():
+    if line.startswith('cachefence_command_duration_seconds_count{class="intercepted"}'):
+        print(line.split()[-1])
+PY
+) || SCRAPED=""
+[ -n "$SCRAPED" ] && [ "$SCRAPED" != 0 ] || { FAILED=1; log "FAILED: the metrics instance's /metrics shows no timed commands ('$SCRAPED')"; }
 
 # ------------------------------------------------------------------ report
 median() { # median of the numbers given as arguments (empty if none)
@@ -282,7 +303,8 @@ mf_ratio() { # mf_ratio A B NAME: median over runs of NAME(A)/NAME(B) of the sam
 
 echo
 echo "fences benchmark  ($(date -u '+%Y-%m-%d %H:%M:%SZ'), $(nproc) CPUs, redis on CPU $SERVER_CPU, client+cachefence on CPU $CLIENT_CPU, load before: $load1)"
-echo "fences on = cachefence default (every key fenced); fences off = --no-fences; $RUNS runs, rotating order;"
+echo "fences on = cachefence default (every key fenced); fences off = --no-fences; on+metrics = on with"
+echo "--metrics-listen; on-explain = on with --explain-keys 0; $RUNS runs, rotating order;"
 echo "rps = median over runs; ratios = median over runs of per-run ratios"
 echo
 echo "1. GET hits: $KEYSPACE keys preloaded (-d $VALUE_SIZE), redis-benchmark -t get -r $KEYSPACE"
@@ -316,13 +338,14 @@ echo
 echo "2. cache-aside miss->fill: GET k (nil, fresh key) then SET k v EX 60 on the same connection;"
 echo "   bench/missfill.py, $FILL_CONNS connections, ${FILL_SECONDS}s per run; Redis figures from the scratch Redis"
 echo "   (CONFIG RESETSTAT before each run); medians over runs"
+MAIN_TARGETS=(redis off on)
 header=$(printf '%-40s %12s %12s %12s' "" redis "fences off" "fences on")
 echo "$header"
 echo "${header//?/-}"
 mf_row() { # mf_row LABEL NAME FORMAT
     local row t
     row=$(printf '%-40s' "$1")
-    for t in "${TARGETS[@]}"; do row+=$(printf ' %12s' "$(fmt "$3" "$(mf_median "$t" "$2")")"); done
+    for t in "${MAIN_TARGETS[@]}"; do row+=$(printf ' %12s' "$(fmt "$3" "$(mf_median "$t" "$2")")"); done
     echo "$row"
 }
 mf_row "miss+fill pairs/s" pairs_per_s '%.0f'
@@ -347,6 +370,21 @@ PCPU_ONOFF=$(mf_ratio on off proxy_cpu_us_per_pair)
 echo "fences on / off: pairs/s $(fmt '%s' "$FILL_ONOFF"), cachefence CPU per pair $(fmt '%s' "$PCPU_ONOFF"), Redis CPU per pair $(fmt '%s' "$CPU_ONOFF"), Redis command time per pair $(fmt '%s' "$CMD_ONOFF")"
 echo "(with fences on, GET/SET calls include the GET in the miss script and the SET in the fill script;"
 echo " command us/pair counts top-level commands only, a script with everything it runs)"
+
+echo
+echo "3. observability: fences on with the Prometheus endpoint on (metrics: latency timed per batch)"
+echo "   and with CACHE.EXPLAIN's history off (noexplain: explain_keys = 0); medians of per-run ratios"
+header=$(printf '%-40s %12s %14s %14s' "" "on / redis" "on+metrics/on" "on-explain/on")
+echo "$header"
+echo "${header//?/-}"
+for layout in "${LAYOUTS[@]}"; do
+    printf '%-40s %12s %14s %14s\n' "GET hits ${L_LABEL[$layout]} rps" "$(fmt '%s' "$(get_ratio "$layout" on redis)")" \
+        "$(fmt '%s' "$(get_ratio "$layout" metrics on)")" "$(fmt '%s' "$(get_ratio "$layout" noexplain on)")"
+done
+printf '%-40s %12s %14s %14s\n' "miss->fill pairs/s" "$(fmt '%s' "$(mf_ratio on redis pairs_per_s)")" \
+    "$(fmt '%s' "$(mf_ratio metrics on pairs_per_s)")" "$(fmt '%s' "$(mf_ratio noexplain on pairs_per_s)")"
+printf '%-40s %12s %14s %14s\n' "miss->fill cachefence CPU us/pair" "-" \
+    "$(fmt '%s' "$(mf_ratio metrics on proxy_cpu_us_per_pair)")" "$(fmt '%s' "$(mf_ratio noexplain on proxy_cpu_us_per_pair)")"
 
 check() { # name value op threshold
     local name=$1 value=$2 op=$3 thr=$4 verdict
