@@ -14,10 +14,17 @@
 //!   encoding of the replies the proxy makes itself ([`resp::encode`]).
 //! - [`fence`]: version fences and lease tickets — which commands are
 //!   intercepted, the Lua script that checks and moves fences in Redis.
+//!   Beside them, [`fence::history`] keeps each key's recent events for
+//!   `CACHE.EXPLAIN`.
+//! - [`changelog`]: the PostgreSQL outbox — key templates, `pg install`, the
+//!   consumer that turns committed row changes into invalidations, and
+//!   `cachefence audit` ([`changelog::audit`]).
 //! - [`net`]: the streams sessions run on (plain TCP, or TLS either side);
 //!   [`tls`]: certificates and keys, read and checked at start.
-//! - [`config`]: the TOML file and flags, merged and validated.
-//! - [`metrics`], [`logging`]: counters and `tracing` setup.
+//! - [`config`]: the TOML file and flags, merged and validated; [`live`]:
+//!   the settings a reload (`SIGHUP`, `CACHE.RELOAD`) changes in place.
+//! - [`metrics`], [`exporter`], [`logging`]: counters and histograms, the
+//!   Prometheus endpoint that renders them, and `tracing` setup.
 //!
 //! `main.rs` only parses flags, loads the config and runs [`server::Server`].
 

@@ -230,6 +230,12 @@ fn try_reload(ctx: &Context) -> anyhow::Result<Reloaded> {
     if fences_switched {
         next.fences = old.fences.clone();
     }
+    if ctx.fences.is_none() {
+        // Without fences these do nothing until a restart with fences on:
+        // reported each time, like the other restart-only settings.
+        next.admin_password = old.admin_password.clone();
+        next.explain_keys = old.explain_keys;
+    }
     if let Some(fences) = &ctx.fences {
         if let Some(scope) = scope {
             fences.scope.store(std::sync::Arc::new(scope));
