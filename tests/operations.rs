@@ -521,3 +521,47 @@ async fn cache_explain_shows_second_deletes_and_retried_deletes() {
     .await;
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_metrics_endpoint_reports_the_change_log() {
+    let redis = RedisServer::start();
+    let pg = common::pg::Schema::create("metrics").await;
+    pg.exec("CREATE TABLE {s}.users (id int PRIMARY KEY, email text, name text NOT NULL)")
+        .await;
+    let toml = pg.toml(&[("users", &["user:{id}", "user:email:{email}"])]);
+    pg.install(&toml).await;
+    let proxy = Proxy::start(
+        &redis.addr(),
+        &format!("metrics_listen = \"127.0.0.1:0\"\n{toml}"),
+    )
+    .await;
+    let addr = proxy.ctx.metrics_addr.expect("the endpoint is on");
+    eventually("the consumer is connected", async || {
+        scrape(addr).await["cachefence_changelog_connected"] == 1.0
+    })
+    .await;
+    let before = scrape(addr).await;
+    assert_eq!(before["cachefence_changelog_rows_total"], 0.0);
+    assert_eq!(
+        before["cachefence_invalidated_keys_total{source=\"changelog\"}"],
+        0.0
+    );
+
+    // One row inserted, one updated (its email changes): 2 + 3 keys.
+    pg.exec("INSERT INTO {s}.users VALUES (1, 'a@x', 'Ann')").await;
+    pg.exec("UPDATE {s}.users SET email = 'b@x' WHERE id = 1").await;
+    eventually("both rows are applied", async || {
+        scrape(addr).await["cachefence_changelog_rows_total"] == 2.0
+    })
+    .await;
+    let after = scrape(addr).await;
+    assert_eq!(
+        after["cachefence_invalidated_keys_total{source=\"changelog\"}"],
+        5.0
+    );
+    assert_eq!(after["cachefence_invalidated_keys_total{source=\"client\"}"], 0.0);
+    assert_eq!(after["cachefence_changelog_retries_total"], 0.0);
+    assert_eq!(after["cachefence_changelog_lag_seconds"], 0.0);
+    assert_eq!(pg.outbox_len().await, 0);
+    proxy.shutdown().await;
+}
