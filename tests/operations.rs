@@ -547,18 +547,26 @@ async fn the_metrics_endpoint_reports_the_change_log() {
         0.0
     );
 
-    // One row inserted, one updated (its email changes): 2 + 3 keys.
-    pg.exec("INSERT INTO {s}.users VALUES (1, 'a@x', 'Ann')").await;
-    pg.exec("UPDATE {s}.users SET email = 'b@x' WHERE id = 1").await;
-    eventually("both rows are applied", async || {
-        scrape(addr).await["cachefence_changelog_rows_total"] == 2.0
-    })
-    .await;
+    // One row inserted (2 keys), then updated with a new email (3 keys).
+    // One at a time: a batch of both would delete the 3 distinct keys once.
+    let mut rows = 0.0;
+    for (sql, keys) in [
+        ("INSERT INTO {s}.users VALUES (1, 'a@x', 'Ann')", 2.0),
+        ("UPDATE {s}.users SET email = 'b@x' WHERE id = 1", 5.0),
+    ] {
+        pg.exec(sql).await;
+        rows += 1.0;
+        eventually("the row is applied", async || {
+            scrape(addr).await["cachefence_changelog_rows_total"] == rows
+        })
+        .await;
+        assert_eq!(
+            scrape(addr).await["cachefence_invalidated_keys_total{source=\"changelog\"}"],
+            keys,
+            "{sql}"
+        );
+    }
     let after = scrape(addr).await;
-    assert_eq!(
-        after["cachefence_invalidated_keys_total{source=\"changelog\"}"],
-        5.0
-    );
     assert_eq!(after["cachefence_invalidated_keys_total{source=\"client\"}"], 0.0);
     assert_eq!(after["cachefence_changelog_retries_total"], 0.0);
     assert_eq!(after["cachefence_changelog_lag_seconds"], 0.0);

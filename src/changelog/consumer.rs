@@ -221,8 +221,9 @@ async fn drain(
             .await
             .map_err(timed("COMMIT"))?
             .map_err(pg)?;
-        stats.rows_consumed.add(rows.len() as u64);
+        // Keys first: whoever sees the rows counted sees their keys too.
         stats.keys_invalidated.add(keys.len() as u64);
+        stats.rows_consumed.add(rows.len() as u64);
         debug!(rows = rows.len(), keys = keys.len(), "change log: batch applied");
         if (rows.len() as i64) < config.batch_size {
             break;
