@@ -4,8 +4,9 @@
 //! "why is this value stale / why was my SET dropped" has an answer.
 //!
 //! Bounded twice: [`EVENTS_PER_KEY`] per key (oldest dropped first), and
-//! `explain_keys` keys in all (the key first recorded longest ago is
-//! dropped first). Keys are recorded across databases, by name.
+//! `explain_keys` keys in all, holding at most [`MAX_KEY_BYTES`] of key
+//! names (the key first recorded longest ago is dropped first). Keys are
+//! recorded across databases, by name.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -19,6 +20,9 @@ use super::Refusal;
 
 /// Events kept per key.
 pub const EVENTS_PER_KEY: usize = 16;
+/// Bytes of key names kept in all: long keys (Redis allows 512 MiB) cost
+/// more than their share of `explain_keys`.
+pub const MAX_KEY_BYTES: usize = 64 << 20;
 
 /// Where an invalidation came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,8 +121,8 @@ impl Event {
 #[derive(Debug)]
 pub struct History {
     keys: DashMap<Bytes, VecDeque<Event>>,
-    /// Keys in the order first recorded, for the global bound.
-    order: Mutex<VecDeque<Bytes>>,
+    /// Keys in the order first recorded, for the global bounds.
+    order: Mutex<Order>,
     max_keys: AtomicUsize,
 }
 
@@ -126,7 +130,7 @@ impl History {
     pub fn new(max_keys: usize) -> History {
         History {
             keys: DashMap::new(),
-            order: Mutex::new(VecDeque::new()),
+            order: Mutex::new(Order::default()),
             max_keys: AtomicUsize::new(max_keys),
         }
     }
@@ -136,7 +140,7 @@ impl History {
         self.max_keys.store(max_keys, Ordering::Relaxed);
         if max_keys == 0 {
             self.keys.clear();
-            self.order.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            *self.order.lock().unwrap_or_else(|p| p.into_inner()) = Order::default();
         }
     }
 
@@ -161,11 +165,14 @@ impl History {
             }
         }
         let mut order = self.order.lock().unwrap_or_else(|p| p.into_inner());
-        order.push_back(key);
-        while order.len() > max_keys {
-            if let Some(oldest) = order.pop_front() {
-                self.keys.remove(&oldest);
-            }
+        order.bytes += key.len();
+        order.keys.push_back(key);
+        while order.keys.len() > max_keys || order.bytes > MAX_KEY_BYTES {
+            let Some(oldest) = order.keys.pop_front() else {
+                break;
+            };
+            order.bytes -= oldest.len();
+            self.keys.remove(&oldest);
         }
     }
 
@@ -195,6 +202,13 @@ impl History {
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
+}
+
+/// The keys with a history, oldest first, and the bytes of their names.
+#[derive(Debug, Default)]
+struct Order {
+    keys: VecDeque<Bytes>,
+    bytes: usize,
 }
 
 /// Appends `event`, dropping the oldest past [`EVENTS_PER_KEY`].
@@ -255,6 +269,16 @@ mod tests {
         assert_eq!(history.len(), 3);
         assert!(history.explain(b"a").is_empty());
         assert_eq!(history.explain(b"d").len(), 1);
+        // Long names count against the byte bound: two keys of half of it
+        // and a third one leave the last two.
+        let long = |c: u8| vec![c; MAX_KEY_BYTES / 2];
+        let wide = History::new(100);
+        for c in [b'x', b'y', b'z'] {
+            wide.record(&long(c), Event::now(3, What::Write));
+        }
+        assert_eq!(wide.len(), 2);
+        assert!(wide.explain(&long(b'x')).is_empty());
+        assert_eq!(wide.explain(&long(b'z')).len(), 1);
         history.set_max_keys(0);
         history.record(b"e", Event::now(2, What::Write));
         assert!(history.is_empty());
