@@ -143,11 +143,12 @@ impl Server {
                 tokio::spawn(reject(socket, tls));
                 continue;
             }
-            ctx.metrics.connections_current.inc();
+            let slot = Slot::take(ctx.clone());
             let span = info_span!("conn", %peer, upstream = %ctx.config.upstream);
             let (ctx, mut stop_rx, done) = (ctx.clone(), stop_rx.clone(), done_tx.clone());
             tokio::spawn(
                 async move {
+                    let _slot = slot;
                     let client = match tls {
                         None => Some(Stream::Plain(socket)),
                         Some(tls) => tokio::select! {
@@ -158,7 +159,6 @@ impl Server {
                     if let Some(client) = client {
                         session::run(client, peer, ctx.clone(), stop_rx).await;
                     }
-                    ctx.metrics.connections_current.dec();
                     drop(done);
                 }
                 .instrument(span),
@@ -220,6 +220,23 @@ async fn handshake(
 
 /// Turns a client away the way Redis does (on the TLS listener, after the
 /// handshake).
+/// A client's place under `max_clients`, counted in
+/// `connections_current` until dropped — also when its task panics.
+struct Slot(Arc<Context>);
+
+impl Slot {
+    fn take(ctx: Arc<Context>) -> Slot {
+        ctx.metrics.connections_current.inc();
+        Slot(ctx)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.metrics.connections_current.dec();
+    }
+}
+
 async fn reject(socket: TcpStream, tls: Option<TlsAcceptor>) {
     let limit = std::time::Duration::from_secs(1);
     let _ = tokio::time::timeout(limit, async {
