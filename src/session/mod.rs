@@ -610,6 +610,9 @@ fn frame_requests(
                 Some(_) if exec_with_pubsub || exec_fenced => (None, Some(Expect::Exec)),
                 expect => (None, expect),
             },
+            Some(Plan::Forward(FenceExpect::Get { key, policy })) => {
+                (None, Some(Expect::Get { key, policy }))
+            }
             Some(Plan::Forward(expect)) => (None, Some(Expect::Fence(Box::new(expect)))),
             Some(Plan::Rewrite(call, expect)) => {
                 let fence = fence.expect("plans imply fences");
