@@ -218,8 +218,6 @@ async fn handshake(
     None
 }
 
-/// Turns a client away the way Redis does (on the TLS listener, after the
-/// handshake).
 /// A client's place under `max_clients`, counted in
 /// `connections_current` until dropped — also when its task panics.
 struct Slot(Arc<Context>);
@@ -237,6 +235,8 @@ impl Drop for Slot {
     }
 }
 
+/// Turns a client away the way Redis does (on the TLS listener, after the
+/// handshake).
 async fn reject(socket: TcpStream, tls: Option<TlsAcceptor>) {
     let limit = std::time::Duration::from_secs(1);
     let _ = tokio::time::timeout(limit, async {
