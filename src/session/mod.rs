@@ -610,23 +610,14 @@ fn frame_requests(
                 Some(_) if exec_with_pubsub || exec_fenced => (None, Some(Expect::Exec)),
                 expect => (None, expect),
             },
-            Some(Plan::Forward(FenceExpect::Get { key, policy })) => {
-                (None, Some(Expect::Get { key, policy }))
-            }
-            Some(Plan::Forward(expect)) => (None, Some(Expect::Fence(Box::new(expect)))),
+            Some(Plan::Forward(expect)) => (None, Some(Expect::fence(expect))),
             Some(Plan::Rewrite(call, expect)) => {
                 let fence = fence.expect("plans imply fences");
-                (
-                    Some(fence.encode(&call, false)),
-                    Some(Expect::Fence(Box::new(expect))),
-                )
+                (Some(fence.encode(&call, false)), Some(Expect::fence(expect)))
             }
             Some(Plan::Local(reply)) => {
                 batch.wake = true;
-                (
-                    Some(Bytes::new()),
-                    Some(Expect::Fence(Box::new(FenceExpect::Local(reply)))),
-                )
+                (Some(Bytes::new()), Some(Expect::fence(FenceExpect::Local(reply))))
             }
         };
         if let Some(expect) = expect {
@@ -1101,11 +1092,11 @@ fn inject(
     outbox: &mut Outbox,
     fallback: &[u8],
 ) {
-    let expect = Expect::Fence(Box::new(FenceExpect::Script {
+    let expect = Expect::fence(FenceExpect::Script {
         call: call.clone(),
         reply: reply.clone(),
         slot: Some(slot),
-    }));
+    });
     if injections.try_send(Injection { call, reload, expect }).is_err() {
         warn!("too many calls of the proxy's own in flight; releasing a reply unfenced");
         let release = match reply {

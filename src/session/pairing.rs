@@ -61,6 +61,15 @@ pub enum Expect {
 }
 
 impl Expect {
+    /// The expectation of an intercepted command: a `GET` unboxed
+    /// ([`Expect::Get`]), anything else boxed ([`Expect::Fence`]).
+    pub fn fence(expect: FenceExpect) -> Expect {
+        match expect {
+            FenceExpect::Get { key, policy } => Expect::Get { key, policy },
+            other => Expect::Fence(Box::new(other)),
+        }
+    }
+
     /// Bytes of the client's request this expectation keeps (keys, and a
     /// fill's value kept to resend after `NOSCRIPT`), for the per-connection
     /// bound [`MAX_HELD_BYTES`].
@@ -71,6 +80,7 @@ impl Expect {
             _ => return 0,
         };
         match &**fence {
+            // Never boxed (see `Expect::fence`).
             FenceExpect::Get { key, .. } => key.len(),
             FenceExpect::MGet { keys } => keys.iter().flatten().map(|(k, _)| k.len()).sum(),
             FenceExpect::Script { call, .. } => call.keys.iter().chain(&call.args).map(|b| b.len()).sum(),
@@ -363,7 +373,6 @@ impl Pairing {
             Some(Expect::Reply | Expect::Blocking) => true,
             // A bulk still arriving is not nil: the GET was a hit.
             Some(Expect::Get { .. }) => kind == b'$',
-            Some(Expect::Fence(fence)) => matches!(**fence, FenceExpect::Get { .. }) && kind == b'$',
             _ => false,
         };
         head && kind != b'>' && !self.monitor && !self.subs.any()
