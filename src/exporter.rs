@@ -15,8 +15,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tracing::{debug, info, warn};
 
+use crate::app::App;
 use crate::metrics::{Class, Exposition};
-use crate::session::Context;
 
 /// Scrapes served at once; more wait in the listen backlog.
 const MAX_SCRAPES: usize = 8;
@@ -26,7 +26,7 @@ const MAX_HEAD: usize = 8 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves scrapes until `stop` turns true.
-pub async fn serve(listener: TcpListener, ctx: Arc<Context>, mut stop: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, ctx: Arc<App>, mut stop: watch::Receiver<bool>) {
     let addr = listener.local_addr().ok();
     info!(?addr, "metrics endpoint listening (GET /metrics)");
     let permits = Arc::new(Semaphore::new(MAX_SCRAPES));
@@ -56,7 +56,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>, mut stop: watch::Re
     }
 }
 
-async fn respond(mut socket: TcpStream, ctx: &Context) -> std::io::Result<()> {
+async fn respond(mut socket: TcpStream, ctx: &App) -> std::io::Result<()> {
     let head = match tokio::time::timeout(IO_TIMEOUT, read_head(&mut socket)).await {
         Ok(head) => head?,
         Err(_) => return Err(std::io::Error::other("request not complete in time")),
@@ -124,7 +124,7 @@ fn simple(status: &str, body: &str) -> String {
 }
 
 /// Every metric, named per Prometheus' conventions.
-pub fn render(ctx: &Context) -> String {
+pub fn render(ctx: &App) -> String {
     let m = &ctx.metrics;
     let mut e = Exposition::default();
     e.gauges(

@@ -2,23 +2,32 @@
 //!
 //! # Layout
 //!
-//! Data flows through the modules in this order:
+//! In the order data flows; each module depends only on those after it
+//! (and on `config`, `resp`, `net`, `metrics`), and [`app`] is the one
+//! place that wires them.
 //!
 //! - [`server`]: accepts clients, enforces `max_clients`, drains on shutdown.
 //! - [`session`]: one task per client, paired 1:1 with its own upstream
-//!   connection; forwards requests in batches and pairs replies in order
-//!   ([`session::pairing`]), opening the upstream in [`session::upstream`].
-//! - [`resp`]: framing of requests ([`resp::request`], Redis' own grammar)
-//!   and replies ([`resp::reply`]), command classification
-//!   ([`resp::command`]: where an intercepted command is recognised), and
-//!   encoding of the replies the proxy makes itself ([`resp::encode`]).
-//! - [`fence`]: version fences and lease tickets — which commands are
-//!   intercepted, the Lua script that checks and moves fences in Redis.
-//!   Beside them, [`fence::history`] keeps each key's recent events for
-//!   `CACHE.EXPLAIN`.
+//!   connection: [`session::requests`] (client → Redis, in batches),
+//!   [`session::replies`] (Redis → client, paired in order by
+//!   [`session::pairing`], written through [`session::outbox`]), and
+//!   [`session::offline`] (serving while Redis is unreachable).
+//! - [`admin`]: the `CACHE.*` commands, parsed once, one file per family.
+//! - [`fence`]: version fences and lease tickets. Where a GET miss, a fill
+//!   or a write is decided: [`fence::plan`] (request rules) and
+//!   [`fence::translate`] (reply rules); herd holds in [`fence::herd`]; where
+//!   every invalidation ends: [`fence::epilogue`]; the Lua script in
+//!   [`fence::script`]; each key's recent events for `CACHE.EXPLAIN` in
+//!   [`fence::history`]; the workers that send invalidations of their own
+//!   (retried deletes, second deletes) beside them.
 //! - [`changelog`]: the PostgreSQL outbox — key templates, `pg install`, the
 //!   consumer that turns committed row changes into invalidations, and
 //!   `cachefence audit` ([`changelog::audit`]).
+//! - [`redis`]: the Redis client the proxy uses for itself (connect with
+//!   TLS/AUTH/SELECT, one call that must succeed).
+//! - [`resp`]: framing of requests ([`resp::request`], Redis' own grammar)
+//!   and replies ([`resp::reply`]), command classification
+//!   ([`resp::command`]), and the encoding of replies the proxy builds.
 //! - [`net`]: the streams sessions run on (plain TCP, or TLS either side);
 //!   [`tls`]: certificates and keys, read and checked at start.
 //! - [`config`]: the TOML file and flags, merged and validated; [`live`]:
@@ -28,6 +37,8 @@
 //!
 //! `main.rs` only parses flags, loads the config and runs [`server::Server`].
 
+pub mod admin;
+pub mod app;
 pub mod changelog;
 pub mod config;
 pub mod exporter;
@@ -36,6 +47,7 @@ pub mod live;
 pub mod logging;
 pub mod metrics;
 pub mod net;
+pub mod redis;
 pub mod resp;
 pub mod server;
 pub mod session;

@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
+use crate::app::App;
 use crate::config::Config;
 use crate::metrics::Counter;
-use crate::session::Context;
 
 /// The settings sessions read while they run, as atomics: a read costs a
 /// plain load, a reload a store.
@@ -123,7 +123,7 @@ pub struct Reloaded {
 
 /// Re-reads the config file and applies it; on an error (no file, a file
 /// that does not parse or validate) nothing changes. Logged either way.
-pub fn reload(ctx: &Context, trigger: &'static str) -> anyhow::Result<Reloaded> {
+pub fn reload(ctx: &App, trigger: &'static str) -> anyhow::Result<Reloaded> {
     let result = try_reload(ctx);
     match &result {
         Ok(done) => {
@@ -154,7 +154,7 @@ pub fn reload(ctx: &Context, trigger: &'static str) -> anyhow::Result<Reloaded> 
     result
 }
 
-fn try_reload(ctx: &Context) -> anyhow::Result<Reloaded> {
+fn try_reload(ctx: &App) -> anyhow::Result<Reloaded> {
     let mut applied = ctx.live.applied.lock().unwrap_or_else(|p| p.into_inner());
     let Some(path) = applied.source.clone() else {
         anyhow::bail!("no config file to reload (cachefence was started without --config)");

@@ -12,20 +12,19 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::changelog::{ChangeLogStats, consumer};
+use crate::app::App;
+use crate::changelog::consumer;
 use crate::config::Config;
-use crate::fence::Fences;
-use crate::metrics::Metrics;
 use crate::net::Stream;
 use crate::resp::encode;
-use crate::session::{self, Context};
+use crate::session;
 
 /// A bound listener, ready to [`run`](Server::run).
 pub struct Server {
     listener: TcpListener,
     /// The Prometheus endpoint's, when `metrics_listen` is set.
     metrics: Option<TcpListener>,
-    ctx: Arc<Context>,
+    ctx: Arc<App>,
     /// Installed before the listener is visible to anyone: a SIGHUP sent
     /// as soon as the port answers reloads instead of killing the process.
     hangups: mpsc::Receiver<()>,
@@ -35,10 +34,6 @@ impl Server {
     pub async fn bind(config: Config) -> anyhow::Result<Server> {
         let listener =
             listen(&config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
-        let changelog = config
-            .changelog
-            .as_ref()
-            .map(|_| Arc::new(ChangeLogStats::default()));
         let metrics = match config.metrics_listen {
             Some(addr) => Some(
                 crate::exporter::bind(addr)
@@ -52,24 +47,7 @@ impl Server {
             listener,
             metrics,
             hangups,
-            ctx: Arc::new(Context {
-                fences: config.fences.clone().map(|scope| {
-                    let mut fences =
-                        Fences::new(scope, Some((config.upstream.clone(), config.connect_timeout)));
-                    fences.changelog = changelog.clone();
-                    fences.admin_password =
-                        arc_swap::ArcSwapOption::from_pointee(config.admin_password.clone());
-                    fences.about = crate::fence::About::of(&config);
-                    fences.history.set_max_keys(config.explain_keys);
-                    fences
-                }),
-                changelog,
-                live: crate::live::Live::new(&config),
-                metrics_addr,
-                started: std::time::Instant::now(),
-                config,
-                metrics: Metrics::default(),
-            }),
+            ctx: Arc::new(App::new(config, metrics_addr)),
         })
     }
 
@@ -79,8 +57,8 @@ impl Server {
             .expect("a bound listener has an address")
     }
 
-    /// Shared state, for tests and (later) the admin commands.
-    pub fn context(&self) -> Arc<Context> {
+    /// The running proxy's shared state (tests inspect it).
+    pub fn context(&self) -> Arc<App> {
         self.ctx.clone()
     }
 
@@ -205,7 +183,7 @@ const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 async fn handshake(
     tls: &TlsAcceptor,
     socket: TcpStream,
-    ctx: &Context,
+    ctx: &App,
     timeout: std::time::Duration,
 ) -> Option<Stream> {
     let error = match tokio::time::timeout(timeout, tls.accept(socket)).await {
@@ -220,10 +198,10 @@ async fn handshake(
 
 /// A client's place under `max_clients`, counted in
 /// `connections_current` until dropped — also when its task panics.
-struct Slot(Arc<Context>);
+struct Slot(Arc<App>);
 
 impl Slot {
-    fn take(ctx: Arc<Context>) -> Slot {
+    fn take(ctx: Arc<App>) -> Slot {
         ctx.metrics.connections_current.inc();
         Slot(ctx)
     }

@@ -15,7 +15,7 @@
 //! `statement_timeout` and `lock_timeout`). Sampling is bounded in keys,
 //! `SCAN` calls and time.
 //!
-//! - [`redis`]: the read-only Redis connection.
+//! - `redis`: the read-only Redis connection.
 //! - [`report`]: the outcome of each key, the stale ratio in nines, text
 //!   and JSON.
 

@@ -24,8 +24,8 @@ use tracing::{debug, info, warn};
 use super::install::describe;
 use super::template::ident;
 use super::{ChangeLogConfig, ChangeLogStats};
+use crate::app::App;
 use crate::fence::invalidator::Invalidator;
-use crate::session::Context;
 
 /// Longest any one PostgreSQL step (connect, claim, delete, commit) may take.
 const PG_TIMEOUT: Duration = Duration::from_secs(10);
@@ -64,7 +64,7 @@ fn pg(error: deadpool_postgres::tokio_postgres::Error) -> Failure {
 /// Runs the consumer until `stop` turns true.
 pub async fn run(
     config: ChangeLogConfig,
-    ctx: Arc<Context>,
+    ctx: Arc<App>,
     stats: Arc<ChangeLogStats>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -167,7 +167,7 @@ async fn drain(
     config: &ChangeLogConfig,
     pool: &Pool,
     invalidator: &mut Invalidator,
-    ctx: &Context,
+    ctx: &App,
     stats: &ChangeLogStats,
 ) -> Result<(), Failure> {
     let outbox = config.outbox.sql();
@@ -208,10 +208,8 @@ async fn drain(
             .await
             .map_err(Failure::Redis)?;
         if let Some(fences) = &ctx.fences {
-            keys.iter().for_each(|k| fences.wake(k));
-            let what = crate::fence::history::What::Invalidated(crate::fence::history::Source::ChangeLog);
-            fences.history.record_all(&keys, 0, what);
-            fences.invalidated(db, &keys);
+            let source = crate::fence::history::Source::ChangeLog;
+            fences.epilogue.after_invalidation(db, &keys, source, 0);
         }
         tokio::time::timeout(PG_TIMEOUT, tx.execute(&delete, &[&ids]))
             .await

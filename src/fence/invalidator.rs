@@ -12,8 +12,8 @@ use super::Scope;
 use super::script;
 use crate::config::Upstream;
 use crate::net::Stream;
+use crate::redis;
 use crate::resp::encode::command;
-use crate::session::upstream;
 
 /// Keys per script call: Lua's `unpack` of the command's arguments must
 /// stay well below its stack limit (8000).
@@ -94,7 +94,7 @@ impl Invalidator {
 
     async fn send(&mut self, db: u32, requests: &[Request]) -> Result<(), String> {
         if self.connection.is_none() {
-            let stream = upstream::connect(&self.upstream, self.timeout)
+            let stream = redis::connect(&self.upstream, self.timeout)
                 .await
                 .map_err(|e| e.to_string())?;
             self.connection = Some(Connection {
@@ -107,7 +107,7 @@ impl Invalidator {
         if conn.db != db {
             let index = db.to_string();
             let select = command(&[b"SELECT", index.as_bytes()]);
-            upstream::call(&mut conn.stream, &select)
+            redis::call(&mut conn.stream, &select)
                 .await
                 .map_err(|e| format!("SELECT {db}: {e}"))?;
             conn.db = db;
@@ -124,7 +124,7 @@ impl Invalidator {
                     }
                 }
             };
-            upstream::call(&mut conn.stream, &bytes)
+            redis::call(&mut conn.stream, &bytes)
                 .await
                 .map_err(|e| e.to_string())?;
             conn.loaded |= matches!(request, Request::Script(_));

@@ -1,18 +1,28 @@
 //! Version fences and lease tickets: the consistency layer.
 //!
 //! - [`policy`]: which keys are fenced (`[[cache]]` globs) and how.
-//! - [`script`]: the one Lua script that does every fence operation in
-//!   Redis, and the fence key naming.
+//! - [`client`]: one client connection's fence state; [`plan`]: how an
+//!   intercepted request is sent; [`translate`]: how its reply comes back;
+//!   [`herd`]: misses held while another client fills the key (C7).
+//! - [`script`] (and `fence.lua`): the one Lua script that does every fence
+//!   operation in Redis, and the fence key naming.
+//! - [`epilogue`]: what follows every acknowledged invalidation.
+//! - [`invalidator`], [`undelivered`], [`second_delete`]: invalidations the
+//!   proxy sends on its own (retried client deletes, `double_delete`).
+//! - [`history`]: each key's recent events, for `CACHE.EXPLAIN`.
 //! - this module: the state shared by all sessions — tickets (per
-//!   connection, never borrowed), counters — and the rules that turn an
-//!   intercepted command into a script call and a script reply back into the
-//!   reply the client expects.
+//!   connection, never borrowed), counters.
 
+pub mod client;
+pub mod epilogue;
+pub mod herd;
 pub mod history;
 pub mod invalidator;
+pub mod plan;
 pub mod policy;
 pub mod script;
 pub mod second_delete;
+pub mod translate;
 pub mod undelivered;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +32,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 
 use crate::metrics::Counter;
+pub use client::Client;
 pub use policy::{CacheSection, LagPolicy, OnStaleFill, OnWrite, Policy, Scope};
 
 /// Most tickets held at once by the whole proxy; a miss past it gets no
@@ -160,20 +171,15 @@ pub struct Fences {
     next_connection: AtomicU64,
     /// This process's identity in herd lease holder names.
     instance: String,
-    /// Sessions holding a miss on a key, woken when a fill, refusal or
-    /// invalidation of that key passes through this process.
-    herd: DashMap<Bytes, Vec<std::sync::Weak<tokio::sync::Notify>>>,
+    /// What follows every acknowledged invalidation; herd waiters.
+    pub epilogue: epilogue::Epilogue,
     /// The `double_delete` worker, when some policy asks for it.
     pub second_deletes: Option<second_delete::SecondDeletes>,
     /// Client deletes that could not be delivered, being retried (C3).
     pub undelivered: std::sync::Arc<undelivered::Undelivered>,
-    /// The change-log consumer's counters, when one runs (`CACHE.STATS`).
-    pub changelog: Option<std::sync::Arc<crate::changelog::ChangeLogStats>>,
     /// `admin_password`: what `CACHE.AUTH` must give before admin commands
     /// (a reload may change it).
     pub admin_password: arc_swap::ArcSwapOption<crate::config::Secret>,
-    /// What `CACHE.INFO` reports about the process (no secrets).
-    pub about: About,
     /// Recent events per key, for `CACHE.EXPLAIN`.
     pub history: std::sync::Arc<history::History>,
 }
@@ -182,32 +188,6 @@ pub struct Fences {
 /// load it (no lock, no reference count on the hot path), a reload stores
 /// a new one.
 pub type LiveScope = std::sync::Arc<arc_swap::ArcSwap<Scope>>;
-
-/// The proxy as `CACHE.INFO` describes it: nothing secret goes in here.
-#[derive(Debug, Clone, Default)]
-pub struct About {
-    pub started: Option<Instant>,
-    pub config_file: Option<String>,
-    pub listen: String,
-    /// `host:port` (never the URL, which may carry a password).
-    pub upstream: String,
-    pub upstream_db: u32,
-    /// The change log's outbox, when one is consumed.
-    pub outbox: Option<String>,
-}
-
-impl About {
-    pub fn of(config: &crate::config::Config) -> About {
-        About {
-            started: Some(Instant::now()),
-            config_file: config.source.as_ref().map(|p| p.display().to_string()),
-            listen: config.listen.clone(),
-            upstream: config.upstream.addr(),
-            upstream_db: config.upstream.db,
-            outbox: config.changelog.as_ref().map(|c| c.outbox.to_string()),
-        }
-    }
-}
 
 impl Fences {
     /// The fence state of one process; with `upstream`, starts the retry
@@ -219,10 +199,15 @@ impl Fences {
         let history = std::sync::Arc::new(history::History::new(DEFAULT_EXPLAIN_KEYS));
         // The second-delete worker runs even if no policy asks for it yet (a
         // reload may); it connects on its first job.
+        let base = epilogue::Epilogue::new(scope.clone(), history.clone());
         let second_deletes = upstream.map(|(upstream, timeout)| {
-            undelivered.start(upstream.clone(), timeout, scope.clone(), history.clone());
-            second_delete::SecondDeletes::start(upstream, timeout, scope.clone(), history.clone())
+            undelivered.start(upstream.clone(), timeout, base.clone());
+            second_delete::SecondDeletes::start(upstream, timeout, base.clone())
         });
+        let epilogue = match &second_deletes {
+            Some(worker) => base.with_second_deletes(worker.clone()),
+            None => base,
+        };
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
@@ -232,46 +217,22 @@ impl Fences {
             stats: FenceStats::default(),
             next_connection: AtomicU64::new(1),
             instance: format!("{}-{nanos:x}", std::process::id()),
-            herd: DashMap::new(),
+            epilogue,
             second_deletes,
             undelivered,
-            changelog: None,
             admin_password: arc_swap::ArcSwapOption::empty(),
-            about: About::default(),
             history,
-        }
-    }
-
-    /// After an invalidation in database `db`: schedules the second delete
-    /// of the keys whose policy has `double_delete`.
-    pub fn invalidated(&self, db: u32, keys: &[Bytes]) {
-        let Some(worker) = &self.second_deletes else {
-            return;
-        };
-        let scope = self.scope();
-        for key in keys {
-            if let Some((_, policy)) = scope.policy(key)
-                && let Some(delay) = policy.double_delete
-            {
-                worker.schedule(delay, db, vec![key.clone()]);
-            }
         }
     }
 
     /// Asks to be woken when `key` is filled, refused or invalidated here.
     pub fn watch(&self, key: &Bytes, session: &std::sync::Arc<tokio::sync::Notify>) {
-        let mut waiters = self.herd.entry(key.clone()).or_default();
-        waiters.retain(|w| w.strong_count() > 0);
-        waiters.push(std::sync::Arc::downgrade(session));
+        self.epilogue.watch(key, session)
     }
 
     /// Wakes the sessions waiting on `key`.
     pub fn wake(&self, key: &[u8]) {
-        if let Some((_, waiters)) = self.herd.remove(key) {
-            for waiter in waiters.iter().filter_map(std::sync::Weak::upgrade) {
-                waiter.notify_one();
-            }
-        }
+        self.epilogue.wake(key)
     }
 
     /// The `[[cache]]` sections in force. Hold the guard for one batch of

@@ -12,8 +12,8 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use super::LiveScope;
-use super::history::{History, Source, What};
+use super::epilogue::Epilogue;
+use super::history::Source;
 use super::invalidator::Invalidator;
 use crate::config::Upstream;
 use crate::metrics::Counter;
@@ -35,7 +35,7 @@ pub struct SecondDeleteStats {
     pub failed: Counter,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct SecondDeletes {
     jobs: mpsc::Sender<Job>,
     pub stats: std::sync::Arc<SecondDeleteStats>,
@@ -43,16 +43,11 @@ pub struct SecondDeletes {
 
 impl SecondDeletes {
     /// Starts the worker (needs a tokio runtime).
-    pub fn start(
-        upstream: Upstream,
-        timeout: Duration,
-        scope: LiveScope,
-        history: std::sync::Arc<History>,
-    ) -> SecondDeletes {
+    pub fn start(upstream: Upstream, timeout: Duration, epilogue: Epilogue) -> SecondDeletes {
         let (jobs, queue) = mpsc::channel(QUEUE);
         let stats = std::sync::Arc::new(SecondDeleteStats::default());
         let invalidator = Invalidator::new(upstream, timeout);
-        tokio::spawn(worker(queue, invalidator, scope, history, stats.clone()));
+        tokio::spawn(worker(queue, invalidator, epilogue, stats.clone()));
         SecondDeletes { jobs, stats }
     }
 
@@ -73,8 +68,7 @@ impl SecondDeletes {
 async fn worker(
     mut queue: mpsc::Receiver<Job>,
     mut invalidator: Invalidator,
-    scope: LiveScope,
-    history: std::sync::Arc<History>,
+    epilogue: Epilogue,
     stats: std::sync::Arc<SecondDeleteStats>,
 ) {
     while let Some(job) = queue.recv().await {
@@ -82,7 +76,7 @@ async fn worker(
         let mut done = false;
         for _ in 0..2 {
             match invalidator
-                .invalidate(job.db, &job.keys, Some(&scope.load()))
+                .invalidate(job.db, &job.keys, Some(&epilogue.scope()))
                 .await
             {
                 Ok(()) => {
@@ -95,7 +89,7 @@ async fn worker(
         match done {
             true => {
                 stats.done.inc();
-                history.record_all(&job.keys, 0, What::Invalidated(Source::SecondDelete));
+                epilogue.after_invalidation(job.db, &job.keys, Source::SecondDelete, 0);
             }
             false => {
                 stats.failed.inc();

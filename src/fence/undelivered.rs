@@ -19,8 +19,8 @@ use dashmap::DashMap;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use super::LiveScope;
-use super::history::{History, Source, What};
+use super::epilogue::Epilogue;
+use super::history::Source;
 use super::invalidator::Invalidator;
 use crate::config::Upstream;
 use crate::metrics::Counter;
@@ -119,27 +119,16 @@ impl Undelivered {
     }
 
     /// Starts the retry worker (needs a tokio runtime).
-    pub fn start(
-        self: &Arc<Self>,
-        upstream: Upstream,
-        timeout: Duration,
-        scope: LiveScope,
-        history: Arc<History>,
-    ) {
+    pub fn start(self: &Arc<Self>, upstream: Upstream, timeout: Duration, epilogue: Epilogue) {
         let this = Arc::downgrade(self);
         let invalidator = Invalidator::new(upstream, timeout);
-        tokio::spawn(retry(this, invalidator, scope, history));
+        tokio::spawn(retry(this, invalidator, epilogue));
     }
 }
 
 /// Retries until the queue is empty, backing off while Redis is away; ends
 /// when the proxy's state is dropped.
-async fn retry(
-    this: std::sync::Weak<Undelivered>,
-    mut invalidator: Invalidator,
-    scope: LiveScope,
-    history: Arc<History>,
-) {
+async fn retry(this: std::sync::Weak<Undelivered>, mut invalidator: Invalidator, epilogue: Epilogue) {
     let mut backoff = FIRST_RETRY;
     let mut failing = false;
     loop {
@@ -159,7 +148,7 @@ async fn retry(
         }
         let mut result = Ok(());
         for (db, keys) in &by_db {
-            result = invalidator.invalidate(*db, keys, Some(&scope.load())).await;
+            result = invalidator.invalidate(*db, keys, Some(&epilogue.scope())).await;
             if result.is_err() {
                 break;
             }
@@ -167,8 +156,8 @@ async fn retry(
         match result {
             Ok(()) => {
                 queue.delivered(&batch);
-                for (_, keys) in &by_db {
-                    history.record_all(keys, 0, What::Invalidated(Source::Retry));
+                for (db, keys) in &by_db {
+                    epilogue.after_invalidation(*db, keys, Source::Retry, 0);
                 }
                 if failing {
                     info!(keys = batch.len(), "undelivered deletes reached Redis");

@@ -50,7 +50,7 @@ pub enum Command {
     Multi,
     EndMulti,
     /// A command the fence layer may intercept when its key is fenced.
-    Fenced(Fenced),
+    CacheOp(CacheOp),
     /// `CACHE.*`: answered by the proxy.
     Admin,
     /// A command that may legitimately wait for its reply as long as it
@@ -61,7 +61,7 @@ pub enum Command {
 
 /// The commands the consistency layer looks at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fenced {
+pub enum CacheOp {
     /// `GET key`: a nil reply is a miss.
     Get,
     /// `GETEX key [options]`: a nil reply is a miss.
@@ -124,16 +124,16 @@ impl Command {
                     .and_then(|v| u32::try_from(v).ok()),
             ),
             b"EXEC" | b"DISCARD" => Command::EndMulti,
-            b"GET" => Command::Fenced(Fenced::Get),
-            b"GETEX" => Command::Fenced(Fenced::GetEx),
-            b"MGET" => Command::Fenced(Fenced::MGet),
-            b"SET" => Command::Fenced(Fenced::Set),
-            b"SETEX" => Command::Fenced(Fenced::SetEx),
-            b"PSETEX" => Command::Fenced(Fenced::PSetEx),
-            b"MSET" => Command::Fenced(Fenced::MSet),
+            b"GET" => Command::CacheOp(CacheOp::Get),
+            b"GETEX" => Command::CacheOp(CacheOp::GetEx),
+            b"MGET" => Command::CacheOp(CacheOp::MGet),
+            b"SET" => Command::CacheOp(CacheOp::Set),
+            b"SETEX" => Command::CacheOp(CacheOp::SetEx),
+            b"PSETEX" => Command::CacheOp(CacheOp::PSetEx),
+            b"MSET" => Command::CacheOp(CacheOp::MSet),
             b"APPEND" | b"SETRANGE" | b"INCR" | b"INCRBY" | b"DECR" | b"DECRBY" | b"INCRBYFLOAT"
-            | b"SETNX" | b"GETSET" => Command::Fenced(Fenced::Write),
-            b"DEL" | b"UNLINK" | b"GETDEL" => Command::Fenced(Fenced::Delete),
+            | b"SETNX" | b"GETSET" => Command::CacheOp(CacheOp::Write),
+            b"DEL" | b"UNLINK" | b"GETDEL" => Command::CacheOp(CacheOp::Delete),
             b"BLPOP" | b"BRPOP" | b"BRPOPLPUSH" | b"BLMOVE" | b"BLMPOP" | b"BZPOPMIN" | b"BZPOPMAX"
             | b"BZMPOP" | b"XREAD" | b"XREADGROUP" | b"WAIT" | b"WAITAOF" => Command::Blocking,
             _ if upper.starts_with(b"CACHE.") => Command::Admin,
@@ -188,8 +188,8 @@ mod tests {
         );
         assert_eq!(classify(b"CLIENT REPLY maybe\r\n"), Command::Plain);
         assert_eq!(classify(b"*1\r\n$4\r\nquit\r\n"), Command::Closing);
-        assert_eq!(classify(b"GET k\r\n"), Command::Fenced(Fenced::Get));
-        assert_eq!(classify(b"unlink a b\r\n"), Command::Fenced(Fenced::Delete));
+        assert_eq!(classify(b"GET k\r\n"), Command::CacheOp(CacheOp::Get));
+        assert_eq!(classify(b"unlink a b\r\n"), Command::CacheOp(CacheOp::Delete));
         assert_eq!(classify(b"cache.stats\r\n"), Command::Admin);
         assert_eq!(classify(b"LRANGE l 0 -1\r\n"), Command::Plain);
         assert_eq!(classify(b"blpop l 0\r\n"), Command::Blocking);

@@ -14,6 +14,8 @@
 
 use std::ops::Range;
 
+use bytes::Bytes;
+
 /// Longest line Redis accepts for an inline request or a length header
 /// (`PROTO_INLINE_MAX_SIZE`).
 pub const INLINE_MAX: usize = 64 * 1024;
@@ -56,6 +58,32 @@ pub enum Args {
 }
 
 impl Frame {
+    /// Every argument of the complete request held in `request`, copied
+    /// (for the commands the proxy rewrites or answers; forwarding never
+    /// needs this).
+    pub fn all_args(&self, request: &[u8]) -> Vec<Bytes> {
+        match &self.args {
+            Args::Inline(args) => args.iter().map(|a| Bytes::copy_from_slice(a)).collect(),
+            Args::Multibulk(_) => {
+                let mut out = Vec::with_capacity(self.argc);
+                let mut pos = memchr::memchr(b'\n', request).map_or(request.len(), |i| i + 1);
+                while out.len() < self.argc && pos < request.len() {
+                    let Some(line) = memchr::memchr(b'\r', &request[pos..]) else {
+                        break;
+                    };
+                    let len: usize = std::str::from_utf8(&request[pos + 1..pos + line])
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0);
+                    let start = pos + line + 2;
+                    out.push(Bytes::copy_from_slice(&request[start..start + len]));
+                    pos = start + len + 2;
+                }
+                out
+            }
+        }
+    }
+
     /// Argument `i` (0 = the command name) if it is one of the tracked ones.
     pub fn arg<'a>(&'a self, request: &'a [u8], i: usize) -> Option<&'a [u8]> {
         if i >= self.argc {

@@ -16,127 +16,11 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 
-use super::fenced::{FenceExpect, ScriptReply};
-use crate::resp::command::{Command, ReplyMode, SubFamily};
+pub use super::expect::Expect;
+use crate::fence::plan::Intercept;
+use crate::fence::translate::ScriptReply;
+use crate::resp::command::SubFamily;
 use crate::resp::request::string2ll;
-
-/// What the proxy expects back for one forwarded request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Expect {
-    /// One reply, forwarded as is.
-    Reply,
-    /// One reply to a blocking command, forwarded as is; it may take as
-    /// long as the command asks.
-    Blocking,
-    /// One reply; on success the protocol becomes `version` (if given).
-    Hello(Option<u8>),
-    /// One reply; on success every mode is reset.
-    Reset,
-    /// One reply; on success the connection streams MONITOR lines.
-    Monitor,
-    /// One reply, or none if Redis closes the connection (QUIT, SHUTDOWN).
-    Closing,
-    /// `left` subscription confirmations of `family`, or one error.
-    Confirm { family: SubFamily, left: u64 },
-    /// Unsubscribe from everything in `family`: one confirmation per current
-    /// subscription (at least one), counted when it reaches the head.
-    ConfirmAll(SubFamily),
-    /// A reply the proxy made itself, sent in its place in the order;
-    /// `close` ends the connection after it.
-    Local { reply: Bytes, close: bool },
-    /// A `GET` of a fenced key: [`FenceExpect::Get`], unboxed because it
-    /// is the hot path of a cache (one allocation less per hit) and it fits
-    /// in the size that [`Expect::Queued`] takes anyway.
-    Get { key: Bytes, policy: usize },
-    /// Any other intercepted command (see [`super::fenced`]); boxed so that
-    /// the queue entry of every plain command stays small.
-    Fence(Box<FenceExpect>),
-    /// `EXEC` of a transaction that queued (un)subscriptions.
-    Exec,
-    /// One reply; on success the connection uses database `db`.
-    Select(u32),
-    /// A command inside `MULTI` (fences on): when Redis answers `+QUEUED`,
-    /// its `EXEC` result will need this translation (if rewritten).
-    Queued(Option<ScriptReply>),
-}
-
-impl Expect {
-    /// The expectation of an intercepted command: a `GET` unboxed
-    /// ([`Expect::Get`]), anything else boxed ([`Expect::Fence`]).
-    pub fn fence(expect: FenceExpect) -> Expect {
-        match expect {
-            FenceExpect::Get { key, policy } => Expect::Get { key, policy },
-            other => Expect::Fence(Box::new(other)),
-        }
-    }
-
-    /// Bytes of the client's request this expectation keeps (keys, and a
-    /// fill's value kept to resend after `NOSCRIPT`), for the per-connection
-    /// bound [`MAX_HELD_BYTES`].
-    fn weight(&self) -> usize {
-        let fence = match self {
-            Expect::Get { key, .. } => return key.len(),
-            Expect::Fence(fence) => fence,
-            _ => return 0,
-        };
-        match &**fence {
-            // Never boxed (see `Expect::fence`).
-            FenceExpect::Get { key, .. } => key.len(),
-            FenceExpect::MGet { keys } => keys.iter().flatten().map(|(k, _)| k.len()).sum(),
-            FenceExpect::Script { call, .. } => call.keys.iter().chain(&call.args).map(|b| b.len()).sum(),
-            FenceExpect::Local(_) | FenceExpect::Exec(_) => 0,
-        }
-    }
-
-    /// A reply the proxy makes itself (no frame from upstream answers it).
-    fn is_local(&self) -> bool {
-        match self {
-            Expect::Local { .. } => true,
-            Expect::Fence(fence) => matches!(**fence, FenceExpect::Local(_)),
-            _ => false,
-        }
-    }
-
-    /// The expectation for a request, given the connection's `CLIENT REPLY`
-    /// mode, which it updates. `None`: Redis sends nothing back.
-    pub fn for_command(command: Command, mode: &mut ReplyMode) -> Option<Expect> {
-        let expect = match command {
-            Command::Plain
-            | Command::Multi
-            | Command::EndMulti
-            | Command::Fenced(_)
-            | Command::Admin
-            | Command::Select(None) => Expect::Reply,
-            Command::Blocking => Expect::Blocking,
-            Command::Select(Some(db)) => Expect::Select(db),
-            Command::Subscribe(family, n) => Expect::Confirm {
-                family,
-                left: n.max(1),
-            },
-            Command::Unsubscribe(family, Some(n)) => Expect::Confirm { family, left: n },
-            Command::Unsubscribe(family, None) => Expect::ConfirmAll(family),
-            Command::Hello(version) => Expect::Hello(version),
-            Command::Reset => {
-                *mode = ReplyMode::On;
-                return Some(Expect::Reset);
-            }
-            Command::Monitor => Expect::Monitor,
-            Command::Closing => Expect::Closing,
-            Command::ClientReply(new) => {
-                *mode = new;
-                return (new == ReplyMode::On).then_some(Expect::Reply);
-            }
-        };
-        match *mode {
-            ReplyMode::On => Some(expect),
-            ReplyMode::Off => None,
-            ReplyMode::Skip => {
-                *mode = ReplyMode::On;
-                None
-            }
-        }
-    }
-}
 
 /// Most bytes of requests that intercepted commands keep while their
 /// replies are owed, per connection: past it the session stops reading the
@@ -185,7 +69,7 @@ pub enum Route {
     Unsolicited,
     /// It answered an intercepted request: the session decides what the
     /// client gets.
-    Fence(FenceExpect),
+    Fence(Intercept),
 }
 
 /// A reply the proxy owes at the head of the queue, in place of a frame
@@ -320,7 +204,7 @@ impl Pairing {
         match self.pending.pop_front()? {
             Expect::Local { reply, close } => Some(LocalReply::Raw { reply, close }),
             Expect::Fence(fence) => match *fence {
-                FenceExpect::Local(reply) => Some(LocalReply::Built(reply)),
+                Intercept::Local(reply) => Some(LocalReply::Built(reply)),
                 _ => None,
             },
             _ => None,
@@ -346,12 +230,12 @@ impl Pairing {
             match expect {
                 Expect::Select(selected) => db = *selected,
                 Expect::Fence(fence) => match &**fence {
-                    FenceExpect::Script {
+                    Intercept::Script {
                         reply, slot: None, ..
                     } => {
                         deletes.extend(reply.invalidated_keys().map(|keys| (db, keys)));
                     }
-                    FenceExpect::Exec(queued) => deletes.extend(
+                    Intercept::Exec(queued) => deletes.extend(
                         queued
                             .iter()
                             .flatten()
@@ -442,7 +326,7 @@ impl Pairing {
                     }
                 }
                 if queued.iter().any(Option::is_some) {
-                    return Route::Fence(FenceExpect::Exec(queued));
+                    return Route::Fence(Intercept::Exec(queued));
                 }
             }
             Expect::Hello(Some(version)) if ok => self.resp3 = version == 3,
@@ -456,7 +340,7 @@ impl Pairing {
             }
             Expect::Monitor if ok => self.monitor = true,
             Expect::Closing if ok => self.quit = true,
-            Expect::Get { key, policy } => return Route::Fence(FenceExpect::Get { key, policy }),
+            Expect::Get { key, policy } => return Route::Fence(Intercept::Get { key, policy }),
             Expect::Fence(fence) => return Route::Fence(*fence),
             _ => {}
         }
@@ -528,6 +412,7 @@ fn is_monitor_line(frame: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::resp::command::{Command, ReplyMode};
 
     fn confirmation(kind: &str, channel: &str, total: u64, push: bool) -> Vec<u8> {
         let t = if push { '>' } else { '*' };

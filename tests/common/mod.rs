@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use cachefence::app::App as Context;
 use cachefence::config::{Config, Settings};
 use cachefence::server::Server;
-use cachefence::session::Context;
 
 /// How long any single wait in a test may take.
 pub const WAIT: Duration = Duration::from_secs(10);

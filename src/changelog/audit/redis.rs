@@ -10,10 +10,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::Upstream;
 use crate::net::Stream;
+use crate::redis;
 use crate::resp::encode::command;
 use crate::resp::reply::ReplyScanner;
 use crate::resp::value::Value;
-use crate::session::upstream;
 
 /// Keys `SCAN` is asked to look at per call (its `COUNT`).
 const SCAN_COUNT: &str = "1000";
@@ -42,7 +42,7 @@ impl ReadOnlyRedis {
     /// Connects and authenticates within `timeout`, which then bounds each
     /// round trip.
     pub async fn connect(upstream: &Upstream, timeout: Duration) -> anyhow::Result<ReadOnlyRedis> {
-        let stream = upstream::connect(upstream, timeout).await?;
+        let stream = redis::connect(upstream, timeout).await?;
         Ok(ReadOnlyRedis {
             stream,
             buf: BytesMut::with_capacity(64 * 1024),

@@ -1,4 +1,6 @@
-//! Opening the upstream connection that a client session is paired with.
+//! The Redis client the proxy uses for itself: opening an upstream connection
+//! (TLS, AUTH, SELECT) and sending one command that must not fail. Client
+//! sessions, the invalidation workers and `cachefence audit` all connect here.
 
 use std::time::Duration;
 

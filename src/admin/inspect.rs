@@ -1,0 +1,100 @@
+//! The read-only `CACHE.*` commands: what the proxy is and what it saw.
+
+use bytes::Bytes;
+
+use super::COMMANDS;
+use crate::app::App;
+use crate::fence::Fences;
+use crate::fence::plan::{Plan, rewrite};
+use crate::fence::script::{ScriptCall, fence_key};
+use crate::fence::translate::ScriptReply;
+use crate::resp::value::Reply;
+
+/// `CACHE.HELP`: one line per command.
+pub fn help() -> Reply {
+    Reply::Array(
+        COMMANDS
+            .iter()
+            .map(|c| Reply::Bulk(Bytes::from_static(c.help.as_bytes())))
+            .collect(),
+    )
+}
+
+/// `CACHE.STATS`: the consistency layer's counters, then the workers'.
+pub fn stats(fences: &Fences, app: &App) -> Reply {
+    let mut fields = fences.stats.fields(fences.tickets_outstanding());
+    if let Some(worker) = &fences.second_deletes {
+        fields.push(("second_deletes_done", worker.stats.done.get()));
+        fields.push(("second_deletes_dropped", worker.stats.dropped.get()));
+        fields.push(("second_deletes_failed", worker.stats.failed.get()));
+    }
+    let undelivered = &fences.undelivered;
+    fields.extend([
+        ("undelivered_deletes_pending", undelivered.len() as u64),
+        ("undelivered_deletes_queued", undelivered.stats.queued.get()),
+        ("undelivered_deletes_delivered", undelivered.stats.delivered.get()),
+        ("undelivered_deletes_retries", undelivered.stats.retries.get()),
+        ("undelivered_deletes_dropped", undelivered.stats.dropped.get()),
+        ("undelivered_reads_missed", undelivered.stats.reads_missed.get()),
+    ]);
+    if let Some(changelog) = &app.changelog {
+        fields.extend(changelog.fields());
+    }
+    let name = |k: &'static str| Reply::Bulk(Bytes::from_static(k.as_bytes()));
+    Reply::Map(
+        fields
+            .into_iter()
+            .map(|(k, v)| (name(k), Reply::Int(v as i64)))
+            .collect(),
+    )
+}
+
+/// `CACHE.INFO`: the proxy itself, as Redis' `INFO` formats a section.
+/// Addresses only, never a URL or a password.
+pub fn info(fences: &Fences, app: &App) -> Reply {
+    let config = &app.config;
+    let scope = fences.scope();
+    let patterns: Vec<&str> = scope.policies().map(|p| p.pattern.as_str()).collect();
+    let source = config.source.as_ref().map(|p| p.display().to_string());
+    let outbox = config.changelog.as_ref().map(|c| c.outbox.to_string());
+    let lines = [
+        "# cachefence".to_string(),
+        format!("version:{}", env!("CARGO_PKG_VERSION")),
+        format!("uptime_in_seconds:{}", app.started.elapsed().as_secs()),
+        format!("process_id:{}", std::process::id()),
+        format!("config_file:{}", source.as_deref().unwrap_or("")),
+        format!("listen:{}", config.listen),
+        format!("upstream:{}", config.upstream.addr()),
+        format!("upstream_db:{}", config.upstream.db),
+        "fences:on".to_string(),
+        format!("fenced_patterns:{}", patterns.join(",")),
+        format!("changelog_outbox:{}", outbox.as_deref().unwrap_or("")),
+        format!(
+            "admin_password:{}",
+            match fences.admin_password.load().is_some() {
+                true => "set",
+                false => "none",
+            }
+        ),
+        String::new(),
+    ];
+    Reply::Bulk(lines.join("\r\n").into())
+}
+
+/// `CACHE.EXPLAIN key`: the key's recent events here, oldest first.
+pub fn explain(fences: &Fences, key: &[u8]) -> Reply {
+    Reply::Array(
+        fences
+            .history
+            .explain(key)
+            .iter()
+            .map(|event| Reply::Bulk(event.describe().into()))
+            .collect(),
+    )
+}
+
+/// `CACHE.FENCE key`: the fence as Redis holds it (read by the script).
+pub fn fence(key: Bytes) -> Plan {
+    let call = ScriptCall::new(vec![fence_key(&key).into()], vec![Bytes::from_static(b"peek")]);
+    rewrite(call, ScriptReply::FenceInfo { key })
+}

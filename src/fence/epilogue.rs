@@ -1,0 +1,94 @@
+//! Where every invalidation ends. A client's `DEL`, `CACHE.INVALIDATE`, a
+//! change-log row, a retried client delete and a second delete each reach
+//! Redis their own way, but once Redis acknowledged one, the same things
+//! follow, here and only here: the misses held on its keys are woken (they
+//! ask again and get a ticket for the new fence), the event goes into each
+//! key's history (`CACHE.EXPLAIN`), and the second delete of
+//! `double_delete` is scheduled.
+
+use std::sync::{Arc, Weak};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use tokio::sync::Notify;
+
+use super::LiveScope;
+use super::history::{Event, History, Source, What};
+use super::second_delete::SecondDeletes;
+
+/// What follows an acknowledged invalidation, shared by the sessions and
+/// the workers that send invalidations of their own.
+#[derive(Debug, Clone)]
+pub struct Epilogue {
+    scope: LiveScope,
+    history: Arc<History>,
+    /// Sessions holding a miss on a key (herd control), woken when a fill,
+    /// refusal or invalidation of that key passes through this process.
+    waiters: Arc<DashMap<Bytes, Vec<Weak<Notify>>>>,
+    /// Present for the first delivery of an invalidation; absent in the
+    /// epilogue the second-delete worker itself uses (a second delete
+    /// schedules no third) and in the retry worker's (a retried delete is
+    /// the late delete: its key read as a miss until it landed).
+    second_deletes: Option<SecondDeletes>,
+}
+
+impl Epilogue {
+    pub fn new(scope: LiveScope, history: Arc<History>) -> Epilogue {
+        Epilogue {
+            scope,
+            history,
+            waiters: Arc::default(),
+            second_deletes: None,
+        }
+    }
+
+    /// The same epilogue, scheduling second deletes through `worker`.
+    pub fn with_second_deletes(&self, worker: SecondDeletes) -> Epilogue {
+        Epilogue {
+            second_deletes: Some(worker),
+            ..self.clone()
+        }
+    }
+
+    /// The `[[cache]]` sections in force (for the workers' invalidations).
+    pub fn scope(&self) -> arc_swap::Guard<Arc<super::Scope>> {
+        self.scope.load()
+    }
+
+    /// Redis acknowledged an invalidation of `keys` in database `db`, made
+    /// by `source` (`connection` 0: the proxy itself). A client's command
+    /// may name keys outside every pattern, which have no fence and get no
+    /// history; every other source names only keys it fenced
+    /// (`CACHE.INVALIDATE` fences any key it is given).
+    pub fn after_invalidation(&self, db: u32, keys: &[Bytes], source: Source, connection: u64) {
+        let scope = self.scope.load();
+        let event = Event::now(connection, What::Invalidated(source));
+        for key in keys {
+            self.wake(key);
+            let policy = scope.policy(key).map(|(_, policy)| policy);
+            if source != Source::Client || policy.is_some() {
+                self.history.record(key, event);
+            }
+            if let (Some(worker), Some(delay)) = (&self.second_deletes, policy.and_then(|p| p.double_delete))
+            {
+                worker.schedule(delay, db, vec![key.clone()]);
+            }
+        }
+    }
+
+    /// Asks to be woken when `key` is filled, refused or invalidated here.
+    pub fn watch(&self, key: &Bytes, session: &Arc<Notify>) {
+        let mut waiters = self.waiters.entry(key.clone()).or_default();
+        waiters.retain(|w| w.strong_count() > 0);
+        waiters.push(Arc::downgrade(session));
+    }
+
+    /// Wakes the sessions waiting on `key`.
+    pub fn wake(&self, key: &[u8]) {
+        if let Some((_, waiters)) = self.waiters.remove(key) {
+            for waiter in waiters.iter().filter_map(Weak::upgrade) {
+                waiter.notify_one();
+            }
+        }
+    }
+}

@@ -1,0 +1,413 @@
+//! The reply rules: how the reply to an intercepted request — a fence
+//! script's, or Redis' own to a forwarded `GET` — becomes the reply the
+//! client expects, byte for byte what Redis would have sent where the
+//! fence let the command through.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use super::client::Client;
+use super::history::{Source, What};
+use super::plan::stale_reply;
+use super::{Refusal, Ticket};
+use crate::resp::value::{Reply, Value};
+
+/// How a fence script's reply becomes the client's reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScriptReply {
+    /// The proxy's miss script after a nil `GET`: the value that appeared,
+    /// or the original nil (`nil`, in the client's protocol) and a ticket.
+    /// Unless `forced`, a miss whose herd lease another client holds waits.
+    Miss {
+        key: Bytes,
+        policy: usize,
+        nil: Bytes,
+        forced: bool,
+    },
+    /// A fill: `+OK` stored, nil when `NX` kept an existing value, and a
+    /// refusal answered per `on_stale_fill` — or, for `CACHE.FILL`
+    /// (`lease_api`), `+OK` / `+STALE`.
+    Fill {
+        policy: usize,
+        key: Bytes,
+        lease_api: bool,
+    },
+    /// `CACHE.GET`: `[value, nil]` on a hit, `[nil, token]` on a miss.
+    LeaseGet { key: Bytes },
+    /// The miss script for element `index` of a held `MGET` reply (never
+    /// waits for another client's fill).
+    MGetMiss { key: Bytes, policy: usize, index: usize },
+    /// A write or invalidation running the client's own command: its reply,
+    /// with Lua's `false` turned back into the protocol's nil. `keys` are
+    /// the keys it names; their held misses are woken, and an invalidation
+    /// (by `Source`) ends in [`super::epilogue`].
+    Command {
+        keys: Vec<Bytes>,
+        invalidation: Option<Source>,
+    },
+    /// `on_write = "invalidate"` of a SET-family command: `+OK`.
+    Ok { keys: Vec<Bytes> },
+    /// `CACHE.FENCE key`.
+    FenceInfo { key: Bytes },
+}
+
+impl ScriptReply {
+    /// The keys of an invalidation (`DEL`, `UNLINK`, `GETDEL`, `CACHE.INVALIDATE`).
+    fn invalidated_by(&self) -> Option<Source> {
+        match self {
+            ScriptReply::Command { invalidation, .. } => *invalidation,
+            _ => None,
+        }
+    }
+
+    pub fn invalidated_keys(&self) -> Option<Vec<Bytes>> {
+        match self {
+            ScriptReply::Command {
+                keys,
+                invalidation: Some(_),
+            } => Some(keys.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// What a miss script's reply means for the held `GET`.
+#[derive(Debug)]
+pub enum MissOutcome {
+    /// Release this reply (the value, or nil with a ticket issued).
+    Reply(Bytes),
+    /// Another client holds the herd lease: keep waiting for its fill.
+    Wait,
+}
+
+impl Client<'_> {
+    /// Turns a fence script's reply into the client's reply (`None`: the
+    /// script could not run; the caller decides).
+    pub fn translate(&self, reply: &ScriptReply, frame: &[u8], resp3: bool, db: u32) -> Bytes {
+        if let ScriptReply::Command { keys, .. } | ScriptReply::Ok { keys } = reply {
+            // Writes and invalidations, the common case: no decoding needed.
+            if matches!(frame.first(), Some(b'-' | b'!')) {
+                // Redis took the connection but not the delete (still loading
+                // its data after a restart, a script running): retried like an
+                // undeliverable one, so the value it meant to remove goes (C3).
+                if let Some(keys) = reply.invalidated_keys()
+                    && (frame.starts_with(b"-LOADING") || frame.starts_with(b"-BUSY"))
+                {
+                    self.fences.undelivered.push(db, &keys);
+                }
+                return Bytes::copy_from_slice(frame);
+            }
+            let invalidation = match reply {
+                // `on_write = "invalidate"`: the client's write became a delete.
+                ScriptReply::Ok { .. } => Some(Source::Client),
+                _ => reply.invalidated_by(),
+            };
+            match invalidation {
+                Some(source) => self
+                    .fences
+                    .epilogue
+                    .after_invalidation(db, keys, source, self.connection),
+                None => keys.iter().for_each(|k| self.fences.wake(k)),
+            }
+            return match reply {
+                ScriptReply::Ok { .. } => Reply::Status("OK").encode(resp3),
+                // Lua's false (a nil inside the script) reaches a RESP3 client
+                // as a boolean; the client's command answered nil.
+                _ if frame == b"#f\r\n" => Reply::Nil.encode(resp3),
+                _ => Bytes::copy_from_slice(frame),
+            };
+        }
+        let value = Value::decode(frame, resp3);
+        match (reply, value) {
+            (_, Some(Value::Error(_))) | (_, None) => Bytes::copy_from_slice(frame),
+            // Misses are handled by the session (they may wait); total anyway.
+            (ScriptReply::Miss { nil, .. }, _) => match self.miss(reply, frame, resp3) {
+                MissOutcome::Reply(bytes) => bytes,
+                MissOutcome::Wait => nil.clone(),
+            },
+            (ScriptReply::LeaseGet { key }, Some(Value::Array(items))) => {
+                let field = |i: usize| {
+                    items
+                        .get(i)
+                        .and_then(Value::as_bytes)
+                        .cloned()
+                        .unwrap_or_default()
+                };
+                match items.first().and_then(Value::as_int) {
+                    Some(1) => Reply::Array(vec![Reply::Bulk(field(1)), Reply::Nil]).encode(resp3),
+                    _ => {
+                        self.fences.stats.tickets_issued.inc();
+                        let version = std::str::from_utf8(&field(1))
+                            .ok()
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0);
+                        self.record(key, What::Miss { version });
+                        let token = lease_token(&field(1), &field(3));
+                        Reply::Array(vec![Reply::Nil, Reply::Bulk(token)]).encode(resp3)
+                    }
+                }
+            }
+            (
+                ScriptReply::Fill {
+                    policy,
+                    key,
+                    lease_api,
+                },
+                Some(Value::Array(items)),
+            ) => {
+                self.fences.wake(key);
+                match items.first().and_then(Value::as_int) {
+                    Some(1) => {
+                        self.fences.stats.fills_accepted.inc();
+                        self.record(key, What::FillAccepted);
+                        Reply::Status("OK").encode(resp3)
+                    }
+                    Some(2) => {
+                        self.fences.stats.fills_not_stored_nx.inc();
+                        self.record(key, What::FillNotStored);
+                        Reply::Nil.encode(resp3)
+                    }
+                    _ => {
+                        let reason = items.get(1).and_then(Value::as_bytes).map_or(&b""[..], |b| b);
+                        let why = Refusal::from_script(reason);
+                        self.fences.stats.refused(why).inc();
+                        self.record(key, What::FillRefused(why));
+                        match lease_api {
+                            true => Reply::Status("STALE").encode(resp3),
+                            false => stale_reply(why, self.fences.scope().policy_at(*policy)).encode(resp3),
+                        }
+                    }
+                }
+            }
+            (ScriptReply::FenceInfo { key }, Some(Value::Array(items))) => {
+                self.fence_info(key, &items).encode(resp3)
+            }
+            (_, Some(_)) => Bytes::copy_from_slice(frame),
+        }
+    }
+
+    /// A miss script's reply: `{1, value}` (the value appeared) or
+    /// `{0, version, invalidated, now, leader}` (a ticket, unless another
+    /// client leads and this miss may still wait).
+    pub fn miss(&self, reply: &ScriptReply, frame: &[u8], resp3: bool) -> MissOutcome {
+        let (key, nil, forced) = match reply {
+            ScriptReply::Miss { key, nil, forced, .. } => (key, nil, *forced),
+            ScriptReply::MGetMiss { key, .. } => (key, &Bytes::new(), true),
+            _ => unreachable!("only misses"),
+        };
+        let Some(Value::Array(items)) = Value::decode(frame, resp3) else {
+            // The script failed: release the nil as Redis gave it, no ticket.
+            return MissOutcome::Reply(nil.clone());
+        };
+        let leader = items.get(4).and_then(Value::as_int) == Some(1);
+        match (items.first().and_then(Value::as_int), items.get(1)) {
+            (Some(1), Some(Value::Bulk(value))) => {
+                MissOutcome::Reply(Reply::Bulk(value.clone()).encode(false))
+            }
+            (Some(0), Some(Value::Bulk(_))) if !leader && !forced => MissOutcome::Wait,
+            (Some(0), Some(Value::Bulk(version))) => {
+                let ticket = Ticket {
+                    version: version.clone(),
+                    miss_us: items
+                        .get(3)
+                        .and_then(Value::as_bytes)
+                        .cloned()
+                        .unwrap_or_default(),
+                    issued: Instant::now(),
+                };
+                let mut held = self.held();
+                if self
+                    .fences
+                    .issue(self.connection, key.clone(), ticket, held.len())
+                {
+                    held.insert(key.clone());
+                }
+                MissOutcome::Reply(nil.clone())
+            }
+            _ => MissOutcome::Reply(nil.clone()),
+        }
+    }
+
+    fn fence_info(&self, key: &Bytes, items: &[Value]) -> Reply {
+        let field = |i: usize| items.get(i).and_then(Value::as_bytes).cloned();
+        let now: i64 = field(4)
+            .and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok())
+            .unwrap_or(0);
+        let age_ms = |i: usize| -> Reply {
+            match field(i).and_then(|b| std::str::from_utf8(&b).ok()?.parse::<i64>().ok()) {
+                Some(t) if t > 0 => Reply::Int((now - t) / 1000),
+                _ => Reply::Nil,
+            }
+        };
+        let policy = self
+            .fences
+            .scope()
+            .policy(key)
+            .map(|(_, p)| Reply::Bulk(p.pattern.clone().into()));
+        Reply::Map(vec![
+            (Reply::Bulk("key".into()), Reply::Bulk(key.clone())),
+            (Reply::Bulk("fenced_by".into()), policy.unwrap_or(Reply::Nil)),
+            (
+                Reply::Bulk("version".into()),
+                field(0).map_or(Reply::Nil, Reply::Bulk),
+            ),
+            (Reply::Bulk("invalidated_ms_ago".into()), age_ms(1)),
+            (
+                Reply::Bulk("lease_holder".into()),
+                field(2).map_or(Reply::Nil, Reply::Bulk),
+            ),
+            (
+                Reply::Bulk("ttl_ms".into()),
+                Reply::Int(items.get(5).and_then(Value::as_int).unwrap_or(-2)),
+            ),
+            (
+                Reply::Bulk("tickets_outstanding".into()),
+                Reply::Int(self.fences.tickets_for(key) as i64),
+            ),
+        ])
+    }
+}
+
+/// The opaque lease token of `CACHE.GET`: the fence version and the miss
+/// time (Redis clock), so that any proxy can check a `CACHE.FILL`.
+pub(crate) fn lease_token(version: &[u8], miss_us: &[u8]) -> Bytes {
+    let mut token = b"cf1.".to_vec();
+    token.extend_from_slice(version);
+    token.push(b'.');
+    token.extend_from_slice(miss_us);
+    token.into()
+}
+
+pub(crate) fn parse_lease_token(token: &[u8]) -> Option<(Bytes, Bytes)> {
+    let rest = token.strip_prefix(b"cf1.")?;
+    let dot = rest.iter().position(|&b| b == b'.')?;
+    let (version, miss_us) = (&rest[..dot], &rest[dot + 1..]);
+    let digits = |s: &[u8]| !s.is_empty() && s.iter().all(u8::is_ascii_digit);
+    (digits(version) && digits(miss_us))
+        .then(|| (Bytes::copy_from_slice(version), Bytes::copy_from_slice(miss_us)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::fence::plan::tests::{fences, give_ticket};
+
+    fn b(s: &'static str) -> Bytes {
+        Bytes::from_static(s.as_bytes())
+    }
+
+    fn fill(key: &'static str) -> ScriptReply {
+        ScriptReply::Fill {
+            policy: 0,
+            key: b(key),
+            lease_api: false,
+        }
+    }
+
+    #[test]
+    fn an_accepted_fill_answers_ok_and_a_refused_one_per_on_stale_fill() {
+        let fences = fences();
+        let client = Client::new(&fences);
+        assert_eq!(
+            &client.translate(&fill("user:1"), b"*1\r\n:1\r\n", false, 0)[..],
+            b"+OK\r\n"
+        );
+        assert_eq!(fences.stats.fills_accepted.get(), 1);
+        let refused = b"*2\r\n:0\r\n$11\r\nfence_moved\r\n";
+        assert_eq!(
+            &client.translate(&fill("user:1"), refused, false, 0)[..],
+            b"+OK\r\n"
+        );
+        assert_eq!(fences.stats.refused(Refusal::FenceMoved).get(), 1);
+        assert_eq!(
+            &client.translate(&fill("user:1"), b"*1\r\n:2\r\n", true, 0)[..],
+            b"_\r\n"
+        );
+        // An error from Redis is the client's reply, byte for byte.
+        let error = b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n";
+        assert_eq!(&client.translate(&fill("user:1"), error, false, 0)[..], error);
+    }
+
+    #[test]
+    fn lua_false_becomes_the_protocol_nil() {
+        let fences = fences();
+        let client = Client::new(&fences);
+        let write = ScriptReply::Command {
+            keys: vec![b("user:1")],
+            invalidation: None,
+        };
+        assert_eq!(&client.translate(&write, b"#f\r\n", true, 0)[..], b"_\r\n");
+        assert_eq!(&client.translate(&write, b"$-1\r\n", false, 0)[..], b"$-1\r\n");
+        assert_eq!(&client.translate(&write, b":7\r\n", false, 0)[..], b":7\r\n");
+    }
+
+    #[test]
+    fn an_acknowledged_delete_ends_in_the_epilogue_and_a_loading_one_is_retried() {
+        let fences = fences();
+        let client = Client::new(&fences);
+        let delete = ScriptReply::Command {
+            keys: vec![b("user:1"), b("other")],
+            invalidation: Some(Source::Client),
+        };
+        assert_eq!(&client.translate(&delete, b":1\r\n", false, 0)[..], b":1\r\n");
+        // The fenced key has the event; the key outside every pattern has no history.
+        assert_eq!(fences.history.explain(b"user:1").len(), 1);
+        assert!(fences.history.explain(b"other").is_empty());
+        assert!(fences.undelivered.is_empty());
+        let loading = b"-LOADING Redis is loading the dataset in memory\r\n";
+        assert_eq!(&client.translate(&delete, loading, false, 3)[..], loading);
+        assert!(fences.undelivered.is_pending(3, b"user:1"));
+        assert_eq!(
+            fences.history.explain(b"user:1").len(),
+            1,
+            "not acknowledged: no event"
+        );
+    }
+
+    fn miss(forced: bool) -> ScriptReply {
+        ScriptReply::Miss {
+            key: b("user:1"),
+            policy: 0,
+            nil: b("$-1\r\n"),
+            forced,
+        }
+    }
+
+    #[test]
+    fn a_miss_issues_a_ticket_unless_another_client_leads() {
+        let fences = fences();
+        let client = Client::new(&fences);
+        // Not an array of the expected shape: the nil goes, no ticket.
+        assert!(matches!(
+            client.miss(&miss(false), b"-ERR x\r\n", false),
+            MissOutcome::Reply(_)
+        ));
+        let reply = b"*5\r\n:0\r\n$3\r\n100\r\n$1\r\n0\r\n$3\r\n200\r\n:0\r\n";
+        assert!(matches!(
+            client.miss(&miss(false), reply, false),
+            MissOutcome::Wait
+        ));
+        assert_eq!(fences.tickets_outstanding(), 0);
+        match client.miss(&miss(true), reply, false) {
+            MissOutcome::Reply(nil) => assert_eq!(&nil[..], b"$-1\r\n"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(fences.tickets_outstanding(), 1);
+    }
+
+    #[test]
+    fn a_miss_that_finds_a_value_returns_it() {
+        let fences = fences();
+        let client = Client::new(&fences);
+        match client.miss(&miss(false), b"*2\r\n:1\r\n$5\r\nvalue\r\n", false) {
+            MissOutcome::Reply(bytes) => assert_eq!(&bytes[..], b"$5\r\nvalue\r\n"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(fences.tickets_outstanding(), 0);
+        give_ticket(&client, "user:2", Instant::now());
+        assert_eq!(fences.tickets_for(b"user:2"), 1);
+    }
+}

@@ -1,0 +1,520 @@
+//! Upstream → client: read what Redis sent, find frame boundaries, route
+//! each frame (the reply to the head request, an unsolicited push, or the
+//! reply to an intercepted request, translated by [`crate::fence::translate`])
+//! and write the bytes to the client as they came — streaming a frame still
+//! in progress when nothing about it needs a look. Misses are held here
+//! while their miss script runs, and, for herd control (C7), while another
+//! client fills the key ([`crate::fence::herd`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Notify, mpsc};
+use tracing::warn;
+
+use super::outbox::Outbox;
+use super::pairing::{Expect, LocalReply, Pairing, Route};
+use super::{Injection, MIN_READ, READ_CHUNK, REPLY_TIMEOUT_OFF_RECHECK, SessionEnd, Shared, sleep_until};
+use crate::app::App;
+use crate::fence::Client;
+use crate::fence::herd::Holds;
+use crate::fence::plan::Intercept;
+use crate::fence::script::ScriptCall;
+use crate::fence::translate::{MissOutcome, ScriptReply};
+use crate::metrics::{Class, Metrics};
+use crate::resp::encode;
+use crate::resp::reply::ReplyScanner;
+use crate::resp::value::{Reply, Value};
+
+/// Upstream → client.
+pub(super) async fn forward_replies<R, W>(
+    upstream: &mut R,
+    client: &mut W,
+    shared: &Shared,
+    app: &App,
+    fence: Option<&Client<'_>>,
+    mut misses: Misses,
+) -> SessionEnd
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut scanner = ReplyScanner::default();
+    let mut outbox = Outbox::default();
+    // `reply_timeout` without a timer or a clock read per request: a check
+    // every `reply_timeout` fires when a reply was owed at this check and the
+    // last one and nothing came from Redis in between (so after 1 to 2 times
+    // `reply_timeout` of silence). Without a `reply_timeout` the check only
+    // looks every few seconds whether a reload set one.
+    let period = || app.live.reply_timeout().unwrap_or(REPLY_TIMEOUT_OFF_RECHECK);
+    let mut check = Box::pin(tokio::time::sleep(period()));
+    let (mut reads, mut reads_at_check, mut due_at_check) = (0u64, 0u64, false);
+    loop {
+        // Local replies owed before any further upstream frame.
+        let (close, drained) = {
+            let mut pairing = shared.pairing();
+            let close = take_locals(&mut pairing, &mut outbox);
+            observe_latency(&mut pairing, &app.metrics);
+            let drained =
+                pairing.draining && pairing.pending() == 0 && !scanner.in_frame() && !outbox.is_holding();
+            (close, drained)
+        };
+        if outbox.write(client, &[]).await.is_err() {
+            return SessionEnd::ClientWriteFailed;
+        }
+        if close {
+            let _ = client.shutdown().await;
+            return SessionEnd::Closed;
+        }
+        if drained {
+            let _ = client.shutdown().await;
+            return SessionEnd::Drained;
+        }
+        if buf.capacity() - buf.len() < MIN_READ {
+            buf.reserve(READ_CHUNK);
+        }
+        let read = tokio::select! {
+            // Bytes already there count before the reply check does.
+            biased;
+            read = upstream.read_buf(&mut buf) => read,
+            _ = shared.wake_replies.notified() => continue,
+            _ = misses.wake.notified(), if !misses.holds.is_empty() => {
+                misses.poll(fence.expect("herd waits imply fences"), &mut outbox, true);
+                continue;
+            }
+            _ = sleep_until(misses.holds.next_poll()) => {
+                misses.poll(fence.expect("herd waits imply fences"), &mut outbox, false);
+                continue;
+            }
+            _ = &mut check => {
+                let due = app.live.reply_timeout().is_some()
+                    && (shared.pairing().awaits_upstream() || scanner.in_frame());
+                if due && due_at_check && reads == reads_at_check {
+                    app.metrics.upstream_timeouts.inc();
+                    let reason = format!("did not reply within {:?}", period());
+                    return upstream_lost(client, shared, app, fence, scanner.in_frame(), &reason).await;
+                }
+                (due_at_check, reads_at_check) = (due, reads);
+                check.as_mut().reset(tokio::time::Instant::now() + period());
+                continue;
+            }
+        };
+        reads += 1;
+        match read {
+            Ok(0) => {
+                return upstream_lost(
+                    client,
+                    shared,
+                    app,
+                    fence,
+                    scanner.in_frame(),
+                    "closed the connection",
+                )
+                .await;
+            }
+            Err(error) => {
+                return upstream_lost(client, shared, app, fence, scanner.in_frame(), &error.to_string())
+                    .await;
+            }
+            Ok(_) => {}
+        }
+        let (upto, close) = {
+            let mut pairing = shared.pairing();
+            let before = pairing.pending();
+            let mut close = false;
+            let mut upto = 0;
+            loop {
+                match scanner.advance(&buf) {
+                    Ok(Some(frame)) => {
+                        let range = frame.start..frame.end;
+                        match pairing.route(frame.kind, &buf[range.clone()]) {
+                            Route::Reply | Route::Unsolicited => outbox.forward(&buf, range),
+                            // A hit costs nothing: forwarded like any reply.
+                            Route::Fence(Intercept::Get { .. }) if !is_nil(&buf[range.clone()]) => {
+                                outbox.forward(&buf, range)
+                            }
+                            Route::Fence(expect) => {
+                                let (resp3, db) = (pairing.is_resp3(), pairing.db);
+                                let fence = fence.expect("fence expectations imply fences");
+                                on_fence_reply(
+                                    expect,
+                                    &buf[range],
+                                    (resp3, db),
+                                    fence,
+                                    &mut outbox,
+                                    &mut misses,
+                                );
+                            }
+                        }
+                        upto = frame.end;
+                        if take_locals(&mut pairing, &mut outbox) {
+                            close = true;
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(error) => {
+                        warn!(%error, "closing connection: upstream sent bytes that are not RESP");
+                        return SessionEnd::MalformedReply;
+                    }
+                }
+            }
+            if pairing.pending() < before {
+                shared.room.notify_one();
+                observe_latency(&mut pairing, &app.metrics);
+            }
+            if !close {
+                match scanner.frame_kind() {
+                    Some(kind) if outbox.is_holding() || !pairing.may_stream(kind) => {}
+                    Some(_) => {
+                        // Stream the frame in progress.
+                        outbox.forward(&buf, scanner.frame_start()..scanner.scanned());
+                        upto = scanner.scanned();
+                    }
+                    None => upto = scanner.scanned(),
+                }
+            }
+            (upto, close)
+        };
+        if outbox.write(client, &buf).await.is_err() {
+            return SessionEnd::ClientWriteFailed;
+        }
+        shared.touch(&app.live);
+        if close {
+            let _ = client.shutdown().await;
+            return SessionEnd::Closed;
+        }
+        buf.advance(upto);
+        scanner.consume(upto);
+    }
+}
+
+/// A frame answering an intercepted request.
+fn on_fence_reply(
+    expect: Intercept,
+    frame: &[u8],
+    (resp3, db): (bool, u32),
+    fence: &Client<'_>,
+    outbox: &mut Outbox,
+    held: &mut Misses,
+) {
+    let noscript = frame.starts_with(b"-NOSCRIPT");
+    match expect {
+        Intercept::Get { key, policy } if is_nil(frame) => {
+            // A miss: hold the nil until the miss script has run.
+            fence.fences.stats.misses.inc();
+            let slot = outbox.hold();
+            let forced = fence.fences.scope().policy_at(policy).hold.is_zero();
+            let call = fence.miss_call(&key, policy, forced);
+            let reply = ScriptReply::Miss {
+                key,
+                policy,
+                nil: Bytes::copy_from_slice(frame),
+                forced,
+            };
+            inject(&held.injections, call, reply, slot, false, outbox, frame);
+        }
+        // Hits are forwarded by the caller as ranges; this copy keeps the match total.
+        Intercept::Get { .. } => outbox.send(Bytes::copy_from_slice(frame)),
+        Intercept::MGet { keys } => {
+            let Some(Value::Array(items)) = Value::decode(frame, resp3) else {
+                return outbox.send(Bytes::copy_from_slice(frame));
+            };
+            let misses: Vec<usize> = (0..items.len())
+                .filter(|&i| items[i] == Value::Nil && keys.get(i).is_some_and(Option::is_some))
+                .collect();
+            // Keys whose delete is still being retried read as nil.
+            let undelivered: Vec<usize> = match fence.fences.undelivered.is_empty() {
+                true => Vec::new(),
+                false => (0..items.len())
+                    .filter(|&i| items[i] != Value::Nil)
+                    .filter(|&i| matches!(&keys.get(i), Some(Some((key, _))) if fence.undelivered(db, key)))
+                    .collect(),
+            };
+            if misses.is_empty() && undelivered.is_empty() {
+                return outbox.send(Bytes::copy_from_slice(frame));
+            }
+            let elements: Vec<Reply> = items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::Bulk(b) if !undelivered.contains(&i) => Reply::Bulk(b),
+                    _ => Reply::Nil,
+                })
+                .collect();
+            if misses.is_empty() {
+                return outbox.send(Reply::Array(elements).encode(resp3));
+            }
+            // Hold the array until every nil of a fenced key had its miss script.
+            fence.fences.stats.misses.add(misses.len() as u64);
+            let slot = outbox.hold();
+            held.mgets.insert(
+                slot,
+                MGetMisses {
+                    elements,
+                    waiting: misses.len(),
+                },
+            );
+            for index in misses {
+                let (key, policy) = keys[index].clone().expect("a fenced key");
+                let call = fence.miss_call(&key, policy, true);
+                let reply = ScriptReply::MGetMiss { key, policy, index };
+                inject(&held.injections, call, reply, slot, false, outbox, frame);
+            }
+        }
+        Intercept::Script { call, reply, slot } if noscript => {
+            // The script cache was flushed: send it again with its source.
+            fence.fences.stats.script_reloads.inc();
+            let slot = slot.unwrap_or_else(|| outbox.hold());
+            inject(&held.injections, call, reply, slot, true, outbox, frame);
+        }
+        Intercept::Script {
+            reply: reply @ ScriptReply::Miss { .. },
+            slot: Some(slot),
+            ..
+        } => match fence.miss(&reply, frame, resp3) {
+            MissOutcome::Reply(bytes) => {
+                if held.holds.release(slot) {
+                    let served = !bytes.starts_with(b"$-1") && !bytes.starts_with(b"_");
+                    let stats = &fence.fences.stats;
+                    if served {
+                        &stats.holds_served
+                    } else {
+                        &stats.holds_timed_out
+                    }
+                    .inc();
+                }
+                outbox.resolve(slot, bytes);
+            }
+            MissOutcome::Wait => held.hold(fence, slot, reply),
+        },
+        Intercept::Script {
+            reply: reply @ ScriptReply::MGetMiss { index, .. },
+            slot: Some(slot),
+            ..
+        } => {
+            let value = match fence.miss(&reply, frame, resp3) {
+                MissOutcome::Reply(bytes) if !bytes.is_empty() => Value::decode(&bytes, false),
+                _ => None,
+            };
+            if let Some(state) = held.mgets.get_mut(&slot) {
+                if let Some(Value::Bulk(v)) = value {
+                    state.elements[index] = Reply::Bulk(v);
+                }
+                state.waiting -= 1;
+                if state.waiting == 0 {
+                    let elements = held.mgets.remove(&slot).map(|s| s.elements).unwrap_or_default();
+                    outbox.resolve(slot, Reply::Array(elements).encode(resp3));
+                }
+            }
+        }
+        Intercept::Script {
+            reply, slot: None, ..
+        } => outbox.send(fence.translate(&reply, frame, resp3, db)),
+        Intercept::Script {
+            reply,
+            slot: Some(slot),
+            ..
+        } => outbox.resolve(slot, fence.translate(&reply, frame, resp3, db)),
+        Intercept::Local(reply) => outbox.send(reply.encode(resp3)),
+        Intercept::Exec(queued) => outbox.send(exec_reply(frame, &queued, fence, (resp3, db))),
+    }
+}
+
+/// An `EXEC` array with the replies of rewritten commands translated and
+/// every other element exactly as Redis sent it.
+fn exec_reply(
+    frame: &[u8],
+    queued: &[Option<ScriptReply>],
+    fence: &Client<'_>,
+    (resp3, db): (bool, u32),
+) -> Bytes {
+    let Some(header) = memchr::memchr(b'\n', frame).map(|i| i + 1) else {
+        return Bytes::copy_from_slice(frame);
+    };
+    let mut out = BytesMut::with_capacity(frame.len() + 16);
+    out.extend_from_slice(&frame[..header]);
+    let elements = &frame[header..];
+    let mut scanner = ReplyScanner::default();
+    let mut start = 0;
+    for translation in queued {
+        let Ok(Some(element)) = scanner.advance(elements) else {
+            return Bytes::copy_from_slice(frame);
+        };
+        let bytes = &elements[start..element.end];
+        match translation {
+            Some(reply) => out.extend_from_slice(&fence.translate(reply, bytes, resp3, db)),
+            None => out.extend_from_slice(bytes),
+        }
+        start = element.end;
+    }
+    out.extend_from_slice(&elements[start..]);
+    out.freeze()
+}
+
+/// Asks the requests direction to send one of the proxy's own calls; if
+/// that is impossible, the held reply is released as it is.
+fn inject(
+    injections: &mpsc::Sender<Injection>,
+    call: ScriptCall,
+    reply: ScriptReply,
+    slot: u64,
+    reload: bool,
+    outbox: &mut Outbox,
+    fallback: &[u8],
+) {
+    let expect = Expect::fence(Intercept::Script {
+        call: call.clone(),
+        reply: reply.clone(),
+        slot: Some(slot),
+    });
+    if injections.try_send(Injection { call, reload, expect }).is_err() {
+        warn!("too many calls of the proxy's own in flight; releasing a reply unfenced");
+        let release = match reply {
+            ScriptReply::Miss { nil, .. } => nil,
+            _ => Bytes::copy_from_slice(fallback),
+        };
+        outbox.resolve(slot, release);
+    }
+}
+
+fn is_nil(frame: &[u8]) -> bool {
+    frame == b"$-1\r\n" || frame == b"_\r\n"
+}
+
+/// Moves the local replies at the head of the queue into the outbox.
+/// Returns true once one of them closes the connection and nothing is held
+/// before it any more.
+/// Records the latency of the request batches answered by now.
+fn observe_latency(pairing: &mut Pairing, metrics: &Metrics) {
+    let Some(mut mark) = pairing.take_answered() else {
+        return;
+    };
+    let now = Instant::now();
+    loop {
+        let latency = now.saturating_duration_since(mark.at);
+        for class in Class::ALL {
+            metrics.latency[class as usize].observe(latency, u64::from(mark.counts[class as usize]));
+        }
+        match pairing.take_answered() {
+            Some(next) => mark = next,
+            None => return,
+        }
+    }
+}
+
+fn take_locals(pairing: &mut Pairing, outbox: &mut Outbox) -> bool {
+    while let Some(local) = pairing.take_local() {
+        match local {
+            LocalReply::Raw { reply, close } => {
+                outbox.send(reply);
+                if close {
+                    outbox.closing = true;
+                    break;
+                }
+            }
+            LocalReply::Built(reply) => outbox.send(reply.encode(pairing.is_resp3())),
+        }
+    }
+    outbox.closing && !outbox.is_holding()
+}
+
+/// The upstream connection ended: every request still owed a reply gets an
+/// error (unless part of a reply was already sent, which an error would
+/// corrupt), and the client is closed.
+async fn upstream_lost<W: AsyncWrite + Unpin>(
+    client: &mut W,
+    shared: &Shared,
+    app: &App,
+    fence: Option<&Client<'_>>,
+    mid_frame: bool,
+    reason: &str,
+) -> SessionEnd {
+    let (owed, deletes) = shared.pairing().abandon();
+    if let Some(fence) = fence {
+        for (db, keys) in deletes {
+            // The client gets an error; the delete is retried until Redis takes it (C3).
+            fence.fences.undelivered.push(db, &keys);
+        }
+    }
+    if owed > 0 {
+        app.metrics.upstream_lost.inc();
+        warn!(owed, reason, "upstream connection lost with replies pending");
+        if !mid_frame {
+            let addr = app.config.upstream.addr();
+            let error = encode::error(&format!("ERR cachefence: upstream {addr} {reason}"));
+            for _ in 0..owed {
+                if client.write_all(&error).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = client.shutdown().await;
+    SessionEnd::UpstreamClosed
+}
+
+/// Misses in progress on this connection: those held while another client
+/// fills the key (herd control, C7), and `MGET` replies waiting for their
+/// misses.
+pub(super) struct Misses {
+    holds: Holds,
+    mgets: HashMap<u64, MGetMisses>,
+    /// Woken by [`crate::fence::Fences::wake`] when a fill, refusal or
+    /// invalidation of a watched key passes through this process.
+    wake: Arc<Notify>,
+    injections: mpsc::Sender<Injection>,
+}
+
+/// An `MGET` reply being rebuilt: its elements, and how many miss scripts
+/// are still to answer.
+struct MGetMisses {
+    elements: Vec<Reply>,
+    waiting: usize,
+}
+
+impl Misses {
+    pub(super) fn new(injections: mpsc::Sender<Injection>) -> Misses {
+        Misses {
+            holds: Holds::default(),
+            mgets: HashMap::new(),
+            wake: Arc::new(Notify::new()),
+            injections,
+        }
+    }
+
+    /// Holds a miss whose herd lease another client has.
+    fn hold(&mut self, fence: &Client<'_>, slot: u64, reply: ScriptReply) {
+        let ScriptReply::Miss { key, policy, .. } = &reply else {
+            return;
+        };
+        let hold = fence.fences.scope().policy_at(*policy).hold;
+        fence.fences.watch(key, &self.wake);
+        if self.holds.hold(slot, reply, hold, Instant::now()) {
+            fence.fences.stats.holds.inc();
+        }
+    }
+
+    /// Asks Redis again for the held misses that are due (all of them when
+    /// woken in-process).
+    fn poll(&mut self, fence: &Client<'_>, outbox: &mut Outbox, woken: bool) {
+        for (slot, reply) in self.holds.due(Instant::now(), woken) {
+            let ScriptReply::Miss {
+                key,
+                policy,
+                nil,
+                forced,
+            } = &reply
+            else {
+                continue;
+            };
+            let call = fence.miss_call(key, *policy, *forced);
+            let nil = nil.clone();
+            inject(&self.injections, call, reply, slot, false, outbox, &nil);
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! Client → upstream: read what the client sent, frame and classify every
+//! complete request, leave in the [`super::Pairing`] queue what each expects back,
+//! and forward the whole batch in one write — byte for byte, except the
+//! commands the fence layer rewrites or answers ([`crate::fence::plan`]).
+//! This direction is the only writer to the upstream, so the proxy's own
+//! script calls (a miss script after a nil `GET`) reach it as
+//! [`Injection`]s and take their place in order.
+
+use std::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+use tracing::debug;
+
+use super::pairing::Expect;
+use super::{Injection, MIN_READ, READ_CHUNK, RequestsEnd, Shared, drain, send, sleep_until};
+use crate::app::App;
+use crate::fence::Client;
+use crate::fence::plan::{Intercept, Plan};
+use crate::metrics::{Class, ClassCounts};
+use crate::resp::command::{CacheOp, Command, ReplyMode};
+use crate::resp::encode;
+use crate::resp::request::{INLINE_MAX, ProtocolError, RequestFramer};
+
+/// Client → upstream.
+pub(super) async fn forward_requests<R, W>(
+    (client, unread): (&mut R, BytesMut),
+    upstream: &mut W,
+    shared: &Shared,
+    app: &App,
+    fence: Option<&Client<'_>>,
+    mut injections: mpsc::Receiver<Injection>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> RequestsEnd
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = unread;
+    // Requests read before the upstream answered are framed first.
+    let mut unframed = !buf.is_empty();
+    let mut state = RequestState {
+        framer: RequestFramer::new(app.live.max_frame_size()),
+        reply_mode: ReplyMode::On,
+        in_multi: false,
+        multi_pubsub: false,
+        discarding: false,
+    };
+    // After a shutdown or the client's end, keep writing the proxy's own
+    // calls: replies already owed may depend on them.
+    let mut reading = !*shutdown.borrow();
+    if !reading {
+        drain(shared);
+    }
+    loop {
+        let room = shared.pairing().has_room(app.live.max_pending());
+        state.framer.set_max_bulk_len(app.live.max_frame_size());
+        let timeout = app.live.timeout();
+        if buf.capacity() - buf.len() < MIN_READ {
+            buf.reserve(READ_CHUNK);
+        }
+        // Past due while a reply is owed (the client is not idle): look
+        // again one `timeout` later instead of spinning on a past deadline.
+        let idle_deadline = timeout.filter(|_| reading).map(|t| {
+            let at = shared.last_activity() + t;
+            match at <= Instant::now() && !shared.pairing().is_idle() {
+                true => Instant::now() + t,
+                false => at,
+            }
+        });
+        let read = if std::mem::take(&mut unframed) {
+            Ok(buf.len())
+        } else {
+            tokio::select! {
+            read = client.read_buf(&mut buf), if reading && room => read,
+            _ = shared.room.notified(), if reading && !room => continue,
+            injection = injections.recv(), if fence.is_some() => {
+                let Some(injection) = injection else { return RequestsEnd::RepliesDone };
+                let fence = fence.expect("injections imply fences");
+                let bytes = fence.encode(&injection.call, injection.reload);
+                shared.pairing().push(injection.expect);
+                if let Err(error) = send(upstream, &bytes).await {
+                    debug!(%error, "upstream write failed");
+                    return RequestsEnd::UpstreamGone;
+                }
+                continue;
+            }
+            _ = shutdown.changed(), if reading => {
+                reading = false;
+                drain(shared);
+                continue;
+            }
+            _ = sleep_until(idle_deadline) => {
+                let timeout = timeout.expect("a deadline implies a timeout");
+                if shared.pairing().is_idle() && shared.last_activity().elapsed() >= timeout {
+                    debug!(?timeout, "closing idle client");
+                    return RequestsEnd::Idle;
+                }
+                continue;
+            }
+            }
+        };
+        match read {
+            Ok(0) => {
+                // Half-close upstream too: Redis then sees what it would
+                // have seen without the proxy.
+                let _ = upstream.shutdown().await;
+                reading = false;
+                continue;
+            }
+            Ok(_) => shared.touch(&app.live),
+            Err(error) => {
+                debug!(%error, "client read failed");
+                return RequestsEnd::ClientGone;
+            }
+        }
+        if state.discarding {
+            buf.clear();
+            continue;
+        }
+        let batch = frame_requests(&buf, &mut state, shared, app, fence);
+        let written = match &batch.rewritten {
+            Some(bytes) => send(upstream, bytes).await,
+            None if batch.complete > 0 => send(upstream, &buf[..batch.complete]).await,
+            None => Ok(()),
+        };
+        if let Err(error) = written {
+            debug!(%error, "upstream write failed");
+            return RequestsEnd::UpstreamGone;
+        }
+        buf.advance(batch.complete);
+        if batch.wake {
+            shared.wake_replies.notify_one();
+        }
+        if let Some(error) = batch.failure {
+            app.metrics.protocol_errors.inc();
+            if state.reply_mode == ReplyMode::On {
+                debug!(%error, "closing client after protocol error");
+                shared.reply_locally(encode::error(&format!("ERR {error}")), true);
+                reading = false;
+            } else {
+                // As Redis: the error reply is suppressed, so the close that
+                // would follow it never comes; further input is ignored.
+                debug!(%error, "protocol error with replies off: ignoring further input");
+                state.discarding = true;
+                buf.clear();
+            }
+        }
+    }
+}
+
+/// What the requests direction keeps between reads.
+struct RequestState {
+    framer: RequestFramer,
+    reply_mode: ReplyMode,
+    /// Inside `MULTI`: fenced commands are queued as they are (a limit).
+    in_multi: bool,
+    /// The transaction queued (un)subscriptions: its `EXEC` reply moves
+    /// the subscription counts.
+    multi_pubsub: bool,
+    /// A protocol error under `CLIENT REPLY OFF`: input is read and dropped.
+    discarding: bool,
+}
+
+/// One read's worth of complete requests.
+struct Batch {
+    /// Bytes of `buf` they span.
+    complete: usize,
+    /// What to send instead of `buf[..complete]`, when a command was
+    /// rewritten or answered locally.
+    rewritten: Option<BytesMut>,
+    /// The replies direction must look: some requests are answered by the
+    /// proxy.
+    wake: bool,
+    failure: Option<ProtocolError>,
+}
+
+/// Frames every complete request at the front of `buf` and queues what each
+/// expects back.
+fn frame_requests(
+    buf: &[u8],
+    state: &mut RequestState,
+    shared: &Shared,
+    app: &App,
+    fence: Option<&Client<'_>>,
+) -> Batch {
+    let mut pairing = shared.pairing();
+    let mut batch = Batch {
+        complete: 0,
+        rewritten: None,
+        wake: false,
+        failure: None,
+    };
+    // Bytes of `buf` already copied into `rewritten`.
+    let mut copied = 0;
+    let mut classes: ClassCounts = [0; 3];
+    // The `[[cache]]` sections, loaded once per batch (at its first fenced command).
+    let mut scope = None;
+    loop {
+        let frame = match state.framer.next(&buf[batch.complete..]) {
+            Ok(Some(frame)) => frame,
+            Ok(None) if buf.len() - batch.complete > app.live.max_frame_size() + INLINE_MAX => {
+                batch.failure = Some(ProtocolError(format!(
+                    "request larger than max_frame_size ({} bytes)",
+                    app.live.max_frame_size()
+                )));
+                break;
+            }
+            Ok(None) => break,
+            Err(error) => {
+                batch.failure = Some(error);
+                break;
+            }
+        };
+        let start = batch.complete;
+        let request = &buf[start..start + frame.len];
+        batch.complete += frame.len;
+        if frame.argc == 0 {
+            continue; // Redis ignores it and sends nothing.
+        }
+        let command = Command::classify(&frame, request);
+        let (mut exec_with_pubsub, mut exec_fenced) = (false, false);
+        match command {
+            Command::Multi => (state.in_multi, state.multi_pubsub) = (true, false),
+            Command::Subscribe(..) | Command::Unsubscribe(..) if state.in_multi => state.multi_pubsub = true,
+            Command::EndMulti => {
+                exec_with_pubsub = state.in_multi && state.multi_pubsub;
+                exec_fenced = state.in_multi && fence.is_some();
+                state.in_multi = false;
+            }
+            Command::Reset => state.in_multi = false,
+            _ => {}
+        }
+        // Where Redis would refuse the command anyway (unauthenticated,
+        // RESP2 subscribed) or its reply is not its own (MULTI, CLIENT REPLY),
+        // it goes as it is.
+        let interceptable = state.reply_mode == ReplyMode::On && pairing.may_intercept();
+        let queued = state.in_multi && fence.is_some() && interceptable && command != Command::Multi;
+        let plan = match (fence, command) {
+            // Reads inside MULTI answer later, in EXEC: no miss handling there.
+            (Some(_), Command::CacheOp(CacheOp::Get | CacheOp::GetEx | CacheOp::MGet)) if state.in_multi => {
+                None
+            }
+            (Some(fence), Command::CacheOp(fenced)) if interceptable => {
+                let scope = scope.get_or_insert_with(|| fence.fences.scope());
+                fence.plan(scope, fenced, &frame, request, state.in_multi, pairing.db)
+            }
+            (Some(fence), Command::Admin) if interceptable && !state.in_multi => {
+                Some(crate::admin::plan(fence, app, &frame, request, pairing.db))
+            }
+            _ => None,
+        };
+        let class = match (&plan, command) {
+            (None, _) => Class::Passthrough,
+            (Some(_), Command::Admin) => Class::Admin,
+            (Some(_), _) => Class::Intercepted,
+        };
+        classes[class as usize] += 1;
+        let (replacement, expect) = match plan {
+            // In MULTI: rewritten with the script's source (a NOSCRIPT would
+            // only show in EXEC, too late to resend), translated in EXEC.
+            Some(Plan::Rewrite(call, Intercept::Script { reply, .. })) if queued => {
+                (Some(call.encode(true)), Some(Expect::Queued(Some(reply))))
+            }
+            Some(Plan::Local(_)) | Some(Plan::Forward(_)) | None if queued => (
+                None,
+                Expect::for_command(command, &mut state.reply_mode).map(|_| Expect::Queued(None)),
+            ),
+            None => match Expect::for_command(command, &mut state.reply_mode) {
+                Some(_) if exec_with_pubsub || exec_fenced => (None, Some(Expect::Exec)),
+                expect => (None, expect),
+            },
+            Some(Plan::Forward(expect)) => (None, Some(Expect::fence(expect))),
+            Some(Plan::Rewrite(call, expect)) => {
+                let fence = fence.expect("plans imply fences");
+                (Some(fence.encode(&call, false)), Some(Expect::fence(expect)))
+            }
+            Some(Plan::Local(reply)) => {
+                batch.wake = true;
+                (Some(Bytes::new()), Some(Expect::fence(Intercept::Local(reply))))
+            }
+        };
+        if let Some(expect) = expect {
+            pairing.push(expect);
+        }
+        if let Some(bytes) = replacement {
+            let out = batch
+                .rewritten
+                .get_or_insert_with(|| BytesMut::with_capacity(buf.len() + bytes.len()));
+            out.extend_from_slice(&buf[copied..start]);
+            out.extend_from_slice(&bytes);
+            copied = batch.complete;
+        }
+    }
+    if let Some(out) = &mut batch.rewritten {
+        out.extend_from_slice(&buf[copied..batch.complete]);
+    }
+    if classes != [0; 3] {
+        for class in Class::ALL {
+            app.metrics.commands[class as usize].add(u64::from(classes[class as usize]));
+        }
+        // Latency is only timed where someone can read it (a clock read
+        // per batch on each side).
+        if app.metrics_addr.is_some() {
+            pairing.mark(Instant::now(), classes);
+        }
+    }
+    batch
+}
