@@ -21,8 +21,9 @@
 //!   `cachefence audit` ([`changelog::audit`]).
 //! - [`net`]: the streams sessions run on (plain TCP, or TLS either side);
 //!   [`tls`]: certificates and keys, read and checked at start.
-//! - [`config`]: the TOML file and flags, merged and validated; [`live`]:
-//!   the settings a reload (`SIGHUP`, `CACHE.RELOAD`) changes in place.
+//! - [`config`]: the TOML file and flags, merged and validated;
+//!   [`config::live`]: the settings a reload (`SIGHUP`, `CACHE.RELOAD`)
+//!   changes in place.
 //! - [`metrics`], [`exporter`], [`logging`]: counters and histograms, the
 //!   Prometheus endpoint that renders them, and `tracing` setup.
 //!
@@ -32,7 +33,6 @@ pub mod changelog;
 pub mod config;
 pub mod exporter;
 pub mod fence;
-pub mod live;
 pub mod logging;
 pub mod metrics;
 pub mod net;

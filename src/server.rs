@@ -64,7 +64,7 @@ impl Server {
                     fences
                 }),
                 changelog,
-                live: crate::live::Live::new(&config),
+                live: crate::config::Live::new(&config),
                 metrics_addr,
                 started: std::time::Instant::now(),
                 config,
@@ -110,7 +110,7 @@ impl Server {
             let (socket, peer) = tokio::select! {
                 _ = &mut shutdown => break,
                 Some(()) = hangups.recv() => {
-                    let _ = crate::live::reload(&ctx, "SIGHUP");
+                    let _ = crate::config::live::reload(&ctx, "SIGHUP");
                     continue;
                 }
                 accepted = listener.accept() => match accepted {

@@ -650,7 +650,7 @@ impl<'a> FenceSession<'a> {
             )),
             "CACHE.INFO" => Plan::Local(Reply::Bulk(self.info().into())),
             "CACHE.RELOAD" if words.len() == 1 => {
-                Plan::Local(match crate::live::reload(ctx, "CACHE.RELOAD") {
+                Plan::Local(match crate::config::live::reload(ctx, "CACHE.RELOAD") {
                     Ok(done) => {
                         let names = |keys: Vec<&'static str>| {
                             Reply::Array(

@@ -31,8 +31,8 @@ use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, warn};
 
 use crate::config::Config;
+use crate::config::Live;
 use crate::fence::Fences;
-use crate::live::Live;
 use crate::metrics::{Class, ClassCounts, Metrics};
 use crate::net::{Split, Stream};
 use crate::resp::command::{Command, Fenced, ReplyMode};
@@ -59,7 +59,7 @@ pub struct Context {
     /// The configuration the proxy started with; what a reload can change
     /// is read from `live`.
     pub config: Config,
-    pub live: crate::live::Live,
+    pub live: crate::config::Live,
     /// When the proxy started.
     pub started: std::time::Instant,
     /// Where the Prometheus endpoint listens, when `metrics_listen` is set.

@@ -121,6 +121,11 @@ pub struct Reloaded {
     pub restart_required: Vec<&'static str>,
 }
 
+/// The target of the reload's log lines: the module's path before it moved
+/// into `config`, so that they, and filters such as
+/// `RUST_LOG=cachefence::live=warn`, stay as they were.
+const LOG_TARGET: &str = "cachefence::live";
+
 /// Re-reads the config file and applies it; on an error (no file, a file
 /// that does not parse or validate) nothing changes. Logged either way.
 pub fn reload(ctx: &Context, trigger: &'static str) -> anyhow::Result<Reloaded> {
@@ -129,6 +134,7 @@ pub fn reload(ctx: &Context, trigger: &'static str) -> anyhow::Result<Reloaded> 
         Ok(done) => {
             ctx.live.stats.reloads.inc();
             info!(
+                target: LOG_TARGET,
                 trigger,
                 file = %done.file,
                 applied = ?done.applied,
@@ -137,6 +143,7 @@ pub fn reload(ctx: &Context, trigger: &'static str) -> anyhow::Result<Reloaded> 
             );
             if !done.restart_required.is_empty() {
                 warn!(
+                    target: LOG_TARGET,
                     settings = ?done.restart_required,
                     "changed settings that only take effect after a restart; running values kept"
                 );
@@ -145,6 +152,7 @@ pub fn reload(ctx: &Context, trigger: &'static str) -> anyhow::Result<Reloaded> 
         Err(error) => {
             ctx.live.stats.failures.inc();
             warn!(
+                target: LOG_TARGET,
                 trigger,
                 error = format!("{error:#}"),
                 "reload rejected; the running configuration is kept"
