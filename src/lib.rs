@@ -21,9 +21,10 @@
 //!   `cachefence audit` ([`changelog::audit`]).
 //! - [`net`]: the streams sessions run on (plain TCP, or TLS either side);
 //!   [`tls`]: certificates and keys, read and checked at start.
-//! - [`config`]: the TOML file and flags, merged and validated;
+//! - [`config`]: the TOML file and flags, merged and validated, every
+//!   setting declared once in [`config::settings`] (live or restart);
 //!   [`config::live`]: the settings a reload (`SIGHUP`, `CACHE.RELOAD`)
-//!   changes in place.
+//!   changes in place, and the reload.
 //! - [`metrics`], [`exporter`], [`logging`]: counters and histograms, the
 //!   Prometheus endpoint that renders them, and `tracing` setup.
 //!

@@ -6,8 +6,9 @@
 //! default. Values are parsed while the file is deserialized, so an unknown
 //! key or a bad value is reported by `toml` with the file, line and key.
 //!
-//! - [`settings`]: the keys and their defaults, the [`Settings`] parsed
-//!   from the file and the flags.
+//! - [`settings`]: the one list of settings — type, default, what a reload
+//!   does with each ([`Reload`]) and where it is written — and the
+//!   [`Settings`] parsed from it.
 //! - [`values`]: the values they are written in ([`Upstream`], [`Secret`],
 //!   [`Span`], [`Size`], [`LogFormat`]).
 //! - here: the runtime [`Config`], resolved from the settings.
@@ -27,7 +28,7 @@ use crate::fence::Scope;
 use crate::tls::ServerTls;
 
 pub use live::Live;
-pub use settings::Settings;
+pub use settings::{Place, Reload, SETTINGS, Setting, Settings};
 pub use values::{LogFormat, Secret, Size, Span, Upstream};
 
 /// The validated configuration the proxy runs with.
