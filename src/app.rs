@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use crate::changelog::ChangeLogStats;
 use crate::config::Config;
+use crate::config::Live;
 use crate::fence::Fences;
-use crate::live::Live;
 use crate::metrics::Metrics;
 
 /// The running proxy's shared state.

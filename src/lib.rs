@@ -30,8 +30,10 @@
 //!   ([`resp::command`]), and the encoding of replies the proxy builds.
 //! - [`net`]: the streams sessions run on (plain TCP, or TLS either side);
 //!   [`tls`]: certificates and keys, read and checked at start.
-//! - [`config`]: the TOML file and flags, merged and validated; [`live`]:
-//!   the settings a reload (`SIGHUP`, `CACHE.RELOAD`) changes in place.
+//! - [`config`]: the TOML file and flags, merged and validated, every
+//!   setting declared once in [`config::settings`] (live or restart);
+//!   [`config::live`]: the settings a reload (`SIGHUP`, `CACHE.RELOAD`)
+//!   changes in place, and the reload.
 //! - [`metrics`], [`exporter`], [`logging`]: counters and histograms, the
 //!   Prometheus endpoint that renders them, and `tracing` setup.
 //!
@@ -43,7 +45,6 @@ pub mod changelog;
 pub mod config;
 pub mod exporter;
 pub mod fence;
-pub mod live;
 pub mod logging;
 pub mod metrics;
 pub mod net;

@@ -88,7 +88,7 @@ impl Server {
             let (socket, peer) = tokio::select! {
                 _ = &mut shutdown => break,
                 Some(()) = hangups.recv() => {
-                    let _ = crate::live::reload(&ctx, "SIGHUP");
+                    let _ = crate::config::live::reload(&ctx, "SIGHUP");
                     continue;
                 }
                 accepted = listener.accept() => match accepted {

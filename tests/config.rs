@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cachefence::config::{Config, Settings, parse_settings};
+use cachefence::config::{Config, Place, SETTINGS, Settings, parse_settings};
 use common::{ProxyProcess, RawClient, RedisServer, cmds};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_cachefence");
@@ -41,6 +41,36 @@ fn example_config_documents_every_key_with_its_default() {
         Config::resolve(example, None).unwrap(),
         Config::resolve(Settings::default(), None).unwrap(),
         "the example's values are not the defaults"
+    );
+}
+
+/// Every declared setting is in the README: a top-level key in the
+/// Configuration section's table, a table (`[[cache]]`, `[postgres]`)
+/// somewhere in the README.
+#[test]
+fn docs_document_every_declared_setting() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/configuration.md")).unwrap();
+    let start = readme
+        .find("\n## Configuration\n")
+        .expect("a Configuration section");
+    let end = readme[start + 1..]
+        .find("\n## ")
+        .map_or(readme.len(), |e| start + 1 + e);
+    let section = &readme[start..end];
+    let missing: Vec<&str> = SETTINGS
+        .iter()
+        .filter(|s| match s.place {
+            Place::TopLevel => !section
+                .lines()
+                .any(|l| l.starts_with('|') && l.contains(&format!("`{}`", s.name))),
+            Place::Table(table) => !readme.contains(&format!("`{table}`")),
+        })
+        .map(|s| s.name)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "settings not documented in docs/configuration.md: {missing:?}"
     );
 }
 

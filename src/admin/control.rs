@@ -37,7 +37,7 @@ pub fn auth(client: &Client<'_>, given: &[u8]) -> Reply {
 
 /// `CACHE.RELOAD`: what was applied, and what needs a restart.
 pub fn reload(app: &App) -> Reply {
-    match crate::live::reload(app, "CACHE.RELOAD") {
+    match crate::config::live::reload(app, "CACHE.RELOAD") {
         Ok(done) => {
             let names = |keys: Vec<&'static str>| {
                 Reply::Array(

@@ -29,9 +29,9 @@ use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, warn};
 
 use crate::app::App;
+use crate::config::Live;
 use crate::fence::Client;
 use crate::fence::script::ScriptCall;
-use crate::live::Live;
 use crate::net::{Split, Stream};
 use crate::redis::{self, UpstreamError};
 use crate::resp::encode;

@@ -7,7 +7,8 @@
 //! `[[cache]]` sections, limits, timeouts, `log_level`, `admin_password` —
 //! and reports the settings that differ but need a restart (the listen
 //! address, the upstream, TLS, the change log, …), which keep their running
-//! values.
+//! values. Which is which is declared once, in [`super::settings`]; the
+//! diff walks that list.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -15,8 +16,8 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
+use super::{Config, Reload, SETTINGS};
 use crate::app::App;
-use crate::config::Config;
 use crate::metrics::Counter;
 
 /// The settings sessions read while they run, as atomics: a read costs a
@@ -121,6 +122,11 @@ pub struct Reloaded {
     pub restart_required: Vec<&'static str>,
 }
 
+/// The target of the reload's log lines: the module's path before it moved
+/// into `config`, so that they, and filters such as
+/// `RUST_LOG=cachefence::live=warn`, stay as they were.
+const LOG_TARGET: &str = "cachefence::live";
+
 /// Re-reads the config file and applies it; on an error (no file, a file
 /// that does not parse or validate) nothing changes. Logged either way.
 pub fn reload(ctx: &App, trigger: &'static str) -> anyhow::Result<Reloaded> {
@@ -129,6 +135,7 @@ pub fn reload(ctx: &App, trigger: &'static str) -> anyhow::Result<Reloaded> {
         Ok(done) => {
             ctx.live.stats.reloads.inc();
             info!(
+                target: LOG_TARGET,
                 trigger,
                 file = %done.file,
                 applied = ?done.applied,
@@ -137,6 +144,7 @@ pub fn reload(ctx: &App, trigger: &'static str) -> anyhow::Result<Reloaded> {
             );
             if !done.restart_required.is_empty() {
                 warn!(
+                    target: LOG_TARGET,
                     settings = ?done.restart_required,
                     "changed settings that only take effect after a restart; running values kept"
                 );
@@ -145,6 +153,7 @@ pub fn reload(ctx: &App, trigger: &'static str) -> anyhow::Result<Reloaded> {
         Err(error) => {
             ctx.live.stats.failures.inc();
             warn!(
+                target: LOG_TARGET,
                 trigger,
                 error = format!("{error:#}"),
                 "reload rejected; the running configuration is kept"
@@ -169,72 +178,11 @@ fn try_reload(ctx: &App) -> anyhow::Result<Reloaded> {
         _ => None,
     };
     let old = &*applied;
-    let mut changed = Vec::new();
-    let mut restart = Vec::new();
-    let mut note = |key: &'static str, differs: bool, live: bool| match (differs, live) {
-        (false, _) => {}
-        (true, true) => changed.push(key),
-        (true, false) => restart.push(key),
-    };
-    note("max_clients", old.max_clients != next.max_clients, true);
-    note("max_frame_size", old.max_frame_size != next.max_frame_size, true);
-    note("max_pending", old.max_pending != next.max_pending, true);
-    note("timeout", old.timeout != next.timeout, true);
-    note("tcp_keepalive", old.tcp_keepalive != next.tcp_keepalive, true);
-    note("reply_timeout", old.reply_timeout != next.reply_timeout, true);
-    note(
-        "shutdown_timeout",
-        old.shutdown_timeout != next.shutdown_timeout,
-        true,
-    );
-    note("log_level", old.log_level != next.log_level, true);
-    note(
-        "admin_password",
-        old.admin_password != next.admin_password,
-        ctx.fences.is_some(),
-    );
-    note(
-        "explain_keys",
-        old.explain_keys != next.explain_keys,
-        ctx.fences.is_some(),
-    );
-    let fences_switched = old.fences.is_some() != next.fences.is_some();
-    note("fences", fences_switched, false);
-    note("cache", !fences_switched && scope.is_some(), true);
-    note("listen", old.listen != next.listen, false);
-    note("upstream", old.upstream != next.upstream, false);
-    note(
-        "connect_timeout",
-        old.connect_timeout != next.connect_timeout,
-        false,
-    );
-    note("workers", old.workers != next.workers, false);
-    note("log_format", old.log_format != next.log_format, false);
-    note("tls", old.tls != next.tls, false);
-    note("postgres", old.changelog != next.changelog, false);
-    note("metrics_listen", old.metrics_listen != next.metrics_listen, false);
+    let (changed, restart) = diff(old, &mut next, ctx.fences.is_some(), scope.is_some());
     if old.log_level != next.log_level
         && let Err(error) = crate::logging::set_level(&next.log_level)
     {
         anyhow::bail!("key `log_level`: {error}");
-    }
-    // What needs a restart keeps its running value in the applied config.
-    next.listen = old.listen.clone();
-    next.upstream = old.upstream.clone();
-    next.connect_timeout = old.connect_timeout;
-    next.workers = old.workers;
-    next.log_format = old.log_format;
-    next.tls = old.tls.clone();
-    next.changelog = old.changelog.clone();
-    next.metrics_listen = old.metrics_listen;
-    if fences_switched {
-        next.fences = old.fences.clone();
-    }
-    if ctx.fences.is_none() {
-        // Without fences these do nothing until a restart with fences on:
-        // reported each time, like the other restart-only settings.
-        next.admin_password = old.admin_password.clone();
-        next.explain_keys = old.explain_keys;
     }
     if let Some(fences) = &ctx.fences {
         if let Some(scope) = scope {
@@ -252,4 +200,130 @@ fn try_reload(ctx: &App) -> anyhow::Result<Reloaded> {
         applied: changed,
         restart_required: restart,
     })
+}
+
+/// What differs between the running configuration and the next, walking
+/// the declared [`SETTINGS`] in order: the names of the changes applied in
+/// place, and those of the changes that need a restart, whose running
+/// values are put back into `next`. Each change is reported once, under
+/// its name or its group's. `cache_changed`: the `[[cache]]` sections
+/// differ from the running fences' (known only to the caller, which
+/// builds the next scope, and only when fences run and stay on).
+fn diff(
+    old: &Config,
+    next: &mut Config,
+    fences_run: bool,
+    cache_changed: bool,
+) -> (Vec<&'static str>, Vec<&'static str>) {
+    let mut changed = Vec::new();
+    let mut restart = Vec::new();
+    for setting in SETTINGS {
+        let differs = match setting.runtime {
+            Some(runtime) => (runtime.differs)(old, next),
+            None => cache_changed,
+        };
+        let live = match setting.reload {
+            Reload::Live => true,
+            Reload::Restart => false,
+            Reload::Fenced => fences_run,
+        };
+        let report = if live { &mut changed } else { &mut restart };
+        if !differs || report.contains(&setting.reported_as) {
+            continue;
+        }
+        report.push(setting.reported_as);
+        if let (false, Some(runtime)) = (live, setting.runtime) {
+            (runtime.keep)(next, old);
+        }
+    }
+    (changed, restart)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{LogFormat, Settings, parse_settings};
+
+    fn config(toml: &str) -> Config {
+        Config::resolve(parse_settings(toml).unwrap(), None).unwrap()
+    }
+
+    #[test]
+    fn a_live_change_applies_and_a_restart_change_keeps_its_running_value() {
+        let old = config("max_clients = 10\nworkers = 2\n");
+        let mut next = config("max_clients = 20\nworkers = 4\n");
+        let (applied, restart) = diff(&old, &mut next, true, false);
+        assert_eq!((applied, restart), (vec!["max_clients"], vec!["workers"]));
+        assert_eq!((next.max_clients, next.workers), (20, 2));
+        let mut same = old.clone();
+        assert_eq!(diff(&old, &mut same, true, false), (vec![], vec![]));
+        assert_eq!(same, old);
+    }
+
+    #[test]
+    fn changes_are_reported_in_the_declared_order() {
+        let old = config("");
+        let mut next = config(
+            "max_clients = 1\nreply_timeout = 1\nlog_level = \"debug\"\ntimeout = 1\n\
+             metrics_listen = \"127.0.0.1:9\"\nlisten = \"127.0.0.1:1\"\nlog_format = \"json\"\n",
+        );
+        let (applied, restart) = diff(&old, &mut next, true, true);
+        assert_eq!(
+            applied,
+            ["max_clients", "timeout", "reply_timeout", "log_level", "cache"]
+        );
+        assert_eq!(restart, ["listen", "log_format", "metrics_listen"]);
+        assert_eq!(
+            (next.listen.as_str(), next.log_format, next.metrics_listen),
+            ("127.0.0.1:6380", LogFormat::Text, None)
+        );
+    }
+
+    #[test]
+    fn without_fences_their_settings_need_a_restart() {
+        let old = config("fences = false\n");
+        let changed = "fences = false\nadmin_password = \"pw\"\nexplain_keys = 5\n";
+        let mut next = config(changed);
+        let (applied, restart) = diff(&old, &mut next, false, false);
+        assert!(applied.is_empty());
+        assert_eq!(restart, ["admin_password", "explain_keys"]);
+        assert_eq!(
+            (&next.admin_password, next.explain_keys),
+            (&None, old.explain_keys)
+        );
+        let (old, mut next) = (config(""), config(&changed.replace("false", "true")));
+        let (applied, restart) = diff(&old, &mut next, true, false);
+        assert_eq!(
+            (applied, restart),
+            (vec!["admin_password", "explain_keys"], vec![])
+        );
+        assert_eq!(next.explain_keys, 5);
+    }
+
+    #[test]
+    fn a_group_is_reported_once_and_fences_by_on_or_off() {
+        let old = config("");
+        let mut next = config(
+            "upstream_user = \"u\"\nupstream_password = \"p\"\nupstream_tls = true\n\
+             upstream_tls_server_name = \"cache.local\"\nfences = false\n",
+        );
+        let (applied, restart) = diff(&old, &mut next, true, false);
+        assert!(applied.is_empty());
+        assert_eq!(restart, ["upstream", "fences"]);
+        assert_eq!(next.upstream, old.upstream);
+        assert!(next.fences.is_some());
+        // Other `[[cache]]` sections alone are not `fences` switched.
+        let mut next = config("[[cache]]\npattern = \"user:*\"\n");
+        assert_eq!(diff(&old, &mut next, true, true), (vec!["cache"], vec![]));
+        // The flags' settings are compared like the file's.
+        let flags = Settings {
+            connect_timeout: Some("5s".parse().unwrap()),
+            ..Default::default()
+        };
+        let mut next = Config::resolve(flags, None).unwrap();
+        assert_eq!(
+            diff(&old, &mut next, true, false),
+            (vec![], vec!["connect_timeout"])
+        );
+    }
 }
