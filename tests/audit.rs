@@ -2,15 +2,13 @@
 //! and compared with their rows in a real PostgreSQL, through the built
 //! binary. Each test has its own `redis-server` and PostgreSQL schema.
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use common::pg::Schema;
-use common::{RawClient, RedisServer, WAIT, cmd};
+use testkit::pg::Schema;
+use testkit::{RawClient, RedisServer, WAIT, cachefence_command, cmd};
 
 /// What the application caches under `user:{id}`: the row as JSON.
 const USER_VALUE: &str = "row_to_json(t)::text";
@@ -55,7 +53,7 @@ async fn cache_rows(pg: &Schema, redis: &mut RawClient, ids: std::ops::RangeIncl
 
 /// Runs `cachefence --config <config> audit <args>`: exit code, stdout.
 async fn audit(config: &PathBuf, args: &[&str]) -> (i32, String) {
-    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_cachefence"))
+    let run = tokio::process::Command::from(cachefence_command())
         .arg("--config")
         .arg(config)
         .arg("audit")
@@ -223,7 +221,7 @@ async fn a_change_in_flight_that_settles_within_the_delay_is_not_stale() {
     let fixer = async {
         let mut client = RawClient::connect(redis.addr()).await;
         // The audit's first look is one pipeline of 10 GETs.
-        common::eventually("the audit read the cached values", async || {
+        testkit::eventually("the audit read the cached values", async || {
             client
                 .call("INFO commandstats")
                 .await
@@ -271,9 +269,8 @@ async fn sampling_stops_at_the_sample_size() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn errors_exit_1_with_a_clear_message() {
-    let bin = env!("CARGO_BIN_EXE_cachefence");
     let run = |config: &PathBuf| {
-        let output = std::process::Command::new(bin)
+        let output = cachefence_command()
             .arg("--config")
             .arg(config)
             .arg("audit")

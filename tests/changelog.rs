@@ -4,12 +4,10 @@
 //! Every test uses a PostgreSQL schema of its own (created and dropped) and
 //! private `redis-server`s.
 
-mod common;
-
 use std::time::Duration;
 
-use common::pg::Schema;
-use common::{Proxy, ProxyProcess, RawClient, RedisServer, eventually};
+use testkit::pg::Schema;
+use testkit::{Proxy, ProxyProcess, RawClient, RedisServer, eventually};
 
 const USERS: &[&str] = &["user:{id}", "user:email:{email}"];
 
@@ -201,7 +199,7 @@ async fn race(name: &str, through_proxy: bool) -> (String, String) {
         // R6, out-of-band write: someone runs UPDATE in psql; nobody deletes.
         "r6" => {
             assert_eq!(read_through(&mut reader, &pg, 1).await, "old");
-            let psql = common::pg::connect().await;
+            let psql = testkit::pg::connect().await;
             let sql = format!("UPDATE {}.users SET name = 'new' WHERE id = 1", pg.name);
             psql.batch_execute(&sql).await.unwrap();
         }
@@ -365,7 +363,7 @@ async fn postgres_away_keeps_redis_traffic_flowing_and_rows_wait() {
 /// read the row and SET it on the same connection; any error drops the
 /// connection and the half-done read (no SET on a new connection).
 async fn reader(port: u16, table: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> u64 {
-    let db = common::pg::connect().await;
+    let db = testkit::pg::connect().await;
     let mut fills = 0;
     let mut n = 0u64;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {

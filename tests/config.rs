@@ -2,16 +2,11 @@
 //! the documented example, `--check`, clear errors, secrets kept out of logs,
 //! JSON logs, and draining on SIGTERM.
 
-mod common;
-
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cachefence::config::{Config, Settings, parse_settings};
-use common::{ProxyProcess, RawClient, RedisServer, cmds};
-
-const BINARY: &str = env!("CARGO_BIN_EXE_cachefence");
+use testkit::{ProxyProcess, RawClient, RedisServer, cachefence_command, cmds};
 
 fn example_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml")
@@ -45,7 +40,7 @@ fn example_config_documents_every_key_with_its_default() {
 }
 
 fn run_check(args: &[&str]) -> (bool, String) {
-    let out = Command::new(BINARY)
+    let out = cachefence_command()
         .arg("--check")
         .args(args)
         .output()

@@ -1,11 +1,9 @@
 //! Operating the proxy (issue #6): live reload (`CACHE.RELOAD`, `SIGHUP`),
 //! the Prometheus endpoint and `CACHE.EXPLAIN`, against real servers.
 
-mod common;
-
 use std::path::PathBuf;
 
-use common::{Proxy, ProxyProcess, RawClient, RedisServer, eventually};
+use testkit::{Proxy, ProxyProcess, RawClient, RedisServer, eventually};
 
 /// A config file of the test's own, removed on drop.
 struct ConfigFile(PathBuf);
@@ -254,7 +252,7 @@ async fn http(addr: std::net::SocketAddr, request: &str) -> String {
         .expect("connecting to /metrics");
     socket.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
-    tokio::time::timeout(common::WAIT, socket.read_to_string(&mut response))
+    tokio::time::timeout(testkit::WAIT, socket.read_to_string(&mut response))
         .await
         .expect("the endpoint answers in time")
         .expect("reading the response");
@@ -525,7 +523,7 @@ async fn cache_explain_shows_second_deletes_and_retried_deletes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_metrics_endpoint_reports_the_change_log() {
     let redis = RedisServer::start();
-    let pg = common::pg::Schema::create("metrics").await;
+    let pg = testkit::pg::Schema::create("metrics").await;
     pg.exec("CREATE TABLE {s}.users (id int PRIMARY KEY, email text, name text NOT NULL)")
         .await;
     let toml = pg.toml(&[("users", &["user:{id}", "user:email:{email}"])]);

@@ -4,22 +4,18 @@
 //! configuration errors that stop the proxy at start. Certificates are made
 //! by each test (rcgen) in a scratch directory.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 
 use cachefence::config::{Config, Settings, parse_settings};
-use common::{Proxy, RawClient, RedisServer, WAIT, cmds, eventually, free_port};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use testkit::{Proxy, RawClient, RedisServer, WAIT, cachefence_command, cmds, eventually, free_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
-
-const BINARY: &str = env!("CARGO_BIN_EXE_cachefence");
 
 /// A scratch CA, a server certificate for `localhost` and `127.0.0.1`, and
 /// a client certificate, all as PEM files; removed on drop.
@@ -162,12 +158,12 @@ async fn redis_cli_over_tls_and_plain_clients_are_not_served() {
     assert!(
         bytes.is_empty() || bytes[0] == 0x15,
         "a plain client got something other than a TLS alert: {}",
-        common::escape(&bytes)
+        testkit::escape(&bytes)
     );
     assert!(
         !bytes.windows(2).any(|w| w == b"OK"),
         "{}",
-        common::escape(&bytes)
+        testkit::escape(&bytes)
     );
     assert_eq!(direct.call("EXISTS plain").await, ":0\r\n");
     eventually("the failed handshake is counted", async || {
@@ -338,7 +334,7 @@ async fn tls_on_both_sides_carries_large_values_and_pipelines() {
         .expect("handshake");
 
     let big: Vec<u8> = (0..4 << 20).map(|i| b'a' + (i % 26) as u8).collect();
-    let mut request = common::cmd(&[b"SET", b"big", &big]);
+    let mut request = testkit::cmd(&[b"SET", b"big", &big]);
     for i in 0..1000 {
         request.extend_from_slice(&cmds(&format!("INCR n{}", i % 7)));
     }
@@ -466,7 +462,7 @@ fn bad_certificate_settings_are_config_errors_naming_the_key() {
     assert!(resolve("").unwrap().tls.is_none() && resolve("").unwrap().upstream.tls.is_none());
 
     // `--check` reports it, naming the key and the file.
-    let out = std::process::Command::new(BINARY)
+    let out = cachefence_command()
         .args(["--check", "--tls-cert-file", &missing, "--tls-key-file", &key])
         .output()
         .expect("running cachefence --check");
@@ -476,7 +472,7 @@ fn bad_certificate_settings_are_config_errors_naming_the_key() {
         text.contains("key `tls_cert_file`") && text.contains(&missing),
         "{text}"
     );
-    let out = std::process::Command::new(BINARY)
+    let out = cachefence_command()
         .args(["--check", "--tls-cert-file", &cert, "--tls-key-file", &key])
         .output()
         .expect("running cachefence --check");
