@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use testkit::pg::Schema;
-use testkit::{Proxy, ProxyProcess, RawClient, RedisServer, eventually};
+use testkit::{ConfigFile, Proxy, ProxyProcess, RawClient, RedisServer, eventually};
 
 const USERS: &[&str] = &["user:{id}", "user:email:{email}"];
 
@@ -287,11 +287,10 @@ async fn two_proxies_share_one_outbox_and_leave_no_row_behind() {
         .replace("poll_interval", "batch_size = 7\npoll_interval");
     pg.install(&toml).await;
     // Two cachefence processes, one outbox.
-    let config = std::env::temp_dir().join(format!("cachefence-two-{}.toml", std::process::id()));
-    std::fs::write(&config, format!("upstream = \"{}\"\n{toml}", redis.addr())).unwrap();
+    let config = ConfigFile::new("two", &format!("upstream = \"{}\"\n{toml}", redis.addr()));
     let (a, b) = (
-        ProxyProcess::start(&["--config", config.to_str().unwrap()]),
-        ProxyProcess::start(&["--config", config.to_str().unwrap()]),
+        ProxyProcess::start(&["--config", config.path_str()]),
+        ProxyProcess::start(&["--config", config.path_str()]),
     );
     let consumed = async |p: &ProxyProcess| -> u64 {
         let stats = RawClient::connect(("127.0.0.1", p.port))
@@ -332,7 +331,6 @@ async fn two_proxies_share_one_outbox_and_leave_no_row_behind() {
         );
     }
     drop((a, b));
-    let _ = std::fs::remove_file(&config);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -426,9 +424,8 @@ async fn durability_ten_thousand_updates_across_proxy_redis_and_postgres_restart
     let (postgres, top) = toml.split_at(toml.find("upstream =").unwrap());
     let toml = format!("{top}{postgres}");
     pg.install(&toml).await;
-    let config = std::env::temp_dir().join(format!("cachefence-durable-{}.toml", std::process::id()));
-    std::fs::write(&config, &toml).unwrap();
-    let mut proxy = ProxyProcess::start(&["--config", config.to_str().unwrap()]);
+    let config = ConfigFile::new("durable", &toml);
+    let mut proxy = ProxyProcess::start(&["--config", config.path_str()]);
     let port = proxy.port;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -526,5 +523,4 @@ async fn durability_ten_thousand_updates_across_proxy_redis_and_postgres_restart
     eprintln!(
         "durability: {fills} reader fills; items cached after each phase {cached:?}, all equal to the database"
     );
-    let _ = std::fs::remove_file(&config);
 }

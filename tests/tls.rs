@@ -4,13 +4,14 @@
 //! configuration errors that stop the proxy at start. Certificates are made
 //! by each test (rcgen) in a scratch directory.
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 
 use cachefence::config::{Config, Settings, parse_settings};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-use testkit::{Proxy, RawClient, RedisServer, WAIT, cachefence_command, cmds, eventually, free_port};
+use testkit::{
+    Proxy, RawClient, RedisServer, ScratchDir, WAIT, cachefence_command, cmds, eventually, free_port,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::pki_types::ServerName;
@@ -18,22 +19,22 @@ use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
 
 /// A scratch CA, a server certificate for `localhost` and `127.0.0.1`, and
-/// a client certificate, all as PEM files; removed on drop.
+/// a client certificate, all as PEM files in a scratch directory (removed
+/// on drop).
 struct Pki {
-    dir: PathBuf,
+    dir: ScratchDir,
 }
 
 impl Pki {
     fn new(name: &str) -> Pki {
-        let dir = std::env::temp_dir().join(format!("cachefence-tls-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = ScratchDir::new(&format!("tls-{name}"));
         let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca.distinguished_name
             .push(DnType::CommonName, "cachefence test CA");
         ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let ca_key = KeyPair::generate().unwrap();
-        std::fs::write(dir.join("ca.pem"), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
+        dir.write("ca.pem", ca.self_signed(&ca_key).unwrap().pem());
         let issuer = Issuer::new(ca, ca_key);
         for (name, sans) in [
             ("server", vec!["localhost", "127.0.0.1"]),
@@ -44,14 +45,14 @@ impl Pki {
             params.distinguished_name.push(DnType::CommonName, name);
             let key = KeyPair::generate().unwrap();
             let cert = params.signed_by(&key, &issuer).unwrap();
-            std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
-            std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+            dir.write(&format!("{name}.pem"), cert.pem());
+            dir.write(&format!("{name}.key"), key.serialize_pem());
         }
         Pki { dir }
     }
 
     fn path(&self, file: &str) -> String {
-        self.dir.join(file).to_str().unwrap().to_string()
+        self.dir.file_str(file)
     }
 
     /// The proxy's listener with this PKI's server certificate.
@@ -90,7 +91,7 @@ impl Pki {
     /// A rustls client trusting this PKI's CA.
     fn connector(&self) -> TlsConnector {
         let mut roots = RootCertStore::empty();
-        for cert in rustls::pki_types::CertificateDer::pem_file_iter(self.dir.join("ca.pem")).unwrap() {
+        for cert in rustls::pki_types::CertificateDer::pem_file_iter(self.dir.file("ca.pem")).unwrap() {
             roots.add(cert.unwrap()).unwrap();
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -100,12 +101,6 @@ impl Pki {
             .with_root_certificates(roots)
             .with_no_client_auth();
         TlsConnector::from(Arc::new(config))
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -387,11 +382,10 @@ fn bad_certificate_settings_are_config_errors_naming_the_key() {
     let missing = pki.path("missing.pem");
     let (cert, key, ca) = (pki.path("server.pem"), pki.path("server.key"), pki.path("ca.pem"));
     let garbage = pki.path("garbage.pem");
-    std::fs::write(
-        &garbage,
+    pki.dir.write(
+        "garbage.pem",
         "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
-    )
-    .unwrap();
+    );
     let cases = [
         (
             format!("tls_cert_file = {missing:?}\ntls_key_file = {key:?}\n"),
