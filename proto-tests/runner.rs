@@ -10,15 +10,12 @@
 //! `cargo test --test proto` runs it; `PROTO_FILTER=substring` narrows it.
 //! The case format is described in `proto-tests/README.md`.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Proxy, RawClient, RedisServer, escape};
+use testkit::{Proxy, RawClient, RedisServer, escape};
 
 /// The suite must not shrink below this without someone noticing.
 const MIN_CASES: usize = 150;
@@ -216,7 +213,7 @@ async fn run_side(case: &Case, via_proxy: Option<&str>) -> Vec<(String, Vec<u8>)
             }
             (Step::Read(who, n), Some(c)) => {
                 for _ in 0..*n {
-                    match c.read_frame_within(common::WAIT).await {
+                    match c.read_frame_within(testkit::WAIT).await {
                         Some(frame) => transcript.push((who.clone(), frame)),
                         None => {
                             transcript.push((who.clone(), b"(no reply: closed or timed out)".to_vec()));
@@ -369,7 +366,7 @@ fn parse_line(line: &str, at: &str, cases: &mut Vec<Case>) -> Result<(), String>
                 return Err("a command needs at least a name".into());
             }
             let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
-            case.steps.push(Step::Send(conn.clone(), common::cmd(&refs)));
+            case.steps.push(Step::Send(conn.clone(), testkit::cmd(&refs)));
             if word.ends_with(':') {
                 case.steps.push(Step::Read(conn, 1));
             }

@@ -2,22 +2,19 @@
 //! and compared with their rows in a real PostgreSQL, through the built
 //! binary. Each test has its own `redis-server` and PostgreSQL schema.
 
-mod common;
-
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use common::pg::Schema;
-use common::{RawClient, RedisServer, WAIT, cmd};
+use testkit::pg::Schema;
+use testkit::{ConfigFile, RawClient, RedisServer, WAIT, cachefence_command, cmd};
 
 /// What the application caches under `user:{id}`: the row as JSON.
 const USER_VALUE: &str = "row_to_json(t)::text";
 
 /// A `users` table of `rows` rows and a config mapping it: `user:{id}`
 /// with a value expression, `user:email:{email}` without.
-async fn users(test: &str, redis: &RedisServer, rows: i32) -> (Schema, PathBuf) {
+async fn users(test: &str, redis: &RedisServer, rows: i32) -> (Schema, ConfigFile) {
     let pg = Schema::create(test).await;
     pg.exec("CREATE TABLE {s}.users (id int PRIMARY KEY, email text UNIQUE, name text NOT NULL)")
         .await;
@@ -30,9 +27,8 @@ async fn users(test: &str, redis: &RedisServer, rows: i32) -> (Schema, PathBuf) 
         redis.addr(),
         pg.toml(&[("users", &["user:{id}", "user:email:{email}"])])
     );
-    let path = std::env::temp_dir().join(format!("cachefence-audit-{}.toml", pg.name));
-    std::fs::write(&path, toml).expect("writing the test config");
-    (pg, path)
+    let config = ConfigFile::new("audit", &toml);
+    (pg, config)
 }
 
 /// The value the application would cache for row `id`, as PostgreSQL
@@ -54,10 +50,10 @@ async fn cache_rows(pg: &Schema, redis: &mut RawClient, ids: std::ops::RangeIncl
 }
 
 /// Runs `cachefence --config <config> audit <args>`: exit code, stdout.
-async fn audit(config: &PathBuf, args: &[&str]) -> (i32, String) {
-    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_cachefence"))
+async fn audit(config: &ConfigFile, args: &[&str]) -> (i32, String) {
+    let run = tokio::process::Command::from(cachefence_command())
         .arg("--config")
-        .arg(config)
+        .arg(config.path())
         .arg("audit")
         .args(args)
         .kill_on_drop(true)
@@ -223,7 +219,7 @@ async fn a_change_in_flight_that_settles_within_the_delay_is_not_stale() {
     let fixer = async {
         let mut client = RawClient::connect(redis.addr()).await;
         // The audit's first look is one pipeline of 10 GETs.
-        common::eventually("the audit read the cached values", async || {
+        testkit::eventually("the audit read the cached values", async || {
             client
                 .call("INFO commandstats")
                 .await
@@ -271,11 +267,10 @@ async fn sampling_stops_at_the_sample_size() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn errors_exit_1_with_a_clear_message() {
-    let bin = env!("CARGO_BIN_EXE_cachefence");
-    let run = |config: &PathBuf| {
-        let output = std::process::Command::new(bin)
+    let run = |config: &ConfigFile| {
+        let output = cachefence_command()
             .arg("--config")
-            .arg(config)
+            .arg(config.path())
             .arg("audit")
             .output()
             .expect("running cachefence audit");
@@ -285,8 +280,7 @@ async fn errors_exit_1_with_a_clear_message() {
         )
     };
     // No [postgres] section.
-    let plain = std::env::temp_dir().join(format!("cachefence-audit-plain-{}.toml", std::process::id()));
-    std::fs::write(&plain, "upstream = \"127.0.0.1:1\"\n").unwrap();
+    let plain = ConfigFile::new("audit-plain", "upstream = \"127.0.0.1:1\"\n");
     let (code, stderr) = run(&plain);
     assert_eq!(code, Some(1));
     assert!(stderr.contains("`audit` needs `[postgres] url`"), "{stderr}");
@@ -303,10 +297,8 @@ async fn errors_exit_1_with_a_clear_message() {
     );
 
     // A value expression PostgreSQL rejects, named with its entry.
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace(USER_VALUE, "t.nmae");
-    std::fs::write(&config, text).unwrap();
+    let text = config.read().replace(USER_VALUE, "t.nmae");
+    config.write(&text);
     let (code, stderr) = run(&config);
     assert_eq!(code, Some(1));
     assert!(

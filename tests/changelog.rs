@@ -4,12 +4,10 @@
 //! Every test uses a PostgreSQL schema of its own (created and dropped) and
 //! private `redis-server`s.
 
-mod common;
-
 use std::time::Duration;
 
-use common::pg::Schema;
-use common::{Proxy, ProxyProcess, RawClient, RedisServer, eventually};
+use testkit::pg::Schema;
+use testkit::{ConfigFile, Proxy, ProxyProcess, RawClient, RedisServer, eventually};
 
 const USERS: &[&str] = &["user:{id}", "user:email:{email}"];
 
@@ -201,7 +199,7 @@ async fn race(name: &str, through_proxy: bool) -> (String, String) {
         // R6, out-of-band write: someone runs UPDATE in psql; nobody deletes.
         "r6" => {
             assert_eq!(read_through(&mut reader, &pg, 1).await, "old");
-            let psql = common::pg::connect().await;
+            let psql = testkit::pg::connect().await;
             let sql = format!("UPDATE {}.users SET name = 'new' WHERE id = 1", pg.name);
             psql.batch_execute(&sql).await.unwrap();
         }
@@ -289,11 +287,10 @@ async fn two_proxies_share_one_outbox_and_leave_no_row_behind() {
         .replace("poll_interval", "batch_size = 7\npoll_interval");
     pg.install(&toml).await;
     // Two cachefence processes, one outbox.
-    let config = std::env::temp_dir().join(format!("cachefence-two-{}.toml", std::process::id()));
-    std::fs::write(&config, format!("upstream = \"{}\"\n{toml}", redis.addr())).unwrap();
+    let config = ConfigFile::new("two", &format!("upstream = \"{}\"\n{toml}", redis.addr()));
     let (a, b) = (
-        ProxyProcess::start(&["--config", config.to_str().unwrap()]),
-        ProxyProcess::start(&["--config", config.to_str().unwrap()]),
+        ProxyProcess::start(&["--config", config.path_str()]),
+        ProxyProcess::start(&["--config", config.path_str()]),
     );
     let consumed = async |p: &ProxyProcess| -> u64 {
         let stats = RawClient::connect(("127.0.0.1", p.port))
@@ -334,7 +331,6 @@ async fn two_proxies_share_one_outbox_and_leave_no_row_behind() {
         );
     }
     drop((a, b));
-    let _ = std::fs::remove_file(&config);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -365,7 +361,7 @@ async fn postgres_away_keeps_redis_traffic_flowing_and_rows_wait() {
 /// read the row and SET it on the same connection; any error drops the
 /// connection and the half-done read (no SET on a new connection).
 async fn reader(port: u16, table: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> u64 {
-    let db = common::pg::connect().await;
+    let db = testkit::pg::connect().await;
     let mut fills = 0;
     let mut n = 0u64;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -428,9 +424,8 @@ async fn durability_ten_thousand_updates_across_proxy_redis_and_postgres_restart
     let (postgres, top) = toml.split_at(toml.find("upstream =").unwrap());
     let toml = format!("{top}{postgres}");
     pg.install(&toml).await;
-    let config = std::env::temp_dir().join(format!("cachefence-durable-{}.toml", std::process::id()));
-    std::fs::write(&config, &toml).unwrap();
-    let mut proxy = ProxyProcess::start(&["--config", config.to_str().unwrap()]);
+    let config = ConfigFile::new("durable", &toml);
+    let mut proxy = ProxyProcess::start(&["--config", config.path_str()]);
     let port = proxy.port;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -528,5 +523,4 @@ async fn durability_ten_thousand_updates_across_proxy_redis_and_postgres_restart
     eprintln!(
         "durability: {fills} reader fills; items cached after each phase {cached:?}, all equal to the database"
     );
-    let _ = std::fs::remove_file(&config);
 }

@@ -3,12 +3,10 @@
 //! Where a tool prints output, the same invocation against Redis directly is
 //! the expected result.
 
-mod common;
-
 use std::process::{Command, Stdio};
 
-use common::{Proxy, RawClient, RedisServer, cmds};
 use futures_util::StreamExt;
+use testkit::{Proxy, RawClient, RedisServer, cmds};
 
 fn tool(name: &str) -> Command {
     if Command::new(name).arg("--version").output().is_err() {
@@ -158,7 +156,7 @@ async fn redis_crate_session(options: &str) {
         .await
         .unwrap();
     let mut messages = pubsub.on_message();
-    let first = tokio::time::timeout(common::WAIT, messages.next())
+    let first = tokio::time::timeout(testkit::WAIT, messages.next())
         .await
         .unwrap()
         .unwrap();
@@ -166,7 +164,7 @@ async fn redis_crate_session(options: &str) {
         (first.get_channel_name(), first.get_payload::<String>().unwrap()),
         ("news", "hello".into())
     );
-    let second = tokio::time::timeout(common::WAIT, messages.next())
+    let second = tokio::time::timeout(testkit::WAIT, messages.next())
         .await
         .unwrap()
         .unwrap();

@@ -2,27 +2,14 @@
 //! the documented example, `--check`, clear errors, secrets kept out of logs,
 //! JSON logs, and draining on SIGTERM.
 
-mod common;
-
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cachefence::config::{Config, Place, SETTINGS, Settings, parse_settings};
-use common::{ProxyProcess, RawClient, RedisServer, cmds};
-
-const BINARY: &str = env!("CARGO_BIN_EXE_cachefence");
+use testkit::{ProxyProcess, RawClient, RedisServer, ScratchDir, cachefence_command, cmds};
 
 fn example_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml")
-}
-
-fn scratch_file(name: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cachefence-config-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
 }
 
 #[test]
@@ -75,7 +62,7 @@ fn docs_document_every_declared_setting() {
 }
 
 fn run_check(args: &[&str]) -> (bool, String) {
-    let out = Command::new(BINARY)
+    let out = cachefence_command()
         .arg("--check")
         .args(args)
         .output()
@@ -91,7 +78,8 @@ fn check_accepts_the_example_and_rejects_bad_files_naming_file_line_and_key() {
     assert!(ok, "{text}");
     assert!(text.contains("configuration OK"), "{text}");
 
-    let typo = scratch_file("typo.toml", "listen = \"127.0.0.1:7000\"\nmax_clinets = 5\n");
+    let scratch = ScratchDir::new("config-test");
+    let typo = scratch.write("typo.toml", "listen = \"127.0.0.1:7000\"\nmax_clinets = 5\n");
     let (ok, text) = run_check(&["--config", typo.to_str().unwrap()]);
     assert!(!ok);
     assert!(
@@ -99,7 +87,7 @@ fn check_accepts_the_example_and_rejects_bad_files_naming_file_line_and_key() {
         "{text}"
     );
 
-    let bad_value = scratch_file("bad-value.toml", "\nconnect_timeout = \"soon\"\n");
+    let bad_value = scratch.write("bad-value.toml", "\nconnect_timeout = \"soon\"\n");
     let (ok, text) = run_check(&["--config", bad_value.to_str().unwrap()]);
     assert!(!ok);
     assert!(
@@ -107,7 +95,7 @@ fn check_accepts_the_example_and_rejects_bad_files_naming_file_line_and_key() {
         "{text}"
     );
 
-    let bad_listen = scratch_file("bad-listen.toml", "listen = \"nowhere\"\n");
+    let bad_listen = scratch.write("bad-listen.toml", "listen = \"nowhere\"\n");
     let (ok, text) = run_check(&["--config", bad_listen.to_str().unwrap()]);
     assert!(!ok);
     assert!(
@@ -125,7 +113,8 @@ fn check_accepts_the_example_and_rejects_bad_files_naming_file_line_and_key() {
 
 #[test]
 fn flags_override_the_file() {
-    let file = scratch_file("override.toml", "max_clients = 0\n");
+    let scratch = ScratchDir::new("config-test");
+    let file = scratch.write("override.toml", "max_clients = 0\n");
     let (ok, text) = run_check(&["--config", file.to_str().unwrap()]);
     assert!(!ok && text.contains("max_clients"), "{text}");
     let (ok, text) = run_check(&["--config", file.to_str().unwrap(), "--max-clients", "5"]);

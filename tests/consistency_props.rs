@@ -4,13 +4,11 @@
 //! database or is absent. The same interleavings against plain Redis break
 //! this (the control, `plain_redis_breaks_the_property`).
 
-mod common;
-
 use std::collections::HashMap;
 
-use common::{Proxy, RawClient, RedisServer};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use testkit::{Proxy, RawClient, RedisServer};
 
 const KEYS: [&str; 2] = ["user:a", "user:b"];
 const READERS: usize = 3;

@@ -1,11 +1,9 @@
 //! Failures and limits: unreachable, killed and paused upstreams; client
 //! limits, oversized frames, idle timeout; connection lifetimes.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{Proxy, RawClient, RedisServer, cmd, cmds, eventually, free_port};
+use testkit::{Proxy, RawClient, RedisServer, cmd, cmds, eventually, free_port};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unreachable_upstream_answers_errors_then_serves_the_same_client() {

@@ -9,8 +9,6 @@
 //! file run one at a time (they measure a shared machine), each on its own
 //! runtime.
 
-mod common;
-
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -20,7 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use common::{Proxy, RawClient, RedisServer, WAIT, cmd, cmds, eventually_within};
+use testkit::{Nofile, Proxy, ProxyProcess, RawClient, RedisServer, WAIT, cmd, cmds, eventually_within};
 
 // ------------------------------------------------------------------ harness
 
@@ -38,98 +36,42 @@ fn serial<F: Future>(body: F) -> F::Output {
         .block_on(body)
 }
 
-/// The proxy binary as a child process ([`common::ProxyProcess`]), with
-/// what these tests measure of it.
-struct ProxyProcess(common::ProxyProcess);
-
-impl std::ops::Deref for ProxyProcess {
-    type Target = common::ProxyProcess;
-    fn deref(&self) -> &common::ProxyProcess {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for ProxyProcess {
-    fn deref_mut(&mut self) -> &mut common::ProxyProcess {
-        &mut self.0
-    }
-}
-
-impl ProxyProcess {
-    /// Starts `cachefence --listen <free port> --upstream <upstream> <args>`
-    /// with its soft RLIMIT_NOFILE set to `nofile` (`None`: raised to the
-    /// hard limit). Waits until it listens, then until the readiness
-    /// probe's upstream connection is gone.
-    async fn start(redis: &RedisServer, args: &[&str], nofile: Option<u64>) -> ProxyProcess {
-        // Asked on one connection, so that asking adds no connection.
-        let mut admin = RawClient::connect(redis.addr()).await;
-        let count = async |admin: &mut RawClient, section: &str, field: &str| -> u64 {
-            info_on(admin, section, field).await.parse().unwrap()
-        };
-        let received = count(&mut admin, "stats", "total_connections_received").await;
-        let connected = count(&mut admin, "clients", "connected_clients").await;
-        let upstream = redis.addr();
-        let mut all = vec!["--upstream", &upstream, "--log-level", "warn"];
-        all.extend_from_slice(args);
-        let limit = nofile.map_or_else(|| "hard".to_string(), |n| n.to_string());
-        let proxy = ProxyProcess(common::ProxyProcess::start_with_nofile(&all, Some(limit)));
-        // The probe's session opens one upstream connection and closes it.
-        eventually_within(
-            "the readiness probe's session has come and gone",
-            WAIT,
-            async || {
-                count(&mut admin, "stats", "total_connections_received").await > received
-                    && count(&mut admin, "clients", "connected_clients").await == connected
-            },
-        )
-        .await;
-        let mut fds = proxy.fds();
-        eventually_within("the proxy's descriptors are settled", WAIT, async || {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let now = proxy.fds();
-            std::mem::replace(&mut fds, now) == now
-        })
-        .await;
-        proxy
-    }
-
-    fn rss_kib(&self) -> u64 {
-        rss_kib(self.pid)
-    }
-
-    fn fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid))
-            .expect("reading /proc/<pid>/fd of the proxy")
-            .count()
-    }
-
-    /// User plus system CPU time, in clock ticks (1/100 s on Linux).
-    fn cpu_ticks(&self) -> u64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).expect("reading /proc/<pid>/stat");
-        let fields: Vec<&str> = stat[stat.rfind(')').expect("comm") + 2..].split(' ').collect();
-        // Fields 14 and 15 of stat(5); fields[0] is field 3.
-        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-    }
-
-    /// The soft limit on open files the proxy runs with.
-    fn nofile(&self) -> u64 {
-        let limits = std::fs::read_to_string(format!("/proc/{}/limits", self.pid)).unwrap();
-        let line = limits
-            .lines()
-            .find(|l| l.starts_with("Max open files"))
-            .expect("a Max open files line");
-        line.split_whitespace().nth(3).unwrap().parse().unwrap()
-    }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("reading /proc/<pid>/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("a VmRSS line")
+/// Starts the proxy binary as a child process, `cachefence --listen <free
+/// port> --upstream <upstream> <args>`, with its soft RLIMIT_NOFILE set to
+/// `nofile` (`None`: raised to the hard limit). Waits until it listens,
+/// then until the readiness probe's upstream connection is gone and its
+/// descriptors are settled, so that what a test measures is its own.
+async fn start_proxy(redis: &RedisServer, args: &[&str], nofile: Option<u64>) -> ProxyProcess {
+    // Asked on one connection, so that asking adds no connection.
+    let mut admin = RawClient::connect(redis.addr()).await;
+    let count = async |admin: &mut RawClient, section: &str, field: &str| -> u64 {
+        info_on(admin, section, field).await.parse().unwrap()
+    };
+    let received = count(&mut admin, "stats", "total_connections_received").await;
+    let connected = count(&mut admin, "clients", "connected_clients").await;
+    let upstream = redis.addr();
+    let mut all = vec!["--upstream", &upstream, "--log-level", "warn"];
+    all.extend_from_slice(args);
+    let limit = nofile.map_or(Nofile::Hard, Nofile::Soft);
+    let proxy = ProxyProcess::start_with_nofile(&all, limit);
+    // The probe's session opens one upstream connection and closes it.
+    eventually_within(
+        "the readiness probe's session has come and gone",
+        WAIT,
+        async || {
+            count(&mut admin, "stats", "total_connections_received").await > received
+                && count(&mut admin, "clients", "connected_clients").await == connected
+        },
+    )
+    .await;
+    let mut fds = proxy.fds();
+    eventually_within("the proxy's descriptors are settled", WAIT, async || {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = proxy.fds();
+        std::mem::replace(&mut fds, now) == now
+    })
+    .await;
+    proxy
 }
 
 /// `field` of `INFO section` on a new direct connection to Redis.
@@ -366,7 +308,7 @@ fn client_that_never_reads_1mib_replies_is_backpressured_and_others_are_served()
         assert_eq!(direct.read_frame().await, b"+OK\r\n");
         assert_eq!(direct.call("SET small hello").await, "+OK\r\n");
 
-        let mut proxy = ProxyProcess::start(&redis, &["--max-pending", &MAX_PENDING.to_string()], None).await;
+        let mut proxy = start_proxy(&redis, &["--max-pending", &MAX_PENDING.to_string()], None).await;
         let mut normal = RawClient::connect(proxy.addr()).await;
         let mut before = Vec::new();
         for _ in 0..200 {
@@ -473,7 +415,7 @@ fn client_that_never_reads_1mib_replies_is_backpressured_and_others_are_served()
 fn client_that_never_reads_many_small_replies_is_bounded_by_max_pending() {
     serial(async {
         let redis = RedisServer::start();
-        let mut proxy = ProxyProcess::start(&redis, &[], None).await;
+        let mut proxy = start_proxy(&redis, &[], None).await;
         let rss_before = proxy.rss_kib();
         const SENT: usize = 3_000_000;
         let ping = cmds("PING");
@@ -526,7 +468,7 @@ fn client_that_never_reads_gets_of_long_keys_is_bounded_in_bytes() {
         let mut direct = RawClient::connect(redis.addr()).await;
         direct.send(&cmd(&[b"SET", key.as_bytes(), &[b'v'; 256]])).await;
         assert_eq!(direct.read_frame().await, b"+OK\r\n");
-        let mut proxy = ProxyProcess::start(&redis, &[], None).await;
+        let mut proxy = start_proxy(&redis, &[], None).await;
         let rss_before = proxy.rss_kib();
         let request = cmd(&[b"GET", key.as_bytes()]);
         let sent = (256 << 20) / request.len();
@@ -561,7 +503,7 @@ fn client_that_never_reads_gets_of_long_keys_is_bounded_in_bytes() {
 fn pipelined_misses_are_answered_in_linear_time() {
     serial(async {
         let redis = RedisServer::start();
-        let proxy = ProxyProcess::start(&redis, &[], None).await;
+        let proxy = start_proxy(&redis, &[], None).await;
         let mut times = Vec::new();
         for (round, n) in [(1, 5_000usize), (2, 20_000)] {
             let mut client = RawClient::connect(proxy.addr()).await;
@@ -590,7 +532,7 @@ fn pipelined_misses_are_answered_in_linear_time() {
 fn idle_timeout_costs_no_cpu_while_a_reply_is_owed() {
     serial(async {
         let redis = RedisServer::start();
-        let proxy = ProxyProcess::start(&redis, &["--timeout", "1s"], None).await;
+        let proxy = start_proxy(&redis, &["--timeout", "1s"], None).await;
         let mut blocked = RawClient::connect(proxy.addr()).await;
         let before = proxy.cpu_ticks();
         let started = Instant::now();
@@ -723,7 +665,7 @@ fn silent_half_closed_and_reset_clients_release_their_upstream_connections() {
 fn half_open_clients_are_probed_by_tcp_keepalive_like_redis() {
     serial(async {
         let redis = RedisServer::start();
-        let proxy = ProxyProcess::start(&redis, &[], None).await;
+        let proxy = start_proxy(&redis, &[], None).await;
         let mut direct = RawClient::connect(redis.addr()).await;
         assert_eq!(direct.call("PING").await, "+PONG\r\n");
         let mut through = RawClient::connect(proxy.addr()).await;
@@ -777,7 +719,7 @@ fn ten_thousand_idle_clients() {
             "*2\r\n$10\r\nmaxclients\r\n$5\r\n10100\r\n",
             "redis-server could not raise its open-file limit for 10 100 clients"
         );
-        let mut proxy = ProxyProcess::start(&redis, &[], None).await;
+        let mut proxy = start_proxy(&redis, &[], None).await;
         let nofile = proxy.nofile();
         let base_fds = proxy.fds() as u64;
         let n = WANTED.min((nofile - base_fds - 16) / 2).min(own - 200);
@@ -932,7 +874,7 @@ fn connection_churn_leaks_nothing() {
         let mut direct = RawClient::connect(redis.addr()).await;
         assert_eq!(direct.call("SET k v").await, "+OK\r\n");
         drop(direct);
-        let mut proxy = ProxyProcess::start(&redis, &[], None).await;
+        let mut proxy = start_proxy(&redis, &[], None).await;
         let addr = proxy.addr();
 
         let churn = |cycles: u64| {
@@ -1044,7 +986,7 @@ fn clients_past_the_open_file_limit_get_an_error_and_the_proxy_recovers() {
     serial(async {
         const LIMIT: u64 = 64;
         let redis = RedisServer::start();
-        let mut proxy = ProxyProcess::start(&redis, &[], Some(LIMIT)).await;
+        let mut proxy = start_proxy(&redis, &[], Some(LIMIT)).await;
         assert_eq!(proxy.nofile(), LIMIT);
         let (base, used) = (proxy.fds(), fds_below(proxy.pid, LIMIT));
         let (fit, spare) = ((LIMIT - used) / 2, (LIMIT - used) % 2);
@@ -1117,7 +1059,7 @@ fn clients_past_the_open_file_limit_get_an_error_and_the_proxy_recovers() {
 fn the_listen_backlog_is_redis_511() {
     serial(async {
         let redis = RedisServer::start();
-        let proxy = ProxyProcess::start(&redis, &[], None).await;
+        let proxy = start_proxy(&redis, &[], None).await;
         let backlog = |port: u16| -> String {
             let out = std::process::Command::new("ss")
                 .args(["-Hltn", &format!("sport = :{port}")])

@@ -1,36 +1,7 @@
 //! Operating the proxy (issue #6): live reload (`CACHE.RELOAD`, `SIGHUP`),
 //! the Prometheus endpoint and `CACHE.EXPLAIN`, against real servers.
 
-mod common;
-
-use std::path::PathBuf;
-
-use common::{Proxy, ProxyProcess, RawClient, RedisServer, eventually};
-
-/// A config file of the test's own, removed on drop.
-struct ConfigFile(PathBuf);
-
-impl ConfigFile {
-    fn new(name: &str, text: &str) -> ConfigFile {
-        let path = std::env::temp_dir().join(format!("cachefence-{name}-{}.toml", std::process::id()));
-        std::fs::write(&path, text).expect("writing the test config");
-        ConfigFile(path)
-    }
-
-    fn write(&self, text: &str) {
-        std::fs::write(&self.0, text).expect("rewriting the test config");
-    }
-
-    fn path(&self) -> &str {
-        self.0.to_str().expect("a UTF-8 temp path")
-    }
-}
-
-impl Drop for ConfigFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
+use testkit::{ConfigFile, Proxy, ProxyProcess, RawClient, RedisServer, eventually};
 
 /// A config with one `[[cache]]` section for `user:*`.
 fn users(upstream: &str, on_write: &str, extra: &str) -> String {
@@ -46,14 +17,14 @@ const REJECTED: &str = "-ERR cachefence: writes to 'user:1' are rejected (on_wri
 async fn cache_reload_changes_on_write_for_a_connected_client_and_a_bad_file_changes_nothing() {
     let redis = RedisServer::start();
     let file = ConfigFile::new("reload", &users(&redis.addr(), "write", ""));
-    let proxy = Proxy::start_file(&file.0).await;
+    let proxy = Proxy::start_file(file.path()).await;
     // One client, connected throughout.
     let mut client = RawClient::connect(proxy.addr).await;
     assert_eq!(client.call("SET user:1 a").await, "+OK\r\n");
 
     file.write(&users(&redis.addr(), "reject", ""));
     let reply = client.call("CACHE.RELOAD").await;
-    let file_name = file.path();
+    let file_name = file.path_str();
     assert_eq!(
         reply,
         format!(
@@ -111,7 +82,7 @@ async fn cache_reload_changes_on_write_for_a_connected_client_and_a_bad_file_cha
 async fn reloaded_limits_apply_to_new_and_open_connections() {
     let redis = RedisServer::start();
     let file = ConfigFile::new("limits", &users(&redis.addr(), "write", ""));
-    let proxy = Proxy::start_file(&file.0).await;
+    let proxy = Proxy::start_file(file.path()).await;
     let mut first = RawClient::connect(proxy.addr).await;
     assert_eq!(first.call("PING").await, "+PONG\r\n");
 
@@ -161,7 +132,7 @@ async fn cache_reload_is_an_admin_command() {
         "reload-auth",
         &users(&redis.addr(), "write", "admin_password = \"s3cret\""),
     );
-    let proxy = Proxy::start_file(&file.0).await;
+    let proxy = Proxy::start_file(file.path()).await;
     let mut client = RawClient::connect(proxy.addr).await;
     assert_eq!(
         client.call("CACHE.RELOAD").await,
@@ -203,7 +174,7 @@ async fn cache_reload_without_a_config_file_says_so() {
 async fn sighup_reloads_the_file_and_a_bad_file_is_logged_and_ignored() {
     let redis = RedisServer::start();
     let file = ConfigFile::new("sighup", &users(&redis.addr(), "write", "log_level = \"warn\""));
-    let mut proxy = ProxyProcess::start(&["--config", file.path()]);
+    let mut proxy = ProxyProcess::start(&["--config", file.path_str()]);
     let mut client = RawClient::connect(proxy.addr()).await;
     assert_eq!(client.call("SET user:1 a").await, "+OK\r\n");
     // At `warn`, the start's INFO line is not logged.
@@ -254,7 +225,7 @@ async fn http(addr: std::net::SocketAddr, request: &str) -> String {
         .expect("connecting to /metrics");
     socket.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
-    tokio::time::timeout(common::WAIT, socket.read_to_string(&mut response))
+    tokio::time::timeout(testkit::WAIT, socket.read_to_string(&mut response))
         .await
         .expect("the endpoint answers in time")
         .expect("reading the response");
@@ -525,7 +496,7 @@ async fn cache_explain_shows_second_deletes_and_retried_deletes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_metrics_endpoint_reports_the_change_log() {
     let redis = RedisServer::start();
-    let pg = common::pg::Schema::create("metrics").await;
+    let pg = testkit::pg::Schema::create("metrics").await;
     pg.exec("CREATE TABLE {s}.users (id int PRIMARY KEY, email text, name text NOT NULL)")
         .await;
     let toml = pg.toml(&[("users", &["user:{id}", "user:email:{email}"])]);

@@ -4,11 +4,9 @@
 //! Redis — the control, where the stale value stays — and through
 //! cachefence, where it must not.
 
-mod common;
-
 use std::collections::HashMap;
 
-use common::{Proxy, RawClient, RedisServer, cmds};
+use testkit::{Proxy, RawClient, RedisServer, cmds};
 
 /// The database stand-in: writes go to the primary; the replica shows them
 /// only after `replicate`.

@@ -4,40 +4,37 @@
 //! configuration errors that stop the proxy at start. Certificates are made
 //! by each test (rcgen) in a scratch directory.
 
-mod common;
-
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 
 use cachefence::config::{Config, Settings, parse_settings};
-use common::{Proxy, RawClient, RedisServer, WAIT, cmds, eventually, free_port};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use testkit::{
+    Proxy, RawClient, RedisServer, ScratchDir, WAIT, cachefence_command, cmds, eventually, free_port,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
 
-const BINARY: &str = env!("CARGO_BIN_EXE_cachefence");
-
 /// A scratch CA, a server certificate for `localhost` and `127.0.0.1`, and
-/// a client certificate, all as PEM files; removed on drop.
+/// a client certificate, all as PEM files in a scratch directory (removed
+/// on drop).
 struct Pki {
-    dir: PathBuf,
+    dir: ScratchDir,
 }
 
 impl Pki {
     fn new(name: &str) -> Pki {
-        let dir = std::env::temp_dir().join(format!("cachefence-tls-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = ScratchDir::new(&format!("tls-{name}"));
         let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca.distinguished_name
             .push(DnType::CommonName, "cachefence test CA");
         ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let ca_key = KeyPair::generate().unwrap();
-        std::fs::write(dir.join("ca.pem"), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
+        dir.write("ca.pem", ca.self_signed(&ca_key).unwrap().pem());
         let issuer = Issuer::new(ca, ca_key);
         for (name, sans) in [
             ("server", vec!["localhost", "127.0.0.1"]),
@@ -48,14 +45,14 @@ impl Pki {
             params.distinguished_name.push(DnType::CommonName, name);
             let key = KeyPair::generate().unwrap();
             let cert = params.signed_by(&key, &issuer).unwrap();
-            std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
-            std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+            dir.write(&format!("{name}.pem"), cert.pem());
+            dir.write(&format!("{name}.key"), key.serialize_pem());
         }
         Pki { dir }
     }
 
     fn path(&self, file: &str) -> String {
-        self.dir.join(file).to_str().unwrap().to_string()
+        self.dir.file_str(file)
     }
 
     /// The proxy's listener with this PKI's server certificate.
@@ -94,7 +91,7 @@ impl Pki {
     /// A rustls client trusting this PKI's CA.
     fn connector(&self) -> TlsConnector {
         let mut roots = RootCertStore::empty();
-        for cert in rustls::pki_types::CertificateDer::pem_file_iter(self.dir.join("ca.pem")).unwrap() {
+        for cert in rustls::pki_types::CertificateDer::pem_file_iter(self.dir.file("ca.pem")).unwrap() {
             roots.add(cert.unwrap()).unwrap();
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -104,12 +101,6 @@ impl Pki {
             .with_root_certificates(roots)
             .with_no_client_auth();
         TlsConnector::from(Arc::new(config))
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -162,12 +153,12 @@ async fn redis_cli_over_tls_and_plain_clients_are_not_served() {
     assert!(
         bytes.is_empty() || bytes[0] == 0x15,
         "a plain client got something other than a TLS alert: {}",
-        common::escape(&bytes)
+        testkit::escape(&bytes)
     );
     assert!(
         !bytes.windows(2).any(|w| w == b"OK"),
         "{}",
-        common::escape(&bytes)
+        testkit::escape(&bytes)
     );
     assert_eq!(direct.call("EXISTS plain").await, ":0\r\n");
     eventually("the failed handshake is counted", async || {
@@ -338,7 +329,7 @@ async fn tls_on_both_sides_carries_large_values_and_pipelines() {
         .expect("handshake");
 
     let big: Vec<u8> = (0..4 << 20).map(|i| b'a' + (i % 26) as u8).collect();
-    let mut request = common::cmd(&[b"SET", b"big", &big]);
+    let mut request = testkit::cmd(&[b"SET", b"big", &big]);
     for i in 0..1000 {
         request.extend_from_slice(&cmds(&format!("INCR n{}", i % 7)));
     }
@@ -391,11 +382,10 @@ fn bad_certificate_settings_are_config_errors_naming_the_key() {
     let missing = pki.path("missing.pem");
     let (cert, key, ca) = (pki.path("server.pem"), pki.path("server.key"), pki.path("ca.pem"));
     let garbage = pki.path("garbage.pem");
-    std::fs::write(
-        &garbage,
+    pki.dir.write(
+        "garbage.pem",
         "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
-    )
-    .unwrap();
+    );
     let cases = [
         (
             format!("tls_cert_file = {missing:?}\ntls_key_file = {key:?}\n"),
@@ -466,7 +456,7 @@ fn bad_certificate_settings_are_config_errors_naming_the_key() {
     assert!(resolve("").unwrap().tls.is_none() && resolve("").unwrap().upstream.tls.is_none());
 
     // `--check` reports it, naming the key and the file.
-    let out = std::process::Command::new(BINARY)
+    let out = cachefence_command()
         .args(["--check", "--tls-cert-file", &missing, "--tls-key-file", &key])
         .output()
         .expect("running cachefence --check");
@@ -476,7 +466,7 @@ fn bad_certificate_settings_are_config_errors_naming_the_key() {
         text.contains("key `tls_cert_file`") && text.contains(&missing),
         "{text}"
     );
-    let out = std::process::Command::new(BINARY)
+    let out = cachefence_command()
         .args(["--check", "--tls-cert-file", &cert, "--tls-key-file", &key])
         .output()
         .expect("running cachefence --check");

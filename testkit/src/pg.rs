@@ -10,6 +10,8 @@ use deadpool_postgres::tokio_postgres::{self, Client, NoTls};
 use cachefence::changelog::install::{self, Action};
 use cachefence::config::{Config, Settings};
 
+use crate::wait::WAIT;
+
 pub fn url() -> String {
     std::env::var("CACHEFENCE_TEST_PG_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
@@ -18,13 +20,13 @@ pub fn url() -> String {
 pub async fn connect() -> Client {
     let url = url();
     let connecting = tokio_postgres::connect(&url, NoTls);
-    let (client, connection) = match tokio::time::timeout(super::WAIT, connecting).await {
+    let (client, connection) = match tokio::time::timeout(WAIT, connecting).await {
         Ok(Ok(pair)) => pair,
         Ok(Err(e)) => panic!(
             "PostgreSQL is unreachable at {url} ({e}); the change-log tests need it \
              (start it, or set CACHEFENCE_TEST_PG_URL)"
         ),
-        Err(_) => panic!("PostgreSQL at {url} did not answer within {:?}", super::WAIT),
+        Err(_) => panic!("PostgreSQL at {url} did not answer within {:?}", WAIT),
     };
     tokio::spawn(connection);
     client

@@ -1,0 +1,30 @@
+//! The one test harness of cachefence: what the integration tests
+//! (`tests/*.rs`) and the proto-tests runner (`proto-tests/runner.rs`) start
+//! and talk to. A dev-only crate (`publish = false`), a dev-dependency of
+//! cachefence, split by concern:
+//!
+//! - [`redis`]: a scratch `redis-server` per test, on a free loopback port;
+//! - [`proxy`]: the proxy in process ([`Proxy`]), as a child process
+//!   ([`ProxyProcess`]: signals, RLIMIT_NOFILE, logs, restarts, `/proc`
+//!   figures), and the binary for one-shot subcommands
+//!   ([`cachefence_command`]);
+//! - [`client`]: a raw RESP client and request/reply helpers;
+//! - [`pg`]: a PostgreSQL schema per test, created and dropped;
+//! - [`files`]: scratch files and directories (the `tempfile` crate);
+//! - [`wait`]: the shared timeout and polling.
+//!
+//! A missing `redis-server` or an unreachable PostgreSQL is a test failure
+//! with a message saying so, never a skip.
+
+pub mod client;
+pub mod files;
+pub mod pg;
+pub mod proxy;
+pub mod redis;
+pub mod wait;
+
+pub use client::{RawClient, cmd, cmds, escape, frame_len};
+pub use files::{ConfigFile, ScratchDir};
+pub use proxy::{Nofile, Proxy, ProxyProcess, binary, cachefence_command};
+pub use redis::{RedisServer, free_port};
+pub use wait::{WAIT, eventually, eventually_within};
