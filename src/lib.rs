@@ -23,20 +23,20 @@
 //!   [`tls`]: certificates and keys, read and checked at start.
 //! - [`config`]: the TOML file and flags, merged and validated; [`live`]:
 //!   the settings a reload (`SIGHUP`, `CACHE.RELOAD`) changes in place.
-//! - [`metrics`], [`exporter`], [`logging`]: counters and histograms, the
-//!   Prometheus endpoint that renders them, and `tracing` setup.
+//! - [`telemetry`]: counters and histograms, each declared once with its
+//!   `CACHE.STATS` and Prometheus names ([`telemetry::registry`]), the
+//!   Prometheus endpoint that renders them ([`telemetry::exporter`]), and
+//!   `tracing` setup ([`telemetry::logging`]).
 //!
 //! `main.rs` only parses flags, loads the config and runs [`server::Server`].
 
 pub mod changelog;
 pub mod config;
-pub mod exporter;
 pub mod fence;
 pub mod live;
-pub mod logging;
-pub mod metrics;
 pub mod net;
 pub mod resp;
 pub mod server;
 pub mod session;
+pub mod telemetry;
 pub mod tls;

@@ -16,8 +16,8 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::metrics::Counter;
 use crate::session::Context;
+use crate::telemetry::Counter;
 
 /// The settings sessions read while they run, as atomics: a read costs a
 /// plain load, a reload a store.
@@ -214,7 +214,7 @@ fn try_reload(ctx: &Context) -> anyhow::Result<Reloaded> {
     note("postgres", old.changelog != next.changelog, false);
     note("metrics_listen", old.metrics_listen != next.metrics_listen, false);
     if old.log_level != next.log_level
-        && let Err(error) = crate::logging::set_level(&next.log_level)
+        && let Err(error) = crate::telemetry::logging::set_level(&next.log_level)
     {
         anyhow::bail!("key `log_level`: {error}");
     }

@@ -15,10 +15,10 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::changelog::{ChangeLogStats, consumer};
 use crate::config::Config;
 use crate::fence::Fences;
-use crate::metrics::Metrics;
 use crate::net::Stream;
 use crate::resp::encode;
 use crate::session::{self, Context};
+use crate::telemetry::Metrics;
 
 /// A bound listener, ready to [`run`](Server::run).
 pub struct Server {
@@ -41,7 +41,7 @@ impl Server {
             .map(|_| Arc::new(ChangeLogStats::default()));
         let metrics = match config.metrics_listen {
             Some(addr) => Some(
-                crate::exporter::bind(addr)
+                crate::telemetry::exporter::bind(addr)
                     .with_context(|| format!("cannot listen on {addr} (metrics_listen)"))?,
             ),
             None => None,
@@ -102,7 +102,7 @@ impl Server {
             tokio::spawn(consumer.instrument(info_span!("changelog")));
         }
         if let Some(metrics) = metrics {
-            let exporter = crate::exporter::serve(metrics, ctx.clone(), stop_rx.clone());
+            let exporter = crate::telemetry::exporter::serve(metrics, ctx.clone(), stop_rx.clone());
             tokio::spawn(exporter.instrument(info_span!("metrics")));
         }
         tokio::pin!(shutdown);

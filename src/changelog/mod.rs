@@ -25,7 +25,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Secret, Span};
-use crate::metrics::{Counter, Gauge};
+use crate::telemetry::{Counter, Gauge};
 use template::{KeyTemplate, QualifiedName};
 
 /// The `[postgres]` table of the config file.

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use dashmap::DashMap;
 
-use crate::metrics::Counter;
+use crate::telemetry::Counter;
 pub use policy::{CacheSection, LagPolicy, OnStaleFill, OnWrite, Policy, Scope};
 
 /// Most tickets held at once by the whole proxy; a miss past it gets no

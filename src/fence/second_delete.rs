@@ -16,7 +16,7 @@ use super::LiveScope;
 use super::history::{History, Source, What};
 use super::invalidator::Invalidator;
 use crate::config::Upstream;
-use crate::metrics::Counter;
+use crate::telemetry::Counter;
 
 /// Second deletes waiting at most, per process.
 const QUEUE: usize = 10_000;

@@ -23,7 +23,7 @@ use super::LiveScope;
 use super::history::{History, Source, What};
 use super::invalidator::Invalidator;
 use crate::config::Upstream;
-use crate::metrics::Counter;
+use crate::telemetry::Counter;
 
 /// Most keys waiting for a retried delete, per process.
 pub const MAX_UNDELIVERED: usize = 100_000;

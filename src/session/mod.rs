@@ -33,13 +33,13 @@ use tracing::{debug, warn};
 use crate::config::Config;
 use crate::fence::Fences;
 use crate::live::Live;
-use crate::metrics::{Class, ClassCounts, Metrics};
 use crate::net::{Split, Stream};
 use crate::resp::command::{Command, Fenced, ReplyMode};
 use crate::resp::encode;
 use crate::resp::reply::ReplyScanner;
 use crate::resp::request::{INLINE_MAX, ProtocolError, RequestFramer};
 use crate::resp::value::{Reply, Value};
+use crate::telemetry::{Class, ClassCounts, Metrics};
 use fenced::{FenceExpect, FenceSession, Plan, ScriptReply};
 pub use pairing::{Expect, LocalReply, Pairing, Route};
 

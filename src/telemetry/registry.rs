@@ -1,5 +1,5 @@
 //! Counters, gauges and latency histograms, bumped where things happen;
-//! `CACHE.STATS` and the Prometheus endpoint ([`crate::exporter`]) read them.
+//! `CACHE.STATS` and the Prometheus endpoint ([`crate::telemetry::exporter`]) read them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -15,8 +15,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tracing::{debug, info, warn};
 
-use crate::metrics::{Class, Exposition};
 use crate::session::Context;
+use crate::telemetry::{Class, Exposition};
 
 /// Scrapes served at once; more wait in the listen backlog.
 const MAX_SCRAPES: usize = 8;
@@ -162,7 +162,7 @@ pub fn render(ctx: &Context) -> String {
         "class",
         &by_class(&|i| m.commands[i].get()),
     );
-    let latency: Vec<(&str, &crate::metrics::Histogram)> = Class::ALL
+    let latency: Vec<(&str, &crate::telemetry::Histogram)> = Class::ALL
         .iter()
         .map(|c| (c.as_str(), &m.latency[*c as usize]))
         .collect();
