@@ -24,9 +24,9 @@
 //! - [`config`]: the TOML file and flags, merged and validated; [`live`]:
 //!   the settings a reload (`SIGHUP`, `CACHE.RELOAD`) changes in place.
 //! - [`telemetry`]: counters and histograms, each declared once with its
-//!   `CACHE.STATS` and Prometheus names ([`telemetry::registry`]), the
-//!   Prometheus endpoint that renders them ([`telemetry::exporter`]), and
-//!   `tracing` setup ([`telemetry::logging`]).
+//!   `CACHE.STATS` name and Prometheus family (types and macros in
+//!   [`telemetry::registry`]); the Prometheus endpoint that renders them
+//!   ([`telemetry::exporter`]); `tracing` setup ([`telemetry::logging`]).
 //!
 //! `main.rs` only parses flags, loads the config and runs [`server::Server`].
 

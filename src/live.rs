@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::session::Context;
-use crate::telemetry::Counter;
+pub use crate::telemetry::ReloadStats;
 
 /// The settings sessions read while they run, as atomics: a read costs a
 /// plain load, a reload a store.
@@ -35,12 +35,6 @@ pub struct Live {
     /// running values); reloads diff against it, one at a time.
     applied: Mutex<Config>,
     pub stats: ReloadStats,
-}
-
-#[derive(Debug, Default)]
-pub struct ReloadStats {
-    pub reloads: Counter,
-    pub failures: Counter,
 }
 
 fn nanos(d: Option<Duration>) -> u64 {

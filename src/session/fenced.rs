@@ -674,33 +674,7 @@ impl<'a> FenceSession<'a> {
                     )),
                 })
             }
-            "CACHE.STATS" => {
-                let mut fields = self.fences.stats.fields(self.fences.tickets_outstanding());
-                if let Some(worker) = &self.fences.second_deletes {
-                    fields.push(("second_deletes_done", worker.stats.done.get()));
-                    fields.push(("second_deletes_dropped", worker.stats.dropped.get()));
-                    fields.push(("second_deletes_failed", worker.stats.failed.get()));
-                }
-                let undelivered = &self.fences.undelivered;
-                fields.extend([
-                    ("undelivered_deletes_pending", undelivered.len() as u64),
-                    ("undelivered_deletes_queued", undelivered.stats.queued.get()),
-                    ("undelivered_deletes_delivered", undelivered.stats.delivered.get()),
-                    ("undelivered_deletes_retries", undelivered.stats.retries.get()),
-                    ("undelivered_deletes_dropped", undelivered.stats.dropped.get()),
-                    ("undelivered_reads_missed", undelivered.stats.reads_missed.get()),
-                ]);
-                if let Some(changelog) = &self.fences.changelog {
-                    fields.extend(changelog.fields());
-                }
-                let name = |k: &'static str| Reply::Bulk(Bytes::from_static(k.as_bytes()));
-                Plan::Local(Reply::Map(
-                    fields
-                        .into_iter()
-                        .map(|(k, v)| (name(k), Reply::Int(v as i64)))
-                        .collect(),
-                ))
-            }
+            "CACHE.STATS" => Plan::Local(crate::telemetry::cache_stats(self.fences)),
             "CACHE.INVALIDATE" if words.len() >= 2 => {
                 let keys = words[1..].to_vec();
                 // Explicit invalidations fence the keys even outside every pattern.

@@ -1,11 +1,13 @@
 //! The Prometheus endpoint: `GET /metrics` on `metrics_listen`, in the
-//! text exposition format, rendered from the counters where they are kept.
+//! text exposition format, rendered from the declarations in
+//! [`crate::telemetry`] and the counters where they are kept.
 //!
 //! A deliberately small HTTP/1.1 server (one request per connection, then
 //! close) instead of a framework: Prometheus needs nothing more, and every
 //! bound is visible here — scrapes served at once, request head size, and a
 //! time limit on reading the request and on writing the reply.
 
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,8 +17,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tracing::{debug, info, warn};
 
+use super::{CHANGELOG, FENCES, Family, Histogram, Kind, LATENCY_BUCKETS, PROXY, Sample, Value};
 use crate::session::Context;
-use crate::telemetry::{Class, Exposition};
 
 /// Scrapes served at once; more wait in the listen backlog.
 const MAX_SCRAPES: usize = 8;
@@ -123,219 +125,108 @@ fn simple(status: &str, body: &str) -> String {
     response_head(status, "text/plain; charset=utf-8", body.len()) + body
 }
 
-/// Every metric, named per Prometheus' conventions.
-pub fn render(ctx: &Context) -> String {
-    let m = &ctx.metrics;
-    let mut e = Exposition::default();
-    e.gauges(
-        "cachefence_build_info",
-        "Always 1; the version is the label.",
-        "version",
-        &[(env!("CARGO_PKG_VERSION"), 1)],
-    );
-    e.gauge(
-        "cachefence_uptime_seconds",
-        "Seconds since the proxy started.",
-        ctx.started.elapsed().as_secs(),
-    );
-    e.gauge(
-        "cachefence_connections_current",
-        "Client connections being served.",
-        m.connections_current.get(),
-    );
-    e.counter(
-        "cachefence_connections_total",
-        "Client connections accepted (rejected ones included).",
-        m.connections_total.get(),
-    );
-    e.counter(
-        "cachefence_connections_rejected_total",
-        "Clients turned away by max_clients.",
-        m.connections_rejected.get(),
-    );
-    let by_class = |f: &dyn Fn(usize) -> u64| -> Vec<(&'static str, u64)> {
-        Class::ALL.iter().map(|c| (c.as_str(), f(*c as usize))).collect()
+/// Every family of the proxy, then of the fence layer and the change log
+/// when they run, in the order declared in [`crate::telemetry`].
+pub fn render<'c>(ctx: &'c Context) -> String {
+    let mut samples = Vec::with_capacity(96);
+    let mut keep = |sample: Sample<'c>| {
+        if sample.family.is_some() {
+            samples.push(sample);
+        }
     };
-    e.counters(
-        "cachefence_commands_total",
-        "Client commands by class: passthrough (forwarded as is), intercepted (a fenced key), admin (CACHE.*).",
-        "class",
-        &by_class(&|i| m.commands[i].get()),
-    );
-    let latency: Vec<(&str, &crate::telemetry::Histogram)> = Class::ALL
-        .iter()
-        .map(|c| (c.as_str(), &m.latency[*c as usize]))
-        .collect();
-    e.histograms(
-        "cachefence_command_duration_seconds",
-        "From reading a batch of client requests to routing the reply to its last command, per command.",
-        "class",
-        &latency,
-    );
-    e.counter(
-        "cachefence_upstream_connect_errors_total",
-        "Upstream connections that could not be opened.",
-        m.upstream_connect_errors.get(),
-    );
-    e.counter(
-        "cachefence_upstream_reconnects_total",
-        "Upstream reached again by a client that was served errors while it was away.",
-        m.upstream_reconnects.get(),
-    );
-    e.counter(
-        "cachefence_upstream_lost_total",
-        "Upstream connections lost with replies owed.",
-        m.upstream_lost.get(),
-    );
-    e.counter(
-        "cachefence_upstream_timeouts_total",
-        "Upstream connections closed by reply_timeout.",
-        m.upstream_timeouts.get(),
-    );
-    e.counter(
-        "cachefence_protocol_errors_total",
-        "Clients closed for malformed requests.",
-        m.protocol_errors.get(),
-    );
-    e.counter(
-        "cachefence_tls_handshake_errors_total",
-        "Client TLS handshakes that failed or timed out.",
-        m.tls_handshake_errors.get(),
-    );
-    e.counters(
-        "cachefence_config_reloads_total",
-        "Reloads of the config file (SIGHUP, CACHE.RELOAD) by result.",
-        "result",
-        &[
-            ("applied", ctx.live.stats.reloads.get()),
-            ("rejected", ctx.live.stats.failures.get()),
-        ],
-    );
+    ctx.metrics.uptime_seconds.set(ctx.started.elapsed().as_secs());
+    ctx.metrics.visit(&mut keep);
+    ctx.live.stats.visit(&mut keep);
+    let mut lists = vec![PROXY];
     if let Some(fences) = &ctx.fences {
-        let s = &fences.stats;
-        e.counter(
-            "cachefence_misses_total",
-            "Reads of fenced keys that found nothing.",
-            s.misses.get(),
-        );
-        e.counter(
-            "cachefence_tickets_issued_total",
-            "Lease tickets issued to readers that missed.",
-            s.tickets_issued.get(),
-        );
-        e.counter(
-            "cachefence_tickets_dropped_total",
-            "Misses that got no ticket (a bound was reached).",
-            s.tickets_dropped.get(),
-        );
-        e.gauge(
-            "cachefence_tickets_outstanding",
-            "Tickets held now.",
-            fences.tickets_outstanding(),
-        );
-        e.counters(
-            "cachefence_fills_total",
-            "Fills (a SET after a miss) by result: stored, or not stored because NX found a value.",
-            "result",
-            &[
-                ("accepted", s.fills_accepted.get()),
-                ("not_stored_nx", s.fills_not_stored_nx.get()),
-            ],
-        );
-        e.counters(
-            "cachefence_fills_refused_total",
-            "Fills refused as possibly stale, by reason.",
-            "reason",
-            &[
-                ("fence_moved", s.refused_fence_moved.get()),
-                ("fence_missing", s.refused_fence_missing.get()),
-                ("expired", s.refused_expired.get()),
-                ("lag_window", s.refused_lag_window.get()),
-                ("pending_delete", s.refused_pending_delete.get()),
-            ],
-        );
-        e.counters(
-            "cachefence_writes_total",
-            "Writes to fenced keys without a ticket, by result.",
-            "result",
-            &[("stored", s.writes.get()), ("rejected", s.writes_rejected.get())],
-        );
-        let changelog = ctx.changelog.as_ref().map_or(0, |c| c.keys_invalidated.get());
-        let second = fences.second_deletes.as_ref().map_or(0, |w| w.stats.done.get());
-        e.counters(
-            "cachefence_invalidated_keys_total",
-            "Keys sent to Redis to be deleted with their fence moved, by source: client (DEL, UNLINK, GETDEL, on_write = \"invalidate\"), \
-             changelog, admin (CACHE.INVALIDATE), retry (a client delete delivered late), second_delete (double_delete).",
-            "source",
-            &[
-                ("client", s.keys_invalidated_client.get()),
-                ("changelog", changelog),
-                ("admin", s.keys_invalidated_admin.get()),
-                ("retry", fences.undelivered.stats.delivered.get()),
-                ("second_delete", second),
-            ],
-        );
-        e.counter(
-            "cachefence_herd_holds_total",
-            "Misses held while another client filled the key (herd control).",
-            s.holds.get(),
-        );
-        e.counters(
-            "cachefence_herd_hold_outcomes_total",
-            "Held misses by how they ended: served (got the other client's value) or timed_out (after hold, \
-             a ticket of their own).",
-            "outcome",
-            &[
-                ("served", s.holds_served.get()),
-                ("timed_out", s.holds_timed_out.get()),
-            ],
-        );
-        e.counter(
-            "cachefence_script_reloads_total",
-            "Fence script calls sent again with their source after NOSCRIPT.",
-            s.script_reloads.get(),
-        );
-        let u = &fences.undelivered;
-        e.gauge(
-            "cachefence_undelivered_deletes",
-            "Client deletes waiting to be retried.",
-            u.len(),
-        );
-        e.counters(
-            "cachefence_undelivered_deletes_total",
-            "Client deletes that could not be delivered, by what became of them.",
-            "event",
-            &[
-                ("queued", u.stats.queued.get()),
-                ("delivered", u.stats.delivered.get()),
-                ("dropped", u.stats.dropped.get()),
-            ],
-        );
+        super::visit_fences(fences, &mut keep);
+        lists.push(FENCES);
     }
-    if let Some(c) = &ctx.changelog {
-        e.gauge(
-            "cachefence_changelog_connected",
-            "1 while the change-log consumer is connected to PostgreSQL.",
-            c.connected.get(),
-        );
-        e.counter(
-            "cachefence_changelog_rows_total",
-            "Outbox rows applied to Redis and deleted.",
-            c.rows_consumed.get(),
-        );
-        e.counter(
-            "cachefence_changelog_retries_total",
-            "Change-log batches rolled back and tried again.",
-            c.retries.get(),
-        );
-        e.gauge(
-            "cachefence_changelog_lag_seconds",
-            "Age of the oldest unconsumed outbox row at the last poll (0: none).",
-            c.lag_ms.get() as f64 / 1000.0,
-        );
+    if let Some(changelog) = &ctx.changelog {
+        changelog.visit(&mut keep);
+        lists.push(CHANGELOG);
+    }
+    let mut e = Exposition::default();
+    for family in lists.into_iter().flatten() {
+        e.family(family, &samples);
     }
     e.finish()
 }
+
+/// Prometheus' text format, written one family at a time.
+#[derive(Debug, Default)]
+pub struct Exposition {
+    out: String,
+}
+
+impl Exposition {
+    /// `family` with its samples among `samples`: one per label value, in
+    /// the order declared; a value none of them has is written 0.
+    pub fn family(&mut self, family: &Family, samples: &[Sample<'_>]) {
+        let name = family.name;
+        let _ = writeln!(
+            self.out,
+            "# HELP {name} {}\n# TYPE {name} {}",
+            family.help,
+            family.kind.as_str()
+        );
+        let find = |label: Option<&str>| {
+            samples
+                .iter()
+                .find(|s| s.family.is_some_and(|f| f.name == name) && s.label == label)
+                .map_or(
+                    match family.kind {
+                        Kind::Histogram => Value::Histogram(&NO_OBSERVATIONS),
+                        _ => Value::Int(0),
+                    },
+                    |s| s.value,
+                )
+        };
+        match family.label {
+            None => self.sample(name, "", find(None)),
+            Some((label, values)) => {
+                for value in values {
+                    self.sample(name, &format!("{label}=\"{value}\""), find(Some(value)));
+                }
+            }
+        }
+    }
+
+    /// One sample (a histogram's buckets, sum and count); `labels` is
+    /// `name="value"`, or empty.
+    fn sample(&mut self, name: &str, labels: &str, value: Value<'_>) {
+        match value {
+            Value::Int(n) => self.line(name, labels, n),
+            Value::Float(x) => self.line(name, labels, x),
+            Value::Histogram(histogram) => {
+                let comma = if labels.is_empty() { "" } else { "," };
+                let bucket = format!("{name}_bucket");
+                let cumulative = histogram.cumulative();
+                for (le, n) in LATENCY_BUCKETS.iter().zip(&cumulative) {
+                    self.line(&bucket, &format!("{labels}{comma}le=\"{le}\""), n);
+                }
+                let total = *cumulative.last().expect("an +Inf bucket");
+                self.line(&bucket, &format!("{labels}{comma}le=\"+Inf\""), total);
+                self.line(&format!("{name}_sum"), labels, histogram.sum_seconds());
+                self.line(&format!("{name}_count"), labels, total);
+            }
+        }
+    }
+
+    fn line(&mut self, name: &str, labels: &str, value: impl std::fmt::Display) {
+        let _ = match labels.is_empty() {
+            true => writeln!(self.out, "{name} {value}"),
+            false => writeln!(self.out, "{name}{{{labels}}} {value}"),
+        };
+    }
+
+    pub fn finish(self) -> String {
+        self.out
+    }
+}
+
+/// What a histogram family writes for a label value no field reports.
+static NO_OBSERVATIONS: Histogram = Histogram::new();
 
 /// Binds the endpoint's listener (at start, so a bad address stops the proxy).
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -361,5 +252,116 @@ mod tests {
         assert_eq!(request_line(b"GET /metrics\r\n\r\n"), None);
         assert_eq!(request_line(b"GET / HTTP/2 x\r\n\r\n"), None);
         assert_eq!(request_line(b"no line end"), None);
+    }
+
+    use crate::telemetry::{Counter, Gauge, PerClass};
+    use std::time::Duration;
+
+    static HITS: Family = Family::new(Kind::Counter, "x_hits_total", "Hits.");
+    static DEPTH: Family = Family::new(Kind::Gauge, "x_depth", "Depth now.");
+    static LAG: Family = Family::new(Kind::Gauge, "x_lag_seconds", "Lag.");
+    static FILLS: Family =
+        Family::new(Kind::Counter, "x_fills_total", "Fills by result.").by("result", &["stored", "dropped"]);
+    static LATENCY: Family =
+        Family::new(Kind::Histogram, "x_seconds", "Latency.").by("class", &crate::telemetry::Class::NAMES);
+
+    crate::telemetry::registry::metrics! {
+        pub struct Group {
+            hits: Counter, prom HITS;
+            depth: Gauge, prom DEPTH;
+            lag_ms: Gauge, prom LAG / 1000.0;
+            stored: Counter, prom FILLS["stored"];
+            latency: PerClass<Histogram>, prom LATENCY;
+        }
+    }
+
+    fn text(family: &Family, group: &Group) -> String {
+        let mut samples = Vec::new();
+        group.visit(&mut |s| samples.push(s));
+        samples.retain(|s| s.family.is_some_and(|f| std::ptr::eq(f, family)));
+        let mut e = Exposition::default();
+        e.family(family, &samples);
+        e.finish()
+    }
+
+    #[test]
+    fn a_counter_is_written_with_its_help_and_type() {
+        let group = Group::default();
+        group.hits.add(42);
+        assert_eq!(
+            text(&HITS, &group),
+            "# HELP x_hits_total Hits.\n# TYPE x_hits_total counter\nx_hits_total 42\n"
+        );
+    }
+
+    #[test]
+    fn a_gauge_is_written_as_an_integer_or_divided_as_a_float() {
+        let group = Group::default();
+        group.depth.set(7);
+        group.lag_ms.set(1500);
+        assert_eq!(
+            text(&DEPTH, &group),
+            "# HELP x_depth Depth now.\n# TYPE x_depth gauge\nx_depth 7\n"
+        );
+        assert_eq!(
+            text(&LAG, &group),
+            "# HELP x_lag_seconds Lag.\n# TYPE x_lag_seconds gauge\nx_lag_seconds 1.5\n"
+        );
+    }
+
+    #[test]
+    fn a_labelled_family_writes_every_declared_value_in_order() {
+        let group = Group::default();
+        group.stored.add(3);
+        assert_eq!(
+            text(&FILLS, &group),
+            "# HELP x_fills_total Fills by result.\n# TYPE x_fills_total counter\n\
+             x_fills_total{result=\"stored\"} 3\n\
+             x_fills_total{result=\"dropped\"} 0\n"
+        );
+    }
+
+    #[test]
+    fn a_histogram_writes_cumulative_buckets_sum_and_count() {
+        let group = Group::default();
+        let h = &group.latency[1];
+        h.observe(Duration::from_micros(30), 2);
+        h.observe(Duration::from_millis(3), 1);
+        h.observe(Duration::from_secs(60), 1);
+        let text = text(&LATENCY, &group);
+        let intercepted: String = text
+            .lines()
+            .filter(|l| l.starts_with('#') || l.contains("\"intercepted\""))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(
+            intercepted,
+            "# HELP x_seconds Latency.\n# TYPE x_seconds histogram\n\
+             x_seconds_bucket{class=\"intercepted\",le=\"0.00005\"} 2\n\
+             x_seconds_bucket{class=\"intercepted\",le=\"0.0001\"} 2\n\
+             x_seconds_bucket{class=\"intercepted\",le=\"0.00025\"} 2\n\
+             x_seconds_bucket{class=\"intercepted\",le=\"0.0005\"} 2\n\
+             x_seconds_bucket{class=\"intercepted\",le=\"0.001\"} 2\n\
+             x_seconds_bucket{class=\"intercepted\",le=\"0.0025\"} 2\n\
+             x_seconds_bucket{class=\"intercepted\",le=\"0.005\"} 3\n\
+             x_seconds_bucket{class=\"intercepted\",le=\"0.01\"} 3\n\
+             x_seconds_bucket{class=\"intercepted\",le=\"0.025\"} 3\n\
+             x_seconds_bucket{class=\"intercepted\",le=\"0.05\"} 3\n\
+             x_seconds_bucket{class=\"intercepted\",le=\"0.1\"} 3\n\
+             x_seconds_bucket{class=\"intercepted\",le=\"0.25\"} 3\n\
+             x_seconds_bucket{class=\"intercepted\",le=\"0.5\"} 3\n\
+             x_seconds_bucket{class=\"intercepted\",le=\"1\"} 3\n\
+             x_seconds_bucket{class=\"intercepted\",le=\"2.5\"} 3\n\
+             x_seconds_bucket{class=\"intercepted\",le=\"10\"} 3\n\
+             x_seconds_bucket{class=\"intercepted\",le=\"+Inf\"} 4\n\
+             x_seconds_sum{class=\"intercepted\"} 60.00306\n\
+             x_seconds_count{class=\"intercepted\"} 4\n"
+        );
+        // The other classes are written too, empty.
+        assert!(
+            text.contains(
+                "x_seconds_bucket{class=\"admin\",le=\"+Inf\"} 0\nx_seconds_sum{class=\"admin\"} 0\n"
+            )
+        );
     }
 }

@@ -1,12 +1,22 @@
-//! Counters, gauges and latency histograms, bumped where things happen;
-//! `CACHE.STATS` and the Prometheus endpoint ([`crate::telemetry::exporter`]) read them.
+//! The metric types and the two macros the declarations in
+//! [`crate::telemetry`] are written with.
+//!
+//! Bumping a metric is a relaxed atomic add on a struct field: no lock, no
+//! allocation, no lookup by name. Names, help and labels are `'static` data
+//! beside the fields, read only by `CACHE.STATS` and a scrape, through each
+//! group's `visit`.
 
+use std::ops::Index;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Debug, Default)]
 pub struct Counter(AtomicU64);
 
 impl Counter {
+    pub const fn new() -> Counter {
+        Counter(AtomicU64::new(0))
+    }
+
     pub fn inc(&self) {
         self.add(1);
     }
@@ -43,32 +53,10 @@ impl Gauge {
     }
 }
 
+/// A gauge that is always 1, for a family whose information is its label
+/// (`cachefence_build_info`).
 #[derive(Debug, Default)]
-pub struct Metrics {
-    /// Client connections accepted (including rejected ones).
-    pub connections_total: Counter,
-    /// Client connections being served now.
-    pub connections_current: Gauge,
-    /// Clients turned away by `max_clients`.
-    pub connections_rejected: Counter,
-    /// Requests by [`Class`] (commands, not bytes).
-    pub commands: [Counter; 3],
-    /// From reading a batch of requests to routing the reply to its last
-    /// one, per command, by [`Class`].
-    pub latency: [Histogram; 3],
-    /// Upstream connections that could not be opened.
-    pub upstream_connect_errors: Counter,
-    /// Upstream connections lost with replies pending.
-    pub upstream_lost: Counter,
-    /// Upstream connections closed by `reply_timeout`.
-    pub upstream_timeouts: Counter,
-    /// Upstream reached again by a client served errors while it was away.
-    pub upstream_reconnects: Counter,
-    /// Clients closed for malformed requests.
-    pub protocol_errors: Counter,
-    /// Clients on the TLS listener whose handshake failed or timed out.
-    pub tls_handshake_errors: Counter,
-}
+pub struct Info;
 
 /// Upper bounds of the latency buckets, in seconds (Prometheus `le`).
 pub const LATENCY_BUCKETS: [f64; 16] = [
@@ -87,6 +75,14 @@ pub struct Histogram {
 }
 
 impl Histogram {
+    pub const fn new() -> Histogram {
+        Histogram {
+            buckets: [const { Counter::new() }; LATENCY_BUCKETS.len() + 1],
+            sum_nanos: Counter::new(),
+            count: Counter::new(),
+        }
+    }
+
     /// Records `n` observations of `latency`.
     pub fn observe(&self, latency: std::time::Duration, n: u64) {
         if n == 0 {
@@ -137,121 +133,284 @@ pub enum Class {
 
 impl Class {
     pub const ALL: [Class; 3] = [Class::Passthrough, Class::Intercepted, Class::Admin];
+    /// The `class` label's values, indexed by `Class as usize`.
+    pub const NAMES: [&'static str; 3] = ["passthrough", "intercepted", "admin"];
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            Class::Passthrough => "passthrough",
-            Class::Intercepted => "intercepted",
-            Class::Admin => "admin",
-        }
+        Class::NAMES[self as usize]
     }
 }
 
 /// Commands of one batch per [`Class`].
 pub type ClassCounts = [u32; 3];
 
-/// Prometheus' text format, written one family at a time.
+/// One metric per [`Class`], indexed by `Class as usize`; it reports each
+/// with its `class` label.
 #[derive(Debug, Default)]
-pub struct Exposition {
-    out: String,
+pub struct PerClass<T>(pub [T; 3]);
+
+impl<T> Index<usize> for PerClass<T> {
+    type Output = T;
+
+    fn index(&self, class: usize) -> &T {
+        &self.0[class]
+    }
 }
 
-impl Exposition {
-    fn header(&mut self, name: &str, kind: &str, help: &str) {
-        use std::fmt::Write;
-        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+/// A Prometheus metric type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// A Prometheus metric family: what its `# HELP` and `# TYPE` lines say,
+/// and its label with every value it is written with, in order.
+#[derive(Debug)]
+pub struct Family {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub help: &'static str,
+    /// The label's name and values; each value is one sample, written 0
+    /// when no field reports it (a part of the proxy that is off).
+    pub label: Option<(&'static str, &'static [&'static str])>,
+}
+
+impl Family {
+    pub const fn new(kind: Kind, name: &'static str, help: &'static str) -> Family {
+        Family {
+            name,
+            kind,
+            help,
+            label: None,
+        }
     }
 
-    fn sample(&mut self, name: &str, labels: &str, value: impl std::fmt::Display) {
-        use std::fmt::Write;
-        let _ = match labels.is_empty() {
-            true => writeln!(self.out, "{name} {value}"),
-            false => writeln!(self.out, "{name}{{{labels}}} {value}"),
+    pub const fn by(self, label: &'static str, values: &'static [&'static str]) -> Family {
+        Family {
+            label: Some((label, values)),
+            ..self
+        }
+    }
+}
+
+/// A metric's value when read.
+#[derive(Debug, Clone, Copy)]
+pub enum Value<'a> {
+    Int(u64),
+    Float(f64),
+    Histogram(&'a Histogram),
+}
+
+impl Value<'_> {
+    /// The value as `CACHE.STATS` reports it (an integer).
+    pub fn as_u64(self) -> u64 {
+        match self {
+            Value::Int(n) => n,
+            Value::Float(x) => x as u64,
+            Value::Histogram(h) => h.count(),
+        }
+    }
+}
+
+/// One reading of a declared field, as a group's `visit` yields it: either
+/// its `CACHE.STATS` entry (`stats`) or one of its Prometheus samples
+/// (`family`, with the label value), never both.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample<'a> {
+    /// The struct field it was read from.
+    pub field: &'static str,
+    /// The field's type, as a Prometheus type.
+    pub kind: Kind,
+    pub stats: Option<&'static str>,
+    pub family: Option<&'static Family>,
+    pub label: Option<&'static str>,
+    pub value: Value<'a>,
+}
+
+impl<'a> Sample<'a> {
+    #[doc(hidden)]
+    pub fn stats(field: &'static str, kind: Kind, name: &'static str, value: Value<'a>) -> Sample<'a> {
+        Sample {
+            field,
+            kind,
+            stats: Some(name),
+            family: None,
+            label: None,
+            value,
+        }
+    }
+
+    #[doc(hidden)]
+    pub fn prom(
+        field: &'static str,
+        kind: Kind,
+        family: &'static Family,
+        label: Option<&'static str>,
+        value: Value<'a>,
+        divisor: Option<f64>,
+    ) -> Sample<'a> {
+        let value = match (value, divisor) {
+            (Value::Int(n), Some(d)) => Value::Float(n as f64 / d),
+            (value, _) => value,
         };
-    }
-
-    pub fn counter(&mut self, name: &str, help: &str, value: u64) {
-        self.header(name, "counter", help);
-        self.sample(name, "", value);
-    }
-
-    pub fn gauge(&mut self, name: &str, help: &str, value: impl std::fmt::Display) {
-        self.header(name, "gauge", help);
-        self.sample(name, "", value);
-    }
-
-    /// A counter family with one label: `label="value"` per sample.
-    pub fn counters(&mut self, name: &str, help: &str, label: &str, samples: &[(&str, u64)]) {
-        self.header(name, "counter", help);
-        for (value, n) in samples {
-            self.sample(name, &format!("{label}=\"{value}\""), n);
+        Sample {
+            field,
+            kind,
+            stats: None,
+            family: Some(family),
+            label,
+            value,
         }
     }
+}
 
-    /// A gauge family with one label.
-    pub fn gauges(&mut self, name: &str, help: &str, label: &str, samples: &[(&str, u64)]) {
-        self.header(name, "gauge", help);
-        for (value, n) in samples {
-            self.sample(name, &format!("{label}=\"{value}\""), n);
+/// What a declared field can be: something that reads as one or more
+/// values (more for [`PerClass`], each with its label value).
+pub trait Read {
+    const KIND: Kind;
+    fn read<'a>(&'a self, out: &mut dyn FnMut(Option<&'static str>, Value<'a>));
+}
+
+impl Read for Counter {
+    const KIND: Kind = Kind::Counter;
+    fn read<'a>(&'a self, out: &mut dyn FnMut(Option<&'static str>, Value<'a>)) {
+        out(None, Value::Int(self.get()));
+    }
+}
+
+impl Read for Gauge {
+    const KIND: Kind = Kind::Gauge;
+    fn read<'a>(&'a self, out: &mut dyn FnMut(Option<&'static str>, Value<'a>)) {
+        out(None, Value::Int(self.get()));
+    }
+}
+
+impl Read for Info {
+    const KIND: Kind = Kind::Gauge;
+    fn read<'a>(&'a self, out: &mut dyn FnMut(Option<&'static str>, Value<'a>)) {
+        out(None, Value::Int(1));
+    }
+}
+
+impl Read for Histogram {
+    const KIND: Kind = Kind::Histogram;
+    fn read<'a>(&'a self, out: &mut dyn FnMut(Option<&'static str>, Value<'a>)) {
+        out(None, Value::Histogram(self));
+    }
+}
+
+impl<T: Read> Read for PerClass<T> {
+    const KIND: Kind = T::KIND;
+    fn read<'a>(&'a self, out: &mut dyn FnMut(Option<&'static str>, Value<'a>)) {
+        for class in Class::ALL {
+            self.0[class as usize].read(&mut |_, value| out(Some(class.as_str()), value));
         }
     }
+}
 
-    /// A histogram family with one label.
-    pub fn histograms(&mut self, name: &str, help: &str, label: &str, samples: &[(&str, &Histogram)]) {
-        self.header(name, "histogram", help);
-        for (value, histogram) in samples {
-            let cumulative = histogram.cumulative();
-            for (le, n) in LATENCY_BUCKETS.iter().zip(&cumulative) {
-                self.sample(
-                    &format!("{name}_bucket"),
-                    &format!("{label}=\"{value}\",le=\"{le}\""),
-                    n,
-                );
+/// `Some(x)` for one argument, `None` for none.
+macro_rules! opt {
+    () => {
+        None
+    };
+    ($x:expr) => {
+        Some($x)
+    };
+}
+
+/// Declares Prometheus families as statics, and per list a static slice of
+/// them in the order a scrape writes them:
+///
+/// ```text
+/// LIST = [
+///     NAME: Counter "prometheus_name" [by "label" [values]], "Help.";
+/// ];
+/// ```
+macro_rules! families {
+    ($(
+        $(#[$list_meta:meta])*
+        $list:ident = [
+            $( $id:ident: $kind:ident $name:literal $(by $label:literal $values:expr)?, $help:literal; )*
+        ];
+    )*) => {
+        $(
+            $(
+                pub static $id: $crate::telemetry::Family =
+                    $crate::telemetry::Family::new($crate::telemetry::Kind::$kind, $name, $help)
+                    $(.by($label, &$values))?;
+            )*
+            $(#[$list_meta])*
+            pub static $list: &[&$crate::telemetry::Family] = &[$(&$id),*];
+        )*
+    };
+}
+
+/// Declares groups of metrics: a struct of public fields (`Default`, so
+/// every metric starts at 0) and its `visit`, which reads each field, in
+/// declaration order, as its `CACHE.STATS` entry and its Prometheus samples:
+///
+/// ```text
+/// pub struct Group {
+///     /// Doc.
+///     field: Counter [, stats "stats_name"] [, prom FAMILY ["label value"] [/ divisor]]* ;
+/// }
+/// ```
+///
+/// A field may be in several families (or none); `/ divisor` writes it
+/// divided, as a float (milliseconds as seconds).
+macro_rules! metrics {
+    ($(
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $(
+                $(#[$field_meta:meta])*
+                $field:ident: $ty:ty
+                $(, stats $stats:literal)?
+                $(, prom $family:ident $([$label:expr])? $(/ $divisor:literal)?)*;
+            )*
+        }
+    )*) => {$(
+        $(#[$meta])*
+        #[derive(Debug, Default)]
+        pub struct $name {
+            $( $(#[$field_meta])* pub $field: $ty, )*
+        }
+
+        impl $name {
+            /// Reads every field, in declaration order.
+            pub fn visit<'a>(&'a self, out: &mut dyn FnMut($crate::telemetry::Sample<'a>)) {
+                use $crate::telemetry::{Read, Sample};
+                $(
+                    Read::read(&self.$field, &mut |_by, _value| {
+                        let _kind = <$ty as Read>::KIND;
+                        $( out(Sample::stats(stringify!($field), _kind, $stats, _value)); )?
+                        $(
+                            out(Sample::prom(
+                                stringify!($field),
+                                _kind,
+                                &$family,
+                                _by.or($crate::telemetry::registry::opt!($($label)?)),
+                                _value,
+                                $crate::telemetry::registry::opt!($($divisor)?),
+                            ));
+                        )*
+                    });
+                )*
             }
-            let total = *cumulative.last().expect("an +Inf bucket");
-            self.sample(
-                &format!("{name}_bucket"),
-                &format!("{label}=\"{value}\",le=\"+Inf\""),
-                total,
-            );
-            self.sample(
-                &format!("{name}_sum"),
-                &format!("{label}=\"{value}\""),
-                histogram.sum_seconds(),
-            );
-            self.sample(&format!("{name}_count"), &format!("{label}=\"{value}\""), total);
         }
-    }
-
-    pub fn finish(self) -> String {
-        self.out
-    }
+    )*};
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn histograms_render_cumulative_buckets() {
-        let h = Histogram::default();
-        h.observe(Duration::from_micros(30), 2);
-        h.observe(Duration::from_millis(3), 1);
-        h.observe(Duration::from_secs(60), 1);
-        let mut e = Exposition::default();
-        e.histograms("x_seconds", "Latency.", "class", &[("a", &h)]);
-        let text = e.finish();
-        assert!(text.starts_with("# HELP x_seconds Latency.\n# TYPE x_seconds histogram\n"));
-        assert!(
-            text.contains("x_seconds_bucket{class=\"a\",le=\"0.00005\"} 2\n"),
-            "{text}"
-        );
-        assert!(text.contains("x_seconds_bucket{class=\"a\",le=\"0.0025\"} 2\n"));
-        assert!(text.contains("x_seconds_bucket{class=\"a\",le=\"0.005\"} 3\n"));
-        assert!(text.contains("x_seconds_bucket{class=\"a\",le=\"10\"} 3\n"));
-        assert!(text.contains("x_seconds_bucket{class=\"a\",le=\"+Inf\"} 4\n"));
-        assert!(text.contains("x_seconds_sum{class=\"a\"} 60.00306\n"), "{text}");
-        assert!(text.contains("x_seconds_count{class=\"a\"} 4\n"));
-    }
-}
+pub(crate) use {families, metrics, opt};
