@@ -11,7 +11,8 @@ use crate::changelog::ChangeLogStats;
 use crate::config::Config;
 use crate::config::Live;
 use crate::fence::Fences;
-use crate::metrics::Metrics;
+use crate::telemetry::exporter::Scrape;
+use crate::telemetry::{CHANGELOG, FENCES, Family, Metrics, PROXY, Sample};
 
 /// The running proxy's shared state.
 #[derive(Debug)]
@@ -52,5 +53,25 @@ impl App {
             config,
             metrics: Metrics::default(),
         }
+    }
+}
+
+impl Scrape for App {
+    /// Every family of the proxy, then of the fence layer and the change
+    /// log when they run, in the order declared in [`crate::telemetry`].
+    fn scrape<'a>(&'a self, out: &mut dyn FnMut(Sample<'a>)) -> Vec<&'static [&'static Family]> {
+        self.metrics.uptime_seconds.set(self.started.elapsed().as_secs());
+        self.metrics.visit(out);
+        self.live.stats.visit(out);
+        let mut lists = vec![PROXY];
+        if let Some(fences) = &self.fences {
+            fences.visit_stats(out);
+            lists.push(FENCES);
+        }
+        if let Some(changelog) = &self.changelog {
+            changelog.visit(out);
+            lists.push(CHANGELOG);
+        }
+        lists
     }
 }

@@ -34,8 +34,10 @@
 //!   setting declared once in [`config::settings`] (live or restart);
 //!   [`config::live`]: the settings a reload (`SIGHUP`, `CACHE.RELOAD`)
 //!   changes in place, and the reload.
-//! - [`metrics`], [`exporter`], [`logging`]: counters and histograms, the
-//!   Prometheus endpoint that renders them, and `tracing` setup.
+//! - [`telemetry`]: counters and histograms, each declared once with its
+//!   `CACHE.STATS` name and Prometheus family (types and macros in
+//!   [`telemetry::registry`]); the Prometheus endpoint that renders them
+//!   ([`telemetry::exporter`]); `tracing` setup ([`telemetry::logging`]).
 //!
 //! `main.rs` only parses flags, loads the config and runs [`server::Server`].
 
@@ -43,13 +45,11 @@ pub mod admin;
 pub mod app;
 pub mod changelog;
 pub mod config;
-pub mod exporter;
 pub mod fence;
-pub mod logging;
-pub mod metrics;
 pub mod net;
 pub mod redis;
 pub mod resp;
 pub mod server;
 pub mod session;
+pub mod telemetry;
 pub mod tls;

@@ -67,7 +67,7 @@ enum PgAction {
 
 fn main() -> ExitCode {
     let mut cli = Cli::parse();
-    cli.settings.log_level = cachefence::logging::level_from_env(cli.settings.log_level.take());
+    cli.settings.log_level = cachefence::telemetry::logging::level_from_env(cli.settings.log_level.take());
     if cli.no_fences {
         cli.settings.fences = Some(false);
     }
@@ -91,7 +91,7 @@ fn main() -> ExitCode {
         println!("cachefence: configuration OK ({source})");
         return ExitCode::SUCCESS;
     }
-    cachefence::logging::init(&config);
+    cachefence::telemetry::logging::init(&config);
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if config.workers > 0 {
         runtime.worker_threads(config.workers);
@@ -174,7 +174,7 @@ fn audit(config: &Config, sample: u64, settle: Span, json: bool) -> ExitCode {
         );
         return ExitCode::FAILURE;
     };
-    cachefence::logging::init(config);
+    cachefence::telemetry::logging::init(config);
     let options = audit::Options {
         sample: usize::try_from(sample).unwrap_or(usize::MAX),
         settle: settle.0,

@@ -36,7 +36,7 @@ impl Server {
             listen(&config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
         let metrics = match config.metrics_listen {
             Some(addr) => Some(
-                crate::exporter::bind(addr)
+                crate::telemetry::exporter::bind(addr)
                     .with_context(|| format!("cannot listen on {addr} (metrics_listen)"))?,
             ),
             None => None,
@@ -80,7 +80,7 @@ impl Server {
             tokio::spawn(consumer.instrument(info_span!("changelog")));
         }
         if let Some(metrics) = metrics {
-            let exporter = crate::exporter::serve(metrics, ctx.clone(), stop_rx.clone());
+            let exporter = crate::telemetry::exporter::serve(metrics, ctx.clone(), stop_rx.clone());
             tokio::spawn(exporter.instrument(info_span!("metrics")));
         }
         tokio::pin!(shutdown);

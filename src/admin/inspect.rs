@@ -9,6 +9,7 @@ use crate::fence::plan::{Plan, rewrite};
 use crate::fence::script::{ScriptCall, fence_key};
 use crate::fence::translate::ScriptReply;
 use crate::resp::value::Reply;
+use crate::telemetry::Sample;
 
 /// `CACHE.HELP`: one line per command.
 pub fn help() -> Reply {
@@ -20,33 +21,21 @@ pub fn help() -> Reply {
     )
 }
 
-/// `CACHE.STATS`: the consistency layer's counters, then the workers'.
+/// `CACHE.STATS`: every counter of the fence layer's groups (and the
+/// change log's, when it runs) that has a stats name, in declaration order.
 pub fn stats(fences: &Fences, app: &App) -> Reply {
-    let mut fields = fences.stats.fields(fences.tickets_outstanding());
-    if let Some(worker) = &fences.second_deletes {
-        fields.push(("second_deletes_done", worker.stats.done.get()));
-        fields.push(("second_deletes_dropped", worker.stats.dropped.get()));
-        fields.push(("second_deletes_failed", worker.stats.failed.get()));
-    }
-    let undelivered = &fences.undelivered;
-    fields.extend([
-        ("undelivered_deletes_pending", undelivered.len() as u64),
-        ("undelivered_deletes_queued", undelivered.stats.queued.get()),
-        ("undelivered_deletes_delivered", undelivered.stats.delivered.get()),
-        ("undelivered_deletes_retries", undelivered.stats.retries.get()),
-        ("undelivered_deletes_dropped", undelivered.stats.dropped.get()),
-        ("undelivered_reads_missed", undelivered.stats.reads_missed.get()),
-    ]);
+    let mut fields = Vec::with_capacity(40);
+    let mut keep = |sample: Sample<'_>| {
+        if let Some(name) = sample.stats {
+            let name = Reply::Bulk(Bytes::from_static(name.as_bytes()));
+            fields.push((name, Reply::Int(sample.value.as_u64() as i64)));
+        }
+    };
+    fences.visit_stats(&mut keep);
     if let Some(changelog) = &app.changelog {
-        fields.extend(changelog.fields());
+        changelog.visit(&mut keep);
     }
-    let name = |k: &'static str| Reply::Bulk(Bytes::from_static(k.as_bytes()));
-    Reply::Map(
-        fields
-            .into_iter()
-            .map(|(k, v)| (name(k), Reply::Int(v as i64)))
-            .collect(),
-    )
+    Reply::Map(fields)
 }
 
 /// `CACHE.INFO`: the proxy itself, as Redis' `INFO` formats a section.

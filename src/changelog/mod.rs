@@ -25,7 +25,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Secret, Span};
-use crate::metrics::{Counter, Gauge};
+pub use crate::telemetry::ChangeLogStats;
 use template::{KeyTemplate, QualifiedName};
 
 /// The `[postgres]` table of the config file.
@@ -205,33 +205,6 @@ pub struct ChangeLogConfig {
 impl ChangeLogConfig {
     pub fn pg_config(&self) -> deadpool_postgres::tokio_postgres::Config {
         self.url.expose().parse().expect("validated in resolve")
-    }
-}
-
-/// Counters of the consumer (`CACHE.STATS`).
-#[derive(Debug, Default)]
-pub struct ChangeLogStats {
-    /// Outbox rows applied to Redis and deleted.
-    pub rows_consumed: Counter,
-    /// Keys invalidated from those rows.
-    pub keys_invalidated: Counter,
-    /// Batches rolled back and tried again (PostgreSQL or Redis failed).
-    pub retries: Counter,
-    /// Age of the oldest unconsumed row at the last poll, ms (0: empty).
-    pub lag_ms: Gauge,
-    /// 1 while the consumer is connected to PostgreSQL.
-    pub connected: Gauge,
-}
-
-impl ChangeLogStats {
-    pub fn fields(&self) -> Vec<(&'static str, u64)> {
-        vec![
-            ("changelog_connected", self.connected.get()),
-            ("changelog_rows_consumed", self.rows_consumed.get()),
-            ("changelog_keys_invalidated", self.keys_invalidated.get()),
-            ("changelog_retries", self.retries.get()),
-            ("changelog_lag_ms", self.lag_ms.get()),
-        ]
     }
 }
 

@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 use super::{Config, Reload, SETTINGS};
 use crate::app::App;
-use crate::metrics::Counter;
+pub use crate::telemetry::ReloadStats;
 
 /// The settings sessions read while they run, as atomics: a read costs a
 /// plain load, a reload a store.
@@ -36,12 +36,6 @@ pub struct Live {
     /// running values); reloads diff against it, one at a time.
     applied: Mutex<Config>,
     pub stats: ReloadStats,
-}
-
-#[derive(Debug, Default)]
-pub struct ReloadStats {
-    pub reloads: Counter,
-    pub failures: Counter,
 }
 
 fn nanos(d: Option<Duration>) -> u64 {
@@ -180,7 +174,7 @@ fn try_reload(ctx: &App) -> anyhow::Result<Reloaded> {
     let old = &*applied;
     let (changed, restart) = diff(old, &mut next, ctx.fences.is_some(), scope.is_some());
     if old.log_level != next.log_level
-        && let Err(error) = crate::logging::set_level(&next.log_level)
+        && let Err(error) = crate::telemetry::logging::set_level(&next.log_level)
     {
         anyhow::bail!("key `log_level`: {error}");
     }

@@ -31,7 +31,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use dashmap::DashMap;
 
-use crate::metrics::Counter;
+use crate::telemetry::Counter;
+pub use crate::telemetry::FenceStats;
 pub use client::Client;
 pub use policy::{CacheSection, LagPolicy, OnStaleFill, OnWrite, Policy, Scope};
 
@@ -93,36 +94,6 @@ impl Refusal {
     }
 }
 
-/// Counters of the consistency layer (`CACHE.STATS`).
-#[derive(Debug, Default)]
-pub struct FenceStats {
-    pub misses: Counter,
-    pub tickets_issued: Counter,
-    pub tickets_dropped: Counter,
-    pub fills_accepted: Counter,
-    pub fills_not_stored_nx: Counter,
-    pub refused_fence_moved: Counter,
-    pub refused_fence_missing: Counter,
-    pub refused_expired: Counter,
-    pub refused_lag_window: Counter,
-    pub refused_pending_delete: Counter,
-    pub writes: Counter,
-    pub writes_rejected: Counter,
-    pub invalidations: Counter,
-    /// Keys of client invalidations (`DEL`, `UNLINK`, `GETDEL`,
-    /// `on_write = "invalidate"`) sent to Redis.
-    pub keys_invalidated_client: Counter,
-    /// Keys of `CACHE.INVALIDATE` sent to Redis.
-    pub keys_invalidated_admin: Counter,
-    pub script_reloads: Counter,
-    /// Misses that waited for another client's fill (herd control).
-    pub holds: Counter,
-    /// … and got the value it filled.
-    pub holds_served: Counter,
-    /// … and gave up after `hold` (then got a ticket of their own).
-    pub holds_timed_out: Counter,
-}
-
 impl FenceStats {
     pub fn refused(&self, why: Refusal) -> &Counter {
         match why {
@@ -132,30 +103,6 @@ impl FenceStats {
             Refusal::LagWindow => &self.refused_lag_window,
             Refusal::PendingDelete => &self.refused_pending_delete,
         }
-    }
-
-    /// Name/value pairs for `CACHE.STATS`.
-    pub fn fields(&self, tickets_outstanding: usize) -> Vec<(&'static str, u64)> {
-        vec![
-            ("misses", self.misses.get()),
-            ("tickets_issued", self.tickets_issued.get()),
-            ("tickets_outstanding", tickets_outstanding as u64),
-            ("tickets_dropped", self.tickets_dropped.get()),
-            ("fills_accepted", self.fills_accepted.get()),
-            ("fills_not_stored_nx", self.fills_not_stored_nx.get()),
-            ("fills_refused_fence_moved", self.refused_fence_moved.get()),
-            ("fills_refused_fence_missing", self.refused_fence_missing.get()),
-            ("fills_refused_expired", self.refused_expired.get()),
-            ("fills_refused_lag_window", self.refused_lag_window.get()),
-            ("fills_refused_pending_delete", self.refused_pending_delete.get()),
-            ("writes", self.writes.get()),
-            ("writes_rejected", self.writes_rejected.get()),
-            ("invalidations", self.invalidations.get()),
-            ("script_reloads", self.script_reloads.get()),
-            ("holds", self.holds.get()),
-            ("holds_served", self.holds_served.get()),
-            ("holds_timed_out", self.holds_timed_out.get()),
-        ]
     }
 }
 
@@ -287,6 +234,20 @@ impl Fences {
         for key in keys {
             self.tickets.remove(&(connection, key));
         }
+    }
+
+    /// Every sample of the fence layer's counters (`CACHE.STATS`,
+    /// `/metrics`), the gauges sampled on read set first.
+    pub fn visit_stats<'a>(&'a self, out: &mut dyn FnMut(crate::telemetry::Sample<'a>)) {
+        self.stats
+            .tickets_outstanding
+            .set(self.tickets_outstanding() as u64);
+        self.undelivered.stats.pending.set(self.undelivered.len() as u64);
+        self.stats.visit(out);
+        if let Some(worker) = &self.second_deletes {
+            worker.stats.visit(out);
+        }
+        self.undelivered.stats.visit(out);
     }
 
     pub fn tickets_outstanding(&self) -> usize {

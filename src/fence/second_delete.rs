@@ -16,7 +16,7 @@ use super::epilogue::Epilogue;
 use super::history::Source;
 use super::invalidator::Invalidator;
 use crate::config::Upstream;
-use crate::metrics::Counter;
+pub use crate::telemetry::SecondDeleteStats;
 
 /// Second deletes waiting at most, per process.
 const QUEUE: usize = 10_000;
@@ -26,13 +26,6 @@ struct Job {
     due: Instant,
     db: u32,
     keys: Vec<Bytes>,
-}
-
-#[derive(Debug, Default)]
-pub struct SecondDeleteStats {
-    pub done: Counter,
-    pub dropped: Counter,
-    pub failed: Counter,
 }
 
 #[derive(Debug, Clone)]

@@ -23,7 +23,7 @@ use super::epilogue::Epilogue;
 use super::history::Source;
 use super::invalidator::Invalidator;
 use crate::config::Upstream;
-use crate::metrics::Counter;
+pub use crate::telemetry::UndeliveredStats;
 
 /// Most keys waiting for a retried delete, per process.
 pub const MAX_UNDELIVERED: usize = 100_000;
@@ -32,20 +32,6 @@ const BATCH: usize = 1000;
 /// Retry backoff bounds.
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 const LAST_RETRY: Duration = Duration::from_secs(5);
-
-#[derive(Debug, Default)]
-pub struct UndeliveredStats {
-    /// Keys queued for a retried delete.
-    pub queued: Counter,
-    /// Keys whose retried delete Redis acknowledged.
-    pub delivered: Counter,
-    /// Retry rounds that failed (upstream still away).
-    pub retries: Counter,
-    /// Keys not queued because the queue was full.
-    pub dropped: Counter,
-    /// Reads answered nil and fills refused because the key was waiting.
-    pub reads_missed: Counter,
-}
 
 #[derive(Debug, Default)]
 pub struct Undelivered {

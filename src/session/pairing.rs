@@ -119,7 +119,7 @@ const MAX_MARKS: usize = 1024;
 pub struct Mark {
     upto: u64,
     pub at: std::time::Instant,
-    pub counts: crate::metrics::ClassCounts,
+    pub counts: crate::telemetry::ClassCounts,
 }
 
 impl Pairing {
@@ -135,7 +135,7 @@ impl Pairing {
     }
 
     /// Times the batch whose expectations were pushed last.
-    pub fn mark(&mut self, at: std::time::Instant, counts: crate::metrics::ClassCounts) {
+    pub fn mark(&mut self, at: std::time::Instant, counts: crate::telemetry::ClassCounts) {
         if self.marks.len() < MAX_MARKS {
             let upto = self.pushed;
             self.marks.push_back(Mark { upto, at, counts });

@@ -24,10 +24,10 @@ use crate::fence::herd::Holds;
 use crate::fence::plan::Intercept;
 use crate::fence::script::ScriptCall;
 use crate::fence::translate::{MissOutcome, ScriptReply};
-use crate::metrics::{Class, Metrics};
 use crate::resp::encode;
 use crate::resp::reply::ReplyScanner;
 use crate::resp::value::{Reply, Value};
+use crate::telemetry::{Class, Metrics};
 
 /// Upstream → client.
 pub(super) async fn forward_replies<R, W>(

@@ -18,10 +18,10 @@ use super::{Injection, MIN_READ, READ_CHUNK, RequestsEnd, Shared, drain, send, s
 use crate::app::App;
 use crate::fence::Client;
 use crate::fence::plan::{Intercept, Plan};
-use crate::metrics::{Class, ClassCounts};
 use crate::resp::command::{CacheOp, Command, ReplyMode};
 use crate::resp::encode;
 use crate::resp::request::{INLINE_MAX, ProtocolError, RequestFramer};
+use crate::telemetry::{Class, ClassCounts};
 
 /// Client → upstream.
 pub(super) async fn forward_requests<R, W>(
