@@ -7,8 +7,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::changelog::ChangeLogStats;
 use crate::config::Config;
+use crate::telemetry::ChangeLogStats;
+use tracing::{info, warn};
+
 use crate::config::Live;
 use crate::fence::Fences;
 use crate::telemetry::exporter::Scrape;
@@ -73,5 +75,100 @@ impl Scrape for App {
             lists.push(CHANGELOG);
         }
         lists
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// The file read.
+    pub file: String,
+    /// Settings that changed and are in force now.
+    pub applied: Vec<&'static str>,
+    /// Settings that changed in the file but keep their running value
+    /// until a restart.
+    pub restart_required: Vec<&'static str>,
+}
+
+/// The target of the reload's log lines: the module's path before it moved
+/// into `config`, so that they, and filters such as
+/// `RUST_LOG=cachefence::live=warn`, stay as they were.
+const LOG_TARGET: &str = "cachefence::live";
+
+impl App {
+    /// Re-reads the config file and applies it; on an error (no file, a file
+    /// that does not parse or validate) nothing changes. Logged either way.
+    pub fn reload(&self, trigger: &'static str) -> anyhow::Result<Reloaded> {
+        let result = self.try_reload();
+        match &result {
+            Ok(done) => {
+                self.live.stats.reloads.inc();
+                info!(
+                    target: LOG_TARGET,
+                    trigger,
+                    file = %done.file,
+                    applied = ?done.applied,
+                    restart_required = ?done.restart_required,
+                    "configuration reloaded"
+                );
+                if !done.restart_required.is_empty() {
+                    warn!(
+                        target: LOG_TARGET,
+                        settings = ?done.restart_required,
+                        "changed settings that only take effect after a restart; running values kept"
+                    );
+                }
+            }
+            Err(error) => {
+                self.live.stats.failures.inc();
+                warn!(
+                    target: LOG_TARGET,
+                    trigger,
+                    error = format!("{error:#}"),
+                    "reload rejected; the running configuration is kept"
+                );
+            }
+        }
+        result
+    }
+
+    fn try_reload(&self) -> anyhow::Result<Reloaded> {
+        let mut applied = self.live.lock_applied();
+        let Some(path) = applied.source.clone() else {
+            anyhow::bail!("no config file to reload (cachefence was started without --config)");
+        };
+        let mut next = Config::load(Some(&path), applied.flags.clone())?;
+        // Everything the new file says is valid: from here on nothing fails
+        // but a scope with too many distinct policies, checked first.
+        let scope = match (&self.fences, &next.fences) {
+            (Some(fences), Some(file)) if !fences.scope().same_sections(file) => {
+                Some(fences.scope().succeeded_by(file)?)
+            }
+            _ => None,
+        };
+        let old = &*applied;
+        let (changed, restart) =
+            crate::config::live::diff(old, &mut next, self.fences.is_some(), scope.is_some());
+        if old.log_level != next.log_level
+            && let Err(error) = crate::telemetry::logging::set_level(&next.log_level)
+        {
+            anyhow::bail!("key `log_level`: {error}");
+        }
+        if let Some(fences) = &self.fences {
+            if let Some(scope) = scope {
+                fences.scope.store(std::sync::Arc::new(scope));
+            }
+            fences
+                .admin_password
+                .store(next.admin_password.clone().map(std::sync::Arc::new));
+            fences.history.set_max_keys(next.explain_keys);
+        }
+        self.live.store(&next);
+        *applied = next;
+        Ok(Reloaded {
+            file: path.display().to_string(),
+            applied: changed,
+            restart_required: restart,
+        })
     }
 }

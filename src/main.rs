@@ -91,7 +91,7 @@ fn main() -> ExitCode {
         println!("cachefence: configuration OK ({source})");
         return ExitCode::SUCCESS;
     }
-    cachefence::telemetry::logging::init(&config);
+    init_logging(&config);
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if config.workers > 0 {
         runtime.worker_threads(config.workers);
@@ -174,7 +174,7 @@ fn audit(config: &Config, sample: u64, settle: Span, json: bool) -> ExitCode {
         );
         return ExitCode::FAILURE;
     };
-    cachefence::telemetry::logging::init(config);
+    init_logging(config);
     let options = audit::Options {
         sample: usize::try_from(sample).unwrap_or(usize::MAX),
         settle: settle.0,
@@ -205,4 +205,9 @@ fn audit(config: &Config, sample: u64, settle: Span, json: bool) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn init_logging(config: &Config) {
+    let json = config.log_format == cachefence::config::LogFormat::Json;
+    cachefence::telemetry::logging::init(&config.log_level, json);
 }

@@ -76,7 +76,12 @@ impl Server {
         // Every session holds a sender; `recv` returns `None` once all are gone.
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
         if let (Some(config), Some(stats)) = (&ctx.config.changelog, &ctx.changelog) {
-            let consumer = consumer::run(config.clone(), ctx.clone(), stats.clone(), stop_rx.clone());
+            let target = consumer::Target {
+                upstream: ctx.config.upstream.clone(),
+                connect_timeout: ctx.config.connect_timeout,
+                fences: ctx.fences.as_ref().map(|f| (f.scope.clone(), f.epilogue.clone())),
+            };
+            let consumer = consumer::run(config.clone(), target, stats.clone(), stop_rx.clone());
             tokio::spawn(consumer.instrument(info_span!("changelog")));
         }
         if let Some(metrics) = metrics {
@@ -88,7 +93,7 @@ impl Server {
             let (socket, peer) = tokio::select! {
                 _ = &mut shutdown => break,
                 Some(()) = hangups.recv() => {
-                    let _ = crate::config::live::reload(&ctx, "SIGHUP");
+                    let _ = ctx.reload("SIGHUP");
                     continue;
                 }
                 accepted = listener.accept() => match accepted {

@@ -1,7 +1,7 @@
 //! TLS with rustls (the `ring` provider): the client listener's
 //! certificate and, optionally, client certificate verification; and how
 //! the upstream's certificate is verified. Everything is read from PEM
-//! files and checked once, by [`Config::resolve`](crate::config::Config::resolve),
+//! files and checked once, by `Config::resolve`,
 //! so a missing file, bad PEM or a key that does not match its certificate
 //! stops the proxy at start (and fails `--check`).
 

@@ -7,9 +7,9 @@ use bytes::Bytes;
 
 use crate::app::App;
 use crate::fence::Client;
+use crate::fence::Policy;
 use crate::fence::history::Source;
 use crate::fence::plan::{Plan, rewrite};
-use crate::fence::policy::Policy;
 use crate::fence::script::{self, ScriptCall};
 use crate::fence::translate::ScriptReply;
 use crate::resp::value::Reply;
@@ -37,7 +37,7 @@ pub fn auth(client: &Client<'_>, given: &[u8]) -> Reply {
 
 /// `CACHE.RELOAD`: what was applied, and what needs a restart.
 pub fn reload(app: &App) -> Reply {
-    match crate::config::live::reload(app, "CACHE.RELOAD") {
+    match app.reload("CACHE.RELOAD") {
         Ok(done) => {
             let names = |keys: Vec<&'static str>| {
                 Reply::Array(

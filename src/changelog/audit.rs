@@ -34,9 +34,9 @@ use tracing::{debug, warn};
 
 use self::redis::{Cached, ReadOnlyRedis};
 use super::install::describe;
-use super::template::{KeyParseError, KeyTemplate, ident, literal};
-use super::{ChangeLogConfig, Mapping};
 use crate::config::Upstream;
+use crate::config::postgres::{ChangeLogConfig, Mapping};
+use crate::config::template::{KeyParseError, KeyTemplate, ident, literal};
 pub use report::{Outcome, Reason, Report, TemplateCounts};
 
 /// Longest one `SELECT` may run (PostgreSQL's `statement_timeout`).
@@ -503,7 +503,7 @@ impl Database {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::changelog::template::QualifiedName;
+    use crate::config::template::QualifiedName;
     use crate::fence::script::fence_key;
 
     #[test]

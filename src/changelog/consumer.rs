@@ -22,10 +22,14 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::install::describe;
-use super::template::ident;
-use super::{ChangeLogConfig, ChangeLogStats};
-use crate::app::App;
+use crate::config::Upstream;
+use crate::config::postgres::ChangeLogConfig;
+use crate::config::template::ident;
+use crate::fence::LiveScope;
+use crate::fence::epilogue::Epilogue;
+use crate::fence::history::Source;
 use crate::fence::invalidator::Invalidator;
+use crate::telemetry::ChangeLogStats;
 
 /// Longest any one PostgreSQL step (connect, claim, delete, commit) may take.
 const PG_TIMEOUT: Duration = Duration::from_secs(10);
@@ -61,10 +65,19 @@ fn pg(error: deadpool_postgres::tokio_postgres::Error) -> Failure {
     Failure::Postgres(describe(&error))
 }
 
+/// Where the change log's invalidations go: the upstream, and, with fences
+/// on, the fenced key space and where every invalidation ends.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub upstream: Upstream,
+    pub connect_timeout: Duration,
+    pub fences: Option<(LiveScope, Epilogue)>,
+}
+
 /// Runs the consumer until `stop` turns true.
 pub async fn run(
     config: ChangeLogConfig,
-    ctx: Arc<App>,
+    target: Target,
     stats: Arc<ChangeLogStats>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -89,7 +102,7 @@ pub async fn run(
             return;
         }
     };
-    let mut invalidator = Invalidator::new(ctx.config.upstream.clone(), ctx.config.connect_timeout);
+    let mut invalidator = Invalidator::new(target.upstream.clone(), target.connect_timeout);
     let mut listener: Option<Listener> = None;
     // The side that failed last, so each change of state is logged once.
     let mut failing: Option<&'static str> = None;
@@ -114,7 +127,7 @@ pub async fn run(
             }
         }
         stats.connected.set(1);
-        match drain(&config, &pool, &mut invalidator, &ctx, &stats).await {
+        match drain(&config, &pool, &mut invalidator, &target, &stats).await {
             Ok(()) => {
                 if failing.take().is_some() {
                     info!("change log: consuming again");
@@ -167,13 +180,13 @@ async fn drain(
     config: &ChangeLogConfig,
     pool: &Pool,
     invalidator: &mut Invalidator,
-    ctx: &App,
+    target: &Target,
     stats: &ChangeLogStats,
 ) -> Result<(), Failure> {
     let outbox = config.outbox.sql();
     let claim = format!("SELECT id, keys FROM {outbox} ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED");
     let delete = format!("DELETE FROM {outbox} WHERE id = ANY($1)");
-    let db = ctx.config.upstream.db;
+    let db = target.upstream.db;
     let timed =
         |what: &'static str| move |_| Failure::Postgres(format!("{what}: no answer within {PG_TIMEOUT:?}"));
     let mut client = tokio::time::timeout(PG_TIMEOUT, pool.get())
@@ -202,14 +215,13 @@ async fn drain(
         keys.sort_unstable();
         keys.dedup();
         // The scope in force now (a reload may have changed it).
-        let scope = ctx.fences.as_ref().map(|f| f.scope.load_full());
+        let scope = target.fences.as_ref().map(|(scope, _)| scope.load_full());
         invalidator
             .invalidate(db, &keys, scope.as_deref())
             .await
             .map_err(Failure::Redis)?;
-        if let Some(fences) = &ctx.fences {
-            let source = crate::fence::history::Source::ChangeLog;
-            fences.epilogue.after_invalidation(db, &keys, source, 0);
+        if let Some((_, epilogue)) = &target.fences {
+            epilogue.after_invalidation(db, &keys, Source::ChangeLog, 0);
         }
         tokio::time::timeout(PG_TIMEOUT, tx.execute(&delete, &[&ids]))
             .await

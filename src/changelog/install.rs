@@ -7,8 +7,8 @@
 
 use deadpool_postgres::tokio_postgres::{self, Client, NoTls};
 
-use super::template::{QualifiedName, ident, literal};
-use super::{ChangeLogConfig, Mapping};
+use crate::config::postgres::{ChangeLogConfig, Mapping};
+use crate::config::template::{QualifiedName, ident, literal};
 
 /// Body delimiter of the generated functions.
 const DOLLAR: &str = "$cachefence$";

@@ -1,5 +1,7 @@
 //! Live reload (`SIGHUP`, `CACHE.RELOAD`): the settings that change while
-//! clients stay connected, and the reload that re-reads the config file.
+//! clients stay connected, and the diff that says what a reload applies.
+//! The reload itself re-wires the running parts, so it lives with the
+//! wiring: `App::reload` in `src/app.rs`.
 //!
 //! A reload reads the file again, applies the same command-line flags over
 //! it and validates the whole result before touching anything: an invalid
@@ -14,10 +16,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tracing::{info, warn};
-
 use super::{Config, Reload, SETTINGS};
-use crate::app::App;
 pub use crate::telemetry::ReloadStats;
 
 /// The settings sessions read while they run, as atomics: a read costs a
@@ -63,7 +62,8 @@ impl Live {
         live
     }
 
-    fn store(&self, c: &Config) {
+    /// Puts the live settings of `c` in force.
+    pub fn store(&self, c: &Config) {
         self.max_clients.store(c.max_clients, Ordering::Relaxed);
         self.max_frame_size.store(c.max_frame_size, Ordering::Relaxed);
         self.max_pending.store(c.max_pending, Ordering::Relaxed);
@@ -98,102 +98,16 @@ impl Live {
         duration(self.shutdown_timeout.load(Ordering::Relaxed)).unwrap_or_default()
     }
 
+    /// The configuration in force, locked: a reload holds it from reading
+    /// the file to storing the result.
+    pub fn lock_applied(&self) -> std::sync::MutexGuard<'_, Config> {
+        self.applied.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The configuration in force.
     pub fn applied(&self) -> Config {
         self.applied.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
-}
-
-/// What a reload did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reloaded {
-    /// The file read.
-    pub file: String,
-    /// Settings that changed and are in force now.
-    pub applied: Vec<&'static str>,
-    /// Settings that changed in the file but keep their running value
-    /// until a restart.
-    pub restart_required: Vec<&'static str>,
-}
-
-/// The target of the reload's log lines: the module's path before it moved
-/// into `config`, so that they, and filters such as
-/// `RUST_LOG=cachefence::live=warn`, stay as they were.
-const LOG_TARGET: &str = "cachefence::live";
-
-/// Re-reads the config file and applies it; on an error (no file, a file
-/// that does not parse or validate) nothing changes. Logged either way.
-pub fn reload(ctx: &App, trigger: &'static str) -> anyhow::Result<Reloaded> {
-    let result = try_reload(ctx);
-    match &result {
-        Ok(done) => {
-            ctx.live.stats.reloads.inc();
-            info!(
-                target: LOG_TARGET,
-                trigger,
-                file = %done.file,
-                applied = ?done.applied,
-                restart_required = ?done.restart_required,
-                "configuration reloaded"
-            );
-            if !done.restart_required.is_empty() {
-                warn!(
-                    target: LOG_TARGET,
-                    settings = ?done.restart_required,
-                    "changed settings that only take effect after a restart; running values kept"
-                );
-            }
-        }
-        Err(error) => {
-            ctx.live.stats.failures.inc();
-            warn!(
-                target: LOG_TARGET,
-                trigger,
-                error = format!("{error:#}"),
-                "reload rejected; the running configuration is kept"
-            );
-        }
-    }
-    result
-}
-
-fn try_reload(ctx: &App) -> anyhow::Result<Reloaded> {
-    let mut applied = ctx.live.applied.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(path) = applied.source.clone() else {
-        anyhow::bail!("no config file to reload (cachefence was started without --config)");
-    };
-    let mut next = Config::load(Some(&path), applied.flags.clone())?;
-    // Everything the new file says is valid: from here on nothing fails
-    // but a scope with too many distinct policies, checked first.
-    let scope = match (&ctx.fences, &next.fences) {
-        (Some(fences), Some(file)) if !fences.scope().same_sections(file) => {
-            Some(fences.scope().succeeded_by(file)?)
-        }
-        _ => None,
-    };
-    let old = &*applied;
-    let (changed, restart) = diff(old, &mut next, ctx.fences.is_some(), scope.is_some());
-    if old.log_level != next.log_level
-        && let Err(error) = crate::telemetry::logging::set_level(&next.log_level)
-    {
-        anyhow::bail!("key `log_level`: {error}");
-    }
-    if let Some(fences) = &ctx.fences {
-        if let Some(scope) = scope {
-            fences.scope.store(std::sync::Arc::new(scope));
-        }
-        fences
-            .admin_password
-            .store(next.admin_password.clone().map(std::sync::Arc::new));
-        fences.history.set_max_keys(next.explain_keys);
-    }
-    ctx.live.store(&next);
-    *applied = next;
-    Ok(Reloaded {
-        file: path.display().to_string(),
-        applied: changed,
-        restart_required: restart,
-    })
 }
 
 /// What differs between the running configuration and the next, walking
@@ -203,7 +117,7 @@ fn try_reload(ctx: &App) -> anyhow::Result<Reloaded> {
 /// its name or its group's. `cache_changed`: the `[[cache]]` sections
 /// differ from the running fences' (known only to the caller, which
 /// builds the next scope, and only when fences run and stay on).
-fn diff(
+pub fn diff(
     old: &Config,
     next: &mut Config,
     fences_run: bool,

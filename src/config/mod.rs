@@ -14,8 +14,11 @@
 //! - here: the runtime [`Config`], resolved from the settings.
 //! - [`live`]: what a reload (`SIGHUP`, `CACHE.RELOAD`) changes in place.
 
+pub mod cache;
 pub mod live;
+pub mod postgres;
 pub mod settings;
+pub mod template;
 pub mod values;
 
 use std::path::{Path, PathBuf};
@@ -23,12 +26,15 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use crate::changelog::ChangeLogConfig;
-use crate::fence::Scope;
 use crate::tls::ServerTls;
+use cache::Scope;
+use postgres::ChangeLogConfig;
 
 pub use live::Live;
 pub use settings::{Place, Reload, SETTINGS, Setting, Settings};
+/// Keys `CACHE.EXPLAIN` keeps a history of, unless `explain_keys` says otherwise.
+pub const DEFAULT_EXPLAIN_KEYS: usize = 10_000;
+
 pub use values::{LogFormat, Secret, Size, Span, Upstream};
 
 /// The validated configuration the proxy runs with.

@@ -29,9 +29,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::cache::CacheSection;
+use super::postgres::PostgresSection;
 use super::{Config, LogFormat, Secret, Size, Span, Upstream};
-use crate::changelog::PostgresSection;
-use crate::fence::CacheSection;
 
 /// What a reload does with a setting that changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -239,7 +239,7 @@ settings! {
     fenced;
     /// Keys whose recent history `CACHE.EXPLAIN` keeps (16 events each; the key
     /// first recorded longest ago goes first). 0: off.
-    explain_keys: u32 = crate::fence::DEFAULT_EXPLAIN_KEYS as u32;
+    explain_keys: u32 = super::DEFAULT_EXPLAIN_KEYS as u32;
     fenced;
     /// Address of the Prometheus endpoint (`GET /metrics`, plain HTTP). Empty: off.
     metrics_listen: String = String::new();

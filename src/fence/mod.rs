@@ -1,6 +1,7 @@
 //! Version fences and lease tickets: the consistency layer.
 //!
-//! - [`policy`]: which keys are fenced (`[[cache]]` globs) and how.
+//! - which keys are fenced (`[[cache]]` globs) and how is configuration:
+//!   [`crate::config::cache`].
 //! - [`client`]: one client connection's fence state; [`plan`]: how an
 //!   intercepted request is sent; [`translate`]: how its reply comes back;
 //!   [`herd`]: misses held while another client fills the key (C7).
@@ -19,7 +20,6 @@ pub mod herd;
 pub mod history;
 pub mod invalidator;
 pub mod plan;
-pub mod policy;
 pub mod script;
 pub mod second_delete;
 pub mod translate;
@@ -31,16 +31,15 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use dashmap::DashMap;
 
+pub use crate::config::cache::{CacheSection, LagPolicy, OnStaleFill, OnWrite, Policy, Scope};
 use crate::telemetry::Counter;
 pub use crate::telemetry::FenceStats;
 pub use client::Client;
-pub use policy::{CacheSection, LagPolicy, OnStaleFill, OnWrite, Policy, Scope};
 
 /// Most tickets held at once by the whole proxy; a miss past it gets no
 /// ticket (its fill is then treated as a write).
 pub const MAX_TICKETS: usize = 1 << 20;
-/// Keys `CACHE.EXPLAIN` keeps a history of, unless `explain_keys` says otherwise.
-pub const DEFAULT_EXPLAIN_KEYS: usize = 10_000;
+pub use crate::config::DEFAULT_EXPLAIN_KEYS;
 /// Most tickets one connection holds at once.
 pub const MAX_TICKETS_PER_CONNECTION: usize = 4096;
 

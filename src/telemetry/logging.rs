@@ -7,8 +7,6 @@ use std::sync::OnceLock;
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{Config, LogFormat};
-
 /// Replaces the filter of the subscriber [`init`] installed.
 type SetFilter = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
 
@@ -19,22 +17,23 @@ pub fn level_from_env(flag: Option<String>) -> Option<String> {
     flag.or_else(|| std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty()))
 }
 
-pub fn init(config: &Config) {
-    let filter = EnvFilter::new(&config.log_level);
+/// Installs the subscriber: `level` in `log_level` syntax; JSON lines or text.
+pub fn init(level: &str, json: bool) {
+    let filter = EnvFilter::new(level);
     // Colours only on a terminal: a log file or journal gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
-    match config.log_format {
-        LogFormat::Text => {
+    match json {
+        false => {
             let builder = builder.with_filter_reloading();
             let handle = builder.reload_handle();
             let _ = SET_FILTER.set(Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())));
             builder.init();
         }
-        LogFormat::Json => {
+        true => {
             let builder = builder.json().with_current_span(true).with_filter_reloading();
             let handle = builder.reload_handle();
             let _ = SET_FILTER.set(Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())));

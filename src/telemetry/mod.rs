@@ -1,7 +1,7 @@
 //! Telemetry: every metric, declared once here — its field, its
 //! `CACHE.STATS` name where it has one, its Prometheus family (name, type,
 //! help, label) — and the two views that read the declarations:
-//! [`cache_stats`] and the Prometheus endpoint ([`exporter`]). Beside them,
+//! `CACHE.STATS` (`admin::inspect::stats`) and the Prometheus endpoint ([`exporter`]). Beside them,
 //! the `tracing` setup ([`logging`]).
 //!
 //! Code bumps the fields where things happen (`stats.misses.inc()`: one
@@ -137,7 +137,7 @@ metrics! {
         misses: Counter, stats "misses", prom MISSES;
         tickets_issued: Counter, stats "tickets_issued", prom TICKETS_ISSUED;
         /// Set from `Fences::tickets_outstanding` when read (by
-        /// [`cache_stats`] and a scrape), not kept up to date.
+        /// `CACHE.STATS` (`admin::inspect::stats`) and a scrape), not kept up to date.
         tickets_outstanding: Gauge, stats "tickets_outstanding", prom TICKETS_OUTSTANDING;
         tickets_dropped: Counter, stats "tickets_dropped", prom TICKETS_DROPPED;
         fills_accepted: Counter, stats "fills_accepted", prom FILLS["accepted"];
