@@ -20,7 +20,7 @@ pub fn get(client: &Client<'_>, key: Bytes, db: u32) -> Plan {
         return Plan::Local(Reply::Array(vec![Reply::Nil, Reply::Nil]));
     }
     let (policy, _) = client.fences.scope().lease_policy(&key);
-    let call = client.miss_call(&key, policy, true);
+    let call = client.miss_call(&key, policy, true, 0);
     rewrite(call, ScriptReply::LeaseGet { key })
 }
 

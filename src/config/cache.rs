@@ -30,6 +30,25 @@ pub enum OnWrite {
     Reject,
 }
 
+/// Which outstanding misses a SET of a fenced key is judged against: those
+/// that could have produced it. Clients rarely send a request's miss and
+/// its fill on one connection (pools borrow any connection; multiplexing
+/// clients share one among threads), so the default is every connection
+/// from the client's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TicketScope {
+    /// Only the connection's own misses: exact, and the best hit ratio, for
+    /// clients that keep one connection per thread and never share it.
+    Connection,
+    /// Every connection from the same client IP address (one application
+    /// host's pool), through any cachefence process.
+    #[default]
+    Client,
+    /// Every connection of every client.
+    All,
+}
+
 /// How a refused fill is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -53,6 +72,7 @@ pub struct CacheSection {
     pub on_write: Option<OnWrite>,
     pub on_stale_fill: Option<OnStaleFill>,
     pub double_delete: Option<Span>,
+    pub ticket_scope: Option<TicketScope>,
 }
 
 impl CacheSection {
@@ -67,6 +87,7 @@ impl CacheSection {
             on_write: Some(OnWrite::Write),
             on_stale_fill: Some(OnStaleFill::Ok),
             double_delete: Some(Span(Duration::ZERO)),
+            ticket_scope: Some(TicketScope::Client),
         }
     }
 }
@@ -82,6 +103,7 @@ pub struct Policy {
     pub on_write: OnWrite,
     pub on_stale_fill: OnStaleFill,
     pub double_delete: Option<Duration>,
+    pub ticket_scope: TicketScope,
 }
 
 impl Policy {
@@ -97,6 +119,7 @@ impl Policy {
             on_write: section.on_write.or(d.on_write).expect("defaulted"),
             on_stale_fill: section.on_stale_fill.or(d.on_stale_fill).expect("defaulted"),
             double_delete: Some(span(section.double_delete, d.double_delete)).filter(|d| !d.is_zero()),
+            ticket_scope: section.ticket_scope.or(d.ticket_scope).expect("defaulted"),
         };
         anyhow::ensure!(!policy.pattern.is_empty(), "`pattern` must not be empty");
         anyhow::ensure!(

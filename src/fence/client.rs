@@ -3,23 +3,23 @@
 //! passed `CACHE.AUTH`. Its rules live beside it: [`super::plan`] (how a
 //! request is sent) and [`super::translate`] (how the reply comes back).
 
-use std::collections::HashSet;
-use std::sync::Mutex;
-
 use bytes::Bytes;
 
 use super::history::{Event, What};
-use super::plan::{Plan, stale_reply};
 use super::script::ScriptCall;
-use super::{Fences, Policy, Refusal, Scope};
+use super::{Fences, Scope, TicketScope};
 
 /// The fence state of one connection.
 #[derive(Debug)]
 pub struct Client<'a> {
     pub fences: &'a Fences,
     pub connection: u64,
-    /// Keys this connection holds tickets for (dropped with it).
-    pub tickets: Mutex<HashSet<Bytes>>,
+    /// The client's IP address: the `client` ticket scope.
+    address: String,
+    /// Misses of this connection so far: each has a name of its own (its
+    /// herd lease and its ticket in the fence), so that on a connection
+    /// shared by many threads one miss leads and the others wait.
+    misses: std::sync::atomic::AtomicU64,
     /// The script's source was sent on this connection (later calls use
     /// `EVALSHA`). Only the requests direction, the one upstream writer,
     /// encodes calls, so the first call on the wire is the one with source.
@@ -29,11 +29,13 @@ pub struct Client<'a> {
 }
 
 impl<'a> Client<'a> {
-    pub fn new(fences: &'a Fences) -> Client<'a> {
+    /// The fence state of a new connection from `address`.
+    pub fn new(fences: &'a Fences, address: std::net::IpAddr) -> Client<'a> {
         Client {
             fences,
             connection: fences.connection(),
-            tickets: Mutex::new(HashSet::new()),
+            address: address.to_string(),
+            misses: std::sync::atomic::AtomicU64::new(0),
             loaded: std::sync::atomic::AtomicBool::new(false),
             admin: std::sync::atomic::AtomicBool::new(false),
         }
@@ -46,8 +48,41 @@ impl<'a> Client<'a> {
         call.encode(first || reload)
     }
 
-    pub(super) fn held(&self) -> std::sync::MutexGuard<'_, HashSet<Bytes>> {
-        self.tickets.lock().unwrap_or_else(|p| p.into_inner())
+    /// A name for this connection's next miss.
+    pub fn next_miss(&self) -> u64 {
+        self.misses.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
+    }
+
+    /// The herd lease holder name of miss `miss` (0: the connection itself,
+    /// for the lease API, whose token is the ticket).
+    pub fn holder(&self, miss: u64) -> String {
+        match miss {
+            0 => self.fences.lease_holder(self.connection),
+            miss => format!("{}:{miss}", self.fences.lease_holder(self.connection)),
+        }
+    }
+
+    /// The fence field of miss `miss`: `m|<address>|<connection>|<miss>`.
+    /// Each ticket scope is a prefix of it ([`Client::scope_prefix`]).
+    pub fn miss_field(&self, miss: u64) -> String {
+        format!(
+            "m|{}|{}|{miss}",
+            self.address,
+            self.fences.lease_holder(self.connection)
+        )
+    }
+
+    /// The fence fields of the misses a SET here is judged against.
+    pub fn scope_prefix(&self, scope: TicketScope) -> String {
+        match scope {
+            TicketScope::All => "m|".to_string(),
+            TicketScope::Client => format!("m|{}|", self.address),
+            TicketScope::Connection => format!(
+                "m|{}|{}|",
+                self.address,
+                self.fences.lease_holder(self.connection)
+            ),
+        }
     }
 
     /// Is a delete of `key` waiting to be retried? Such a key reads as a
@@ -58,12 +93,6 @@ impl<'a> Client<'a> {
             self.fences.undelivered.stats.reads_missed.inc();
         }
         pending
-    }
-
-    pub(super) fn refuse(&self, key: &[u8], why: Refusal, rules: &Policy) -> Plan {
-        self.fences.stats.refused(why).inc();
-        self.record(key, What::FillRefused(why));
-        Plan::Local(stale_reply(why, rules))
     }
 
     /// Records an event of `key` for `CACHE.EXPLAIN`.
@@ -77,11 +106,5 @@ impl<'a> Client<'a> {
         for key in keys.iter().filter(|k| scope.policy(k).is_some()) {
             self.fences.history.record(key, event);
         }
-    }
-
-    /// Tickets this connection still holds, to forget when it ends.
-    pub fn forget_all(&self) {
-        let keys: Vec<Bytes> = self.held().drain().collect();
-        self.fences.forget(self.connection, keys);
     }
 }

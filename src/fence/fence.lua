@@ -1,4 +1,4 @@
--- cachefence fence script v1
+-- cachefence fence script v2
 local op = ARGV[1]
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
@@ -18,8 +18,41 @@ local function bump(fence, ttl_ms, invalidated)
   return nv
 end
 
+-- Outstanding misses are fields of the fence: `m|<client ip>|<proxy
+-- instance>:<connection>|<miss>` = `<version>:<miss time µs>`. A scope is a
+-- prefix of that name ('m|' every client, 'm|<ip>|' one client address,
+-- 'm|<ip>|<instance>:<connection>|' one connection).
+local function misses(fence, prefix, lease_us, f)
+  local live, old = {}, {}
+  for i = 1, #f, 2 do
+    local name = f[i]
+    if string.sub(name, 1, 2) == 'm|' then
+      local version, at = string.match(f[i + 1], '^(%d+):(%d+)$')
+      local age = now - tonumber(at or '0')
+      if age > 2 * lease_us then
+        redis.call('HDEL', fence, name)
+      elseif string.sub(name, 1, #prefix) == prefix then
+        local miss = {name = name, v = tonumber(version), at = tonumber(at)}
+        if age > lease_us then old[#old + 1] = miss else live[#live + 1] = miss end
+      end
+    end
+  end
+  return live, old
+end
+
+local function newest(list)
+  local best = list[1]
+  for i = 2, #list do
+    local m = list[i]
+    if m.v > best.v or (m.v == best.v and m.at > best.at) then best = m end
+  end
+  return best
+end
+
 if op == 'miss' then
-  -- KEYS: key, fence. ARGV: op, fence_ttl_ms, lease_holder, lease_ms, claim
+  -- KEYS: key, fence. ARGV: op, fence_ttl_ms, lease_holder, lease_ms, claim,
+  -- the miss's field ('' for the lease API, whose token is the ticket),
+  -- fields a fence may have before expired misses are swept, lease_ttl_us.
   local value = redis.call('GET', KEYS[1])
   if value then return {1, value} end
   local f = redis.call('HMGET', KEYS[2], 'v', 't', 'h', 'he')
@@ -36,6 +69,13 @@ if op == 'miss' then
       redis.call('HSET', KEYS[2], 'h', ARGV[3], 'he', fmt(now + tonumber(ARGV[4]) * 1000))
     end
     leader = 1
+    -- Only a miss that goes to the database is outstanding.
+    if ARGV[6] ~= '' then
+      if redis.call('HLEN', KEYS[2]) > tonumber(ARGV[7]) then
+        misses(KEYS[2], 'm|', tonumber(ARGV[8]), redis.call('HGETALL', KEYS[2]))
+      end
+      redis.call('HSET', KEYS[2], ARGV[6], v .. ':' .. fmt(now))
+    end
   end
   redis.call('PEXPIRE', KEYS[2], ARGV[2])
   return {0, v, t, fmt(now), leader}
@@ -83,6 +123,87 @@ elseif op == 'fill' then
   if not stored then return refuse_nx() end
   bump(KEYS[2], ARGV[2], false)
   return {1}
+elseif op == 'set' then
+  -- A plain store of a fenced key whose miss, if any, the proxy cannot name
+  -- (pooled and multiplexed clients): a fill if a miss is outstanding in
+  -- the scope, judged by the OLDEST one and consuming the NEWEST; else a
+  -- write per on_write.
+  -- KEYS: key, fence. ARGV: op, fence_ttl_ms, scope prefix, lease_us,
+  -- lag_us, lag_refuse, nx, expect_fence, on_write (write|inval|reject),
+  -- pending_delete, value, count of expiry words, the expiry words, then
+  -- the client's command.
+  local f = redis.call('HGETALL', KEYS[2])
+  local fields = {}
+  for i = 1, #f, 2 do fields[f[i]] = f[i + 1] end
+  local words = 12 + tonumber(ARGV[12])
+  local function write()
+    if ARGV[9] == 'reject' then return {5} end
+    if ARGV[9] == 'inval' then
+      redis.call('DEL', KEYS[1])
+      bump(KEYS[2], ARGV[2], true)
+      return {4}
+    end
+    local reply = redis.pcall(unpack(ARGV, words + 1))
+    if type(reply) == 'table' and reply.err then return reply end
+    bump(KEYS[2], ARGV[2], true)
+    return {3, reply}
+  end
+  if not fields.v then
+    -- A fence lost between a miss here and this SET: nothing proves it fresh.
+    if ARGV[8] == '1' then return {0, 'fence_missing'} end
+    return write()
+  end
+  local live, old = misses(KEYS[2], ARGV[3], tonumber(ARGV[4]), f)
+  if #live == 0 and #old == 0 then return write() end
+  local consumed = newest(#live > 0 and live or old)
+  redis.call('HDEL', KEYS[2], consumed.name)
+  local function refuse(reason)
+    -- The herd lease of the consumed miss goes back, so waiters stop waiting.
+    local connection, miss = string.match(consumed.name, '|([^|]*)|([^|]*)$')
+    if fields.h and fields.h == connection .. ':' .. miss then redis.call('HDEL', KEYS[2], 'h', 'he') end
+    return {0, reason}
+  end
+  if ARGV[10] == '1' then return refuse('pending_delete') end
+  if #live == 0 then return refuse('expired') end
+  local oldest = live[1]
+  for i = 2, #live do
+    local m = live[i]
+    if m.v < oldest.v or (m.v == oldest.v and m.at < oldest.at) then oldest = m end
+  end
+  local version = tonumber(fields.v)
+  if oldest.v ~= version then
+    if consumed.v == version then return refuse('older_miss_outstanding') end
+    return refuse('fence_moved')
+  end
+  local args = {'SET', KEYS[1], ARGV[11]}
+  for i = 13, words do args[#args + 1] = ARGV[i] end
+  local lag = tonumber(ARGV[5])
+  local invalidated = tonumber(fields.t or '0')
+  if lag > 0 and invalidated > 0 and oldest.at - invalidated < lag then
+    if ARGV[6] == '1' then return refuse('lag_window') end
+    local lag_end = invalidated + lag
+    if lag_end <= now then return refuse('lag_window') end
+    local ends = math.huge
+    for i = 13, words - 1 do
+      local w, n = string.upper(ARGV[i]), tonumber(ARGV[i + 1])
+      if w == 'EX' then ends = now + n * 1000000
+      elseif w == 'PX' then ends = now + n * 1000
+      elseif w == 'EXAT' then ends = n * 1000000
+      elseif w == 'PXAT' then ends = n * 1000 end
+    end
+    if lag_end < ends then
+      args = {'SET', KEYS[1], ARGV[11], 'PXAT', fmt(math.ceil(lag_end / 1000))}
+    end
+  end
+  if ARGV[7] == '1' then args[#args + 1] = 'NX' end
+  local stored = redis.pcall(unpack(args))
+  if type(stored) == 'table' and stored.err then return stored end
+  if not stored then
+    refuse('nx')
+    return {2}
+  end
+  bump(KEYS[2], ARGV[2], false)
+  return {1}
 elseif op == 'write' or op == 'inval' then
   -- KEYS: the command's keys, then the fences of the fenced ones.
   -- ARGV: op, fence_ttl_ms, fenced_count, the command and its arguments.
@@ -94,6 +215,10 @@ elseif op == 'write' or op == 'inval' then
 elseif op == 'peek' then
   -- KEYS: fence. For CACHE.FENCE.
   local f = redis.call('HMGET', KEYS[1], 'v', 't', 'h', 'he')
-  return {f[1] or false, f[2] or false, f[3] or false, f[4] or false, fmt(now), redis.call('PTTL', KEYS[1])}
+  local outstanding = 0
+  for _, name in ipairs(redis.call('HKEYS', KEYS[1])) do
+    if string.sub(name, 1, 2) == 'm|' then outstanding = outstanding + 1 end
+  end
+  return {f[1] or false, f[2] or false, f[3] or false, f[4] or false, fmt(now), redis.call('PTTL', KEYS[1]), outstanding}
 end
 return redis.error_reply('ERR cachefence: unknown fence op ' .. tostring(op))

@@ -88,15 +88,23 @@ impl Holds {
             if !woken && wait.next_poll.min(wait.deadline) > now {
                 continue;
             }
-            let ScriptReply::Miss { key, policy, nil, .. } = &wait.reply else {
+            let ScriptReply::Miss {
+                key,
+                policy,
+                nil,
+                miss,
+                ..
+            } = &wait.reply
+            else {
                 continue;
             };
             wait.in_flight = true;
             let reply = ScriptReply::Miss {
                 key: key.clone(),
                 policy: *policy,
-                nil: nil.clone(),
+                nil,
                 forced: now >= wait.deadline,
+                miss: *miss,
             };
             due.push((wait.slot, reply));
         }
@@ -113,8 +121,9 @@ mod tests {
         ScriptReply::Miss {
             key: Bytes::from_static(key.as_bytes()),
             policy: 0,
-            nil: Bytes::from_static(b"$-1\r\n"),
+            nil: b"$-1\r\n",
             forced: false,
+            miss: 1,
         }
     }
 

@@ -97,6 +97,8 @@ impl Event {
                     Refusal::FenceMissing =>
                         "the fence is gone (evicted, flushed, Redis restarted): nothing proves the read fresh",
                     Refusal::Expired => "the ticket was older than lease_ttl",
+                    Refusal::OlderMissOutstanding =>
+                        "an older miss of the key, which may have produced this value, saw an earlier fence",
                     Refusal::LagWindow => "the miss was within lag_window of an invalidation",
                     Refusal::PendingDelete => "a delete of the key is waiting to be retried",
                 }

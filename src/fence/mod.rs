@@ -11,8 +11,10 @@
 //! - [`invalidator`], [`undelivered`], [`second_delete`]: invalidations the
 //!   proxy sends on its own (retried client deletes, `double_delete`).
 //! - [`history`]: each key's recent events, for `CACHE.EXPLAIN`.
-//! - this module: the state shared by all sessions — tickets (per
-//!   connection, never borrowed), counters.
+//! - this module: the state shared by all sessions — counters, and which
+//!   keys were missed here lately. The outstanding misses themselves (the
+//!   tickets) are fields of each key's fence in Redis, so every proxy in
+//!   front of it judges a SET by the same ones.
 
 pub mod client;
 pub mod epilogue;
@@ -31,31 +33,17 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use dashmap::DashMap;
 
-pub use crate::config::cache::{CacheSection, LagPolicy, OnStaleFill, OnWrite, Policy, Scope};
+pub use crate::config::cache::{CacheSection, LagPolicy, OnStaleFill, OnWrite, Policy, Scope, TicketScope};
 use crate::telemetry::Counter;
 pub use crate::telemetry::FenceStats;
 pub use client::Client;
 
-/// Most tickets held at once by the whole proxy; a miss past it gets no
-/// ticket (its fill is then treated as a write).
-pub const MAX_TICKETS: usize = 1 << 20;
 pub use crate::config::DEFAULT_EXPLAIN_KEYS;
-/// Most tickets one connection holds at once.
-pub const MAX_TICKETS_PER_CONNECTION: usize = 4096;
-
-/// What a miss leaves behind: the proof that this connection read the key
-/// while the fence had `version`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Ticket {
-    /// Fence version at the miss (as Redis wrote it).
-    pub version: Bytes,
-    /// Redis `TIME` at the miss, µs (as Redis wrote it). The lag rule
-    /// compares it, in the fill script, with the fence's invalidation time
-    /// as it is at fill time.
-    pub miss_us: Bytes,
-    /// When the proxy issued it; tickets older than `lease_ttl` are refused.
-    pub issued: Instant,
-}
+/// Keys this process remembers a recent miss of at once (for
+/// `fence_missing`); past it a miss is not remembered (counted as dropped).
+pub const MAX_RECENT_MISSES: usize = 1 << 20;
+/// Fields a fence may have before the misses in it that expired are swept.
+pub const MAX_FENCE_FIELDS: usize = 64;
 
 /// Why a fill was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,8 +52,11 @@ pub enum Refusal {
     FenceMoved,
     /// The fence is gone (eviction, FLUSH, restart): nothing proves the read is fresh.
     FenceMissing,
-    /// The ticket is older than `lease_ttl`.
+    /// Every outstanding miss the SET could belong to is older than `lease_ttl`.
     Expired,
+    /// The newest outstanding miss in the ticket scope saw the current fence,
+    /// but an older one did not: the SET may be that older miss's stale read.
+    OlderMissOutstanding,
     /// The miss was within `lag_window` of an invalidation (`lag_policy = "refuse"`).
     LagWindow,
     /// A delete of the key could not be delivered yet and is being retried.
@@ -78,6 +69,7 @@ impl Refusal {
             b"fence_missing" => Refusal::FenceMissing,
             b"lag_window" => Refusal::LagWindow,
             b"expired" => Refusal::Expired,
+            b"older_miss_outstanding" => Refusal::OlderMissOutstanding,
             _ => Refusal::FenceMoved,
         }
     }
@@ -87,6 +79,7 @@ impl Refusal {
             Refusal::FenceMoved => "fence_moved",
             Refusal::FenceMissing => "fence_missing",
             Refusal::Expired => "expired",
+            Refusal::OlderMissOutstanding => "older_miss_outstanding",
             Refusal::LagWindow => "lag_window",
             Refusal::PendingDelete => "pending_delete",
         }
@@ -99,6 +92,7 @@ impl FenceStats {
             Refusal::FenceMoved => &self.refused_fence_moved,
             Refusal::FenceMissing => &self.refused_fence_missing,
             Refusal::Expired => &self.refused_expired,
+            Refusal::OlderMissOutstanding => &self.refused_older_miss_outstanding,
             Refusal::LagWindow => &self.refused_lag_window,
             Refusal::PendingDelete => &self.refused_pending_delete,
         }
@@ -111,8 +105,8 @@ impl FenceStats {
 pub struct Fences {
     /// The `[[cache]]` sections in force; a reload swaps them whole.
     pub scope: LiveScope,
-    /// Tickets by (connection, key): a connection only ever sees its own.
-    tickets: DashMap<(u64, Bytes), Ticket>,
+    /// Keys missed here recently, by when (see [`Fences::missed`]).
+    recent_misses: DashMap<Bytes, Instant>,
     pub stats: FenceStats,
     next_connection: AtomicU64,
     /// This process's identity in herd lease holder names.
@@ -159,7 +153,7 @@ impl Fences {
             .map_or(0, |d| d.as_nanos());
         Fences {
             scope,
-            tickets: DashMap::new(),
+            recent_misses: DashMap::new(),
             stats: FenceStats::default(),
             next_connection: AtomicU64::new(1),
             instance: format!("{}-{nanos:x}", std::process::id()),
@@ -201,38 +195,28 @@ impl Fences {
         format!("{}:{connection}", self.instance)
     }
 
-    /// Records a ticket unless a bound is reached. `held` is how many the
-    /// connection holds already.
-    pub fn issue(&self, connection: u64, key: Bytes, ticket: Ticket, held: usize) -> bool {
-        if held >= MAX_TICKETS_PER_CONNECTION || self.tickets.len() >= MAX_TICKETS {
-            self.stats.tickets_dropped.inc();
-            return false;
-        }
+    /// A miss of `key` by `connection` went to the database at fence
+    /// `version`: counted, recorded for `CACHE.EXPLAIN`, and remembered until
+    /// a SET of the key is judged, so that a fence lost meanwhile refuses it.
+    pub fn missed(&self, connection: u64, key: &Bytes, version: u64) {
         self.stats.tickets_issued.inc();
-        let version = std::str::from_utf8(&ticket.version)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
         self.history.record(
-            &key,
+            key,
             history::Event::now(connection, history::What::Miss { version }),
         );
-        self.tickets.insert((connection, key), ticket);
-        true
-    }
-
-    /// Takes this connection's ticket for `key`, if any (a fill consumes it).
-    pub fn take(&self, connection: u64, key: &[u8]) -> Option<Ticket> {
-        self.tickets
-            .remove(&(connection, Bytes::copy_from_slice(key)))
-            .map(|(_, ticket)| ticket)
-    }
-
-    /// Drops the tickets of a connection that ended.
-    pub fn forget(&self, connection: u64, keys: impl IntoIterator<Item = Bytes>) {
-        for key in keys {
-            self.tickets.remove(&(connection, key));
+        if self.recent_misses.len() >= MAX_RECENT_MISSES && !self.recent_misses.contains_key(key) {
+            self.stats.tickets_dropped.inc();
+            return;
         }
+        self.recent_misses.insert(key.clone(), Instant::now());
+    }
+
+    /// Whether a miss of `key` here may still have a fill coming (within
+    /// `lease_ttl`); the memory of it ends with the first SET judged.
+    pub fn take_recent_miss(&self, key: &[u8], lease_ttl: Duration) -> bool {
+        self.recent_misses
+            .remove(key)
+            .is_some_and(|(_, at)| at.elapsed() <= lease_ttl)
     }
 
     /// Every sample of the fence layer's counters (`CACHE.STATS`,
@@ -249,13 +233,10 @@ impl Fences {
         self.undelivered.stats.visit(out);
     }
 
+    /// Keys with a miss here whose SET has not come yet (the outstanding
+    /// misses themselves live in the fences, in Redis).
     pub fn tickets_outstanding(&self) -> usize {
-        self.tickets.len()
-    }
-
-    /// Outstanding tickets for one key, over all connections (`CACHE.FENCE`).
-    pub fn tickets_for(&self, key: &[u8]) -> usize {
-        self.tickets.iter().filter(|e| e.key().1 == key).count()
+        self.recent_misses.len()
     }
 }
 

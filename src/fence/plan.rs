@@ -15,7 +15,7 @@ use super::client::Client;
 use super::history::{Source, What};
 use super::script::{ScriptCall, fence_key};
 use super::translate::ScriptReply;
-use super::{OnStaleFill, OnWrite, Policy, Refusal, Scope, micros, millis};
+use super::{LagPolicy, OnStaleFill, OnWrite, Policy, Refusal, Scope, micros, millis};
 use crate::resp::command::CacheOp;
 use crate::resp::request::Frame;
 use crate::resp::value::Reply;
@@ -107,12 +107,11 @@ impl Client<'_> {
             }
             CacheOp::Set | CacheOp::SetEx | CacheOp::PSetEx => {
                 let (policy, rules) = scope.policy(key)?;
-                let fill = if queued {
-                    None
-                } else {
-                    self.fill(command, &words, policy, rules, db)
+                let set = match queued {
+                    true => None,
+                    false => self.set(command, &words, policy, rules, db),
                 };
-                match fill {
+                match set {
                     Some(plan) => Some(plan),
                     None => self.write(scope, command, &words, vec![key.clone()]),
                 }
@@ -138,16 +137,11 @@ impl Client<'_> {
         }
     }
 
-    /// A fill, if this connection holds a ticket for the key and the command
-    /// is a plain store (`SET` with only expiry options and `NX`).
-    fn fill(
-        &self,
-        command: CacheOp,
-        words: &[Bytes],
-        policy: usize,
-        rules: &Policy,
-        db: u32,
-    ) -> Option<Plan> {
+    /// A plain store (`SET` with only expiry options and `NX`, `SETEX`,
+    /// `PSETEX`) of a fenced key: whether it is a fill or a write is known
+    /// only in Redis, where the key's outstanding misses are (any client,
+    /// any proxy). `None` for other shapes (`XX`, `GET`): always writes.
+    fn set(&self, command: CacheOp, words: &[Bytes], policy: usize, rules: &Policy, db: u32) -> Option<Plan> {
         let key = &words[1];
         let (value, expiry, nx) = match command {
             CacheOp::SetEx => (
@@ -180,21 +174,35 @@ impl Client<'_> {
                 (value, expiry, nx)
             }
         };
-        let ticket = self.fences.take(self.connection, key)?;
-        self.held().remove(key);
-        if ticket.issued.elapsed() > rules.lease_ttl {
-            return Some(self.refuse(key, Refusal::Expired, rules));
-        }
-        if self.undelivered(db, key) {
-            return Some(self.refuse(key, Refusal::PendingDelete, rules));
-        }
-        let call = self.fill_call(key, rules, ticket.version, ticket.miss_us, nx, value, expiry);
+        let on_write: &'static [u8] = match rules.on_write {
+            OnWrite::Reject => b"reject",
+            OnWrite::Invalidate if store_only(command, words) => b"inval",
+            _ => b"write",
+        };
+        let flag = |on: bool| Bytes::from_static(if on { b"1" } else { b"0" });
+        let missed_here = self.fences.take_recent_miss(key, rules.lease_ttl);
+        let mut args = vec![
+            Bytes::from_static(b"set"),
+            millis(rules.fence_ttl()).into(),
+            self.scope_prefix(rules.ticket_scope).into(),
+            micros(rules.lease_ttl).into(),
+            micros(rules.lag_window).into(),
+            flag(matches!(rules.lag_policy, LagPolicy::Refuse)),
+            flag(nx),
+            flag(missed_here),
+            Bytes::from_static(on_write),
+            flag(self.undelivered(db, key)),
+            value.clone(),
+            expiry.len().to_string().into(),
+        ];
+        args.extend(expiry);
+        args.extend(words.iter().cloned());
+        let call = ScriptCall::new(vec![key.clone(), fence_key(key).into()], args);
         Some(rewrite(
             call,
-            ScriptReply::Fill {
+            ScriptReply::Set {
                 policy,
                 key: key.clone(),
-                lease_api: false,
             },
         ))
     }
@@ -222,7 +230,7 @@ impl Client<'_> {
             micros(rules.lag_window).into(),
             Bytes::from_static(if lag_refuse { b"1" } else { b"0" }),
             Bytes::from_static(if nx { b"1" } else { b"0" }),
-            self.fences.lease_holder(self.connection).into(),
+            self.holder(0).into(),
             micros(rules.lease_ttl).into(),
             value.clone(),
         ];
@@ -249,11 +257,7 @@ impl Client<'_> {
             OnWrite::Reject => {
                 self.fences.stats.writes_rejected.inc();
                 self.record_fenced(scope, &keys, What::WriteRejected);
-                let key = String::from_utf8_lossy(&keys[0]);
-                Plan::Local(Reply::Error(format!(
-                    "ERR cachefence: writes to '{key}' are rejected (on_write = \"reject\"); \
-                     read it (miss) and fill it, or use CACHE.INVALIDATE"
-                )))
+                Plan::Local(rejected(&keys[0]))
             }
             OnWrite::Invalidate if store_only(command, words) => {
                 let mut del = vec![Bytes::from_static(b"DEL")];
@@ -279,23 +283,41 @@ impl Client<'_> {
     }
 
     /// The proxy's miss script for a nil `GET`; `force` takes a ticket
-    /// even while another client holds the herd lease.
-    pub fn miss_call(&self, key: &Bytes, policy: usize, force: bool) -> ScriptCall {
+    /// even while another client holds the herd lease. `miss` names the
+    /// miss (its herd lease and its ticket in the fence); 0 for the lease
+    /// API, whose token is the ticket.
+    pub fn miss_call(&self, key: &Bytes, policy: usize, force: bool, miss: u64) -> ScriptCall {
         let scope = self.fences.scope();
         let rules = scope.policy_at(policy);
+        let field = match miss {
+            0 => String::new(),
+            miss => self.miss_field(miss),
+        };
         ScriptCall::new(
             vec![key.clone(), fence_key(key).into()],
             vec![
                 Bytes::from_static(b"miss"),
                 millis(rules.fence_ttl()).into(),
-                self.fences.lease_holder(self.connection).into(),
+                self.holder(miss).into(),
                 // The herd lease lasts `hold`: a miss that is never filled
                 // (a row that does not exist) delays others at most that long.
                 millis(rules.hold).into(),
                 Bytes::from_static(if force { b"force" } else { b"wait" }),
+                field.into(),
+                super::MAX_FENCE_FIELDS.to_string().into(),
+                micros(rules.lease_ttl).into(),
             ],
         )
     }
+}
+
+/// The error a write under `on_write = "reject"` gets.
+pub(crate) fn rejected(key: &[u8]) -> Reply {
+    let key = String::from_utf8_lossy(key);
+    Reply::Error(format!(
+        "ERR cachefence: writes to '{key}' are rejected (on_write = \"reject\"); \
+         read it (miss) and fill it, or use CACHE.INVALIDATE"
+    ))
 }
 
 /// A `write`/`inval` call running `words` (the command) on `keys`, moving
@@ -386,27 +408,32 @@ fn plausible_arity(command: CacheOp, words: &[Bytes]) -> bool {
 
 #[cfg(test)]
 pub(super) mod tests {
-    use std::time::{Duration, Instant};
-
     use super::*;
-    use crate::fence::{CacheSection, Fences, Ticket};
+    use crate::fence::{CacheSection, Fences, TicketScope};
     use crate::resp::command::Command;
     use crate::resp::request::RequestFramer;
 
     /// `user:*` fenced with defaults, `rejected:*` with `on_write = "reject"`,
-    /// `gone:*` with `on_write = "invalidate"`; everything else passes through.
+    /// `gone:*` with `on_write = "invalidate"`, `own:*` with
+    /// `ticket_scope = "connection"`; everything else passes through.
     pub(in crate::fence) fn fences() -> Fences {
-        let section = |pattern: &str, on_write| CacheSection {
+        let section = |pattern: &str, on_write, ticket_scope| CacheSection {
             pattern: Some(pattern.into()),
             on_write,
+            ticket_scope,
             ..Default::default()
         };
         let sections = [
-            section("user:*", None),
-            section("rejected:*", Some(OnWrite::Reject)),
-            section("gone:*", Some(OnWrite::Invalidate)),
+            section("user:*", None, None),
+            section("rejected:*", Some(OnWrite::Reject), None),
+            section("gone:*", Some(OnWrite::Invalidate), None),
+            section("own:*", None, Some(TicketScope::Connection)),
         ];
         Fences::new(Scope::new(&sections).expect("valid sections"), None)
+    }
+
+    pub(in crate::fence) fn client(fences: &Fences) -> Client<'_> {
+        Client::new(fences, "10.1.2.3".parse().unwrap())
     }
 
     fn plan(client: &Client<'_>, line: &str) -> Option<Plan> {
@@ -421,19 +448,22 @@ pub(super) mod tests {
         client.plan(&client.fences.scope(), op, &frame, request.as_bytes(), false, 0)
     }
 
-    /// The script operation and keys of a rewritten command, and its reply rule.
-    fn rewritten(plan: Option<Plan>) -> (String, Vec<Bytes>, ScriptReply) {
+    /// The script call and reply rule of a rewritten command.
+    fn rewritten(plan: Option<Plan>) -> (Vec<String>, Vec<Bytes>, ScriptReply) {
         match plan {
             Some(Plan::Rewrite(
                 call,
                 Intercept::Script {
                     reply, slot: None, ..
                 },
-            )) => (
-                String::from_utf8_lossy(&call.args[0]).into_owned(),
-                call.keys,
-                reply,
-            ),
+            )) => {
+                let args = call
+                    .args
+                    .iter()
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                (args, call.keys, reply)
+            }
             other => panic!("expected a rewrite, got {other:?}"),
         }
     }
@@ -442,20 +472,10 @@ pub(super) mod tests {
         Bytes::from_static(s.as_bytes())
     }
 
-    pub(in crate::fence) fn give_ticket(client: &Client<'_>, key: &'static str, issued: Instant) {
-        let ticket = Ticket {
-            version: b("100"),
-            miss_us: b("200"),
-            issued,
-        };
-        assert!(client.fences.issue(client.connection, b(key), ticket, 0));
-        client.held().insert(b(key));
-    }
-
     #[test]
     fn a_get_of_a_fenced_key_is_forwarded_and_others_pass_through() {
         let fences = fences();
-        let client = Client::new(&fences);
+        let client = client(&fences);
         match plan(&client, "GET user:1") {
             Some(Plan::Forward(Intercept::Get { key, policy: 0 })) => assert_eq!(key, b("user:1")),
             other => panic!("{other:?}"),
@@ -466,75 +486,113 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn a_set_without_a_ticket_is_a_write_that_moves_the_fence() {
+    fn a_plain_store_is_judged_in_redis_against_the_clients_misses() {
         let fences = fences();
-        let client = Client::new(&fences);
-        let (op, keys, reply) = rewritten(plan(&client, "SET user:1 v"));
-        assert_eq!(op, "write");
+        let client = client(&fences);
+        let (args, keys, reply) = rewritten(plan(&client, "SET user:1 v EX 10"));
         assert_eq!(keys, vec![b("user:1"), Bytes::from(fence_key(b"user:1"))]);
         assert_eq!(
             reply,
-            ScriptReply::Command {
-                keys: vec![b("user:1")],
-                invalidation: None
-            }
-        );
-        assert_eq!(fences.stats.writes.get(), 1);
-    }
-
-    #[test]
-    fn a_set_with_a_ticket_is_a_fill_and_consumes_it() {
-        let fences = fences();
-        let client = Client::new(&fences);
-        give_ticket(&client, "user:1", Instant::now());
-        let (op, _, reply) = rewritten(plan(&client, "SET user:1 v EX 10"));
-        assert_eq!(op, "fill");
-        assert_eq!(
-            reply,
-            ScriptReply::Fill {
+            ScriptReply::Set {
                 policy: 0,
-                key: b("user:1"),
-                lease_api: false
+                key: b("user:1")
             }
         );
-        assert_eq!(fences.tickets_outstanding(), 0);
-        // The next SET has no ticket left: a write.
-        assert_eq!(rewritten(plan(&client, "SET user:1 v")).0, "write");
+        // op, fence ttl, scope, lease_ttl, lag, lag_refuse, nx, expect_fence,
+        // on_write, pending_delete, value, expiry words, the command.
+        assert_eq!(args[0], "set");
+        assert_eq!(args[2], "m|10.1.2.3|");
+        assert_eq!(args[3], "10000000");
+        assert_eq!(
+            &args[6..],
+            [
+                "0", "0", "write", "0", "v", "2", "EX", "10", "SET", "user:1", "v", "EX", "10"
+            ]
+        );
+        // Nothing counted yet: whether it was a fill or a write, Redis says.
+        assert_eq!(fences.stats.writes.get(), 0);
     }
 
     #[test]
-    fn a_set_with_xx_or_get_is_never_a_fill() {
+    fn setex_psetex_and_nx_are_plain_stores_too() {
         let fences = fences();
-        let client = Client::new(&fences);
-        give_ticket(&client, "user:1", Instant::now());
-        assert_eq!(rewritten(plan(&client, "SET user:1 v XX")).0, "write");
-        assert_eq!(rewritten(plan(&client, "SET user:1 v GET")).0, "write");
+        let client = client(&fences);
+        let (args, ..) = rewritten(plan(&client, "SETEX user:1 5 v"));
+        assert_eq!(&args[10..14], ["v", "2", "EX", "5"]);
+        let (args, ..) = rewritten(plan(&client, "PSETEX user:1 5 v"));
+        assert_eq!(&args[10..14], ["v", "2", "PX", "5"]);
+        let (args, ..) = rewritten(plan(&client, "SET user:1 v NX"));
+        assert_eq!((args[6].as_str(), args[11].as_str()), ("1", "0"));
+    }
+
+    #[test]
+    fn a_miss_here_makes_a_lost_fence_refuse_the_next_store() {
+        let fences = fences();
+        let client = client(&fences);
+        fences.missed(client.connection, &b("user:1"), 7);
+        assert_eq!(fences.tickets_outstanding(), 1);
+        let (args, ..) = rewritten(plan(&client, "SET user:1 v"));
+        assert_eq!(args[7], "1", "expect_fence");
         assert_eq!(
             fences.tickets_outstanding(),
-            1,
-            "the ticket waits for a real fill"
+            0,
+            "remembered until one SET is judged"
         );
+        let (args, ..) = rewritten(plan(&client, "SET user:1 v"));
+        assert_eq!(args[7], "0");
     }
 
     #[test]
-    fn a_fill_older_than_lease_ttl_is_refused_here() {
+    fn the_ticket_scope_is_a_prefix_of_every_miss_field() {
         let fences = fences();
-        let client = Client::new(&fences);
-        let old = Instant::now() - Duration::from_secs(11);
-        give_ticket(&client, "user:1", old);
-        match plan(&client, "SET user:1 v") {
-            Some(Plan::Local(Reply::Status("OK"))) => {}
-            other => panic!("{other:?}"),
+        let client = client(&fences);
+        let field = client.miss_field(3);
+        for scope in [TicketScope::All, TicketScope::Client, TicketScope::Connection] {
+            assert!(field.starts_with(&client.scope_prefix(scope)), "{scope:?}");
         }
-        assert_eq!(fences.stats.refused(Refusal::Expired).get(), 1);
+        let other = Client::new(&fences, "10.1.2.3".parse().unwrap());
+        assert!(
+            other
+                .miss_field(3)
+                .starts_with(&client.scope_prefix(TicketScope::Client))
+        );
+        assert!(
+            !other
+                .miss_field(3)
+                .starts_with(&client.scope_prefix(TicketScope::Connection))
+        );
+        let (args, ..) = rewritten(plan(&client, "SET own:1 v"));
+        assert_eq!(args[2], client.scope_prefix(TicketScope::Connection));
+        // The herd lease holder of a miss names the miss, not only the connection.
+        assert_ne!(client.holder(1), client.holder(2));
+        assert_eq!(field, format!("m|10.1.2.3|{}|3", client.holder(0)));
+        assert_eq!(client.holder(3), format!("{}:3", client.holder(0)));
+    }
+
+    #[test]
+    fn set_with_xx_or_get_is_a_write_without_judgement() {
+        let fences = fences();
+        let client = client(&fences);
+        for line in ["SET user:1 v XX", "SET user:1 v GET"] {
+            let (args, _, reply) = rewritten(plan(&client, line));
+            assert_eq!(args[0], "write", "{line}");
+            assert_eq!(
+                reply,
+                ScriptReply::Command {
+                    keys: vec![b("user:1")],
+                    invalidation: None
+                }
+            );
+        }
+        assert_eq!(fences.stats.writes.get(), 2);
     }
 
     #[test]
     fn a_delete_invalidates_every_key_and_fences_the_fenced_ones() {
         let fences = fences();
-        let client = Client::new(&fences);
-        let (op, keys, reply) = rewritten(plan(&client, "DEL user:1 other"));
-        assert_eq!(op, "inval");
+        let client = client(&fences);
+        let (args, keys, reply) = rewritten(plan(&client, "DEL user:1 other"));
+        assert_eq!(args[0], "inval");
         assert_eq!(
             keys,
             vec![b("user:1"), b("other"), Bytes::from(fence_key(b"user:1"))]
@@ -550,37 +608,35 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn on_write_decides_what_a_write_becomes() {
+    fn on_write_travels_with_a_plain_store_and_decides_other_writes_here() {
         let fences = fences();
-        let client = Client::new(&fences);
-        match plan(&client, "SET rejected:1 v") {
+        let client = client(&fences);
+        assert_eq!(rewritten(plan(&client, "SET rejected:1 v")).0[8], "reject");
+        assert_eq!(rewritten(plan(&client, "SET gone:1 v")).0[8], "inval");
+        // Its reply depends on the value: it cannot become a delete.
+        assert_eq!(rewritten(plan(&client, "SET gone:1 v NX")).0[8], "write");
+        let (args, _, reply) = rewritten(plan(&client, "MSET gone:1 a gone:2 b"));
+        assert_eq!(args[0], "inval");
+        assert_eq!(
+            reply,
+            ScriptReply::Ok {
+                keys: vec![b("gone:1"), b("gone:2")]
+            }
+        );
+        // The strictest rule among the keys wins.
+        match plan(&client, "MSET user:1 a rejected:1 b") {
             Some(Plan::Local(Reply::Error(text))) => assert!(
-                text.starts_with("ERR cachefence: writes to 'rejected:1' are rejected"),
+                text.starts_with("ERR cachefence: writes to 'user:1' are rejected"),
                 "{text}"
             ),
             other => panic!("{other:?}"),
         }
-        let (op, _, reply) = rewritten(plan(&client, "SET gone:1 v"));
-        assert_eq!(op, "inval");
-        assert_eq!(
-            reply,
-            ScriptReply::Ok {
-                keys: vec![b("gone:1")]
-            }
-        );
-        // Its reply depends on the value: it cannot become a delete.
-        assert_eq!(rewritten(plan(&client, "SET gone:1 v NX")).0, "write");
-        // The strictest rule among the keys wins.
-        assert!(matches!(
-            plan(&client, "MSET user:1 a rejected:1 b"),
-            Some(Plan::Local(_))
-        ));
     }
 
     #[test]
     fn wrong_arity_goes_as_it_is_for_redis_own_error() {
         let fences = fences();
-        let client = Client::new(&fences);
+        let client = client(&fences);
         for line in [
             "SETEX user:1 10",
             "MSET user:1",

@@ -3,14 +3,12 @@
 //! client expects, byte for byte what Redis would have sent where the
 //! fence let the command through.
 
-use std::time::Instant;
-
 use bytes::Bytes;
 
+use super::Refusal;
 use super::client::Client;
 use super::history::{Source, What};
 use super::plan::stale_reply;
-use super::{Refusal, Ticket};
 use crate::resp::value::{Reply, Value};
 
 /// How a fence script's reply becomes the client's reply.
@@ -19,11 +17,14 @@ pub enum ScriptReply {
     /// The proxy's miss script after a nil `GET`: the value that appeared,
     /// or the original nil (`nil`, in the client's protocol) and a ticket.
     /// Unless `forced`, a miss whose herd lease another client holds waits.
+    /// `miss` names it (its herd lease and its ticket in the fence).
     Miss {
         key: Bytes,
         policy: usize,
-        nil: Bytes,
+        /// The nil Redis sent (`$-1` or RESP3's `_`), released with a ticket.
+        nil: &'static [u8],
         forced: bool,
+        miss: u64,
     },
     /// A fill: `+OK` stored, nil when `NX` kept an existing value, and a
     /// refusal answered per `on_stale_fill` — or, for `CACHE.FILL`
@@ -37,7 +38,16 @@ pub enum ScriptReply {
     LeaseGet { key: Bytes },
     /// The miss script for element `index` of a held `MGET` reply (never
     /// waits for another client's fill).
-    MGetMiss { key: Bytes, policy: usize, index: usize },
+    MGetMiss {
+        key: Bytes,
+        policy: usize,
+        index: usize,
+        miss: u64,
+    },
+    /// A plain store of a fenced key, judged in Redis: a fill (stored,
+    /// refused, or not stored for `NX`), or a write per `on_write` (the
+    /// command's own reply, `+OK` for a delete, or the `reject` error).
+    Set { policy: usize, key: Bytes },
     /// A write or invalidation running the client's own command: its reply,
     /// with Lua's `false` turned back into the protocol's nil. `keys` are
     /// the keys it names; their held misses are woken, and an invalidation
@@ -53,7 +63,6 @@ pub enum ScriptReply {
 }
 
 impl ScriptReply {
-    /// The keys of an invalidation (`DEL`, `UNLINK`, `GETDEL`, `CACHE.INVALIDATE`).
     fn invalidated_by(&self) -> Option<Source> {
         match self {
             ScriptReply::Command { invalidation, .. } => *invalidation,
@@ -61,6 +70,7 @@ impl ScriptReply {
         }
     }
 
+    /// The keys of an invalidation (`DEL`, `UNLINK`, `GETDEL`, `CACHE.INVALIDATE`).
     pub fn invalidated_keys(&self) -> Option<Vec<Bytes>> {
         match self {
             ScriptReply::Command {
@@ -118,13 +128,16 @@ impl Client<'_> {
                 _ => Bytes::copy_from_slice(frame),
             };
         }
+        if let ScriptReply::Set { policy, key } = reply {
+            return self.set_reply(*policy, key, frame, resp3, db);
+        }
         let value = Value::decode(frame, resp3);
         match (reply, value) {
             (_, Some(Value::Error(_))) | (_, None) => Bytes::copy_from_slice(frame),
             // Misses are handled by the session (they may wait); total anyway.
             (ScriptReply::Miss { nil, .. }, _) => match self.miss(reply, frame, resp3) {
                 MissOutcome::Reply(bytes) => bytes,
-                MissOutcome::Wait => nil.clone(),
+                MissOutcome::Wait => Bytes::from_static(nil),
             },
             (ScriptReply::LeaseGet { key }, Some(Value::Array(items))) => {
                 let field = |i: usize| {
@@ -155,35 +168,85 @@ impl Client<'_> {
                     lease_api,
                 },
                 Some(Value::Array(items)),
-            ) => {
-                self.fences.wake(key);
-                match items.first().and_then(Value::as_int) {
-                    Some(1) => {
-                        self.fences.stats.fills_accepted.inc();
-                        self.record(key, What::FillAccepted);
-                        Reply::Status("OK").encode(resp3)
-                    }
-                    Some(2) => {
-                        self.fences.stats.fills_not_stored_nx.inc();
-                        self.record(key, What::FillNotStored);
-                        Reply::Nil.encode(resp3)
-                    }
-                    _ => {
-                        let reason = items.get(1).and_then(Value::as_bytes).map_or(&b""[..], |b| b);
-                        let why = Refusal::from_script(reason);
-                        self.fences.stats.refused(why).inc();
-                        self.record(key, What::FillRefused(why));
-                        match lease_api {
-                            true => Reply::Status("STALE").encode(resp3),
-                            false => stale_reply(why, self.fences.scope().policy_at(*policy)).encode(resp3),
-                        }
-                    }
-                }
-            }
+            ) => match self.fill_outcome(key, &items) {
+                Some(_) if *lease_api => Reply::Status("STALE").encode(resp3),
+                Some(why) => stale_reply(why, self.fences.scope().policy_at(*policy)).encode(resp3),
+                None if items.first().and_then(Value::as_int) == Some(2) => Reply::Nil.encode(resp3),
+                None => Reply::Status("OK").encode(resp3),
+            },
             (ScriptReply::FenceInfo { key }, Some(Value::Array(items))) => {
                 self.fence_info(key, &items).encode(resp3)
             }
             (_, Some(_)) => Bytes::copy_from_slice(frame),
+        }
+    }
+
+    /// A fill script's verdict, counted and recorded: `{1}` stored, `{2}`
+    /// not stored (`NX`), `{0, reason}` refused (`Some(why)`). Held misses of
+    /// the key are woken either way.
+    fn fill_outcome(&self, key: &Bytes, items: &[Value]) -> Option<Refusal> {
+        self.fences.wake(key);
+        match items.first().and_then(Value::as_int) {
+            Some(1) => {
+                self.fences.stats.fills_accepted.inc();
+                self.record(key, What::FillAccepted);
+                None
+            }
+            Some(2) => {
+                self.fences.stats.fills_not_stored_nx.inc();
+                self.record(key, What::FillNotStored);
+                None
+            }
+            _ => {
+                let reason = items.get(1).and_then(Value::as_bytes).map_or(&b""[..], |b| b);
+                let why = Refusal::from_script(reason);
+                self.fences.stats.refused(why).inc();
+                self.record(key, What::FillRefused(why));
+                Some(why)
+            }
+        }
+    }
+
+    /// The reply to a plain store judged in Redis (`op == 'set'`): a fill's
+    /// verdict, `{3, reply}` a write (the command's own reply), `{4}` a
+    /// write turned into a delete (`on_write = "invalidate"`), `{5}` a write
+    /// rejected.
+    fn set_reply(&self, policy: usize, key: &Bytes, frame: &[u8], resp3: bool, db: u32) -> Bytes {
+        const WRITE: &[u8] = b"*2\r\n:3\r\n";
+        if let Some(own) = frame.strip_prefix(WRITE) {
+            self.fences.stats.writes.inc();
+            self.record(key, What::Write);
+            self.fences.wake(key);
+            // Lua's false (SET … NX that found a value) reaches a RESP3
+            // client as a boolean; the client's command answered nil.
+            return match own {
+                b"#f\r\n" => Reply::Nil.encode(resp3),
+                own => Bytes::copy_from_slice(own),
+            };
+        }
+        let Some(Value::Array(items)) = Value::decode(frame, resp3) else {
+            return Bytes::copy_from_slice(frame);
+        };
+        match items.first().and_then(Value::as_int) {
+            Some(4) => {
+                self.fences.stats.invalidations.inc();
+                self.fences.stats.keys_invalidated_client.inc();
+                let keys = std::slice::from_ref(key);
+                self.fences
+                    .epilogue
+                    .after_invalidation(db, keys, Source::Client, self.connection);
+                Reply::Status("OK").encode(resp3)
+            }
+            Some(5) => {
+                self.fences.stats.writes_rejected.inc();
+                self.record(key, What::WriteRejected);
+                super::plan::rejected(key).encode(resp3)
+            }
+            _ => match self.fill_outcome(key, &items) {
+                Some(why) => stale_reply(why, self.fences.scope().policy_at(policy)).encode(resp3),
+                None if items.first().and_then(Value::as_int) == Some(2) => Reply::Nil.encode(resp3),
+                None => Reply::Status("OK").encode(resp3),
+            },
         }
     }
 
@@ -192,13 +255,13 @@ impl Client<'_> {
     /// client leads and this miss may still wait).
     pub fn miss(&self, reply: &ScriptReply, frame: &[u8], resp3: bool) -> MissOutcome {
         let (key, nil, forced) = match reply {
-            ScriptReply::Miss { key, nil, forced, .. } => (key, nil, *forced),
-            ScriptReply::MGetMiss { key, .. } => (key, &Bytes::new(), true),
+            ScriptReply::Miss { key, nil, forced, .. } => (key, Bytes::from_static(nil), *forced),
+            ScriptReply::MGetMiss { key, .. } => (key, Bytes::new(), true),
             _ => unreachable!("only misses"),
         };
         let Some(Value::Array(items)) = Value::decode(frame, resp3) else {
             // The script failed: release the nil as Redis gave it, no ticket.
-            return MissOutcome::Reply(nil.clone());
+            return MissOutcome::Reply(nil);
         };
         let leader = items.get(4).and_then(Value::as_int) == Some(1);
         match (items.first().and_then(Value::as_int), items.get(1)) {
@@ -207,25 +270,15 @@ impl Client<'_> {
             }
             (Some(0), Some(Value::Bulk(_))) if !leader && !forced => MissOutcome::Wait,
             (Some(0), Some(Value::Bulk(version))) => {
-                let ticket = Ticket {
-                    version: version.clone(),
-                    miss_us: items
-                        .get(3)
-                        .and_then(Value::as_bytes)
-                        .cloned()
-                        .unwrap_or_default(),
-                    issued: Instant::now(),
-                };
-                let mut held = self.held();
-                if self
-                    .fences
-                    .issue(self.connection, key.clone(), ticket, held.len())
-                {
-                    held.insert(key.clone());
-                }
-                MissOutcome::Reply(nil.clone())
+                // Its ticket is a field of the fence now (the script wrote it).
+                let version = std::str::from_utf8(version)
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                self.fences.missed(self.connection, key, version);
+                MissOutcome::Reply(nil)
             }
-            _ => MissOutcome::Reply(nil.clone()),
+            _ => MissOutcome::Reply(nil),
         }
     }
 
@@ -263,7 +316,7 @@ impl Client<'_> {
             ),
             (
                 Reply::Bulk("tickets_outstanding".into()),
-                Reply::Int(self.fences.tickets_for(key) as i64),
+                Reply::Int(items.get(6).and_then(Value::as_int).unwrap_or(0)),
             ),
         ])
     }
@@ -290,10 +343,8 @@ pub(crate) fn parse_lease_token(token: &[u8]) -> Option<(Bytes, Bytes)> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
-
     use super::*;
-    use crate::fence::plan::tests::{fences, give_ticket};
+    use crate::fence::plan::tests::{client, fences};
 
     fn b(s: &'static str) -> Bytes {
         Bytes::from_static(s.as_bytes())
@@ -310,7 +361,7 @@ mod tests {
     #[test]
     fn an_accepted_fill_answers_ok_and_a_refused_one_per_on_stale_fill() {
         let fences = fences();
-        let client = Client::new(&fences);
+        let client = client(&fences);
         assert_eq!(
             &client.translate(&fill("user:1"), b"*1\r\n:1\r\n", false, 0)[..],
             b"+OK\r\n"
@@ -334,7 +385,7 @@ mod tests {
     #[test]
     fn lua_false_becomes_the_protocol_nil() {
         let fences = fences();
-        let client = Client::new(&fences);
+        let client = client(&fences);
         let write = ScriptReply::Command {
             keys: vec![b("user:1")],
             invalidation: None,
@@ -347,7 +398,7 @@ mod tests {
     #[test]
     fn an_acknowledged_delete_ends_in_the_epilogue_and_a_loading_one_is_retried() {
         let fences = fences();
-        let client = Client::new(&fences);
+        let client = client(&fences);
         let delete = ScriptReply::Command {
             keys: vec![b("user:1"), b("other")],
             invalidation: Some(Source::Client),
@@ -371,15 +422,16 @@ mod tests {
         ScriptReply::Miss {
             key: b("user:1"),
             policy: 0,
-            nil: b("$-1\r\n"),
+            nil: b"$-1\r\n",
             forced,
+            miss: 1,
         }
     }
 
     #[test]
     fn a_miss_issues_a_ticket_unless_another_client_leads() {
         let fences = fences();
-        let client = Client::new(&fences);
+        let client = client(&fences);
         // Not an array of the expected shape: the nil goes, no ticket.
         assert!(matches!(
             client.miss(&miss(false), b"-ERR x\r\n", false),
@@ -398,16 +450,67 @@ mod tests {
         assert_eq!(fences.tickets_outstanding(), 1);
     }
 
+    fn set(key: &'static str) -> ScriptReply {
+        ScriptReply::Set {
+            policy: 0,
+            key: b(key),
+        }
+    }
+
+    #[test]
+    fn a_judged_store_answers_as_the_fill_or_the_write_it_was() {
+        let fences = fences();
+        let client = client(&fences);
+        assert_eq!(
+            &client.translate(&set("user:1"), b"*1\r\n:1\r\n", false, 0)[..],
+            b"+OK\r\n"
+        );
+        assert_eq!(fences.stats.fills_accepted.get(), 1);
+        let older = b"*2\r\n:0\r\n$22\r\nolder_miss_outstanding\r\n";
+        assert_eq!(&client.translate(&set("user:1"), older, false, 0)[..], b"+OK\r\n");
+        assert_eq!(fences.stats.refused(Refusal::OlderMissOutstanding).get(), 1);
+        // A write: the command's own reply, byte for byte; nil from Lua's false.
+        assert_eq!(
+            &client.translate(&set("user:1"), b"*2\r\n:3\r\n+OK\r\n", true, 0)[..],
+            b"+OK\r\n"
+        );
+        assert_eq!(
+            &client.translate(&set("user:1"), b"*2\r\n:3\r\n#f\r\n", true, 0)[..],
+            b"_\r\n"
+        );
+        assert_eq!(
+            &client.translate(&set("user:1"), b"*2\r\n:3\r\n$-1\r\n", false, 0)[..],
+            b"$-1\r\n"
+        );
+        assert_eq!(fences.stats.writes.get(), 3);
+        // on_write = "invalidate": +OK, and the invalidation ends in the epilogue.
+        assert_eq!(
+            &client.translate(&set("user:1"), b"*1\r\n:4\r\n", false, 0)[..],
+            b"+OK\r\n"
+        );
+        assert_eq!(fences.stats.keys_invalidated_client.get(), 1);
+        assert!(
+            fences
+                .history
+                .explain(b"user:1")
+                .iter()
+                .any(|e| e.describe().contains("invalidated by a client"))
+        );
+        let rejected = client.translate(&set("rejected:1"), b"*1\r\n:5\r\n", false, 0);
+        assert!(rejected.starts_with(b"-ERR cachefence: writes to 'rejected:1' are rejected"));
+        assert_eq!(fences.stats.writes_rejected.get(), 1);
+        let error = b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n";
+        assert_eq!(&client.translate(&set("user:1"), error, false, 0)[..], error);
+    }
+
     #[test]
     fn a_miss_that_finds_a_value_returns_it() {
         let fences = fences();
-        let client = Client::new(&fences);
+        let client = client(&fences);
         match client.miss(&miss(false), b"*2\r\n:1\r\n$5\r\nvalue\r\n", false) {
             MissOutcome::Reply(bytes) => assert_eq!(&bytes[..], b"$5\r\nvalue\r\n"),
             other => panic!("{other:?}"),
         }
         assert_eq!(fences.tickets_outstanding(), 0);
-        give_ticket(&client, "user:2", Instant::now());
-        assert_eq!(fences.tickets_for(b"user:2"), 1);
     }
 }

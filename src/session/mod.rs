@@ -83,9 +83,11 @@ pub async fn run(mut client: Stream, peer: SocketAddr, app: Arc<App>, shutdown: 
     // are split lock-free and the session is the same code as before TLS.
     match (client, upstream) {
         (Stream::Plain(mut client), Stream::Plain(mut upstream)) => {
-            serve(&mut client, &mut upstream, unread, &app, &mut shutdown).await
+            serve(&mut client, &mut upstream, unread, (&app, peer), &mut shutdown).await
         }
-        (mut client, mut upstream) => serve(&mut client, &mut upstream, unread, &app, &mut shutdown).await,
+        (mut client, mut upstream) => {
+            serve(&mut client, &mut upstream, unread, (&app, peer), &mut shutdown).await
+        }
     }
 }
 
@@ -94,12 +96,12 @@ async fn serve<S: Split>(
     client: &mut S,
     upstream: &mut S,
     unread: BytesMut,
-    app: &App,
+    (app, peer): (&App, SocketAddr),
     shutdown: &mut watch::Receiver<bool>,
 ) {
     let shared = Shared::default();
     shared.pairing().db = app.config.upstream.db;
-    let fence = app.fences.as_ref().map(Client::new);
+    let fence = app.fences.as_ref().map(|fences| Client::new(fences, peer.ip()));
     let (inject_tx, inject_rx) = mpsc::channel(MAX_INJECTIONS);
     let (mut client_rd, mut client_wr) = client.halves();
     let (mut upstream_rd, mut upstream_wr) = upstream.halves();
@@ -135,9 +137,6 @@ async fn serve<S: Split>(
     };
     if matches!(end, SessionEnd::Closed) {
         linger(&mut client_rd).await;
-    }
-    if let Some(fence) = &fence {
-        fence.forget_all();
     }
     debug!(?end, "session ended");
 }

@@ -209,12 +209,14 @@ fn on_fence_reply(
             fence.fences.stats.misses.inc();
             let slot = outbox.hold();
             let forced = fence.fences.scope().policy_at(policy).hold.is_zero();
-            let call = fence.miss_call(&key, policy, forced);
+            let miss = fence.next_miss();
+            let call = fence.miss_call(&key, policy, forced, miss);
             let reply = ScriptReply::Miss {
                 key,
                 policy,
-                nil: Bytes::copy_from_slice(frame),
+                nil: if frame == b"_\r\n" { b"_\r\n" } else { b"$-1\r\n" },
                 forced,
+                miss,
             };
             inject(&held.injections, call, reply, slot, false, outbox, frame);
         }
@@ -261,8 +263,14 @@ fn on_fence_reply(
             );
             for index in misses {
                 let (key, policy) = keys[index].clone().expect("a fenced key");
-                let call = fence.miss_call(&key, policy, true);
-                let reply = ScriptReply::MGetMiss { key, policy, index };
+                let miss = fence.next_miss();
+                let call = fence.miss_call(&key, policy, true, miss);
+                let reply = ScriptReply::MGetMiss {
+                    key,
+                    policy,
+                    index,
+                    miss,
+                };
                 inject(&held.injections, call, reply, slot, false, outbox, frame);
             }
         }
@@ -375,7 +383,7 @@ fn inject(
     if injections.try_send(Injection { call, reload, expect }).is_err() {
         warn!("too many calls of the proxy's own in flight; releasing a reply unfenced");
         let release = match reply {
-            ScriptReply::Miss { nil, .. } => nil,
+            ScriptReply::Miss { nil, .. } => Bytes::from_static(nil),
             _ => Bytes::copy_from_slice(fallback),
         };
         outbox.resolve(slot, release);
@@ -508,13 +516,14 @@ impl Misses {
                 policy,
                 nil,
                 forced,
+                miss,
             } = &reply
             else {
                 continue;
             };
-            let call = fence.miss_call(key, *policy, *forced);
-            let nil = nil.clone();
-            inject(&self.injections, call, reply, slot, false, outbox, &nil);
+            let call = fence.miss_call(key, *policy, *forced, *miss);
+            let nil = *nil;
+            inject(&self.injections, call, reply, slot, false, outbox, nil);
         }
     }
 }

@@ -62,7 +62,8 @@ families! {
         FILLS: Counter "cachefence_fills_total" by "result" ["accepted", "not_stored_nx"],
             "Fills (a SET after a miss) by result: stored, or not stored because NX found a value.";
         FILLS_REFUSED: Counter "cachefence_fills_refused_total"
-            by "reason" ["fence_moved", "fence_missing", "expired", "lag_window", "pending_delete"],
+            by "reason" ["fence_moved", "fence_missing", "expired", "lag_window", "pending_delete",
+                "older_miss_outstanding"],
             "Fills refused as possibly stale, by reason.";
         WRITES: Counter "cachefence_writes_total" by "result" ["stored", "rejected"],
             "Writes to fenced keys without a ticket, by result.";
@@ -148,6 +149,8 @@ metrics! {
         refused_lag_window: Counter, stats "fills_refused_lag_window", prom FILLS_REFUSED["lag_window"];
         refused_pending_delete: Counter, stats "fills_refused_pending_delete",
             prom FILLS_REFUSED["pending_delete"];
+        refused_older_miss_outstanding: Counter, stats "fills_refused_older_miss_outstanding",
+            prom FILLS_REFUSED["older_miss_outstanding"];
         writes: Counter, stats "writes", prom WRITES["stored"];
         writes_rejected: Counter, stats "writes_rejected", prom WRITES["rejected"];
         invalidations: Counter, stats "invalidations";
@@ -332,6 +335,7 @@ mod tests {
                 "fills_refused_expired",
                 "fills_refused_lag_window",
                 "fills_refused_pending_delete",
+                "fills_refused_older_miss_outstanding",
                 "writes",
                 "writes_rejected",
                 "invalidations",
