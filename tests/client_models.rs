@@ -31,7 +31,10 @@ const KEY: &str = "user:x";
 /// The database stand-in of tests/races.rs (writes go to the primary; the
 /// replica shows them only after `replicate`), shared by the tasks.
 #[derive(Clone, Default)]
-struct Database(Arc<Mutex<(HashMap<&'static str, String>, HashMap<&'static str, String>)>>);
+struct Database(Arc<Mutex<(Rows, Rows)>>);
+
+/// One copy of the database: the primary's or the replica's.
+type Rows = HashMap<&'static str, String>;
 
 impl Database {
     fn new(x: &str) -> Database {
