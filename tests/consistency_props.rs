@@ -1,6 +1,9 @@
 //! C1 as a property: random interleavings of read misses, database writes
 //! followed by `DEL`, fills and evictions over a few keys and connections,
-//! through cachefence. After every run, each cached key equals the model
+//! through cachefence, for three client models: each flow (miss, database
+//! read, fill) on a connection of its own; flows over a pool, each step on
+//! any pooled connection; and every flow on one shared connection (a
+//! multiplexing client). After every run, each cached key equals the model
 //! database or is absent. The same interleavings against plain Redis break
 //! this (the control, `plain_redis_breaks_the_property`).
 
@@ -11,61 +14,108 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use testkit::{Proxy, RawClient, RedisServer};
 
 const KEYS: [&str; 2] = ["user:a", "user:b"];
-const READERS: usize = 3;
+/// Flows (requests: miss, database read, fill) in flight at once.
+const FLOWS: usize = 3;
+/// Connections of the pooled model.
+const POOL: usize = 2;
+
+/// How the flows' commands reach the proxy.
+#[derive(Debug, Clone, Copy)]
+enum Model {
+    /// Each flow on a connection of its own (the flow is the connection).
+    PerConnection,
+    /// A pool: each step of a flow goes out on any of `POOL` connections.
+    Pooled,
+    /// A multiplexing client: every flow on one shared connection.
+    Shared,
+}
+
+impl Model {
+    /// How many client connections the flows (and writers) use.
+    fn connections(self) -> usize {
+        match self {
+            Model::PerConnection => FLOWS,
+            Model::Pooled => POOL,
+            Model::Shared => 1,
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 enum Op {
-    /// A reader misses (or hits) and, on a miss, reads the database.
-    Read { reader: usize, key: usize },
-    /// That reader stores what it read.
-    Fill { reader: usize, key: usize },
-    /// The database changes and the writer deletes the cached key.
-    Write { key: usize },
+    /// A flow misses (or hits) on connection `conn` and, on a miss, reads
+    /// the database.
+    Read { flow: usize, key: usize, conn: usize },
+    /// That flow stores what it read, on connection `conn`.
+    Fill { flow: usize, key: usize, conn: usize },
+    /// The database changes and a writer deletes the cached key, on
+    /// connection `conn` (`conn == connections`: the writer's own).
+    Write { key: usize, conn: usize },
     /// The cache loses the key (eviction, expiry).
     Evict { key: usize },
 }
 
-fn op() -> impl Strategy<Value = Op> {
-    let reader = 0..READERS;
+fn op(model: Model) -> impl Strategy<Value = Op> {
+    let flow = 0..FLOWS;
     let key = 0..KEYS.len();
+    // The connection a step goes out on: the flow's own, or the pool's
+    // (proptest picks one per step), or the one shared connection.
+    let conn = move |flow: usize, pick: usize| match model {
+        Model::PerConnection => flow,
+        Model::Pooled => pick % POOL,
+        Model::Shared => 0,
+    };
+    // Writers: their own connection, or (pooled, shared) one of the
+    // application's.
+    let writer = match model {
+        Model::PerConnection => model.connections()..=model.connections(),
+        _ => 0..=model.connections(),
+    };
     prop_oneof![
-        3 => (reader.clone(), key.clone()).prop_map(|(reader, key)| Op::Read { reader, key }),
-        3 => (reader, key.clone()).prop_map(|(reader, key)| Op::Fill { reader, key }),
-        2 => key.clone().prop_map(|key| Op::Write { key }),
+        3 => (flow.clone(), key.clone(), 0..POOL)
+            .prop_map(move |(flow, key, pick)| Op::Read { flow, key, conn: conn(flow, pick) }),
+        3 => (flow, key.clone(), 0..POOL)
+            .prop_map(move |(flow, key, pick)| Op::Fill { flow, key, conn: conn(flow, pick) }),
+        2 => (key.clone(), writer).prop_map(|(key, conn)| Op::Write { key, conn }),
         1 => key.prop_map(|key| Op::Evict { key }),
     ]
 }
 
 /// Runs `ops` against `addr` (clients) with `direct` for evictions and
 /// checks; returns the keys whose cached value disagrees with the database.
-async fn run(addr: &str, direct: &str, ops: &[Op]) -> Vec<String> {
+async fn run(model: Model, addr: &str, direct: &str, ops: &[Op]) -> Vec<String> {
     let mut admin = RawClient::connect(direct).await;
     assert_eq!(admin.call("FLUSHALL").await, "+OK\r\n");
-    let mut readers = Vec::new();
-    for _ in 0..READERS {
-        readers.push(RawClient::connect(addr).await);
+    // The application's connections, then the writer's own.
+    let mut conns = Vec::new();
+    for _ in 0..=model.connections() {
+        conns.push(RawClient::connect(addr).await);
     }
-    let mut writer = RawClient::connect(addr).await;
     let mut database: HashMap<usize, u64> = HashMap::new();
     let mut read: HashMap<(usize, usize), u64> = HashMap::new();
     for op in ops {
         match *op {
-            Op::Read { reader, key } => {
-                if readers[reader].call(&format!("GET {}", KEYS[key])).await == "$-1\r\n" {
-                    read.insert((reader, key), database.get(&key).copied().unwrap_or(0));
+            Op::Read { flow, key, conn } => {
+                if conns[conn].call(&format!("GET {}", KEYS[key])).await == "$-1\r\n" {
+                    read.insert((flow, key), database.get(&key).copied().unwrap_or(0));
                 }
             }
-            Op::Fill { reader, key } => {
-                if let Some(value) = read.remove(&(reader, key)) {
-                    let reply = readers[reader]
+            Op::Fill { flow, key, conn } => {
+                if let Some(value) = read.remove(&(flow, key)) {
+                    let reply = conns[conn]
                         .call(&format!("SET {} v{value} EX 60", KEYS[key]))
                         .await;
                     assert_eq!(reply, "+OK\r\n");
                 }
             }
-            Op::Write { key } => {
+            Op::Write { key, conn } => {
                 *database.entry(key).or_default() += 1;
-                assert!(writer.call(&format!("DEL {}", KEYS[key])).await.starts_with(':'));
+                assert!(
+                    conns[conn]
+                        .call(&format!("DEL {}", KEYS[key]))
+                        .await
+                        .starts_with(':')
+                );
             }
             Op::Evict { key } => {
                 assert!(
@@ -88,7 +138,7 @@ async fn run(addr: &str, direct: &str, ops: &[Op]) -> Vec<String> {
     stale
 }
 
-fn check(target: &str, direct: &str, cases: u32) -> Result<(), String> {
+fn check(model: Model, target: &str, direct: &str, cases: u32) -> Result<(), String> {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mut runner = TestRunner::new(Config {
         cases,
@@ -96,29 +146,61 @@ fn check(target: &str, direct: &str, cases: u32) -> Result<(), String> {
         ..Config::default()
     });
     runner
-        .run(&prop::collection::vec(op(), 1..40), |ops| {
-            let stale = runtime.block_on(run(target, direct, &ops));
+        .run(&prop::collection::vec(op(model), 1..40), |ops| {
+            let stale = runtime.block_on(run(model, target, direct, &ops));
             prop_assert!(stale.is_empty(), "stale after {ops:?}: {stale:?}");
             Ok::<(), TestCaseError>(())
         })
         .map_err(|e| e.to_string())
 }
 
-#[test]
-fn every_cached_key_equals_the_database_or_is_absent() {
+/// The property through cachefence, for one client model.
+fn holds_through_cachefence(model: Model) {
     let redis = RedisServer::start();
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    // hold = 0: a reader never waits for another's fill (the driver is sequential).
+    // hold = 0: a miss is never held for another's fill (the driver is
+    // sequential, and on the shared connection a held miss would block every
+    // flow behind it).
     let proxy = runtime.block_on(Proxy::start(&redis.addr(), "[[cache]]\nhold = \"0s\"\n"));
-    let result = check(&proxy.addr.to_string(), &redis.addr(), 96);
+    let result = check(model, &proxy.addr.to_string(), &redis.addr(), 96);
     runtime.block_on(proxy.shutdown());
     result.unwrap();
 }
 
-#[test]
-fn plain_redis_breaks_the_property() {
+/// The control: plain Redis breaks the property for the same model.
+fn plain_redis_breaks_it(model: Model) {
     let redis = RedisServer::start();
-    let result = check(&redis.addr(), &redis.addr(), 96);
+    let result = check(model, &redis.addr(), &redis.addr(), 96);
     let error = result.expect_err("the control must find a stale interleaving against plain Redis");
     assert!(error.contains("stale after"), "{error}");
+}
+
+#[test]
+fn every_cached_key_equals_the_database_or_is_absent() {
+    holds_through_cachefence(Model::PerConnection);
+}
+
+#[test]
+fn plain_redis_breaks_the_property() {
+    plain_redis_breaks_it(Model::PerConnection);
+}
+
+#[test]
+fn every_cached_key_equals_the_database_or_is_absent_through_a_pool() {
+    holds_through_cachefence(Model::Pooled);
+}
+
+#[test]
+fn plain_redis_breaks_the_property_through_a_pool() {
+    plain_redis_breaks_it(Model::Pooled);
+}
+
+#[test]
+fn every_cached_key_equals_the_database_or_is_absent_on_one_shared_connection() {
+    holds_through_cachefence(Model::Shared);
+}
+
+#[test]
+fn plain_redis_breaks_the_property_on_one_shared_connection() {
+    plain_redis_breaks_it(Model::Shared);
 }
