@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: installs what a fresh machine lacks
-# (redis-server, redis-tools; PostgreSQL, started if it is stopped), then
+# (redis-server, redis-tools, Node.js and ioredis; PostgreSQL, started if it
+# is stopped), then
 # formatting, lints, the release build, and every test (unit, integration,
 # proto-tests). The tests start their own redis-server processes on free
 # loopback ports and use PostgreSQL schemas of their own.
@@ -14,8 +15,12 @@ ensure_installed redis-benchmark redis-tools
 for component in rustfmt clippy; do
     cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1 || rustup component add "$component"
 done
+ensure_installed node nodejs
+ensure_installed npm npm
 redis-server --version
 ensure_postgres
+# ioredis, for the client-model race tests (tests/node; the lock file pins it).
+npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

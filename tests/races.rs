@@ -378,6 +378,106 @@ async fn two_proxies_share_one_herd_lease_and_refuse_each_others_stale_fills() {
     b.shutdown().await;
 }
 
+/// The pool sequence of #14 with the pool spread over two proxies behind
+/// one address: A's miss on P1 (proxy a), a delete, B's miss on P2 (proxy
+/// b), A's stale value stored on P2, B's fresh one on P1.
+async fn pool_over_two_proxies(a: &str, b: &str) -> Option<String> {
+    let (mut p1, mut p2, mut writer) = (
+        RawClient::connect(a).await,
+        RawClient::connect(b).await,
+        RawClient::connect(b).await,
+    );
+    assert_eq!(p1.call("GET user:k").await, "$-1\r\n");
+    assert_eq!(writer.call("DEL user:k").await, ":0\r\n");
+    assert_eq!(p2.call("GET user:k").await, "$-1\r\n");
+    assert_eq!(p2.call("SET user:k stale EX 60").await, "+OK\r\n");
+    assert_eq!(p1.call("SET user:k fresh EX 60").await, "+OK\r\n");
+    cached(&mut writer, "user:k").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pool_spread_over_two_proxies_never_stores_the_stale_fill() {
+    let redis = RedisServer::start();
+    let direct = redis.addr();
+    assert_eq!(
+        pool_over_two_proxies(&direct, &direct).await.as_deref(),
+        Some("fresh"),
+        "control: plain Redis keeps whichever came last"
+    );
+    let mut flush = RawClient::connect(direct.as_str()).await;
+    assert_eq!(flush.call("FLUSHALL").await, "+OK\r\n");
+    // The same order with the stale value last, on plain Redis: stale stays.
+    let (mut p1, mut p2) = (
+        RawClient::connect(direct.as_str()).await,
+        RawClient::connect(direct.as_str()).await,
+    );
+    assert_eq!(p2.call("SET user:k fresh EX 60").await, "+OK\r\n");
+    assert_eq!(p1.call("SET user:k stale EX 60").await, "+OK\r\n");
+    assert_eq!(cached(&mut flush, "user:k").await.as_deref(), Some("stale"));
+    assert_eq!(flush.call("FLUSHALL").await, "+OK\r\n");
+
+    let (a, b) = (
+        Proxy::start(&direct, "").await,
+        Proxy::start(&direct, "").await,
+    );
+    let value = pool_over_two_proxies(&a.addr.to_string(), &b.addr.to_string()).await;
+    assert_eq!(value, None, "neither fill can be told fresh: both refused");
+    let mut stats = RawClient::connect(b.addr).await;
+    let reply = stats.call("CACHE.STATS").await;
+    assert!(
+        reply.contains("$36\r\nfills_refused_older_miss_outstanding\r\n:1\r\n"),
+        "{reply}"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// The unsafe row of the client-model table: `ticket_scope = "connection"`
+/// judges a pooled client's fill by its connection's own misses, so the
+/// stale value (whose miss was on the other connection) is stored as a write.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pool_with_connection_scope_stores_the_stale_fill() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.addr(), "[[cache]]\nticket_scope = \"connection\"\n").await;
+    let addr = proxy.addr.to_string();
+    let (mut p1, mut p2, mut writer) = (
+        RawClient::connect(addr.as_str()).await,
+        RawClient::connect(addr.as_str()).await,
+        RawClient::connect(addr.as_str()).await,
+    );
+    assert_eq!(p1.call("GET user:k").await, "$-1\r\n");
+    assert_eq!(writer.call("DEL user:k").await, ":0\r\n");
+    // The stale value goes out on a connection that never missed the key.
+    assert_eq!(p2.call("SET user:k stale EX 60").await, "+OK\r\n");
+    assert_eq!(cached(&mut writer, "user:k").await.as_deref(), Some("stale"));
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_proxys_miss_blocks_fills_for_lease_ttl_at_most() {
+    let redis = RedisServer::start();
+    let config = "[[cache]]\nlease_ttl = \"1s\"\n";
+    let a = Proxy::start(&redis.addr(), config).await;
+    let b = Proxy::start(&redis.addr(), config).await;
+    let mut on_a = RawClient::connect(a.addr).await;
+    assert_eq!(on_a.call("GET user:k").await, "$-1\r\n");
+    let missed = std::time::Instant::now();
+    drop(on_a);
+    a.shutdown().await;
+    let (mut reader, mut writer) = (RawClient::connect(b.addr).await, RawClient::connect(b.addr).await);
+    assert_eq!(writer.call("DEL user:k").await, ":0\r\n");
+    // Within lease_ttl the dead proxy's miss may still have a stale fill coming.
+    assert_eq!(reader.call("GET user:k").await, "$-1\r\n");
+    assert_eq!(reader.call("SET user:k fresh EX 60").await, "+OK\r\n");
+    assert_eq!(cached(&mut writer, "user:k").await, None);
+    // Past lease_ttl it no longer counts.
+    tokio::time::sleep(std::time::Duration::from_millis(1100).saturating_sub(missed.elapsed())).await;
+    assert_eq!(reader.call("GET user:k").await, "$-1\r\n");
+    assert_eq!(reader.call("SET user:k fresh EX 60").await, "+OK\r\n");
+    assert_eq!(cached(&mut writer, "user:k").await.as_deref(), Some("fresh"));
+    b.shutdown().await;
+}
+
 /// The token in a `[nil, token]` reply of `CACHE.GET`.
 fn lease_token(reply: &str) -> String {
     let (nil, rest) = reply
