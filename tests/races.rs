@@ -416,10 +416,7 @@ async fn a_pool_spread_over_two_proxies_never_stores_the_stale_fill() {
     assert_eq!(cached(&mut flush, "user:k").await.as_deref(), Some("stale"));
     assert_eq!(flush.call("FLUSHALL").await, "+OK\r\n");
 
-    let (a, b) = (
-        Proxy::start(&direct, "").await,
-        Proxy::start(&direct, "").await,
-    );
+    let (a, b) = (Proxy::start(&direct, "").await, Proxy::start(&direct, "").await);
     let value = pool_over_two_proxies(&a.addr.to_string(), &b.addr.to_string()).await;
     assert_eq!(value, None, "neither fill can be told fresh: both refused");
     let mut stats = RawClient::connect(b.addr).await;
