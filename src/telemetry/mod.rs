@@ -57,8 +57,9 @@ families! {
         MISSES: Counter "cachefence_misses_total", "Reads of fenced keys that found nothing.";
         TICKETS_ISSUED: Counter "cachefence_tickets_issued_total", "Lease tickets issued to readers that missed.";
         TICKETS_DROPPED: Counter "cachefence_tickets_dropped_total",
-            "Misses that got no ticket (a bound was reached).";
-        TICKETS_OUTSTANDING: Gauge "cachefence_tickets_outstanding", "Tickets held now.";
+            "Misses this proxy could not remember (a bound was reached); their tickets are in the fence.";
+        TICKETS_OUTSTANDING: Gauge "cachefence_tickets_outstanding",
+            "Keys missed through this proxy whose SET has not come yet (the tickets are in the fences).";
         FILLS: Counter "cachefence_fills_total" by "result" ["accepted", "not_stored_nx"],
             "Fills (a SET after a miss) by result: stored, or not stored because NX found a value.";
         FILLS_REFUSED: Counter "cachefence_fills_refused_total"
