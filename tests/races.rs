@@ -429,6 +429,32 @@ async fn a_pool_spread_over_two_proxies_never_stores_the_stale_fill() {
     b.shutdown().await;
 }
 
+/// The `on_write` table of docs/consistency.md: a fill that comes after its
+/// miss and its fence are gone (lease_ttl 100 ms: the fence lives 1.1 s)
+/// is a write, and `on_write` decides what becomes of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fill_later_than_lease_ttl_follows_on_write() {
+    for (on_write, reply, stored) in [
+        ("write", "+OK\r\n", Some("late")),
+        ("invalidate", "+OK\r\n", None),
+        ("reject", "-ERR cachefence: writes to 'user:k' are rejected", None),
+    ] {
+        let toml = format!("[[cache]]\nlease_ttl = \"100ms\"\nhold = \"50ms\"\non_write = \"{on_write}\"\n");
+        let setup = Setup::new(&Target::Cachefence(Box::leak(toml.into_boxed_str()))).await;
+        let mut reader = setup.client().await;
+        assert_eq!(reader.call("GET user:k").await, "$-1\r\n");
+        tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+        let got = reader.call("SET user:k late EX 60").await;
+        assert!(got.starts_with(reply), "on_write = {on_write}: {got}");
+        let mut direct = RawClient::connect(setup._redis.addr()).await;
+        assert_eq!(
+            cached(&mut direct, "user:k").await.as_deref(),
+            stored,
+            "on_write = {on_write}"
+        );
+    }
+}
+
 /// The unsafe row of the client-model table: `ticket_scope = "connection"`
 /// judges a pooled client's fill by its connection's own misses, so the
 /// stale value (whose miss was on the other connection) is stored as a write.
