@@ -49,6 +49,52 @@ local function newest(list)
   return best
 end
 
+-- Stores a fill: SET KEYS[1] to ARGV[value_at] with the client's expiry
+-- words ARGV[first..last], unless the lag rule (C2) refuses it: a miss at
+-- `miss_at` less than `lag` after the key's last invalidation is stored with
+-- a TTL ending `lag` after that invalidation (the client's own expiry
+-- stands if it ends sooner), or refused with `lag_refuse`. The stored fill
+-- moves the fence (first fill wins). Returns nil when stored, else why not
+-- ('lag_window', 'nx') or Redis' error.
+local function store_fill(value_at, first, last, miss_at, invalidated, lag, lag_refuse, nx)
+  local args = {'SET', KEYS[1], ARGV[value_at]}
+  for i = first, last do args[#args + 1] = ARGV[i] end
+  if lag > 0 and invalidated > 0 and miss_at - invalidated < lag then
+    if lag_refuse then return 'lag_window' end
+    local lag_end = invalidated + lag
+    if lag_end <= now then return 'lag_window' end
+    local ends = math.huge
+    for i = first, last - 1 do
+      local w, n = string.upper(ARGV[i]), tonumber(ARGV[i + 1])
+      if w == 'EX' then ends = now + n * 1000000
+      elseif w == 'PX' then ends = now + n * 1000
+      elseif w == 'EXAT' then ends = n * 1000000
+      elseif w == 'PXAT' then ends = n * 1000 end
+    end
+    if lag_end < ends then
+      args = {'SET', KEYS[1], ARGV[value_at], 'PXAT', fmt(math.ceil(lag_end / 1000))}
+    end
+  end
+  if nx then args[#args + 1] = 'NX' end
+  local stored = redis.pcall(unpack(args))
+  if type(stored) == 'table' and stored.err then return stored end
+  if not stored then return 'nx' end
+  bump(KEYS[2], ARGV[2], false)
+  return nil
+end
+
+-- The reply to a fill from `store_fill`'s verdict; `refuse` gives the herd
+-- lease back.
+local function fill_reply(verdict, refuse)
+  if verdict == nil then return {1} end
+  if type(verdict) == 'table' then return verdict end
+  if verdict == 'nx' then
+    refuse('nx')
+    return {2}
+  end
+  return refuse(verdict)
+end
+
 if op == 'miss' then
   -- KEYS: key, fence. ARGV: op, fence_ttl_ms, lease_holder, lease_ms, claim,
   -- the miss's field ('' for the lease API, whose token is the ticket),
@@ -90,39 +136,11 @@ elseif op == 'fill' then
     if f[3] == ARGV[8] then redis.call('HDEL', KEYS[2], 'h', 'he') end
     return {0, reason}
   end
-  local function refuse_nx()
-    refuse('nx')
-    return {2}
-  end
   if f[1] ~= ARGV[3] then return refuse('fence_moved') end
   if now - tonumber(ARGV[4]) > tonumber(ARGV[9]) then return refuse('expired') end
-  local args = {'SET', KEYS[1], ARGV[10]}
-  for i = 11, #ARGV do args[#args + 1] = ARGV[i] end
-  local lag = tonumber(ARGV[5])
-  local invalidated = tonumber(f[2] or '0')
-  if lag > 0 and invalidated > 0 and tonumber(ARGV[4]) - invalidated < lag then
-    if ARGV[6] == '1' then return refuse('lag_window') end
-    local lag_end = invalidated + lag
-    if lag_end <= now then return refuse('lag_window') end
-    -- The client's own expiry, if it ends sooner, stands.
-    local ends = math.huge
-    for i = 11, #ARGV - 1 do
-      local w, n = string.upper(ARGV[i]), tonumber(ARGV[i + 1])
-      if w == 'EX' then ends = now + n * 1000000
-      elseif w == 'PX' then ends = now + n * 1000
-      elseif w == 'EXAT' then ends = n * 1000000
-      elseif w == 'PXAT' then ends = n * 1000 end
-    end
-    if lag_end < ends then
-      args = {'SET', KEYS[1], ARGV[10], 'PXAT', fmt(math.ceil(lag_end / 1000))}
-    end
-  end
-  if ARGV[7] == '1' then args[#args + 1] = 'NX' end
-  local stored = redis.pcall(unpack(args))
-  if type(stored) == 'table' and stored.err then return stored end
-  if not stored then return refuse_nx() end
-  bump(KEYS[2], ARGV[2], false)
-  return {1}
+  local verdict = store_fill(10, 11, #ARGV, tonumber(ARGV[4]), tonumber(f[2] or '0'),
+    tonumber(ARGV[5]), ARGV[6] == '1', ARGV[7] == '1')
+  return fill_reply(verdict, refuse)
 elseif op == 'set' then
   -- A plain store of a fenced key whose miss, if any, the proxy cannot name
   -- (pooled and multiplexed clients): a fill if a miss is outstanding in
@@ -175,35 +193,9 @@ elseif op == 'set' then
     if consumed.v == version then return refuse('older_miss_outstanding') end
     return refuse('fence_moved')
   end
-  local args = {'SET', KEYS[1], ARGV[11]}
-  for i = 13, words do args[#args + 1] = ARGV[i] end
-  local lag = tonumber(ARGV[5])
-  local invalidated = tonumber(fields.t or '0')
-  if lag > 0 and invalidated > 0 and oldest.at - invalidated < lag then
-    if ARGV[6] == '1' then return refuse('lag_window') end
-    local lag_end = invalidated + lag
-    if lag_end <= now then return refuse('lag_window') end
-    local ends = math.huge
-    for i = 13, words - 1 do
-      local w, n = string.upper(ARGV[i]), tonumber(ARGV[i + 1])
-      if w == 'EX' then ends = now + n * 1000000
-      elseif w == 'PX' then ends = now + n * 1000
-      elseif w == 'EXAT' then ends = n * 1000000
-      elseif w == 'PXAT' then ends = n * 1000 end
-    end
-    if lag_end < ends then
-      args = {'SET', KEYS[1], ARGV[11], 'PXAT', fmt(math.ceil(lag_end / 1000))}
-    end
-  end
-  if ARGV[7] == '1' then args[#args + 1] = 'NX' end
-  local stored = redis.pcall(unpack(args))
-  if type(stored) == 'table' and stored.err then return stored end
-  if not stored then
-    refuse('nx')
-    return {2}
-  end
-  bump(KEYS[2], ARGV[2], false)
-  return {1}
+  local verdict = store_fill(11, 13, words, oldest.at, tonumber(fields.t or '0'),
+    tonumber(ARGV[5]), ARGV[6] == '1', ARGV[7] == '1')
+  return fill_reply(verdict, refuse)
 elseif op == 'write' or op == 'inval' then
   -- KEYS: the command's keys, then the fences of the fenced ones.
   -- ARGV: op, fence_ttl_ms, fenced_count, the command and its arguments.
