@@ -92,8 +92,9 @@ pub enum MissOutcome {
 }
 
 impl Client<'_> {
-    /// Turns a fence script's reply into the client's reply (`None`: the
-    /// script could not run; the caller decides).
+    /// Turns a fence script's reply into the client's reply. An error from
+    /// Redis (the script could not run, or the client's own command failed
+    /// inside it) is the client's reply as Redis sent it.
     pub fn translate(&self, reply: &ScriptReply, frame: &[u8], resp3: bool, db: u32) -> Bytes {
         if let ScriptReply::Command { keys, .. } | ScriptReply::Ok { keys } = reply {
             // Writes and invalidations, the common case: no decoding needed.

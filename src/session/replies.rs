@@ -394,9 +394,6 @@ fn is_nil(frame: &[u8]) -> bool {
     frame == b"$-1\r\n" || frame == b"_\r\n"
 }
 
-/// Moves the local replies at the head of the queue into the outbox.
-/// Returns true once one of them closes the connection and nothing is held
-/// before it any more.
 /// Records the latency of the request batches answered by now.
 fn observe_latency(pairing: &mut Pairing, metrics: &Metrics) {
     let Some(mut mark) = pairing.take_answered() else {
@@ -415,6 +412,9 @@ fn observe_latency(pairing: &mut Pairing, metrics: &Metrics) {
     }
 }
 
+/// Moves the local replies at the head of the queue into the outbox.
+/// Returns true once one of them closes the connection and nothing is held
+/// before it any more.
 fn take_locals(pairing: &mut Pairing, outbox: &mut Outbox) -> bool {
     while let Some(local) = pairing.take_local() {
         match local {
