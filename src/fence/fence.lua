@@ -49,6 +49,26 @@ local function newest(list)
   return best
 end
 
+-- Runs the client's command, ARGV[from] onwards. Lua's unpack stops near
+-- 8000 values, so a DEL, UNLINK or MSET with more arguments runs in chunks,
+-- still inside this one atomic script; DEL and UNLINK add up their counts.
+local function run_command(from)
+  local last = #ARGV
+  local name = string.upper(ARGV[from])
+  if last - from < 7000 or (name ~= 'DEL' and name ~= 'UNLINK' and name ~= 'MSET') then
+    return redis.pcall(unpack(ARGV, from, last))
+  end
+  local total, reply = 0, nil
+  -- Chunks of 6000 arguments keep MSET's pairs whole.
+  for i = from + 1, last, 6000 do
+    reply = redis.pcall(name, unpack(ARGV, i, math.min(i + 5999, last)))
+    if type(reply) == 'table' and reply.err then return reply end
+    if name ~= 'MSET' then total = total + reply end
+  end
+  if name == 'MSET' then return reply end
+  return total
+end
+
 -- Stores a fill: SET KEYS[1] to ARGV[value_at] with the client's expiry
 -- words ARGV[first..last], unless the lag rule (C2) refuses it: a miss at
 -- `miss_at` less than `lag` after the key's last invalidation is stored with
@@ -161,7 +181,7 @@ elseif op == 'set' then
       bump(KEYS[2], ARGV[2], true)
       return {4}
     end
-    local reply = redis.pcall(unpack(ARGV, words + 1))
+    local reply = run_command(words + 1)
     if type(reply) == 'table' and reply.err then return reply end
     bump(KEYS[2], ARGV[2], true)
     return {3, reply}
@@ -200,7 +220,7 @@ elseif op == 'write' or op == 'inval' then
   -- KEYS: the command's keys, then the fences of the fenced ones.
   -- ARGV: op, fence_ttl_ms, fenced_count, the command and its arguments.
   local fenced = tonumber(ARGV[3])
-  local reply = redis.pcall(unpack(ARGV, 4))
+  local reply = run_command(4)
   if type(reply) == 'table' and reply.err then return reply end
   for i = #KEYS - fenced + 1, #KEYS do bump(KEYS[i], ARGV[2], true) end
   return reply
