@@ -4,8 +4,9 @@
 //!
 //! - a multiplexing client: one `redis::aio::MultiplexedConnection` shared
 //!   (cloned) by concurrent tasks, every request's commands on the same
-//!   connection (as Lettuce, ioredis, redis-rs do); and ioredis itself
-//!   (`tests/node/r1.js`);
+//!   connection (as Lettuce, ioredis, redis-rs do); and ioredis itself,
+//!   one client shared by a script's concurrent requests (`tests/node/`:
+//!   r1.js, lag.js for R3/R4, r7.js, r8.js);
 //! - a connection pool (deadpool-redis): a request's `GET` goes out on one
 //!   pooled connection and its `SET` on whichever the pool hands out next.
 //!
@@ -789,25 +790,33 @@ async fn raw_mux_sequence_every_request_on_one_connection() {
 
 // --- ioredis ---------------------------------------------------------------
 
-/// Runs `tests/node/r1.js` (R1 through one ioredis client) against `port`
-/// and returns the value it printed (JSON: a string or null).
-fn ioredis_r1(port: u16) -> String {
+/// Runs `node tests/node/<script> PORT ARGS...` (the script drives one
+/// ioredis client shared by all its requests) and returns what it printed
+/// (JSON). Every script ends itself within 20 s.
+fn node_script(script: &str, port: u16, args: &[String]) -> String {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node");
     assert!(
         dir.join("node_modules/ioredis").is_dir(),
         "tests/node/node_modules is missing: run `npm ci --prefix tests/node` first (needs node and npm)"
     );
     let out = Command::new("node")
-        .arg(dir.join("r1.js"))
+        .arg(dir.join(script))
         .arg(port.to_string())
+        .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run `node` ({e}): the ioredis test needs Node.js 18 or later"));
+        .unwrap_or_else(|e| panic!("cannot run `node` ({e}): the ioredis tests need Node.js 18 or later"));
     assert!(
         out.status.success(),
-        "node tests/node/r1.js {port} failed: {}",
+        "node tests/node/{script} {port} {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Runs `tests/node/r1.js` (R1 through one ioredis client) against `port`
+/// and returns the value it printed (JSON: a string or null).
+fn ioredis_r1(port: u16) -> String {
+    node_script("r1.js", port, &[])
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -832,4 +841,114 @@ async fn r1_read_write_race_through_one_ioredis_client() {
         value, "\"1\"",
         "through cachefence A's stale fill must not be stored (ioredis shares one connection)"
     );
+}
+
+/// Runs a script of tests/node against `setup` (plain Redis or cachefence)
+/// off the runtime's threads and parses what it printed.
+async fn ioredis(setup: &Setup, script: &'static str, args: &[&str]) -> serde_json::Value {
+    let port = setup.addr.rsplit_once(':').unwrap().1.parse().unwrap();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let out = tokio::task::spawn_blocking(move || node_script(script, port, &args))
+        .await
+        .unwrap();
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{script} printed {out:?}: {e}"))
+}
+
+/// R3/R4 through one ioredis client (`tests/node/lag.js`), in the order of
+/// [`lag_multiplexed`]: the writers change the primary and delete; A and B
+/// miss, read the lagging replica (1) and fill, A first. Returns the cached
+/// value and its PTTL.
+async fn lag_ioredis(target: Target, writes: &[&'static str]) -> (Option<String>, i64) {
+    let setup = Setup::new(target).await;
+    let out = ioredis(&setup, "lag.js", writes).await;
+    assert_eq!(out["replica"], "1", "{out}");
+    assert_eq!(out["primary"], *writes.last().unwrap(), "{out}");
+    let cached = setup.cached().await;
+    setup.stop().await;
+    cached
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn r3_replica_lag_through_one_ioredis_client() {
+    let (stale, ttl) = lag_ioredis(Target::Redis, &["2"]).await;
+    assert_eq!(stale.as_deref(), Some("1"), "control: the replica's 1 is cached");
+    assert!(ttl > 59_000, "control: for its whole TTL ({ttl} ms)");
+    let (value, _) = lag_ioredis(Target::Cachefence(LAG_REFUSE), &["2"]).await;
+    assert_ne!(
+        value.as_deref(),
+        Some("1"),
+        "lag_policy = refuse: no fill within lag_window of the delete is stored (ioredis shares one connection)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn r4_two_writers_and_replica_lag_through_one_ioredis_client() {
+    let (stale, ttl) = lag_ioredis(Target::Redis, &["2", "3"]).await;
+    assert_eq!(stale.as_deref(), Some("1"), "control: the replica's 1 is cached");
+    assert!(ttl > 59_000, "control: for its whole TTL ({ttl} ms)");
+    let (refused, _) = lag_ioredis(Target::Cachefence(LAG_REFUSE), &["2", "3"]).await;
+    let short = lag_ioredis(Target::Cachefence(LAG_SHORT_TTL), &["2", "3"]).await;
+    assert_r4_bounded(refused, short);
+}
+
+/// R7 through one ioredis client (`tests/node/r7.js`): A writes DB=1, B
+/// writes DB=2, B sets cache 2; reader C GETs and, on nil, reads 2; A sets
+/// cache 1 (while C's miss, if any, is outstanding on the same connection);
+/// C fills 2 if it missed. Returns the cached value, the database's value
+/// and what C's GET got.
+async fn r7_ioredis(target: Target) -> (Option<String>, String, Option<String>) {
+    let setup = Setup::new(target).await;
+    let out = ioredis(&setup, "r7.js", &[]).await;
+    let (value, _) = setup.cached().await;
+    setup.stop().await;
+    let text = |v: &serde_json::Value| v.as_str().map(str::to_string);
+    (value, text(&out["db"]).expect("db"), text(&out["c_got"]))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn r7_update_on_write_race_through_one_ioredis_client() {
+    let (stale, db, c_got) = r7_ioredis(Target::Redis).await;
+    assert_eq!(
+        c_got.as_deref(),
+        Some("2"),
+        "control: C hits B's 2 and does not fill"
+    );
+    assert_eq!(
+        (stale.as_deref(), db.as_str()),
+        (Some("1"), "2"),
+        "control: the older write wins"
+    );
+    let (value, db, c_got) = r7_ioredis(Target::Cachefence(ON_WRITE_INVALIDATE)).await;
+    assert_eq!(db, "2");
+    assert_eq!(c_got, None, "on_write = invalidate: B's SET deleted, C misses");
+    assert_ne!(
+        value.as_deref(),
+        Some("1"),
+        "A's older write must not stay cached, though C's miss is outstanding on the same connection"
+    );
+}
+
+/// R8 through one ioredis client (`tests/node/r8.js`): `readers` requests
+/// GET the hot key at once; each that gets nil reads the database (200 ms)
+/// and fills. Returns the database reads and what each GET got.
+async fn r8_ioredis(target: Target, readers: usize) -> (usize, Vec<Option<String>>) {
+    let setup = Setup::new(target).await;
+    let out = ioredis(&setup, "r8.js", &[&readers.to_string()]).await;
+    setup.stop().await;
+    let reads = out["reads"].as_u64().expect("reads") as usize;
+    let got = out["got"].as_array().expect("got");
+    (
+        reads,
+        got.iter().map(|v| v.as_str().map(str::to_string)).collect(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn r8_stampede_through_one_ioredis_client() {
+    let (reads, got) = r8_ioredis(Target::Redis, 50).await;
+    assert_eq!(got.len(), 50);
+    assert_eq!(reads, 50, "control: every reader misses and reads the database");
+    let (reads, got) = r8_ioredis(Target::Cachefence(HOLD), 50).await;
+    assert_eq!(got.len(), 50);
+    assert_one_database_read(reads, &got);
 }
