@@ -16,90 +16,27 @@
 //! the pool hands out the connections of the pool sequence, and the
 //! tests assert which connection each command went out on.
 
-use std::collections::HashMap;
 use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadpool::managed::{Object, ObjectId, Pool, QueueMode};
 use redis::AsyncConnectionConfig;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
-use testkit::{Proxy, RawClient, RedisServer, WAIT};
+use testkit::race::raw_value;
+use testkit::{Database, Proxy, RawClient, RedisServer, Setup, Target, WAIT};
 
 const KEY: &str = "user:x";
 
-/// The database stand-in of tests/races.rs (writes go to the primary; the
-/// replica shows them only after `replicate`), shared by the tasks.
-#[derive(Clone, Default)]
-struct Database(Arc<Mutex<(Rows, Rows)>>);
-
-/// One copy of the database: the primary's or the replica's.
-type Rows = HashMap<&'static str, String>;
-
-impl Database {
-    fn new(x: &str) -> Database {
-        let db = Database::default();
-        db.write("x", x);
-        db.replicate();
-        db
-    }
-
-    fn write(&self, key: &'static str, value: &str) {
-        self.0.lock().unwrap().0.insert(key, value.to_string());
-    }
-
-    fn replicate(&self) {
-        let mut both = self.0.lock().unwrap();
-        both.1 = both.0.clone();
-    }
-
-    fn primary(&self, key: &str) -> String {
-        self.0.lock().unwrap().0[key].clone()
-    }
-
-    fn replica(&self, key: &str) -> String {
-        self.0.lock().unwrap().1[key].clone()
-    }
+/// The clients of the two client models (the redis crate's multiplexed
+/// connection, a deadpool-redis pool) on a [`Setup`]'s address.
+trait ClientModels {
+    async fn multiplexed(&self) -> MultiplexedConnection;
+    fn pool(&self, size: usize) -> Pool<deadpool_redis::Manager>;
 }
 
-/// Where a script runs: plain Redis, or cachefence with these settings.
-#[derive(Clone, Copy)]
-enum Target {
-    Redis,
-    Cachefence(&'static str),
-}
-
-struct Setup {
-    _redis: RedisServer,
-    proxy: Option<Proxy>,
-    addr: String,
-}
-
-impl Setup {
-    async fn new(target: Target) -> Setup {
-        let redis = RedisServer::start();
-        let proxy = match target {
-            Target::Redis => None,
-            Target::Cachefence(toml) => Some(Proxy::start(&redis.addr(), toml).await),
-        };
-        let addr = proxy.as_ref().map_or(redis.addr(), |p| p.addr.to_string());
-        Setup {
-            _redis: redis,
-            proxy,
-            addr,
-        }
-    }
-
-    /// The cached value and its PTTL in ms, read on a connection of its own.
-    async fn cached(&self) -> (Option<String>, i64) {
-        let mut check = RawClient::connect(self.addr.as_str()).await;
-        let value = raw_value(&check.call(&format!("GET {KEY}")).await);
-        let ttl = check.call(&format!("PTTL {KEY}")).await;
-        let ttl = ttl.trim_start_matches(':').trim_end().parse().unwrap();
-        (value, ttl)
-    }
-
+impl ClientModels for Setup {
     /// One multiplexed connection (the redis crate's), its response timeout
     /// raised above the proxy's herd hold.
     async fn multiplexed(&self) -> MultiplexedConnection {
@@ -123,29 +60,12 @@ impl Setup {
             .build()
             .unwrap()
     }
-
-    async fn stop(self) {
-        if let Some(proxy) = self.proxy {
-            proxy.shutdown().await;
-        }
-    }
 }
 
 fn connection_config() -> AsyncConnectionConfig {
     AsyncConnectionConfig::new()
         .set_connection_timeout(Some(WAIT))
         .set_response_timeout(Some(WAIT))
-}
-
-/// A GET reply's value as text (`None` for nil).
-fn raw_value(reply: &str) -> Option<String> {
-    match reply {
-        "$-1\r\n" | "_\r\n" => None,
-        _ => reply
-            .strip_prefix('$')
-            .and_then(|r| r.split_once("\r\n"))
-            .map(|(_, v)| v.trim_end().to_string()),
-    }
 }
 
 async fn get(conn: &mut impl ConnectionLike) -> Option<String> {
@@ -260,7 +180,7 @@ async fn r1_multiplexed(target: Target) -> (Option<String>, String) {
         }
     });
     run_all(vec![a, writer, b]).await;
-    let (value, _) = setup.cached().await;
+    let (value, _) = setup.cached(KEY).await;
     setup.stop().await;
     (value, db.primary("x"))
 }
@@ -320,7 +240,7 @@ async fn r1_pooled(target: Target) -> (Option<String>, String) {
     set(&mut *a_conn, &a_read).await;
     drop((a_conn, b_conn));
 
-    let (value, _) = setup.cached().await;
+    let (value, _) = setup.cached(KEY).await;
     pool.close();
     setup.stop().await;
     (value, db.primary("x"))
@@ -384,7 +304,7 @@ async fn lag_multiplexed(target: Target, writes: &[&'static str]) -> (Option<Str
     }
     run_all(tasks).await;
     assert_eq!(db.replica("x"), "1");
-    let cached = setup.cached().await;
+    let cached = setup.cached(KEY).await;
     setup.stop().await;
     cached
 }
@@ -414,7 +334,7 @@ async fn lag_pooled(target: Target, writes: &[&'static str]) -> (Option<String>,
     assert_ne!(Some(p2), p1, "A's fill goes out on P2");
     set(&mut *a_conn, &read).await;
     drop((busy, a_conn));
-    let cached = setup.cached().await;
+    let cached = setup.cached(KEY).await;
     pool.close();
     setup.stop().await;
     cached
@@ -519,7 +439,7 @@ async fn r7_multiplexed(target: Target) -> (Option<String>, String) {
         }
     });
     run_all(vec![a, b, c]).await;
-    let (value, _) = setup.cached().await;
+    let (value, _) = setup.cached(KEY).await;
     setup.stop().await;
     (value, db.primary("x"))
 }
@@ -555,7 +475,7 @@ async fn r7_pooled(target: Target) -> (Option<String>, String) {
     assert_ne!(p1, p2);
     set(&mut *a_conn, "1").await;
     drop((a_conn, b_conn));
-    let (value, _) = setup.cached().await;
+    let (value, _) = setup.cached(KEY).await;
     pool.close();
     setup.stop().await;
     (value, db.primary("x"))
@@ -863,7 +783,7 @@ async fn lag_ioredis(target: Target, writes: &[&'static str]) -> (Option<String>
     let out = ioredis(&setup, "lag.js", writes).await;
     assert_eq!(out["replica"], "1", "{out}");
     assert_eq!(out["primary"], *writes.last().unwrap(), "{out}");
-    let cached = setup.cached().await;
+    let cached = setup.cached(KEY).await;
     setup.stop().await;
     cached
 }
@@ -899,7 +819,7 @@ async fn r4_two_writers_and_replica_lag_through_one_ioredis_client() {
 async fn r7_ioredis(target: Target) -> (Option<String>, String, Option<String>) {
     let setup = Setup::new(target).await;
     let out = ioredis(&setup, "r7.js", &[]).await;
-    let (value, _) = setup.cached().await;
+    let (value, _) = setup.cached(KEY).await;
     setup.stop().await;
     let text = |v: &serde_json::Value| v.as_str().map(str::to_string);
     (value, text(&out["db"]).expect("db"), text(&out["c_got"]))

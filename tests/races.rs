@@ -4,90 +4,27 @@
 //! Redis — the control, where the stale value stays — and through
 //! cachefence, where it must not.
 
-use std::collections::HashMap;
-
-use testkit::{Proxy, RawClient, RedisServer, cmds};
-
-/// The database stand-in: writes go to the primary; the replica shows them
-/// only after `replicate`.
-#[derive(Default)]
-struct Database {
-    primary: HashMap<&'static str, String>,
-    replica: HashMap<&'static str, String>,
-}
-
-impl Database {
-    fn write(&mut self, key: &'static str, value: &str) {
-        self.primary.insert(key, value.to_string());
-    }
-
-    fn replicate(&mut self) {
-        self.replica = self.primary.clone();
-    }
-}
-
-/// Where a script runs: plain Redis, or cachefence with these settings.
-enum Target {
-    Redis,
-    Cachefence(&'static str),
-}
-
-struct Setup {
-    _redis: RedisServer,
-    proxy: Option<Proxy>,
-    addr: String,
-}
-
-impl Setup {
-    async fn new(target: &Target) -> Setup {
-        let redis = RedisServer::start();
-        let proxy = match target {
-            Target::Redis => None,
-            Target::Cachefence(toml) => Some(Proxy::start(&redis.addr(), toml).await),
-        };
-        let addr = proxy.as_ref().map_or(redis.addr(), |p| p.addr.to_string());
-        Setup {
-            _redis: redis,
-            proxy,
-            addr,
-        }
-    }
-
-    async fn client(&self) -> RawClient {
-        RawClient::connect(self.addr.as_str()).await
-    }
-}
-
-/// The cached value of `key` as text (`None` if absent), read directly.
-async fn cached(client: &mut RawClient, key: &str) -> Option<String> {
-    let reply = client.call(&format!("GET {key}")).await;
-    match reply.as_str() {
-        "$-1\r\n" | "_\r\n" => None,
-        _ => reply
-            .strip_prefix('$')
-            .and_then(|r| r.split_once("\r\n"))
-            .map(|(_, v)| v.trim_end().to_string()),
-    }
-}
+use testkit::race::cached;
+use testkit::{Database, Proxy, RawClient, RedisServer, Setup, Target, cmds};
 
 /// R1: reader misses and reads X=1; writer writes X=2 and deletes; reader
 /// fills X=1.
 async fn r1_script(target: Target) -> (Option<String>, String) {
-    let setup = Setup::new(&target).await;
-    let mut db = Database::default();
+    let setup = Setup::new(target).await;
+    let db = Database::default();
     db.write("x", "1");
     db.replicate();
     let (mut reader, mut writer) = (setup.client().await, setup.client().await);
 
     assert_eq!(reader.call("GET user:x").await, "$-1\r\n");
-    let read = db.primary["x"].clone();
+    let read = db.primary("x");
     db.write("x", "2");
     assert_eq!(writer.call("DEL user:x").await, ":0\r\n");
     assert_eq!(reader.call(&format!("SET user:x {read} EX 60")).await, "+OK\r\n");
 
     let value = cached(&mut setup.client().await, "user:x").await;
     drop(setup.proxy);
-    (value, db.primary["x"].clone())
+    (value, db.primary("x"))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -110,8 +47,8 @@ async fn r1_read_write_race_fill_is_refused() {
 /// writer writes X=2 on the primary and deletes; a reader misses, reads
 /// X=1 from the lagging replica and fills.
 async fn r3_script(target: Target) -> (Option<String>, i64) {
-    let setup = Setup::new(&target).await;
-    let mut db = Database::default();
+    let setup = Setup::new(target).await;
+    let db = Database::default();
     db.write("x", "1");
     db.replicate();
     let (mut reader, mut writer) = (setup.client().await, setup.client().await);
@@ -119,7 +56,7 @@ async fn r3_script(target: Target) -> (Option<String>, i64) {
     db.write("x", "2");
     assert_eq!(writer.call("DEL user:x").await, ":0\r\n");
     assert_eq!(reader.call("GET user:x").await, "$-1\r\n");
-    let read = db.replica["x"].clone(); // the replica still says 1
+    let read = db.replica("x"); // the replica still says 1
     assert_eq!(reader.call(&format!("SET user:x {read} EX 60")).await, "+OK\r\n");
 
     let mut check = setup.client().await;
@@ -159,8 +96,8 @@ async fn r3_replica_lag_fill_is_cut_to_the_lag_window_or_refused() {
 
 /// R7: A writes DB=1, B writes DB=2, B sets cache 2, A sets cache 1.
 async fn r7_script(target: Target) -> (Option<String>, String) {
-    let setup = Setup::new(&target).await;
-    let mut db = Database::default();
+    let setup = Setup::new(target).await;
+    let db = Database::default();
     let (mut a, mut b) = (setup.client().await, setup.client().await);
     db.write("x", "1");
     db.write("x", "2");
@@ -168,7 +105,7 @@ async fn r7_script(target: Target) -> (Option<String>, String) {
     assert_eq!(a.call("SET user:x 1").await, "+OK\r\n");
     let value = cached(&mut setup.client().await, "user:x").await;
     drop(setup.proxy);
-    (value, db.primary["x"].clone())
+    (value, db.primary("x"))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -185,7 +122,7 @@ async fn r7_update_on_write_race_is_removed_by_on_write_invalidate() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fence_lost_between_miss_and_fill_refuses_the_fill() {
-    let setup = Setup::new(&Target::Cachefence("")).await;
+    let setup = Setup::new(Target::Cachefence("")).await;
     let (mut reader, mut admin) = (setup.client().await, setup.client().await);
     assert_eq!(reader.call("GET k").await, "$-1\r\n");
     assert_eq!(admin.call("FLUSHALL").await, "+OK\r\n");
@@ -197,7 +134,7 @@ async fn a_fence_lost_between_miss_and_fill_refuses_the_fill() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_writer_never_consumes_a_readers_ticket_and_first_fill_wins() {
-    let setup = Setup::new(&Target::Cachefence("[[cache]]\non_stale_fill = \"error\"\n")).await;
+    let setup = Setup::new(Target::Cachefence("[[cache]]\non_stale_fill = \"error\"\n")).await;
     let (mut reader, mut writer, mut other) =
         (setup.client().await, setup.client().await, setup.client().await);
     assert_eq!(reader.call("GET k").await, "$-1\r\n");
@@ -254,7 +191,7 @@ async fn fence_versions_never_repeat_across_redis_restarts() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cache_commands_answer_in_the_connections_protocol() {
-    let setup = Setup::new(&Target::Cachefence("[[cache]]\npattern = \"user:*\"\n")).await;
+    let setup = Setup::new(Target::Cachefence("[[cache]]\npattern = \"user:*\"\n")).await;
     let mut c = setup.client().await;
     assert_eq!(c.call("SET user:1 a").await, "+OK\r\n");
     assert_eq!(c.call("CACHE.INVALIDATE user:1 user:2").await, ":1\r\n");
@@ -294,7 +231,7 @@ async fn cache_commands_answer_in_the_connections_protocol() {
 async fn r8_script(target: Target, readers: usize) -> (usize, Vec<String>) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let setup = Setup::new(&target).await;
+    let setup = Setup::new(target).await;
     let database_reads = Arc::new(AtomicUsize::new(0));
     // Connect everyone first, then let them all miss at once.
     let mut clients = Vec::new();
@@ -337,7 +274,7 @@ async fn r8_stampede_sends_one_reader_to_the_database() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_held_miss_gives_up_after_hold_and_gets_a_ticket_of_its_own() {
-    let setup = Setup::new(&Target::Cachefence("[[cache]]\nhold = \"300ms\"\n")).await;
+    let setup = Setup::new(Target::Cachefence("[[cache]]\nhold = \"300ms\"\n")).await;
     let (mut leader, mut waiter) = (setup.client().await, setup.client().await);
     assert_eq!(leader.call("GET k").await, "$-1\r\n");
     let started = std::time::Instant::now();
@@ -440,13 +377,13 @@ async fn a_fill_later_than_lease_ttl_follows_on_write() {
         ("reject", "-ERR cachefence: writes to 'user:k' are rejected", None),
     ] {
         let toml = format!("[[cache]]\nlease_ttl = \"100ms\"\nhold = \"50ms\"\non_write = \"{on_write}\"\n");
-        let setup = Setup::new(&Target::Cachefence(Box::leak(toml.into_boxed_str()))).await;
+        let setup = Setup::new(Target::Cachefence(Box::leak(toml.into_boxed_str()))).await;
         let mut reader = setup.client().await;
         assert_eq!(reader.call("GET user:k").await, "$-1\r\n");
         tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
         let got = reader.call("SET user:k late EX 60").await;
         assert!(got.starts_with(reply), "on_write = {on_write}: {got}");
-        let mut direct = RawClient::connect(setup._redis.addr()).await;
+        let mut direct = RawClient::connect(setup.redis.addr()).await;
         assert_eq!(
             cached(&mut direct, "user:k").await.as_deref(),
             stored,
@@ -573,7 +510,7 @@ async fn lease_api_works_across_connections_and_proxies() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn lease_tokens_expire_after_lease_ttl() {
-    let setup = Setup::new(&Target::Cachefence(
+    let setup = Setup::new(Target::Cachefence(
         "[[cache]]\nlease_ttl = \"200ms\"\nhold = \"0s\"\n",
     ))
     .await;
@@ -591,7 +528,7 @@ async fn lease_tokens_expire_after_lease_ttl() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn double_delete_removes_a_fill_from_a_lagging_read_in_the_clients_database() {
-    let setup = Setup::new(&Target::Cachefence("[[cache]]\ndouble_delete = \"300ms\"\n")).await;
+    let setup = Setup::new(Target::Cachefence("[[cache]]\ndouble_delete = \"300ms\"\n")).await;
     let (mut reader, mut writer) = (setup.client().await, setup.client().await);
     for c in [&mut reader, &mut writer] {
         assert_eq!(c.call("SELECT 3").await, "+OK\r\n");
@@ -614,7 +551,7 @@ async fn double_delete_removes_a_fill_from_a_lagging_read_in_the_clients_databas
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mget_and_getex_misses_leave_tickets() {
-    let setup = Setup::new(&Target::Cachefence(
+    let setup = Setup::new(Target::Cachefence(
         "[[cache]]\npattern = \"user:*\"\non_stale_fill = \"error\"\n",
     ))
     .await;
@@ -648,7 +585,7 @@ async fn mget_and_getex_misses_leave_tickets() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn writes_and_deletes_inside_multi_move_the_fence_with_replies_unchanged() {
-    let setup = Setup::new(&Target::Cachefence("[[cache]]\non_stale_fill = \"error\"\n")).await;
+    let setup = Setup::new(Target::Cachefence("[[cache]]\non_stale_fill = \"error\"\n")).await;
     let (mut reader, mut writer) = (setup.client().await, setup.client().await);
     assert_eq!(reader.call("GET k").await, "$-1\r\n");
     writer
@@ -732,8 +669,8 @@ async fn fence_versions_grow_across_fence_expiry_and_proxy_restarts() {
 /// R4: writers A and B update the primary and delete; a miss reads a replica
 /// that has neither write, and fills.
 async fn r4_script(target: Target) -> (Option<String>, i64, String) {
-    let setup = Setup::new(&target).await;
-    let mut db = Database::default();
+    let setup = Setup::new(target).await;
+    let db = Database::default();
     db.write("x", "1");
     db.replicate();
     let (mut a, mut b, mut reader) = (setup.client().await, setup.client().await, setup.client().await);
@@ -742,7 +679,7 @@ async fn r4_script(target: Target) -> (Option<String>, i64, String) {
     db.write("x", "3");
     assert_eq!(b.call("DEL user:x").await, ":0\r\n");
     assert_eq!(reader.call("GET user:x").await, "$-1\r\n");
-    let read = db.replica["x"].clone(); // neither write has reached it
+    let read = db.replica("x"); // neither write has reached it
     assert_eq!(reader.call(&format!("SET user:x {read} EX 60")).await, "+OK\r\n");
     let mut check = setup.client().await;
     let value = cached(&mut check, "user:x").await;
@@ -754,7 +691,7 @@ async fn r4_script(target: Target) -> (Option<String>, i64, String) {
         .parse()
         .unwrap();
     drop(setup.proxy);
-    (value, ttl, db.primary["x"].clone())
+    (value, ttl, db.primary("x"))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -798,7 +735,7 @@ async fn a_fill_on_another_connection_than_its_miss_is_a_fill_unless_the_scope_i
         ),
     ] {
         let toml = format!("[[cache]]\non_write = \"{on_write}\"\nticket_scope = \"{scope}\"\n");
-        let setup = Setup::new(&Target::Cachefence(Box::leak(toml.into_boxed_str()))).await;
+        let setup = Setup::new(Target::Cachefence(Box::leak(toml.into_boxed_str()))).await;
         let (mut missed_here, mut filled_there) = (setup.client().await, setup.client().await);
         assert_eq!(missed_here.call("GET k").await, "$-1\r\n");
         let got = filled_there.call("SET k v").await;
@@ -813,7 +750,7 @@ async fn a_fill_on_another_connection_than_its_miss_is_a_fill_unless_the_scope_i
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flushed_script_cache_is_reloaded_without_the_client_noticing() {
-    let setup = Setup::new(&Target::Cachefence("[[cache]]\non_stale_fill = \"error\"\n")).await;
+    let setup = Setup::new(Target::Cachefence("[[cache]]\non_stale_fill = \"error\"\n")).await;
     let (mut reader, mut writer) = (setup.client().await, setup.client().await);
     // Both connections have sent the script once (with its source).
     assert_eq!(writer.call("SET k v").await, "+OK\r\n");
@@ -841,7 +778,7 @@ async fn a_flushed_script_cache_is_reloaded_without_the_client_noticing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn admin_commands_need_the_admin_password() {
-    let setup = Setup::new(&Target::Cachefence("admin_password = \"s3cret-admin\"\n")).await;
+    let setup = Setup::new(Target::Cachefence("admin_password = \"s3cret-admin\"\n")).await;
     let mut c = setup.client().await;
     assert_eq!(c.call("SET user:1 a").await, "+OK\r\n");
     assert_eq!(
@@ -867,7 +804,7 @@ async fn admin_commands_need_the_admin_password() {
          Are you sure your configuration is correct?\r\n"
     );
     // Without a password configured, CACHE.AUTH says so.
-    let open = Setup::new(&Target::Cachefence("")).await;
+    let open = Setup::new(Target::Cachefence("")).await;
     let mut c = open.client().await;
     assert_eq!(
         c.call("CACHE.AUTH x").await,

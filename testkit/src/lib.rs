@@ -10,6 +10,8 @@
 //!   ([`cachefence_command`]);
 //! - [`client`]: a raw RESP client and request/reply helpers;
 //! - [`pg`]: a PostgreSQL schema per test, created and dropped;
+//! - [`race`]: the scaffolding of the cache-aside race tests (a database
+//!   stand-in with a lagging replica, plain Redis or cachefence to run on);
 //! - [`files`]: scratch files and directories (the `tempfile` crate);
 //! - [`wait`]: the shared timeout and polling.
 //!
@@ -20,11 +22,13 @@ pub mod client;
 pub mod files;
 pub mod pg;
 pub mod proxy;
+pub mod race;
 pub mod redis;
 pub mod wait;
 
 pub use client::{RawClient, cmd, cmds, escape, frame_len};
 pub use files::{ConfigFile, ScratchDir};
 pub use proxy::{Nofile, Proxy, ProxyProcess, binary, cachefence_command};
+pub use race::{Database, Setup, Target};
 pub use redis::{RedisServer, free_port};
 pub use wait::{WAIT, eventually, eventually_within};
