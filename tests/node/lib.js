@@ -1,6 +1,6 @@
-// Shared by the race scripts (lag.js, r7.js, r8.js): one ioredis client for
-// all the concurrent requests of a script, the step-ordering helper of
-// r1.js, and a bounded run that prints the script's result as JSON.
+// Shared by the race scripts (r1.js, lag.js, r7.js, r8.js): one ioredis
+// client for all the concurrent requests of a script, the step-ordering
+// helper, and a bounded run that prints the script's result as JSON.
 "use strict";
 
 const Redis = require("ioredis");
@@ -66,10 +66,11 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 // Runs `script(redis)` with one shared client, for at most 20 s; prints
 // what it returns as JSON and exits 0, or exits 1 on failure or timeout.
-function run(port, script) {
+// `where()`, if given, says after "timed out" where the script was stuck.
+function run(port, script, where = () => "") {
   const redis = client(port);
   const timeout = setTimeout(() => {
-    console.error("timed out");
+    console.error(`timed out${where()}`);
     process.exit(1);
   }, 20000);
   script(redis)
@@ -84,4 +85,4 @@ function run(port, script) {
     });
 }
 
-module.exports = { port, turns, expect, sleep, run };
+module.exports = { port, client, turns, expect, sleep, run };

@@ -12,92 +12,49 @@
 // must not.
 "use strict";
 
-const Redis = require("ioredis");
+const { port, client, turns, expect, run } = require("./lib");
 
-const port = Number(process.argv[2]);
-if (!Number.isInteger(port) || port <= 0) {
-  console.error("usage: node r1.js PORT");
-  process.exit(2);
-}
-const options = {
-  host: "127.0.0.1",
-  port,
-  maxRetriesPerRequest: 0,
-  retryStrategy: () => null,
-  connectTimeout: 5000,
-  commandTimeout: 10000,
-};
+const target = port("r1.js PORT");
 
 // The database stand-in.
 const db = { x: "1" };
 
-// Steps run in a fixed order across the concurrent requests: `turn(n)`
-// resolves once steps 0..n-1 are done; `done()` ends the current step.
-let step = 0;
-const waiting = [];
-function turn(n) {
-  return new Promise((resolve) => {
-    waiting.push({ n, resolve });
-    wake();
-  });
-}
-function done() {
-  step += 1;
-  wake();
-}
-function wake() {
-  for (const w of waiting.filter((w) => w.n === step)) {
-    waiting.splice(waiting.indexOf(w), 1);
-    w.resolve();
-  }
-}
+const t = turns();
+const { turn, done } = t;
 
-function expect(what, got, want) {
-  if (got !== want) {
-    throw new Error(`${what}: got ${JSON.stringify(got)}, want ${JSON.stringify(want)}`);
-  }
-}
-
-async function main() {
-  const shared = new Redis(options); // requests A and B
-  const writer = new Redis(options); // W
-  const requestA = (async () => {
-    await turn(0);
-    expect("A: GET", await shared.get("user:x"), null);
-    const read = db.x;
-    done();
-    await turn(4);
-    expect("A: SET", await shared.set("user:x", read, "EX", 60), "OK");
-    done();
-  })();
-  const writeW = (async () => {
-    await turn(1);
-    db.x = "2";
-    await writer.del("user:x");
-    done();
-  })();
-  const requestB = (async () => {
-    await turn(2);
-    expect("B: GET", await shared.get("user:x"), null);
-    const read = db.x;
-    done();
-    await turn(3);
-    expect("B: SET", await shared.set("user:x", read, "EX", 60), "OK");
-    done();
-  })();
-  const timeout = setTimeout(() => {
-    console.error(`timed out at step ${step}`);
-    process.exit(1);
-  }, 20000);
-  await Promise.all([requestA, writeW, requestB]);
-  const value = await writer.get("user:x");
-  clearTimeout(timeout);
-  console.log(JSON.stringify(value));
-  shared.disconnect();
-  writer.disconnect();
-}
-
-main().catch((e) => {
-  console.error(e.stack || String(e));
-  process.exit(1);
-});
+// `shared` (requests A and B) is run's client; W writes on its own.
+run(
+  target,
+  async (shared) => {
+    const writer = client(target); // W
+    const requestA = (async () => {
+      await turn(0);
+      expect("A: GET", await shared.get("user:x"), null);
+      const read = db.x;
+      done();
+      await turn(4);
+      expect("A: SET", await shared.set("user:x", read, "EX", 60), "OK");
+      done();
+    })();
+    const writeW = (async () => {
+      await turn(1);
+      db.x = "2";
+      await writer.del("user:x");
+      done();
+    })();
+    const requestB = (async () => {
+      await turn(2);
+      expect("B: GET", await shared.get("user:x"), null);
+      const read = db.x;
+      done();
+      await turn(3);
+      expect("B: SET", await shared.set("user:x", read, "EX", 60), "OK");
+      done();
+    })();
+    await Promise.all([requestA, writeW, requestB]);
+    const value = await writer.get("user:x");
+    writer.disconnect();
+    return value;
+  },
+  () => ` at step ${t.step}`,
+);
