@@ -9,7 +9,7 @@ use bytes::Bytes;
 use crate::fence::Client;
 use crate::fence::Refusal;
 use crate::fence::history::What;
-use crate::fence::plan::{Plan, rewrite};
+use crate::fence::plan::{Claim, Plan, rewrite};
 use crate::fence::translate::{ScriptReply, parse_lease_token};
 use crate::resp::value::Reply;
 
@@ -20,7 +20,7 @@ pub fn get(client: &Client<'_>, key: Bytes, db: u32) -> Plan {
         return Plan::Local(Reply::Array(vec![Reply::Nil, Reply::Nil]));
     }
     let (policy, _) = client.fences.scope().lease_policy(&key);
-    let call = client.miss_call(&key, policy, true, 0);
+    let call = client.miss_call(&key, policy, Claim::Force, 0);
     rewrite(call, ScriptReply::LeaseGet { key })
 }
 

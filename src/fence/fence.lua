@@ -116,9 +116,10 @@ local function fill_reply(verdict, refuse)
 end
 
 if op == 'miss' then
-  -- KEYS: key, fence. ARGV: op, fence_ttl_ms, lease_holder, lease_ms, claim,
-  -- the miss's field ('' for the lease API, whose token is the ticket),
-  -- fields a fence may have before expired misses are swept, lease_ttl_us.
+  -- KEYS: key, fence. ARGV: op, fence_ttl_ms, lease_holder, lease_ms, claim
+  -- (wait|alone|force), the miss's field ('' for the lease API, whose token
+  -- is the ticket), fields a fence may have before expired misses are
+  -- swept, lease_ttl_us, the connection's holder prefix.
   local value = redis.call('GET', KEYS[1])
   if value then return {1, value} end
   local f = redis.call('HMGET', KEYS[2], 'v', 't', 'h', 'he')
@@ -130,7 +131,13 @@ if op == 'miss' then
   end
   local leader = 0
   local free = (not f[3]) or tonumber(f[4] or '0') <= now or f[3] == ARGV[3]
-  if free or ARGV[5] == 'force' then
+  -- 'alone': the client has nothing else in flight on this connection, so
+  -- if the lease holder is an earlier miss of the same connection its fill
+  -- can only come after this reply (a client that sends one request at a
+  -- time): waiting would stall the connection for the whole hold.
+  local own = ARGV[5] == 'alone' and f[3] ~= nil and f[3] ~= false
+    and string.sub(f[3], 1, #ARGV[9]) == ARGV[9]
+  if free or ARGV[5] == 'force' or own then
     if free then
       redis.call('HSET', KEYS[2], 'h', ARGV[3], 'he', fmt(now + tonumber(ARGV[4]) * 1000))
     end

@@ -42,6 +42,20 @@ pub enum Intercept {
     Exec(Vec<Option<ScriptReply>>),
 }
 
+/// Whether a miss may wait while another miss holds the key's herd lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Wait for the holder's fill (the session holds the reply).
+    Wait,
+    /// Wait, unless the holder is an earlier miss of this connection: the
+    /// client has nothing else in flight here, so that fill can only come
+    /// after this reply (one request at a time on a shared connection).
+    Alone,
+    /// Take a ticket now (`hold = 0`, `MGET`, the lease API, a hold that
+    /// timed out).
+    Force,
+}
+
 /// How to send one intercepted request.
 #[derive(Debug)]
 pub enum Plan {
@@ -282,11 +296,11 @@ impl Client<'_> {
         })
     }
 
-    /// The proxy's miss script for a nil `GET`; `force` takes a ticket
-    /// even while another client holds the herd lease. `miss` names the
-    /// miss (its herd lease and its ticket in the fence); 0 for the lease
-    /// API, whose token is the ticket.
-    pub fn miss_call(&self, key: &Bytes, policy: usize, force: bool, miss: u64) -> ScriptCall {
+    /// The proxy's miss script for a nil `GET`; `claim` says whether it
+    /// may wait while another miss holds the key's herd lease. `miss` names
+    /// the miss (its herd lease and its ticket in the fence); 0 for the
+    /// lease API, whose token is the ticket.
+    pub fn miss_call(&self, key: &Bytes, policy: usize, claim: Claim, miss: u64) -> ScriptCall {
         let scope = self.fences.scope();
         let rules = scope.policy_at(policy);
         let field = match miss {
@@ -302,10 +316,15 @@ impl Client<'_> {
                 // The herd lease lasts `hold`: a miss that is never filled
                 // (a row that does not exist) delays others at most that long.
                 millis(rules.hold).into(),
-                Bytes::from_static(if force { b"force" } else { b"wait" }),
+                Bytes::from_static(match claim {
+                    Claim::Wait => b"wait",
+                    Claim::Alone => b"alone",
+                    Claim::Force => b"force",
+                }),
                 field.into(),
                 super::MAX_FENCE_FIELDS.to_string().into(),
                 micros(rules.lease_ttl).into(),
+                format!("{}:", self.holder(0)).into(),
             ],
         )
     }

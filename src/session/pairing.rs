@@ -108,6 +108,10 @@ pub struct Pairing {
     popped: u64,
     /// Request batches whose replies are not all routed yet, for latency.
     marks: VecDeque<Mark>,
+    /// The client once sent a request while a reply was still owed: it
+    /// pipelines (or multiplexes), so a miss held on this connection can
+    /// still see a fill sent on it behind.
+    pipelined: bool,
 }
 
 /// Most batches timed at once per connection; past it a batch goes untimed.
@@ -131,7 +135,14 @@ impl Pairing {
         }
         self.held_bytes += expect.weight();
         self.pushed += 1;
+        self.pipelined |= !self.pending.is_empty();
         self.pending.push_back(expect);
+    }
+
+    /// Whether the client has ever pipelined on this connection (see
+    /// `pipelined`); a client that never did sends one request at a time.
+    pub fn has_pipelined(&self) -> bool {
+        self.pipelined
     }
 
     /// Times the batch whose expectations were pushed last.

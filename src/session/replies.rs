@@ -21,7 +21,7 @@ use super::{Injection, MIN_READ, READ_CHUNK, REPLY_TIMEOUT_OFF_RECHECK, SessionE
 use crate::app::App;
 use crate::fence::Client;
 use crate::fence::herd::Holds;
-use crate::fence::plan::Intercept;
+use crate::fence::plan::{Claim, Intercept};
 use crate::fence::script::ScriptCall;
 use crate::fence::translate::{MissOutcome, ScriptReply};
 use crate::resp::encode;
@@ -140,10 +140,12 @@ where
                             Route::Fence(expect) => {
                                 let (resp3, db) = (pairing.is_resp3(), pairing.db);
                                 let fence = fence.expect("fence expectations imply fences");
+                                // A client that sends one request at a time.
+                                let alone = !pairing.has_pipelined();
                                 on_fence_reply(
                                     expect,
                                     &buf[range],
-                                    (resp3, db),
+                                    (resp3, db, alone),
                                     fence,
                                     &mut outbox,
                                     &mut misses,
@@ -197,7 +199,7 @@ where
 fn on_fence_reply(
     expect: Intercept,
     frame: &[u8],
-    (resp3, db): (bool, u32),
+    (resp3, db, alone): (bool, u32, bool),
     fence: &Client<'_>,
     outbox: &mut Outbox,
     held: &mut Misses,
@@ -210,7 +212,12 @@ fn on_fence_reply(
             let slot = outbox.hold();
             let forced = fence.fences.scope().policy_at(policy).hold.is_zero();
             let miss = fence.next_miss();
-            let call = fence.miss_call(&key, policy, forced, miss);
+            let claim = match (forced, alone) {
+                (true, _) => Claim::Force,
+                (false, true) => Claim::Alone,
+                (false, false) => Claim::Wait,
+            };
+            let call = fence.miss_call(&key, policy, claim, miss);
             let reply = ScriptReply::Miss {
                 key,
                 policy,
@@ -264,7 +271,7 @@ fn on_fence_reply(
             for index in misses {
                 let (key, policy) = keys[index].clone().expect("a fenced key");
                 let miss = fence.next_miss();
-                let call = fence.miss_call(&key, policy, true, miss);
+                let call = fence.miss_call(&key, policy, Claim::Force, miss);
                 let reply = ScriptReply::MGetMiss {
                     key,
                     policy,
@@ -521,7 +528,8 @@ impl Misses {
             else {
                 continue;
             };
-            let call = fence.miss_call(key, *policy, *forced, *miss);
+            let claim = if *forced { Claim::Force } else { Claim::Wait };
+            let call = fence.miss_call(key, *policy, claim, *miss);
             let nil = *nil;
             inject(&self.injections, call, reply, slot, false, outbox, nil);
         }
