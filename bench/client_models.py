@@ -17,6 +17,10 @@ Client models (what the cell varies; redis-py):
   pool    every thread shares one redis.BlockingConnectionPool of
           --pool-size connections (fewer than threads: a GET and its SET
           often go out on different connections)
+  fairpool  the same pool behind a FIFO hand-off of its slots: threads get a
+          connection in the order they asked (redis-py's pool lets a thread
+          that just released a connection take it straight back, so waiting
+          threads, the writers above all, can starve)
   mux     every thread shares one redis.Connection; a lock is held from
           sending a command to reading its reply, so the misses and fills of
           all threads interleave on one connection
@@ -39,6 +43,7 @@ Every loop is bounded by a count and by a deadline; every wait has a timeout.
 """
 
 import argparse
+import collections
 import json
 import os
 import random
@@ -54,7 +59,7 @@ except ImportError as e:  # pragma: no cover - the shell script installs them
     sys.exit("client_models: %s (pip install -r bench/requirements-client-models.txt)" % e)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-MODELS = ("thread", "pool", "mux")
+MODELS = ("thread", "pool", "fairpool", "mux")
 MAX_OPS_PER_THREAD = 5_000_000  # a bound on every loop, far above what 20 s can do
 MAX_LATENCIES = 200_000  # GET latencies kept per thread
 
@@ -90,6 +95,63 @@ class PooledClient:
 
     def close(self):
         self.pool.disconnect()
+
+
+class FairBlockingConnectionPool(redis.BlockingConnectionPool):
+    """A BlockingConnectionPool whose connections go to waiters first come, first served.
+
+    A FIFO of waiting threads guards the pool's max_connections slots; a
+    released slot is handed to the oldest waiter, so a thread that has just
+    released a connection cannot take it back ahead of it.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._fair_lock = threading.Lock()
+        self._fair_free = self.max_connections
+        self._fair_waiters = collections.deque()
+        self._fair_local = threading.local()  # did the parent release during get_connection?
+
+    def get_connection(self, *args, **kwargs):
+        with self._fair_lock:
+            if self._fair_free > 0 and not self._fair_waiters:
+                self._fair_free -= 1
+                turn = None
+            else:
+                turn = threading.Event()
+                self._fair_waiters.append(turn)
+        if turn is not None and not turn.wait(self.timeout):
+            with self._fair_lock:
+                if turn in self._fair_waiters:
+                    self._fair_waiters.remove(turn)
+                    raise redis.ConnectionError("No connection available (fair pool).")
+            # handed a slot just as the wait timed out: keep it
+        local = self._fair_local
+        local.released = False
+        local.getting = True
+        try:
+            return super().get_connection(*args, **kwargs)
+        except BaseException:
+            if not local.released:  # the parent gives a failed connection back itself
+                self._fair_release_slot()
+            raise
+        finally:
+            local.getting = False
+
+    def release(self, connection):
+        try:
+            super().release(connection)
+        finally:
+            if getattr(self._fair_local, "getting", False):
+                self._fair_local.released = True
+            self._fair_release_slot()
+
+    def _fair_release_slot(self):
+        with self._fair_lock:
+            if self._fair_waiters:
+                self._fair_waiters.popleft().set()
+            else:
+                self._fair_free += 1
 
 
 class LockedConnection:
@@ -130,6 +192,10 @@ def make_clients(model, n, host, port, pool_size, timeout):
                 for _ in range(n)]
     if model == "pool":
         shared = PooledClient(redis.Redis(connection_pool=redis.BlockingConnectionPool(
+            max_connections=pool_size, timeout=timeout, **common)))
+        return [shared] * n
+    if model == "fairpool":
+        shared = PooledClient(redis.Redis(connection_pool=FairBlockingConnectionPool(
             max_connections=pool_size, timeout=timeout, **common)))
         return [shared] * n
     if model == "mux":

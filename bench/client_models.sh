@@ -22,7 +22,7 @@ set -euo pipefail
 # ---------------------------------------------------------------- settings
 CELL_SECONDS=${CM_SECONDS:-20}
 TARGETS=(${CM_TARGETS:-redis cf-client cf-connection})
-MODELS=(${CM_MODELS:-thread pool mux})
+MODELS=(${CM_MODELS:-thread pool fairpool mux})
 TAG=${CM_TAG:-$(date +%Y%m%d-%H%M%S)}
 OUT=${CM_OUT:-/tmp}
 PG_URL=${BENCH_PG_URL:-postgres://postgres@127.0.0.1:5432/test}
@@ -44,7 +44,7 @@ case "$PG_URL" in
     *) die "BENCH_PG_URL must point at a loopback PostgreSQL: $PG_URL" ;;
 esac
 for m in "${MODELS[@]}"; do
-    case $m in thread | pool | mux) ;; *) die "unknown client model '$m' (thread, pool, mux)" ;; esac
+    case $m in thread | pool | fairpool | mux) ;; *) die "unknown client model '$m' (thread, pool, fairpool, mux)" ;; esac
 done
 for t in "${TARGETS[@]}"; do
     case $t in redis | cf-client | cf-connection) ;; *) die "unknown target '$t' (redis, cf-client, cf-connection)" ;; esac
@@ -139,7 +139,7 @@ run_cell() { # run_cell TARGET MODEL
     log "$target / $model: redis :$redis_port${proxy_pid:+, cachefence :$port}"
     local proxy_flag=()
     [ "$target" != redis ] && proxy_flag=(--proxy)
-    taskset -c "$CLIENT_CPU" timeout $((${CELL_SECONDS%.*} + 240)) "$PY" "$SCRIPT_DIR/client_models.py" run \
+    taskset -c "$CLIENT_CPU" timeout --foreground $((${CELL_SECONDS%.*} + 240)) "$PY" "$SCRIPT_DIR/client_models.py" run \
         --port "$port" --admin-port "$redis_port" --label "$target" --model "$model" "${proxy_flag[@]}" \
         --pg-url "$PG_URL" --schema "$SCHEMA" --seconds "$CELL_SECONDS" "${DRIVER_ARGS[@]}" \
         >"$raw" 2>"$WORK/driver-$target-$model.err" || rc=$?
