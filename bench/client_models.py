@@ -9,8 +9,9 @@ The workload is the cache-aside loop of issue 14 against a real PostgreSQL:
 `--rows` rows (id, version, value) in <schema>.users; `--readers` threads GET
 user:<id> through the target and, on a miss, read the row and
 `SET user:<id> <version>:<value> EX 60`; `--writers` threads UPDATE a random
-row (version = version + 1) and then `DEL user:<id>` through the target, at
---write-rate updates per second in all (an open-loop schedule per writer).
+row (version = version + 1) and then `DEL user:<id>` through the target, as
+fast as they go or at --write-rate updates per second in all (an open-loop
+schedule per writer).
 
 Client models (what the cell varies; redis-py):
   thread  every thread its own redis.Redis whose pool holds one connection
@@ -266,6 +267,7 @@ class Shared:
 
     def __init__(self, rows, deadline):
         self.acked = [0] * (rows + 1)  # acked[id]: highest version whose DEL was acknowledged
+        self.lost = [0] * (rows + 1)  # lost[id]: highest committed version whose DEL failed
         self.ack_lock = threading.Lock()
         self.deadline = deadline
 
@@ -273,7 +275,8 @@ class Shared:
 def new_stats():
     return {"reads": 0, "hits": 0, "misses": 0, "db_reads": 0, "fills": 0, "stale_reads": 0,
             "stale_by_max": 0, "updates": 0, "invalidations": 0, "errors": 0, "first_error": None,
-            "lat": [], "wait": [], "upd": [], "ops": 0, "write_slots_skipped": 0}
+            "lat": [], "wait": [], "upd": [], "ops": 0, "write_slots_skipped": 0,
+            "del_failures": 0}
 
 
 def note_error(st, e):
@@ -369,6 +372,9 @@ def writer(a, i, client, shared, st):
                 st["lat"].append(time.perf_counter() - t1)
             except Exception as e:
                 note_error(st, e)  # not acknowledged: no floor moves
+                st["del_failures"] += 1
+                with shared.ack_lock:
+                    shared.lost[rid] = max(shared.lost[rid], version)
                 continue
             with shared.ack_lock:
                 if version > shared.acked[rid]:
@@ -396,14 +402,18 @@ def run_threads(targets, join_timeout):
     return sum(t.is_alive() for t in threads)
 
 
-def stale_keys(a, admin):
-    """Compare every cached user:<id> (read from Redis itself) with its row."""
+def stale_keys(a, admin, shared):
+    """Compare every cached user:<id> (read from Redis itself) with its row.
+
+    A stale key older than a write whose DEL failed (a pool timeout, say) is
+    counted apart too: no cache can know of that write.
+    """
     with pg_connect(a) as db:
         rows = dict(db.execute("SELECT id, version FROM %s.users" % a.schema).fetchall())
     pipe = admin.pipeline(transaction=False)
     for rid in range(1, a.rows + 1):
         pipe.get("user:%d" % rid)
-    cached = stale = newer = 0
+    cached = stale = newer = lost = 0
     for rid, v in zip(range(1, a.rows + 1), pipe.execute()):
         if v is None:
             continue
@@ -412,7 +422,9 @@ def stale_keys(a, admin):
         if version != rows[rid]:
             stale += 1
             newer += version > rows[rid]
-    return {"cached_keys": cached, "stale_keys": stale, "keys_newer_than_row": newer}
+            lost += shared.lost[rid] > version
+    return {"cached_keys": cached, "stale_keys": stale, "keys_newer_than_row": newer,
+            "stale_keys_after_failed_del": lost}
 
 
 # ------------------------------------------------------------- the stampede
@@ -550,7 +562,7 @@ def cmd_run(a):
     close_all(clients_r)
 
     time.sleep(a.settle)  # fills still in flight land (or not) before the keys are compared
-    keys = stale_keys(a, admin)
+    keys = stale_keys(a, admin, shared)
 
     for st in wst:
         st["del"] = st.pop("lat")
@@ -599,6 +611,8 @@ def cmd_run(a):
         "stale_reads_per_1k_inv": round(1000 * tot["stale_reads"] / tot["invalidations"], 2)
         if tot["invalidations"] else None,
         "errors": tot["errors"], "first_error": tot["first_error"], "threads_stuck": stuck,
+        "reader_errors": sum(st["errors"] for st in rst), "writer_errors": sum(st["errors"] for st in wst),
+        "del_failures": tot["del_failures"],
         "redis_cpu_us_per_read": round((cpu1 - cpu0) * 1e6 / tot["reads"], 2) if tot["reads"] else None,
         "script_calls": script_calls,
         "script_usec_per_call": round(script_usec / script_calls, 2) if script_calls else None,
@@ -656,7 +670,10 @@ def cmd_table(a):
                      fmt(c["db_reads_per_s"], "{:.0f}"), fmt(c["db_reads_per_inv"], "{:.2f}"),
                      fmt(c["invalidations_per_s"], "{:.0f}"), c["stale_reads"],
                      fmt(c["stale_reads_per_1k_inv"], "{:.1f}"),
-                     "%d/%d" % (c["stale_keys"], c["cached_keys"]), fmt(c["get_ms_p50"], "{:.2f}"),
+                     "%d/%d%s" % (c["stale_keys"], c["cached_keys"],
+                                  " (%d lost DEL)" % c["stale_keys_after_failed_del"]
+                                  if c.get("stale_keys_after_failed_del") else ""),
+                     fmt(c["get_ms_p50"], "{:.2f}"),
                      fmt(c["get_ms_p99"], "{:.1f}"), c["gets_over_100ms"], fmt(c["get_wait_ms_p99"], "{:.1f}"),
                      fmt(c.get("del_ms_p99"), "{:.1f}"), c["errors"] + c["threads_stuck"],
                      fmt(c.get("missfill_redis_us"), "{:.1f}")])
@@ -689,7 +706,9 @@ def cmd_table(a):
     for c in cells:
         notes = []
         if c["errors"]:
-            notes.append("%d errors, first: %s" % (c["errors"], c["first_error"]))
+            notes.append("%d errors (readers %s, writers %s, failed DELs %s), first: %s"
+                         % (c["errors"], c.get("reader_errors", "?"), c.get("writer_errors", "?"),
+                            c.get("del_failures", "?"), c["first_error"]))
         if c["threads_stuck"]:
             notes.append("%d threads still running at the join deadline" % c["threads_stuck"])
         s = c.get("stampede") or {}
@@ -727,7 +746,7 @@ def main():
     r.add_argument("--readers", type=int, default=16)
     r.add_argument("--writers", type=int, default=4)
     r.add_argument("--pool-size", type=int, default=8)
-    r.add_argument("--write-rate", type=float, default=100.0,
+    r.add_argument("--write-rate", type=float, default=0.0,
                    help="updates per second, all writers together (0: as fast as they go)")
     r.add_argument("--value-pad", type=int, default=40, help="bytes of padding in each row's value")
     r.add_argument("--ttl", type=int, default=60)
