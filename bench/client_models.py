@@ -281,6 +281,7 @@ def new_stats():
 
 def note_error(st, e):
     st["errors"] += 1
+    st.setdefault("error_times", []).append(time.monotonic())
     if st["first_error"] is None:
         st["first_error"] = "%s: %s" % (type(e).__name__, e)
 
@@ -572,6 +573,8 @@ def cmd_run(a):
         for k, v in st.items():
             if k in ("lat", "wait", "upd", "del"):
                 tot[k].extend(v)
+            elif k == "error_times":
+                continue
             elif k == "first_error":
                 tot[k] = tot[k] or v
             elif k == "stale_by_max":
@@ -613,6 +616,9 @@ def cmd_run(a):
         "errors": tot["errors"], "first_error": tot["first_error"], "threads_stuck": stuck,
         "reader_errors": sum(st["errors"] for st in rst), "writer_errors": sum(st["errors"] for st in wst),
         "del_failures": tot["del_failures"],
+        "reads_by_reader": [st["reads"] for st in rst],
+        "error_times_s": sorted(round(x - t0, 2) for st in rst + wst for x in st.get("error_times", [])),
+        "invalidations_by_writer": [st["invalidations"] for st in wst],
         "redis_cpu_us_per_read": round((cpu1 - cpu0) * 1e6 / tot["reads"], 2) if tot["reads"] else None,
         "script_calls": script_calls,
         "script_usec_per_call": round(script_usec / script_calls, 2) if script_calls else None,
