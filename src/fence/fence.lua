@@ -4,16 +4,22 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local function fmt(n) return string.format('%.0f', n) end
 
--- A fresh version; `invalidated` also records the invalidation time.
-local function bump(fence, ttl_ms, invalidated)
-  local v = tonumber(redis.call('HGET', fence, 'v') or '0')
+-- A fresh version; `invalidated` also records the invalidation time. The
+-- herd lease goes, and so does `gone` (a consumed miss) if given. `current`
+-- is the version when the caller has read it already (one call less).
+local function bump(fence, ttl_ms, invalidated, current, gone)
+  local v = tonumber(current or redis.call('HGET', fence, 'v') or '0')
   local nv = fmt(math.max(now, v + 1))
   if invalidated then
     redis.call('HSET', fence, 'v', nv, 't', fmt(now))
   else
     redis.call('HSET', fence, 'v', nv)
   end
-  redis.call('HDEL', fence, 'h', 'he')
+  if gone then
+    redis.call('HDEL', fence, 'h', 'he', gone)
+  else
+    redis.call('HDEL', fence, 'h', 'he')
+  end
   redis.call('PEXPIRE', fence, ttl_ms)
   return nv
 end
@@ -75,8 +81,8 @@ end
 -- a TTL ending `lag` after that invalidation (the client's own expiry
 -- stands if it ends sooner), or refused with `lag_refuse`. The stored fill
 -- moves the fence (first fill wins). Returns nil when stored, else why not
--- ('lag_window', 'nx') or Redis' error.
-local function store_fill(value_at, first, last, miss_at, invalidated, lag, lag_refuse, nx)
+-- ('lag_window', 'nx') or Redis' error. `current` and `gone` go to bump.
+local function store_fill(value_at, first, last, miss_at, invalidated, lag, lag_refuse, nx, current, gone)
   local args = {'SET', KEYS[1], ARGV[value_at]}
   for i = first, last do args[#args + 1] = ARGV[i] end
   if lag > 0 and invalidated > 0 and miss_at - invalidated < lag then
@@ -99,7 +105,7 @@ local function store_fill(value_at, first, last, miss_at, invalidated, lag, lag_
   local stored = redis.pcall(unpack(args))
   if type(stored) == 'table' and stored.err then return stored end
   if not stored then return 'nx' end
-  bump(KEYS[2], ARGV[2], false)
+  bump(KEYS[2], ARGV[2], false, current, gone)
   return nil
 end
 
@@ -124,10 +130,12 @@ if op == 'miss' then
   if value then return {1, value} end
   local f = redis.call('HMGET', KEYS[2], 'v', 't', 'h', 'he')
   local v, t = f[1], f[2] or '0'
+  -- Every field this miss writes goes in one HSET.
+  local writes = {}
   if not v then
     v = fmt(now)
     t = '0'
-    redis.call('HSET', KEYS[2], 'v', v, 't', t)
+    writes = {'v', v, 't', t}
   end
   local leader = 0
   local free = (not f[3]) or tonumber(f[4] or '0') <= now or f[3] == ARGV[3]
@@ -139,7 +147,10 @@ if op == 'miss' then
     and string.sub(f[3], 1, #ARGV[9]) == ARGV[9]
   if free or ARGV[5] == 'force' or own then
     if free then
-      redis.call('HSET', KEYS[2], 'h', ARGV[3], 'he', fmt(now + tonumber(ARGV[4]) * 1000))
+      writes[#writes + 1] = 'h'
+      writes[#writes + 1] = ARGV[3]
+      writes[#writes + 1] = 'he'
+      writes[#writes + 1] = fmt(now + tonumber(ARGV[4]) * 1000)
     end
     leader = 1
     -- Only a miss that goes to the database is outstanding.
@@ -147,9 +158,11 @@ if op == 'miss' then
       if redis.call('HLEN', KEYS[2]) > tonumber(ARGV[7]) then
         misses(KEYS[2], 'm|', tonumber(ARGV[8]), redis.call('HGETALL', KEYS[2]))
       end
-      redis.call('HSET', KEYS[2], ARGV[6], v .. ':' .. fmt(now))
+      writes[#writes + 1] = ARGV[6]
+      writes[#writes + 1] = v .. ':' .. fmt(now)
     end
   end
+  if #writes > 0 then redis.call('HSET', KEYS[2], unpack(writes)) end
   redis.call('PEXPIRE', KEYS[2], ARGV[2])
   return {0, v, t, fmt(now), leader}
 elseif op == 'fill' then
@@ -166,7 +179,7 @@ elseif op == 'fill' then
   if f[1] ~= ARGV[3] then return refuse('fence_moved') end
   if now - tonumber(ARGV[4]) > tonumber(ARGV[9]) then return refuse('expired') end
   local verdict = store_fill(10, 11, #ARGV, tonumber(ARGV[4]), tonumber(f[2] or '0'),
-    tonumber(ARGV[5]), ARGV[6] == '1', ARGV[7] == '1')
+    tonumber(ARGV[5]), ARGV[6] == '1', ARGV[7] == '1', f[1])
   return fill_reply(verdict, refuse)
 elseif op == 'set' then
   -- A plain store of a fenced key whose miss, if any, the proxy cannot name
@@ -185,12 +198,12 @@ elseif op == 'set' then
     if ARGV[9] == 'reject' then return {5} end
     if ARGV[9] == 'inval' then
       redis.call('DEL', KEYS[1])
-      bump(KEYS[2], ARGV[2], true)
+      bump(KEYS[2], ARGV[2], true, fields.v or '0')
       return {4}
     end
     local reply = run_command(words + 1)
     if type(reply) == 'table' and reply.err then return reply end
-    bump(KEYS[2], ARGV[2], true)
+    bump(KEYS[2], ARGV[2], true, fields.v or '0')
     return {3, reply}
   end
   if not fields.v then
@@ -201,11 +214,14 @@ elseif op == 'set' then
   local live, old = misses(KEYS[2], ARGV[3], tonumber(ARGV[4]), f)
   if #live == 0 and #old == 0 then return write() end
   local consumed = newest(#live > 0 and live or old)
-  redis.call('HDEL', KEYS[2], consumed.name)
   local function refuse(reason)
-    -- The herd lease of the consumed miss goes back, so waiters stop waiting.
+    -- The consumed miss goes; its herd lease goes back, so waiters stop waiting.
     local connection, miss = string.match(consumed.name, '|([^|]*)|([^|]*)$')
-    if fields.h and fields.h == connection .. ':' .. miss then redis.call('HDEL', KEYS[2], 'h', 'he') end
+    if fields.h and fields.h == connection .. ':' .. miss then
+      redis.call('HDEL', KEYS[2], consumed.name, 'h', 'he')
+    else
+      redis.call('HDEL', KEYS[2], consumed.name)
+    end
     return {0, reason}
   end
   if ARGV[10] == '1' then return refuse('pending_delete') end
@@ -221,7 +237,7 @@ elseif op == 'set' then
     return refuse('fence_moved')
   end
   local verdict = store_fill(11, 13, words, oldest.at, tonumber(fields.t or '0'),
-    tonumber(ARGV[5]), ARGV[6] == '1', ARGV[7] == '1')
+    tonumber(ARGV[5]), ARGV[6] == '1', ARGV[7] == '1', fields.v, consumed.name)
   return fill_reply(verdict, refuse)
 elseif op == 'write' or op == 'inval' then
   -- KEYS: the command's keys, then the fences of the fenced ones.
