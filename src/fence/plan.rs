@@ -2,12 +2,12 @@
 //! rewritten to a fence script call, or answered by the proxy — and what
 //! its reply will need ([`Intercept`]).
 //!
-//! | client sends | fenced key, ticket held | fenced key, no ticket |
-//! |---|---|---|
-//! | `GET k` | forwarded; a nil reply is held while the miss script runs | same |
-//! | `SET k v …`, `SETEX`, `PSETEX` | fill script (stored only if the fence did not move) | write per `on_write` |
-//! | `MSET`, `APPEND`, `INCR`… | write per `on_write` | write per `on_write` |
-//! | `DEL`, `UNLINK`, `GETDEL` | invalidation script | invalidation script |
+//! | client sends (fenced key) | sent as |
+//! |---|---|
+//! | `GET k`, `GETEX`, `MGET` | forwarded; a nil reply is held while the miss script runs (which records the miss in the fence) |
+//! | `SET k v` with only expiry options or `NX`, `SETEX`, `PSETEX` | the `set` script: a fill if a miss is outstanding in its ticket scope (judged by the oldest), else a write per `on_write` |
+//! | `SET … XX`/`GET`, `MSET`, `APPEND`, `INCR`… | write per `on_write` |
+//! | `DEL`, `UNLINK`, `GETDEL` | invalidation script |
 
 use bytes::Bytes;
 
