@@ -169,12 +169,7 @@ impl Client<'_> {
                     lease_api,
                 },
                 Some(Value::Array(items)),
-            ) => match self.fill_outcome(key, &items) {
-                Some(_) if *lease_api => Reply::Status("STALE").encode(resp3),
-                Some(why) => stale_reply(why, self.fences.scope().policy_at(*policy)).encode(resp3),
-                None if items.first().and_then(Value::as_int) == Some(2) => Reply::Nil.encode(resp3),
-                None => Reply::Status("OK").encode(resp3),
-            },
+            ) => self.fill_reply(*policy, key, &items, *lease_api).encode(resp3),
             (ScriptReply::FenceInfo { key }, Some(Value::Array(items))) => {
                 self.fence_info(key, &items).encode(resp3)
             }
@@ -182,28 +177,32 @@ impl Client<'_> {
         }
     }
 
-    /// A fill script's verdict, counted and recorded: `{1}` stored, `{2}`
-    /// not stored (`NX`), `{0, reason}` refused (`Some(why)`). Held misses of
-    /// the key are woken either way.
-    fn fill_outcome(&self, key: &Bytes, items: &[Value]) -> Option<Refusal> {
+    /// A fill script's verdict, counted and recorded, as the client's
+    /// reply: `{1}` stored (`+OK`), `{2}` not stored for `NX` (nil),
+    /// `{0, reason}` refused (per `on_stale_fill`, or `+STALE` for the lease
+    /// API). Held misses of the key are woken either way.
+    fn fill_reply(&self, policy: usize, key: &Bytes, items: &[Value], lease_api: bool) -> Reply {
         self.fences.wake(key);
         match items.first().and_then(Value::as_int) {
             Some(1) => {
                 self.fences.stats.fills_accepted.inc();
                 self.record(key, What::FillAccepted);
-                None
+                Reply::Status("OK")
             }
             Some(2) => {
                 self.fences.stats.fills_not_stored_nx.inc();
                 self.record(key, What::FillNotStored);
-                None
+                Reply::Nil
             }
             _ => {
                 let reason = items.get(1).and_then(Value::as_bytes).map_or(&b""[..], |b| b);
                 let why = Refusal::from_script(reason);
                 self.fences.stats.refused(why).inc();
                 self.record(key, What::FillRefused(why));
-                Some(why)
+                match lease_api {
+                    true => Reply::Status("STALE"),
+                    false => stale_reply(why, self.fences.scope().policy_at(policy)),
+                }
             }
         }
     }
@@ -243,11 +242,7 @@ impl Client<'_> {
                 self.record(key, What::WriteRejected);
                 super::plan::rejected(key).encode(resp3)
             }
-            _ => match self.fill_outcome(key, &items) {
-                Some(why) => stale_reply(why, self.fences.scope().policy_at(policy)).encode(resp3),
-                None if items.first().and_then(Value::as_int) == Some(2) => Reply::Nil.encode(resp3),
-                None => Reply::Status("OK").encode(resp3),
-            },
+            _ => self.fill_reply(policy, key, &items, false).encode(resp3),
         }
     }
 
