@@ -534,6 +534,19 @@ async fn outcomes<T>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
 async fn r8_multiplexed(target: Target, readers: usize) -> (usize, Vec<Option<String>>) {
     let setup = Setup::new(target).await;
     let x = setup.multiplexed().await;
+    // A long-lived multiplexed connection has carried concurrent requests
+    // before: until it has, cachefence treats it as a connection used one
+    // request at a time, whose misses never wait for a leader on it
+    // (docs/consistency.md, herd control).
+    let warm: Vec<_> = (0..4)
+        .map(|_| {
+            let mut x = x.clone();
+            tokio::spawn(async move { redis::cmd("PING").query_async::<String>(&mut x).await })
+        })
+        .collect();
+    for ping in warm {
+        assert_eq!(ping.await.unwrap().unwrap(), "PONG");
+    }
     let reads = Arc::new(AtomicUsize::new(0));
     let start = Arc::new(tokio::sync::Barrier::new(readers));
     let mut tasks = Vec::new();

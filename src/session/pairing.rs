@@ -98,6 +98,9 @@ pub struct Pairing {
     queued: Vec<Option<ScriptReply>>,
     /// Shutting down: no new requests; close once nothing is pending.
     pub draining: bool,
+    /// The replies direction holds a reply the client has not had yet (a
+    /// miss in progress), as of its last pass.
+    pub reply_held: bool,
     /// Blocking commands pending.
     blocking: usize,
     /// Sum of the pending expectations' [`Expect::weight`].
@@ -127,6 +130,13 @@ pub struct Mark {
 }
 
 impl Pairing {
+    /// A request of the client's: as [`Pairing::push`], and notes whether
+    /// the client sent it before it had every earlier reply (it pipelines).
+    pub fn push_request(&mut self, expect: Expect) {
+        self.pipelined |= !self.pending.is_empty() || self.reply_held;
+        self.push(expect);
+    }
+
     pub fn push(&mut self, expect: Expect) {
         match expect {
             Expect::Confirm { .. } | Expect::ConfirmAll(_) => self.confirms_pending += 1,
@@ -135,7 +145,6 @@ impl Pairing {
         }
         self.held_bytes += expect.weight();
         self.pushed += 1;
-        self.pipelined |= !self.pending.is_empty();
         self.pending.push_back(expect);
     }
 

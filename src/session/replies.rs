@@ -59,6 +59,7 @@ where
             let mut pairing = shared.pairing();
             let close = take_locals(&mut pairing, &mut outbox);
             observe_latency(&mut pairing, &app.metrics);
+            pairing.reply_held = outbox.is_holding();
             let drained =
                 pairing.draining && pairing.pending() == 0 && !scanner.in_frame() && !outbox.is_holding();
             (close, drained)
@@ -169,6 +170,7 @@ where
                 shared.room.notify_one();
                 observe_latency(&mut pairing, &app.metrics);
             }
+            pairing.reply_held = outbox.is_holding();
             if !close {
                 match scanner.frame_kind() {
                     Some(kind) if outbox.is_holding() || !pairing.may_stream(kind) => {}

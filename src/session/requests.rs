@@ -282,7 +282,7 @@ fn frame_requests(
             }
         };
         if let Some(expect) = expect {
-            pairing.push(expect);
+            pairing.push_request(expect);
         }
         if let Some(bytes) = replacement {
             let out = batch
