@@ -70,19 +70,11 @@ if ! "$PY" -c 'import redis, psycopg' 2>/dev/null; then
     "$VENV/bin/pip" install -q -r "$SCRIPT_DIR/requirements-client-models.txt" >&2 || die "pip install failed"
 fi
 
-CACHEFENCE=${CACHEFENCE_BIN:-}
-if [ -z "$CACHEFENCE" ]; then
-    if [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
-        log "cargo build --release"
-        (cd "$REPO_ROOT" && cargo build --release --quiet) >&2 || die "cargo build --release failed"
-    fi
-    CACHEFENCE=$REPO_ROOT/target/release/cachefence
-fi
-[ -x "$CACHEFENCE" ] || die "$CACHEFENCE not found"
 
 WORK_PREFIX=cachefence-cm
 # shellcheck source=lib.sh
 source "$SCRIPT_DIR/lib.sh"
+find_cachefence
 
 # The scratch schema goes on every exit, before lib.sh's cleanup stops the servers.
 SCHEMA=cm_$$

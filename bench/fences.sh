@@ -58,19 +58,11 @@ if [ "$SERVER_CPU" -ge "$CPUS" ] || [ "$CLIENT_CPU" -ge "$CPUS" ]; then
     die "need CPUs $SERVER_CPU and $CLIENT_CPU but only $CPUS online (set BENCH_SERVER_CPU/BENCH_CLIENT_CPU)"
 fi
 
-CACHEFENCE=${CACHEFENCE_BIN:-}
-if [ -z "$CACHEFENCE" ]; then
-    if [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
-        log "cargo build --release"
-        (cd "$REPO_ROOT" && cargo build --release --quiet) >&2 || die "cargo build --release failed"
-    fi
-    CACHEFENCE=$REPO_ROOT/target/release/cachefence
-fi
-[ -x "$CACHEFENCE" ] || die "$CACHEFENCE not found"
 
 WORK_PREFIX=cachefence-fences
 # shellcheck source=lib.sh
 source "$SCRIPT_DIR/lib.sh"
+find_cachefence
 
 # --------------------------------------------------------------- start up
 declare -A PORT PID LABEL

@@ -1,7 +1,8 @@
-# Helpers shared by bench/run.sh and bench/fences.sh (sourced, not run):
-# a scratch folder and the cleanup of every process started, and loopback
-# ports for the servers. Expects HOST, log() and die() to be defined, and
-# WORK_PREFIX to name the scratch folder.
+# Helpers shared by bench/run.sh, bench/fences.sh and bench/client_models.sh
+# (sourced, not run): a scratch folder and the cleanup of every process
+# started, loopback ports for the servers, and the cachefence binary.
+# Expects HOST, REPO_ROOT, log() and die() to be defined, and WORK_PREFIX
+# to name the scratch folder.
 
 # ------------------------------------------------------- processes, cleanup
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/${WORK_PREFIX:-cachefence-bench}.XXXXXX")
@@ -57,4 +58,19 @@ wait_port() { # wait until HOST:$1 accepts connections; $2 = pid that must stay 
         sleep 0.1
     done
     return 1
+}
+
+# ------------------------------------------------------------ the binary
+# Sets CACHEFENCE: $CACHEFENCE_BIN if given, else the release build (built
+# first unless BENCH_SKIP_BUILD=1).
+find_cachefence() {
+    CACHEFENCE=${CACHEFENCE_BIN:-}
+    if [ -z "$CACHEFENCE" ]; then
+        if [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
+            log "cargo build --release"
+            (cd "$REPO_ROOT" && cargo build --release --quiet) >&2 || die "cargo build --release failed"
+        fi
+        CACHEFENCE=$REPO_ROOT/target/release/cachefence
+    fi
+    [ -x "$CACHEFENCE" ] || die "$CACHEFENCE not found"
 }

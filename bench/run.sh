@@ -66,17 +66,10 @@ if [ "$SERVER_CPU" -ge "$CPUS" ] || [ "$CLIENT_CPU" -ge "$CPUS" ]; then
 fi
 
 CACHEFENCE=${CACHEFENCE_BIN:-}
-if [[ " $TARGETS_LIST " == *" cachefence "* ]] && [ -z "$CACHEFENCE" ]; then
-    if [ "${BENCH_SKIP_BUILD:-0}" != 1 ]; then
-        log "cargo build --release"
-        (cd "$REPO_ROOT" && cargo build --release --quiet) >&2 || die "cargo build --release failed"
-    fi
-    CACHEFENCE=$REPO_ROOT/target/release/cachefence
-    [ -x "$CACHEFENCE" ] || die "$CACHEFENCE not found"
-fi
 
 # shellcheck source=lib.sh
 source "$SCRIPT_DIR/lib.sh"
+if [[ " $TARGETS_LIST " == *" cachefence "* ]]; then find_cachefence; fi
 
 # --------------------------------------------------------------- start up
 free_port; REDIS_PORT=$FREE_PORT
