@@ -2,9 +2,10 @@
 //!
 //! # Layout
 //!
-//! In the order data flows; each module depends only on those after it
-//! (and on `config`, `resp`, `net`, `metrics`), and [`app`] is the one
-//! place that wires them.
+//! In the order data flows. Dependencies point one way — `telemetry` ←
+//! `config` ← `redis` ← `fence` ← `changelog`, `app`, `admin` ← `session`
+//! ← `server` (`resp`, `net` and `tls` below them all) — and [`app`] is the
+//! one place that wires the parts, and re-wires them on a reload.
 //!
 //! - [`server`]: accepts clients, enforces `max_clients`, drains on shutdown.
 //! - [`session`]: one task per client, paired 1:1 with its own upstream
@@ -20,9 +21,9 @@
 //!   [`fence::script`]; each key's recent events for `CACHE.EXPLAIN` in
 //!   [`fence::history`]; the workers that send invalidations of their own
 //!   (retried deletes, second deletes) beside them.
-//! - [`changelog`]: the PostgreSQL outbox — key templates, `pg install`, the
-//!   consumer that turns committed row changes into invalidations, and
-//!   `cachefence audit` ([`changelog::audit`]).
+//! - [`changelog`]: the PostgreSQL outbox — `pg install`, the consumer that
+//!   turns committed row changes into invalidations, and `cachefence audit`
+//!   ([`changelog::audit`]).
 //! - [`redis`]: the Redis client the proxy uses for itself (connect with
 //!   TLS/AUTH/SELECT, one call that must succeed).
 //! - [`resp`]: framing of requests ([`resp::request`], Redis' own grammar)
@@ -31,9 +32,11 @@
 //! - [`net`]: the streams sessions run on (plain TCP, or TLS either side);
 //!   [`tls`]: certificates and keys, read and checked at start.
 //! - [`config`]: the TOML file and flags, merged and validated, every
-//!   setting declared once in [`config::settings`] (live or restart);
+//!   setting declared once in [`config::settings`] (live or restart); the
+//!   `[[cache]]` policies ([`config::cache`]), the `[postgres]` mappings and
+//!   key templates ([`config::postgres`], [`config::template`]);
 //!   [`config::live`]: the settings a reload (`SIGHUP`, `CACHE.RELOAD`)
-//!   changes in place, and the reload.
+//!   changes in place.
 //! - [`telemetry`]: counters and histograms, each declared once with its
 //!   `CACHE.STATS` name and Prometheus family (types and macros in
 //!   [`telemetry::registry`]); the Prometheus endpoint that renders them
