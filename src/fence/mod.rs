@@ -70,6 +70,7 @@ impl Refusal {
             b"lag_window" => Refusal::LagWindow,
             b"expired" => Refusal::Expired,
             b"older_miss_outstanding" => Refusal::OlderMissOutstanding,
+            b"pending_delete" => Refusal::PendingDelete,
             _ => Refusal::FenceMoved,
         }
     }

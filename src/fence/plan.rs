@@ -205,7 +205,9 @@ impl Client<'_> {
             flag(nx),
             flag(missed_here),
             Bytes::from_static(on_write),
-            flag(self.undelivered(db, key)),
+            // Counted in `reads_missed` only if Redis refuses it as a fill
+            // (a write to the key is no read or fill kept from it).
+            flag(self.fences.undelivered.is_pending(db, key)),
             value.clone(),
             expiry.len().to_string().into(),
         ];

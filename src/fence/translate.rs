@@ -198,6 +198,9 @@ impl Client<'_> {
                 let reason = items.get(1).and_then(Value::as_bytes).map_or(&b""[..], |b| b);
                 let why = Refusal::from_script(reason);
                 self.fences.stats.refused(why).inc();
+                if why == Refusal::PendingDelete {
+                    self.fences.undelivered.stats.reads_missed.inc();
+                }
                 self.record(key, What::FillRefused(why));
                 match lease_api {
                     true => Reply::Status("STALE"),
@@ -465,6 +468,14 @@ mod tests {
         let older = b"*2\r\n:0\r\n$22\r\nolder_miss_outstanding\r\n";
         assert_eq!(&client.translate(&set("user:1"), older, false, 0)[..], b"+OK\r\n");
         assert_eq!(fences.stats.refused(Refusal::OlderMissOutstanding).get(), 1);
+        // A SET judged a fill of a key whose delete is still being retried.
+        let pending = b"*2\r\n:0\r\n$14\r\npending_delete\r\n";
+        assert_eq!(
+            &client.translate(&set("user:1"), pending, false, 0)[..],
+            b"+OK\r\n"
+        );
+        assert_eq!(fences.stats.refused(Refusal::PendingDelete).get(), 1);
+        assert_eq!(fences.undelivered.stats.reads_missed.get(), 1);
         // A write: the command's own reply, byte for byte; nil from Lua's false.
         assert_eq!(
             &client.translate(&set("user:1"), b"*2\r\n:3\r\n+OK\r\n", true, 0)[..],
