@@ -16,7 +16,9 @@ ensure_installed() { # ensure_installed COMMAND PACKAGE...
 # True when a Redis answers PING on 127.0.0.1:$1 (pure bash, no redis-cli needed).
 redis_answers() { # redis_answers PORT
     local reply=""
-    exec 3<>"/dev/tcp/127.0.0.1/$1" 2>/dev/null || return 1
+    # The braces keep 2>/dev/null to the connect: on a bare `exec` it would
+    # silence stderr for the rest of the script.
+    { exec 3<>"/dev/tcp/127.0.0.1/$1"; } 2>/dev/null || return 1
     printf 'PING\r\n' >&3
     read -r -t 1 reply <&3 || true
     exec 3<&- 3>&-
