@@ -162,6 +162,9 @@ poll_interval = "$POLL_INTERVAL"
 [[postgres.table]]
 table = "$SCHEMA.items"
 keys = ["item:{id}"]
+
+[[cache]]
+pattern = "item:*"
 EOF
 }
 CONFIG_NOTIFY=$WORK/notify.toml

@@ -82,10 +82,13 @@ drop_schema() { psql "$PG_URL" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev
 trap 'rc=$?; drop_schema; (exit $rc); cleanup' EXIT
 psql "$PG_URL" -qc "CREATE SCHEMA $SCHEMA" || die "cannot create schema $SCHEMA"
 
-# Config for the "connection" variant; the "client" variant runs with no file
-# (ticket_scope = "client" is the default).
-printf '[[cache]]\nticket_scope = "connection"\n' >"$WORK/connection.toml"
-"$CACHEFENCE" --check --config "$WORK/connection.toml" >/dev/null || die "config check failed"
+# Every key of the workload is a cache, at the defaults (ticket_scope =
+# "client", on_write = "invalidate"); the "connection" variant changes the scope.
+printf '[[cache]]\npattern = "*"\n' >"$WORK/client.toml"
+printf '[[cache]]\npattern = "*"\nticket_scope = "connection"\n' >"$WORK/connection.toml"
+for f in client connection; do
+    "$CACHEFENCE" --check --config "$WORK/$f.toml" >/dev/null || die "config check failed ($f.toml)"
+done
 
 stop_pid() { # SIGTERM, up to 15 s, then SIGKILL; only the pid given
     kill "$1" 2>/dev/null || return 0
@@ -119,7 +122,7 @@ run_cell() { # run_cell TARGET MODEL
 
     if [ "$target" != redis ]; then
         free_port; port=$FREE_PORT
-        local cfg=()
+        local cfg=(--config "$WORK/client.toml")
         [ "$target" = cf-connection ] && cfg=(--config "$WORK/connection.toml")
         taskset -c "$CLIENT_CPU" "$CACHEFENCE" --listen "$HOST:$port" --upstream "$HOST:$redis_port" \
             --workers 1 "${cfg[@]}" 2>"$plog" &

@@ -2,7 +2,7 @@
 # cachefence benchmark, fences section: what the consistency layer costs.
 #
 # Starts its own scratch redis-server (CPU 0) and two cachefence instances on
-# it (CPU 1, with the client): one with fences on (the default), one with
+# it (CPU 1, with the client): one with fences on (every key fenced), one with
 # --no-fences. In one run it measures
 #   1. GET hits (preloaded keyspace, redis-benchmark -t get, c50 P16 and
 #      c50 P1): fences on vs off vs direct Redis;
@@ -84,13 +84,16 @@ wait_port "${PORT[redis]}" "${PID[redis]}" || { cat "$WORK/redis.log" >&2 || tru
 R() { redis-cli -h "$HOST" -p "${PORT[redis]}" "$@"; }
 [ "$(R ping)" = PONG ] || die "redis-server does not answer PING"
 
+# "Fences on": every key fenced, a SET that is not a fill stored
+# (on_write = "write"), so that SETs measure the fenced write path.
+printf '[[cache]]\npattern = "*"\non_write = "write"\n' >"$WORK/every-key.toml"
 for t in on off metrics noexplain; do
     free_port; PORT[$t]=$FREE_PORT
-    extra=()
+    extra=(--config "$WORK/every-key.toml")
     case $t in
         off) extra=(--no-fences) ;;
-        metrics) free_port; METRICS_PORT=$FREE_PORT; extra=(--metrics-listen "$HOST:$METRICS_PORT") ;;
-        noexplain) extra=(--explain-keys 0) ;;
+        metrics) free_port; METRICS_PORT=$FREE_PORT; extra+=(--metrics-listen "$HOST:$METRICS_PORT") ;;
+        noexplain) extra+=(--explain-keys 0) ;;
     esac
     log "starting cachefence (${LABEL[$t]}) on $HOST:${PORT[$t]} (CPU $CLIENT_CPU, --workers 1${extra[*]:+ ${extra[*]}})"
     taskset -c "$CLIENT_CPU" "$CACHEFENCE" --listen "$HOST:${PORT[$t]}" \
@@ -295,7 +298,7 @@ mf_ratio() { # mf_ratio A B NAME: median over runs of NAME(A)/NAME(B) of the sam
 
 echo
 echo "fences benchmark  ($(date -u '+%Y-%m-%d %H:%M:%SZ'), $(nproc) CPUs, redis on CPU $SERVER_CPU, client+cachefence on CPU $CLIENT_CPU, load before: $load1)"
-echo "fences on = cachefence default (every key fenced); fences off = --no-fences; on+metrics = on with"
+echo "fences on = every key fenced ([[cache]] pattern = \"*\", on_write = \"write\"); fences off = --no-fences; on+metrics = on with"
 echo "--metrics-listen; on-explain = on with --explain-keys 0; $RUNS runs, rotating order;"
 echo "rps = median over runs; ratios = median over runs of per-run ratios"
 echo

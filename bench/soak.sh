@@ -133,7 +133,7 @@ start_redis
 
 log "starting $CACHEFENCE on $HOST:$PROXY_PORT"
 nice -n 10 "$CACHEFENCE" --listen "$HOST:$PROXY_PORT" --upstream "$HOST:$REDIS_PORT" \
-    --log-level warn >"$WORK/cachefence.log" 2>&1 &
+    --cache '*' --log-level warn >"$WORK/cachefence.log" 2>&1 &
 PROXY_PID=$!
 PIDS+=("$PROXY_PID")
 wait_port "$PROXY_PORT" "$PROXY_PID" || { cat "$WORK/cachefence.log" >&2 || true; die "cachefence did not start"; }

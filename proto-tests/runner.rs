@@ -2,8 +2,8 @@
 //! against a fresh Redis directly and, through the proxy, against an
 //! identical fresh Redis; the replies must be byte-identical (after the
 //! case's own explicit normalisers, if it has any). Every case runs through
-//! the proxy twice — fences on (the default, every key fenced) and fences
-//! off — unless it pins `proxy fences = false` itself. A case marked
+//! the proxy twice — fences on (every key fenced, `on_write = "write"`:
+//! testkit's `FENCE_EVERY_KEY`) and fences off — unless it pins `proxy fences = false` itself. A case marked
 //! `differs <reason>` documents a known difference: it passes while the
 //! proxy's replies differ, and fails once they no longer do.
 //!
@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use testkit::{Proxy, RawClient, RedisServer, escape};
+use testkit::{FENCE_EVERY_KEY, Proxy, RawClient, RedisServer, escape};
 
 /// The suite must not shrink below this without someone noticing.
 const MIN_CASES: usize = 150;
@@ -120,7 +120,16 @@ async fn run_case(case: &Case) -> Result<(), String> {
         .proxy_toml
         .lines()
         .any(|l| l.trim_start().starts_with("fences"));
-    let mut modes = vec![("fences on", case.proxy_toml.clone())];
+    // Every key fenced unless the case says which keys are a cache itself.
+    let declares_cache = case.proxy_toml.lines().any(|l| {
+        let l = l.trim_start();
+        l.starts_with("cache") || l.starts_with("[[cache]]")
+    });
+    let fences_on = match declares_cache {
+        true => case.proxy_toml.clone(),
+        false => format!("{}{FENCE_EVERY_KEY}", case.proxy_toml),
+    };
+    let mut modes = vec![("fences on", fences_on)];
     if !pinned {
         modes.push(("fences off", format!("{}fences = false\n", case.proxy_toml)));
     }

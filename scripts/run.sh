@@ -3,6 +3,8 @@
 # If no Redis answers there, starts a scratch redis-server (installing it if
 # missing; it keeps nothing on disk). Extra arguments go to cachefence, e.g.
 #   bash scripts/run.sh --log-level debug
+#   bash scripts/run.sh --cache 'product:*' --cache 'page:*'   # your cache keys
+# Without --cache or --config it fences the README's example keys, user:*.
 # Then, in another terminal:  redis-cli -p 6380
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,5 +21,11 @@ if ! redis_answers "$UPSTREAM_PORT"; then
 fi
 ensure_installed redis-cli redis-tools || true
 cargo build --release --locked
+# Which keys are a cache: the README's example keys unless told.
+cache=(--cache 'user:*')
+for arg in "$@"; do
+    case "$arg" in --cache|--cache=*|--config|--config=*|-c|--no-fences) cache=() ;; esac
+done
 echo "==> cachefence on 127.0.0.1:6380 -> 127.0.0.1:$UPSTREAM_PORT   (try: redis-cli -p 6380 ping)" >&2
-exec target/release/cachefence --listen 127.0.0.1:6380 --upstream "127.0.0.1:$UPSTREAM_PORT" "$@"
+[ ${#cache[@]} -gt 0 ] && echo "==> fencing user:* (the README's example); --cache PATTERN says which keys are your cache" >&2
+exec target/release/cachefence --listen 127.0.0.1:6380 --upstream "127.0.0.1:$UPSTREAM_PORT" "${cache[@]}" "$@"

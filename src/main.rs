@@ -2,10 +2,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use cachefence::changelog::{audit, install};
-use cachefence::config::{Config, Settings, Span};
+use cachefence::config::{CacheSection, Config, Settings, Span};
 use cachefence::server::{self, Server};
 use clap::Parser;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// A Redis-protocol caching proxy that refuses stale cache fills.
 #[derive(Debug, Parser)]
@@ -20,6 +20,11 @@ struct Cli {
     /// Turn fences off: a pure, byte-exact passthrough proxy (same as `fences = false`).
     #[arg(long, conflicts_with = "fences")]
     no_fences: bool,
+    /// Keys that are a cache: a Redis glob pattern, fenced with every
+    /// `[[cache]]` setting at its default (repeatable; replaces the file's
+    /// `[[cache]]` sections). Without it or a `[[cache]]` section no key is fenced.
+    #[arg(long = "cache", value_name = "PATTERN", conflicts_with = "no_fences")]
+    cache: Vec<String>,
     #[command(flatten)]
     settings: Settings,
     #[command(subcommand)]
@@ -71,6 +76,9 @@ fn main() -> ExitCode {
     if cli.no_fences {
         cli.settings.fences = Some(false);
     }
+    if !cli.cache.is_empty() {
+        cli.settings.cache = Some(cli.cache.iter().map(|p| CacheSection::for_pattern(p)).collect());
+    }
     let config = match Config::load(cli.config.as_deref(), cli.settings) {
         Ok(config) => config,
         Err(e) => {
@@ -105,13 +113,20 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         let server = Server::bind(config.clone()).await?;
+        let patterns: Vec<&str> = config.fences.iter().flat_map(|s| s.policies()).map(|p| p.pattern.as_str()).collect();
         info!(
             listen = %server.local_addr(),
             upstream = %config.upstream,
             tls = config.tls.is_some(),
             upstream_tls = config.upstream.tls.is_some(),
+            fenced = ?patterns,
             "cachefence listening"
         );
+        if config.fences.is_some() && patterns.is_empty() {
+            warn!(
+                "no key is a cache yet: every command passes through unfenced; declare cache keys with --cache PATTERN or a [[cache]] section"
+            );
+        }
         server.run(server::signal()).await
     });
     match result {

@@ -25,7 +25,11 @@ async fn users(test: &str) -> (Schema, String) {
     let pg = Schema::create(test).await;
     pg.exec("CREATE TABLE {s}.users (id int PRIMARY KEY, email text, name text NOT NULL)")
         .await;
-    let toml = pg.toml(&[("users", USERS)]);
+    // The mapped keys are a cache: fenced, as a user declares them.
+    let toml = format!(
+        "{}[[cache]]\npattern = \"user:*\"\non_write = \"write\"\n",
+        pg.toml(&[("users", USERS)])
+    );
     pg.install(&toml).await;
     (pg, toml)
 }
@@ -284,7 +288,8 @@ async fn two_proxies_share_one_outbox_and_leave_no_row_behind() {
         .await;
     let toml = pg
         .toml(&[("items", &["item:{id}"])])
-        .replace("poll_interval", "batch_size = 7\npoll_interval");
+        .replace("poll_interval", "batch_size = 7\npoll_interval")
+        + "[[cache]]\npattern = \"item:*\"\non_write = \"write\"\n";
     pg.install(&toml).await;
     // Two cachefence processes, one outbox.
     let config = ConfigFile::new("two", &format!("upstream = \"{}\"\n{toml}", redis.addr()));

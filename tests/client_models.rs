@@ -25,7 +25,7 @@ use deadpool::managed::{Object, ObjectId, Pool, QueueMode};
 use redis::AsyncConnectionConfig;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use testkit::race::raw_value;
-use testkit::{Database, Proxy, RawClient, RedisServer, Setup, Target, WAIT};
+use testkit::{Database, FENCE_EVERY_KEY, Proxy, RawClient, RedisServer, Setup, Target, WAIT};
 
 const KEY: &str = "user:x";
 
@@ -193,7 +193,7 @@ async fn r1_read_write_race_through_a_shared_multiplexed_connection() {
         (Some("1"), "2"),
         "control: plain Redis keeps A's stale fill"
     );
-    let (value, db) = r1_multiplexed(Target::Cachefence("")).await;
+    let (value, db) = r1_multiplexed(Target::Cachefence(FENCE_EVERY_KEY)).await;
     assert_eq!(db, "2");
     assert_ne!(
         value.as_deref(),
@@ -254,7 +254,7 @@ async fn r1_read_write_race_through_a_connection_pool() {
         (Some("1"), "2"),
         "control: plain Redis keeps A's stale fill"
     );
-    let (value, db) = r1_pooled(Target::Cachefence("")).await;
+    let (value, db) = r1_pooled(Target::Cachefence(FENCE_EVERY_KEY)).await;
     assert_eq!(db, "2");
     assert_ne!(
         value.as_deref(),
@@ -265,8 +265,9 @@ async fn r1_read_write_race_through_a_connection_pool() {
 
 // --- R3 and R4: a lagging replica ----------------------------------------
 
-const LAG_REFUSE: &str = "[[cache]]\nlag_window = \"2s\"\nlag_policy = \"refuse\"\n";
-const LAG_SHORT_TTL: &str = "[[cache]]\nlag_window = \"2s\"\n";
+const LAG_REFUSE: &str =
+    "[[cache]]\npattern = \"*\"\non_write = \"write\"\nlag_window = \"2s\"\nlag_policy = \"refuse\"\n";
+const LAG_SHORT_TTL: &str = "[[cache]]\npattern = \"*\"\non_write = \"write\"\nlag_window = \"2s\"\n";
 
 /// R3/R4 on one shared multiplexed connection: `writes` writers each
 /// change the primary and delete; then requests A and B both miss, both
@@ -401,7 +402,11 @@ async fn r4_two_writers_and_replica_lag_through_a_connection_pool() {
 
 // --- R7: the update-on-write race ----------------------------------------
 
-const ON_WRITE_INVALIDATE: &str = "[[cache]]\non_write = \"invalidate\"\n";
+/// A declared cache at the defaults: `on_write = "invalidate"`, the cure
+/// for R7 in every client model.
+const ON_WRITE_INVALIDATE: &str = "[[cache]]\npattern = \"*\"\n";
+/// The same with `on_write = "write"`: R7's older write stays.
+const ON_WRITE_WRITE: &str = "[[cache]]\npattern = \"*\"\non_write = \"write\"\n";
 
 /// R7 on one shared multiplexed connection, with a reader in the middle:
 /// A writes DB=1, B writes DB=2, B sets cache 2; reader C misses (on the
@@ -496,11 +501,19 @@ async fn r7_update_on_write_race_through_a_connection_pool() {
         Some("1"),
         "A's older write must not stay cached"
     );
+    // Why `invalidate` is the default: with `write`, the two SETs are
+    // writes, and the older one stays as it does in plain Redis.
+    let (kept, _) = r7_pooled(Target::Cachefence(ON_WRITE_WRITE)).await;
+    assert_eq!(
+        kept.as_deref(),
+        Some("1"),
+        "on_write = write stores the older write"
+    );
 }
 
 // --- R8: the stampede ----------------------------------------------------
 
-const HOLD: &str = "[[cache]]\nhold = \"2s\"\n";
+const HOLD: &str = "[[cache]]\npattern = \"*\"\non_write = \"write\"\nhold = \"2s\"\n";
 const DATABASE_READ: Duration = Duration::from_millis(200);
 
 /// One reader of the stampede: GET; on nil, count a database read, take
@@ -685,7 +698,9 @@ async fn raw_pool_sequence_get_on_one_connection_set_on_another() {
         "control: plain Redis ends with the last SET"
     );
     assert_ne!(
-        raw_pool_sequence(Target::Cachefence("")).await.as_deref(),
+        raw_pool_sequence(Target::Cachefence(FENCE_EVERY_KEY))
+            .await
+            .as_deref(),
         Some("stale"),
         "through cachefence A's fill, whose miss predates the DEL, must not be stored"
     );
@@ -715,7 +730,9 @@ async fn raw_mux_sequence_every_request_on_one_connection() {
         "control: plain Redis keeps A's stale fill"
     );
     assert_ne!(
-        raw_mux_sequence(Target::Cachefence("")).await.as_deref(),
+        raw_mux_sequence(Target::Cachefence(FENCE_EVERY_KEY))
+            .await
+            .as_deref(),
         Some("stale"),
         "through cachefence A's fill, whose miss predates the DEL, must not be stored"
     );
@@ -764,7 +781,7 @@ async fn r1_read_write_race_through_one_ioredis_client() {
     assert_eq!(stale, "\"1\"", "control: plain Redis keeps A's stale fill");
 
     let behind = RedisServer::start();
-    let proxy = Proxy::start(&behind.addr(), "").await;
+    let proxy = Proxy::start(&behind.addr(), FENCE_EVERY_KEY).await;
     let port = proxy.addr.port();
     let value = tokio::task::spawn_blocking(move || ioredis_r1(port))
         .await

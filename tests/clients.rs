@@ -6,7 +6,7 @@
 use std::process::{Command, Stdio};
 
 use futures_util::StreamExt;
-use testkit::{Proxy, RawClient, RedisServer, cmds};
+use testkit::{FENCE_EVERY_KEY, Proxy, RawClient, RedisServer, cmds};
 
 fn tool(name: &str) -> Command {
     if Command::new(name).arg("--version").output().is_err() {
@@ -32,7 +32,7 @@ fn redis_cli(port: u16, args: &[&str]) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_cli_command_mode_matches_direct_redis() {
     let (direct, behind) = (RedisServer::start(), RedisServer::start());
-    let proxy = Proxy::start(&behind.addr(), "").await;
+    let proxy = Proxy::start(&behind.addr(), FENCE_EVERY_KEY).await;
     let script: &[&[&str]] = &[
         &["SET", "greeting", "hello world"],
         &["GET", "greeting"],
@@ -63,7 +63,7 @@ async fn redis_cli_command_mode_matches_direct_redis() {
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_cli_pipe_mass_insertion() {
     let redis = RedisServer::start();
-    let proxy = Proxy::start(&redis.addr(), "").await;
+    let proxy = Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await;
     let mut input = Vec::new();
     for i in 0..20_000 {
         input.extend(cmds(&format!("SET key:{i} value:{i}")));
@@ -104,7 +104,7 @@ async fn redis_crate_async_pipelines_and_pubsub_resp3() {
 
 async fn redis_crate_session(options: &str) {
     let redis = RedisServer::start();
-    let proxy = Proxy::start(&redis.addr(), "").await;
+    let proxy = Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await;
     let url = format!("redis://{}/{options}", proxy.addr);
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
@@ -178,7 +178,7 @@ async fn redis_crate_session(options: &str) {
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_benchmark_pipelined_runs_without_errors() {
     let redis = RedisServer::start();
-    let proxy = Proxy::start(&redis.addr(), "").await;
+    let proxy = Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await;
     let port = proxy.addr.port().to_string();
     let out = tokio::task::spawn_blocking(move || {
         tool("redis-benchmark")

@@ -18,7 +18,16 @@ fn example_config_documents_every_key_with_its_default() {
     let example = parse_settings(&text).expect("config.example.toml parses");
     let documented: toml::Table = toml::from_str(&text).unwrap();
     let all: toml::Table = toml::Table::try_from(Settings::defaults()).unwrap();
-    let missing: Vec<&String> = all.keys().filter(|k| !documented.contains_key(*k)).collect();
+    // No `[[cache]]` section is in force by default: the example shows one
+    // commented out (its settings are checked in config::settings' tests).
+    let missing: Vec<&String> = all
+        .keys()
+        .filter(|k| !documented.contains_key(*k) && *k != "cache")
+        .collect();
+    assert!(
+        text.contains("\n# [[cache]]\n"),
+        "config.example.toml shows a [[cache]] section"
+    );
     assert!(!all.is_empty());
     assert!(
         missing.is_empty(),
@@ -180,6 +189,10 @@ async fn passwords_never_appear_in_logs_and_json_logs_are_structured() {
         "trace",
         "--log-format",
         "json",
+        "--cache",
+        "user:*",
+        "--cache",
+        "session:*",
     ]);
     let port = proxy.port;
     let mut client = RawClient::connect(("127.0.0.1", port)).await;
@@ -207,7 +220,7 @@ async fn passwords_never_appear_in_logs_and_json_logs_are_structured() {
         "{info}"
     );
     assert!(
-        info.contains("\r\nfenced_patterns:*\r\nchangelog_outbox:\r\nadmin_password:set\r\n"),
+        info.contains("\r\nfenced_patterns:user:*,session:*\r\nchangelog_outbox:\r\nadmin_password:set\r\n"),
         "{info}"
     );
     assert!(!info.contains("hunter2"), "a secret in CACHE.INFO: {info}");
@@ -241,4 +254,59 @@ async fn passwords_never_appear_in_logs_and_json_logs_are_structured() {
         "{conn_line}"
     );
     assert_eq!(event["span"]["upstream"], redis.addr());
+}
+
+/// No key is a cache until one is declared: by default every command keeps
+/// Redis' own semantics (a SET after a miss and a concurrent DEL is stored,
+/// no fence key appears) and the proxy says at start that nothing is
+/// fenced. `--cache PATTERN` declares a cache with the defaults, among them
+/// `on_write = "invalidate"`: a SET of such a key that is not a fill is an
+/// invalidation, while other keys stay plain Redis.
+#[tokio::test(flavor = "multi_thread")]
+async fn nothing_is_fenced_by_default_and_cache_declares_the_cache_keys() {
+    let redis = RedisServer::start();
+    let mut direct = RawClient::connect(redis.addr()).await;
+
+    let proxy = ProxyProcess::start(&["--upstream", &redis.addr()]);
+    let (mut a, mut b) = (
+        RawClient::connect(("127.0.0.1", proxy.port)).await,
+        RawClient::connect(("127.0.0.1", proxy.port)).await,
+    );
+    assert_eq!(a.call("GET session:1").await, "$-1\r\n");
+    assert_eq!(b.call("DEL session:1").await, ":0\r\n");
+    assert_eq!(a.call("SET session:1 s").await, "+OK\r\n");
+    assert_eq!(a.call("GET session:1").await, "$1\r\ns\r\n");
+    assert_eq!(direct.call("KEYS cachefence*").await, "*0\r\n");
+    let logs = proxy.logs();
+    assert!(logs.contains("no key is a cache yet"), "{logs}");
+    drop(proxy);
+
+    let proxy = ProxyProcess::start(&["--upstream", &redis.addr(), "--cache", "user:*"]);
+    let mut a = RawClient::connect(("127.0.0.1", proxy.port)).await;
+    assert_eq!(a.call("SET user:1 v").await, "+OK\r\n");
+    assert_eq!(
+        a.call("GET user:1").await,
+        "$-1\r\n",
+        "on_write = invalidate by default"
+    );
+    assert_eq!(direct.call("EXISTS cachefence:{user:1}").await, ":1\r\n");
+    assert_eq!(a.call("SET session:2 s").await, "+OK\r\n");
+    assert_eq!(a.call("GET session:2").await, "$1\r\ns\r\n");
+    // A fill after a miss is stored as before.
+    assert_eq!(a.call("GET user:2").await, "$-1\r\n");
+    assert_eq!(a.call("SET user:2 fresh").await, "+OK\r\n");
+    assert_eq!(a.call("GET user:2").await, "$5\r\nfresh\r\n");
+    assert!(!proxy.logs().contains("no key is a cache yet"));
+}
+
+#[test]
+fn a_cache_section_must_say_which_keys() {
+    let scratch = ScratchDir::new("config-test");
+    let file = scratch.write("no-pattern.toml", "[[cache]]\nhold = \"0s\"\n");
+    let (ok, text) = run_check(&["--config", file.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        text.contains("[[cache]] section 1") && text.contains("`pattern` is missing"),
+        "{text}"
+    );
 }

@@ -161,7 +161,10 @@ fn holds_through_cachefence(model: Model) {
     // hold = 0: a miss is never held for another's fill (the driver is
     // sequential, and on the shared connection a held miss would block every
     // flow behind it).
-    let proxy = runtime.block_on(Proxy::start(&redis.addr(), "[[cache]]\nhold = \"0s\"\n"));
+    let proxy = runtime.block_on(Proxy::start(
+        &redis.addr(),
+        "[[cache]]\npattern = \"*\"\non_write = \"write\"\nhold = \"0s\"\n",
+    ));
     let result = check(model, &proxy.addr.to_string(), &redis.addr(), 96);
     runtime.block_on(proxy.shutdown());
     result.unwrap();

@@ -3,7 +3,7 @@
 //! against plain Redis and through the proxy, which must answer the same
 //! bytes.
 
-use testkit::{Proxy, RawClient, RedisServer, cmd};
+use testkit::{FENCE_EVERY_KEY, Proxy, RawClient, RedisServer, cmd};
 
 /// The replies to `requests`, sent one at a time to `addr`.
 async fn replies(addr: &str, requests: &[Vec<u8>]) -> Vec<Vec<u8>> {
@@ -53,7 +53,7 @@ async fn fenced_commands_of_any_size_redis_accepts() {
     assert_eq!(expected[3], b":2501\r\n");
     assert_eq!(expected[4], b":0\r\n");
     let redis = RedisServer::start();
-    let proxy = Proxy::start(&redis.addr(), "").await;
+    let proxy = Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await;
     let got = replies(&proxy.addr.to_string(), &requests).await;
     for (i, (got, expected)) in got.iter().zip(&expected).enumerate() {
         assert_eq!(

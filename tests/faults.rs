@@ -3,13 +3,17 @@
 
 use std::time::{Duration, Instant};
 
-use testkit::{Proxy, RawClient, RedisServer, cmd, cmds, eventually, free_port};
+use testkit::{FENCE_EVERY_KEY, Proxy, RawClient, RedisServer, cmd, cmds, eventually, free_port};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unreachable_upstream_answers_errors_then_serves_the_same_client() {
     let port = free_port();
     let upstream = format!("127.0.0.1:{port}");
-    let proxy = Proxy::start(&upstream, "connect_timeout = \"500ms\"").await;
+    let proxy = Proxy::start(
+        &upstream,
+        &format!("connect_timeout = \"500ms\"\n{FENCE_EVERY_KEY}"),
+    )
+    .await;
 
     let mut client = RawClient::connect(proxy.addr).await;
     let refused =
@@ -38,7 +42,7 @@ async fn unreachable_upstream_answers_errors_then_serves_the_same_client() {
 #[tokio::test(flavor = "multi_thread")]
 async fn upstream_killed_mid_connection_answers_every_pending_request() {
     let mut redis = RedisServer::start();
-    let proxy = Proxy::start(&redis.addr(), "").await;
+    let proxy = Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await;
     let mut client = RawClient::connect(proxy.addr).await;
     assert_eq!(client.call("SET k v").await, "+OK\r\n");
     // A blocked BLPOP and a PING queued behind it are both pending.
@@ -65,7 +69,11 @@ async fn upstream_killed_mid_connection_answers_every_pending_request() {
 async fn paused_upstream_times_out_the_handshake_then_resumes_without_loss() {
     let redis = RedisServer::start_with(&["--requirepass", "s3cret"]);
     let upstream = format!("redis://:s3cret@{}", redis.addr());
-    let proxy = Proxy::start(&upstream, "connect_timeout = \"300ms\"").await;
+    let proxy = Proxy::start(
+        &upstream,
+        &format!("connect_timeout = \"300ms\"\n{FENCE_EVERY_KEY}"),
+    )
+    .await;
 
     let mut before = RawClient::connect(proxy.addr).await;
     assert_eq!(before.call("SET k 1").await, "+OK\r\n");
@@ -93,7 +101,7 @@ async fn paused_upstream_times_out_the_handshake_then_resumes_without_loss() {
 #[tokio::test(flavor = "multi_thread")]
 async fn proxy_authenticates_its_upstream_connections_and_reports_refusals() {
     let redis = RedisServer::start_with(&["--requirepass", "s3cret"]);
-    let good = Proxy::start(&format!("redis://:s3cret@{}/2", redis.addr()), "").await;
+    let good = Proxy::start(&format!("redis://:s3cret@{}/2", redis.addr()), FENCE_EVERY_KEY).await;
     let mut client = RawClient::connect(good.addr).await;
     assert_eq!(client.call("SET k in-db-2").await, "+OK\r\n");
     let mut direct = RawClient::connect(redis.addr()).await;
@@ -220,7 +228,7 @@ async fn client_names(redis: &RedisServer) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn quit_and_disconnect_close_the_upstream_connection() {
     let redis = RedisServer::start();
-    let proxy = Proxy::start(&redis.addr(), "").await;
+    let proxy = Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await;
     let mut quitter = RawClient::connect(proxy.addr).await;
     let mut leaver = RawClient::connect(proxy.addr).await;
     assert_eq!(quitter.call("CLIENT SETNAME quitter").await, "+OK\r\n");
@@ -251,7 +259,7 @@ async fn quit_and_disconnect_close_the_upstream_connection() {
 #[tokio::test(flavor = "multi_thread")]
 async fn ten_thousand_pipelined_commands_in_one_write() {
     let redis = RedisServer::start();
-    let proxy = Proxy::start(&redis.addr(), "").await;
+    let proxy = Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await;
     let mut client = RawClient::connect(proxy.addr).await;
     let pipeline = cmds("INCR counter").repeat(10_000);
     client.send(&pipeline).await;
@@ -264,7 +272,7 @@ async fn ten_thousand_pipelined_commands_in_one_write() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sixty_four_mib_values_round_trip() {
     let redis = RedisServer::start();
-    let proxy = Proxy::start(&redis.addr(), "").await;
+    let proxy = Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await;
     let mut client = RawClient::connect(proxy.addr).await;
     let value: Vec<u8> = (0..64 * 1024 * 1024 + 7).map(|i| (i % 251) as u8).collect();
     client.send(&cmd(&[b"SET", b"big", &value])).await;
@@ -296,7 +304,11 @@ async fn control_a_delete_that_cannot_be_delivered_is_lost_with_plain_redis() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_delete_that_cannot_be_delivered_is_retried_and_its_key_reads_as_a_miss() {
     let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
-    let proxy = Proxy::start(&redis.addr(), "connect_timeout = \"300ms\"").await;
+    let proxy = Proxy::start(
+        &redis.addr(),
+        &format!("connect_timeout = \"300ms\"\n{FENCE_EVERY_KEY}"),
+    )
+    .await;
     let mut client = RawClient::connect(proxy.addr).await;
     assert_eq!(client.call("SET k old").await, "+OK\r\n");
     redis.kill();
@@ -323,7 +335,11 @@ async fn a_delete_that_cannot_be_delivered_is_retried_and_its_key_reads_as_a_mis
 #[tokio::test(flavor = "multi_thread")]
 async fn a_silent_upstream_times_out_its_replies_and_deletes_are_retried() {
     let redis = RedisServer::start();
-    let proxy = Proxy::start(&redis.addr(), "reply_timeout = \"300ms\"").await;
+    let proxy = Proxy::start(
+        &redis.addr(),
+        &format!("reply_timeout = \"300ms\"\n{FENCE_EVERY_KEY}"),
+    )
+    .await;
     let mut client = RawClient::connect(proxy.addr).await;
     assert_eq!(client.call("SET k old").await, "+OK\r\n");
     // A blocking command may wait longer than reply_timeout.
@@ -385,7 +401,7 @@ async fn a_delete_refused_with_loading_is_retried() {
             });
         }
     });
-    let proxy = Proxy::start(&upstream, "").await;
+    let proxy = Proxy::start(&upstream, FENCE_EVERY_KEY).await;
     let mut client = RawClient::connect(proxy.addr).await;
     assert_eq!(
         client.call("DEL k").await,
@@ -438,7 +454,11 @@ async fn slow_relay(upstream: String, delay: Duration) -> String {
 async fn a_slow_upstream_still_refuses_stale_fills_and_tickets_past_lease_ttl() {
     let redis = RedisServer::start();
     let relay = slow_relay(redis.addr(), Duration::from_millis(50)).await;
-    let proxy = Proxy::start(&relay, "[[cache]]\nlease_ttl = \"300ms\"\nhold = \"0s\"\n").await;
+    let proxy = Proxy::start(
+        &relay,
+        "[[cache]]\npattern = \"*\"\non_write = \"write\"\nlease_ttl = \"300ms\"\nhold = \"0s\"\n",
+    )
+    .await;
     let mut direct = RawClient::connect(redis.addr()).await;
     // R1 through the slow link: plain Redis (the control) keeps the stale
     // value; through cachefence the fill is refused.
@@ -476,7 +496,7 @@ async fn a_slow_upstream_still_refuses_stale_fills_and_tickets_past_lease_ttl() 
 #[tokio::test(flavor = "multi_thread")]
 async fn mget_reads_a_key_whose_delete_waits_as_nil() {
     let redis = RedisServer::start_with(&["--rename-command", "EVAL", "", "--rename-command", "EVALSHA", ""]);
-    let proxy = Proxy::start(&redis.addr(), "").await;
+    let proxy = Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await;
     let mut direct = RawClient::connect(redis.addr()).await;
     assert_eq!(direct.call("MSET a 1 b 2").await, "+OK\r\n");
     let undelivered = &proxy.ctx.fences.as_ref().unwrap().undelivered;

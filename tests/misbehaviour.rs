@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use testkit::{Nofile, Proxy, ProxyProcess, RawClient, RedisServer, WAIT, cmd, cmds, eventually_within};
+use testkit::{
+    FENCE_EVERY_KEY, Nofile, Proxy, ProxyProcess, RawClient, RedisServer, WAIT, cmd, cmds, eventually_within,
+};
 
 // ------------------------------------------------------------------ harness
 
@@ -566,7 +568,7 @@ fn silent_half_closed_and_reset_clients_release_their_upstream_connections() {
     serial(async {
         let redis = RedisServer::start();
         let proxy = Proxy::start(&redis.addr(), "timeout = \"1s\"").await;
-        let forever = Proxy::start(&redis.addr(), "").await;
+        let forever = Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await;
         let redis = &redis;
         let names = async || {
             let mut direct = RawClient::connect(redis.addr()).await;

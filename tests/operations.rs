@@ -1,7 +1,7 @@
 //! Operating the proxy (issue #6): live reload (`CACHE.RELOAD`, `SIGHUP`),
 //! the Prometheus endpoint and `CACHE.EXPLAIN`, against real servers.
 
-use testkit::{ConfigFile, Proxy, ProxyProcess, RawClient, RedisServer, eventually};
+use testkit::{ConfigFile, FENCE_EVERY_KEY, Proxy, ProxyProcess, RawClient, RedisServer, eventually};
 
 /// A config with one `[[cache]]` section for `user:*`.
 fn users(upstream: &str, on_write: &str, extra: &str) -> String {
@@ -160,7 +160,7 @@ async fn cache_reload_is_an_admin_command() {
 #[tokio::test]
 async fn cache_reload_without_a_config_file_says_so() {
     let redis = RedisServer::start();
-    let proxy = Proxy::start(&redis.addr(), "").await;
+    let proxy = Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await;
     let mut client = RawClient::connect(proxy.addr).await;
     assert_eq!(
         client.call("CACHE.RELOAD").await,
@@ -269,7 +269,7 @@ async fn the_metrics_endpoint_counts_what_the_proxy_does() {
     let redis = RedisServer::start();
     let proxy = Proxy::start(
         &redis.addr(),
-        "metrics_listen = \"127.0.0.1:0\"\n[[cache]]\npattern = \"user:*\"\n",
+        "metrics_listen = \"127.0.0.1:0\"\n[[cache]]\npattern = \"user:*\"\non_write = \"write\"\n",
     )
     .await;
     let addr = proxy.ctx.metrics_addr.expect("the endpoint is on");
@@ -373,7 +373,11 @@ async fn explain(client: &mut RawClient, key: &str) -> Vec<String> {
 #[tokio::test]
 async fn cache_explain_tells_why_a_fill_was_refused() {
     let redis = RedisServer::start();
-    let proxy = Proxy::start(&redis.addr(), "[[cache]]\npattern = \"user:*\"\n").await;
+    let proxy = Proxy::start(
+        &redis.addr(),
+        "[[cache]]\npattern = \"user:*\"\non_write = \"write\"\n",
+    )
+    .await;
     let mut reader = RawClient::connect(proxy.addr).await;
     assert_eq!(reader.call("PING").await, "+PONG\r\n");
     let mut writer = RawClient::connect(proxy.addr).await;
@@ -457,7 +461,7 @@ async fn cache_explain_shows_second_deletes_and_retried_deletes() {
     let mut redis = RedisServer::start();
     let proxy = Proxy::start(
         &redis.addr(),
-        "[[cache]]\npattern = \"user:*\"\ndouble_delete = \"100ms\"\n",
+        "[[cache]]\npattern = \"user:*\"\non_write = \"write\"\ndouble_delete = \"100ms\"\n",
     )
     .await;
     let mut client = RawClient::connect(proxy.addr).await;

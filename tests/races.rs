@@ -5,7 +5,7 @@
 //! cachefence, where it must not.
 
 use testkit::race::cached;
-use testkit::{Database, Proxy, RawClient, RedisServer, Setup, Target, cmds};
+use testkit::{Database, FENCE_EVERY_KEY, Proxy, RawClient, RedisServer, Setup, Target, cmds};
 
 /// R1: reader misses and reads X=1; writer writes X=2 and deletes; reader
 /// fills X=1.
@@ -35,7 +35,7 @@ async fn r1_read_write_race_fill_is_refused() {
         (Some("1"), "2"),
         "control: plain Redis keeps the stale value"
     );
-    let (value, db) = r1_script(Target::Cachefence("")).await;
+    let (value, db) = r1_script(Target::Cachefence(FENCE_EVERY_KEY)).await;
     assert_eq!(
         (value, db.as_str()),
         (None, "2"),
@@ -79,7 +79,7 @@ async fn r3_replica_lag_fill_is_cut_to_the_lag_window_or_refused() {
 
     // short_ttl: stored, but expiring lag_window after the invalidation.
     let (value, ttl) = r3_script(Target::Cachefence(
-        "[[cache]]\npattern = \"user:*\"\nlag_window = \"2s\"\n",
+        "[[cache]]\npattern = \"user:*\"\non_write = \"write\"\nlag_window = \"2s\"\n",
     ))
     .await;
     assert_eq!(value.as_deref(), Some("1"));
@@ -89,7 +89,7 @@ async fn r3_replica_lag_fill_is_cut_to_the_lag_window_or_refused() {
     );
 
     // refuse: not stored at all.
-    let refuse = "[[cache]]\npattern = \"user:*\"\nlag_window = \"2s\"\nlag_policy = \"refuse\"\n";
+    let refuse = "[[cache]]\npattern = \"user:*\"\non_write = \"write\"\nlag_window = \"2s\"\nlag_policy = \"refuse\"\n";
     let (value, _) = r3_script(Target::Cachefence(refuse)).await;
     assert_eq!(value, None);
 }
@@ -116,13 +116,16 @@ async fn r7_update_on_write_race_is_removed_by_on_write_invalidate() {
         (Some("1"), "2"),
         "control: the older write wins"
     );
-    let (value, db) = r7_script(Target::Cachefence("[[cache]]\non_write = \"invalidate\"\n")).await;
+    let (value, db) = r7_script(Target::Cachefence(
+        "[[cache]]\npattern = \"*\"\non_write = \"invalidate\"\n",
+    ))
+    .await;
     assert_eq!((value, db.as_str()), (None, "2"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fence_lost_between_miss_and_fill_refuses_the_fill() {
-    let setup = Setup::new(Target::Cachefence("")).await;
+    let setup = Setup::new(Target::Cachefence(FENCE_EVERY_KEY)).await;
     let (mut reader, mut admin) = (setup.client().await, setup.client().await);
     assert_eq!(reader.call("GET k").await, "$-1\r\n");
     assert_eq!(admin.call("FLUSHALL").await, "+OK\r\n");
@@ -134,7 +137,10 @@ async fn a_fence_lost_between_miss_and_fill_refuses_the_fill() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_writer_never_consumes_a_readers_ticket_and_first_fill_wins() {
-    let setup = Setup::new(Target::Cachefence("[[cache]]\non_stale_fill = \"error\"\n")).await;
+    let setup = Setup::new(Target::Cachefence(
+        "[[cache]]\npattern = \"*\"\non_write = \"write\"\non_stale_fill = \"error\"\n",
+    ))
+    .await;
     let (mut reader, mut writer, mut other) =
         (setup.client().await, setup.client().await, setup.client().await);
     assert_eq!(reader.call("GET k").await, "$-1\r\n");
@@ -163,7 +169,7 @@ async fn a_writer_never_consumes_a_readers_ticket_and_first_fill_wins() {
 #[tokio::test(flavor = "multi_thread")]
 async fn fence_versions_never_repeat_across_redis_restarts() {
     let mut redis = RedisServer::start();
-    let proxy = Proxy::start(&redis.addr(), "").await;
+    let proxy = Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await;
     let mut versions = Vec::new();
     for round in 0..3 {
         let mut client = RawClient::connect(proxy.addr).await;
@@ -191,7 +197,10 @@ async fn fence_versions_never_repeat_across_redis_restarts() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cache_commands_answer_in_the_connections_protocol() {
-    let setup = Setup::new(Target::Cachefence("[[cache]]\npattern = \"user:*\"\n")).await;
+    let setup = Setup::new(Target::Cachefence(
+        "[[cache]]\npattern = \"user:*\"\non_write = \"write\"\n",
+    ))
+    .await;
     let mut c = setup.client().await;
     assert_eq!(c.call("SET user:1 a").await, "+OK\r\n");
     assert_eq!(c.call("CACHE.INVALIDATE user:1 user:2").await, ":1\r\n");
@@ -266,7 +275,11 @@ async fn r8_script(target: Target, readers: usize) -> (usize, Vec<String>) {
 async fn r8_stampede_sends_one_reader_to_the_database() {
     let (reads, _) = r8_script(Target::Redis, 200).await;
     assert_eq!(reads, 200, "control: every reader misses and reads the database");
-    let (reads, outcomes) = r8_script(Target::Cachefence("[[cache]]\nhold = \"2s\"\n"), 200).await;
+    let (reads, outcomes) = r8_script(
+        Target::Cachefence("[[cache]]\npattern = \"*\"\non_write = \"write\"\nhold = \"2s\"\n"),
+        200,
+    )
+    .await;
     assert_eq!(reads, 1, "through cachefence one reader goes to the database");
     let served = outcomes.iter().filter(|o| *o == "$7\r\nfrom-db\r\n").count();
     assert_eq!(served, 199, "the others get the value it filled: {outcomes:?}");
@@ -274,7 +287,10 @@ async fn r8_stampede_sends_one_reader_to_the_database() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_held_miss_gives_up_after_hold_and_gets_a_ticket_of_its_own() {
-    let setup = Setup::new(Target::Cachefence("[[cache]]\nhold = \"300ms\"\n")).await;
+    let setup = Setup::new(Target::Cachefence(
+        "[[cache]]\npattern = \"*\"\non_write = \"write\"\nhold = \"300ms\"\n",
+    ))
+    .await;
     let (mut leader, mut waiter) = (setup.client().await, setup.client().await);
     assert_eq!(leader.call("GET k").await, "$-1\r\n");
     let started = std::time::Instant::now();
@@ -293,8 +309,8 @@ async fn a_held_miss_gives_up_after_hold_and_gets_a_ticket_of_its_own() {
 async fn two_proxies_share_one_herd_lease_and_refuse_each_others_stale_fills() {
     let redis = RedisServer::start();
     let (a, b) = (
-        Proxy::start(&redis.addr(), "").await,
-        Proxy::start(&redis.addr(), "").await,
+        Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await,
+        Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await,
     );
     let mut reader_a = RawClient::connect(a.addr).await;
     let mut reader_b = RawClient::connect(b.addr).await;
@@ -353,7 +369,10 @@ async fn a_pool_spread_over_two_proxies_never_stores_the_stale_fill() {
     assert_eq!(cached(&mut flush, "user:k").await.as_deref(), Some("stale"));
     assert_eq!(flush.call("FLUSHALL").await, "+OK\r\n");
 
-    let (a, b) = (Proxy::start(&direct, "").await, Proxy::start(&direct, "").await);
+    let (a, b) = (
+        Proxy::start(&direct, FENCE_EVERY_KEY).await,
+        Proxy::start(&direct, FENCE_EVERY_KEY).await,
+    );
     let value = pool_over_two_proxies(&a.addr.to_string(), &b.addr.to_string()).await;
     assert_eq!(value, None, "neither fill can be told fresh: both refused");
     let mut stats = RawClient::connect(b.addr).await;
@@ -376,7 +395,9 @@ async fn a_fill_later_than_lease_ttl_follows_on_write() {
         ("invalidate", "+OK\r\n", None),
         ("reject", "-ERR cachefence: writes to 'user:k' are rejected", None),
     ] {
-        let toml = format!("[[cache]]\nlease_ttl = \"100ms\"\nhold = \"50ms\"\non_write = \"{on_write}\"\n");
+        let toml = format!(
+            "[[cache]]\npattern = \"*\"\nlease_ttl = \"100ms\"\nhold = \"50ms\"\non_write = \"{on_write}\"\n"
+        );
         let setup = Setup::new(Target::Cachefence(Box::leak(toml.into_boxed_str()))).await;
         let mut reader = setup.client().await;
         assert_eq!(reader.call("GET user:k").await, "$-1\r\n");
@@ -399,7 +420,10 @@ async fn a_fill_later_than_lease_ttl_follows_on_write() {
 /// for the whole `hold` (measured: reads/s fell from ~2300 to ~250).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_miss_never_waits_for_a_leader_on_its_own_idle_connection() {
-    let setup = Setup::new(Target::Cachefence("[[cache]]\nhold = \"2s\"\n")).await;
+    let setup = Setup::new(Target::Cachefence(
+        "[[cache]]\npattern = \"*\"\non_write = \"write\"\nhold = \"2s\"\n",
+    ))
+    .await;
     let mut shared = setup.client().await;
     assert_eq!(shared.call("GET user:k").await, "$-1\r\n", "thread A leads");
     let started = std::time::Instant::now();
@@ -423,7 +447,11 @@ async fn a_miss_never_waits_for_a_leader_on_its_own_idle_connection() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pool_with_connection_scope_stores_the_stale_fill() {
     let redis = RedisServer::start();
-    let proxy = Proxy::start(&redis.addr(), "[[cache]]\nticket_scope = \"connection\"\n").await;
+    let proxy = Proxy::start(
+        &redis.addr(),
+        "[[cache]]\npattern = \"*\"\non_write = \"write\"\nticket_scope = \"connection\"\n",
+    )
+    .await;
     let addr = proxy.addr.to_string();
     let (mut p1, mut p2, mut writer) = (
         RawClient::connect(addr.as_str()).await,
@@ -441,7 +469,7 @@ async fn a_pool_with_connection_scope_stores_the_stale_fill() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dead_proxys_miss_blocks_fills_for_lease_ttl_at_most() {
     let redis = RedisServer::start();
-    let config = "[[cache]]\nlease_ttl = \"1s\"\n";
+    let config = "[[cache]]\npattern = \"*\"\non_write = \"write\"\nlease_ttl = \"1s\"\n";
     let a = Proxy::start(&redis.addr(), config).await;
     let b = Proxy::start(&redis.addr(), config).await;
     let mut on_a = RawClient::connect(a.addr).await;
@@ -477,8 +505,8 @@ fn lease_token(reply: &str) -> String {
 async fn lease_api_works_across_connections_and_proxies() {
     let redis = RedisServer::start();
     let (a, b) = (
-        Proxy::start(&redis.addr(), "").await,
-        Proxy::start(&redis.addr(), "").await,
+        Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await,
+        Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await,
     );
     let mut on_a = RawClient::connect(a.addr).await;
     let mut on_b = RawClient::connect(b.addr).await;
@@ -536,7 +564,7 @@ async fn lease_api_works_across_connections_and_proxies() {
 #[tokio::test(flavor = "multi_thread")]
 async fn lease_tokens_expire_after_lease_ttl() {
     let setup = Setup::new(Target::Cachefence(
-        "[[cache]]\nlease_ttl = \"200ms\"\nhold = \"0s\"\n",
+        "[[cache]]\npattern = \"*\"\non_write = \"write\"\nlease_ttl = \"200ms\"\nhold = \"0s\"\n",
     ))
     .await;
     let mut c = setup.client().await;
@@ -553,7 +581,10 @@ async fn lease_tokens_expire_after_lease_ttl() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn double_delete_removes_a_fill_from_a_lagging_read_in_the_clients_database() {
-    let setup = Setup::new(Target::Cachefence("[[cache]]\ndouble_delete = \"300ms\"\n")).await;
+    let setup = Setup::new(Target::Cachefence(
+        "[[cache]]\npattern = \"*\"\non_write = \"write\"\ndouble_delete = \"300ms\"\n",
+    ))
+    .await;
     let (mut reader, mut writer) = (setup.client().await, setup.client().await);
     for c in [&mut reader, &mut writer] {
         assert_eq!(c.call("SELECT 3").await, "+OK\r\n");
@@ -577,7 +608,7 @@ async fn double_delete_removes_a_fill_from_a_lagging_read_in_the_clients_databas
 #[tokio::test(flavor = "multi_thread")]
 async fn mget_and_getex_misses_leave_tickets() {
     let setup = Setup::new(Target::Cachefence(
-        "[[cache]]\npattern = \"user:*\"\non_stale_fill = \"error\"\n",
+        "[[cache]]\npattern = \"user:*\"\non_write = \"write\"\non_stale_fill = \"error\"\n",
     ))
     .await;
     let (mut reader, mut writer) = (setup.client().await, setup.client().await);
@@ -610,7 +641,10 @@ async fn mget_and_getex_misses_leave_tickets() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn writes_and_deletes_inside_multi_move_the_fence_with_replies_unchanged() {
-    let setup = Setup::new(Target::Cachefence("[[cache]]\non_stale_fill = \"error\"\n")).await;
+    let setup = Setup::new(Target::Cachefence(
+        "[[cache]]\npattern = \"*\"\non_write = \"write\"\non_stale_fill = \"error\"\n",
+    ))
+    .await;
     let (mut reader, mut writer) = (setup.client().await, setup.client().await);
     assert_eq!(reader.call("GET k").await, "$-1\r\n");
     writer
@@ -671,7 +705,8 @@ fn fence_version(info: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn fence_versions_grow_across_fence_expiry_and_proxy_restarts() {
     let redis = RedisServer::start();
-    let settings = "[[cache]]\nlease_ttl = \"100ms\"\nhold = \"50ms\"\n";
+    let settings =
+        "[[cache]]\npattern = \"*\"\non_write = \"write\"\nlease_ttl = \"100ms\"\nhold = \"50ms\"\n";
     let mut last = 0;
     for _ in 0..2 {
         let proxy = Proxy::start(&redis.addr(), settings).await;
@@ -728,14 +763,15 @@ async fn r4_two_writers_and_a_lagging_replica_stay_bounded_by_the_lag_window() {
         "control: stale for the fill's TTL"
     );
     assert!(ttl > 59_000);
-    let short = "[[cache]]\nlag_window = \"2s\"\n";
+    let short = "[[cache]]\npattern = \"*\"\non_write = \"write\"\nlag_window = \"2s\"\n";
     let (value, ttl, _) = r4_script(Target::Cachefence(short)).await;
     assert_eq!(value.as_deref(), Some("1"));
     assert!(
         (1..=2_000).contains(&ttl),
         "stale for at most lag_window, got {ttl} ms"
     );
-    let refuse = "[[cache]]\nlag_window = \"2s\"\nlag_policy = \"refuse\"\n";
+    let refuse =
+        "[[cache]]\npattern = \"*\"\non_write = \"write\"\nlag_window = \"2s\"\nlag_policy = \"refuse\"\n";
     let (value, _, _) = r4_script(Target::Cachefence(refuse)).await;
     assert_eq!(value, None);
 }
@@ -759,7 +795,8 @@ async fn a_fill_on_another_connection_than_its_miss_is_a_fill_unless_the_scope_i
             None,
         ),
     ] {
-        let toml = format!("[[cache]]\non_write = \"{on_write}\"\nticket_scope = \"{scope}\"\n");
+        let toml =
+            format!("[[cache]]\npattern = \"*\"\non_write = \"{on_write}\"\nticket_scope = \"{scope}\"\n");
         let setup = Setup::new(Target::Cachefence(Box::leak(toml.into_boxed_str()))).await;
         let (mut missed_here, mut filled_there) = (setup.client().await, setup.client().await);
         assert_eq!(missed_here.call("GET k").await, "$-1\r\n");
@@ -775,7 +812,10 @@ async fn a_fill_on_another_connection_than_its_miss_is_a_fill_unless_the_scope_i
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flushed_script_cache_is_reloaded_without_the_client_noticing() {
-    let setup = Setup::new(Target::Cachefence("[[cache]]\non_stale_fill = \"error\"\n")).await;
+    let setup = Setup::new(Target::Cachefence(
+        "[[cache]]\npattern = \"*\"\non_write = \"write\"\non_stale_fill = \"error\"\n",
+    ))
+    .await;
     let (mut reader, mut writer) = (setup.client().await, setup.client().await);
     // Both connections have sent the script once (with its source).
     assert_eq!(writer.call("SET k v").await, "+OK\r\n");
@@ -829,7 +869,7 @@ async fn admin_commands_need_the_admin_password() {
          Are you sure your configuration is correct?\r\n"
     );
     // Without a password configured, CACHE.AUTH says so.
-    let open = Setup::new(Target::Cachefence("")).await;
+    let open = Setup::new(Target::Cachefence(FENCE_EVERY_KEY)).await;
     let mut c = open.client().await;
     assert_eq!(
         c.call("CACHE.AUTH x").await,

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use cachefence::config::{Config, Settings, parse_settings};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use testkit::{
-    Proxy, RawClient, RedisServer, ScratchDir, WAIT, cachefence_command, cmds, eventually, free_port,
+    FENCE_EVERY_KEY, Proxy, RawClient, RedisServer, ScratchDir, WAIT, cachefence_command, cmds, eventually,
+    free_port,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsConnector;
@@ -230,7 +231,7 @@ async fn upstream_tls_to_a_tls_redis_server() {
     // The invalidator's own connection (double_delete) is TLS too.
     let toml = format!(
         "upstream = \"rediss://127.0.0.1:{tls_port}\"\nupstream_tls_ca_cert_file = {:?}\n\
-         [[cache]]\ndouble_delete = \"200ms\"\n",
+         [[cache]]\npattern = \"*\"\non_write = \"write\"\ndouble_delete = \"200ms\"\n",
         pki.path("ca.pem")
     );
     let proxy = Proxy::start("unused:1", &toml).await;
@@ -289,7 +290,7 @@ async fn upstream_certificates_are_verified() {
     }
     // Plain TCP to the TLS port (upstream_tls forgotten): Redis' TLS
     // layer never answers as Redis would.
-    let proxy = Proxy::start(&format!("127.0.0.1:{tls_port}"), "").await;
+    let proxy = Proxy::start(&format!("127.0.0.1:{tls_port}"), FENCE_EVERY_KEY).await;
     let mut client = RawClient::connect(proxy.addr).await;
     let reply = client.call_within("PING", WAIT).await;
     assert!(

@@ -18,13 +18,19 @@ pub enum LagPolicy {
 }
 
 /// What a SET-family command without a ticket (a write) does.
+///
+/// The default is `Invalidate`: under a pool, a writer's SET and another
+/// request's late fill look alike, and only turning ticketless SETs into
+/// invalidations keeps C1 for every client model (docs/consistency.md,
+/// "Client models and ticket_scope"). `Write` keeps Redis' SET-then-GET for
+/// write-through caches, at the price of that window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnWrite {
     /// Store the value and bump the fence atomically.
-    #[default]
     Write,
     /// Delete the key and bump the fence (the value is not stored).
+    #[default]
     Invalidate,
     /// Answer an error.
     Reject,
@@ -76,19 +82,37 @@ pub struct CacheSection {
 }
 
 impl CacheSection {
-    /// The default section: every key, every setting at its default.
+    /// Every setting at its default. `pattern` has none: a section says
+    /// which keys are a cache, nothing fences them by default.
     pub fn defaults() -> CacheSection {
         CacheSection {
-            pattern: Some("*".into()),
+            pattern: None,
             lease_ttl: Some(Span(Duration::from_secs(10))),
             lag_window: Some(Span(Duration::ZERO)),
             lag_policy: Some(LagPolicy::ShortTtl),
             hold: Some(Span(Duration::from_millis(200))),
-            on_write: Some(OnWrite::Write),
+            on_write: Some(OnWrite::Invalidate),
             on_stale_fill: Some(OnStaleFill::Ok),
             double_delete: Some(Span(Duration::ZERO)),
             ticket_scope: Some(TicketScope::Client),
         }
+    }
+}
+
+impl CacheSection {
+    /// A section for the keys matching `pattern`, every other setting at
+    /// its default (what `--cache PATTERN` declares).
+    pub fn for_pattern(pattern: &str) -> CacheSection {
+        CacheSection {
+            pattern: Some(pattern.to_string()),
+            ..CacheSection::defaults()
+        }
+    }
+
+    /// Every key at the defaults: the lease API's rules when no section
+    /// is declared.
+    fn every_key() -> CacheSection {
+        CacheSection::for_pattern("*")
     }
 }
 
@@ -110,8 +134,13 @@ impl Policy {
     pub fn from_section(section: &CacheSection) -> anyhow::Result<Policy> {
         let d = CacheSection::defaults();
         let span = |v: Option<Span>, default: Option<Span>| v.or(default).expect("defaulted").0;
+        let pattern = section.pattern.clone().ok_or_else(|| {
+            anyhow::anyhow!(
+                "`pattern` is missing: say which keys are a cache (e.g. \"user:*\"; \"*\" for every key)"
+            )
+        })?;
         let policy = Policy {
-            pattern: section.pattern.clone().or(d.pattern).expect("defaulted"),
+            pattern,
             lease_ttl: span(section.lease_ttl, d.lease_ttl),
             lag_window: span(section.lag_window, d.lag_window),
             lag_policy: section.lag_policy.or(d.lag_policy).expect("defaulted"),
@@ -178,7 +207,7 @@ impl Scope {
         }
         scope.fallback = match scope.active.first() {
             Some(&first) => first,
-            None => scope.intern(Policy::from_section(&CacheSection::defaults())?)?,
+            None => scope.intern(Policy::from_section(&CacheSection::every_key())?)?,
         };
         Ok(scope)
     }
@@ -328,7 +357,7 @@ mod tests {
         let sections = vec![
             CacheSection {
                 pattern: Some("session:*".into()),
-                on_write: Some(OnWrite::Invalidate),
+                on_write: Some(OnWrite::Write),
                 ..Default::default()
             },
             CacheSection {
@@ -337,18 +366,22 @@ mod tests {
             },
         ];
         let scope = Scope::new(&sections).unwrap();
+        assert_eq!(scope.policy(b"session:1").unwrap().1.on_write, OnWrite::Write);
         assert_eq!(
-            scope.policy(b"session:1").unwrap().1.on_write,
-            OnWrite::Invalidate
+            scope.policy(b"user:1").unwrap().1.on_write,
+            OnWrite::Invalidate,
+            "the default"
         );
-        assert_eq!(scope.policy(b"user:1").unwrap().1.on_write, OnWrite::Write);
         assert_eq!(scope.policy(b"user:1").unwrap().0, 1);
         assert!(scope.policy(b"other").is_none());
         let bad = CacheSection {
             hold: Some(Span(Duration::from_secs(60))),
-            ..Default::default()
+            ..CacheSection::for_pattern("*")
         };
         assert!(Scope::new(&[bad]).is_err());
+        let no_pattern = CacheSection::default();
+        let error = Scope::new(&[no_pattern]).unwrap_err().to_string();
+        assert!(error.contains("`pattern` is missing"), "{error}");
     }
 
     #[test]

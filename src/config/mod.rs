@@ -35,6 +35,7 @@ pub use settings::{Place, Reload, SETTINGS, Setting, Settings};
 /// Keys `CACHE.EXPLAIN` keeps a history of, unless `explain_keys` says otherwise.
 pub const DEFAULT_EXPLAIN_KEYS: usize = 10_000;
 
+pub use cache::CacheSection;
 pub use values::{LogFormat, Secret, Size, Span, Upstream};
 
 /// The validated configuration the proxy runs with.

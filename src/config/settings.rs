@@ -266,8 +266,10 @@ settings! {
     upstream_tls_server_name: String = String::new();
     restart in upstream;
     @file_only {
-        /// Fenced key patterns and their rules (`[[cache]]` tables; the first match wins).
-        cache: Vec<CacheSection> = vec![CacheSection::defaults()];
+        /// Which keys are a cache, and their rules (`[[cache]]` tables; the
+        /// first match wins). None by default: no key is fenced until one
+        /// is declared (`--cache PATTERN` or a `[[cache]]` section).
+        cache: Vec<CacheSection> = Vec::new();
         live => _; "[[cache]]"
         /// The PostgreSQL change log (`[postgres]` and `[[postgres.table]]`).
         postgres: PostgresSection = PostgresSection::defaults();
@@ -284,15 +286,39 @@ mod tests {
 
     #[test]
     fn the_example_file_holds_every_setting_at_its_default() {
-        assert_eq!(parse_settings(EXAMPLE).unwrap(), Settings::defaults());
+        // No `[[cache]]` section is in force by default, so the file shows
+        // one commented out; uncommented, it is a section at the defaults.
+        let settings = parse_settings(EXAMPLE).unwrap();
+        assert_eq!(settings.cache, None);
+        assert_eq!(settings.over(Settings::defaults()), Settings::defaults());
         let written: toml::Table = toml::from_str(EXAMPLE).unwrap();
-        for setting in SETTINGS {
+        for setting in SETTINGS.iter().filter(|s| s.name != "cache") {
             assert!(
                 written.contains_key(setting.name),
                 "`{}` is not in config.example.toml",
                 setting.name
             );
         }
+        let section: String = EXAMPLE
+            .lines()
+            .skip_while(|l| *l != "# [[cache]]")
+            .take_while(|l| l.starts_with('#'))
+            .map(|l| format!("{}\n", &l[2.min(l.len())..]))
+            .collect();
+        let uncommented = parse_settings(&section).unwrap();
+        let cache = uncommented.cache.expect("the commented [[cache]] section");
+        assert_eq!(cache, [CacheSection::for_pattern("user:*")]);
+        let written: toml::Table = toml::from_str(&section).unwrap();
+        let written = written["cache"].as_array().unwrap()[0]
+            .as_table()
+            .unwrap()
+            .clone();
+        let every: toml::Table = toml::Table::try_from(CacheSection::for_pattern("user:*")).unwrap();
+        assert_eq!(
+            written.keys().collect::<Vec<_>>(),
+            every.keys().collect::<Vec<_>>(),
+            "every [[cache]] setting is in the example's section"
+        );
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub mod wait;
 
 pub use client::{RawClient, cmd, cmds, escape, frame_len};
 pub use files::{ConfigFile, ScratchDir};
-pub use proxy::{Nofile, Proxy, ProxyProcess, binary, cachefence_command};
+pub use proxy::{FENCE_EVERY_KEY, Nofile, Proxy, ProxyProcess, binary, cachefence_command};
 pub use race::{Database, Setup, Target};
 pub use redis::{RedisServer, free_port};
 pub use wait::{WAIT, eventually, eventually_within};

@@ -21,6 +21,13 @@ use cachefence::app::App;
 use crate::redis::free_port;
 use crate::wait::WAIT;
 
+/// Every key fenced, SETs that are not fills stored (`on_write = "write"`):
+/// the mode the race tests and the proto-tests' "fences on" run in, so
+/// that a SET then a GET answers as Redis does. Nothing is fenced by
+/// default; a test that wants the defaults of a declared cache writes its
+/// own `[[cache]]` section.
+pub const FENCE_EVERY_KEY: &str = "[[cache]]\npattern = \"*\"\non_write = \"write\"\n";
+
 /// The proxy running in-process on an ephemeral port.
 pub struct Proxy {
     pub addr: SocketAddr,

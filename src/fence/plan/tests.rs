@@ -4,7 +4,7 @@ use crate::fence::{CacheSection, Fences, TicketScope};
 use crate::resp::command::Command;
 use crate::resp::request::RequestFramer;
 
-/// `user:*` fenced with defaults, `rejected:*` with `on_write = "reject"`,
+/// `user:*` fenced with `on_write = "write"`, `rejected:*` with `on_write = "reject"`,
 /// `gone:*` with `on_write = "invalidate"`, `own:*` with
 /// `ticket_scope = "connection"`; everything else passes through.
 pub(in crate::fence) fn fences() -> Fences {
@@ -15,7 +15,7 @@ pub(in crate::fence) fn fences() -> Fences {
         ..Default::default()
     };
     let sections = [
-        section("user:*", None, None),
+        section("user:*", Some(OnWrite::Write), None),
         section("rejected:*", Some(OnWrite::Reject), None),
         section("gone:*", Some(OnWrite::Invalidate), None),
         section("own:*", None, Some(TicketScope::Connection)),
