@@ -363,10 +363,14 @@ pub(crate) fn command_call(
         .expect("not empty");
     let mut all_keys: Vec<Bytes> = keys.to_vec();
     all_keys.extend(fenced.iter().map(|(k, _)| Bytes::from(fence_key(k))));
+    // A missing fence is created only where the lag window (C2) needs the
+    // invalidation time: a key without a fence has no miss outstanding.
+    let create = fenced.iter().any(|(_, p)| !p.lag_window.is_zero());
     let mut args = vec![
         Bytes::from(op),
         millis(ttl).into(),
         fenced.len().to_string().into(),
+        Bytes::from_static(if create { b"1" } else { b"0" }),
     ];
     args.extend(words.iter().cloned());
     Some(ScriptCall::new(all_keys, args))
