@@ -16,7 +16,7 @@ use super::history::{Source, What};
 use super::script::{ScriptCall, fence_key};
 use super::translate::ScriptReply;
 use super::{LagPolicy, OnStaleFill, OnWrite, Policy, Refusal, Scope, micros, millis};
-use crate::resp::command::CacheOp;
+use crate::resp::command::{CacheOp, KeyspaceOp};
 use crate::resp::request::Frame;
 use crate::resp::value::Reply;
 
@@ -37,6 +37,9 @@ pub enum Intercept {
     /// A reply built by the proxy, encoded when it reaches the head of the
     /// queue (when the protocol in force is known).
     Local(Reply),
+    /// `KEYS`, `SCAN` or `RANDOMKEY`, forwarded as is; fence keys are taken
+    /// out of the reply ([`super::visible`]).
+    Keyspace(KeyspaceOp),
     /// The `EXEC` reply of a transaction that queued rewritten commands:
     /// the translation of each queued command, in order.
     Exec(Vec<Option<ScriptReply>>),
