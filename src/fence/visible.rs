@@ -163,7 +163,7 @@ mod tests {
         let space = b"*3\r\n$7\r\nmessage\r\n$29\r\n__keyspace@9__:cachefence:{x}\r\n$6\r\nexpire\r\n";
         assert!(is_fence_notification(space));
         let event =
-            b">4\r\n$8\r\npmessage\r\n$3\r\n__*\r\n$20\r\n__keyevent@0__:hset\r\n$14\r\ncachefence:{x}\r\n";
+            b">4\r\n$8\r\npmessage\r\n$3\r\n__*\r\n$19\r\n__keyevent@0__:hset\r\n$14\r\ncachefence:{x}\r\n";
         assert!(is_fence_notification(event));
         let own = b"*3\r\n$7\r\nmessage\r\n$16\r\n__keyspace@9__:x\r\n$3\r\nset\r\n";
         assert!(!is_fence_notification(own));
