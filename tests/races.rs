@@ -174,6 +174,8 @@ async fn fence_versions_never_repeat_across_redis_restarts() {
     for round in 0..3 {
         let mut client = RawClient::connect(proxy.addr).await;
         for _ in 0..3 {
+            // A miss creates the fence (a delete alone does not), the delete moves it.
+            assert_eq!(client.call("GET k").await, "$-1\r\n");
             assert!(client.call("DEL k").await.starts_with(':'));
             let info = client.call("CACHE.FENCE k").await;
             let version = info
@@ -711,6 +713,8 @@ async fn fence_versions_grow_across_fence_expiry_and_proxy_restarts() {
     for _ in 0..2 {
         let proxy = Proxy::start(&redis.addr(), settings).await;
         let mut client = RawClient::connect(proxy.addr).await;
+        // A miss creates the fence (a delete alone does not), the delete moves it.
+        assert_eq!(client.call("GET k").await, "$-1\r\n");
         assert_eq!(client.call("DEL k").await, ":0\r\n");
         let version = fence_version(&client.call("CACHE.FENCE k").await);
         assert!(version > last, "{version} after {last}");

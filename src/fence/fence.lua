@@ -1,8 +1,14 @@
--- cachefence fence script v2
+-- cachefence fence script v3
 local op = ARGV[1]
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local function fmt(n) return string.format('%.0f', n) end
+
+-- The proxy's own keys (fences): `cachefence:{...` and `cachefence::...`.
+local function is_fence(name)
+  local prefix = string.sub(name, 1, 12)
+  return prefix == 'cachefence:{' or prefix == 'cachefence::'
+end
 
 -- A fresh version; `invalidated` also records the invalidation time. The
 -- herd lease goes, and so does `gone` (a consumed miss) if given. `current`
@@ -194,16 +200,19 @@ elseif op == 'set' then
   local fields = {}
   for i = 1, #f, 2 do fields[f[i]] = f[i + 1] end
   local words = 12 + tonumber(ARGV[12])
+  -- A key with no fence has no miss outstanding: a write need not create
+  -- one, unless the lag window (C2) needs its invalidation time.
+  local keep = fields.v or tonumber(ARGV[5]) > 0
   local function write()
     if ARGV[9] == 'reject' then return {5} end
     if ARGV[9] == 'inval' then
       redis.call('DEL', KEYS[1])
-      bump(KEYS[2], ARGV[2], true, fields.v or '0')
+      if keep then bump(KEYS[2], ARGV[2], true, fields.v or '0') end
       return {4}
     end
     local reply = run_command(words + 1)
     if type(reply) == 'table' and reply.err then return reply end
-    bump(KEYS[2], ARGV[2], true, fields.v or '0')
+    if keep then bump(KEYS[2], ARGV[2], true, fields.v or '0') end
     return {3, reply}
   end
   if not fields.v then
@@ -241,12 +250,37 @@ elseif op == 'set' then
   return fill_reply(verdict, refuse)
 elseif op == 'write' or op == 'inval' then
   -- KEYS: the command's keys, then the fences of the fenced ones.
-  -- ARGV: op, fence_ttl_ms, fenced_count, the command and its arguments.
+  -- ARGV: op, fence_ttl_ms, fenced_count, create ('1': a missing fence is
+  -- created, for the lag window's invalidation time), the command and its
+  -- arguments. A key with no fence has no miss outstanding, so without a
+  -- lag window nothing needs one.
   local fenced = tonumber(ARGV[3])
-  local reply = run_command(4)
+  local reply = run_command(5)
   if type(reply) == 'table' and reply.err then return reply end
-  for i = #KEYS - fenced + 1, #KEYS do bump(KEYS[i], ARGV[2], true) end
+  for i = #KEYS - fenced + 1, #KEYS do
+    local v = redis.call('HGET', KEYS[i], 'v')
+    if v or ARGV[4] == '1' then bump(KEYS[i], ARGV[2], true, v or '0') end
+  end
   return reply
+elseif op == 'randomkey' then
+  -- RANDOMKEY without the proxy's own keys. ARGV: op, draws, scan calls.
+  -- Random draws first; if they all find fences, a bounded SCAN for any
+  -- other key; nil if none was found.
+  for _ = 1, tonumber(ARGV[2]) do
+    local name = redis.call('RANDOMKEY')
+    if not name then return false end
+    if not is_fence(name) then return name end
+  end
+  local cursor = '0'
+  for _ = 1, tonumber(ARGV[3]) do
+    local batch = redis.call('SCAN', cursor, 'COUNT', 100)
+    for _, name in ipairs(batch[2]) do
+      if not is_fence(name) then return name end
+    end
+    cursor = batch[1]
+    if cursor == '0' then return false end
+  end
+  return false
 elseif op == 'peek' then
   -- KEYS: fence. For CACHE.FENCE.
   local f = redis.call('HMGET', KEYS[1], 'v', 't', 'h', 'he')

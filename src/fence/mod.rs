@@ -26,6 +26,7 @@ pub mod script;
 pub mod second_delete;
 pub mod translate;
 pub mod undelivered;
+pub mod visible;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};

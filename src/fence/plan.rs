@@ -16,7 +16,7 @@ use super::history::{Source, What};
 use super::script::{ScriptCall, fence_key};
 use super::translate::ScriptReply;
 use super::{LagPolicy, OnStaleFill, OnWrite, Policy, Refusal, Scope, micros, millis};
-use crate::resp::command::CacheOp;
+use crate::resp::command::{CacheOp, KeyspaceOp};
 use crate::resp::request::Frame;
 use crate::resp::value::Reply;
 
@@ -37,6 +37,9 @@ pub enum Intercept {
     /// A reply built by the proxy, encoded when it reaches the head of the
     /// queue (when the protocol in force is known).
     Local(Reply),
+    /// `KEYS`, `SCAN` or `RANDOMKEY`, forwarded as is; fence keys are taken
+    /// out of the reply ([`super::visible`]).
+    Keyspace(KeyspaceOp),
     /// The `EXEC` reply of a transaction that queued rewritten commands:
     /// the translation of each queued command, in order.
     Exec(Vec<Option<ScriptReply>>),
@@ -363,10 +366,14 @@ pub(crate) fn command_call(
         .expect("not empty");
     let mut all_keys: Vec<Bytes> = keys.to_vec();
     all_keys.extend(fenced.iter().map(|(k, _)| Bytes::from(fence_key(k))));
+    // A missing fence is created only where the lag window (C2) needs the
+    // invalidation time: a key without a fence has no miss outstanding.
+    let create = fenced.iter().any(|(_, p)| !p.lag_window.is_zero());
     let mut args = vec![
         Bytes::from(op),
         millis(ttl).into(),
         fenced.len().to_string().into(),
+        Bytes::from_static(if create { b"1" } else { b"0" }),
     ];
     args.extend(words.iter().cloned());
     Some(ScriptCall::new(all_keys, args))

@@ -75,6 +75,9 @@ pub fn invalidation(keys: &[Bytes], fence_ttl: std::time::Duration) -> (Vec<Byte
         Bytes::from_static(b"inval"),
         super::millis(fence_ttl).into(),
         keys.len().to_string().into(),
+        // Created if missing: these invalidations (retried deletes, the
+        // change log, CACHE.INVALIDATE) keep their invalidation time.
+        Bytes::from_static(b"1"),
         Bytes::from_static(b"DEL"),
     ];
     args.extend(keys.iter().cloned());

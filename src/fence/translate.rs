@@ -60,6 +60,9 @@ pub enum ScriptReply {
     Ok { keys: Vec<Bytes> },
     /// `CACHE.FENCE key`.
     FenceInfo { key: Bytes },
+    /// The `RANDOMKEY` script ([`super::visible::random_key_call`]), sent
+    /// after Redis' own `RANDOMKEY` drew a fence: a key, or nil.
+    RandomKey,
 }
 
 impl ScriptReply {
@@ -131,6 +134,13 @@ impl Client<'_> {
         }
         if let ScriptReply::Set { policy, key } = reply {
             return self.set_reply(*policy, key, frame, resp3, db);
+        }
+        if let ScriptReply::RandomKey = reply {
+            // Lua's false: nil in RESP2, a boolean in RESP3.
+            return match frame {
+                b"$-1\r\n" | b"_\r\n" | b"#f\r\n" => Reply::Nil.encode(resp3),
+                other => Bytes::copy_from_slice(other),
+            };
         }
         let value = Value::decode(frame, resp3);
         match (reply, value) {

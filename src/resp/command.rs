@@ -53,6 +53,9 @@ pub enum Command {
     CacheOp(CacheOp),
     /// `CACHE.*`: answered by the proxy.
     Admin,
+    /// `KEYS`, `SCAN`, `RANDOMKEY`: with fences on, their replies hide the
+    /// proxy's own keys ([`crate::fence::visible`]).
+    Keyspace(KeyspaceOp),
     /// A command that may legitimately wait for its reply as long as it
     /// asks (`BLPOP`, `XREAD BLOCK`, `WAIT` …): no `reply_timeout` while
     /// one is pending.
@@ -80,6 +83,14 @@ pub enum CacheOp {
     Write,
     /// `DEL`, `UNLINK`, `GETDEL`: invalidations of every key.
     Delete,
+}
+
+/// The commands whose replies list keys of the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyspaceOp {
+    Keys,
+    Scan,
+    RandomKey,
 }
 
 /// Longest command name worth comparing; longer names are plain commands.
@@ -134,6 +145,9 @@ impl Command {
             b"APPEND" | b"SETRANGE" | b"INCR" | b"INCRBY" | b"DECR" | b"DECRBY" | b"INCRBYFLOAT"
             | b"SETNX" | b"GETSET" => Command::CacheOp(CacheOp::Write),
             b"DEL" | b"UNLINK" | b"GETDEL" => Command::CacheOp(CacheOp::Delete),
+            b"KEYS" => Command::Keyspace(KeyspaceOp::Keys),
+            b"SCAN" => Command::Keyspace(KeyspaceOp::Scan),
+            b"RANDOMKEY" => Command::Keyspace(KeyspaceOp::RandomKey),
             b"BLPOP" | b"BRPOP" | b"BRPOPLPUSH" | b"BLMOVE" | b"BLMPOP" | b"BZPOPMIN" | b"BZPOPMAX"
             | b"BZMPOP" | b"XREAD" | b"XREADGROUP" | b"WAIT" | b"WAITAOF" => Command::Blocking,
             _ if upper.starts_with(b"CACHE.") => Command::Admin,

@@ -71,7 +71,7 @@ impl Expect {
             Intercept::Get { key, .. } => key.len(),
             Intercept::MGet { keys } => keys.iter().flatten().map(|(k, _)| k.len()).sum(),
             Intercept::Script { call, .. } => call.keys.iter().chain(&call.args).map(|b| b.len()).sum(),
-            Intercept::Local(_) | Intercept::Exec(_) => 0,
+            Intercept::Local(_) | Intercept::Exec(_) | Intercept::Keyspace(_) => 0,
         }
     }
 
@@ -93,6 +93,7 @@ impl Expect {
             | Command::EndMulti
             | Command::CacheOp(_)
             | Command::Admin
+            | Command::Keyspace(_)
             | Command::Select(None) => Expect::Reply,
             Command::Blocking => Expect::Blocking,
             Command::Select(Some(db)) => Expect::Select(db),

@@ -24,6 +24,7 @@ use crate::fence::herd::Holds;
 use crate::fence::plan::{Claim, Intercept};
 use crate::fence::script::ScriptCall;
 use crate::fence::translate::{MissOutcome, ScriptReply};
+use crate::fence::visible::{self, Visible};
 use crate::resp::encode;
 use crate::resp::reply::ReplyScanner;
 use crate::resp::value::{Reply, Value};
@@ -133,7 +134,12 @@ where
                     Ok(Some(frame)) => {
                         let range = frame.start..frame.end;
                         match pairing.route(frame.kind, &buf[range.clone()]) {
-                            Route::Reply | Route::Unsolicited => outbox.forward(&buf, range),
+                            Route::Reply => outbox.forward(&buf, range),
+                            // Keyspace notifications about fences are the proxy's own.
+                            Route::Unsolicited
+                                if fence.is_some() && visible::is_fence_notification(&buf[range.clone()]) => {
+                            }
+                            Route::Unsolicited => outbox.forward(&buf, range),
                             // A hit costs nothing: forwarded like any reply.
                             Route::Fence(Intercept::Get { .. }) if !is_nil(&buf[range.clone()]) => {
                                 outbox.forward(&buf, range)
@@ -337,6 +343,23 @@ fn on_fence_reply(
             slot: Some(slot),
             ..
         } => outbox.resolve(slot, fence.translate(&reply, frame, resp3, db)),
+        Intercept::Keyspace(op) => match visible::keyspace_reply(op, frame, resp3) {
+            Visible::Unchanged => outbox.send(Bytes::copy_from_slice(frame)),
+            Visible::Filtered(bytes) => outbox.send(bytes),
+            Visible::Redraw => {
+                let slot = outbox.hold();
+                let call = visible::random_key_call();
+                inject(
+                    &held.injections,
+                    call,
+                    ScriptReply::RandomKey,
+                    slot,
+                    false,
+                    outbox,
+                    frame,
+                );
+            }
+        },
         Intercept::Local(reply) => outbox.send(reply.encode(resp3)),
         Intercept::Exec(queued) => outbox.send(exec_reply(frame, &queued, fence, (resp3, db))),
     }

@@ -246,6 +246,10 @@ fn frame_requests(
                 let scope = scope.get_or_insert_with(|| fence.fences.scope());
                 fence.plan(scope, fenced, &frame, request, state.in_multi, pairing.db)
             }
+            // Inside MULTI the reply comes in EXEC: not filtered there.
+            (Some(_), Command::Keyspace(op)) if interceptable && !state.in_multi => {
+                Some(Plan::Forward(Intercept::Keyspace(op)))
+            }
             (Some(fence), Command::Admin) if interceptable && !state.in_multi => {
                 Some(crate::admin::plan(fence, app, &frame, request, pairing.db))
             }
