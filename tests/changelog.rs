@@ -427,7 +427,7 @@ async fn durability_ten_thousand_updates_across_proxy_redis_and_postgres_restart
         + &format!("upstream = \"{}\"\nreply_timeout = \"2s\"\n", redis.addr());
     // `upstream` must precede the tables: put the top-level keys first.
     let (postgres, top) = toml.split_at(toml.find("upstream =").unwrap());
-    let toml = format!("{top}{postgres}");
+    let toml = format!("{top}{postgres}[[cache]]\npattern = \"item:*\"\non_write = \"write\"\n");
     pg.install(&toml).await;
     let config = ConfigFile::new("durable", &toml);
     let mut proxy = ProxyProcess::start(&["--config", config.path_str()]);

@@ -253,9 +253,11 @@ elseif op == 'write' or op == 'inval' then
   -- ARGV: op, fence_ttl_ms, fenced_count, create ('1': a missing fence is
   -- created, for the lag window's invalidation time), the command and its
   -- arguments. A key with no fence has no miss outstanding, so without a
-  -- lag window nothing needs one.
+  -- lag window nothing needs one. Without a command (inside MULTI, right
+  -- behind the client's own write), only the fences move.
   local fenced = tonumber(ARGV[3])
-  local reply = run_command(5)
+  local reply = 0
+  if #ARGV >= 5 then reply = run_command(5) end
   if type(reply) == 'table' and reply.err then return reply end
   for i = #KEYS - fenced + 1, #KEYS do
     local v = redis.call('HGET', KEYS[i], 'v')

@@ -40,9 +40,9 @@ pub enum Intercept {
     /// `KEYS`, `SCAN` or `RANDOMKEY`, forwarded as is; fence keys are taken
     /// out of the reply ([`super::visible`]).
     Keyspace(KeyspaceOp),
-    /// The `EXEC` reply of a transaction that queued rewritten commands:
-    /// the translation of each queued command, in order.
-    Exec(Vec<Option<ScriptReply>>),
+    /// The `EXEC` reply of a transaction that queued fenced writes: what
+    /// becomes of each queued command's element, in order.
+    Exec(Vec<InExec>),
 }
 
 /// Whether a miss may wait while another miss holds the key's herd lease.
@@ -57,6 +57,28 @@ pub enum Claim {
     /// Take a ticket now (`hold = 0`, `MGET`, the lease API, a hold that
     /// timed out).
     Force,
+}
+
+/// What becomes of one queued command's element of the `EXEC` reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InExec {
+    /// The client's own command: its element as Redis sent it.
+    AsIs,
+    /// The proxy's call that moves the fences after a fenced write (sent
+    /// right behind it): its `QUEUED` and its element are the proxy's own,
+    /// never the client's; the element is translated for its effects
+    /// (wake-ups, the invalidation epilogue) and dropped.
+    Hidden(ScriptReply),
+}
+
+impl InExec {
+    /// The proxy's own call, whose replies the client never sees.
+    pub fn hidden(&self) -> Option<&ScriptReply> {
+        match self {
+            InExec::AsIs => None,
+            InExec::Hidden(reply) => Some(reply),
+        }
+    }
 }
 
 /// How to send one intercepted request.
@@ -378,6 +400,23 @@ pub(crate) fn command_call(
     args.extend(words.iter().cloned());
     Some(ScriptCall::new(all_keys, args))
 }
+
+/// Inside `MULTI`, the client's fenced write goes as it was sent, so that
+/// Redis checks it as that command (at queue time: arity, OOM; at `EXEC`:
+/// OOM, READONLY, NOREPLICAS), and this call goes right behind it, in the
+/// same transaction: the write's `write`/`inval` call without the command
+/// (it has run), moving the same fences. Under `on_write = "invalidate"`
+/// (`reply` is [`ScriptReply::Ok`]) it keeps its `DEL`: the value the
+/// client's command stored goes.
+pub(crate) fn after_command(mut call: ScriptCall, reply: &ScriptReply) -> ScriptCall {
+    if !matches!(reply, ScriptReply::Ok { .. }) {
+        call.args.truncate(COMMAND_AT);
+    }
+    call
+}
+
+/// Where the command starts in a `write`/`inval` call's arguments.
+const COMMAND_AT: usize = 4;
 
 pub(super) fn stale_reply(why: Refusal, rules: &Policy) -> Reply {
     match rules.on_stale_fill {

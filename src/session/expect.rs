@@ -3,8 +3,7 @@
 
 use bytes::Bytes;
 
-use crate::fence::plan::Intercept;
-use crate::fence::translate::ScriptReply;
+use crate::fence::plan::{InExec, Intercept};
 use crate::resp::command::{Command, ReplyMode, SubFamily};
 
 /// What the proxy expects back for one forwarded request.
@@ -43,9 +42,11 @@ pub enum Expect {
     /// One reply; on success the connection uses database `db`.
     Select(u32),
     /// A command inside `MULTI` (fences on): when Redis answers `+QUEUED`,
-    /// its `EXEC` result will need this translation (if rewritten).
-    Queued(Option<ScriptReply>),
+    /// its `EXEC` element is handled as this says.
+    Queued(InExec),
 }
+
+
 
 impl Expect {
     /// The expectation of an intercepted command: a `GET` unboxed

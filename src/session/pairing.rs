@@ -15,9 +15,10 @@
 use std::collections::VecDeque;
 
 use bytes::Bytes;
+use tracing::warn;
 
 pub use super::expect::Expect;
-use crate::fence::plan::Intercept;
+use crate::fence::plan::{InExec, Intercept};
 use crate::fence::translate::ScriptReply;
 use crate::resp::command::SubFamily;
 use crate::resp::request::string2ll;
@@ -70,6 +71,8 @@ pub enum Route {
     /// It answered an intercepted request: the session decides what the
     /// client gets.
     Fence(Intercept),
+    /// It answered a request of the proxy's own: the client gets nothing.
+    Hidden,
 }
 
 /// A reply the proxy owes at the head of the queue, in place of a frame
@@ -94,8 +97,9 @@ pub struct Pairing {
     quit: bool,
     /// The database the connection has selected, as far as replies show.
     pub db: u32,
-    /// Translations of the commands queued in the open transaction.
-    queued: Vec<Option<ScriptReply>>,
+    /// The commands queued in the open transaction, as their `EXEC`
+    /// elements will need them.
+    queued: Vec<InExec>,
     /// Shutting down: no new requests; close once nothing is pending.
     pub draining: bool,
     /// The replies direction holds a reply the client has not had yet (a
@@ -258,7 +262,7 @@ impl Pairing {
                     Intercept::Exec(queued) => deletes.extend(
                         queued
                             .iter()
-                            .flatten()
+                            .filter_map(InExec::hidden)
                             .filter_map(ScriptReply::invalidated_keys)
                             .map(|keys| (db, keys)),
                     ),
@@ -331,7 +335,18 @@ impl Pairing {
             self.unauthenticated = true;
         }
         match expect {
-            Expect::Queued(translation) if frame == b"+QUEUED\r\n" => self.queued.push(translation),
+            Expect::Queued(InExec::Hidden(reply)) => {
+                // The proxy's own call behind a fenced write: its QUEUED is
+                // not the client's. Refused (an ACL without EVAL, say), it
+                // aborts the transaction as any refused command does.
+                if frame == b"+QUEUED\r\n" {
+                    self.queued.push(InExec::Hidden(reply));
+                } else {
+                    warn!(reply = %String::from_utf8_lossy(frame).trim_end(), "the fence call behind a write in MULTI was refused");
+                }
+                return Route::Hidden;
+            }
+            Expect::Queued(in_exec) if frame == b"+QUEUED\r\n" => self.queued.push(in_exec),
             Expect::Exec => {
                 let queued = std::mem::take(&mut self.queued);
                 if !ok || !matches!(kind, b'*') {
@@ -345,7 +360,7 @@ impl Pairing {
                         self.confirm_from_value(&reply);
                     }
                 }
-                if queued.iter().any(Option::is_some) {
+                if queued.iter().any(|q| q.hidden().is_some()) {
                     return Route::Fence(Intercept::Exec(queued));
                 }
             }

@@ -21,7 +21,7 @@ use super::{Injection, MIN_READ, READ_CHUNK, REPLY_TIMEOUT_OFF_RECHECK, SessionE
 use crate::app::App;
 use crate::fence::Client;
 use crate::fence::herd::Holds;
-use crate::fence::plan::{Claim, Intercept};
+use crate::fence::plan::{Claim, InExec, Intercept};
 use crate::fence::script::ScriptCall;
 use crate::fence::translate::{MissOutcome, ScriptReply};
 use crate::fence::visible::{self, Visible};
@@ -140,6 +140,7 @@ where
                                 if fence.is_some() && visible::is_fence_notification(&buf[range.clone()]) => {
                             }
                             Route::Unsolicited => outbox.forward(&buf, range),
+                            Route::Hidden => {}
                             // A hit costs nothing: forwarded like any reply.
                             Route::Fence(Intercept::Get { .. }) if !is_nil(&buf[range.clone()]) => {
                                 outbox.forward(&buf, range)
@@ -365,33 +366,34 @@ fn on_fence_reply(
     }
 }
 
-/// An `EXEC` array with the replies of rewritten commands translated and
-/// every other element exactly as Redis sent it.
-fn exec_reply(
-    frame: &[u8],
-    queued: &[Option<ScriptReply>],
-    fence: &Client<'_>,
-    (resp3, db): (bool, u32),
-) -> Bytes {
+/// An `EXEC` array as Redis sent it, less the elements of the proxy's own
+/// calls behind fenced writes (translated for their effects, then dropped),
+/// with its length adjusted to match.
+fn exec_reply(frame: &[u8], queued: &[InExec], fence: &Client<'_>, (resp3, db): (bool, u32)) -> Bytes {
     let Some(header) = memchr::memchr(b'\n', frame).map(|i| i + 1) else {
         return Bytes::copy_from_slice(frame);
     };
-    let mut out = BytesMut::with_capacity(frame.len() + 16);
-    out.extend_from_slice(&frame[..header]);
     let elements = &frame[header..];
+    let mut kept = BytesMut::with_capacity(elements.len());
     let mut scanner = ReplyScanner::default();
-    let mut start = 0;
-    for translation in queued {
+    let (mut start, mut count) = (0, 0usize);
+    for in_exec in queued {
         let Ok(Some(element)) = scanner.advance(elements) else {
             return Bytes::copy_from_slice(frame);
         };
         let bytes = &elements[start..element.end];
-        match translation {
-            Some(reply) => out.extend_from_slice(&fence.translate(reply, bytes, resp3, db)),
-            None => out.extend_from_slice(bytes),
+        match in_exec {
+            InExec::AsIs => {
+                kept.extend_from_slice(bytes);
+                count += 1;
+            }
+            InExec::Hidden(reply) => drop(fence.translate(reply, bytes, resp3, db)),
         }
         start = element.end;
     }
+    let mut out = BytesMut::with_capacity(kept.len() + 16);
+    out.extend_from_slice(format!("{}{count}\r\n", frame[0] as char).as_bytes());
+    out.extend_from_slice(&kept);
     out.extend_from_slice(&elements[start..]);
     out.freeze()
 }

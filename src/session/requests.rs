@@ -17,7 +17,7 @@ use super::pairing::Expect;
 use super::{Injection, MIN_READ, READ_CHUNK, RequestsEnd, Shared, drain, send, sleep_until};
 use crate::app::App;
 use crate::fence::Client;
-use crate::fence::plan::{Intercept, Plan};
+use crate::fence::plan::{InExec, Intercept, Plan, after_command};
 use crate::resp::command::{CacheOp, Command, ReplyMode};
 use crate::resp::encode;
 use crate::resp::request::{INLINE_MAX, ProtocolError, RequestFramer};
@@ -262,14 +262,21 @@ fn frame_requests(
         };
         classes[class as usize] += 1;
         let (replacement, expect) = match plan {
-            // In MULTI: rewritten with the script's source (a NOSCRIPT would
-            // only show in EXEC, too late to resend), translated in EXEC.
+            // In MULTI: the client's write goes as sent, the proxy's call
+            // that moves its fences right behind it (with the script's
+            // source: a NOSCRIPT would only show in EXEC, too late to
+            // resend); the call's QUEUED and EXEC element are hidden.
             Some(Plan::Rewrite(call, Intercept::Script { reply, .. })) if queued => {
-                (Some(call.encode(true)), Some(Expect::Queued(Some(reply))))
+                pairing.push_request(Expect::Queued(InExec::AsIs));
+                let after = after_command(call, &reply).encode(true);
+                let mut both = BytesMut::with_capacity(request.len() + after.len());
+                both.extend_from_slice(request);
+                both.extend_from_slice(&after);
+                (Some(both.freeze()), Some(Expect::Queued(InExec::Hidden(reply))))
             }
             Some(Plan::Local(_)) | Some(Plan::Forward(_)) | None if queued => (
                 None,
-                Expect::for_command(command, &mut state.reply_mode).map(|_| Expect::Queued(None)),
+                Expect::for_command(command, &mut state.reply_mode).map(|_| Expect::Queued(InExec::AsIs)),
             ),
             None => match Expect::for_command(command, &mut state.reply_mode) {
                 Some(_) if exec_with_pubsub || exec_fenced => (None, Some(Expect::Exec)),
