@@ -695,6 +695,34 @@ async fn writes_and_deletes_inside_multi_move_the_fence_with_replies_unchanged()
     );
 }
 
+/// Under the default `on_write = "invalidate"`, a SET inside MULTI is
+/// answered as Redis answers it (it is sent as it is) and then deleted, with
+/// the fence moved, by the proxy's call behind it, whose reply is hidden.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_set_inside_multi_under_invalidate_is_redis_own_reply_then_a_delete() {
+    let setup = Setup::new(Target::Cachefence(
+        "[[cache]]\npattern = \"user:*\"\non_stale_fill = \"error\"\n",
+    ))
+    .await;
+    let (mut reader, mut writer) = (setup.client().await, setup.client().await);
+    // No miss outstanding: a SET is a write, turned into a delete.
+    assert_eq!(writer.call("SET user:1 old").await, "+OK\r\n");
+    assert_eq!(reader.call("GET user:1").await, "$-1\r\n");
+    writer
+        .send(&[cmds("MULTI"), cmds("SET user:1 new"), cmds("SET other 1"), cmds("EXEC")].concat())
+        .await;
+    for expected in ["+OK\r\n", "+QUEUED\r\n", "+QUEUED\r\n"] {
+        assert_eq!(writer.read_frame().await, expected.as_bytes());
+    }
+    assert_eq!(writer.read_frame().await, b"*2\r\n+OK\r\n+OK\r\n");
+    assert_eq!(
+        reader.call("SET user:1 stale").await,
+        "-STALE cachefence: fill refused (fence_moved)\r\n"
+    );
+    assert_eq!(cached(&mut writer, "user:1").await, None);
+    assert_eq!(cached(&mut writer, "other").await.as_deref(), Some("1"));
+}
+
 /// The version in a `CACHE.FENCE` reply.
 fn fence_version(info: &str) -> u64 {
     info.split("version\r\n")
