@@ -60,6 +60,10 @@ pub enum Command {
     /// asks (`BLPOP`, `XREAD BLOCK`, `WAIT` …): no `reply_timeout` while
     /// one is pending.
     Blocking,
+    /// `SYNC` / `PSYNC`: once Redis accepts it, the connection is a
+    /// replication link (an RDB payload, then the command stream), relayed
+    /// as raw bytes from then on ([`crate::session::link`]).
+    Sync,
 }
 
 /// The commands the consistency layer looks at.
@@ -150,6 +154,7 @@ impl Command {
             b"RANDOMKEY" => Command::Keyspace(KeyspaceOp::RandomKey),
             b"BLPOP" | b"BRPOP" | b"BRPOPLPUSH" | b"BLMOVE" | b"BLMPOP" | b"BZPOPMIN" | b"BZPOPMAX"
             | b"BZMPOP" | b"XREAD" | b"XREADGROUP" | b"WAIT" | b"WAITAOF" => Command::Blocking,
+            b"SYNC" | b"PSYNC" => Command::Sync,
             _ if upper.starts_with(b"CACHE.") => Command::Admin,
             b"CLIENT" if frame.argc == 3 => {
                 let is = |i: usize, word: &str| {
@@ -207,6 +212,9 @@ mod tests {
         assert_eq!(classify(b"cache.stats\r\n"), Command::Admin);
         assert_eq!(classify(b"LRANGE l 0 -1\r\n"), Command::Plain);
         assert_eq!(classify(b"blpop l 0\r\n"), Command::Blocking);
+        assert_eq!(classify(b"SYNC\r\n"), Command::Sync);
+        assert_eq!(classify(b"psync ? -1\r\n"), Command::Sync);
+        assert_eq!(classify(b"REPLCONF capa eof\r\n"), Command::Plain);
         assert_eq!(classify(b"averyveryverylongcommandname\r\n"), Command::Plain);
     }
 }

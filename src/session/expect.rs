@@ -44,6 +44,10 @@ pub enum Expect {
     /// A command inside `MULTI` (fences on): when Redis answers `+QUEUED`,
     /// its `EXEC` element is handled as this says.
     Queued(InExec),
+    /// `SYNC` / `PSYNC`: an error (Redis refused it) or the start of a
+    /// replication link, after which nothing is framed any more. With
+    /// `inspect` false (replies were off) whatever comes is the link.
+    Sync { inspect: bool },
 }
 
 
@@ -97,6 +101,7 @@ impl Expect {
             | Command::Keyspace(_)
             | Command::Select(None) => Expect::Reply,
             Command::Blocking => Expect::Blocking,
+            Command::Sync => Expect::Sync { inspect: true },
             Command::Select(Some(db)) => Expect::Select(db),
             Command::Subscribe(family, n) => Expect::Confirm {
                 family,

@@ -11,8 +11,11 @@
 //! Both are generic over the two halves of the upstream stream: that pair is
 //! the seam where a shared or per-node connection would plug in without
 //! either side knowing. While Redis cannot be reached, [`offline`] answers.
+//! After Redis accepts a `SYNC` / `PSYNC` the connection is a replication
+//! [`link`]: both directions copy raw bytes.
 
 pub mod expect;
+pub mod link;
 pub mod offline;
 pub mod outbox;
 pub mod pairing;
@@ -130,6 +133,7 @@ async fn serve<S: Split>(
             end = &mut requests => match end {
                 RequestsEnd::Idle => SessionEnd::Idle,
                 RequestsEnd::ClientGone => SessionEnd::ClientGone,
+                RequestsEnd::LinkClosed => SessionEnd::LinkClosed,
                 // The replies direction finishes what is owed.
                 RequestsEnd::UpstreamGone | RequestsEnd::RepliesDone => replies.await,
             },
@@ -164,6 +168,8 @@ enum RequestsEnd {
     /// client's end, a shutdown or a protocol error the requests direction
     /// stops reading but keeps sending injections until then.
     RepliesDone,
+    /// A replication link closed by a shutdown.
+    LinkClosed,
 }
 
 #[derive(Debug)]
@@ -180,6 +186,8 @@ enum SessionEnd {
     Drained,
     /// Redis sent bytes that are not RESP.
     MalformedReply,
+    /// A replication link closed by a shutdown.
+    LinkClosed,
 }
 
 /// State both directions share; locked only between awaits.
@@ -190,6 +198,9 @@ struct Shared {
     wake_replies: Notify,
     /// Wakes the requests direction: the pending queue has room again.
     room: Notify,
+    /// Wakes the requests direction while a `SYNC` waits for its answer
+    /// (see [`pairing::Link`]).
+    link: Notify,
     /// Last time the client sent or received anything (Redis' lastinteraction).
     last_activity: Mutex<Instant>,
 }
@@ -200,6 +211,7 @@ impl Default for Shared {
             pairing: Mutex::default(),
             wake_replies: Notify::new(),
             room: Notify::new(),
+            link: Notify::new(),
             last_activity: Mutex::new(Instant::now()),
         }
     }

@@ -36,7 +36,9 @@ enum Piece {
 #[derive(Debug)]
 enum Held {
     Ready(Bytes),
-    Waiting,
+    /// What Redis sent, released as it is if the proxy's own call can no
+    /// longer answer (see [`Outbox::release_waiting`]).
+    Waiting(Bytes),
 }
 
 impl Outbox {
@@ -64,10 +66,22 @@ impl Outbox {
     }
 
     /// A reply that must wait: everything after it is held too.
-    pub(super) fn hold(&mut self) -> u64 {
+    /// `fallback` is what Redis sent in its place.
+    pub(super) fn hold(&mut self, fallback: Bytes) -> u64 {
         let slot = self.released + self.held.len() as u64;
-        self.held.push_back(Held::Waiting);
+        self.held.push_back(Held::Waiting(fallback));
         slot
+    }
+
+    /// Releases every waiting reply as Redis sent it: the connection became
+    /// a replication link, on which the proxy's own calls cannot go.
+    pub(super) fn release_waiting(&mut self) {
+        for entry in &mut self.held {
+            if let Held::Waiting(fallback) = entry {
+                *entry = Held::Ready(std::mem::take(fallback));
+            }
+        }
+        self.resolve(u64::MAX, Bytes::new());
     }
 
     /// The held reply is known; releases what is no longer blocked.
@@ -75,7 +89,7 @@ impl Outbox {
         let index = slot
             .checked_sub(self.released)
             .and_then(|i| usize::try_from(i).ok());
-        if let Some(entry @ Held::Waiting) = index.and_then(|i| self.held.get_mut(i)) {
+        if let Some(entry @ Held::Waiting(_)) = index.and_then(|i| self.held.get_mut(i)) {
             *entry = Held::Ready(bytes);
         }
         while let Some(Held::Ready(_)) = self.held.front() {
@@ -149,7 +163,7 @@ mod tests {
         let buf = b":1\r\n:3\r\n:4\r\n";
         let mut outbox = Outbox::default();
         outbox.forward(buf, 0..4);
-        let slot = outbox.hold();
+        let slot = outbox.hold(Bytes::new());
         outbox.forward(buf, 4..8);
         outbox.send(Bytes::from_static(b"+local\r\n"));
         assert!(outbox.is_holding());
@@ -163,8 +177,8 @@ mod tests {
     #[tokio::test]
     async fn held_replies_resolved_out_of_order_come_out_in_order() {
         let mut outbox = Outbox::default();
-        let first = outbox.hold();
-        let second = outbox.hold();
+        let first = outbox.hold(Bytes::new());
+        let second = outbox.hold(Bytes::new());
         outbox.resolve(second, Bytes::from_static(b":2\r\n"));
         assert_eq!(written(&mut outbox, b"").await, b"");
         outbox.resolve(first, Bytes::from_static(b":1\r\n"));
@@ -174,7 +188,18 @@ mod tests {
         outbox.resolve(99, Bytes::from_static(b":9\r\n"));
         assert_eq!(written(&mut outbox, b"").await, b"");
         // Slots keep counting from where they were.
-        let third = outbox.hold();
+        let third = outbox.hold(Bytes::new());
         assert_eq!(third, 2);
+    }
+
+    #[tokio::test]
+    async fn waiting_replies_can_be_released_as_redis_sent_them() {
+        let mut outbox = Outbox::default();
+        outbox.hold(Bytes::from_static(b"$-1\r\n"));
+        outbox.send(Bytes::from_static(b"+OK\r\n"));
+        outbox.hold(Bytes::from_static(b"*1\r\n$-1\r\n"));
+        outbox.release_waiting();
+        assert!(!outbox.is_holding());
+        assert_eq!(written(&mut outbox, b"").await, b"$-1\r\n+OK\r\n*1\r\n$-1\r\n");
     }
 }

@@ -75,6 +75,20 @@ pub enum Route {
     Hidden,
 }
 
+/// Where the connection stands with `SYNC` / `PSYNC`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// An ordinary client connection.
+    #[default]
+    Normal,
+    /// A `SYNC` was sent; its answer decides.
+    Pending,
+    /// Redis refused it with an error: the connection stays ordinary.
+    Refused,
+    /// A replication link: raw bytes both ways from now on.
+    Raw,
+}
+
 /// A reply the proxy owes at the head of the queue, in place of a frame
 /// from upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,6 +133,8 @@ pub struct Pairing {
     /// pipelines (or multiplexes), so a miss held on this connection can
     /// still see a fill sent on it behind.
     pipelined: bool,
+    /// `SYNC` / `PSYNC` in progress or done.
+    pub link: Link,
 }
 
 /// Most batches timed at once per connection; past it a batch goes untimed.
@@ -189,7 +205,31 @@ impl Pairing {
     /// A reply from upstream is due now and no pending command may
     /// legitimately keep Redis silent (`reply_timeout` applies).
     pub fn awaits_upstream(&self) -> bool {
-        self.blocking == 0 && self.pending.front().is_some_and(|e| !e.is_local())
+        // A `SYNC` may wait for a BGSAVE (Redis sends newlines meanwhile,
+        // or nothing for a diskless sync's delay).
+        self.blocking == 0
+            && self
+                .pending
+                .front()
+                .is_some_and(|e| !e.is_local() && !matches!(e, Expect::Sync { .. }))
+    }
+
+    /// Does the replication link start here? `next` is the first byte after
+    /// the last complete frame, if any arrived. Redis answers an accepted
+    /// `SYNC` / `PSYNC` with `+FULLRESYNC` / `+CONTINUE`, a newline
+    /// (keepalive while the RDB is being made) or the RDB's `$`; a refusal
+    /// is an error frame, routed as a reply. Once it starts, the head of
+    /// the queue is the `SYNC` and nothing follows it.
+    pub fn link_starts(&mut self, next: Option<u8>) -> bool {
+        let Some(Expect::Sync { inspect }) = self.pending.front() else {
+            return false;
+        };
+        if *inspect && !matches!(next, Some(b'+' | b'$' | b'\n')) {
+            return false;
+        }
+        self.pop();
+        self.link = Link::Raw;
+        true
     }
 
     pub fn pending(&self) -> usize {
@@ -375,6 +415,8 @@ impl Pairing {
             }
             Expect::Monitor if ok => self.monitor = true,
             Expect::Closing if ok => self.quit = true,
+            // Anything but the start of a link: Redis refused the sync.
+            Expect::Sync { .. } => self.link = Link::Refused,
             Expect::Get { key, policy } => return Route::Fence(Intercept::Get { key, policy }),
             Expect::Fence(fence) => return Route::Fence(*fence),
             _ => {}
@@ -539,6 +581,37 @@ mod tests {
         p.push(Expect::Reset);
         assert_eq!(p.route(b'+', b"+RESET\r\n"), Route::Reply);
         assert!(p.is_idle());
+    }
+
+    #[test]
+    fn a_sync_answered_with_anything_but_an_error_starts_the_link() {
+        for first in [b'+', b'$', b'\n'] {
+            let mut p = Pairing::default();
+            p.push(Expect::Sync { inspect: true });
+            assert!(!p.link_starts(None), "nothing arrived yet");
+            assert!(p.link_starts(Some(first)));
+            assert_eq!((p.link, p.pending()), (Link::Raw, 0));
+        }
+        // With replies off a refusal would not come: it is a link at once.
+        let mut p = Pairing::default();
+        p.push(Expect::Sync { inspect: false });
+        assert!(p.link_starts(None));
+    }
+
+    #[test]
+    fn a_refused_sync_is_an_ordinary_reply() {
+        let mut p = Pairing::default();
+        p.push(Expect::Reply);
+        p.push(Expect::Sync { inspect: true });
+        assert!(!p.link_starts(Some(b'+')), "not at the head yet");
+        assert_eq!(p.route(b'+', b"+OK\r\n"), Route::Reply);
+        assert!(!p.link_starts(Some(b'-')));
+        assert_eq!(
+            p.route(b'-', b"-NOAUTH Authentication required.\r\n"),
+            Route::Reply
+        );
+        assert_eq!((p.link, p.pending()), (Link::Refused, 0));
+        assert!(!p.awaits_upstream());
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! and write the bytes to the client as they came — streaming a frame still
 //! in progress when nothing about it needs a look. Misses are held here
 //! while their miss script runs, and, for herd control (C7), while another
-//! client fills the key ([`crate::fence::herd`]).
+//! client fills the key ([`crate::fence::herd`]). Where a `SYNC` is answered
+//! with anything but an error, the replication [`super::link`] starts.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,8 +17,10 @@ use tokio::sync::{Notify, mpsc};
 use tracing::warn;
 
 use super::outbox::Outbox;
-use super::pairing::{Expect, LocalReply, Pairing, Route};
-use super::{Injection, MIN_READ, READ_CHUNK, REPLY_TIMEOUT_OFF_RECHECK, SessionEnd, Shared, sleep_until};
+use super::pairing::{Expect, Link, LocalReply, Pairing, Route};
+use super::{
+    Injection, MIN_READ, READ_CHUNK, REPLY_TIMEOUT_OFF_RECHECK, SessionEnd, Shared, link, sleep_until,
+};
 use crate::app::App;
 use crate::fence::Client;
 use crate::fence::herd::Holds;
@@ -56,17 +59,29 @@ where
     let (mut reads, mut reads_at_check, mut due_at_check) = (0u64, 0u64, false);
     loop {
         // Local replies owed before any further upstream frame.
-        let (close, drained) = {
+        let (close, drained, linked) = {
             let mut pairing = shared.pairing();
             let close = take_locals(&mut pairing, &mut outbox);
             observe_latency(&mut pairing, &app.metrics);
             pairing.reply_held = outbox.is_holding();
             let drained =
                 pairing.draining && pairing.pending() == 0 && !scanner.in_frame() && !outbox.is_holding();
-            (close, drained)
+            // A `SYNC` sent with replies off is a link as soon as it is next.
+            let linked = !scanner.in_frame() && pairing.link_starts(None);
+            if pairing.link != Link::Normal {
+                shared.link.notify_one();
+            }
+            (close, drained, linked)
         };
-        if outbox.write(client, &[]).await.is_err() {
+        if linked {
+            outbox.release_waiting();
+            outbox.forward(&buf, scanner.scanned()..buf.len());
+        }
+        if outbox.write(client, &buf).await.is_err() {
             return SessionEnd::ClientWriteFailed;
+        }
+        if linked {
+            return link::replies(upstream, client).await;
         }
         if close {
             let _ = client.shutdown().await;
@@ -124,12 +139,23 @@ where
             }
             Ok(_) => {}
         }
-        let (upto, close) = {
+        let (upto, close, linked) = {
             let mut pairing = shared.pairing();
             let before = pairing.pending();
             let mut close = false;
             let mut upto = 0;
+            let mut linked = false;
             loop {
+                if !scanner.in_frame() && pairing.link_starts(buf.get(scanner.scanned()).copied()) {
+                    // Misses still held go out as Redis answered them (their
+                    // miss scripts cannot follow a SYNC Redis accepted), and
+                    // everything from here is the link's: forwarded unframed.
+                    outbox.release_waiting();
+                    outbox.forward(&buf, scanner.scanned()..buf.len());
+                    shared.link.notify_one();
+                    linked = true;
+                    break;
+                }
                 match scanner.advance(&buf) {
                     Ok(Some(frame)) => {
                         let range = frame.start..frame.end;
@@ -178,7 +204,7 @@ where
                 observe_latency(&mut pairing, &app.metrics);
             }
             pairing.reply_held = outbox.is_holding();
-            if !close {
+            if !close && !linked {
                 match scanner.frame_kind() {
                     Some(kind) if outbox.is_holding() || !pairing.may_stream(kind) => {}
                     Some(_) => {
@@ -189,10 +215,13 @@ where
                     None => upto = scanner.scanned(),
                 }
             }
-            (upto, close)
+            (upto, close, linked)
         };
         if outbox.write(client, &buf).await.is_err() {
             return SessionEnd::ClientWriteFailed;
+        }
+        if linked {
+            return link::replies(upstream, client).await;
         }
         shared.touch(&app.live);
         if close {
@@ -218,7 +247,7 @@ fn on_fence_reply(
         Intercept::Get { key, policy } if is_nil(frame) => {
             // A miss: hold the nil until the miss script has run.
             fence.fences.stats.misses.inc();
-            let slot = outbox.hold();
+            let slot = outbox.hold(Bytes::copy_from_slice(frame));
             let forced = fence.fences.scope().policy_at(policy).hold.is_zero();
             let miss = fence.next_miss();
             let claim = match (forced, alone) {
@@ -269,7 +298,7 @@ fn on_fence_reply(
             }
             // Hold the array until every nil of a fenced key had its miss script.
             fence.fences.stats.misses.add(misses.len() as u64);
-            let slot = outbox.hold();
+            let slot = outbox.hold(Bytes::copy_from_slice(frame));
             held.mgets.insert(
                 slot,
                 MGetMisses {
@@ -293,7 +322,7 @@ fn on_fence_reply(
         Intercept::Script { call, reply, slot } if noscript => {
             // The script cache was flushed: send it again with its source.
             fence.fences.stats.script_reloads.inc();
-            let slot = slot.unwrap_or_else(|| outbox.hold());
+            let slot = slot.unwrap_or_else(|| outbox.hold(Bytes::copy_from_slice(frame)));
             inject(&held.injections, call, reply, slot, true, outbox, frame);
         }
         Intercept::Script {
@@ -348,7 +377,7 @@ fn on_fence_reply(
             Visible::Unchanged => outbox.send(Bytes::copy_from_slice(frame)),
             Visible::Filtered(bytes) => outbox.send(bytes),
             Visible::Redraw => {
-                let slot = outbox.hold();
+                let slot = outbox.hold(Bytes::copy_from_slice(frame));
                 let call = visible::random_key_call();
                 inject(
                     &held.injections,

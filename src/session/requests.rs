@@ -5,6 +5,14 @@
 //! This direction is the only writer to the upstream, so the proxy's own
 //! script calls (a miss script after a nil `GET`) reach it as
 //! [`Injection`]s and take their place in order.
+//!
+//! A `SYNC` / `PSYNC` goes in its place, as the client sent it (Redis
+//! refuses one that arrives while earlier replies are still unwritten), and
+//! ends the batch: nothing more is read from the client, nor any of the
+//! proxy's own calls sent, until Redis answered it. A refusal leaves the
+//! connection as it was; anything else makes it a replication
+//! [`super::link`], on which the proxy's own calls cannot go (Redis would
+//! run them as a replica's commands and never answer).
 
 use std::time::Instant;
 
@@ -13,8 +21,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tracing::debug;
 
-use super::pairing::Expect;
-use super::{Injection, MIN_READ, READ_CHUNK, RequestsEnd, Shared, drain, send, sleep_until};
+use super::pairing::{Expect, Link};
+use super::{Injection, MIN_READ, READ_CHUNK, RequestsEnd, Shared, drain, link, send, sleep_until};
 use crate::app::App;
 use crate::fence::Client;
 use crate::fence::plan::{InExec, Intercept, Plan, after_command};
@@ -53,6 +61,8 @@ where
     if !reading {
         drain(shared);
     }
+    // A `SYNC` sent and not answered yet: the client is not read meanwhile.
+    let mut syncing = false;
     loop {
         let room = shared.pairing().has_room(app.live.max_pending());
         state.framer.set_max_bulk_len(app.live.max_frame_size());
@@ -73,9 +83,23 @@ where
             Ok(buf.len())
         } else {
             tokio::select! {
-            read = client.read_buf(&mut buf), if reading && room => read,
-            _ = shared.room.notified(), if reading && !room => continue,
-            injection = injections.recv(), if fence.is_some() => {
+            read = client.read_buf(&mut buf), if reading && room && !syncing => read,
+            _ = shared.room.notified(), if reading && !room && !syncing => continue,
+            _ = shared.link.notified(), if syncing => {
+                let raw = {
+                    let mut pairing = shared.pairing();
+                    if pairing.link == Link::Refused {
+                        pairing.link = Link::Normal;
+                        (syncing, unframed) = (false, !buf.is_empty());
+                    }
+                    pairing.link == Link::Raw
+                };
+                if raw {
+                    return link::requests(client, upstream, buf, reading, shutdown).await;
+                }
+                continue;
+            }
+            injection = injections.recv(), if fence.is_some() && !syncing => {
                 let Some(injection) = injection else { return RequestsEnd::RepliesDone };
                 let fence = fence.expect("injections imply fences");
                 let bytes = fence.encode(&injection.call, injection.reload);
@@ -133,6 +157,14 @@ where
         if batch.wake {
             shared.wake_replies.notify_one();
         }
+        if batch.sync {
+            let raw = shared.pairing().link == Link::Raw;
+            if raw {
+                return link::requests(client, upstream, buf, reading, shutdown).await;
+            }
+            syncing = true;
+            continue;
+        }
         if let Some(error) = batch.failure {
             app.metrics.protocol_errors.inc();
             if state.reply_mode == ReplyMode::On {
@@ -174,6 +206,8 @@ struct Batch {
     /// proxy.
     wake: bool,
     failure: Option<ProtocolError>,
+    /// A `SYNC` ended the batch (sent last in it).
+    sync: bool,
 }
 
 /// Frames every complete request at the front of `buf` and queues what each
@@ -191,6 +225,7 @@ fn frame_requests(
         rewritten: None,
         wake: false,
         failure: None,
+        sync: false,
     };
     // Bytes of `buf` already copied into `rewritten`.
     let mut copied = 0;
@@ -220,6 +255,16 @@ fn frame_requests(
             continue; // Redis ignores it and sends nothing.
         }
         let command = Command::classify(&frame, request);
+        // Inside MULTI Redis refuses it (and queues nothing): an ordinary command.
+        if command == Command::Sync && !state.in_multi {
+            batch.sync = true;
+            // With replies off a refusal would not be seen: whatever comes is the link.
+            let inspect = Expect::for_command(command, &mut state.reply_mode).is_some();
+            pairing.push_request(Expect::Sync { inspect });
+            pairing.link = if inspect { Link::Pending } else { Link::Raw };
+            classes[Class::Passthrough as usize] += 1;
+            break;
+        }
         let (mut exec_with_pubsub, mut exec_fenced) = (false, false);
         match command {
             Command::Multi => (state.in_multi, state.multi_pubsub) = (true, false),
