@@ -35,6 +35,8 @@ enum Step {
     Closed(String),
     /// Record whatever arrives within the time (normally nothing).
     Quiet(String, Duration),
+    /// Read the RDB payload of a replication stream (see `rdb_summary`).
+    Rdb(String),
     Sleep(Duration),
 }
 
@@ -207,7 +209,9 @@ async fn run_side(case: &Case, via_proxy: Option<&str>) -> Vec<(String, Vec<u8>)
     let mut transcript = Vec::new();
     for step in &case.steps {
         let name = match step {
-            Step::Send(c, _) | Step::Read(c, _) | Step::Closed(c) | Step::Quiet(c, _) => Some(c.clone()),
+            Step::Send(c, _) | Step::Read(c, _) | Step::Closed(c) | Step::Quiet(c, _) | Step::Rdb(c) => {
+                Some(c.clone())
+            }
             Step::Sleep(_) => None,
         };
         if let Some(name) = name.as_ref().filter(|n| !conns.contains_key(*n)) {
@@ -254,6 +258,15 @@ async fn run_side(case: &Case, via_proxy: Option<&str>) -> Vec<(String, Vec<u8>)
                     },
                 ));
             }
+            (Step::Rdb(who), Some(c)) => {
+                let summary = c
+                    .read_rdb_within(testkit::WAIT)
+                    .await
+                    .map(|rdb| rdb_summary(&rdb));
+                let summary =
+                    summary.unwrap_or_else(|| b"(no rdb: closed, timed out or not an RDB)".to_vec());
+                transcript.push((who.clone(), summary));
+            }
             (Step::Sleep(d), _) => tokio::time::sleep(*d).await,
             _ => unreachable!("every connection step has a connection"),
         }
@@ -264,6 +277,21 @@ async fn run_side(case: &Case, via_proxy: Option<&str>) -> Vec<(String, Vec<u8>)
     }
     drop(redis);
     transcript
+}
+
+/// What is comparable in an RDB payload sent by two servers: its format
+/// (`$<len>` or diskless `$EOF:`), version, and whether it arrived intact
+/// (its CRC64). The bytes themselves are not: they hold each server's
+/// replication id, creation time and memory use; the keepalive newlines
+/// before the payload depend on timing and are not recorded either.
+fn rdb_summary(rdb: &testkit::RdbTransfer) -> Vec<u8> {
+    format!(
+        "(rdb {} {} checksum {})",
+        if rdb.eof_marked { "$EOF:<mark>" } else { "$<len>" },
+        escape(rdb.version()),
+        if rdb.checksum_ok() { "ok" } else { "BAD" }
+    )
+    .into_bytes()
 }
 
 /// A frame with its bulk-length headers replaced by `$*`, so that a
@@ -321,9 +349,12 @@ fn load_cases(dir: &Path) -> Result<Vec<Case>, String> {
         return Err(format!("duplicate case name `{}`", w[0]));
     }
     if let Some(empty) = cases.iter().find(|c| {
-        !c.steps
-            .iter()
-            .any(|s| matches!(s, Step::Read(..) | Step::Closed(_) | Step::Quiet(..)))
+        !c.steps.iter().any(|s| {
+            matches!(
+                s,
+                Step::Read(..) | Step::Closed(_) | Step::Quiet(..) | Step::Rdb(_)
+            )
+        })
     }) {
         return Err(format!(
             "case `{}` ({}) reads nothing, so it cannot fail",
@@ -391,7 +422,12 @@ fn parse_line(line: &str, at: &str, cases: &mut Vec<Case>) -> Result<(), String>
                 ),
                 "closed" => Step::Closed(conn),
                 "quiet" => Step::Quiet(conn, millis(arg.trim())?),
-                other => return Err(format!("unknown step `{other}` (want raw, read, closed, quiet)")),
+                "rdb" => Step::Rdb(conn),
+                other => {
+                    return Err(format!(
+                        "unknown step `{other}` (want raw, read, closed, quiet, rdb)"
+                    ));
+                }
             };
             case.steps.push(step);
         }

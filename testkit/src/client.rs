@@ -112,6 +112,30 @@ impl RawClient {
         }
     }
 
+    /// Reads the RDB payload that starts a replication stream, after
+    /// `SYNC` (or `PSYNC` and its `+FULLRESYNC`): the keepalive newlines
+    /// Redis sends while it makes the RDB, then `$<len>\r\n` and exactly
+    /// `len` bytes (no CRLF follows), or the diskless `$EOF:<40-byte
+    /// mark>\r\n`, the payload and the mark again. `None` on EOF, a header
+    /// that is neither, or nothing complete within `timeout`. What follows
+    /// the payload (the command stream) stays buffered for
+    /// [`read_frame`](Self::read_frame).
+    pub async fn read_rdb_within(&mut self, timeout: Duration) -> Option<RdbTransfer> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let newlines = self.buf.iter().take_while(|&&b| b == b'\n').count();
+            self.buf.drain(..newlines);
+            if let Some(transfer) = RdbTransfer::take(&mut self.buf)? {
+                return Some(transfer);
+            }
+            let mut chunk = vec![0u8; 64 * 1024];
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
     /// Whatever arrives within `wait` (expected: nothing).
     pub async fn read_quiet(&mut self, wait: Duration) -> Vec<u8> {
         let mut out = std::mem::take(&mut self.buf);
@@ -121,6 +145,80 @@ impl RawClient {
         }
         out
     }
+}
+
+/// An RDB payload as a replication stream carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RdbTransfer {
+    /// Sent diskless, between `$EOF:<mark>` and the mark.
+    pub eof_marked: bool,
+    pub payload: Vec<u8>,
+}
+
+impl RdbTransfer {
+    /// Takes a complete transfer off the front of `buf`: `Ok(None)` while
+    /// incomplete, `None` for a header that is not an RDB's.
+    fn take(buf: &mut Vec<u8>) -> Option<Option<RdbTransfer>> {
+        let Some(line) = buf.windows(2).position(|w| w == b"\r\n") else {
+            return (buf.first().is_none_or(|&b| b == b'$')).then_some(None);
+        };
+        let header = buf[..line].strip_prefix(b"$")?.to_vec();
+        let start = line + 2;
+        if let Some(mark) = header.strip_prefix(b"EOF:") {
+            if mark.len() != 40 {
+                return None;
+            }
+            let Some(at) = buf[start..].windows(40).position(|w| w == mark) else {
+                return Some(None);
+            };
+            let payload = buf[start..start + at].to_vec();
+            buf.drain(..start + at + 40);
+            return Some(Some(RdbTransfer {
+                eof_marked: true,
+                payload,
+            }));
+        }
+        let len: usize = std::str::from_utf8(&header).ok()?.parse().ok()?;
+        if buf.len() < start + len {
+            return Some(None);
+        }
+        let payload = buf[start..start + len].to_vec();
+        buf.drain(..start + len);
+        Some(Some(RdbTransfer {
+            eof_marked: false,
+            payload,
+        }))
+    }
+
+    /// `REDIS0010`: the format version, the same for every server of one
+    /// build.
+    pub fn version(&self) -> &[u8] {
+        &self.payload[..self.payload.len().min(9)]
+    }
+
+    /// The payload ends with the EOF opcode and the CRC64 of everything
+    /// before the checksum, as Redis writes it: not a byte was changed,
+    /// added or lost in transit.
+    pub fn checksum_ok(&self) -> bool {
+        let Some(body_len) = self.payload.len().checked_sub(8) else {
+            return false;
+        };
+        let (body, sum) = self.payload.split_at(body_len);
+        body.last() == Some(&0xFF) && u64::from_le_bytes(sum.try_into().expect("8 bytes")) == crc64(body)
+    }
+}
+
+/// Redis' CRC64 (Jones polynomial, reflected, initial value 0), bit by bit.
+pub fn crc64(data: &[u8]) -> u64 {
+    const POLY: u64 = 0x95ac_9329_ac4b_c9b5;
+    let mut crc = 0u64;
+    for &byte in data {
+        crc ^= u64::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 { (crc >> 1) ^ POLY } else { crc >> 1 };
+        }
+    }
+    crc
 }
 
 /// Length of the first complete RESP2/RESP3 frame in `buf`. Deliberately
@@ -161,4 +259,30 @@ fn walk(buf: &[u8], pos: usize) -> Option<usize> {
 /// Bytes as a readable, unambiguous string (`\r\n` and non-printables escaped).
 pub fn escape(bytes: &[u8]) -> String {
     bytes.escape_ascii().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc64_is_redis_own() {
+        // The check value in Redis' src/crc64.c.
+        assert_eq!(crc64(b"123456789"), 0xe9c6_d914_c4b8_d9ca);
+    }
+
+    #[test]
+    fn rdb_transfers_in_both_formats() {
+        let mut buf = b"$3\r\nRDB*1\r\n".to_vec();
+        let rdb = RdbTransfer::take(&mut buf).unwrap().unwrap();
+        assert_eq!((rdb.eof_marked, rdb.payload.as_slice()), (false, &b"RDB"[..]));
+        assert_eq!(buf, b"*1\r\n");
+        let mark = "m".repeat(40);
+        let mut buf = format!("$EOF:{mark}\r\nRDB{mark}+").into_bytes();
+        let rdb = RdbTransfer::take(&mut buf).unwrap().unwrap();
+        assert_eq!((rdb.eof_marked, rdb.payload.as_slice()), (true, &b"RDB"[..]));
+        assert_eq!(buf, b"+");
+        assert_eq!(RdbTransfer::take(&mut b"$10\r\nRDB".to_vec()), Some(None));
+        assert_eq!(RdbTransfer::take(&mut b"+OK\r\n".to_vec()), None);
+    }
 }

@@ -26,7 +26,7 @@ pub mod race;
 pub mod redis;
 pub mod wait;
 
-pub use client::{RawClient, cmd, cmds, escape, frame_len};
+pub use client::{RawClient, RdbTransfer, cmd, cmds, crc64, escape, frame_len};
 pub use files::{ConfigFile, ScratchDir};
 pub use proxy::{FENCE_EVERY_KEY, Nofile, Proxy, ProxyProcess, binary, cachefence_command};
 pub use race::{Database, Setup, Target};
