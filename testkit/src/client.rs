@@ -260,29 +260,3 @@ fn walk(buf: &[u8], pos: usize) -> Option<usize> {
 pub fn escape(bytes: &[u8]) -> String {
     bytes.escape_ascii().to_string()
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn crc64_is_redis_own() {
-        // The check value in Redis' src/crc64.c.
-        assert_eq!(crc64(b"123456789"), 0xe9c6_d914_c4b8_d9ca);
-    }
-
-    #[test]
-    fn rdb_transfers_in_both_formats() {
-        let mut buf = b"$3\r\nRDB*1\r\n".to_vec();
-        let rdb = RdbTransfer::take(&mut buf).unwrap().unwrap();
-        assert_eq!((rdb.eof_marked, rdb.payload.as_slice()), (false, &b"RDB"[..]));
-        assert_eq!(buf, b"*1\r\n");
-        let mark = "m".repeat(40);
-        let mut buf = format!("$EOF:{mark}\r\nRDB{mark}+").into_bytes();
-        let rdb = RdbTransfer::take(&mut buf).unwrap().unwrap();
-        assert_eq!((rdb.eof_marked, rdb.payload.as_slice()), (true, &b"RDB"[..]));
-        assert_eq!(buf, b"+");
-        assert_eq!(RdbTransfer::take(&mut b"$10\r\nRDB".to_vec()), Some(None));
-        assert_eq!(RdbTransfer::take(&mut b"+OK\r\n".to_vec()), None);
-    }
-}
