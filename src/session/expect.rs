@@ -50,8 +50,6 @@ pub enum Expect {
     Sync { inspect: bool },
 }
 
-
-
 impl Expect {
     /// The expectation of an intercepted command: a `GET` unboxed
     /// ([`Expect::Get`]), anything else boxed ([`Expect::Fence`]).
