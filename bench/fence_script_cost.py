@@ -38,7 +38,7 @@ def run(kind, rounds):
         if kind == 'old':
             pipe.evalsha(sha_old, 2, k, f, 'miss', 11000, 'inst:1', 200, 'wait')
         else:
-            pipe.evalsha(sha_new, 2, k, f, 'miss', 11000, f'inst:1:{i+1}', 200, 'wait', f'm|127.0.0.1|inst:1|{i+1}', 64, 10000000, 'inst:1:')
+            pipe.evalsha(sha_new, 2, k, f, 'miss', 11000, f'inst:1:{i+1}', 200, 'wait', f'm|127.0.0.1|inst:1|{i+1}', 10000000, 'inst:1:')
     res = pipe.execute()
     pipe = r.pipeline(transaction=False)
     for i in range(N):
@@ -69,7 +69,7 @@ for kind in ('old', 'new'):
         m = r.evalsha(sha_old, 2, k, f, 'miss', 11000, 'inst:1', 200, 'wait')
         r.evalsha(sha_old, 2, k, f, 'fill', 11000, m[1], m[3], 0, 0, 0, 'inst:1', 10000000, 'v', 'EX', 60)
     else:
-        m = r.evalsha(sha_new, 2, k, f, 'miss', 11000, 'inst:1:1', 200, 'wait', 'm|127.0.0.1|inst:1|1', 64, 10000000, 'inst:1:')
+        m = r.evalsha(sha_new, 2, k, f, 'miss', 11000, 'inst:1:1', 200, 'wait', 'm|127.0.0.1|inst:1|1', 10000000, 'inst:1:')
         r.evalsha(sha_new, 2, k, f, 'set', 11000, 'm|127.0.0.1|', 10000000, 0, 0, 0, 0, 'write', 0, 'v', 2, 'EX', 60, 'SET', k, 'v', 'EX', 60)
     print(kind, 'fence bytes (MEMORY USAGE) after miss+fill:', r.memory_usage(f), 'fields:', r.hlen(f))
 p.terminate()

@@ -493,6 +493,33 @@ async fn a_dead_proxys_miss_blocks_fills_for_lease_ttl_at_most() {
     b.shutdown().await;
 }
 
+/// Misses that are never filled (a row that does not exist) leave their
+/// fields in the fence; once they are older than twice `lease_ttl` the next
+/// miss whose leader's herd lease lapsed sweeps them, so the fence does not
+/// grow with every miss of such a key.
+#[tokio::test(flavor = "multi_thread")]
+async fn misses_never_filled_are_swept_from_the_fence() {
+    let redis = RedisServer::start();
+    let config = "[[cache]]\npattern = \"*\"\nlease_ttl = \"100ms\"\nhold = \"0s\"\n";
+    let proxy = Proxy::start(&redis.addr(), config).await;
+    let mut direct = RawClient::connect(redis.addr()).await;
+    for _ in 0..20 {
+        let mut reader = RawClient::connect(proxy.addr).await;
+        assert_eq!(reader.call("GET nothing").await, "$-1\r\n");
+    }
+    let misses = |hkeys: &str| hkeys.matches("m|").count();
+    assert_eq!(misses(&direct.call("HKEYS cachefence:{nothing}").await), 20);
+    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    let mut reader = RawClient::connect(proxy.addr).await;
+    assert_eq!(reader.call("GET nothing").await, "$-1\r\n");
+    assert_eq!(
+        misses(&direct.call("HKEYS cachefence:{nothing}").await),
+        1,
+        "only the newest miss is left"
+    );
+    proxy.shutdown().await;
+}
+
 /// The token in a `[nil, token]` reply of `CACHE.GET`.
 fn lease_token(reply: &str) -> String {
     let (nil, rest) = reply
@@ -709,7 +736,15 @@ async fn a_set_inside_multi_under_invalidate_is_redis_own_reply_then_a_delete() 
     assert_eq!(writer.call("SET user:1 old").await, "+OK\r\n");
     assert_eq!(reader.call("GET user:1").await, "$-1\r\n");
     writer
-        .send(&[cmds("MULTI"), cmds("SET user:1 new"), cmds("SET other 1"), cmds("EXEC")].concat())
+        .send(
+            &[
+                cmds("MULTI"),
+                cmds("SET user:1 new"),
+                cmds("SET other 1"),
+                cmds("EXEC"),
+            ]
+            .concat(),
+        )
         .await;
     for expected in ["+OK\r\n", "+QUEUED\r\n", "+QUEUED\r\n"] {
         assert_eq!(writer.read_frame().await, expected.as_bytes());

@@ -130,8 +130,7 @@ end
 if op == 'miss' then
   -- KEYS: key, fence. ARGV: op, fence_ttl_ms, lease_holder, lease_ms, claim
   -- (wait|alone|force), the miss's field ('' for the lease API, whose token
-  -- is the ticket), fields a fence may have before expired misses are
-  -- swept, lease_ttl_us, the connection's holder prefix.
+  -- is the ticket), lease_ttl_us, the connection's holder prefix.
   local value = redis.call('GET', KEYS[1])
   if value then return {1, value} end
   local f = redis.call('HMGET', KEYS[2], 'v', 't', 'h', 'he')
@@ -150,7 +149,7 @@ if op == 'miss' then
   -- can only come after this reply (a client that sends one request at a
   -- time): waiting would stall the connection for the whole hold.
   local own = ARGV[5] == 'alone' and f[3] ~= nil and f[3] ~= false
-    and string.sub(f[3], 1, #ARGV[9]) == ARGV[9]
+    and string.sub(f[3], 1, #ARGV[8]) == ARGV[8]
   if free or ARGV[5] == 'force' or own then
     if free then
       writes[#writes + 1] = 'h'
@@ -161,8 +160,11 @@ if op == 'miss' then
     leader = 1
     -- Only a miss that goes to the database is outstanding.
     if ARGV[6] ~= '' then
-      if redis.call('HLEN', KEYS[2]) > tonumber(ARGV[7]) then
-        misses(KEYS[2], 'm|', tonumber(ARGV[8]), redis.call('HGETALL', KEYS[2]))
+      -- Misses that were never filled pile up (a row that does not
+      -- exist): their leader's herd lease lapsed instead of going with a
+      -- fill, so that is when expired ones are swept.
+      if f[3] and tonumber(f[4] or '0') <= now then
+        misses(KEYS[2], 'm|', tonumber(ARGV[7]), redis.call('HGETALL', KEYS[2]))
       end
       writes[#writes + 1] = ARGV[6]
       writes[#writes + 1] = v .. ':' .. fmt(now)

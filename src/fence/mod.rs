@@ -43,8 +43,6 @@ pub use crate::config::DEFAULT_EXPLAIN_KEYS;
 /// Keys this process remembers a recent miss of at once (for
 /// `fence_missing`); past it a miss is not remembered (counted as dropped).
 pub const MAX_RECENT_MISSES: usize = 1 << 20;
-/// Fields a fence may have before the misses in it that expired are swept.
-pub const MAX_FENCE_FIELDS: usize = 64;
 
 /// Why a fill was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

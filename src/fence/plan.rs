@@ -349,7 +349,6 @@ impl Client<'_> {
                     Claim::Force => b"force",
                 }),
                 field.into(),
-                super::MAX_FENCE_FIELDS.to_string().into(),
                 micros(rules.lease_ttl).into(),
                 format!("{}:", self.holder(0)).into(),
             ],
