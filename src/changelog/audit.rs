@@ -37,6 +37,7 @@ use super::install::describe;
 use crate::config::Upstream;
 use crate::config::postgres::{ChangeLogConfig, Mapping};
 use crate::config::template::{KeyParseError, KeyTemplate, ident, literal};
+use crate::fence::script::is_fence_key;
 pub use report::{Outcome, Reason, Report, TemplateCounts};
 
 /// Longest one `SELECT` may run (PostgreSQL's `statement_timeout`).
@@ -366,12 +367,6 @@ async fn sample(redis: &mut ReadOnlyRedis, targets: &[Target<'_>], wanted: usize
     })
 }
 
-/// The proxy's fence keys (`cachefence:{key}`, `cachefence:{tag}:key`,
-/// `cachefence::key`; see `fence::script::fence_key`).
-fn is_fence_key(key: &[u8]) -> bool {
-    key.starts_with(b"cachefence:{") || key.starts_with(b"cachefence::")
-}
-
 /// The audit's PostgreSQL connection.
 struct Database {
     client: Client,
@@ -504,15 +499,6 @@ impl Database {
 mod tests {
     use super::*;
     use crate::config::template::QualifiedName;
-    use crate::fence::script::fence_key;
-
-    #[test]
-    fn fence_keys_are_recognised() {
-        for key in [&b"user:42"[..], b"user:{42}:name", b"odd{}key", b"{x}"] {
-            assert!(is_fence_key(&fence_key(key)), "{}", key.escape_ascii());
-            assert!(!is_fence_key(key));
-        }
-    }
 
     fn mapping(keys: &[&str], values: &[Option<&str>]) -> Mapping {
         Mapping {

@@ -84,6 +84,13 @@ pub fn invalidation(keys: &[Bytes], fence_ttl: std::time::Duration) -> (Vec<Byte
     (all, args)
 }
 
+/// A key of the proxy's own: `cachefence:{…` or `cachefence::…`, the
+/// prefixes [`fence_key`] writes (they are reserved; fence.lua's
+/// `is_fence` says the same).
+pub fn is_fence_key(key: &[u8]) -> bool {
+    key.starts_with(b"cachefence:{") || key.starts_with(b"cachefence::")
+}
+
 /// The fence key of `key`: in the key's hash slot (its `{tag}` if it has
 /// one, else the whole key as the tag), under a prefix of its own.
 pub fn fence_key(key: &[u8]) -> Vec<u8> {
@@ -121,6 +128,14 @@ fn hash_tag(key: &[u8]) -> Option<&[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_fence_key_is_recognised() {
+        for key in [&b"user:42"[..], b"user:{42}:name", b"odd{}key", b"{x}", b""] {
+            assert!(is_fence_key(&fence_key(key)), "{}", key.escape_ascii());
+            assert!(!is_fence_key(key));
+        }
+    }
 
     #[test]
     fn fences_share_the_keys_hash_slot() {

@@ -12,7 +12,7 @@
 
 use bytes::Bytes;
 
-use super::script::ScriptCall;
+use super::script::{ScriptCall, is_fence_key};
 use crate::resp::command::KeyspaceOp;
 use crate::resp::value::{Reply, Value};
 
@@ -25,12 +25,6 @@ pub const RANDOM_DRAWS: usize = 32;
 /// `SCAN … COUNT 100` calls the `RANDOMKEY` script makes at most after its
 /// draws found only fences (about 10 000 keys looked at).
 pub const RANDOM_SCANS: usize = 100;
-
-/// A key of the proxy's own: `cachefence:{…` or `cachefence::…` (the
-/// prefixes [`super::script::fence_key`] writes; they are reserved).
-pub fn is_fence_key(key: &[u8]) -> bool {
-    key.starts_with(b"cachefence:{") || key.starts_with(b"cachefence::")
-}
 
 /// What the client gets for the reply to a keyspace command.
 #[derive(Debug, PartialEq, Eq)]
@@ -125,15 +119,6 @@ pub fn is_fence_notification(frame: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fence::script::fence_key;
-
-    #[test]
-    fn every_fence_key_is_recognised() {
-        for key in [&b"user:42"[..], b"user:{42}:name", b"odd{}key", b""] {
-            assert!(is_fence_key(&fence_key(key)), "{}", key.escape_ascii());
-            assert!(!is_fence_key(key));
-        }
-    }
 
     #[test]
     fn listings_lose_their_fences_and_keep_the_rest() {
