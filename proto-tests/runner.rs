@@ -37,6 +37,8 @@ enum Step {
     Quiet(String, Duration),
     /// Read the RDB payload of a replication stream (see `rdb_summary`).
     Rdb(String),
+    /// Send this command until its reply contains the text (see `until`).
+    Until(String, Vec<u8>, Vec<u8>),
     Sleep(Duration),
 }
 
@@ -209,9 +211,12 @@ async fn run_side(case: &Case, via_proxy: Option<&str>) -> Vec<(String, Vec<u8>)
     let mut transcript = Vec::new();
     for step in &case.steps {
         let name = match step {
-            Step::Send(c, _) | Step::Read(c, _) | Step::Closed(c) | Step::Quiet(c, _) | Step::Rdb(c) => {
-                Some(c.clone())
-            }
+            Step::Send(c, _)
+            | Step::Read(c, _)
+            | Step::Closed(c)
+            | Step::Quiet(c, _)
+            | Step::Rdb(c)
+            | Step::Until(c, _, _) => Some(c.clone()),
             Step::Sleep(_) => None,
         };
         if let Some(name) = name.as_ref().filter(|n| !conns.contains_key(*n)) {
@@ -267,6 +272,9 @@ async fn run_side(case: &Case, via_proxy: Option<&str>) -> Vec<(String, Vec<u8>)
                     summary.unwrap_or_else(|| b"(no rdb: closed, timed out or not an RDB)".to_vec());
                 transcript.push((who.clone(), summary));
             }
+            (Step::Until(who, command, text), Some(c)) => {
+                transcript.push((who.clone(), until(c, command, text).await));
+            }
             (Step::Sleep(d), _) => tokio::time::sleep(*d).await,
             _ => unreachable!("every connection step has a connection"),
         }
@@ -277,6 +285,29 @@ async fn run_side(case: &Case, via_proxy: Option<&str>) -> Vec<(String, Vec<u8>)
     }
     drop(redis);
     transcript
+}
+
+/// Sends `command` every 10 ms until its reply contains `text`, for a
+/// state that Redis reaches on its own time (its cron) and that no reply
+/// waits for: records whether it came within the usual 10 s, not the
+/// replies (they show the state on the way).
+async fn until(c: &mut RawClient, command: &[u8], text: &[u8]) -> Vec<u8> {
+    let deadline = tokio::time::Instant::now() + testkit::WAIT;
+    let found = loop {
+        let _ = tokio::io::AsyncWriteExt::write_all(&mut c.stream, command).await;
+        let Some(reply) = c.read_frame_within(deadline - tokio::time::Instant::now()).await else {
+            break false;
+        };
+        if reply.windows(text.len()).any(|w| w == text) {
+            break true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let outcome = if found { "seen" } else { "not seen within 10 s" };
+    format!("(until {}: {outcome})", escape(text)).into_bytes()
 }
 
 /// What is comparable in an RDB payload sent by two servers: its format
@@ -352,7 +383,7 @@ fn load_cases(dir: &Path) -> Result<Vec<Case>, String> {
         !c.steps.iter().any(|s| {
             matches!(
                 s,
-                Step::Read(..) | Step::Closed(_) | Step::Quiet(..) | Step::Rdb(_)
+                Step::Read(..) | Step::Closed(_) | Step::Quiet(..) | Step::Rdb(_) | Step::Until(..)
             )
         })
     }) {
@@ -423,9 +454,21 @@ fn parse_line(line: &str, at: &str, cases: &mut Vec<Case>) -> Result<(), String>
                 "closed" => Step::Closed(conn),
                 "quiet" => Step::Quiet(conn, millis(arg.trim())?),
                 "rdb" => Step::Rdb(conn),
+                "until" => {
+                    let args =
+                        cachefence::resp::request::split_args(arg.as_bytes()).ok_or("unbalanced quotes")?;
+                    let [text, command @ ..] = args.as_slice() else {
+                        return Err("until needs `<text> <command …>`".into());
+                    };
+                    if text.is_empty() || command.is_empty() {
+                        return Err("until needs `<text> <command …>`".into());
+                    }
+                    let refs: Vec<&[u8]> = command.iter().map(Vec::as_slice).collect();
+                    Step::Until(conn, testkit::cmd(&refs), text.clone())
+                }
                 other => {
                     return Err(format!(
-                        "unknown step `{other}` (want raw, read, closed, quiet, rdb)"
+                        "unknown step `{other}` (want raw, read, closed, quiet, rdb, until)"
                     ));
                 }
             };
