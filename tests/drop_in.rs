@@ -64,3 +64,53 @@ async fn fenced_commands_of_any_size_redis_accepts() {
     }
     proxy.shutdown().await;
 }
+
+/// All bytes `addr` sends for an `EVAL` whose script returns a table that
+/// contains itself, followed by `PING`: read until the `+PONG` (bounded).
+async fn recursive_reply(addr: &str) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let eval = cmd(&[b"EVAL", b"local a = {}; local b = {a}; a[1] = b; return a", b"0"]);
+    stream.write_all(&[eval, cmd(&[b"PING"])].concat()).await.unwrap();
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !out.ends_with(b"+PONG\r\n") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no PONG within 10 s ({} bytes)",
+            out.len()
+        );
+        let mut chunk = [0u8; 65536];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .expect("a read within 10 s")
+            .unwrap();
+        assert!(n > 0, "connection closed after {} bytes", out.len());
+        out.extend_from_slice(&chunk[..n]);
+        assert!(out.len() < 1 << 20, "more than 1 MiB");
+    }
+    out
+}
+
+/// `scripting.tcl` "Script return recursive object": Redis answers an
+/// array nested some 8000 deep ending in "reached lua stack limit"; the
+/// proxy passed it as it is only up to 1024 levels and closed the
+/// connection past them, in every mode.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reply_nested_thousands_deep_passes_as_it_is() {
+    let redis = RedisServer::start();
+    let expected = recursive_reply(&redis.addr()).await;
+    assert!(expected.starts_with(b"*1\r\n*1\r\n*1\r\n"));
+    assert!(expected.ends_with(b"-ERR reached lua stack limit\r\n+PONG\r\n"));
+    assert!(expected.len() > 1024 * 4, "deeper than the old limit");
+    for toml in [FENCE_EVERY_KEY, "fences = false"] {
+        let proxy = Proxy::start(&redis.addr(), toml).await;
+        let got = recursive_reply(&proxy.addr.to_string()).await;
+        assert!(
+            got == expected,
+            "{toml}: {} bytes differ from Redis' {}",
+            got.len(),
+            expected.len()
+        );
+    }
+}

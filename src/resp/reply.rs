@@ -11,8 +11,11 @@
 //! `n` pairs followed by its frame counts as one aggregate of `2n + 1`
 //! elements, so attribute + value is one reply, as it is for a client.
 
-/// Deepest nesting accepted from upstream; Redis builds nothing near it.
-pub const MAX_DEPTH: usize = 1024;
+/// Deepest nesting accepted from upstream. Redis' own Lua replies go about
+/// 8000 deep (a script returning a table that contains itself, until
+/// "reached lua stack limit"), and they must pass; the scanner is iterative
+/// and pays one small stack entry per level.
+pub const MAX_DEPTH: usize = 1 << 16;
 
 /// Upstream sent bytes that are not RESP: the connection cannot be framed
 /// any further and must be closed.
@@ -74,6 +77,8 @@ pub struct ReplyScanner {
     frame_kind: Option<u8>,
     skip: Skip,
     stack: Vec<Open>,
+    /// Nesting past this is refused ([`MAX_DEPTH`] unless told).
+    max_depth: usize,
 }
 
 impl Default for ReplyScanner {
@@ -84,11 +89,20 @@ impl Default for ReplyScanner {
             frame_kind: None,
             skip: Skip::Line,
             stack: Vec::with_capacity(8),
+            max_depth: MAX_DEPTH,
         }
     }
 }
 
 impl ReplyScanner {
+    /// A scanner that refuses nesting deeper than `max_depth`.
+    pub fn with_max_depth(max_depth: usize) -> ReplyScanner {
+        ReplyScanner {
+            max_depth,
+            ..ReplyScanner::default()
+        }
+    }
+
     /// Offset up to which the buffer has been scanned.
     pub fn scanned(&self) -> usize {
         self.pos
@@ -228,7 +242,7 @@ impl ReplyScanner {
     }
 
     fn open(&mut self, open: Open) -> Result<Option<ReplyFrame>, MalformedReply> {
-        if self.stack.len() >= MAX_DEPTH {
+        if self.stack.len() >= self.max_depth {
             return Err(MalformedReply("nesting too deep"));
         }
         self.stack.push(open);

@@ -16,9 +16,21 @@ pub enum Value {
     Array(Vec<Value>),
 }
 
+/// Deepest frame [`Value::decode`] decodes: the replies the proxy reads
+/// (its scripts', `EXEC`'s, `KEYS`/`SCAN`) are shallow.
+pub const DECODE_DEPTH: usize = 64;
+
 impl Value {
-    /// Decodes one complete frame.
+    /// Decodes one complete frame; `None` for one nested deeper than
+    /// [`DECODE_DEPTH`] (the decoder recurses per level), which callers
+    /// pass on as it is.
     pub fn decode(frame: &[u8], resp3: bool) -> Option<Value> {
+        if !matches!(
+            crate::resp::reply::ReplyScanner::with_max_depth(DECODE_DEPTH).advance(frame),
+            Ok(Some(_))
+        ) {
+            return None;
+        }
         let buf = Bytes::copy_from_slice(frame);
         if resp3 {
             let (frame, _) = redis_protocol::resp3::decode::complete::decode_bytes(&buf).ok()??;
@@ -155,6 +167,15 @@ impl Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frame_deeper_than_decode_depth_is_not_decoded() {
+        let nested = |depth: usize| [&b"*1\r\n".repeat(depth)[..], b":1\r\n"].concat();
+        let shallow = Value::decode(&nested(DECODE_DEPTH - 1), false);
+        assert!(matches!(shallow, Some(Value::Array(_))));
+        assert_eq!(Value::decode(&nested(DECODE_DEPTH + 1), false), None);
+        assert_eq!(Value::decode(&nested(8000), true), None);
+    }
 
     #[test]
     fn own_replies_follow_the_protocol() {
