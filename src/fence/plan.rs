@@ -300,7 +300,11 @@ impl Client<'_> {
                 self.record_fenced(scope, &keys, What::WriteRejected);
                 Plan::Local(rejected(&keys[0]))
             }
-            OnWrite::Invalidate if store_only(command, words) => {
+            // Only when every key is a cache: turning the write into a
+            // delete must never take a key that is not one with it (an
+            // `MSET` that mixes them stores them all and moves the fences,
+            // as `write` does).
+            OnWrite::Invalidate if store_only(command, words) && policies.len() == keys.len() => {
                 let mut del = vec![Bytes::from_static(b"DEL")];
                 del.extend(keys.iter().cloned());
                 let call = command_call(scope, "inval", &del, &keys).expect("fenced keys");

@@ -214,6 +214,10 @@ fn on_write_travels_with_a_plain_store_and_decides_other_writes_here() {
             keys: vec![b("gone:1"), b("gone:2")]
         }
     );
+    // A key that is not a cache is never deleted with the cache keys.
+    let (args, _, _) = rewritten(plan(&client, "MSET gone:1 a session:1 b"));
+    assert_eq!(args[0], "write");
+    assert_eq!(&args[4..], ["MSET", "gone:1", "a", "session:1", "b"]);
     // The strictest rule among the keys wins.
     match plan(&client, "MSET user:1 a rejected:1 b") {
         Some(Plan::Local(Reply::Error(text))) => assert!(
