@@ -400,6 +400,7 @@ pub(crate) fn command_call(
         fenced.len().to_string().into(),
         Bytes::from_static(if create { b"1" } else { b"0" }),
     ];
+    debug_assert_eq!(args.len(), COMMAND_AT, "after_command cuts the command here");
     args.extend(words.iter().cloned());
     Some(ScriptCall::new(all_keys, args))
 }

@@ -25,10 +25,15 @@ impl Value {
     /// [`DECODE_DEPTH`] (the decoder recurses per level), which callers
     /// pass on as it is.
     pub fn decode(frame: &[u8], resp3: bool) -> Option<Value> {
-        if !matches!(
-            crate::resp::reply::ReplyScanner::with_max_depth(DECODE_DEPTH).advance(frame),
-            Ok(Some(_))
-        ) {
+        // Every aggregate header takes at least 4 bytes (`*1\r\n`): a frame
+        // shorter than that many levels cannot be too deep, and the proxy's
+        // own script replies (the miss path) are, so they skip the scan.
+        if frame.len() > 4 * DECODE_DEPTH
+            && !matches!(
+                crate::resp::reply::ReplyScanner::with_max_depth(DECODE_DEPTH).advance(frame),
+                Ok(Some(_))
+            )
+        {
             return None;
         }
         let buf = Bytes::copy_from_slice(frame);
