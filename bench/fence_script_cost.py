@@ -1,26 +1,37 @@
-"""Redis CPU per miss+fill pair of the fence script: an older version (a
-git revision's src/fence/fence.lua) against the working tree's, in the same
-run on one scratch Redis, from INFO commandstats; plus the fence's bytes
-after a fill. No proxy involved: this is the script's own cost (#14, #17).
+"""What the fence script costs Redis per miss+fill pair: an older version (a
+git revision's src/fence/fence.lua) against the working tree's, and plain
+GET+SET, in the same run on one scratch Redis (pinned to CPU 0 when
+`taskset` is there). No proxy involved: this is the script's own cost
+(#14, #17).
 
-Usage: python3 bench/fence_script_cost.py [REV]   (default REV: 9bf6780,
-the script before outstanding misses moved into the fence). Needs redis-py
-(bench/requirements-client-models.txt) and redis-server.
+For each: the script's time from INFO commandstats (µs per miss and per
+fill, the commands it runs included), Redis' whole CPU per pair from INFO
+cpu (parsing and replies included; pipelines of 1000), and the fence's
+bytes (MEMORY USAGE) with one miss outstanding and after the fill.
+
+Usage: python3 bench/fence_script_cost.py [REV] [ROUNDS]   (default REV:
+9bf6780, the script before outstanding misses moved into the fence;
+ROUNDS 12). Needs redis-py (bench/requirements-client-models.txt) and
+redis-server.
 """
-import os, socket, subprocess, sys, time
+import os, shutil, socket, subprocess, sys, time
 
 import redis
 
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 rev = sys.argv[1] if len(sys.argv) > 1 else '9bf6780'
-old = subprocess.run(['git', '-C', root, 'show', f'{rev}:src/fence/fence.lua'],
-                     check=True, capture_output=True, text=True).stdout
-new = open(os.path.join(root, 'src/fence/fence.lua')).read()
+rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 12
+scripts = {
+    rev: subprocess.run(['git', '-C', root, 'show', f'{rev}:src/fence/fence.lua'],
+                        check=True, capture_output=True, text=True).stdout,
+    'working tree': open(os.path.join(root, 'src/fence/fence.lua')).read(),
+}
 with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
-p = subprocess.Popen(['redis-server', '--bind', '127.0.0.1', '--port', str(port), '--save', '', '--appendonly', 'no'],
-                     stdout=subprocess.DEVNULL)
+pin = ['taskset', '-c', '0'] if shutil.which('taskset') else []
+p = subprocess.Popen(pin + ['redis-server', '--bind', '127.0.0.1', '--port', str(port),
+                            '--save', '', '--appendonly', 'no'], stdout=subprocess.DEVNULL)
 r = redis.Redis(port=port)
 for _ in range(50):
     try:
@@ -28,48 +39,116 @@ for _ in range(50):
         break
     except redis.ConnectionError:
         time.sleep(0.1)
-sha_old = r.script_load(old); sha_new = r.script_load(new)
-N = 20000
-def run(kind, rounds):
+else:
+    sys.exit('redis-server did not start')
+N, BATCH = 20000, 1000
+
+
+class Script:
+    """One fence.lua version and the argument layout it takes."""
+
+    def __init__(self, source):
+        self.sha = r.script_load(source)
+        # Since #14 a plain SET is judged in the script (`op == 'set'`).
+        self.judges_set = "op == 'set'" in source
+        # Since #17 the value goes once: the script finds it in the command.
+        self.value_by_position = 'where the value is' in source
+
+    def miss(self, pipe, k, f, i):
+        if self.judges_set:
+            pipe.evalsha(self.sha, 2, k, f, 'miss', 11000, f'inst:1:{i}', 200, 'wait',
+                         f'm|127.0.0.1|inst:1|{i}', 10000000, 'inst:1:')
+        else:
+            pipe.evalsha(self.sha, 2, k, f, 'miss', 11000, 'inst:1', 200, 'wait')
+
+    def fill(self, pipe, k, f, miss, value):
+        if self.judges_set:
+            at = 2 if self.value_by_position else value
+            pipe.evalsha(self.sha, 2, k, f, 'set', 11000, 'm|127.0.0.1|', 10000000, 0, 0, 0, 0,
+                         'write', 0, at, 2, 'EX', 60, 'SET', k, value, 'EX', 60)
+        else:
+            pipe.evalsha(self.sha, 2, k, f, 'fill', 11000, miss[1], miss[3], 0, 0, 0, 'inst:1',
+                         10000000, value, 'EX', 60)
+
+
+def cpu():
+    info = r.info('cpu')
+    return info['used_cpu_user'] + info['used_cpu_sys']
+
+
+def batches(send, label):
+    """Runs send(pipe, i) for N keys in pipelines of BATCH; the replies."""
+    out = []
+    for start in range(0, N, BATCH):
+        pipe = r.pipeline(transaction=False)
+        for i in range(start, start + BATCH):
+            send(pipe, i)
+        out.extend(pipe.execute())
+    return out
+
+
+def measure(name, rnd):
+    """(µs per miss, µs per fill, Redis CPU µs per pair) for one round."""
+    value = 'v' * 100
+    keys = [f'user:{name}:{rnd}:{i}' for i in range(N)]
+    fences = ['cachefence:{' + k + '}' for k in keys]
     r.config_resetstat()
-    pipe = r.pipeline(transaction=False)
-    for i in range(N):
-        k = f'user:{kind}:{rounds}:{i}'; f = 'cachefence:{' + k + '}'
-        if kind == 'old':
-            pipe.evalsha(sha_old, 2, k, f, 'miss', 11000, 'inst:1', 200, 'wait')
-        else:
-            pipe.evalsha(sha_new, 2, k, f, 'miss', 11000, f'inst:1:{i+1}', 200, 'wait', f'm|127.0.0.1|inst:1|{i+1}', 10000000, 'inst:1:')
-    res = pipe.execute()
-    pipe = r.pipeline(transaction=False)
-    for i in range(N):
-        k = f'user:{kind}:{rounds}:{i}'; f = 'cachefence:{' + k + '}'
-        version, miss_us = res[i][1], res[i][3]
-        if kind == 'old':
-            pipe.evalsha(sha_old, 2, k, f, 'fill', 11000, version, miss_us, 0, 0, 0, 'inst:1', 10000000, 'v' * 100, 'EX', 60)
-        else:
-            pipe.evalsha(sha_new, 2, k, f, 'set', 11000, 'm|127.0.0.1|', 10000000, 0, 0, 0, 0, 'write', 0, 'v' * 100, 2, 'EX', 60, 'SET', k, 'v' * 100, 'EX', 60)
-    out = pipe.execute()
-    assert all(o == [1] for o in out), out[:3]
-    s = r.info('commandstats')['cmdstat_evalsha']
-    return s['usec'] / N, s['calls']
-results = {'old': [], 'new': []}
-for rnd in range(8):
-    for kind in (['old', 'new'] if rnd % 2 == 0 else ['new', 'old']):
-        usec, calls = run(kind, rnd)
-        results[kind].append(usec)
-for kind, v in results.items():
-    v.sort()
-    print(f'{kind} ({rev if kind == "old" else "working tree"}): Redis µs per miss+fill pair: '
-          f'median {v[len(v) // 2]:.2f}, min {v[0]:.2f}, all {[round(x, 2) for x in v]}')
-# bytes per fenced key after a fill
+    before = cpu()
+    if name == 'plain':
+        batches(lambda pipe, i: pipe.get(keys[i]), name)
+        batches(lambda pipe, i: pipe.set(keys[i], value, ex=60), name)
+        stats = r.info('commandstats')
+        per = lambda c: stats.get(f'cmdstat_{c}', {}).get('usec', 0) / N
+        return per('get'), per('set'), (cpu() - before) * 1e6 / N
+    script = loaded[name]
+    misses = batches(lambda pipe, i: script.miss(pipe, keys[i], fences[i], i + 1), name)
+    miss_us = r.info('commandstats')['cmdstat_evalsha']['usec'] / N
+    r.config_resetstat()
+    fills = batches(lambda pipe, i: script.fill(pipe, keys[i], fences[i], misses[i], value), name)
+    assert all(o == [1] for o in fills), fills[:3]
+    fill_us = r.info('commandstats')['cmdstat_evalsha']['usec'] / N
+    return miss_us, fill_us, (cpu() - before) * 1e6 / N
+
+
+loaded = {name: Script(source) for name, source in scripts.items()}
+results = {name: [] for name in ['plain', *scripts]}
+for rnd in range(rounds):
+    order = list(results)
+    if rnd % 2:
+        order.reverse()
+    for name in order:
+        results[name].append(measure(name, rnd))
+    r.flushall()
+
+
+def summary(values):
+    values = sorted(values)
+    return f'{values[len(values) // 2]:6.2f} (min {values[0]:6.2f})'
+
+
+plain_cpu = sorted(c for _, _, c in results['plain'])[rounds // 2]
+print(f'Redis cost per miss+fill pair, median (min) of {rounds} rounds of {N} pairs')
+print(f'{"":28s} {"miss µs":>18s} {"fill µs":>18s} {"Redis CPU µs/pair":>20s} {"CPU / plain":>12s}')
+for name, rows in results.items():
+    label = 'plain GET + SET' if name == 'plain' else f'script {name}'
+    cpus = [c for _, _, c in rows]
+    ratio = sorted(cpus)[rounds // 2] / plain_cpu
+    print(f'{label:28s} {summary([m for m, _, _ in rows]):>18s} {summary([f for _, f, _ in rows]):>18s}'
+          f' {summary(cpus):>20s} {ratio:12.2f}')
+
+# The fence's bytes: with one miss outstanding, and after the fill.
 r.flushall()
-for kind in ('old', 'new'):
-    k = f'user:mem:{kind}'; f = 'cachefence:{' + k + '}'
-    if kind == 'old':
-        m = r.evalsha(sha_old, 2, k, f, 'miss', 11000, 'inst:1', 200, 'wait')
-        r.evalsha(sha_old, 2, k, f, 'fill', 11000, m[1], m[3], 0, 0, 0, 'inst:1', 10000000, 'v', 'EX', 60)
-    else:
-        m = r.evalsha(sha_new, 2, k, f, 'miss', 11000, 'inst:1:1', 200, 'wait', 'm|127.0.0.1|inst:1|1', 10000000, 'inst:1:')
-        r.evalsha(sha_new, 2, k, f, 'set', 11000, 'm|127.0.0.1|', 10000000, 0, 0, 0, 0, 'write', 0, 'v', 2, 'EX', 60, 'SET', k, 'v', 'EX', 60)
-    print(kind, 'fence bytes (MEMORY USAGE) after miss+fill:', r.memory_usage(f), 'fields:', r.hlen(f))
+for name, script in loaded.items():
+    k = f'user:mem:{name.replace(" ", "-")}'
+    f = 'cachefence:{' + k + '}'
+    pipe = r.pipeline(transaction=False)
+    script.miss(pipe, k, f, 1)
+    miss = pipe.execute()[0]
+    outstanding = r.memory_usage(f)
+    pipe = r.pipeline(transaction=False)
+    script.fill(pipe, k, f, miss, 'v')
+    pipe.execute()
+    after = r.memory_usage(f) if r.exists(f) else 0
+    print(f'script {name}: fence bytes (MEMORY USAGE) with a miss outstanding {outstanding}, '
+          f'after the fill {after}; the key itself {r.memory_usage(k)}')
 p.terminate()

@@ -507,16 +507,79 @@ async fn misses_never_filled_are_swept_from_the_fence() {
         let mut reader = RawClient::connect(proxy.addr).await;
         assert_eq!(reader.call("GET nothing").await, "$-1\r\n");
     }
-    let misses = |hkeys: &str| hkeys.matches("m|").count();
-    assert_eq!(misses(&direct.call("HKEYS cachefence:{nothing}").await), 20);
+    // The fence is one string: a line per outstanding miss, ending in its name.
+    let misses = |fence: &str| fence.matches(" m|").count();
+    assert_eq!(misses(&direct.call("GET cachefence:{nothing}").await), 20);
     tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     let mut reader = RawClient::connect(proxy.addr).await;
     assert_eq!(reader.call("GET nothing").await, "$-1\r\n");
     assert_eq!(
-        misses(&direct.call("HKEYS cachefence:{nothing}").await),
+        misses(&direct.call("GET cachefence:{nothing}").await),
         1,
         "only the newest miss is left"
     );
+    proxy.shutdown().await;
+}
+
+/// A fence lives only while it guards something (fence.lua `bump`,
+/// `settle`): a write to a key nobody missed makes none, a fill that leaves
+/// no miss outstanding deletes it, so does the refusal of the last one, and
+/// with a lag window it stays for the invalidation time. A fence of the
+/// format before it was one string (a hash) is replaced, not misread.
+#[tokio::test(flavor = "multi_thread")]
+async fn fences_live_only_while_they_guard_something() {
+    let redis = RedisServer::start();
+    let config = "[[cache]]\npattern = \"user:*\"\non_write = \"write\"\nhold = \"0s\"\n\n\
+                  [[cache]]\npattern = \"lag:*\"\non_write = \"write\"\nlag_window = \"5s\"\n";
+    let proxy = Proxy::start(&redis.addr(), config).await;
+    let mut direct = RawClient::connect(redis.addr()).await;
+    let (mut a, mut b) = (
+        RawClient::connect(proxy.addr).await,
+        RawClient::connect(proxy.addr).await,
+    );
+    let exists =
+        async |direct: &mut RawClient, key: &str| direct.call(&format!("EXISTS cachefence:{{{key}}}")).await;
+
+    // Writes and deletes of a key nobody missed: no fence.
+    assert_eq!(a.call("SET user:1 w").await, "+OK\r\n");
+    assert_eq!(a.call("DEL user:1").await, ":1\r\n");
+    assert_eq!(exists(&mut direct, "user:1").await, ":0\r\n");
+    // A miss makes one; its fill, the only miss, deletes it.
+    assert_eq!(a.call("GET user:1").await, "$-1\r\n");
+    assert_eq!(exists(&mut direct, "user:1").await, ":1\r\n");
+    assert_eq!(a.call("SET user:1 v EX 60").await, "+OK\r\n");
+    assert_eq!(exists(&mut direct, "user:1").await, ":0\r\n");
+    assert_eq!(cached(&mut direct, "user:1").await.as_deref(), Some("v"));
+
+    // Two misses: the first fill keeps the fence for the other, whose fill
+    // is refused (first fill wins) and takes the fence with it.
+    assert_eq!(a.call("DEL user:1").await, ":1\r\n");
+    assert_eq!(a.call("GET user:1").await, "$-1\r\n");
+    assert_eq!(b.call("GET user:1").await, "$-1\r\n");
+    assert_eq!(a.call("SET user:1 first EX 60").await, "+OK\r\n");
+    assert_eq!(exists(&mut direct, "user:1").await, ":1\r\n");
+    assert_eq!(b.call("SET user:1 second EX 60").await, "+OK\r\n");
+    assert_eq!(exists(&mut direct, "user:1").await, ":0\r\n");
+    assert_eq!(cached(&mut direct, "user:1").await.as_deref(), Some("first"));
+
+    // A miss outstanding survives a delete: the fence moves, and stays.
+    assert_eq!(a.call("DEL user:1").await, ":1\r\n");
+    assert_eq!(a.call("GET user:1").await, "$-1\r\n");
+    assert_eq!(b.call("DEL user:1").await, ":0\r\n");
+    assert_eq!(exists(&mut direct, "user:1").await, ":1\r\n");
+    assert_eq!(a.call("SET user:1 stale EX 60").await, "+OK\r\n");
+    assert_eq!(cached(&mut direct, "user:1").await, None);
+
+    // Under a lag window the invalidation time is kept, even by a write.
+    assert_eq!(a.call("SET lag:1 w").await, "+OK\r\n");
+    assert_eq!(exists(&mut direct, "lag:1").await, ":1\r\n");
+
+    // A fence of the old format (a hash) is replaced by the next miss.
+    assert_eq!(direct.call("HSET cachefence:{user:2} v 1 t 0").await, ":2\r\n");
+    assert_eq!(a.call("GET user:2").await, "$-1\r\n");
+    assert_eq!(direct.call("TYPE cachefence:{user:2}").await, "+string\r\n");
+    assert_eq!(a.call("SET user:2 v EX 60").await, "+OK\r\n");
+    assert_eq!(cached(&mut direct, "user:2").await.as_deref(), Some("v"));
     proxy.shutdown().await;
 }
 

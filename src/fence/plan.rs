@@ -182,19 +182,11 @@ impl Client<'_> {
     /// any proxy). `None` for other shapes (`XX`, `GET`): always writes.
     fn set(&self, command: CacheOp, words: &[Bytes], policy: usize, rules: &Policy, db: u32) -> Option<Plan> {
         let key = &words[1];
-        let (value, expiry, nx) = match command {
-            CacheOp::SetEx => (
-                words.get(3)?,
-                vec![Bytes::from_static(b"EX"), words.get(2)?.clone()],
-                false,
-            ),
-            CacheOp::PSetEx => (
-                words.get(3)?,
-                vec![Bytes::from_static(b"PX"), words.get(2)?.clone()],
-                false,
-            ),
+        // Where the value is in the command (the script reads it there).
+        let (value_at, expiry, nx) = match command {
+            CacheOp::SetEx => (3, vec![Bytes::from_static(b"EX"), words.get(2)?.clone()], false),
+            CacheOp::PSetEx => (3, vec![Bytes::from_static(b"PX"), words.get(2)?.clone()], false),
             _ => {
-                let value = words.get(2)?;
                 let (mut expiry, mut nx) = (Vec::new(), false);
                 let mut i = 3;
                 while i < words.len() {
@@ -210,9 +202,10 @@ impl Client<'_> {
                     }
                     i += 1;
                 }
-                (value, expiry, nx)
+                (2, expiry, nx)
             }
         };
+        words.get(value_at)?;
         let on_write: &'static [u8] = match rules.on_write {
             OnWrite::Reject => b"reject",
             OnWrite::Invalidate if store_only(command, words) => b"inval",
@@ -233,7 +226,7 @@ impl Client<'_> {
             // Counted in `reads_missed` only if Redis refuses it as a fill
             // (a write to the key is no read or fill kept from it).
             flag(self.fences.undelivered.is_pending(db, key)),
-            value.clone(),
+            value_at.to_string().into(),
             expiry.len().to_string().into(),
         ];
         args.extend(expiry);

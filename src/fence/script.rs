@@ -1,11 +1,15 @@
 //! The fence script: every fence operation is one atomic call of this Lua
 //! script, loaded once per upstream connection and called with `EVALSHA`.
 //!
-//! A fence is a hash next to its key (same hash slot) with fields
+//! A fence is a string next to its key (same hash slot), read with one
+//! `GET` and written with one `SET … PX` (fence.lua's `load` and `save`):
+//! `<v> <t> <h> <he>`, then `\n<name> <version> <at>` per outstanding miss.
 //! - `v`: the version, Redis `TIME` in µs or the previous version + 1,
 //!   whichever is larger, so it never repeats (C5);
 //! - `t`: when the key was last invalidated (Redis `TIME`, µs; `0` never);
-//! - `h`, `he`: the herd lease holder and its expiry (µs).
+//! - `h`, `he`: the herd lease holder (empty: none) and its expiry (µs);
+//! - a miss's name says whose it is (client address, proxy, connection),
+//!   so a ticket scope is a prefix of it.
 //!
 //! Numbers stay below 2^53 so Lua's doubles hold them exactly; they are
 //! written with `%.0f` and versions are compared as strings.

@@ -90,14 +90,15 @@ fn a_plain_store_is_judged_in_redis_against_the_clients_misses() {
         }
     );
     // op, fence ttl, scope, lease_ttl, lag, lag_refuse, nx, expect_fence,
-    // on_write, pending_delete, value, expiry words, the command.
+    // on_write, pending_delete, where the value is in the command, expiry
+    // words, the command (the value goes once).
     assert_eq!(args[0], "set");
     assert_eq!(args[2], "m|10.1.2.3|");
     assert_eq!(args[3], "10000000");
     assert_eq!(
         &args[6..],
         [
-            "0", "0", "write", "0", "v", "2", "EX", "10", "SET", "user:1", "v", "EX", "10"
+            "0", "0", "write", "0", "2", "2", "EX", "10", "SET", "user:1", "v", "EX", "10"
         ]
     );
     // Nothing counted yet: whether it was a fill or a write, Redis says.
@@ -109,9 +110,9 @@ fn setex_psetex_and_nx_are_plain_stores_too() {
     let fences = fences();
     let client = client(&fences);
     let (args, ..) = rewritten(plan(&client, "SETEX user:1 5 v"));
-    assert_eq!(&args[10..14], ["v", "2", "EX", "5"]);
+    assert_eq!(&args[10..14], ["3", "2", "EX", "5"]);
     let (args, ..) = rewritten(plan(&client, "PSETEX user:1 5 v"));
-    assert_eq!(&args[10..14], ["v", "2", "PX", "5"]);
+    assert_eq!(&args[10..14], ["3", "2", "PX", "5"]);
     let (args, ..) = rewritten(plan(&client, "SET user:1 v NX"));
     assert_eq!((args[6].as_str(), args[11].as_str()), ("1", "0"));
 }
