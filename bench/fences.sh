@@ -9,7 +9,11 @@
 #   2. the cache-aside miss->fill loop (bench/missfill.py: GET k -> nil, then
 #      SET k v EX 60 on the same connection, a fresh key every time): pairs/s
 #      and Redis cost per pair (INFO commandstats and INFO cpu of the scratch
-#      Redis, CONFIG RESETSTAT before each run).
+#      Redis, CONFIG RESETSTAT before each run), and Redis' bytes per pair;
+#   3. writes: SET (redis-benchmark -t set, c50 P16, c50 P1, c1 P1) and DEL
+#      of the keys that SET run just wrote (c50 P16): ops/s and Redis' CPU
+#      per operation (INFO cpu, main thread) - through fences on every SET
+#      is a fenced write and every DEL an invalidation, one script call each.
 # Each measurement is repeated BENCH_RUNS times in a rotating order and the
 # ratios are medians of per-run ratios, like bench/run.sh.
 #
@@ -25,6 +29,7 @@ RUNS=${BENCH_RUNS:-3}
 SCALE=${BENCH_N_SCALE:-1}
 N_P16=${BENCH_N_P16:-200000}
 N_P1=${BENCH_N_P1:-100000}
+N_C1=${BENCH_N_C1:-20000}
 VALUE_SIZE=${BENCH_VALUE_SIZE:-100}
 KEYSPACE=${BENCH_KEYSPACE:-100000}
 SERVER_CPU=${BENCH_SERVER_CPU:-0}
@@ -198,7 +203,7 @@ GET_SCRIPTS=$(($(calls_of evalsha) + $(calls_of eval)))
 
 # ---------------------------------------------- 2. cache-aside miss -> fill
 declare -A MF  # "target|run|name" -> value printed by missfill.py
-MF_NAMES=(pairs_per_s proxy_cpu_us_per_pair redis_cpu_us_per_pair cmd_us_per_pair scripts_per_pair
+MF_NAMES=(pairs_per_s proxy_cpu_us_per_pair redis_cpu_us_per_pair cmd_us_per_pair scripts_per_pair bytes_per_pair
     get_per_pair get_upc set_per_pair set_upc evalsha_per_pair evalsha_upc eval_calls eval_upc)
 
 run_fill() { # run_fill TARGET RUN
@@ -237,6 +242,56 @@ for run in $(seq 1 "$RUNS"); do
     n=${#TARGETS[@]}
     for i in $(seq 0 $((n - 1))); do
         run_fill "${TARGETS[$(((i + run - 1) % n))]}" "$run"
+    done
+done
+# ------------------------------------------------- 3. writes: SET and DEL
+W_LAYOUTS=(c50_P16 c50_P1 c1_P1)
+L_C[c1_P1]=1; L_P[c1_P1]=1; L_N[c1_P1]=$(scale_n "$N_C1"); L_LABEL[c1_P1]="c1 P1"
+WRITE_TARGETS=(redis off on)
+declare -A WRPS WCPU  # "op|layout|target|run" -> ops/s, Redis CPU us per op
+redis_cpu_s() { # Redis main-thread user+sys CPU seconds so far
+    R info cpu | tr -d '\r' | awk -F: '$1 == "used_cpu_sys_main_thread" || $1 == "used_cpu_user_main_thread" { s += $2 } END { printf "%.6f", s }'
+}
+bench_write() { # bench_write OP LAYOUT TARGET RUN: one redis-benchmark run of SET or DEL
+    local op=$1 layout=$2 target=$3 run=$4
+    local out="$WORK/$op.$layout.$target.$run" err="$WORK/$op.$layout.$target.$run.err"
+    local rc=0 problem="" rps c0 c1 what=(-t set)
+    [ "$op" = del ] && what=(DEL "key:__rand_int__")
+    c0=$(redis_cpu_s)
+    taskset -c "$CLIENT_CPU" timeout "$TIMEOUT" redis-benchmark -h "$HOST" -p "${PORT[$target]}" \
+        -c "${L_C[$layout]}" -P "${L_P[$layout]}" -n "${L_N[$layout]}" \
+        -d "$VALUE_SIZE" -r "$KEYSPACE" --csv "${what[@]}" >"$out" 2>"$err" || rc=$?
+    c1=$(redis_cpu_s)
+    [ "$rc" -eq 0 ] || problem="redis-benchmark exited with status $rc"
+    if grep -qiE '^(error|.*error from server|.*server closed the connection)' "$out" "$err" 2>/dev/null; then
+        problem="${problem:+$problem; }redis-benchmark reported errors"
+    fi
+    kill -0 "${PID[$target]}" 2>/dev/null || problem="${problem:+$problem; }${LABEL[$target]} is no longer running"
+    rps=$(awk -F, '$1 != "\"test\"" { gsub(/"/, "", $2); print $2; exit }' "$out")
+    if [[ ! "$rps" =~ ^[0-9]+(\.[0-9]+)?$ ]]; then
+        problem="${problem:+$problem; }no result"
+    else
+        WRPS["$op|$layout|$target|$run"]=$rps
+        WCPU["$op|$layout|$target|$run"]=$(awk -v a="$c0" -v b="$c1" -v n="${L_N[$layout]}" 'BEGIN { printf "%.2f", (b - a) * 1000000 / n }')
+    fi
+    if [ -n "$problem" ]; then
+        FAILED=1
+        log "FAILED $op ${L_LABEL[$layout]} ${LABEL[$target]} run $run: $problem"
+        sed 's/^/[fences]   | /' "$err" "$out" | grep -v 'WARNING: Could not fetch server CONFIG' | head -20 >&2 || true
+    else
+        log "$(printf '%-3s %-8s %-10s run %d: %s ops/s, Redis CPU %s us/op' "$op" "${L_LABEL[$layout]}" "${LABEL[$target]}" "$run" "$rps" "${WCPU["$op|$layout|$target|$run"]}")"
+    fi
+}
+log "writes: runs=$RUNS  n: P16=${L_N[c50_P16]} P1=${L_N[c50_P1]} c1=${L_N[c1_P1]}  -r $KEYSPACE"
+for layout in "${W_LAYOUTS[@]}"; do
+    for run in $(seq 1 "$RUNS"); do
+        n=${#WRITE_TARGETS[@]}
+        for i in $(seq 0 $((n - 1))); do
+            target=${WRITE_TARGETS[$(((i + run - 1) % n))]}
+            bench_write set "$layout" "$target" "$run"
+            # DEL right behind that target's own SET run: the same keys exist for each.
+            [ "$layout" = c50_P16 ] && bench_write del "$layout" "$target" "$run"
+        done
     done
 done
 log "fences measurements took $((SECONDS - START))s"
@@ -362,12 +417,47 @@ FILL_ONOFF=$(mf_ratio on off pairs_per_s)
 CPU_ONOFF=$(mf_ratio on off redis_cpu_us_per_pair)
 CMD_ONOFF=$(mf_ratio on off cmd_us_per_pair)
 PCPU_ONOFF=$(mf_ratio on off proxy_cpu_us_per_pair)
+mf_row "Redis bytes/pair (used_memory delta)" bytes_per_pair '%.1f'
+FENCE_BYTES=$(awk -v on="$(mf_median on bytes_per_pair)" -v r="$(mf_median redis bytes_per_pair)" 'BEGIN { if (on != "" && r != "") printf "%.1f", on - r }')
 echo "fences on / off: pairs/s $(fmt '%s' "$FILL_ONOFF"), cachefence CPU per pair $(fmt '%s' "$PCPU_ONOFF"), Redis CPU per pair $(fmt '%s' "$CPU_ONOFF"), Redis command time per pair $(fmt '%s' "$CMD_ONOFF")"
-echo "(with fences on, GET/SET calls include the GET in the miss script and the SET in the fill script;"
+echo "Redis bytes a fence keeps per cached key after its fill (on - redis): $(fmt '%s' "$FENCE_BYTES")"
+echo "(with fences on, GET/SET calls include the GETs and SETs the scripts run;"
 echo " command us/pair counts top-level commands only, a script with everything it runs)"
 
 echo
-echo "3. observability: fences on with the Prometheus endpoint on (metrics: latency timed per batch)"
+echo "3. writes: redis-benchmark -t set (-d $VALUE_SIZE -r $KEYSPACE), and DEL key:__rand_int__ right after each"
+echo "   target's own c50 P16 SET run; Redis CPU per op = INFO cpu (main thread) delta / requests; medians"
+w_median() { # w_median KIND OP LAYOUT TARGET: median over runs of WRPS or WCPU
+    local vals=() run v
+    for run in $(seq 1 "$RUNS"); do
+        if [ "$1" = rps ]; then v=${WRPS["$2|$3|$4|$run"]:-}; else v=${WCPU["$2|$3|$4|$run"]:-}; fi
+        [ -n "$v" ] && vals+=("$v")
+    done
+    median "${vals[@]}"
+}
+w_ratio() { # w_ratio OP LAYOUT A B: median over runs of rps(A)/rps(B) of the same run
+    local vals=() run a b
+    for run in $(seq 1 "$RUNS"); do
+        a=${WRPS["$1|$2|$3|$run"]:-}; b=${WRPS["$1|$2|$4|$run"]:-}
+        [ -n "$a" ] && [ -n "$b" ] && vals+=("$(ratio "$a" "$b")")
+    done
+    median "${vals[@]}"
+}
+header=$(printf '%-12s %10s | %10s %7s | %10s %7s %7s | %22s' op "redis rps" "fences off" "/redis" "fences on" "/redis" "on/off" "Redis CPU us/op r/off/on")
+echo "$header"
+echo "${header//?/-}"
+for row in set:c50_P16 set:c50_P1 set:c1_P1 del:c50_P16; do
+    op=${row%%:*}; layout=${row#*:}
+    printf '%-12s %10s | %10s %7s | %10s %7s %7s | %22s\n' "${op^^} ${L_LABEL[$layout]}" \
+        "$(fmt '%.0f' "$(w_median rps "$op" "$layout" redis)")" \
+        "$(fmt '%.0f' "$(w_median rps "$op" "$layout" off)")" "$(fmt '%s' "$(w_ratio "$op" "$layout" off redis)")" \
+        "$(fmt '%.0f' "$(w_median rps "$op" "$layout" on)")" "$(fmt '%s' "$(w_ratio "$op" "$layout" on redis)")" \
+        "$(fmt '%s' "$(w_ratio "$op" "$layout" on off)")" \
+        "$(w_median cpu "$op" "$layout" redis)/$(w_median cpu "$op" "$layout" off)/$(w_median cpu "$op" "$layout" on)"
+done
+
+echo
+echo "4. observability: fences on with the Prometheus endpoint on (metrics: latency timed per batch)"
 echo "   and with CACHE.EXPLAIN's history off (noexplain: explain_keys = 0); medians of per-run ratios"
 header=$(printf '%-40s %12s %14s %14s' "" "on / redis" "on+metrics/on" "on-explain/on")
 echo "$header"
@@ -403,6 +493,11 @@ check "miss->fill fence scripts per pair (on)" "$SCRIPTS_ON_R" "==" 2.00
 printf '  %-44s %10s  (report only)\n' "miss->fill pairs/s fences on / off" "${FILL_ONOFF:-n/a}"
 printf '  %-44s %10s  (report only)\n' "miss->fill cachefence CPU per pair on / off" "${PCPU_ONOFF:-n/a}"
 printf '  %-44s %10s  (report only)\n' "miss->fill Redis CPU per pair on / off" "${CPU_ONOFF:-n/a}"
+check "fenced SET c50 P16 / direct Redis" "$(w_ratio set c50_P16 on redis)" ">=" 0.50
+check "fenced SET c50 P1 / fences off" "$(w_ratio set c50_P1 on off)" ">=" 0.95
+W_CPU_RATIO=$(ratio "$(w_median cpu set c50_P16 on)" "$(w_median cpu set c50_P16 redis)")
+check "Redis CPU per fenced SET / plain SET (P16)" "$W_CPU_RATIO" "<=" 2.00
+check "fence bytes per cached key after its fill" "$FENCE_BYTES" "<=" 64
 
 if [ "$FAILED" -ne 0 ]; then
     echo

@@ -17,12 +17,16 @@ INFO cpu and INFO stats after. It prints `name=value` lines on stdout:
   scripts_per_pair                     (EVALSHA + EVAL calls) / pairs
   <cmd>_calls, <cmd>_usec, <cmd>_upc   commandstats for get, set, evalsha, eval
   other                                any other command seen, "name:calls,..."
+  bytes_per_pair                       Redis used_memory after the loop, less
+                                       before it, / pairs (the keys' memory
+                                       and, with fences on, what fences keep)
 
-Commands that a Lua script runs (GET, SET, HMGET, HSET, TIME, ...) are counted
-in commandstats too, and their time is part of the script's time, so
+Commands that a Lua script runs (GET, SET, DEL, TIME, ...) are counted in
+commandstats too, and their time is part of the script's time, so
 cmd_us_per_pair adds only the top-level commands: EVALSHA + EVAL, plus the
-client's own GETs (all of them reach Redis as GET) and the SETs that were not
-rewritten to a fill script, both at their command's average usec_per_call.
+client's own GETs (all of them reach Redis as GET) and, when no script ran
+(fences off, direct Redis), its SETs, at their command's average
+usec_per_call (which, with fences on, mixes in the scripts' own GETs).
 Exit status: 0 if the loop ran without errors, 1 otherwise.
 """
 
@@ -36,7 +40,8 @@ import time
 from resp import ReplyError, encode, parse
 
 ADMIN_COMMANDS = {"info", "config|resetstat", "flushall", "ping"}
-SCRIPT_ONLY = {"time", "hmget", "hset", "hget", "hdel", "pexpire"}
+# Commands only the fence script runs (their time is inside EVALSHA's).
+SCRIPT_ONLY = {"time", "del", "hmget", "hset", "hget", "hdel", "hgetall", "pexpire"}
 
 
 class Admin:
@@ -143,6 +148,7 @@ def main():
     if not a.no_flush:
         admin.call("FLUSHALL")
     admin.call("CONFIG", "RESETSTAT")
+    memory0 = int(admin.info("memory")["used_memory"])
     cpu0 = cpu_seconds(admin)
 
     def send(conn, data):
@@ -215,6 +221,7 @@ def main():
 
     cpu1 = cpu_seconds(admin)
     stats = commandstats(admin)
+    memory1 = int(admin.info("memory")["used_memory"])
     for conn in conns:
         conn.sock.close()
 
@@ -226,10 +233,9 @@ def main():
     evalsha_calls, evalsha_usec = cs("evalsha")
     eval_calls, eval_usec = cs("eval")
     scripts = evalsha_calls + eval_calls
-    # Each miss script runs GET once; the other script calls are fills.
-    miss_scripts = max(0, get_calls - gets)
-    fill_scripts = max(0, scripts - miss_scripts)
-    top_sets = max(0, pairs - fill_scripts)
+    # With fences on every pair is a GET, a miss script and a fill script:
+    # no SET reaches Redis on its own. Without, every pair is a GET and a SET.
+    top_sets = 0 if scripts else pairs
     upc = lambda calls, usec: usec / calls if calls else 0.0
     cmd_usec = (evalsha_usec + eval_usec
                 + upc(get_calls, get_usec) * gets
@@ -254,8 +260,7 @@ def main():
         "redis_cpu_us_per_pair": "%.3f" % ((cpu1 - cpu0) * 1e6 / p),
         "cmd_us_per_pair": "%.3f" % (cmd_usec / p),
         "scripts_per_pair": "%.3f" % (scripts / p),
-        "miss_scripts": miss_scripts,
-        "fill_scripts": fill_scripts,
+        "bytes_per_pair": "%.1f" % ((memory1 - memory0) / p),
         "other": ",".join(other) or "-",
     }
     for name, calls, usec in (("get", get_calls, get_usec), ("set", set_calls, set_usec),
