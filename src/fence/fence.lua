@@ -1,5 +1,7 @@
 -- cachefence fence script v4
-local op = ARGV[1]
+-- The keys and arguments of the operation being run: the call's own, or,
+-- in a batch (at the end), each operation's share of them in turn.
+local K, A = KEYS, ARGV
 local clock = redis.call('TIME')
 -- Times in a fence have 16 digits: µs since 1970 do from 2001 to 2286, and
 -- 0 (never) is written as 16 zeros. Fixed widths let `load` and `scan` cut
@@ -170,19 +172,19 @@ local function consume(f, name)
   f.rest = string.sub(rest, 1, from - 35) .. string.sub(rest, to + 1)
 end
 
--- Runs the client's command, ARGV[from] onwards. Lua's unpack stops near
+-- Runs the client's command, A[from] onwards. Lua's unpack stops near
 -- 8000 values, so a DEL, UNLINK or MSET with more arguments runs in chunks,
 -- still inside this one atomic script; DEL and UNLINK add up their counts.
 local function run_command(from)
-  local last = #ARGV
-  local name = string.upper(ARGV[from])
+  local last = #A
+  local name = string.upper(A[from])
   if last - from < 7000 or (name ~= 'DEL' and name ~= 'UNLINK' and name ~= 'MSET') then
-    return redis.pcall(unpack(ARGV, from, last))
+    return redis.pcall(unpack(A, from, last))
   end
   local total, reply = 0, nil
   -- Chunks of 6000 arguments keep MSET's pairs whole.
   for i = from + 1, last, 6000 do
-    reply = redis.pcall(name, unpack(ARGV, i, math.min(i + 5999, last)))
+    reply = redis.pcall(name, unpack(A, i, math.min(i + 5999, last)))
     if type(reply) == 'table' and reply.err then return reply end
     if name ~= 'MSET' then total = total + reply end
   end
@@ -190,8 +192,8 @@ local function run_command(from)
   return total
 end
 
--- Stores a fill: SET KEYS[1] to ARGV[value_at] with the client's expiry
--- words ARGV[first..last], unless the lag rule (C2) refuses it: a miss at
+-- Stores a fill: SET K[1] to A[value_at] with the client's expiry
+-- words A[first..last], unless the lag rule (C2) refuses it: a miss at
 -- `miss_at` less than `lag` after the key's last invalidation is stored with
 -- a TTL ending `lag` after that invalidation (the client's own expiry
 -- stands if it ends sooner), or refused with `lag_refuse`. The stored fill
@@ -206,7 +208,7 @@ local function store_fill(value_at, first, last, miss_at, lag, lag_refuse, nx, f
     if lag_end <= now then return 'lag_window' end
     local ends = math.huge
     for i = first, last - 1 do
-      local w, n = string.upper(ARGV[i]), tonumber(ARGV[i + 1])
+      local w, n = string.upper(A[i]), tonumber(A[i + 1])
       if w == 'EX' then ends = now + n * 1000000
       elseif w == 'PX' then ends = now + n * 1000
       elseif w == 'EXAT' then ends = n * 1000000
@@ -219,18 +221,18 @@ local function store_fill(value_at, first, last, miss_at, lag, lag_refuse, nx, f
   if pxat then
     -- The window's end replaces the client's expiry words.
     if nx then
-      stored = redis.pcall('SET', KEYS[1], ARGV[value_at], 'PXAT', pxat, 'NX')
+      stored = redis.pcall('SET', K[1], A[value_at], 'PXAT', pxat, 'NX')
     else
-      stored = redis.pcall('SET', KEYS[1], ARGV[value_at], 'PXAT', pxat)
+      stored = redis.pcall('SET', K[1], A[value_at], 'PXAT', pxat)
     end
   elseif nx then
-    stored = redis.pcall('SET', KEYS[1], ARGV[value_at], 'NX', unpack(ARGV, first, last))
+    stored = redis.pcall('SET', K[1], A[value_at], 'NX', unpack(A, first, last))
   else
-    stored = redis.pcall('SET', KEYS[1], ARGV[value_at], unpack(ARGV, first, last))
+    stored = redis.pcall('SET', K[1], A[value_at], unpack(A, first, last))
   end
   if type(stored) == 'table' and stored.err then return stored end
   if not stored then return 'nx' end
-  bump(KEYS[2], ARGV[2], false, f, lag > 0)
+  bump(K[2], A[2], false, f, lag > 0)
   return nil
 end
 
@@ -246,158 +248,188 @@ local function fill_reply(verdict, refuse)
   return refuse(verdict)
 end
 
-if op == 'miss' then
-  -- KEYS: key, fence. ARGV: op, fence_ttl_ms, lease_holder, lease_ms, claim
-  -- (wait|alone|force), the miss's name ('' for the lease API, whose token
-  -- is the ticket), lease_ttl_us, the connection's holder prefix.
-  local value = redis.call('GET', KEYS[1])
-  if value then return {1, value} end
-  local f = load(KEYS[2]) or {v = now16, t = zero, h = '', he = zero, rest = ''}
-  local leader = 0
-  local held = f.h ~= ''
-  local lapsed = f.he <= now16
-  local free = not held or lapsed or f.h == ARGV[3]
-  -- 'alone': the client has nothing else in flight on this connection, so
-  -- if the lease holder is an earlier miss of the same connection its fill
-  -- can only come after this reply (a client that sends one request at a
-  -- time): waiting would stall the connection for the whole hold.
-  local own = ARGV[5] == 'alone' and held and string.sub(f.h, 1, #ARGV[8]) == ARGV[8]
-  if free or ARGV[5] == 'force' or own then
-    if free then
-      f.h = ARGV[3]
-      f.he = fixed(now + tonumber(ARGV[4]) * 1000)
+-- Runs one operation, `op` being A[1].
+local function run(op)
+  if op == 'miss' then
+    -- KEYS: key, fence. ARGV: op, fence_ttl_ms, lease_holder, lease_ms, claim
+    -- (wait|alone|force), the miss's name ('' for the lease API, whose token
+    -- is the ticket), lease_ttl_us, the connection's holder prefix.
+    local value = redis.call('GET', K[1])
+    if value then return {1, value} end
+    local f = load(K[2]) or {v = now16, t = zero, h = '', he = zero, rest = ''}
+    local leader = 0
+    local held = f.h ~= ''
+    local lapsed = f.he <= now16
+    local free = not held or lapsed or f.h == A[3]
+    -- 'alone': the client has nothing else in flight on this connection, so
+    -- if the lease holder is an earlier miss of the same connection its fill
+    -- can only come after this reply (a client that sends one request at a
+    -- time): waiting would stall the connection for the whole hold.
+    local own = A[5] == 'alone' and held and string.sub(f.h, 1, #A[8]) == A[8]
+    if free or A[5] == 'force' or own then
+      if free then
+        f.h = A[3]
+        f.he = fixed(now + tonumber(A[4]) * 1000)
+      end
+      leader = 1
+      -- Only a miss that goes to the database is outstanding.
+      if A[6] ~= '' then
+        -- Misses that were never filled pile up (a row that does not
+        -- exist): their leader's herd lease lapsed instead of going with a
+        -- fill, so that is when expired ones are swept.
+        if held and lapsed then sweep(f, tonumber(A[7])) end
+        f.rest = f.rest .. '\n' .. f.v .. ' ' .. now16 .. ' ' .. A[6]
+      end
     end
-    leader = 1
-    -- Only a miss that goes to the database is outstanding.
-    if ARGV[6] ~= '' then
-      -- Misses that were never filled pile up (a row that does not
-      -- exist): their leader's herd lease lapsed instead of going with a
-      -- fill, so that is when expired ones are swept.
-      if held and lapsed then sweep(f, tonumber(ARGV[7])) end
-      f.rest = f.rest .. '\n' .. f.v .. ' ' .. now16 .. ' ' .. ARGV[6]
+    save(K[2], f, A[2])
+    return {0, f.v, f.t, now16, leader}
+  elseif op == 'fill' then
+    -- KEYS: key, fence. ARGV: op, fence_ttl_ms, version, miss_us, lag_us,
+    -- lag_refuse, nx, lease_holder, lease_us, value, then the client's
+    -- expiry words.
+    local f = load(K[2])
+    if not f then return {0, 'fence_missing'} end
+    -- A refused fill hands the herd lease back, so waiters stop waiting.
+    local function refuse(reason)
+      if f.h == A[8] then
+        f.h, f.he = '', zero
+        settle(K[2], f, A[5] ~= '0')
+      end
+      return {0, reason}
     end
-  end
-  save(KEYS[2], f, ARGV[2])
-  return {0, f.v, f.t, now16, leader}
-elseif op == 'fill' then
-  -- KEYS: key, fence. ARGV: op, fence_ttl_ms, version, miss_us, lag_us,
-  -- lag_refuse, nx, lease_holder, lease_us, value, then the client's
-  -- expiry words.
-  local f = load(KEYS[2])
-  if not f then return {0, 'fence_missing'} end
-  -- A refused fill hands the herd lease back, so waiters stop waiting.
-  local function refuse(reason)
-    if f.h == ARGV[8] then
-      f.h, f.he = '', zero
-      settle(KEYS[2], f, ARGV[5] ~= '0')
+    if f.v ~= A[3] then return refuse('fence_moved') end
+    if now - tonumber(A[4]) > tonumber(A[9]) then return refuse('expired') end
+    local verdict = store_fill(10, 11, #A, tonumber(A[4]),
+      tonumber(A[5]), A[6] == '1', A[7] == '1', f)
+    return fill_reply(verdict, refuse)
+  elseif op == 'set' then
+    -- A plain store of a fenced key whose miss, if any, the proxy cannot name
+    -- (pooled and multiplexed clients): a fill if a miss is outstanding in
+    -- the scope, judged by the OLDEST one and consuming the NEWEST; else a
+    -- write per on_write.
+    -- KEYS: key, fence. ARGV: op, fence_ttl_ms, scope prefix, lease_us,
+    -- lag_us, lag_refuse, nx, expect_fence, on_write (write|inval|reject),
+    -- pending_delete, where the value is in the client's command (2: SET,
+    -- 3: SETEX, PSETEX), count of expiry words, the expiry words, then the
+    -- client's command.
+    local f = load(K[2])
+    local words = 12 + tonumber(A[12])
+    -- A key with no fence has no miss outstanding: a write need not create
+    -- one, unless the lag window (C2) needs its invalidation time.
+    local lag = A[5] == '0' and 0 or tonumber(A[5])
+    local function write()
+      if A[9] == 'reject' then return {5} end
+      if A[9] == 'inval' then
+        redis.call('DEL', K[1])
+        bump(K[2], A[2], true, f, lag > 0)
+        return {4}
+      end
+      local reply = run_command(words + 1)
+      if type(reply) == 'table' and reply.err then return reply end
+      bump(K[2], A[2], true, f, lag > 0)
+      return {3, reply}
     end
-    return {0, reason}
-  end
-  if f.v ~= ARGV[3] then return refuse('fence_moved') end
-  if now - tonumber(ARGV[4]) > tonumber(ARGV[9]) then return refuse('expired') end
-  local verdict = store_fill(10, 11, #ARGV, tonumber(ARGV[4]),
-    tonumber(ARGV[5]), ARGV[6] == '1', ARGV[7] == '1', f)
-  return fill_reply(verdict, refuse)
-elseif op == 'set' then
-  -- A plain store of a fenced key whose miss, if any, the proxy cannot name
-  -- (pooled and multiplexed clients): a fill if a miss is outstanding in
-  -- the scope, judged by the OLDEST one and consuming the NEWEST; else a
-  -- write per on_write.
-  -- KEYS: key, fence. ARGV: op, fence_ttl_ms, scope prefix, lease_us,
-  -- lag_us, lag_refuse, nx, expect_fence, on_write (write|inval|reject),
-  -- pending_delete, where the value is in the client's command (2: SET,
-  -- 3: SETEX, PSETEX), count of expiry words, the expiry words, then the
-  -- client's command.
-  local f = load(KEYS[2])
-  local words = 12 + tonumber(ARGV[12])
-  -- A key with no fence has no miss outstanding: a write need not create
-  -- one, unless the lag window (C2) needs its invalidation time.
-  local lag = ARGV[5] == '0' and 0 or tonumber(ARGV[5])
-  local function write()
-    if ARGV[9] == 'reject' then return {5} end
-    if ARGV[9] == 'inval' then
-      redis.call('DEL', KEYS[1])
-      bump(KEYS[2], ARGV[2], true, f, lag > 0)
-      return {4}
+    if not f then
+      -- A fence lost between a miss here and this SET: nothing proves it fresh.
+      if A[8] == '1' then return {0, 'fence_missing'} end
+      return write()
     end
-    local reply = run_command(words + 1)
+    local live, old, oldest_v, oldest_at, consumed, consumed_v, expired =
+      scan(f, A[3], tonumber(A[4]))
+    if expired then sweep(f, tonumber(A[4])) end
+    if live == 0 and old == 0 then return write() end
+    consume(f, consumed)
+    local function refuse(reason)
+      -- The consumed miss goes; its herd lease goes back, so waiters stop waiting.
+      local connection, miss = string.match(consumed, '|([^|]*)|([^|]*)$')
+      if f.h == connection .. ':' .. miss then f.h, f.he = '', zero end
+      settle(K[2], f, lag > 0)
+      return {0, reason}
+    end
+    if A[10] == '1' then return refuse('pending_delete') end
+    if live == 0 then return refuse('expired') end
+    if oldest_v ~= f.v then
+      if consumed_v == f.v then return refuse('older_miss_outstanding') end
+      return refuse('fence_moved')
+    end
+    local verdict = store_fill(words + 1 + tonumber(A[11]), 13, words, oldest_at,
+      lag, A[6] == '1', A[7] == '1', f)
+    return fill_reply(verdict, refuse)
+  elseif op == 'write' or op == 'inval' then
+    -- KEYS: the command's keys, then the fences of the fenced ones.
+    -- ARGV: op, fence_ttl_ms, fenced_count, create ('1': a missing fence is
+    -- created, for the lag window's invalidation time), the command and its
+    -- arguments. A key with no fence has no miss outstanding, so without a
+    -- lag window nothing needs one. Without a command (inside MULTI, right
+    -- behind the client's own write), only the fences move.
+    local fenced = tonumber(A[3])
+    local reply = 0
+    if #A >= 5 then reply = run_command(5) end
     if type(reply) == 'table' and reply.err then return reply end
-    bump(KEYS[2], ARGV[2], true, f, lag > 0)
-    return {3, reply}
-  end
-  if not f then
-    -- A fence lost between a miss here and this SET: nothing proves it fresh.
-    if ARGV[8] == '1' then return {0, 'fence_missing'} end
-    return write()
-  end
-  local live, old, oldest_v, oldest_at, consumed, consumed_v, expired =
-    scan(f, ARGV[3], tonumber(ARGV[4]))
-  if expired then sweep(f, tonumber(ARGV[4])) end
-  if live == 0 and old == 0 then return write() end
-  consume(f, consumed)
-  local function refuse(reason)
-    -- The consumed miss goes; its herd lease goes back, so waiters stop waiting.
-    local connection, miss = string.match(consumed, '|([^|]*)|([^|]*)$')
-    if f.h == connection .. ':' .. miss then f.h, f.he = '', zero end
-    settle(KEYS[2], f, lag > 0)
-    return {0, reason}
-  end
-  if ARGV[10] == '1' then return refuse('pending_delete') end
-  if live == 0 then return refuse('expired') end
-  if oldest_v ~= f.v then
-    if consumed_v == f.v then return refuse('older_miss_outstanding') end
-    return refuse('fence_moved')
-  end
-  local verdict = store_fill(words + 1 + tonumber(ARGV[11]), 13, words, oldest_at,
-    lag, ARGV[6] == '1', ARGV[7] == '1', f)
-  return fill_reply(verdict, refuse)
-elseif op == 'write' or op == 'inval' then
-  -- KEYS: the command's keys, then the fences of the fenced ones.
-  -- ARGV: op, fence_ttl_ms, fenced_count, create ('1': a missing fence is
-  -- created, for the lag window's invalidation time), the command and its
-  -- arguments. A key with no fence has no miss outstanding, so without a
-  -- lag window nothing needs one. Without a command (inside MULTI, right
-  -- behind the client's own write), only the fences move.
-  local fenced = tonumber(ARGV[3])
-  local reply = 0
-  if #ARGV >= 5 then reply = run_command(5) end
-  if type(reply) == 'table' and reply.err then return reply end
-  for i = #KEYS - fenced + 1, #KEYS do
-    bump(KEYS[i], ARGV[2], true, load(KEYS[i]), ARGV[4] == '1')
-  end
-  return reply
-elseif op == 'randomkey' then
-  -- RANDOMKEY without the proxy's own keys. ARGV: op, draws, scan calls.
-  -- Random draws first; if they all find fences, a bounded SCAN for any
-  -- other key; nil if none was found.
-  -- The proxy's own keys (fences): `cachefence:{...` and `cachefence::...`
-  -- (script.rs `is_fence_key` says the same).
-  local function is_fence(name)
-    local prefix = string.sub(name, 1, 12)
-    return prefix == 'cachefence:{' or prefix == 'cachefence::'
-  end
-  for _ = 1, tonumber(ARGV[2]) do
-    local name = redis.call('RANDOMKEY')
-    if not name then return false end
-    if not is_fence(name) then return name end
-  end
-  local cursor = '0'
-  for _ = 1, tonumber(ARGV[3]) do
-    local batch = redis.call('SCAN', cursor, 'COUNT', 100)
-    for _, name in ipairs(batch[2]) do
+    for i = #K - fenced + 1, #K do
+      bump(K[i], A[2], true, load(K[i]), A[4] == '1')
+    end
+    return reply
+  elseif op == 'randomkey' then
+    -- RANDOMKEY without the proxy's own keys. ARGV: op, draws, scan calls.
+    -- Random draws first; if they all find fences, a bounded SCAN for any
+    -- other key; nil if none was found.
+    -- The proxy's own keys (fences): `cachefence:{...` and `cachefence::...`
+    -- (script.rs `is_fence_key` says the same).
+    local function is_fence(name)
+      local prefix = string.sub(name, 1, 12)
+      return prefix == 'cachefence:{' or prefix == 'cachefence::'
+    end
+    for _ = 1, tonumber(A[2]) do
+      local name = redis.call('RANDOMKEY')
+      if not name then return false end
       if not is_fence(name) then return name end
     end
-    cursor = batch[1]
-    if cursor == '0' then return false end
+    local cursor = '0'
+    for _ = 1, tonumber(A[3]) do
+      local batch = redis.call('SCAN', cursor, 'COUNT', 100)
+      for _, name in ipairs(batch[2]) do
+        if not is_fence(name) then return name end
+      end
+      cursor = batch[1]
+      if cursor == '0' then return false end
+    end
+    return false
+  elseif op == 'peek' then
+    -- KEYS: fence. For CACHE.FENCE.
+    local f = load(K[1])
+    if not f then return {false, false, false, false, now16, redis.call('PTTL', K[1]), 0} end
+    local _, outstanding = string.gsub(f.rest, '\n', '')
+    local h, he = false, false
+    if f.h ~= '' then h, he = f.h, f.he end
+    return {f.v, f.t, h, he, now16, redis.call('PTTL', K[1]), outstanding}
   end
-  return false
-elseif op == 'peek' then
-  -- KEYS: fence. For CACHE.FENCE.
-  local f = load(KEYS[1])
-  if not f then return {false, false, false, false, now16, redis.call('PTTL', KEYS[1]), 0} end
-  local _, outstanding = string.gsub(f.rest, '\n', '')
-  local h, he = false, false
-  if f.h ~= '' then h, he = f.h, f.he end
-  return {f.v, f.t, h, he, now16, redis.call('PTTL', KEYS[1]), outstanding}
+  return redis.error_reply('ERR cachefence: unknown fence op ' .. tostring(op))
 end
-return redis.error_reply('ERR cachefence: unknown fence op ' .. tostring(op))
+
+if ARGV[1] ~= 'batch' then return run(ARGV[1]) end
+-- A batch: the fenced commands a client pipelined, one operation each, run
+-- in order in this one call (one script call's fixed cost instead of one
+-- per command). ARGV: 'batch', n, then per operation its count of keys and
+-- of arguments, then every operation's arguments in order; KEYS: every
+-- operation's keys in order. The reply holds one element per operation,
+-- what that operation alone would have returned.
+local n = tonumber(ARGV[2])
+local replies = {}
+local key_at, arg_at = 1, 3 + 2 * n
+for i = 1, n do
+  local keys, args = tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])
+  K = {unpack(KEYS, key_at, key_at + keys - 1)}
+  A = {unpack(ARGV, arg_at, arg_at + args - 1)}
+  key_at, arg_at = key_at + keys, arg_at + args
+  local ok, reply = pcall(run, A[1])
+  if not ok then
+    -- A command that raised (a fence's own write refused, say) fails this
+    -- operation only, as it would have failed alone.
+    if type(reply) ~= 'table' or not reply.err then reply = redis.error_reply(tostring(reply)) end
+  elseif reply == nil then
+    reply = false
+  end
+  replies[i] = reply
+end
+return replies

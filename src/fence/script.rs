@@ -70,6 +70,33 @@ pub fn call_with_source(keys: &[&[u8]], args: &[&[u8]]) -> Bytes {
     command(&words)
 }
 
+/// Most operations in one batch call, and most keys and arguments one
+/// operation may have to go in a batch: the script slices each operation's
+/// share with Lua's `unpack`, which stops near 8000 values, and a batch's
+/// replies are held until all of it has run.
+pub const BATCH_MAX_OPS: usize = 64;
+pub const BATCH_MAX_WORDS: usize = 1024;
+
+/// Several calls as one (fence.lua's `batch`): ARGV `batch`, the count,
+/// each call's key and argument counts, then every call's arguments; KEYS
+/// every call's keys, in order. Its reply is an array with one element per
+/// call, each what that call alone would have answered.
+pub fn batch(calls: &[ScriptCall]) -> ScriptCall {
+    let mut keys = Vec::with_capacity(calls.iter().map(|c| c.keys.len()).sum());
+    let mut args = Vec::with_capacity(2 + calls.iter().map(|c| 2 + c.args.len()).sum::<usize>());
+    args.push(Bytes::from_static(b"batch"));
+    args.push(calls.len().to_string().into());
+    for call in calls {
+        args.push(call.keys.len().to_string().into());
+        args.push(call.args.len().to_string().into());
+    }
+    for call in calls {
+        keys.extend(call.keys.iter().cloned());
+        args.extend(call.args.iter().cloned());
+    }
+    ScriptCall::new(keys, args)
+}
+
 /// Keys and arguments of an invalidation: `DEL keys` and every key's fence
 /// moved (its invalidation time recorded), atomically.
 pub fn invalidation(keys: &[Bytes], fence_ttl: std::time::Duration) -> (Vec<Bytes>, Vec<Bytes>) {
@@ -153,6 +180,22 @@ mod tests {
         for key in [&b"user:42"[..], b"user:{42}:name", b"a{b}c{d}"] {
             assert_eq!(crc(&fence_key(key)), crc(key), "{key:?}");
         }
+    }
+
+    #[test]
+    fn a_batch_lists_each_calls_share_then_their_words() {
+        let one = ScriptCall::new(vec![b("k"), b("f")], vec![b("set"), b("1")]);
+        let two = ScriptCall::new(vec![b("d"), b("g")], vec![b("write"), b("2"), b("1")]);
+        let both = batch(&[one, two]);
+        assert_eq!(both.keys, [b("k"), b("f"), b("d"), b("g")]);
+        assert_eq!(
+            both.args,
+            ["batch", "2", "2", "2", "2", "3", "set", "1", "write", "2", "1"].map(b)
+        );
+    }
+
+    fn b(s: &'static str) -> Bytes {
+        Bytes::from_static(s.as_bytes())
     }
 
     #[test]

@@ -63,6 +63,10 @@ pub enum ScriptReply {
     /// The `RANDOMKEY` script ([`super::visible::random_key_call`]), sent
     /// after Redis' own `RANDOMKEY` drew a fence: a key, or nil.
     RandomKey,
+    /// Several pipelined writes and stores in one script call
+    /// ([`super::script::batch`]): one element per operation, each becoming
+    /// that command's reply as if it had run alone, in order.
+    Batch(Vec<ScriptReply>),
 }
 
 impl ScriptReply {
@@ -80,7 +84,23 @@ impl ScriptReply {
                 keys,
                 invalidation: Some(_),
             } => Some(keys.clone()),
+            ScriptReply::Batch(items) => {
+                let keys: Vec<Bytes> = items
+                    .iter()
+                    .filter_map(ScriptReply::invalidated_keys)
+                    .flatten()
+                    .collect();
+                (!keys.is_empty()).then_some(keys)
+            }
             _ => None,
+        }
+    }
+
+    /// How many client replies this becomes.
+    pub fn replies(&self) -> usize {
+        match self {
+            ScriptReply::Batch(items) => items.len(),
+            _ => 1,
         }
     }
 }
@@ -99,6 +119,9 @@ impl Client<'_> {
     /// Redis (the script could not run, or the client's own command failed
     /// inside it) is the client's reply as Redis sent it.
     pub fn translate(&self, reply: &ScriptReply, frame: &[u8], resp3: bool, db: u32) -> Bytes {
+        if let ScriptReply::Batch(items) = reply {
+            return self.batch_reply(items, frame, resp3, db);
+        }
         if let ScriptReply::Command { keys, .. } | ScriptReply::Ok { keys } = reply {
             // Writes and invalidations, the common case: no decoding needed.
             if matches!(frame.first(), Some(b'-' | b'!')) {
@@ -185,6 +208,41 @@ impl Client<'_> {
             }
             (_, Some(_)) => Bytes::copy_from_slice(frame),
         }
+    }
+
+    /// A batch's replies, one per operation in order. An array holds one
+    /// element per operation, each translated as that operation's own reply
+    /// (an error among them stays in its place); anything else is an error
+    /// for the whole call (`-NOSCRIPT` aside, which the session resends:
+    /// `-BUSY`, `-OOM`, `-READONLY`, `-NOPERM`…), which every operation
+    /// alone would have met too, so each gets it.
+    fn batch_reply(&self, items: &[ScriptReply], frame: &[u8], resp3: bool, db: u32) -> Bytes {
+        let mut out = bytes::BytesMut::with_capacity(frame.len() + 8 * items.len());
+        let header = memchr::memchr(b'\n', frame).map(|i| i + 1);
+        let elements = match (frame.first(), header) {
+            (Some(b'*'), Some(header)) => &frame[header..],
+            _ => {
+                items
+                    .iter()
+                    .for_each(|item| out.extend_from_slice(&self.translate(item, frame, resp3, db)));
+                return out.freeze();
+            }
+        };
+        let mut scanner = crate::resp::reply::ReplyScanner::default();
+        let mut start = 0;
+        for item in items {
+            let element: &[u8] = match scanner.advance(elements) {
+                Ok(Some(element)) => {
+                    let bytes = &elements[start..element.end];
+                    start = element.end;
+                    bytes
+                }
+                // Fewer elements than operations: not the script's reply.
+                _ => b"-ERR cachefence: the fence script's batch reply is short\r\n",
+            };
+            out.extend_from_slice(&self.translate(item, element, resp3, db));
+        }
+        out.freeze()
     }
 
     /// A fill script's verdict, counted and recorded, as the client's

@@ -78,6 +78,20 @@ impl Expect {
         }
     }
 
+    /// How many replies the client is owed for this expectation when no
+    /// frame from upstream will come (the upstream is gone): none for a
+    /// reply the proxy makes itself, one per command of a batch.
+    pub(super) fn replies(&self) -> usize {
+        match self {
+            _ if self.is_local() => 0,
+            Expect::Fence(fence) => match &**fence {
+                Intercept::Script { reply, .. } => reply.replies(),
+                _ => 1,
+            },
+            _ => 1,
+        }
+    }
+
     /// A reply the proxy makes itself (no frame from upstream answers it).
     pub(super) fn is_local(&self) -> bool {
         match self {

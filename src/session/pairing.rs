@@ -168,6 +168,12 @@ impl Pairing {
         self.pending.push_back(expect);
     }
 
+    /// The client sent several requests without waiting for a reply,
+    /// queued here as one expectation (a batch of fenced writes).
+    pub fn note_pipelined(&mut self) {
+        self.pipelined = true;
+    }
+
     /// Whether the client has ever pipelined on this connection (see
     /// `pipelined`); a client that never did sends one request at a time.
     pub fn has_pipelined(&self) -> bool {
@@ -290,7 +296,7 @@ impl Pairing {
         }
         let (mut owed, mut db) = (0, self.db);
         for expect in pending.iter().take_while(|e| !matches!(e, Expect::Closing)) {
-            owed += usize::from(!expect.is_local());
+            owed += expect.replies();
             match expect {
                 Expect::Select(selected) => db = *selected,
                 Expect::Fence(fence) => match &**fence {

@@ -447,7 +447,8 @@ fn inject(
         warn!("too many calls of the proxy's own in flight; releasing a reply unfenced");
         let release = match reply {
             ScriptReply::Miss { nil, .. } => Bytes::from_static(nil),
-            _ => Bytes::copy_from_slice(fallback),
+            // A batch owes one reply per command.
+            _ => Bytes::from(fallback.repeat(reply.replies())),
         };
         outbox.resolve(slot, release);
     }
