@@ -583,6 +583,31 @@ async fn fences_live_only_while_they_guard_something() {
     proxy.shutdown().await;
 }
 
+/// Under `ticket_scope = "connection"` (one connection per thread) a
+/// connection's own write takes back its own misses of the key: a thread
+/// that misses, then writes the key itself, has no fill pending (Redis'
+/// expire.tcl: GET x nil, DEL x, SETEX x 10 foo, TTL x is 10). Another
+/// connection's delete still refuses the stale fill (R1). Under the
+/// default scope (per client address) the connection's own DEL cannot be
+/// told from a pooled writer's, so the SETEX is refused there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connections_own_write_takes_back_its_misses_under_connection_scope() {
+    let scoped = "[[cache]]\npattern = \"*\"\non_write = \"write\"\nticket_scope = \"connection\"\n";
+    for (config, own_ttl) in [(scoped, ":10\r\n"), (FENCE_EVERY_KEY, ":-2\r\n")] {
+        let setup = Setup::new(Target::Cachefence(config)).await;
+        let (mut a, mut b) = (setup.client().await, setup.client().await);
+        assert_eq!(a.call("GET x").await, "$-1\r\n");
+        assert_eq!(a.call("DEL x").await, ":0\r\n");
+        assert_eq!(a.call("SETEX x 10 foo").await, "+OK\r\n");
+        assert_eq!(a.call("TTL x").await, own_ttl, "{config}");
+        // R1: another connection's delete between the miss and the fill.
+        assert_eq!(a.call("GET y").await, "$-1\r\n");
+        assert_eq!(b.call("DEL y").await, ":0\r\n");
+        assert_eq!(a.call("SET y stale EX 60").await, "+OK\r\n");
+        assert_eq!(cached(&mut b, "y").await, None, "{config}");
+    }
+}
+
 /// The token in a `[nil, token]` reply of `CACHE.GET`.
 fn lease_token(reply: &str) -> String {
     let (nil, rest) = reply

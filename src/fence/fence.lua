@@ -358,16 +358,30 @@ local function run(op)
   elseif op == 'write' or op == 'inval' then
     -- KEYS: the command's keys, then the fences of the fenced ones.
     -- ARGV: op, fence_ttl_ms, fenced_count, create ('1': a missing fence is
-    -- created, for the lag window's invalidation time), the command and its
-    -- arguments. A key with no fence has no miss outstanding, so without a
-    -- lag window nothing needs one. Without a command (inside MULTI, right
-    -- behind the client's own write), only the fences move.
+    -- created, for the lag window's invalidation time), own (below), the
+    -- command and its arguments. A key with no fence has no miss
+    -- outstanding, so without a lag window nothing needs one. Without a
+    -- command (inside MULTI, right behind the client's own write), only
+    -- the fences move.
+    -- own: under ticket_scope = "connection" (one connection per thread),
+    -- the connection's miss-name prefix: its own misses of these keys are
+    -- taken back, as a thread that misses, then writes the key itself,
+    -- fills nothing read before its own write (Redis' expire.tcl: GET x,
+    -- DEL x, SETEX x 10 foo). Another connection's write still leaves
+    -- them, to refuse their stale fills (R1).
     local fenced = tonumber(A[3])
+    local own = A[5]
     local reply = 0
-    if #A >= 5 then reply = run_command(5) end
+    if #A >= 6 then reply = run_command(6) end
     if type(reply) == 'table' and reply.err then return reply end
     for i = #K - fenced + 1, #K do
-      bump(K[i], A[2], true, load(K[i]), A[4] == '1')
+      local f = load(K[i])
+      if f and own ~= '' then
+        f.rest = string.gsub(f.rest, '\n%d+ %d+ (%S+)', function(name)
+          if string.sub(name, 1, #own) == own then return '' end
+        end)
+      end
+      bump(K[i], A[2], true, f, A[4] == '1')
     end
     return reply
   elseif op == 'randomkey' then

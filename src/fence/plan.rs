@@ -15,7 +15,7 @@ use super::client::Client;
 use super::history::{Source, What};
 use super::script::{ScriptCall, fence_key};
 use super::translate::ScriptReply;
-use super::{LagPolicy, OnStaleFill, OnWrite, Policy, Refusal, Scope, micros, millis};
+use super::{LagPolicy, OnStaleFill, OnWrite, Policy, Refusal, Scope, TicketScope, micros, millis};
 use crate::resp::command::{CacheOp, KeyspaceOp};
 use crate::resp::request::Frame;
 use crate::resp::value::Reply;
@@ -162,7 +162,9 @@ impl Client<'_> {
             CacheOp::Write => self.write(scope, command, &words, vec![key.clone()]),
             CacheOp::Delete => {
                 let keys = words[1..].to_vec();
-                let call = command_call(scope, "inval", &words, &keys)?;
+                let own = self.scope_prefix(TicketScope::Connection);
+                let call = command_call(scope, "inval", &words, &keys, &own)?;
+                self.forget_own_misses(&call, &keys);
                 self.fences.stats.invalidations.inc();
                 self.fences.stats.keys_invalidated_client.add(keys.len() as u64);
                 Some(rewrite(
@@ -300,13 +302,17 @@ impl Client<'_> {
             OnWrite::Invalidate if store_only(command, words) && policies.len() == keys.len() => {
                 let mut del = vec![Bytes::from_static(b"DEL")];
                 del.extend(keys.iter().cloned());
-                let call = command_call(scope, "inval", &del, &keys).expect("fenced keys");
+                let own = self.scope_prefix(TicketScope::Connection);
+                let call = command_call(scope, "inval", &del, &keys, &own).expect("fenced keys");
+                self.forget_own_misses(&call, &keys);
                 self.fences.stats.invalidations.inc();
                 self.fences.stats.keys_invalidated_client.add(keys.len() as u64);
                 rewrite(call, ScriptReply::Ok { keys: keys.clone() })
             }
             _ => {
-                let call = command_call(scope, "write", words, &keys).expect("fenced keys");
+                let own = self.scope_prefix(TicketScope::Connection);
+                let call = command_call(scope, "write", words, &keys, &own).expect("fenced keys");
+                self.forget_own_misses(&call, &keys);
                 self.fences.stats.writes.inc();
                 self.record_fenced(scope, &keys, What::Write);
                 rewrite(
@@ -318,6 +324,18 @@ impl Client<'_> {
                 )
             }
         })
+    }
+
+    /// Under `ticket_scope = "connection"` a write takes back the
+    /// connection's own misses of its keys (see [`command_call`]): no fill
+    /// of theirs is coming, so the memory of them here goes too (else the
+    /// SET that follows would be refused as a fill whose fence was lost).
+    fn forget_own_misses(&self, call: &ScriptCall, keys: &[Bytes]) {
+        if call.args.get(COMMAND_AT - 1).is_some_and(|own| !own.is_empty()) {
+            for key in keys {
+                self.fences.take_recent_miss(key, std::time::Duration::ZERO);
+            }
+        }
     }
 
     /// The proxy's miss script for a nil `GET`; `claim` says whether it
@@ -363,12 +381,16 @@ pub(crate) fn rejected(key: &[u8]) -> Reply {
 }
 
 /// A `write`/`inval` call running `words` (the command) on `keys`, moving
-/// the fences of the fenced ones; `None` if none is fenced.
+/// the fences of the fenced ones; `None` if none is fenced. `own` is the
+/// connection's own miss-name prefix: where every fenced key's policy has
+/// `ticket_scope = "connection"`, the write also takes back the
+/// connection's own misses of those keys (see fence.lua `write`).
 pub(crate) fn command_call(
     scope: &Scope,
     op: &'static str,
     words: &[Bytes],
     keys: &[Bytes],
+    own: &str,
 ) -> Option<ScriptCall> {
     let fenced: Vec<(&Bytes, &Policy)> = keys
         .iter()
@@ -387,11 +409,19 @@ pub(crate) fn command_call(
     // A missing fence is created only where the lag window (C2) needs the
     // invalidation time: a key without a fence has no miss outstanding.
     let create = fenced.iter().any(|(_, p)| !p.lag_window.is_zero());
+    let own = match fenced
+        .iter()
+        .all(|(_, p)| p.ticket_scope == TicketScope::Connection)
+    {
+        true => Bytes::copy_from_slice(own.as_bytes()),
+        false => Bytes::new(),
+    };
     let mut args = vec![
         Bytes::from(op),
         millis(ttl).into(),
         fenced.len().to_string().into(),
         Bytes::from_static(if create { b"1" } else { b"0" }),
+        own,
     ];
     debug_assert_eq!(args.len(), COMMAND_AT, "after_command cuts the command here");
     args.extend(words.iter().cloned());
@@ -413,7 +443,7 @@ pub(crate) fn after_command(mut call: ScriptCall, reply: &ScriptReply) -> Script
 }
 
 /// Where the command starts in a `write`/`inval` call's arguments.
-const COMMAND_AT: usize = 4;
+const COMMAND_AT: usize = 5;
 
 pub(super) fn stale_reply(why: Refusal, rules: &Policy) -> Reply {
     match rules.on_stale_fill {

@@ -109,6 +109,8 @@ pub fn invalidation(keys: &[Bytes], fence_ttl: std::time::Duration) -> (Vec<Byte
         // Created if missing: these invalidations (retried deletes, the
         // change log, CACHE.INVALIDATE) keep their invalidation time.
         Bytes::from_static(b"1"),
+        // No connection's misses are taken back.
+        Bytes::new(),
         Bytes::from_static(b"DEL"),
     ];
     args.extend(keys.iter().cloned());

@@ -218,7 +218,8 @@ fn on_write_travels_with_a_plain_store_and_decides_other_writes_here() {
     // A key that is not a cache is never deleted with the cache keys.
     let (args, _, _) = rewritten(plan(&client, "MSET gone:1 a session:1 b"));
     assert_eq!(args[0], "write");
-    assert_eq!(&args[4..], ["MSET", "gone:1", "a", "session:1", "b"]);
+    // No connection's own misses are taken back (the scope is per client).
+    assert_eq!(&args[4..], ["", "MSET", "gone:1", "a", "session:1", "b"]);
     // The strictest rule among the keys wins.
     match plan(&client, "MSET user:1 a rejected:1 b") {
         Some(Plan::Local(Reply::Error(text))) => assert!(
@@ -241,4 +242,16 @@ fn wrong_arity_goes_as_it_is_for_redis_own_error() {
     ] {
         assert!(plan(&client, line).is_none(), "{line}");
     }
+}
+
+#[test]
+fn a_write_under_connection_scope_takes_back_the_connections_own_misses() {
+    let fences = fences();
+    let client = client(&fences);
+    let own = client.scope_prefix(TicketScope::Connection);
+    let (args, ..) = rewritten(plan(&client, "DEL own:1"));
+    assert_eq!(&args[4..], [own.as_str(), "DEL", "own:1"]);
+    // Not when a key of another scope is in the same command.
+    let (args, ..) = rewritten(plan(&client, "DEL own:1 user:1"));
+    assert_eq!(&args[4..], ["", "DEL", "own:1", "user:1"]);
 }
