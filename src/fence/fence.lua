@@ -424,18 +424,29 @@ end
 if ARGV[1] ~= 'batch' then return run(ARGV[1]) end
 -- A batch: the fenced commands a client pipelined, one operation each, run
 -- in order in this one call (one script call's fixed cost instead of one
--- per command). ARGV: 'batch', n, then per operation its count of keys and
--- of arguments, then every operation's arguments in order; KEYS: every
--- operation's keys in order. The reply holds one element per operation,
--- what that operation alone would have returned.
+-- per command). ARGV: 'batch', n, then per operation its shape (keys *
+-- 10^8 + arguments * 10^4 + how many leading arguments are the previous
+-- operation's), then each operation's own arguments in order; KEYS: every
+-- operation's keys in order (script.rs `batch`). The reply holds one
+-- element per operation, what that operation alone would have returned.
 local n = tonumber(ARGV[2])
 local replies = {}
-local key_at, arg_at = 1, 3 + 2 * n
+local key_at, arg_at, last = 1, 3 + n, 0
+A = {}
 for i = 1, n do
-  local keys, args = tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])
+  local shape = tonumber(ARGV[2 + i])
+  local keys = math.floor(shape / 100000000)
+  local args = math.floor(shape / 10000) % 10000
   K = {unpack(KEYS, key_at, key_at + keys - 1)}
-  A = {unpack(ARGV, arg_at, arg_at + args - 1)}
-  key_at, arg_at = key_at + keys, arg_at + args
+  key_at = key_at + keys
+  -- A keeps the previous operation's leading arguments that this one
+  -- shares; the rest come from ARGV, and what is past its end goes.
+  for j = shape % 10000 + 1, args do
+    A[j] = ARGV[arg_at]
+    arg_at = arg_at + 1
+  end
+  for j = args + 1, last do A[j] = nil end
+  last = args
   -- The client's commands run with redis.pcall: their errors are replies
   -- (a WRONGTYPE stays in its place). A fence's own write comes after the
   -- client's write succeeded, and a script that wrote may go on writing
