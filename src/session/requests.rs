@@ -312,22 +312,25 @@ fn frame_requests(
             (Some(_), _) => Class::Intercepted,
         };
         classes[class as usize] += 1;
-        let plan = match plan {
-            Some(Plan::Rewrite(
-                call,
-                Intercept::Script {
-                    reply, slot: None, ..
-                },
-            )) if !queued && Run::takes(&call, &reply) => {
+        // Matched by reference: moving the plan costs every command (a GET
+        // hit too) a copy of it.
+        let joins_run = matches!(
+            &plan,
+            Some(Plan::Rewrite(call, Intercept::Script { reply, slot: None, .. }))
+                if !queued && Run::takes(call, reply)
+        );
+        if joins_run {
+            if let Some(Plan::Rewrite(call, Intercept::Script { reply, .. })) = plan {
                 run.push(call, reply, start..batch.complete);
-                if run.calls.len() == BATCH_MAX_OPS {
-                    run.flush(buf, &mut batch.rewritten, &mut copied, &mut pairing, fence);
-                }
-                continue;
             }
-            plan => plan,
-        };
-        run.flush(buf, &mut batch.rewritten, &mut copied, &mut pairing, fence);
+            if run.calls.len() == BATCH_MAX_OPS {
+                run.flush(buf, &mut batch.rewritten, &mut copied, &mut pairing, fence);
+            }
+            continue;
+        }
+        if !run.calls.is_empty() {
+            run.flush(buf, &mut batch.rewritten, &mut copied, &mut pairing, fence);
+        }
         let (replacement, expect) = match plan {
             // In MULTI: the client's write goes as sent, the proxy's call
             // that moves its fences right behind it (with the script's
