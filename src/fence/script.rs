@@ -3,16 +3,20 @@
 //!
 //! A fence is a string next to its key (same hash slot), read with one
 //! `GET` and written with one `SET … PX` (fence.lua's `load` and `save`):
-//! `<v> <t> <h> <he>`, then `\n<name> <version> <at>` per outstanding miss.
+//! `<v> <t>`, then ` <he> <h>` while a herd lease is held, then
+//! `\n<version> <at> <name>` per outstanding miss.
 //! - `v`: the version, Redis `TIME` in µs or the previous version + 1,
 //!   whichever is larger, so it never repeats (C5);
-//! - `t`: when the key was last invalidated (Redis `TIME`, µs; `0` never);
-//! - `h`, `he`: the herd lease holder (empty: none) and its expiry (µs);
+//! - `t`: when the key was last invalidated (Redis `TIME`, µs; 0 never);
+//! - `he`, `h`: the herd lease's expiry (µs) and holder;
 //! - a miss's name says whose it is (client address, proxy, connection),
 //!   so a ticket scope is a prefix of it.
 //!
-//! Numbers stay below 2^53 so Lua's doubles hold them exactly; they are
-//! written with `%.0f` and versions are compared as strings.
+//! Times are written with 16 digits (µs since 1970 have 16 from 2001 to
+//! 2286; 0 as 16 zeros), so they compare as strings and stay below 2^53,
+//! which Lua's doubles hold exactly. A fence lives only while it guards
+//! something: a miss outstanding, a herd lease, or an invalidation time
+//! the lag window needs.
 
 use bytes::Bytes;
 
@@ -70,10 +74,10 @@ pub fn call_with_source(keys: &[&[u8]], args: &[&[u8]]) -> Bytes {
     command(&words)
 }
 
-/// Most operations in one batch call, and most keys and arguments one
-/// operation may have to go in a batch: the script slices each operation's
-/// share with Lua's `unpack`, which stops near 8000 values, and a batch's
-/// replies are held until all of it has run.
+/// Most operations in one batch call (its replies wait until all of it has
+/// run), and most keys and arguments one operation may have to go in a
+/// batch (an operation's shape packs its counts below 10^4, and the script
+/// takes its keys with Lua's `unpack`, which stops near 8000 values).
 pub const BATCH_MAX_OPS: usize = 64;
 pub const BATCH_MAX_WORDS: usize = 1024;
 
