@@ -320,7 +320,9 @@ local function run(op)
     local function write()
       if A[9] == 'reject' then return {5} end
       if A[9] == 'inval' then
-        redis.call('DEL', K[1])
+        -- As the client's own commands: an error (-READONLY) is the reply.
+        local deleted = redis.pcall('DEL', K[1])
+        if type(deleted) == 'table' and deleted.err then return deleted end
         bump(K[2], A[2], true, f, lag > 0)
         return {4}
       end
@@ -447,13 +449,13 @@ for i = 1, n do
   end
   for j = args + 1, last do A[j] = nil end
   last = args
-  -- The client's commands run with redis.pcall: their errors are replies
-  -- (a WRONGTYPE stays in its place). A fence's own write comes after the
-  -- client's write succeeded, and a script that wrote may go on writing
-  -- (no -OOM then). What can still raise (a read-only replica's -READONLY
-  -- to the DEL of on_write = "invalidate", say) fails the whole call, and
-  -- each command gets that error, as each alone would. (A pcall per
-  -- operation would cost 0.3 µs.)
+  -- The client's commands (and the DEL that replaces a SET under
+  -- on_write = "invalidate") run with redis.pcall: their errors are
+  -- replies (a WRONGTYPE stays in its place). A fence's own write comes
+  -- after the client's write succeeded, and a script that wrote may go on
+  -- writing (no -OOM or -READONLY then). So nothing is expected to raise;
+  -- if something did, the whole call fails and each command gets that
+  -- error. (A pcall per operation would cost 0.3 µs.)
   local reply = run(A[1])
   if reply == nil then reply = false end
   replies[i] = reply
