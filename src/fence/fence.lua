@@ -7,8 +7,9 @@ local clock = redis.call('TIME')
 -- 0 (never) is written as 16 zeros. Fixed widths let `load` and `scan` cut
 -- fields with string.sub, and compare them as strings. In a script this
 -- short, turning numbers into strings and back is what costs (string.format
--- about 0.5 µs, tonumber 0.2 µs, a concatenation 0.05 µs), so both are kept
--- off the paths every miss and fill take.
+-- about 0.4 µs, tonumber 0.1 µs, a concatenation or string.sub 0.05 µs:
+-- bench/lua_costs.py), so both are kept off the paths every miss and fill
+-- take.
 local now16 = clock[1] .. string.sub('00000' .. clock[2], -6)
 local now = tonumber(now16)
 local function fmt(n) return string.format('%.0f', n) end
@@ -453,11 +454,15 @@ for i = 1, n do
   -- on_write = "invalidate") run with redis.pcall: their errors are
   -- replies (a WRONGTYPE stays in its place). A fence's own write comes
   -- after the client's write succeeded, and a script that wrote may go on
-  -- writing (no -OOM or -READONLY then). So nothing is expected to raise;
-  -- if something did, the whole call fails and each command gets that
-  -- error. (A pcall per operation would cost 0.3 µs.)
-  local reply = run(A[1])
-  if reply == nil then reply = false end
+  -- writing (no -OOM or -READONLY then), so nothing is expected to raise;
+  -- should something, it fails this operation only (a pcall costs about
+  -- 0.06 µs, bench/lua_costs.py).
+  local ok, reply = pcall(run, A[1])
+  if not ok then
+    if type(reply) ~= 'table' or not reply.err then reply = redis.error_reply(tostring(reply)) end
+  elseif reply == nil then
+    reply = false
+  end
   replies[i] = reply
 end
 return replies
