@@ -7,7 +7,9 @@ GET+SET, in the same run on one scratch Redis (pinned to CPU 0 when
 For each: the script's time from INFO commandstats (µs per miss and per
 fill, the commands it runs included), Redis' whole CPU per pair from INFO
 cpu (parsing and replies included; pipelines of 1000), and the fence's
-bytes (MEMORY USAGE) with one miss outstanding and after the fill.
+bytes (MEMORY USAGE) with one miss outstanding and after the fill. Then
+the working tree's Redis time per SET inside batches of 16 pipelined SETs
+(one script call, #17) against plain SET.
 
 Usage: python3 bench/fence_script_cost.py [REV] [ROUNDS]   (default REV:
 9bf6780, the script before outstanding misses moved into the fence;
@@ -135,6 +137,50 @@ for name, rows in results.items():
     ratio = sorted(cpus)[rounds // 2] / plain_cpu
     print(f'{label:28s} {summary([m for m, _, _ in rows]):>18s} {summary([f for _, f, _ in rows]):>18s}'
           f' {summary(cpus):>20s} {ratio:12.2f}')
+
+# Pipelined writes as one batch call (#17): Redis time per SET (no fence
+# on the key, on_write = write) inside 16-SET batches of the working tree's
+# script, against plain SET, from commandstats.
+def batch_call(ops):
+    """script.rs `batch`: shapes, then each op's arguments not shared."""
+    keys, own, shapes, previous = [], [], [], []
+    for op_keys, args in ops:
+        args = [str(a) for a in args]
+        shared = 0
+        while shared < min(len(previous), len(args)) and previous[shared] == args[shared]:
+            shared += 1
+        shapes.append(str(len(op_keys) * 10**8 + len(args) * 10**4 + shared))
+        keys += op_keys
+        own += args[shared:]
+        previous = args
+    return keys, ['batch', str(len(ops)), *shapes, *own]
+
+
+if 'batch' in scripts['working tree']:
+    sha = loaded['working tree'].sha
+    per_set = {'batch of 16': [], 'plain SET': []}
+    for rnd in range(rounds):
+        r.flushall()
+        r.config_resetstat()
+        pipe = r.pipeline(transaction=False)
+        for b in range(N // 16):
+            ops = []
+            for j in range(16):
+                k = f'w:{rnd}:{b * 16 + j}'
+                ops.append(([k, 'cachefence:{' + k + '}'],
+                            ['set', 11000, 'm|127.0.0.1|', 10000000, 0, 0, 0, 0, 'write', 0, 2, 0, 'SET', k, 'xxx']))
+            keys, args = batch_call(ops)
+            pipe.evalsha(sha, len(keys), *keys, *args)
+        pipe.execute()
+        per_set['batch of 16'].append(r.info('commandstats')['cmdstat_evalsha']['usec'] / N)
+        r.config_resetstat()
+        pipe = r.pipeline(transaction=False)
+        for i in range(N):
+            pipe.set(f'w:{rnd}:{i}', 'xxx')
+        pipe.execute()
+        per_set['plain SET'].append(r.info('commandstats')['cmdstat_set']['usec'] / N)
+    for name, values in per_set.items():
+        print(f'Redis µs per SET, {name:12s}: {summary(values)}')
 
 # The fence's bytes: with one miss outstanding, and after the fill.
 r.flushall()
