@@ -162,7 +162,7 @@ impl Client<'_> {
             CacheOp::Write => self.write(scope, command, &words, vec![key.clone()]),
             CacheOp::Delete => {
                 let keys = words[1..].to_vec();
-                let own = self.scope_prefix(TicketScope::Connection);
+                let own = || self.scope_prefix(TicketScope::Connection);
                 let call = command_call(scope, "inval", &words, &keys, &own)?;
                 self.forget_own_misses(&call, &keys);
                 self.fences.stats.invalidations.inc();
@@ -302,7 +302,7 @@ impl Client<'_> {
             OnWrite::Invalidate if store_only(command, words) && policies.len() == keys.len() => {
                 let mut del = vec![Bytes::from_static(b"DEL")];
                 del.extend(keys.iter().cloned());
-                let own = self.scope_prefix(TicketScope::Connection);
+                let own = || self.scope_prefix(TicketScope::Connection);
                 let call = command_call(scope, "inval", &del, &keys, &own).expect("fenced keys");
                 self.forget_own_misses(&call, &keys);
                 self.fences.stats.invalidations.inc();
@@ -310,7 +310,7 @@ impl Client<'_> {
                 rewrite(call, ScriptReply::Ok { keys: keys.clone() })
             }
             _ => {
-                let own = self.scope_prefix(TicketScope::Connection);
+                let own = || self.scope_prefix(TicketScope::Connection);
                 let call = command_call(scope, "write", words, &keys, &own).expect("fenced keys");
                 self.forget_own_misses(&call, &keys);
                 self.fences.stats.writes.inc();
@@ -381,16 +381,16 @@ pub(crate) fn rejected(key: &[u8]) -> Reply {
 }
 
 /// A `write`/`inval` call running `words` (the command) on `keys`, moving
-/// the fences of the fenced ones; `None` if none is fenced. `own` is the
-/// connection's own miss-name prefix: where every fenced key's policy has
-/// `ticket_scope = "connection"`, the write also takes back the
+/// the fences of the fenced ones; `None` if none is fenced. `own` gives
+/// the connection's own miss-name prefix: where every fenced key's policy
+/// has `ticket_scope = "connection"`, the write also takes back the
 /// connection's own misses of those keys (see fence.lua `write`).
 pub(crate) fn command_call(
     scope: &Scope,
     op: &'static str,
     words: &[Bytes],
     keys: &[Bytes],
-    own: &str,
+    own: &dyn Fn() -> String,
 ) -> Option<ScriptCall> {
     let fenced: Vec<(&Bytes, &Policy)> = keys
         .iter()
@@ -413,7 +413,7 @@ pub(crate) fn command_call(
         .iter()
         .all(|(_, p)| p.ticket_scope == TicketScope::Connection)
     {
-        true => Bytes::copy_from_slice(own.as_bytes()),
+        true => Bytes::from(own()),
         false => Bytes::new(),
     };
     let mut args = vec![
