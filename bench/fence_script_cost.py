@@ -16,9 +16,9 @@ Usage: python3 bench/fence_script_cost.py [REV] [ROUNDS]   (default REV:
 ROUNDS 12). Needs redis-py (bench/requirements-client-models.txt) and
 redis-server.
 """
-import os, shutil, socket, subprocess, sys, time
+import os, subprocess, sys
 
-import redis
+from scratch_redis import start
 
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 rev = sys.argv[1] if len(sys.argv) > 1 else '9bf6780'
@@ -28,21 +28,7 @@ scripts = {
                         check=True, capture_output=True, text=True).stdout,
     'working tree': open(os.path.join(root, 'src/fence/fence.lua')).read(),
 }
-with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
-pin = ['taskset', '-c', '0'] if shutil.which('taskset') else []
-p = subprocess.Popen(pin + ['redis-server', '--bind', '127.0.0.1', '--port', str(port),
-                            '--save', '', '--appendonly', 'no'], stdout=subprocess.DEVNULL)
-r = redis.Redis(port=port)
-for _ in range(50):
-    try:
-        r.ping()
-        break
-    except redis.ConnectionError:
-        time.sleep(0.1)
-else:
-    sys.exit('redis-server did not start')
+p, r = start()
 N, BATCH = 20000, 1000
 
 

@@ -6,9 +6,7 @@ INFO commandstats, divided by 10 000, is printed in ns (best of 5).
 Usage: python3 bench/lua_costs.py   (needs redis-py,
 bench/requirements-client-models.txt, and redis-server)
 """
-import shutil, socket, subprocess, sys, time
-
-import redis
+from scratch_redis import start
 
 STEPS = {
     'empty loop': "x = i",
@@ -34,21 +32,7 @@ PRELUDE = ("local clock = redis.call('TIME') "
            "local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2]) local x\n")
 ARGS = [str(i) for i in range(15)]
 
-with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
-pin = ['taskset', '-c', '0'] if shutil.which('taskset') else []
-p = subprocess.Popen(pin + ['redis-server', '--bind', '127.0.0.1', '--port', str(port),
-                            '--save', '', '--appendonly', 'no'], stdout=subprocess.DEVNULL)
-r = redis.Redis(port=port)
-for _ in range(50):
-    try:
-        r.ping()
-        break
-    except redis.ConnectionError:
-        time.sleep(0.1)
-else:
-    sys.exit('redis-server did not start')
+p, r = start()
 try:
     base = None
     for name, body in STEPS.items():

@@ -12,7 +12,6 @@ local clock = redis.call('TIME')
 -- take.
 local now16 = clock[1] .. string.sub('00000' .. clock[2], -6)
 local now = tonumber(now16)
-local function fmt(n) return string.format('%.0f', n) end
 local function fixed(n) return string.format('%016.0f', n) end
 local zero = '0000000000000000'
 
@@ -215,7 +214,7 @@ local function store_fill(value_at, first, last, miss_at, lag, lag_refuse, nx, f
       elseif w == 'EXAT' then ends = n * 1000000
       elseif w == 'PXAT' then ends = n * 1000 end
     end
-    if lag_end < ends then pxat = fmt(math.ceil(lag_end / 1000)) end
+    if lag_end < ends then pxat = string.format('%.0f', math.ceil(lag_end / 1000)) end
   end
   -- No argument table: this is every fill's path.
   local stored
