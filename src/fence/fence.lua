@@ -17,9 +17,11 @@ local zero = '0000000000000000'
 
 -- A fence is one string, read with one GET and written with one SET (as a
 -- hash it took HMGET or HGETALL, HSET, HDEL and PEXPIRE):
---   `<v> <t>`, then ` <he> <h>` while a herd lease is held, then per
---   outstanding miss `\n<version> <at> <name>`
--- v: the version; t: the last invalidation (0: never); he, h: the herd
+--   `<v> <t>`, then `|<p>` where the lag window needs it, then ` <he> <h>`
+--   while a herd lease is held, then per outstanding miss
+--   `\n<version> <at> <name>`
+-- v: the version; t: the last invalidation (0: never); p: the one before
+-- it (absent: unknown, taken as t; see `store_fill`); he, h: the herd
 -- lease's expiry and holder; a miss's fence version and time. A miss's
 -- name is `m|<client ip>|<proxy instance>:<connection>|<miss>`; a scope is
 -- a prefix of it ('m|' every client, 'm|<ip>|' one client address,
@@ -37,29 +39,36 @@ local function load(fence)
   end
   if not s or #s < 33 or string.byte(s, 17) ~= 32 then return nil end
   local f = {v = string.sub(s, 1, 16), t = string.sub(s, 18, 33), he = zero, h = '', rest = ''}
-  local next_byte = string.byte(s, 34)
+  local o = 34
+  local next_byte = string.byte(s, o)
+  if next_byte == 124 then
+    f.p = string.sub(s, 35, 50)
+    o = 51
+    next_byte = string.byte(s, o)
+  end
   if next_byte == 32 then
-    f.he = string.sub(s, 35, 50)
-    local nl = string.find(s, '\n', 52, true)
+    f.he = string.sub(s, o + 1, o + 16)
+    local nl = string.find(s, '\n', o + 18, true)
     if nl then
-      f.h = string.sub(s, 52, nl - 1)
+      f.h = string.sub(s, o + 18, nl - 1)
       f.rest = string.sub(s, nl)
     else
-      f.h = string.sub(s, 52)
+      f.h = string.sub(s, o + 18)
     end
   elseif next_byte == 10 then
-    f.rest = string.sub(s, 34)
+    f.rest = string.sub(s, o)
   end
   return f
 end
 
 -- Writes `f` back; with a TTL of `ttl_ms`, else keeping the one it has.
 local function save(fence, f, ttl_ms)
-  local s
+  local s = f.v .. ' ' .. f.t
+  if f.p and f.p ~= f.t then s = s .. '|' .. f.p end
   if f.h ~= '' then
-    s = f.v .. ' ' .. f.t .. ' ' .. f.he .. ' ' .. f.h .. f.rest
+    s = s .. ' ' .. f.he .. ' ' .. f.h .. f.rest
   else
-    s = f.v .. ' ' .. f.t .. f.rest
+    s = s .. f.rest
   end
   if ttl_ms then
     redis.call('SET', fence, s, 'PX', ttl_ms)
@@ -93,9 +102,13 @@ local function bump(fence, ttl_ms, invalidated, f, keep)
     if f then redis.call('DEL', fence) end
     return
   end
-  f = f or {v = zero, t = zero, rest = ''}
+  f = f or {v = zero, t = zero, p = zero, rest = ''}
   if now16 > f.v then f.v = now16 else f.v = fixed(tonumber(f.v) + 1) end
-  if invalidated then f.t = now16 end
+  if invalidated then
+    -- The previous invalidation is kept only for the lag window.
+    if keep then f.p = f.t else f.p = nil end
+    f.t = now16
+  end
   f.h, f.he = '', zero
   save(fence, f, ttl_ms)
 end
@@ -193,17 +206,25 @@ local function run_command(from)
 end
 
 -- Stores a fill: SET K[1] to A[value_at] with the client's expiry
--- words A[first..last], unless the lag rule (C2) refuses it: a miss at
--- `miss_at` less than `lag` after the key's last invalidation is stored with
--- a TTL ending `lag` after that invalidation (the client's own expiry
--- stands if it ends sooner), or refused with `lag_refuse`. The stored fill
--- moves the fence `f` (first fill wins). Returns nil when stored, else why
--- not ('lag_window', 'nx') or Redis' error.
+-- words A[first..last], unless the lag rule (C2) refuses it. A read from
+-- a replica whose lag is under `lag` may lack every write whose
+-- invalidation came less than `lag` before the miss (at `miss_at`), and
+-- nothing older. With one such invalidation (the last, t) the fill is
+-- stored with a TTL ending `lag` after it (the client's own expiry stands
+-- if it ends sooner): no read returns it `lag` after that write's
+-- invalidation. With two or more (the previous one, p, too; unknown is
+-- taken as t), the first of them is not known, so neither is when the
+-- value is fresh: refused, as every such fill is with `lag_refuse`.
+-- (Ending the TTL `lag` after the LAST invalidation, as before #16, let a
+-- value that lacked an earlier write be read up to 2 x `lag` after it.)
+-- The stored fill moves the fence `f` (first fill wins). Returns nil when
+-- stored, else why not ('lag_window', 'nx') or Redis' error; and with a
+-- TTL the lag rule shortened, `lag`.
 local function store_fill(value_at, first, last, miss_at, lag, lag_refuse, nx, f)
   local pxat
   local invalidated = lag > 0 and tonumber(f.t) or 0
   if invalidated > 0 and miss_at - invalidated < lag then
-    if lag_refuse then return 'lag_window' end
+    if lag_refuse or miss_at - tonumber(f.p or f.t) < lag then return 'lag_window' end
     local lag_end = invalidated + lag
     if lag_end <= now then return 'lag_window' end
     local ends = math.huge
@@ -233,19 +254,26 @@ local function store_fill(value_at, first, last, miss_at, lag, lag_refuse, nx, f
   if type(stored) == 'table' and stored.err then return stored end
   if not stored then return 'nx' end
   bump(K[2], A[2], false, f, lag > 0)
+  if pxat then return nil, lag end
   return nil
 end
 
--- The reply to a fill from `store_fill`'s verdict; `refuse` gives the herd
--- lease back.
-local function fill_reply(verdict, refuse)
-  if verdict == nil then return {1} end
+-- The reply to a fill from `store_fill`'s verdict: {1} stored ({1, lag}
+-- with the TTL the lag rule shortened), {2} not stored (NX), {0, reason}
+-- refused ({0, 'lag_window', lag}); `refuse` gives the herd lease back.
+local function fill_reply(verdict, refuse, lag, shortened)
+  if verdict == nil then
+    if shortened then return {1, lag} end
+    return {1}
+  end
   if type(verdict) == 'table' then return verdict end
   if verdict == 'nx' then
     refuse('nx')
     return {2}
   end
-  return refuse(verdict)
+  local reply = refuse(verdict)
+  if verdict == 'lag_window' then reply[3] = lag end
+  return reply
 end
 
 -- Runs one operation, `op` being A[1].
@@ -299,9 +327,9 @@ local function run(op)
     end
     if f.v ~= A[3] then return refuse('fence_moved') end
     if now - tonumber(A[4]) > tonumber(A[9]) then return refuse('expired') end
-    local verdict = store_fill(10, 11, #A, tonumber(A[4]),
-      tonumber(A[5]), A[6] == '1', A[7] == '1', f)
-    return fill_reply(verdict, refuse)
+    local lag = tonumber(A[5])
+    local verdict, shortened = store_fill(10, 11, #A, tonumber(A[4]), lag, A[6] == '1', A[7] == '1', f)
+    return fill_reply(verdict, refuse, lag, shortened)
   elseif op == 'set' then
     -- A plain store of a fenced key whose miss, if any, the proxy cannot name
     -- (pooled and multiplexed clients): a fill if a miss is outstanding in
@@ -354,9 +382,9 @@ local function run(op)
       if consumed_v == f.v then return refuse('older_miss_outstanding') end
       return refuse('fence_moved')
     end
-    local verdict = store_fill(words + 1 + tonumber(A[11]), 13, words, oldest_at,
+    local verdict, shortened = store_fill(words + 1 + tonumber(A[11]), 13, words, oldest_at,
       lag, A[6] == '1', A[7] == '1', f)
-    return fill_reply(verdict, refuse)
+    return fill_reply(verdict, refuse, lag, shortened)
   elseif op == 'write' or op == 'inval' then
     -- KEYS: the command's keys, then the fences of the fenced ones.
     -- ARGV: op, fence_ttl_ms, fenced_count, create ('1': a missing fence is
