@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: installs what a fresh machine lacks
 # (redis-server, redis-tools, Node.js and ioredis; PostgreSQL, started if it
-# is stopped), then
+# is stopped, and its server binaries), then
 # formatting, lints, the release build, and every test (unit, integration,
 # proto-tests). The tests start their own redis-server processes on free
 # loopback ports and use PostgreSQL schemas of their own.
@@ -19,6 +19,11 @@ ensure_installed node nodejs
 ensure_installed npm npm
 redis-server --version
 ensure_postgres
+# The server binaries (initdb, pg_ctl, pg_basebackup) for tests/replica_lag.rs,
+# which starts a primary and a replica of its own.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+    ensure_installed pg_ctlcluster postgresql
+fi
 # ioredis, for the client-model race tests (tests/node; the lock file pins it).
 npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
 

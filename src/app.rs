@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use crate::config::Live;
 use crate::fence::Fences;
 use crate::telemetry::exporter::Scrape;
-use crate::telemetry::{CHANGELOG, FENCES, Family, Metrics, PROXY, Sample};
+use crate::telemetry::{CHANGELOG, FENCES, Family, LAG, Metrics, PROXY, Sample, Value};
 
 /// The running proxy's shared state.
 #[derive(Debug)]
@@ -32,6 +32,10 @@ pub struct App {
     pub fences: Option<Fences>,
     /// The change-log consumer's counters, when `[postgres]` is configured.
     pub changelog: Option<Arc<ChangeLogStats>>,
+    /// `cachefence_replica_lag_seconds`, one sample per `[postgres]
+    /// replicas` entry (made at start: the replicas are not reloaded).
+    replica_lag_family: Option<&'static Family>,
+    replica_lag_list: Option<&'static &'static Family>,
 }
 
 impl App {
@@ -46,15 +50,48 @@ impl App {
             fences.history.set_max_keys(config.explain_keys);
             fences
         });
+        let replica_lag_family = config
+            .changelog
+            .as_ref()
+            .filter(|c| !c.replicas.is_empty())
+            .map(|c| replica_lag_family(c.replicas.iter().map(|r| r.name.clone()).collect()));
         App {
+            replica_lag_list: replica_lag_family.map(|f| &*Box::leak(Box::new(f))),
+            replica_lag_family,
             fences,
-            changelog: config.changelog.as_ref().map(|_| Arc::default()),
+            changelog: config
+                .changelog
+                .as_ref()
+                .filter(|c| c.consumes())
+                .map(|_| Arc::default()),
             live: Live::new(&config),
             metrics_addr,
             started: Instant::now(),
             config,
             metrics: Metrics::default(),
         }
+    }
+}
+
+/// The per-replica lag family, its label values the replicas' names
+/// (leaked once per proxy: a family's names are static).
+fn replica_lag_family(names: Vec<String>) -> &'static Family {
+    let names: Vec<&'static str> = names.into_iter().map(|n| &*n.leak()).collect();
+    Box::leak(Box::new(
+        Family::new(
+            crate::telemetry::Kind::Gauge,
+            "cachefence_replica_lag_seconds",
+            "Each replica's replay lag at the last measurement (NaN: not measured).",
+        )
+        .by("replica", names.leak()),
+    ))
+}
+
+impl App {
+    /// The replica-lag gauge, when `[postgres] replicas` are measured.
+    pub fn lag(&self) -> Option<&crate::fence::lag::LagGauge> {
+        self.replica_lag_family?;
+        self.fences.as_ref().map(|f| &*f.lag)
     }
 }
 
@@ -73,6 +110,29 @@ impl Scrape for App {
         if let Some(changelog) = &self.changelog {
             changelog.visit(out);
             lists.push(CHANGELOG);
+        }
+        if let Some(lag) = self.lag() {
+            lag.stats.visit(out);
+            lists.push(LAG);
+            if let Some(family) = self.replica_lag_family {
+                for (name, lag) in lag.replicas() {
+                    let label = family
+                        .label
+                        .and_then(|(_, values)| values.iter().find(|v| **v == name));
+                    out(Sample {
+                        field: "replica_lag",
+                        kind: family.kind,
+                        stats: None,
+                        family: Some(family),
+                        label: label.copied(),
+                        // Not measured: NaN, as Prometheus writes an unknown value.
+                        value: Value::Float(lag.map_or(f64::NAN, |l| l.as_secs_f64())),
+                    });
+                }
+                lists.push(std::slice::from_ref(
+                    self.replica_lag_list.expect("set with the family"),
+                ));
+            }
         }
         lists
     }

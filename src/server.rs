@@ -75,7 +75,20 @@ impl Server {
         let (stop_tx, stop_rx) = watch::channel(false);
         // Every session holds a sender; `recv` returns `None` once all are gone.
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
-        if let (Some(config), Some(stats)) = (&ctx.config.changelog, &ctx.changelog) {
+        if let (Some(config), Some(fences)) = (&ctx.config.changelog, &ctx.fences)
+            && !config.replicas.is_empty()
+        {
+            let monitor = crate::changelog::replica_lag::run(
+                config.clone(),
+                fences.lag.clone(),
+                fences.scope.clone(),
+                stop_rx.clone(),
+            );
+            tokio::spawn(monitor.instrument(info_span!("replica_lag")));
+        }
+        if let (Some(config), Some(stats)) = (&ctx.config.changelog, &ctx.changelog)
+            && config.consumes()
+        {
             let target = consumer::Target {
                 upstream: ctx.config.upstream.clone(),
                 connect_timeout: ctx.config.connect_timeout,

@@ -35,6 +35,9 @@ pub fn stats(fences: &Fences, app: &App) -> Reply {
     if let Some(changelog) = &app.changelog {
         changelog.visit(&mut keep);
     }
+    if let Some(lag) = app.lag() {
+        lag.stats.visit(&mut keep);
+    }
     Reply::Map(fields)
 }
 
@@ -46,6 +49,20 @@ pub fn info(fences: &Fences, app: &App) -> Reply {
     let patterns: Vec<&str> = scope.policies().map(|p| p.pattern.as_str()).collect();
     let source = config.source.as_ref().map(|p| p.display().to_string());
     let outbox = config.changelog.as_ref().map(|c| c.outbox.to_string());
+    let auto: Vec<String> = scope
+        .policies()
+        .filter(|p| p.lag_auto)
+        .map(|p| format!("{}={}", p.pattern, fences.lag.judge(p).window.as_millis()))
+        .collect();
+    let ms =
+        |d: Option<std::time::Duration>| d.map_or("unmeasured".to_string(), |d| d.as_millis().to_string());
+    let replicas: Vec<String> = app
+        .lag()
+        .map(|lag| lag.replicas())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(name, lag)| format!("{name}={}", ms(lag)))
+        .collect();
     let lines = [
         "# cachefence".to_string(),
         format!("version:{}", env!("CARGO_PKG_VERSION")),
@@ -65,6 +82,11 @@ pub fn info(fences: &Fences, app: &App) -> Reply {
                 false => "none",
             }
         ),
+        // lag_window = "auto": each replica's lag, the measured window, and
+        // per auto section the window in force (ms).
+        format!("replica_lag_ms:{}", replicas.join(",")),
+        format!("lag_window_measured_ms:{}", ms(fences.lag.window())),
+        format!("lag_window_in_force_ms:{}", auto.join(",")),
         String::new(),
     ];
     Reply::Bulk(lines.join("\r\n").into())

@@ -14,7 +14,10 @@
 //! - [`audit`]: `cachefence audit` — samples cached keys, reads their rows
 //!   back through the mappings' `values` expressions and reports how many
 //!   cached values disagree with the database.
+//! - [`replica_lag`]: with `[postgres] replicas`, measures the replicas'
+//!   replay lag every `lag_poll`; `lag_window = "auto"` follows it (C2).
 
 pub mod audit;
 pub mod consumer;
 pub mod install;
+pub mod replica_lag;

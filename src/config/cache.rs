@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::Span;
+use super::{LagWindow, Span};
 
 /// What a C2 fill inside the lag window does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -66,13 +66,19 @@ pub enum OnStaleFill {
     Error,
 }
 
+/// `lag_window_max` when `lag_window = "auto"` does not say.
+pub const DEFAULT_LAG_WINDOW_MAX: Duration = Duration::from_secs(5);
+
 /// One `[[cache]]` section as written in the file.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheSection {
     pub pattern: Option<String>,
     pub lease_ttl: Option<Span>,
-    pub lag_window: Option<Span>,
+    pub lag_window: Option<LagWindow>,
+    /// With `lag_window = "auto"`: the longest window the measured lag may
+    /// set; above it (or with no measurement) fills inside it are refused.
+    pub lag_window_max: Option<Span>,
     pub lag_policy: Option<LagPolicy>,
     pub hold: Option<Span>,
     pub on_write: Option<OnWrite>,
@@ -88,7 +94,9 @@ impl CacheSection {
         CacheSection {
             pattern: None,
             lease_ttl: Some(Span(Duration::from_secs(10))),
-            lag_window: Some(Span(Duration::ZERO)),
+            lag_window: Some(LagWindow::Fixed(Span(Duration::ZERO))),
+            // Set only with `lag_window = "auto"`; [`DEFAULT_LAG_WINDOW_MAX`].
+            lag_window_max: None,
             lag_policy: Some(LagPolicy::ShortTtl),
             hold: Some(Span(Duration::from_millis(200))),
             on_write: Some(OnWrite::Invalidate),
@@ -121,7 +129,13 @@ impl CacheSection {
 pub struct Policy {
     pub pattern: String,
     pub lease_ttl: Duration,
+    /// The fixed window, or with `lag_auto` the ceiling (`lag_window_max`):
+    /// the longest window any fill of these keys is judged by, so what
+    /// fences keep invalidation times for.
     pub lag_window: Duration,
+    /// `lag_window = "auto"`: the window in force is the measured one
+    /// ([`crate::fence::lag::LagGauge`]), up to `lag_window`.
+    pub lag_auto: bool,
     pub lag_policy: LagPolicy,
     pub hold: Duration,
     pub on_write: OnWrite,
@@ -142,7 +156,11 @@ impl Policy {
         let policy = Policy {
             pattern,
             lease_ttl: span(section.lease_ttl, d.lease_ttl),
-            lag_window: span(section.lag_window, d.lag_window),
+            lag_window: match section.lag_window.or(d.lag_window).expect("defaulted") {
+                LagWindow::Fixed(span) => span.0,
+                LagWindow::Auto => section.lag_window_max.map_or(DEFAULT_LAG_WINDOW_MAX, |s| s.0),
+            },
+            lag_auto: section.lag_window == Some(LagWindow::Auto),
             lag_policy: section.lag_policy.or(d.lag_policy).expect("defaulted"),
             hold: span(section.hold, d.hold),
             on_write: section.on_write.or(d.on_write).expect("defaulted"),
@@ -151,6 +169,16 @@ impl Policy {
             ticket_scope: section.ticket_scope.or(d.ticket_scope).expect("defaulted"),
         };
         anyhow::ensure!(!policy.pattern.is_empty(), "`pattern` must not be empty");
+        anyhow::ensure!(
+            policy.lag_auto || section.lag_window_max.is_none(),
+            "`lag_window_max` is the ceiling of `lag_window = \"auto\"` (pattern `{}`)",
+            policy.pattern
+        );
+        anyhow::ensure!(
+            !policy.lag_auto || !policy.lag_window.is_zero(),
+            "`lag_window_max` must be greater than 0 (pattern `{}`)",
+            policy.pattern
+        );
         anyhow::ensure!(
             policy.lease_ttl >= Duration::from_millis(100),
             "`lease_ttl` must be at least 100ms (pattern `{}`)",

@@ -36,7 +36,7 @@ pub use settings::{Place, Reload, SETTINGS, Setting, Settings};
 pub const DEFAULT_EXPLAIN_KEYS: usize = 10_000;
 
 pub use cache::CacheSection;
-pub use values::{LogFormat, Secret, Size, Span, Upstream};
+pub use values::{LagWindow, LogFormat, Secret, Size, Span, Upstream};
 
 /// The validated configuration the proxy runs with.
 #[derive(Debug, Clone, PartialEq)]
@@ -173,6 +173,19 @@ impl Config {
         let log_level = s.log_level.expect("defaulted");
         tracing_subscriber::EnvFilter::try_new(&log_level)
             .map_err(|e| anyhow::anyhow!("key `log_level`: bad filter `{log_level}`: {e}"))?;
+        let fences = match s.fences.expect("defaulted") {
+            true => Some(Scope::new(&s.cache.expect("defaulted"))?),
+            false => None,
+        };
+        let changelog = s.postgres.expect("defaulted").resolve()?;
+        if let Some(auto) = fences.as_ref().and_then(|f| f.policies().find(|p| p.lag_auto)) {
+            anyhow::ensure!(
+                changelog.as_ref().is_some_and(|c| !c.replicas.is_empty()),
+                "[[cache]] `{}`: `lag_window = \"auto\"` measures the replicas' lag: set `[postgres] url` \
+                 (the primary) and `replicas`",
+                auto.pattern
+            );
+        }
         Ok(Config {
             listen,
             upstream,
@@ -187,11 +200,8 @@ impl Config {
             workers: s.workers.expect("defaulted") as usize,
             log_level,
             log_format: s.log_format.expect("defaulted"),
-            fences: match s.fences.expect("defaulted") {
-                true => Some(Scope::new(&s.cache.expect("defaulted"))?),
-                false => None,
-            },
-            changelog: s.postgres.expect("defaulted").resolve()?,
+            fences,
+            changelog,
             admin_password: s.admin_password.filter(|p| !p.0.is_empty()),
             metrics_listen,
             explain_keys: s.explain_keys.expect("defaulted") as usize,
@@ -254,5 +264,46 @@ mod tests {
         assert_eq!(config.max_clients, 9);
         assert_eq!(config.timeout, Some(Duration::from_secs(7)));
         assert_eq!(config.max_frame_size, 512 << 20);
+    }
+
+    fn resolve_text(text: &str) -> anyhow::Result<Config> {
+        Config::resolve(parse_settings(text)?, None)
+    }
+
+    #[test]
+    fn lag_window_auto_needs_replicas_and_names_its_ceiling() {
+        let auto = "[[cache]]\npattern = \"user:*\"\nlag_window = \"auto\"\n";
+        let err = format!("{:#}", resolve_text(auto).unwrap_err());
+        assert!(
+            err.contains("`lag_window = \"auto\"` measures the replicas' lag"),
+            "{err}"
+        );
+        let with = format!(
+            "{auto}lag_window_max = \"3s\"\n[postgres]\nurl = \"postgres://u@h/db\"\n\
+             replicas = [\"postgres://u@r1:5433/db\"]\n"
+        );
+        let config = resolve_text(&with).unwrap();
+        let policy = config.fences.as_ref().unwrap().policies().next().unwrap().clone();
+        assert!(policy.lag_auto);
+        assert_eq!(policy.lag_window, Duration::from_secs(3), "the ceiling");
+        let changelog = config.changelog.unwrap();
+        assert_eq!(changelog.replicas[0].name, "r1:5433");
+        assert!(!changelog.consumes(), "replicas and no table: the lag only");
+        let fixed = "[[cache]]\npattern = \"user:*\"\nlag_window = \"1s\"\nlag_window_max = \"3s\"\n";
+        let err = format!("{:#}", resolve_text(fixed).unwrap_err());
+        assert!(err.contains("`lag_window_max` is the ceiling"), "{err}");
+        let err = format!(
+            "{:#}",
+            resolve_text("[[cache]]\npattern = \"u\"\nlag_window = \"soon\"\n").unwrap_err()
+        );
+        assert!(err.contains("or \"auto\""), "{err}");
+        let err = format!(
+            "{:#}",
+            resolve_text("[postgres]\nreplicas = [\"postgres://u@r1/db\"]\n").unwrap_err()
+        );
+        assert!(
+            err.contains("`replicas` are measured against the primary's url"),
+            "{err}"
+        );
     }
 }

@@ -36,6 +36,19 @@ pub struct PostgresSection {
     /// `[[postgres.table]]`: which keys a row of a table maps to.
     #[serde(default, rename = "table", skip_serializing_if = "Vec::is_empty")]
     pub tables: Vec<TableMapping>,
+    /// Streaming replicas of `url` that readers may read from
+    /// (`postgres://…` each): their replay lag sizes `lag_window = "auto"`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<Secret>,
+    /// How often the replicas' lag is measured.
+    #[serde(default = "PostgresSection::default_lag_poll")]
+    pub lag_poll: Span,
+    /// Added to the largest lag measured over `lag_interval`.
+    #[serde(default = "PostgresSection::default_lag_margin")]
+    pub lag_margin: Span,
+    /// How far back the largest measured lag is taken from.
+    #[serde(default = "PostgresSection::default_lag_interval")]
+    pub lag_interval: Span,
 }
 
 impl PostgresSection {
@@ -54,6 +67,15 @@ impl PostgresSection {
     fn default_outbox() -> String {
         "cachefence.outbox".to_string()
     }
+    fn default_lag_poll() -> Span {
+        Span(Duration::from_millis(100))
+    }
+    fn default_lag_margin() -> Span {
+        Span(Duration::from_millis(100))
+    }
+    fn default_lag_interval() -> Span {
+        Span(Duration::from_secs(10))
+    }
 
     pub fn defaults() -> PostgresSection {
         PostgresSection {
@@ -64,6 +86,10 @@ impl PostgresSection {
             channel: Self::default_channel(),
             outbox: Self::default_outbox(),
             tables: Vec::new(),
+            replicas: Vec::new(),
+            lag_poll: Self::default_lag_poll(),
+            lag_margin: Self::default_lag_margin(),
+            lag_interval: Self::default_lag_interval(),
         }
     }
 
@@ -74,6 +100,10 @@ impl PostgresSection {
             anyhow::ensure!(
                 self.tables.is_empty(),
                 "key `postgres.url`: `[[postgres.table]]` mappings need the database's url"
+            );
+            anyhow::ensure!(
+                self.replicas.is_empty(),
+                "key `postgres.url`: `replicas` are measured against the primary's url"
             );
             return Ok(None);
         }
@@ -96,6 +126,25 @@ impl PostgresSection {
         anyhow::ensure!(
             !self.channel.is_empty(),
             "key `postgres.channel`: must not be empty"
+        );
+        let mut replicas = Vec::with_capacity(self.replicas.len());
+        for (i, url) in self.replicas.iter().enumerate() {
+            let config = url
+                .expose()
+                .parse::<deadpool_postgres::tokio_postgres::Config>()
+                .map_err(|e| anyhow::anyhow!("key `postgres.replicas` #{}: {e}", i + 1))?;
+            replicas.push(Replica {
+                name: describe_target(&config),
+                url: url.clone(),
+            });
+        }
+        anyhow::ensure!(
+            !self.lag_poll.0.is_zero(),
+            "key `postgres.lag_poll`: must be greater than 0"
+        );
+        anyhow::ensure!(
+            self.lag_interval.0 >= self.lag_poll.0,
+            "key `postgres.lag_interval`: must be at least `lag_poll`"
         );
         let outbox =
             QualifiedName::parse(&self.outbox).map_err(|e| anyhow::anyhow!("key `postgres.outbox`: {e}"))?;
@@ -143,6 +192,10 @@ impl PostgresSection {
             channel: self.channel.clone(),
             outbox,
             tables,
+            replicas,
+            lag_poll: self.lag_poll.0,
+            lag_margin: self.lag_margin.0,
+            lag_interval: self.lag_interval.0,
         }))
     }
 }
@@ -182,9 +235,47 @@ pub struct ChangeLogConfig {
     pub channel: String,
     pub outbox: QualifiedName,
     pub tables: Vec<Mapping>,
+    /// The replicas whose lag `lag_window = "auto"` follows.
+    pub replicas: Vec<Replica>,
+    pub lag_poll: Duration,
+    pub lag_margin: Duration,
+    pub lag_interval: Duration,
+}
+
+/// A streaming replica of the primary.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Replica {
+    /// `host:port`, for logs, `CACHE.INFO` and metric labels (never the url).
+    pub name: String,
+    pub url: Secret,
+}
+
+impl Replica {
+    pub fn pg_config(&self) -> deadpool_postgres::tokio_postgres::Config {
+        self.url.expose().parse().expect("validated in resolve")
+    }
+}
+
+/// `host:port` of a connection config (the first host), without credentials.
+fn describe_target(config: &deadpool_postgres::tokio_postgres::Config) -> String {
+    use deadpool_postgres::tokio_postgres::config::Host;
+    let host = match config.get_hosts().first() {
+        Some(Host::Tcp(host)) => host.clone(),
+        #[cfg(unix)]
+        Some(Host::Unix(path)) => path.display().to_string(),
+        None => "localhost".to_string(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!("{host}:{port}")
 }
 
 impl ChangeLogConfig {
+    /// Whether the outbox is consumed: a section that names replicas and
+    /// maps no table is there for the replicas' lag alone.
+    pub fn consumes(&self) -> bool {
+        !self.tables.is_empty() || self.replicas.is_empty()
+    }
+
     pub fn pg_config(&self) -> deadpool_postgres::tokio_postgres::Config {
         self.url.expose().parse().expect("validated in resolve")
     }

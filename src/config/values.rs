@@ -201,6 +201,36 @@ impl fmt::Display for Span {
     }
 }
 
+/// `lag_window`: a fixed duration, or `auto` (sized from the replicas'
+/// measured lag, up to `lag_window_max`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum LagWindow {
+    Fixed(Span),
+    Auto,
+}
+
+impl FromStr for LagWindow {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "auto" => Ok(LagWindow::Auto),
+            other => other
+                .parse()
+                .map(LagWindow::Fixed)
+                .map_err(|e| format!("{e}, or \"auto\"")),
+        }
+    }
+}
+
+impl fmt::Display for LagWindow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LagWindow::Fixed(span) => span.fmt(f),
+            LagWindow::Auto => f.write_str("auto"),
+        }
+    }
+}
+
 /// A size in bytes written `536870912`, `64kb`, `512mb` or `1gb`
 /// (powers of 1024, as in redis.conf).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -277,7 +307,7 @@ macro_rules! serde_via_str {
         }
     )*};
 }
-serde_via_str!(Upstream, Span, Size);
+serde_via_str!(Upstream, Span, Size, LagWindow);
 
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

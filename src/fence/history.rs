@@ -46,10 +46,15 @@ pub enum What {
     Miss { version: u64 },
     /// A fill was stored.
     FillAccepted,
+    /// A fill was stored with its TTL ending `window_us` after the last
+    /// invalidation (the lag rule, C2).
+    FillShortened { window_us: u64 },
     /// A fill with `NX` found a value and stored nothing.
     FillNotStored,
     /// A fill was refused.
     FillRefused(Refusal),
+    /// A fill was refused by the lag rule judged with `window_us`.
+    FillRefusedLag { window_us: u64 },
     /// An invalidation was sent (the value deleted, the fence moved).
     Invalidated(Source),
     /// A write without a ticket was stored (`on_write = "write"`).
@@ -88,6 +93,17 @@ impl Event {
         let what = match self.what {
             What::Miss { version } => format!("miss: ticket at fence version {version}"),
             What::FillAccepted => "fill stored: the fence had not moved since the miss".to_string(),
+            What::FillShortened { window_us } => format!(
+                "fill stored with a TTL ending lag_window ({}) after the last invalidation: the miss was \
+                 within it, and a replica may not have shown that write",
+                window(window_us)
+            ),
+            What::FillRefusedLag { window_us } => format!(
+                "fill refused (lag_window): the miss was within lag_window ({}) of an invalidation, and of an \
+                 earlier one too, or lag_policy = refuse, or the replica lag was over lag_window_max or not \
+                 measured",
+                window(window_us)
+            ),
             What::FillNotStored => "fill not stored: NX found a value".to_string(),
             What::FillRefused(why) => format!(
                 "fill refused ({}): {}",
@@ -116,6 +132,14 @@ impl Event {
             What::WriteRejected => "write rejected (on_write = reject)".to_string(),
         };
         format!("{} {who} {what}", rfc3339_ms(self.at_ms))
+    }
+}
+
+/// A window in µs as `CACHE.EXPLAIN` shows it: `1.2s`, `350ms`.
+fn window(us: u64) -> String {
+    match us {
+        us if us >= 1_000_000 => format!("{}s", us as f64 / 1e6),
+        us => format!("{}ms", us as f64 / 1e3),
     }
 }
 

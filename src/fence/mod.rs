@@ -21,6 +21,7 @@ pub mod epilogue;
 pub mod herd;
 pub mod history;
 pub mod invalidator;
+pub mod lag;
 pub mod plan;
 pub mod script;
 pub mod second_delete;
@@ -122,6 +123,9 @@ pub struct Fences {
     pub admin_password: arc_swap::ArcSwapOption<crate::config::Secret>,
     /// Recent events per key, for `CACHE.EXPLAIN`.
     pub history: std::sync::Arc<history::History>,
+    /// The window `lag_window = "auto"` sections are judged by, set by the
+    /// replica-lag monitor.
+    pub lag: std::sync::Arc<lag::LagGauge>,
 }
 
 /// The fenced key space as it is now, shared with the workers: readers
@@ -162,6 +166,7 @@ impl Fences {
             undelivered,
             admin_password: arc_swap::ArcSwapOption::empty(),
             history,
+            lag: std::sync::Arc::default(),
         }
     }
 

@@ -15,7 +15,7 @@ use super::client::Client;
 use super::history::{Source, What};
 use super::script::{ScriptCall, fence_key};
 use super::translate::ScriptReply;
-use super::{LagPolicy, OnStaleFill, OnWrite, Policy, Refusal, Scope, TicketScope, micros, millis};
+use super::{OnStaleFill, OnWrite, Policy, Refusal, Scope, TicketScope, micros, millis};
 use crate::resp::command::{CacheOp, KeyspaceOp};
 use crate::resp::request::Frame;
 use crate::resp::value::Reply;
@@ -215,13 +215,14 @@ impl Client<'_> {
         };
         let flag = |on: bool| Bytes::from_static(if on { b"1" } else { b"0" });
         let missed_here = self.fences.take_recent_miss(key, rules.lease_ttl);
+        let lag = self.fences.lag.judge(rules);
         let mut args = vec![
             Bytes::from_static(b"set"),
             millis(rules.fence_ttl()).into(),
             self.scope_prefix(rules.ticket_scope).into(),
             micros(rules.lease_ttl).into(),
-            micros(rules.lag_window).into(),
-            flag(matches!(rules.lag_policy, LagPolicy::Refuse)),
+            micros(lag.window).into(),
+            flag(lag.refuse),
             flag(nx),
             flag(missed_here),
             Bytes::from_static(on_write),
@@ -257,14 +258,14 @@ impl Client<'_> {
         value: &Bytes,
         expiry: Vec<Bytes>,
     ) -> ScriptCall {
-        let lag_refuse = matches!(rules.lag_policy, crate::fence::LagPolicy::Refuse);
+        let lag = self.fences.lag.judge(rules);
         let mut args = vec![
             Bytes::from_static(b"fill"),
             millis(rules.fence_ttl()).into(),
             version,
             miss_us,
-            micros(rules.lag_window).into(),
-            Bytes::from_static(if lag_refuse { b"1" } else { b"0" }),
+            micros(lag.window).into(),
+            Bytes::from_static(if lag.refuse { b"1" } else { b"0" }),
             Bytes::from_static(if nx { b"1" } else { b"0" }),
             self.holder(0).into(),
             micros(rules.lease_ttl).into(),

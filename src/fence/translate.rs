@@ -254,7 +254,15 @@ impl Client<'_> {
         match items.first().and_then(Value::as_int) {
             Some(1) => {
                 self.fences.stats.fills_accepted.inc();
-                self.record(key, What::FillAccepted);
+                match items.get(1).and_then(Value::as_int) {
+                    Some(window) => self.record(
+                        key,
+                        What::FillShortened {
+                            window_us: window.max(0) as u64,
+                        },
+                    ),
+                    None => self.record(key, What::FillAccepted),
+                }
                 Reply::Status("OK")
             }
             Some(2) => {
@@ -269,7 +277,15 @@ impl Client<'_> {
                 if why == Refusal::PendingDelete {
                     self.fences.undelivered.stats.reads_missed.inc();
                 }
-                self.record(key, What::FillRefused(why));
+                match (why, items.get(2).and_then(Value::as_int)) {
+                    (Refusal::LagWindow, Some(window)) => self.record(
+                        key,
+                        What::FillRefusedLag {
+                            window_us: window.max(0) as u64,
+                        },
+                    ),
+                    _ => self.record(key, What::FillRefused(why)),
+                }
                 match lease_api {
                     true => Reply::Status("STALE"),
                     false => stale_reply(why, self.fences.scope().policy_at(policy)),

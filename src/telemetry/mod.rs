@@ -95,6 +95,20 @@ families! {
         CHANGELOG_LAG: Gauge "cachefence_changelog_lag_seconds",
             "Age of the oldest unconsumed outbox row at the last poll (0: none).";
     ];
+
+    /// The replica-lag monitor's families, written with `[postgres] replicas`
+    /// (with `cachefence_replica_lag_seconds`, one sample per replica).
+    LAG = [
+        LAG_MEASURED: Gauge "cachefence_lag_measured",
+            "1 while every replica's lag is measured (lag_window = \"auto\").";
+        LAG_WINDOW: Gauge "cachefence_lag_window_seconds",
+            "The measured lag window: the largest replica lag over lag_interval, plus lag_margin.";
+        LAG_OVER_CEILING: Counter "cachefence_lag_over_ceiling_seconds_total",
+            "Time the measured window was above the smallest lag_window_max, or not measured: fills inside \
+             the ceiling were refused.";
+        LAG_POLL_ERRORS: Counter "cachefence_lag_poll_errors_total",
+            "Lag measurements that failed: the primary or a replica could not be asked.";
+    ];
 }
 
 metrics! {
@@ -207,6 +221,18 @@ metrics! {
         /// Age of the oldest unconsumed row at the last poll, ms (0: empty).
         lag_ms: Gauge, stats "changelog_lag_ms", prom CHANGELOG_LAG / 1000.0;
     }
+
+    /// The replica-lag monitor's readings (`LagGauge::stats`).
+    pub struct LagStats {
+        /// 1 while every replica's lag is measured.
+        measured: Gauge, stats "lag_measured", prom LAG_MEASURED;
+        /// The measured window, ms (0 while not measured).
+        window_ms: Gauge, stats "lag_window_ms", prom LAG_WINDOW / 1000.0;
+        /// Time over the smallest ceiling or unmeasured, ms.
+        over_ceiling_ms: Counter, stats "lag_over_ceiling_ms", prom LAG_OVER_CEILING / 1000.0;
+        /// Measurements that failed.
+        poll_errors: Counter, stats "lag_poll_errors", prom LAG_POLL_ERRORS;
+    }
 }
 
 #[cfg(test)]
@@ -225,10 +251,11 @@ mod tests {
         leak::<SecondDeleteStats>().visit(out);
         leak::<UndeliveredStats>().visit(out);
         leak::<ChangeLogStats>().visit(out);
+        leak::<LagStats>().visit(out);
     }
 
     fn families() -> impl Iterator<Item = &'static Family> {
-        [PROXY, FENCES, CHANGELOG].into_iter().flatten().copied()
+        [PROXY, FENCES, CHANGELOG, LAG].into_iter().flatten().copied()
     }
 
     #[test]
@@ -322,6 +349,7 @@ mod tests {
         SecondDeleteStats::default().visit(&mut keep);
         UndeliveredStats::default().visit(&mut keep);
         ChangeLogStats::default().visit(&mut keep);
+        LagStats::default().visit(&mut keep);
         assert_eq!(
             names,
             [
@@ -358,6 +386,10 @@ mod tests {
                 "changelog_keys_invalidated",
                 "changelog_retries",
                 "changelog_lag_ms",
+                "lag_measured",
+                "lag_window_ms",
+                "lag_over_ceiling_ms",
+                "lag_poll_errors",
             ]
         );
     }

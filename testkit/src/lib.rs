@@ -10,6 +10,8 @@
 //!   ([`cachefence_command`]);
 //! - [`client`]: a raw RESP client and request/reply helpers;
 //! - [`pg`]: a PostgreSQL schema per test, created and dropped;
+//! - [`pg_replica`]: a PostgreSQL primary and streaming replica of the
+//!   test's own, with an apply delay it can change, stop and start;
 //! - [`race`]: the scaffolding of the cache-aside race tests (a database
 //!   stand-in with a lagging replica, plain Redis or cachefence to run on);
 //! - [`files`]: scratch files and directories (the `tempfile` crate);
@@ -21,6 +23,7 @@
 pub mod client;
 pub mod files;
 pub mod pg;
+pub mod pg_replica;
 pub mod proxy;
 pub mod race;
 pub mod redis;
