@@ -259,6 +259,18 @@ def reset_tables(a):
         db.execute("INSERT INTO %s.users SELECT g, 1, 'row-' || g || '-' || repeat('x', %d) "
                    "FROM generate_series(1, %d) g" % (s, a.value_pad, a.rows))
         db.execute("INSERT INTO %s.hot VALUES (1, 1, 'hot')" % s)
+    if a.replica_url:  # the replica replays the new tables before the clock starts
+        deadline = time.monotonic() + 60
+        with psycopg.connect(a.replica_url, autocommit=True, connect_timeout=10) as replica:
+            while True:
+                try:
+                    if replica.execute("SELECT count(*) FROM %s.hot" % s).fetchone()[0] == 1:
+                        break
+                except psycopg.Error:
+                    pass
+                if time.monotonic() > deadline:
+                    sys.exit("client_models: the replica did not replay the tables within 60 s")
+                time.sleep(0.1)
 
 
 # ------------------------------------------------------------ the workload
@@ -267,6 +279,8 @@ class Shared:
 
     def __init__(self, rows, deadline):
         self.acked = [0] * (rows + 1)  # acked[id]: highest version whose DEL was acknowledged
+        # ack_log[id]: (perf_counter when the DEL was acknowledged, version), in that order
+        self.ack_log = [[] for _ in range(rows + 1)]
         self.lost = [0] * (rows + 1)  # lost[id]: highest committed version whose DEL failed
         self.ack_lock = threading.Lock()
         self.deadline = deadline
@@ -276,7 +290,8 @@ def new_stats():
     return {"reads": 0, "hits": 0, "misses": 0, "db_reads": 0, "fills": 0, "stale_reads": 0,
             "stale_by_max": 0, "updates": 0, "invalidations": 0, "errors": 0, "first_error": None,
             "lat": [], "wait": [], "upd": [], "ops": 0, "write_slots_skipped": 0,
-            "del_failures": 0}
+            "del_failures": 0, "replica_reads": 0, "stale_beyond_window": 0, "stale_age_max": 0.0,
+            "stale_ages": []}
 
 
 def note_error(st, e):
@@ -291,6 +306,7 @@ def reader(a, i, client, shared, st):
     users = "%s.users" % a.schema
     try:
         db = pg_connect(a)
+        replica = psycopg.connect(a.replica_url, autocommit=True, connect_timeout=10) if a.replica_url else None
     except Exception as e:
         note_error(st, e)
         return
@@ -322,10 +338,19 @@ def reader(a, i, client, shared, st):
                 if version < floor[0]:
                     st["stale_reads"] += 1
                     st["stale_by_max"] = max(st["stale_by_max"], floor[0] - version)
+                    age = staleness(shared, rid, version, sent[0])
+                    st["stale_ages"].append(age)
+                    st["stale_age_max"] = max(st["stale_age_max"], age)
+                    if age > a.window:
+                        st["stale_beyond_window"] += 1
                 continue
             st["misses"] += 1
+            source = db
+            if replica is not None and rng.random() < a.replica_share:
+                source = replica
+                st["replica_reads"] += 1
             try:
-                version, value = db.execute("SELECT version, value FROM %s WHERE id = %%s" % users,
+                version, value = source.execute("SELECT version, value FROM %s WHERE id = %%s" % users,
                                             (rid,)).fetchone()
             except Exception as e:
                 note_error(st, e)
@@ -338,6 +363,16 @@ def reader(a, i, client, shared, st):
                 note_error(st, e)
     finally:
         db.close()
+        if replica is not None:
+            replica.close()
+
+
+def staleness(shared, rid, version, sent):
+    """How long before `sent` the first DEL of a version newer than `version` was acknowledged."""
+    with shared.ack_lock:
+        log = list(shared.ack_log[rid])
+    first = min((t for t, v in log if v > version and t <= sent), default=sent)
+    return sent - first
 
 
 def writer(a, i, client, shared, st):
@@ -377,9 +412,11 @@ def writer(a, i, client, shared, st):
                 with shared.ack_lock:
                     shared.lost[rid] = max(shared.lost[rid], version)
                 continue
+            acked_at = time.perf_counter()
             with shared.ack_lock:
                 if version > shared.acked[rid]:
                     shared.acked[rid] = version
+                shared.ack_log[rid].append((acked_at, version))
             st["invalidations"] += 1
             if interval > 0:  # open-loop schedule; more than 1 s behind: skip ahead
                 next_at += interval
@@ -571,13 +608,13 @@ def cmd_run(a):
     tot["del"] = []
     for st in rst + wst:
         for k, v in st.items():
-            if k in ("lat", "wait", "upd", "del"):
+            if k in ("lat", "wait", "upd", "del", "stale_ages"):
                 tot[k].extend(v)
             elif k == "error_times":
                 continue
             elif k == "first_error":
                 tot[k] = tot[k] or v
-            elif k == "stale_by_max":
+            elif k in ("stale_by_max", "stale_age_max"):
                 tot[k] = max(tot[k], v)
             else:
                 tot[k] += v
@@ -600,6 +637,10 @@ def cmd_run(a):
         "db_reads_per_inv": round(tot["db_reads"] / tot["invalidations"], 3) if tot["invalidations"] else None,
         "invalidations_per_s": round(tot["invalidations"] / elapsed, 1),
         "stale_reads": tot["stale_reads"], "stale_by_max_versions": tot["stale_by_max"],
+        "replica_reads": tot["replica_reads"], "window_s": a.window,
+        "stale_reads_beyond_window": tot["stale_beyond_window"],
+        "stale_age_max_s": round(tot["stale_age_max"], 3),
+        "stale_age_s_p50": round(percentile(sorted(tot["stale_ages"]), 0.5), 3) if tot["stale_ages"] else None,
         "get_ms_p50": round(1000 * percentile(lat, 0.5), 3) if lat else None,
         "get_ms_p99": round(1000 * percentile(lat, 0.99), 3) if lat else None,
         "get_ms_max": round(1000 * lat[-1], 3) if lat else None,
@@ -684,6 +725,18 @@ def cmd_table(a):
                      fmt(c.get("del_ms_p99"), "{:.1f}"), c["errors"] + c["threads_stuck"],
                      fmt(c.get("missfill_redis_us"), "{:.1f}")])
     print_table(cols, rows)
+    if any(c.get("replica_reads") for c in cells):
+        print()
+        cols = ["target", "model", "replica rd", "window s", "stale rd", "stale > window", "stale age p50 s",
+                "stale age max s", "hit", "refused lag_window", "fills ok"]
+        rows = []
+        for c in cells:
+            cs = c.get("cache_stats") or {}
+            rows.append([c["target"], c["model"], c.get("replica_reads"), fmt(c.get("window_s")),
+                         c["stale_reads"], c.get("stale_reads_beyond_window"), fmt(c.get("stale_age_s_p50")),
+                         fmt(c.get("stale_age_max_s")), fmt(c["hit_ratio"], "{:.3f}"),
+                         cs.get("fills_refused_lag_window", "-"), cs.get("fills_accepted", "-")])
+        print_table(cols, rows)
     if any("stampede" in c for c in cells):
         print()
         cols = ["target", "model", "rounds", "secs", "db/inv mean", "min", "max", "GET p50 ms", "GET max ms",
@@ -759,6 +812,10 @@ def main():
     r.add_argument("--settle", type=float, default=2.0, help="seconds between the writers' stop and the key check")
     r.add_argument("--timeout", type=float, default=10.0, help="socket, pool and lock timeout (s)")
     r.add_argument("--seed", type=int, default=os.getpid())
+    r.add_argument("--replica-url", help="a streaming replica of --pg-url: readers read it on a share of misses")
+    r.add_argument("--replica-share", type=float, default=0.5, help="share of misses read from --replica-url")
+    r.add_argument("--window", type=float, default=0.0,
+                   help="lag window (s): a stale read is also counted when it is staler than this")
     r.add_argument("--stampede-readers", type=int, default=32)
     r.add_argument("--stampede-rounds", type=int, default=20, help="0: no stampede test")
     r.add_argument("--stampede-seconds", type=float, default=45.0, help="stop starting rounds after this long")

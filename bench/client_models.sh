@@ -31,6 +31,13 @@ CLIENT_CPU=${BENCH_CLIENT_CPU:-1}
 VENV=${CM_VENV:-${TMPDIR:-/tmp}/cachefence-cm-venv}
 # Extra arguments for `client_models.py run` (e.g. "--write-pause 0 --pool-size 4").
 DRIVER_ARGS=(${CM_DRIVER_ARGS:-})
+# Replica lag (#16): with CM_REPLICA_DELAY (e.g. 300ms), a PostgreSQL primary
+# and a streaming replica of the script's own, the replica applying each
+# change that long after its commit; readers read it on half their misses,
+# and stale reads are also counted past CM_WINDOW seconds. Targets cf-lag1s
+# (lag_window = "1s") and cf-auto (lag_window = "auto") need it.
+REPLICA_DELAY=${CM_REPLICA_DELAY:-}
+WINDOW=${CM_WINDOW:-1.0}
 
 HOST=127.0.0.1
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -47,7 +54,11 @@ for m in "${MODELS[@]}"; do
     case $m in thread | pool | fairpool | mux) ;; *) die "unknown client model '$m' (thread, pool, fairpool, mux)" ;; esac
 done
 for t in "${TARGETS[@]}"; do
-    case $t in redis | cf-client | cf-connection) ;; *) die "unknown target '$t' (redis, cf-client, cf-connection)" ;; esac
+    case $t in
+        redis | cf-client | cf-connection) ;;
+        cf-lag1s | cf-auto) [ -n "$REPLICA_DELAY" ] || die "target $t needs CM_REPLICA_DELAY (a replica)" ;;
+        *) die "unknown target '$t' (redis, cf-client, cf-connection, cf-lag1s, cf-auto)" ;;
+    esac
 done
 
 # ------------------------------------------------------------ dependencies
@@ -79,14 +90,33 @@ find_cachefence
 # The scratch schema goes on every exit, before lib.sh's cleanup stops the servers.
 SCHEMA=cm_$$
 drop_schema() { psql "$PG_URL" -qc "DROP SCHEMA IF EXISTS $SCHEMA CASCADE" >/dev/null 2>&1 || true; }
-trap 'rc=$?; drop_schema; (exit $rc); cleanup' EXIT
+trap 'rc=$?; drop_schema; [ -z "$REPLICA_DELAY" ] || stop_pg_pair; (exit $rc); cleanup' EXIT
+
+# A primary and a lagging replica of our own (stopped on exit), instead of
+# the shared server.
+REPLICA_ARGS=()
+if [ -n "$REPLICA_DELAY" ]; then
+    source "$SCRIPT_DIR/pg_replica.sh"
+    start_pg_pair "$WORK/pg" "$REPLICA_DELAY"
+    PG_URL=$PG_PRIMARY_URL
+    REPLICA_ARGS=(--replica-url "$PG_REPLICA_URL" --window "$WINDOW")
+    log "PostgreSQL primary $PG_PRIMARY_URL, replica $PG_REPLICA_URL (apply delay $REPLICA_DELAY)"
+fi
+
 psql "$PG_URL" -qc "CREATE SCHEMA $SCHEMA" || die "cannot create schema $SCHEMA"
 
 # Every key of the workload is a cache, at the defaults (ticket_scope =
 # "client", on_write = "invalidate"); the "connection" variant changes the scope.
 printf '[[cache]]\npattern = "*"\n' >"$WORK/client.toml"
 printf '[[cache]]\npattern = "*"\nticket_scope = "connection"\n' >"$WORK/connection.toml"
-for f in client connection; do
+CONFIGS=(client connection)
+if [ -n "$REPLICA_DELAY" ]; then
+    printf '[[cache]]\npattern = "*"\nlag_window = "1s"\n' >"$WORK/lag1s.toml"
+    printf '[[cache]]\npattern = "*"\nlag_window = "auto"\n\n[postgres]\nurl = "%s"\nreplicas = ["%s"]\n' \
+        "$PG_PRIMARY_URL" "$PG_REPLICA_URL" >"$WORK/auto.toml"
+    CONFIGS+=(lag1s auto)
+fi
+for f in "${CONFIGS[@]}"; do
     "$CACHEFENCE" --check --config "$WORK/$f.toml" >/dev/null || die "config check failed ($f.toml)"
 done
 
@@ -122,8 +152,7 @@ run_cell() { # run_cell TARGET MODEL
 
     if [ "$target" != redis ]; then
         free_port; port=$FREE_PORT
-        local cfg=(--config "$WORK/client.toml")
-        [ "$target" = cf-connection ] && cfg=(--config "$WORK/connection.toml")
+        local cfg=(--config "$WORK/${target#cf-}.toml")
         taskset -c "$CLIENT_CPU" "$CACHEFENCE" --listen "$HOST:$port" --upstream "$HOST:$redis_port" \
             --workers 1 "${cfg[@]}" 2>"$plog" &
         proxy_pid=$!
@@ -136,7 +165,7 @@ run_cell() { # run_cell TARGET MODEL
     [ "$target" != redis ] && proxy_flag=(--proxy)
     taskset -c "$CLIENT_CPU" timeout --foreground $((${CELL_SECONDS%.*} + 240)) "$PY" "$SCRIPT_DIR/client_models.py" run \
         --port "$port" --admin-port "$redis_port" --label "$target" --model "$model" "${proxy_flag[@]}" \
-        --pg-url "$PG_URL" --schema "$SCHEMA" --seconds "$CELL_SECONDS" "${DRIVER_ARGS[@]}" \
+        --pg-url "$PG_URL" --schema "$SCHEMA" --seconds "$CELL_SECONDS" "${REPLICA_ARGS[@]}" "${DRIVER_ARGS[@]}" \
         >"$raw" 2>"$WORK/driver-$target-$model.err" || rc=$?
     if [ "$rc" -ne 0 ]; then
         FAILED=1

@@ -123,7 +123,14 @@ pub async fn run(
         .iter()
         .map(|r| Side::new(r.name.clone(), r.pg_config()))
         .collect();
-    let mut estimator = LagEstimator::new(replicas.len(), config.lag_interval, config.lag_margin, HORIZON);
+    // Between two polls a lag grows by up to one lag_poll: the window
+    // covers it, then the margin.
+    let mut estimator = LagEstimator::new(
+        replicas.len(),
+        config.lag_interval,
+        config.lag_poll + config.lag_margin,
+        HORIZON,
+    );
     let mut block_known = false;
     let mut state: Option<State> = None;
     let mut last = Instant::now();

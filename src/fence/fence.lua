@@ -235,7 +235,8 @@ local function store_fill(value_at, first, last, miss_at, lag, lag_refuse, nx, f
       elseif w == 'EXAT' then ends = n * 1000000
       elseif w == 'PXAT' then ends = n * 1000 end
     end
-    if lag_end < ends then pxat = string.format('%.0f', math.ceil(lag_end / 1000)) end
+    -- Rounded down: the value is gone by the window's end, not 1 ms after.
+    if lag_end < ends then pxat = string.format('%.0f', math.floor(lag_end / 1000)) end
   end
   -- No argument table: this is every fill's path.
   local stored
