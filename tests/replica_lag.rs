@@ -3,7 +3,8 @@
 //! follows the replica's measured lag as its apply delay rises and falls,
 //! no read is staler than the window a fill was judged by, and a stopped
 //! replica makes fills inside the ceiling refused. Plain Redis in front of
-//! the same workload is the control: it serves values far staler.
+//! the same workload is the control: it serves values far staler; and a
+//! fixed window shorter than the lag lets values staler than it through.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -189,6 +190,27 @@ async fn the_auto_window_follows_the_replica_lag_and_bounds_every_stale_read() {
         "control: plain Redis serves values staler than any window ({worst:?})"
     );
 
+    // A fixed window shorter than the lag (1 s against 2 s) lets values
+    // staler than the window in: what a guessed window risks.
+    let redis = RedisServer::start();
+    let fixed = Proxy::start(
+        &redis.addr(),
+        "[[cache]]\npattern = \"row:*\"\nlag_window = \"1s\"\n",
+    )
+    .await;
+    let seen = workload(&pg, &fixed.addr.to_string(), &PHASES, |_| {}).await;
+    let worst = seen
+        .stale_hits()
+        .iter()
+        .map(|(_, s)| *s)
+        .max()
+        .unwrap_or_default();
+    assert!(
+        worst > Duration::from_millis(1500),
+        "a fixed 1 s window under a 2 s lag: stale past the window ({worst:?})"
+    );
+    fixed.shutdown().await;
+
     let redis = RedisServer::start();
     let proxy = Proxy::start(&redis.addr(), &auto_config(&pg, "5s", "1s")).await;
     let lag = proxy.ctx.fences.as_ref().expect("fences on").lag.clone();
@@ -319,6 +341,19 @@ async fn a_stopped_replica_refuses_fills_inside_the_ceiling_until_it_is_measured
     assert_eq!(client.call("GET row:3").await, "$1\r\n1\r\n");
     let stats = client.call("CACHE.STATS").await;
     assert!(stats.contains("lag_over_ceiling_ms"), "{stats}");
+    let metrics = cachefence::telemetry::exporter::render(&*proxy.ctx);
+    assert!(
+        metrics.contains(&format!(
+            "cachefence_replica_lag_seconds{{replica=\"127.0.0.1:{}\"}} ",
+            pg.replica_port
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains("cachefence_lag_measured "), "{metrics}");
+    assert!(
+        metrics.contains("cachefence_lag_over_ceiling_seconds_total "),
+        "{metrics}"
+    );
 
     // Back: measured below the ceiling again, fills follow the window.
     pg.start_replica();
