@@ -929,6 +929,16 @@ async fn r4_two_writers_and_a_lagging_replica_leave_nothing_past_the_lag_window(
         value, None,
         "refused: it may lack a write invalidated before the last"
     );
+    // short_ttl_last, the rule before #16, by choice: stored until the
+    // window ends after the LAST invalidation (hot keys stay cacheable; a
+    // read up to twice the window after A's write).
+    let last = "[[cache]]\npattern = \"*\"\non_write = \"write\"\nlag_window = \"2s\"\nlag_policy = \"short_ttl_last\"\n";
+    let (value, ttl, _) = r4_script(Target::Cachefence(last)).await;
+    assert_eq!(value.as_deref(), Some("1"));
+    assert!(
+        (1..=2_000).contains(&ttl),
+        "until the window after the last invalidation, got {ttl} ms"
+    );
     let refuse =
         "[[cache]]\npattern = \"*\"\non_write = \"write\"\nlag_window = \"2s\"\nlag_policy = \"refuse\"\n";
     let (value, _, _) = r4_script(Target::Cachefence(refuse)).await;

@@ -10,11 +10,28 @@ use super::{LagWindow, Span};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LagPolicy {
-    /// Store with a TTL that ends `lag_window` after the invalidation.
+    /// Store with a TTL that ends `lag_window` after the last invalidation
+    /// when it is the only one inside the window, else do not store: no
+    /// read is staler than `lag_window`.
     #[default]
     ShortTtl,
+    /// Store with a TTL that ends `lag_window` after the last invalidation,
+    /// whatever came before it: hot keys stay cacheable, and a read may be
+    /// stale up to twice `lag_window` after a write (the rule before #16).
+    ShortTtlLast,
     /// Do not store.
     Refuse,
+}
+
+impl LagPolicy {
+    /// How the fence script is told (`lag_mode`).
+    pub fn script_mode(self) -> &'static [u8] {
+        match self {
+            LagPolicy::ShortTtl => b"0",
+            LagPolicy::Refuse => b"1",
+            LagPolicy::ShortTtlLast => b"2",
+        }
+    }
 }
 
 /// What a SET-family command without a ticket (a write) does.

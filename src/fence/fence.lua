@@ -214,17 +214,20 @@ end
 -- if it ends sooner): no read returns it `lag` after that write's
 -- invalidation. With two or more (the previous one, p, too; unknown is
 -- taken as t), the first of them is not known, so neither is when the
--- value is fresh: refused, as every such fill is with `lag_refuse`.
--- (Ending the TTL `lag` after the LAST invalidation, as before #16, let a
--- value that lacked an earlier write be read up to 2 x `lag` after it.)
+-- value is fresh: refused. `lag_mode`: '0' that (short_ttl); '1' every
+-- fill inside the window refused (refuse); '2' the TTL ends `lag` after
+-- t whatever came before (short_ttl_last: a value that lacks an earlier
+-- write is read up to 2 x `lag` after it, the rule before #16).
 -- The stored fill moves the fence `f` (first fill wins). Returns nil when
 -- stored, else why not ('lag_window', 'nx') or Redis' error; and with a
 -- TTL the lag rule shortened, `lag`.
-local function store_fill(value_at, first, last, miss_at, lag, lag_refuse, nx, f)
+local function store_fill(value_at, first, last, miss_at, lag, lag_mode, nx, f)
   local pxat
   local invalidated = lag > 0 and tonumber(f.t) or 0
   if invalidated > 0 and miss_at - invalidated < lag then
-    if lag_refuse or miss_at - tonumber(f.p or f.t) < lag then return 'lag_window' end
+    if lag_mode == '1' or (lag_mode == '0' and miss_at - tonumber(f.p or f.t) < lag) then
+      return 'lag_window'
+    end
     local lag_end = invalidated + lag
     if lag_end <= now then return 'lag_window' end
     local ends = math.huge
@@ -314,7 +317,7 @@ local function run(op)
     return {0, f.v, f.t, now16, leader}
   elseif op == 'fill' then
     -- KEYS: key, fence. ARGV: op, fence_ttl_ms, version, miss_us, lag_us,
-    -- lag_refuse, nx, lease_holder, lease_us, value, then the client's
+    -- lag_mode, nx, lease_holder, lease_us, value, then the client's
     -- expiry words.
     local f = load(K[2])
     if not f then return {0, 'fence_missing'} end
@@ -329,7 +332,7 @@ local function run(op)
     if f.v ~= A[3] then return refuse('fence_moved') end
     if now - tonumber(A[4]) > tonumber(A[9]) then return refuse('expired') end
     local lag = tonumber(A[5])
-    local verdict, shortened = store_fill(10, 11, #A, tonumber(A[4]), lag, A[6] == '1', A[7] == '1', f)
+    local verdict, shortened = store_fill(10, 11, #A, tonumber(A[4]), lag, A[6], A[7] == '1', f)
     return fill_reply(verdict, refuse, lag, shortened)
   elseif op == 'set' then
     -- A plain store of a fenced key whose miss, if any, the proxy cannot name
@@ -337,7 +340,7 @@ local function run(op)
     -- the scope, judged by the OLDEST one and consuming the NEWEST; else a
     -- write per on_write.
     -- KEYS: key, fence. ARGV: op, fence_ttl_ms, scope prefix, lease_us,
-    -- lag_us, lag_refuse, nx, expect_fence, on_write (write|inval|reject),
+    -- lag_us, lag_mode, nx, expect_fence, on_write (write|inval|reject),
     -- pending_delete, where the value is in the client's command (2: SET,
     -- 3: SETEX, PSETEX), count of expiry words, the expiry words, then the
     -- client's command.
@@ -384,7 +387,7 @@ local function run(op)
       return refuse('fence_moved')
     end
     local verdict, shortened = store_fill(words + 1 + tonumber(A[11]), 13, words, oldest_at,
-      lag, A[6] == '1', A[7] == '1', f)
+      lag, A[6], A[7] == '1', f)
     return fill_reply(verdict, refuse, lag, shortened)
   elseif op == 'write' or op == 'inval' then
     -- KEYS: the command's keys, then the fences of the fenced ones.

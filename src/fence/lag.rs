@@ -39,11 +39,11 @@ use crate::telemetry::LagStats;
 const UNKNOWN: u64 = u64::MAX;
 
 /// The window a fill is judged by: how long after an invalidation the lag
-/// rule applies, and whether it refuses (else it shortens the TTL).
+/// rule applies, and what it does inside it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Judged {
     pub window: Duration,
-    pub refuse: bool,
+    pub policy: LagPolicy,
 }
 
 /// The measured window, shared by the monitor (which sets it) and every
@@ -69,19 +69,19 @@ impl Default for LagGauge {
 impl LagGauge {
     /// The window and policy a fill of keys under `rules` is judged by now.
     pub fn judge(&self, rules: &Policy) -> Judged {
-        let refuse = rules.lag_policy == LagPolicy::Refuse;
+        let policy = rules.lag_policy;
         if !rules.lag_auto {
             return Judged {
                 window: rules.lag_window,
-                refuse,
+                policy,
             };
         }
         match self.window() {
-            Some(window) if window <= rules.lag_window => Judged { window, refuse },
+            Some(window) if window <= rules.lag_window => Judged { window, policy },
             // Over the ceiling, or nothing measured: the ceiling, strictly.
             _ => Judged {
                 window: rules.lag_window,
-                refuse: true,
+                policy: LagPolicy::Refuse,
             },
         }
     }
@@ -306,7 +306,7 @@ mod tests {
         let gauge = LagGauge::default();
         let strict = Judged {
             window: ms(2000),
-            refuse: true,
+            policy: LagPolicy::Refuse,
         };
         assert_eq!(gauge.judge(&rules), strict, "nothing measured yet");
         gauge.set(Some(ms(400)), vec![]);
@@ -314,7 +314,7 @@ mod tests {
             gauge.judge(&rules),
             Judged {
                 window: ms(400),
-                refuse: false
+                policy: LagPolicy::ShortTtl
             }
         );
         gauge.set(Some(ms(2500)), vec![]);
@@ -325,7 +325,7 @@ mod tests {
             gauge.judge(&fixed),
             Judged {
                 window: Duration::ZERO,
-                refuse: false
+                policy: LagPolicy::ShortTtl
             }
         );
     }
