@@ -888,6 +888,14 @@ async fn fence_versions_grow_across_fence_expiry_and_proxy_restarts() {
 /// first of the invalidations the value may lack is not known, so the
 /// fill is refused; with one invalidation it is stored, cut to the window
 /// (r3).
+/// `fills_refused_lag_window` in `CACHE.STATS`.
+async fn refused_lag_window(client: &mut RawClient) -> i64 {
+    let stats = client.call("CACHE.STATS").await;
+    let name = "fills_refused_lag_window\r\n:";
+    let at = stats.find(name).unwrap_or_else(|| panic!("{stats}")) + name.len();
+    stats[at..].split("\r\n").next().unwrap().parse().unwrap()
+}
+
 async fn r4_script(target: Target) -> (Option<String>, i64, String) {
     let setup = Setup::new(target).await;
     let db = Database::default();
@@ -900,8 +908,18 @@ async fn r4_script(target: Target) -> (Option<String>, i64, String) {
     assert_eq!(b.call("DEL user:x").await, ":0\r\n");
     assert_eq!(reader.call("GET user:x").await, "$-1\r\n");
     let read = db.replica("x"); // neither write has reached it
+    let refused = match setup.proxy.is_some() {
+        true => refused_lag_window(&mut reader).await,
+        false => 0,
+    };
     assert_eq!(reader.call(&format!("SET user:x {read} EX 60")).await, "+OK\r\n");
     let mut check = setup.client().await;
+    if setup.proxy.is_some() {
+        // Refused by the lag rule (not for a fence lost or misread), or stored.
+        let now = refused_lag_window(&mut check).await;
+        let stored = cached(&mut check, "user:x").await.is_some();
+        assert_eq!((now - refused, stored), (i64::from(!stored), stored));
+    }
     let value = cached(&mut check, "user:x").await;
     let ttl: i64 = check
         .call("PTTL user:x")
@@ -943,6 +961,35 @@ async fn r4_two_writers_and_a_lagging_replica_leave_nothing_past_the_lag_window(
         "[[cache]]\npattern = \"*\"\non_write = \"write\"\nlag_window = \"2s\"\nlag_policy = \"refuse\"\n";
     let (value, _, _) = r4_script(Target::Cachefence(refuse)).await;
     assert_eq!(value, None);
+}
+
+/// The fence keeps the previous invalidation's time: with it outside the
+/// window, a fill inside the window of the last one is stored, its TTL cut
+/// to end one window after that invalidation.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fill_after_one_invalidation_inside_the_window_is_cut_to_the_window() {
+    let setup = Setup::new(Target::Cachefence(
+        "[[cache]]\npattern = \"user:*\"\non_write = \"write\"\nlag_window = \"300ms\"\n",
+    ))
+    .await;
+    let mut client = setup.client().await;
+    assert_eq!(client.call("DEL user:x").await, ":0\r\n");
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert_eq!(client.call("DEL user:x").await, ":0\r\n");
+    let fence = client.call("GET cachefence:{user:x}").await;
+    assert!(fence.contains('|'), "the previous invalidation is kept: {fence}");
+    assert_eq!(client.call("GET user:x").await, "$-1\r\n");
+    assert_eq!(client.call("SET user:x 1 EX 60").await, "+OK\r\n");
+    let ttl: i64 = client
+        .call("PTTL user:x")
+        .await
+        .trim_start_matches(':')
+        .trim_end()
+        .parse()
+        .unwrap();
+    assert!((1..=300).contains(&ttl), "cut to the window: {ttl} ms");
+    assert_eq!(refused_lag_window(&mut client).await, 0);
+    setup.stop().await;
 }
 
 /// A pooled client sends a request's miss and its fill on different

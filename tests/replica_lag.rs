@@ -15,10 +15,16 @@ use testkit::{Proxy, RawClient, RedisServer, eventually, eventually_within};
 
 const KEYS: i32 = 100;
 
-/// The config of the proxy in front of `pg`.
+/// The two tests start two PostgreSQL servers each and judge timing: one
+/// at a time on a 2-core machine.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The config of the proxy in front of `pg`; `lease_ttl = "1s"`, so the
+/// window looks back max(`interval`, 1 s + `lag_poll`).
 fn auto_config(pg: &Replicated, ceiling: &str, interval: &str) -> String {
     format!(
-        "[[cache]]\npattern = \"row:*\"\nlag_window = \"auto\"\nlag_window_max = \"{ceiling}\"\n\n\
+        "[[cache]]\npattern = \"row:*\"\nlease_ttl = \"1s\"\nhold = \"100ms\"\nlag_window = \"auto\"\n\
+         lag_window_max = \"{ceiling}\"\n\n\
          [postgres]\nurl = \"{}\"\nreplicas = [\"{}\"]\nlag_poll = \"50ms\"\nlag_margin = \"50ms\"\n\
          lag_interval = \"{interval}\"\n",
         pg.primary_url(),
@@ -146,7 +152,7 @@ async fn workload(pg: &Replicated, target: &str, phases: &[(u64, u64)], during: 
         }));
     }
     for &(delay_ms, seconds) in phases {
-        pg.set_apply_delay(Duration::from_millis(delay_ms));
+        pg.set_apply_delay(Duration::from_millis(delay_ms)).await;
         let end = Instant::now() + Duration::from_secs(seconds);
         while Instant::now() < end {
             during(Instant::now());
@@ -172,6 +178,7 @@ const PHASES: [(u64, u64); 3] = [(300, 3), (2000, 5), (300, 5)];
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_auto_window_follows_the_replica_lag_and_bounds_every_stale_read() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let pg = Replicated::start(Duration::from_millis(300));
     create_rows(&pg).await;
 
@@ -283,6 +290,7 @@ async fn the_auto_window_follows_the_replica_lag_and_bounds_every_stale_read() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stopped_replica_refuses_fills_inside_the_ceiling_until_it_is_measured_again() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let pg = Replicated::start(Duration::ZERO);
     create_rows(&pg).await;
     let redis = RedisServer::start();
@@ -313,7 +321,7 @@ async fn a_stopped_replica_refuses_fills_inside_the_ceiling_until_it_is_measured
     );
 
     // Stopped: its lag grows past the ceiling.
-    pg.stop_replica();
+    pg.stop_replica().await;
     eventually_within(
         "the lag passes the ceiling",
         Duration::from_secs(10),
@@ -356,7 +364,7 @@ async fn a_stopped_replica_refuses_fills_inside_the_ceiling_until_it_is_measured
     );
 
     // Back: measured below the ceiling again, fills follow the window.
-    pg.start_replica();
+    pg.start_replica().await;
     eventually_within("the lag is measured again", Duration::from_secs(15), async || {
         lag.window().is_some_and(|w| w < Duration::from_millis(500))
     })

@@ -43,9 +43,18 @@ enum State {
 struct Side {
     name: String,
     config: tokio_postgres::Config,
-    client: Option<Client>,
+    client: Option<(Client, tokio::task::JoinHandle<()>)>,
     /// The last error, logged once until the side answers again.
     failing: Option<String>,
+}
+
+/// Why a query gave no position.
+enum Failed {
+    /// The connection is not to be trusted: dropped, opened again next time.
+    Connection(String),
+    /// It answered, but not with a position (a replica promoted, or a
+    /// primary given as a replica): the connection stays.
+    Answer(String),
 }
 
 impl Side {
@@ -59,47 +68,56 @@ impl Side {
     }
 
     /// One integer from `sql`, connecting first if needed.
-    async fn query(&mut self, sql: &str) -> Result<i64, String> {
-        let result = self.try_query(sql).await;
-        match &result {
-            Ok(_) => {
+    async fn query(&mut self, sql: &str) -> Result<i64, ()> {
+        let error = match self.try_query(sql).await {
+            Ok(n) => {
                 if self.failing.take().is_some() {
                     info!(side = %self.name, "replica lag: answering again");
                 }
+                return Ok(n);
             }
-            Err(error) => {
-                self.client = None;
-                if self.failing.as_deref() != Some(error) {
-                    warn!(side = %self.name, %error, "replica lag: cannot be measured here; retrying each lag_poll");
+            Err(Failed::Answer(error)) => error,
+            Err(Failed::Connection(error)) => {
+                // The connection's task may still wait on a server that
+                // does not answer: it goes with the client.
+                if let Some((_, task)) = self.client.take() {
+                    task.abort();
                 }
-                self.failing = Some(error.clone());
+                error
             }
+        };
+        if self.failing.as_deref() != Some(&error) {
+            warn!(side = %self.name, %error, "replica lag: cannot be measured here; retrying each lag_poll");
         }
-        result
+        self.failing = Some(error);
+        Err(())
     }
 
-    async fn try_query(&mut self, sql: &str) -> Result<i64, String> {
+    async fn try_query(&mut self, sql: &str) -> Result<i64, Failed> {
         if self.client.is_none() {
             let connecting = self.config.connect(NoTls);
             let (client, connection) = match tokio::time::timeout(PG_TIMEOUT, connecting).await {
                 Ok(Ok(pair)) => pair,
-                Ok(Err(e)) => return Err(describe(&e)),
-                Err(_) => return Err(format!("no connection within {PG_TIMEOUT:?}")),
+                Ok(Err(e)) => return Err(Failed::Connection(describe(&e))),
+                Err(_) => return Err(Failed::Connection(format!("no connection within {PG_TIMEOUT:?}"))),
             };
-            tokio::spawn(async move {
+            let task = tokio::spawn(async move {
                 let _ = connection.await;
             });
-            self.client = Some(client);
+            self.client = Some((client, task));
         }
-        let client = self.client.as_ref().expect("connected above");
+        let (client, _) = self.client.as_ref().expect("connected above");
         let row = match tokio::time::timeout(PG_TIMEOUT, client.query_one(sql, &[])).await {
             Ok(Ok(row)) => row,
-            Ok(Err(e)) => return Err(describe(&e)),
-            Err(_) => return Err(format!("no answer within {PG_TIMEOUT:?}")),
+            Ok(Err(e)) if e.as_db_error().is_some() => return Err(Failed::Answer(describe(&e))),
+            Ok(Err(e)) => return Err(Failed::Connection(describe(&e))),
+            Err(_) => return Err(Failed::Connection(format!("no answer within {PG_TIMEOUT:?}"))),
         };
         row.try_get::<_, Option<i64>>(0)
-            .map_err(|e| describe(&e))?
-            .ok_or_else(|| "not a replica in recovery (pg_last_wal_replay_lsn() is NULL)".to_string())
+            .map_err(|e| Failed::Answer(describe(&e)))?
+            .ok_or_else(|| {
+                Failed::Answer("not a replica in recovery (pg_last_wal_replay_lsn() is NULL)".to_string())
+            })
     }
 }
 
@@ -123,14 +141,9 @@ pub async fn run(
         .iter()
         .map(|r| Side::new(r.name.clone(), r.pg_config()))
         .collect();
-    // Between two polls a lag grows by up to one lag_poll: the window
-    // covers it, then the margin.
-    let mut estimator = LagEstimator::new(
-        replicas.len(),
-        config.lag_interval,
-        config.lag_poll + config.lag_margin,
-        HORIZON,
-    );
+    // The gauge adds the time since each measurement: the margin is for
+    // what a measurement misses (its own round trips).
+    let mut estimator = LagEstimator::new(replicas.len(), config.lag_margin, HORIZON);
     let mut block_known = false;
     let mut state: Option<State> = None;
     let mut last = Instant::now();
@@ -149,37 +162,53 @@ pub async fn run(
         if *stop.borrow() {
             return;
         }
-        // The primary first: a sample taken when the query was sent.
+        // The primary and the replicas at once: a sample is taken when its
+        // query is sent; a replica's replay position is placed against the
+        // samples by position, whenever it was read.
         let sent = Instant::now();
-        if !block_known && let Ok(block) = primary.query(BLOCK_SIZE).await {
-            estimator.set_block_size(block as u64);
+        let asking_primary = async {
+            let mut block = None;
+            if !block_known && let Ok(size) = primary.query(BLOCK_SIZE).await {
+                block = Some(size as u64);
+            }
+            (block, primary.query(PRIMARY_LSN).await)
+        };
+        let asking_replicas = join_all(replicas.iter_mut().map(|r| r.query(REPLAY_LSN)));
+        let ((block, at_primary), replays) = tokio::join!(asking_primary, asking_replicas);
+        if let Some(block) = block {
+            estimator.set_block_size(block);
             block_known = true;
         }
-        match primary.query(PRIMARY_LSN).await {
+        match at_primary {
             Ok(lsn) => estimator.primary(sent, lsn as u64),
-            Err(_) => gauge.stats.poll_errors.inc(),
+            Err(()) => gauge.stats.poll_errors.inc(),
         }
-        let replays = join_all(replicas.iter_mut().map(|r| r.query(REPLAY_LSN))).await;
         for (i, replay) in replays.into_iter().enumerate() {
             match replay {
                 Ok(lsn) => estimator.replica(i, lsn as u64),
-                Err(_) => gauge.stats.poll_errors.inc(),
+                Err(()) => gauge.stats.poll_errors.inc(),
             }
         }
+        // The interval covers a fill's read of the database: up to
+        // lease_ttl before it.
+        let (lease, ceiling) = {
+            let scope = scope.load();
+            let auto = || scope.policies().filter(|p| p.lag_auto);
+            // The smallest ceiling in force decides the state counted and logged.
+            (
+                auto().map(|p| p.lease_ttl).max().unwrap_or_default(),
+                auto().map(|p| p.lag_window).min(),
+            )
+        };
+        let interval = config.lag_interval.max(lease + config.lag_poll);
         let now = Instant::now();
-        let window = estimator.window(now);
+        let window = estimator.window(now, interval);
         let lags = estimator.lags(now);
         gauge.set(
+            now,
             window,
             replicas.iter().map(|r| r.name.clone()).zip(lags).collect(),
         );
-        // The smallest ceiling in force decides the state counted and logged.
-        let ceiling = scope
-            .load()
-            .policies()
-            .filter(|p| p.lag_auto)
-            .map(|p| p.lag_window)
-            .min();
         let next = match (window, ceiling) {
             (None, _) => State::Unmeasured,
             (Some(w), Some(c)) if w > c => State::OverCeiling,

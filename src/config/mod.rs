@@ -178,12 +178,20 @@ impl Config {
             false => None,
         };
         let changelog = s.postgres.expect("defaulted").resolve()?;
-        if let Some(auto) = fences.as_ref().and_then(|f| f.policies().find(|p| p.lag_auto)) {
+        for auto in fences.iter().flat_map(|f| f.policies()).filter(|p| p.lag_auto) {
+            let Some(pg) = changelog.as_ref().filter(|c| !c.replicas.is_empty()) else {
+                anyhow::bail!(
+                    "[[cache]] `{}`: `lag_window = \"auto\"` measures the replicas' lag: set `[postgres] url` \
+                     (the primary) and `replicas`",
+                    auto.pattern
+                );
+            };
+            // Below that, even a replica with no lag is over the ceiling.
             anyhow::ensure!(
-                changelog.as_ref().is_some_and(|c| !c.replicas.is_empty()),
-                "[[cache]] `{}`: `lag_window = \"auto\"` measures the replicas' lag: set `[postgres] url` \
-                 (the primary) and `replicas`",
-                auto.pattern
+                auto.lag_window > pg.lag_margin + pg.lag_poll,
+                "[[cache]] `{}`: `lag_window_max` must exceed `[postgres] lag_poll` + `lag_margin` ({:?})",
+                auto.pattern,
+                pg.lag_margin + pg.lag_poll
             );
         }
         Ok(Config {
@@ -286,6 +294,18 @@ mod tests {
         let policy = config.fences.as_ref().unwrap().policies().next().unwrap().clone();
         assert!(policy.lag_auto);
         assert_eq!(policy.lag_window, Duration::from_secs(3), "the ceiling");
+        let tight = with.replace("lag_window_max = \"3s\"", "lag_window_max = \"200ms\"");
+        let err = format!("{:#}", resolve_text(&tight).unwrap_err());
+        assert!(
+            err.contains("must exceed `[postgres] lag_poll` + `lag_margin`"),
+            "{err}"
+        );
+        let twice = with.replace(
+            "replicas = [\"postgres://u@r1:5433/db\"]",
+            "replicas = [\"postgres://u@r1:5433/db\", \"postgres://v@r1:5433/x\"]",
+        );
+        let err = format!("{:#}", resolve_text(&twice).unwrap_err());
+        assert!(err.contains("r1:5433 is listed twice"), "{err}");
         let changelog = config.changelog.unwrap();
         assert_eq!(changelog.replicas[0].name, "r1:5433");
         assert!(!changelog.consumes(), "replicas and no table: the lag only");

@@ -133,8 +133,14 @@ impl PostgresSection {
                 .expose()
                 .parse::<deadpool_postgres::tokio_postgres::Config>()
                 .map_err(|e| anyhow::anyhow!("key `postgres.replicas` #{}: {e}", i + 1))?;
+            let name = describe_target(&config);
+            anyhow::ensure!(
+                !replicas.iter().any(|r: &Replica| r.name == name),
+                "key `postgres.replicas` #{}: {name} is listed twice",
+                i + 1
+            );
             replicas.push(Replica {
-                name: describe_target(&config),
+                name,
                 url: url.clone(),
             });
         }

@@ -1,4 +1,7 @@
--- cachefence fence script v4
+-- cachefence fence script v5
+-- v5 (#16) adds the previous invalidation's time to a fence (`|<p>`): a
+-- proxy of v4 would read such a fence as having no misses. Proxies of
+-- different versions must not share one Redis: stop the old ones first.
 -- The keys and arguments of the operation being run: the call's own, or,
 -- in a batch (at the end), each operation's share of them in turn.
 local K, A = KEYS, ARGV

@@ -23,9 +23,12 @@
 //! mixes two hosts' clocks.
 //!
 //! **What is in force** ([`LagGauge`]): the largest lag measured over
-//! `lag_interval`, plus `lag_margin`, for every section with `auto`, up to
-//! its `lag_window_max`. Over that ceiling, or with no measurement, those
-//! sections judge fills by the ceiling with `lag_policy = "refuse"`.
+//! `lag_interval` (at least `lease_ttl` + `lag_poll`: a fill may come that
+//! long after its read), plus `lag_margin`, plus the time since that
+//! measurement, for every section with `auto`, up to its `lag_window_max`.
+//! Over that ceiling, or with no measurement (and for the first interval,
+//! whose earlier reads nobody measured), those sections judge fills by the
+//! ceiling with `lag_policy = "refuse"`.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -47,10 +50,17 @@ pub struct Judged {
 }
 
 /// The measured window, shared by the monitor (which sets it) and every
-/// session (which judges fills by it).
+/// session (which judges fills by it). It ages: a lag grows by at most the
+/// time that passes, so the window in force is the last measured one plus
+/// the time since it was measured. A monitor that is slow, stalled or gone
+/// leaves a window that grows past every ceiling, never one that stays.
 #[derive(Debug)]
 pub struct LagGauge {
+    /// The window when measured, µs (UNKNOWN: none).
     window_us: AtomicU64,
+    /// When it was measured, µs after `base`.
+    at_us: AtomicU64,
+    base: Instant,
     /// Each replica's last measured lag (`None`: never, or not now).
     replicas: Mutex<Vec<(String, Option<Duration>)>>,
     pub stats: LagStats,
@@ -60,6 +70,8 @@ impl Default for LagGauge {
     fn default() -> LagGauge {
         LagGauge {
             window_us: AtomicU64::new(UNKNOWN),
+            at_us: AtomicU64::new(0),
+            base: Instant::now(),
             replicas: Mutex::default(),
             stats: LagStats::default(),
         }
@@ -86,17 +98,27 @@ impl LagGauge {
         }
     }
 
-    /// The measured window (`None`: no measurement in force).
+    /// The window in force now (`None`: nothing measured): the measured one
+    /// plus the time since.
     pub fn window(&self) -> Option<Duration> {
+        self.window_at(self.base.elapsed())
+    }
+
+    fn window_at(&self, now: Duration) -> Option<Duration> {
+        // `at` first: a newer `at` comes with its window (stored before it).
+        let at = Duration::from_micros(self.at_us.load(Ordering::Acquire));
         match self.window_us.load(Ordering::Relaxed) {
             UNKNOWN => None,
-            us => Some(Duration::from_micros(us)),
+            us => Some(Duration::from_micros(us) + now.saturating_sub(at)),
         }
     }
 
-    pub fn set(&self, window: Option<Duration>, replicas: Vec<(String, Option<Duration>)>) {
+    /// The window measured at `at`, and each replica's lag then.
+    pub fn set(&self, at: Instant, window: Option<Duration>, replicas: Vec<(String, Option<Duration>)>) {
         let us = window.map_or(UNKNOWN, |w| (w.as_micros() as u64).min(UNKNOWN - 1));
         self.window_us.store(us, Ordering::Relaxed);
+        let since = at.saturating_duration_since(self.base).as_micros() as u64;
+        self.at_us.store(since, Ordering::Release);
         self.stats.measured.set(u64::from(window.is_some()));
         self.stats
             .window_ms
@@ -126,9 +148,12 @@ pub struct LagEstimator {
     marks: VecDeque<Mark>,
     /// Per replica: the newest sample time it is known to show.
     shows: Vec<Option<Instant>>,
-    /// The largest lag of each measurement, kept for `interval`.
+    /// The largest lag of each measurement, kept for the interval.
     peaks: VecDeque<(Instant, Duration)>,
-    interval: Duration,
+    /// Since when every replica has been measured: until the peaks cover a
+    /// whole interval, a read made before (a miss older than the proxy's
+    /// first measurement) may have met a lag nobody saw.
+    complete_since: Option<Instant>,
     margin: Duration,
     horizon: Duration,
     /// `wal_block_size`: the primary's insert position may point past a
@@ -146,12 +171,12 @@ impl LagEstimator {
     /// For `replicas` replicas; `horizon`: how far back a replica's
     /// position can be placed (beyond it, its lag grows from the oldest
     /// sample it was known to show).
-    pub fn new(replicas: usize, interval: Duration, margin: Duration, horizon: Duration) -> LagEstimator {
+    pub fn new(replicas: usize, margin: Duration, horizon: Duration) -> LagEstimator {
         LagEstimator {
             marks: VecDeque::new(),
             shows: vec![None; replicas],
             peaks: VecDeque::new(),
-            interval,
+            complete_since: None,
             margin,
             horizon,
             block: 8192,
@@ -200,19 +225,29 @@ impl LagEstimator {
 
     /// The window at `now`: the largest lag measured over `interval`
     /// (this measurement included) plus `margin`; `None` while some
-    /// replica was never measured.
-    pub fn window(&mut self, now: Instant) -> Option<Duration> {
+    /// replica was never measured, and for the first `interval` after all
+    /// were. `interval` must cover the time from a read of the database to
+    /// its fill (`lease_ttl`), so the window is the largest lag any fill
+    /// judged now may have met.
+    pub fn window(&mut self, now: Instant, interval: Duration) -> Option<Duration> {
         let lags = self.lags(now);
-        let largest = lags.iter().try_fold(Duration::ZERO, |m, l| l.map(|l| m.max(l)))?;
+        let Some(largest) = lags.iter().try_fold(Duration::ZERO, |m, l| l.map(|l| m.max(l))) else {
+            self.complete_since = None;
+            return None;
+        };
+        let since = *self.complete_since.get_or_insert(now);
         while self.peaks.len() >= MAX_MARKS
             || self
                 .peaks
                 .front()
-                .is_some_and(|(at, _)| now.saturating_duration_since(*at) > self.interval)
+                .is_some_and(|(at, _)| now.saturating_duration_since(*at) > interval)
         {
             self.peaks.pop_front();
         }
         self.peaks.push_back((now, largest));
+        if now.saturating_duration_since(since) < interval {
+            return None;
+        }
         let peak = self.peaks.iter().map(|(_, l)| *l).max().unwrap_or(largest);
         Some(peak + self.margin)
     }
@@ -227,8 +262,10 @@ mod tests {
     }
 
     fn estimator(replicas: usize) -> LagEstimator {
-        LagEstimator::new(replicas, ms(1000), ms(100), ms(60_000))
+        LagEstimator::new(replicas, ms(100), ms(60_000))
     }
+
+    const INTERVAL: Duration = Duration::from_millis(1000);
 
     #[test]
     fn a_replica_that_replayed_the_newest_sample_has_no_lag_but_the_time_since() {
@@ -237,7 +274,6 @@ mod tests {
         e.primary(t0, 1000);
         e.replica(0, 1000);
         assert_eq!(e.lags(t0 + ms(3)), [Some(ms(3))]);
-        assert_eq!(e.window(t0 + ms(3)), Some(ms(103)));
     }
 
     #[test]
@@ -253,16 +289,28 @@ mod tests {
     }
 
     #[test]
-    fn a_replica_that_cannot_be_asked_grows_its_lag_and_unknown_is_no_window() {
+    fn no_window_until_every_replica_is_measured_for_a_whole_interval() {
         let t0 = Instant::now();
         let mut e = estimator(2);
         e.primary(t0, 10);
         e.replica(0, 10);
-        assert_eq!(e.window(t0), None, "replica 1 was never measured");
+        assert_eq!(e.window(t0, INTERVAL), None, "replica 1 was never measured");
         e.replica(1, 10);
-        assert_eq!(e.window(t0 + ms(10)), Some(ms(110)));
+        assert_eq!(
+            e.window(t0 + ms(10), INTERVAL),
+            None,
+            "a miss before may have met any lag"
+        );
+        e.primary(t0 + ms(1010), 10);
+        e.replica(0, 10);
+        e.replica(1, 10);
+        assert_eq!(
+            e.window(t0 + ms(1010), INTERVAL),
+            Some(ms(110)),
+            "the first measurement's 10 ms"
+        );
         // Nothing new from either: the lag is the time since the sample.
-        assert_eq!(e.lags(t0 + ms(5000)), [Some(ms(5000)), Some(ms(5000))]);
+        assert_eq!(e.lags(t0 + ms(5000)), [Some(ms(3990)), Some(ms(3990))]);
     }
 
     #[test]
@@ -270,17 +318,35 @@ mod tests {
         let t0 = Instant::now();
         let mut e = estimator(1);
         e.primary(t0, 100);
-        e.primary(t0 + ms(500), 200);
         e.replica(0, 100);
-        assert_eq!(e.window(t0 + ms(600)), Some(ms(700)));
-        // Caught up: the peak of 600 ms stays for `interval` (1 s)…
-        for at in [700, 1500, 1800] {
+        assert_eq!(e.window(t0, INTERVAL), None);
+        e.primary(t0 + ms(500), 200);
+        assert_eq!(
+            e.window(t0 + ms(1000), INTERVAL),
+            Some(ms(1100)),
+            "shows t0 at 1 s"
+        );
+        // Caught up: the peak of 1 s stays for the interval…
+        for at in [1100, 1900, 2200] {
             e.primary(t0 + ms(at), 200);
             e.replica(0, 200);
         }
-        assert_eq!(e.window(t0 + ms(1500)), Some(ms(700)));
+        assert_eq!(e.window(t0 + ms(1900), INTERVAL), Some(ms(1100)));
         // … and then goes.
-        assert_eq!(e.window(t0 + ms(1800)), Some(ms(100)));
+        assert_eq!(e.window(t0 + ms(2200), INTERVAL), Some(ms(100)));
+    }
+
+    #[test]
+    fn the_gauge_ages_the_window_by_the_time_since_it_was_measured() {
+        let gauge = LagGauge::default();
+        assert_eq!(gauge.window_at(ms(5)), None);
+        gauge.set(gauge.base + ms(10), Some(ms(300)), vec![]);
+        assert_eq!(gauge.window_at(ms(10)), Some(ms(300)));
+        assert_eq!(
+            gauge.window_at(ms(2010)),
+            Some(ms(2300)),
+            "a monitor that stopped"
+        );
     }
 
     #[test]
@@ -309,15 +375,11 @@ mod tests {
             policy: LagPolicy::Refuse,
         };
         assert_eq!(gauge.judge(&rules), strict, "nothing measured yet");
-        gauge.set(Some(ms(400)), vec![]);
-        assert_eq!(
-            gauge.judge(&rules),
-            Judged {
-                window: ms(400),
-                policy: LagPolicy::ShortTtl
-            }
-        );
-        gauge.set(Some(ms(2500)), vec![]);
+        gauge.set(Instant::now(), Some(ms(400)), vec![]);
+        let judged = gauge.judge(&rules);
+        assert_eq!(judged.policy, LagPolicy::ShortTtl);
+        assert!((ms(400)..ms(450)).contains(&judged.window), "{judged:?}");
+        gauge.set(Instant::now(), Some(ms(2500)), vec![]);
         assert_eq!(gauge.judge(&rules), strict);
         // A fixed window ignores the gauge.
         let fixed = Policy::from_section(&crate::config::CacheSection::for_pattern("*")).unwrap();

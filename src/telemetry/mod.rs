@@ -102,7 +102,8 @@ families! {
         LAG_MEASURED: Gauge "cachefence_lag_measured",
             "1 while every replica's lag is measured (lag_window = \"auto\").";
         LAG_WINDOW: Gauge "cachefence_lag_window_seconds",
-            "The measured lag window: the largest replica lag over lag_interval, plus lag_margin.";
+            "The measured lag window at the last measurement: the largest replica lag over lag_interval (at \
+             least lease_ttl + lag_poll), plus lag_margin; the window in force adds the time since.";
         LAG_OVER_CEILING: Counter "cachefence_lag_over_ceiling_seconds_total",
             "Time the measured window was above the smallest lag_window_max, or not measured: fills inside \
              the ceiling were refused.";

@@ -109,7 +109,7 @@ impl Replicated {
                 "UTF8",
             ],
         );
-        pg.ctl_start("primary", pg.primary_port, &[]);
+        pg.ctl_start("primary", pg.primary_port);
         let primary_port = pg.primary_port.to_string();
         pg.run(
             "pg_basebackup",
@@ -131,7 +131,7 @@ impl Replicated {
             ],
         );
         pg.write_apply_delay(apply_delay);
-        pg.ctl_start("replica", pg.replica_port, &[]);
+        pg.ctl_start("replica", pg.replica_port);
         pg
     }
 
@@ -182,14 +182,15 @@ impl Replicated {
         output
     }
 
-    fn ctl_start(&self, name: &str, port: u16, extra: &[&str]) {
-        let mut options = format!(
+    fn options(&self, port: u16) -> String {
+        format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off",
             self.dir.path().display()
-        );
-        for pair in extra.chunks(2) {
-            options.push_str(&format!(" {} {}", pair[0], pair[1]));
-        }
+        )
+    }
+
+    fn ctl_start(&self, name: &str, port: u16) {
+        let options = self.options(port);
         let log = self.dir.file_str(&format!("{name}.log"));
         let wait = WAIT.as_secs().to_string();
         self.run(
@@ -231,23 +232,53 @@ impl Replicated {
 
     /// Changes the replica's `recovery_min_apply_delay` (a reload: the
     /// replica keeps streaming).
-    pub fn set_apply_delay(&self, delay: Duration) {
+    pub async fn set_apply_delay(&self, delay: Duration) {
         self.write_apply_delay(delay);
-        self.run("pg_ctl", &["-D", &self.data("replica"), "reload"]);
+        self.run_off_runtime("pg_ctl", &["-D", &self.data("replica"), "reload"])
+            .await;
     }
 
     /// Stops the replica (fast shutdown).
-    pub fn stop_replica(&self) {
-        self.run(
+    pub async fn stop_replica(&self) {
+        self.run_off_runtime(
             "pg_ctl",
             &["-D", &self.data("replica"), "-m", "fast", "-w", "stop"],
-        );
+        )
+        .await;
     }
 
     /// Starts the replica again, with no apply delay.
-    pub fn start_replica(&self) {
+    pub async fn start_replica(&self) {
         self.write_apply_delay(Duration::ZERO);
-        self.ctl_start("replica", self.replica_port, &[]);
+        let options = self.options(self.replica_port);
+        let log = self.dir.file_str("replica.log");
+        let wait = WAIT.as_secs().to_string();
+        let data = self.data("replica");
+        self.run_off_runtime(
+            "pg_ctl",
+            &[
+                "-D", &data, "-o", &options, "-l", &log, "-w", "-t", &wait, "start",
+            ],
+        )
+        .await;
+    }
+
+    /// [`Replicated::run`] on a blocking thread: the runtime's threads keep
+    /// serving the proxy and its lag monitor meanwhile.
+    async fn run_off_runtime(&self, program: &str, args: &[&str]) {
+        let mut command = self.command(program);
+        command.args(args);
+        let what = format!("{program} {args:?}");
+        let output = tokio::task::spawn_blocking(move || command.output())
+            .await
+            .expect("the blocking task ran")
+            .unwrap_or_else(|e| panic!("running {what}: {e}"));
+        assert!(
+            output.status.success(),
+            "{what} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 
     pub fn dir(&self) -> &Path {
