@@ -158,6 +158,17 @@ run_cell() { # run_cell TARGET MODEL
         proxy_pid=$!
         PIDS+=("$proxy_pid")
         wait_port "$port" "$proxy_pid" || { cat "$plog" >&2; die "cachefence did not start"; }
+        if [ "$target" = cf-auto ]; then
+            # lag_window = "auto" refuses fills inside the ceiling until the
+            # lag has been measured for lease_ttl (10 s): the timed part
+            # starts after, as a proxy that has been running would be.
+            local i
+            for i in $(seq 1 300); do
+                redis-cli -h "$HOST" -p "$port" CACHE.INFO | grep -q '^lag_window_measured_ms:[0-9]' && break
+                sleep 0.1
+            done
+            redis-cli -h "$HOST" -p "$port" CACHE.INFO | grep '^lag_window_measured_ms:' >&2
+        fi
     fi
 
     log "$target / $model: redis :$redis_port${proxy_pid:+, cachefence :$port}"

@@ -235,9 +235,12 @@ pub async fn run(
                     ?ceiling_ms,
                     "replica lag over lag_window_max: fills inside the ceiling are refused"
                 ),
-                State::Unmeasured => warn!(
+                // Only before the first complete measurement (a side that
+                // cannot be asked warns of itself).
+                State::Unmeasured => info!(
                     ?ceiling_ms,
-                    "replica lag not measured: fills inside lag_window_max are refused"
+                    "replica lag not measured yet: fills inside lag_window_max are refused until it has been \
+                     measured for lag_interval"
                 ),
             }
             state = Some(next);

@@ -241,8 +241,9 @@ local function store_fill(value_at, first, last, miss_at, lag, lag_mode, nx, f)
       elseif w == 'EXAT' then ends = n * 1000000
       elseif w == 'PXAT' then ends = n * 1000 end
     end
-    -- Rounded down: the value is gone by the window's end, not 1 ms after.
-    if lag_end < ends then pxat = string.format('%.0f', math.floor(lag_end / 1000)) end
+    -- Redis serves a key through the whole millisecond of its PXAT: one
+    -- before the window's end, the value is gone by then.
+    if lag_end < ends then pxat = string.format('%.0f', math.floor(lag_end / 1000) - 1) end
   end
   -- No argument table: this is every fill's path.
   local stored
