@@ -78,6 +78,15 @@ impl Seen {
             })
             .collect()
     }
+
+    /// The stalest hit (zero: none stale).
+    fn worst(&self) -> Duration {
+        self.stale_hits()
+            .iter()
+            .map(|(_, s)| *s)
+            .max()
+            .unwrap_or_default()
+    }
 }
 
 /// Cache-aside against `target` (the proxy or Redis) for `phases` of
@@ -186,12 +195,7 @@ async fn the_auto_window_follows_the_replica_lag_and_bounds_every_stale_read() {
     // key's next delete.
     let redis = RedisServer::start();
     let control = workload(&pg, &redis.addr(), &PHASES, |_| {}).await;
-    let worst = control
-        .stale_hits()
-        .iter()
-        .map(|(_, s)| *s)
-        .max()
-        .unwrap_or_default();
+    let worst = control.worst();
     assert!(
         worst > Duration::from_millis(3000),
         "control: plain Redis serves values staler than any window ({worst:?})"
@@ -206,12 +210,7 @@ async fn the_auto_window_follows_the_replica_lag_and_bounds_every_stale_read() {
     )
     .await;
     let seen = workload(&pg, &fixed.addr.to_string(), &PHASES, |_| {}).await;
-    let worst = seen
-        .stale_hits()
-        .iter()
-        .map(|(_, s)| *s)
-        .max()
-        .unwrap_or_default();
+    let worst = seen.worst();
     assert!(
         worst > Duration::from_millis(1500),
         "a fixed 1 s window under a 2 s lag: stale past the window ({worst:?})"

@@ -168,18 +168,8 @@ impl Replicated {
     }
 
     fn run(&self, program: &str, args: &[&str]) -> Output {
-        let output = self
-            .command(program)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("running {program}: {e}"));
-        assert!(
-            output.status.success(),
-            "{program} {args:?} failed: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        output
+        let output = self.command(program).args(args).output();
+        succeeded(&format!("{program} {args:?}"), output)
     }
 
     fn options(&self, port: u16) -> String {
@@ -268,22 +258,27 @@ impl Replicated {
     async fn run_off_runtime(&self, program: &str, args: &[&str]) {
         let mut command = self.command(program);
         command.args(args);
-        let what = format!("{program} {args:?}");
         let output = tokio::task::spawn_blocking(move || command.output())
             .await
-            .expect("the blocking task ran")
-            .unwrap_or_else(|e| panic!("running {what}: {e}"));
-        assert!(
-            output.status.success(),
-            "{what} failed: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+            .expect("the blocking task ran");
+        succeeded(&format!("{program} {args:?}"), output);
     }
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+}
+
+/// The output of `what`, which must have run and exited 0.
+fn succeeded(what: &str, output: std::io::Result<Output>) -> Output {
+    let output = output.unwrap_or_else(|e| panic!("running {what}: {e}"));
+    assert!(
+        output.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
 }
 
 /// A connection to `url`, or a failure naming it.
