@@ -52,7 +52,15 @@ pub fn info(fences: &Fences, app: &App) -> Reply {
     let auto: Vec<String> = scope
         .policies()
         .filter(|p| p.lag_auto)
-        .map(|p| format!("{}={}", p.pattern, fences.lag.judge(p).window.as_millis()))
+        .map(|p| {
+            let judged = fences.lag.judge(p);
+            let policy = match judged.policy {
+                crate::config::cache::LagPolicy::ShortTtl => "short_ttl",
+                crate::config::cache::LagPolicy::ShortTtlLast => "short_ttl_last",
+                crate::config::cache::LagPolicy::Refuse => "refuse",
+            };
+            format!("{}={}:{policy}", p.pattern, judged.window.as_millis())
+        })
         .collect();
     let ms =
         |d: Option<std::time::Duration>| d.map_or("unmeasured".to_string(), |d| d.as_millis().to_string());
