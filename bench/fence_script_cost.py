@@ -9,7 +9,9 @@ fill, the commands it runs included), Redis' whole CPU per pair from INFO
 cpu (parsing and replies included; pipelines of 1000), and the fence's
 bytes (MEMORY USAGE) with one miss outstanding and after the fill. Then
 the working tree's Redis time per SET inside batches of 16 pipelined SETs
-(one script call, #17) against plain SET.
+(one script call, #17) against plain SET, and Redis' whole CPU per SET for
+the batch script, plain SETs, and one MGET of the batch's fences before plain
+SETs (the check-then-write design #17 left for later).
 
 Usage: python3 bench/fence_script_cost.py [REV] [ROUNDS]   (default REV:
 9bf6780, the script before outstanding misses moved into the fence;
@@ -167,6 +169,44 @@ if 'batch' in scripts['working tree']:
         per_set['plain SET'].append(r.info('commandstats')['cmdstat_set']['usec'] / N)
     for name, values in per_set.items():
         print(f'Redis µs per SET, {name:12s}: {summary(values)}')
+
+    # Redis' whole CPU per SET (parsing and replies included), in pipelines
+    # of 16-SET batches: the batch script; plain SETs; and the design #17
+    # left for later, one MGET of the batch's fences, then the plain SETs
+    # of the keys without one (none here have one).
+    def batch_script(pipe, rnd, b):
+        ops = []
+        for j in range(16):
+            k = f'c:{rnd}:{b * 16 + j}'
+            ops.append(([k, 'cachefence:{' + k + '}'],
+                        ['set', 11000, 'm|127.0.0.1|', 10000000, 0, 0, 0, 0, 'write', 0, 2, 0, 'SET', k, 'xxx']))
+        keys, args = batch_call(ops)
+        pipe.evalsha(sha, len(keys), *keys, *args)
+
+    def plain(pipe, rnd, b):
+        for j in range(16):
+            pipe.set(f'c:{rnd}:{b * 16 + j}', 'xxx')
+
+    def check_then_set(pipe, rnd, b):
+        pipe.mget(['cachefence:{' + f'c:{rnd}:{b * 16 + j}' + '}' for j in range(16)])
+        plain(pipe, rnd, b)
+
+    ways = {'plain SET': plain, 'batch script': batch_script, 'MGET fences + SET': check_then_set}
+    cpu_per_set = {name: [] for name in ways}
+    for rnd in range(rounds):
+        for name, send in ways.items():
+            r.flushall()
+            before = cpu()
+            for start in range(0, N // 16, BATCH // 16):
+                pipe = r.pipeline(transaction=False)
+                for b in range(start, min(start + BATCH // 16, N // 16)):
+                    send(pipe, rnd, b)
+                pipe.execute()
+            cpu_per_set[name].append((cpu() - before) * 1e6 / N)
+    plain_cpu_set = sorted(cpu_per_set['plain SET'])[rounds // 2]
+    for name, values in cpu_per_set.items():
+        ratio = sorted(values)[rounds // 2] / plain_cpu_set
+        print(f'Redis CPU µs per SET, {name:18s}: {summary(values)}  ({ratio:.2f} x plain)')
 
 # The fence's bytes: with one miss outstanding, and after the fill.
 r.flushall()
