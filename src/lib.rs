@@ -19,11 +19,13 @@
 //!   [`fence::translate`] (reply rules); herd holds in [`fence::herd`]; where
 //!   every invalidation ends: [`fence::epilogue`]; the Lua script in
 //!   [`fence::script`]; each key's recent events for `CACHE.EXPLAIN` in
-//!   [`fence::history`]; the workers that send invalidations of their own
+//!   [`fence::history`]; the lag window in force for `lag_window = "auto"`
+//!   in [`fence::lag`]; the workers that send invalidations of their own
 //!   (retried deletes, second deletes) beside them.
 //! - [`changelog`]: the PostgreSQL outbox — `pg install`, the consumer that
 //!   turns committed row changes into invalidations, and `cachefence audit`
-//!   ([`changelog::audit`]).
+//!   ([`changelog::audit`]); the replicas' lag monitor
+//!   ([`changelog::replica_lag`]).
 //! - [`redis`]: the Redis client the proxy uses for itself (connect with
 //!   TLS/AUTH/SELECT, one call that must succeed).
 //! - [`resp`]: framing of requests ([`resp::request`], Redis' own grammar)
