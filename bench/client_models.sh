@@ -3,7 +3,9 @@
 # cache-aside workload of issue 14 per CLIENT MODEL (one connection per
 # thread, a shared pool, one shared connection), against direct Redis (the
 # control) and cachefence with ticket_scope = "client" (the default) and
-# "connection".
+# "connection". With CM_REPLICA_DELAY (#16), against a PostgreSQL primary and
+# a lagging streaming replica of its own, and two more targets: cachefence
+# with lag_window = "1s" (cf-lag1s) and lag_window = "auto" (cf-auto).
 #
 # Each cell (target x model) gets a fresh scratch redis-server (CPU 0) and,
 # for the cachefence targets, a fresh proxy in front of it (CPU 1, with the
