@@ -269,6 +269,18 @@ const LAG_REFUSE: &str =
     "[[cache]]\npattern = \"*\"\non_write = \"write\"\nlag_window = \"2s\"\nlag_policy = \"refuse\"\n";
 const LAG_SHORT_TTL: &str = "[[cache]]\npattern = \"*\"\non_write = \"write\"\nlag_window = \"2s\"\n";
 
+/// Through the proxy, a fill of the lagging replica's value that was not
+/// stored was refused by the lag rule (not for a fence lost or misread).
+fn assert_refused_by_the_lag_rule(setup: &Setup, cached: &(Option<String>, i64)) {
+    if let (Some(proxy), None) = (&setup.proxy, &cached.0) {
+        let fences = proxy.ctx.fences.as_ref().expect("fences on");
+        assert!(
+            fences.stats.refused_lag_window.get() >= 1,
+            "not stored, and not by the lag rule"
+        );
+    }
+}
+
 /// R3/R4 on one shared multiplexed connection: `writes` writers each
 /// change the primary and delete; then requests A and B both miss, both
 /// read the lagging replica (1) and fill, A first. Returns the cached value
@@ -306,6 +318,7 @@ async fn lag_multiplexed(target: Target, writes: &[&'static str]) -> (Option<Str
     run_all(tasks).await;
     assert_eq!(db.replica("x"), "1");
     let cached = setup.cached(KEY).await;
+    assert_refused_by_the_lag_rule(&setup, &cached);
     setup.stop().await;
     cached
 }
@@ -336,6 +349,7 @@ async fn lag_pooled(target: Target, writes: &[&'static str]) -> (Option<String>,
     set(&mut *a_conn, &read).await;
     drop((busy, a_conn));
     let cached = setup.cached(KEY).await;
+    assert_refused_by_the_lag_rule(&setup, &cached);
     pool.close();
     setup.stop().await;
     cached
@@ -815,6 +829,7 @@ async fn lag_ioredis(target: Target, writes: &[&'static str]) -> (Option<String>
     assert_eq!(out["replica"], "1", "{out}");
     assert_eq!(out["primary"], *writes.last().unwrap(), "{out}");
     let cached = setup.cached(KEY).await;
+    assert_refused_by_the_lag_rule(&setup, &cached);
     setup.stop().await;
     cached
 }
