@@ -223,6 +223,11 @@ async fn passwords_never_appear_in_logs_and_json_logs_are_structured() {
         info.contains("\r\nfenced_patterns:user:*,session:*\r\nchangelog_outbox:\r\nadmin_password:set\r\n"),
         "{info}"
     );
+    // No [postgres] replicas: the replica-lag lines are there, empty.
+    assert!(
+        info.contains("\r\nreplica_lag_ms:\r\nlag_window_measured_ms:\r\nlag_window_in_force_ms:\r\n"),
+        "{info}"
+    );
     assert!(!info.contains("hunter2"), "a secret in CACHE.INFO: {info}");
     drop(client);
     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -91,9 +91,13 @@ pub fn info(fences: &Fences, app: &App) -> Reply {
             }
         ),
         // lag_window = "auto": each replica's lag, the measured window, and
-        // per auto section the window in force (ms).
+        // per auto section the window in force (ms); empty without
+        // `[postgres] replicas`.
         format!("replica_lag_ms:{}", replicas.join(",")),
-        format!("lag_window_measured_ms:{}", ms(fences.lag.window())),
+        format!(
+            "lag_window_measured_ms:{}",
+            app.lag().map_or(String::new(), |lag| ms(lag.window()))
+        ),
         format!("lag_window_in_force_ms:{}", auto.join(",")),
         String::new(),
     ];
