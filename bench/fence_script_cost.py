@@ -146,19 +146,24 @@ def batch_call(ops):
 
 if 'batch' in scripts['working tree']:
     sha = loaded['working tree'].sha
+
+    def send_batch(pipe, prefix, b):
+        """Batch b: one script call with the 16 SETs of keys prefix:<16b..16b+15>."""
+        ops = []
+        for j in range(16):
+            k = f'{prefix}:{b * 16 + j}'
+            ops.append(([k, 'cachefence:{' + k + '}'],
+                        ['set', 11000, 'm|127.0.0.1|', 10000000, 0, 0, 0, 0, 'write', 0, 2, 0, 'SET', k, 'xxx']))
+        keys, args = batch_call(ops)
+        pipe.evalsha(sha, len(keys), *keys, *args)
+
     per_set = {'batch of 16': [], 'plain SET': []}
     for rnd in range(rounds):
         r.flushall()
         r.config_resetstat()
         pipe = r.pipeline(transaction=False)
         for b in range(N // 16):
-            ops = []
-            for j in range(16):
-                k = f'w:{rnd}:{b * 16 + j}'
-                ops.append(([k, 'cachefence:{' + k + '}'],
-                            ['set', 11000, 'm|127.0.0.1|', 10000000, 0, 0, 0, 0, 'write', 0, 2, 0, 'SET', k, 'xxx']))
-            keys, args = batch_call(ops)
-            pipe.evalsha(sha, len(keys), *keys, *args)
+            send_batch(pipe, f'w:{rnd}', b)
         pipe.execute()
         per_set['batch of 16'].append(r.info('commandstats')['cmdstat_evalsha']['usec'] / N)
         r.config_resetstat()
@@ -175,13 +180,7 @@ if 'batch' in scripts['working tree']:
     # left for later, one MGET of the batch's fences, then the plain SETs
     # of the keys without one (none here have one).
     def batch_script(pipe, rnd, b):
-        ops = []
-        for j in range(16):
-            k = f'c:{rnd}:{b * 16 + j}'
-            ops.append(([k, 'cachefence:{' + k + '}'],
-                        ['set', 11000, 'm|127.0.0.1|', 10000000, 0, 0, 0, 0, 'write', 0, 2, 0, 'SET', k, 'xxx']))
-        keys, args = batch_call(ops)
-        pipe.evalsha(sha, len(keys), *keys, *args)
+        send_batch(pipe, f'c:{rnd}', b)
 
     def plain(pipe, rnd, b):
         for j in range(16):
