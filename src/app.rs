@@ -32,10 +32,10 @@ pub struct App {
     pub fences: Option<Fences>,
     /// The change-log consumer's counters, when `[postgres]` is configured.
     pub changelog: Option<Arc<ChangeLogStats>>,
-    /// `cachefence_replica_lag_seconds`, one sample per `[postgres]
-    /// replicas` entry (made at start: the replicas are not reloaded).
-    replica_lag_family: Option<&'static Family>,
-    replica_lag_list: Option<&'static &'static Family>,
+    /// `cachefence_replica_lag_seconds` as a one-family list, one sample
+    /// per `[postgres] replicas` entry (made at start: the replicas are not
+    /// reloaded).
+    replica_lag: Option<&'static [&'static Family]>,
 }
 
 impl App {
@@ -50,14 +50,13 @@ impl App {
             fences.history.set_max_keys(config.explain_keys);
             fences
         });
-        let replica_lag_family = config
+        let replica_lag = config
             .changelog
             .as_ref()
             .filter(|c| !c.replicas.is_empty())
             .map(|c| replica_lag_family(c.replicas.iter().map(|r| r.name.clone()).collect()));
         App {
-            replica_lag_list: replica_lag_family.map(|f| &*Box::leak(Box::new(f))),
-            replica_lag_family,
+            replica_lag,
             fences,
             changelog: config
                 .changelog
@@ -73,24 +72,26 @@ impl App {
     }
 }
 
-/// The per-replica lag family, its label values the replicas' names
-/// (leaked once per proxy: a family's names are static).
-fn replica_lag_family(names: Vec<String>) -> &'static Family {
+/// The per-replica lag family, its label values the replicas' names, as
+/// the one-family list a scrape takes (leaked once per proxy: a family's
+/// names are static).
+fn replica_lag_family(names: Vec<String>) -> &'static [&'static Family] {
     let names: Vec<&'static str> = names.into_iter().map(|n| &*n.leak()).collect();
-    Box::leak(Box::new(
+    let family: &'static Family = Box::leak(Box::new(
         Family::new(
             crate::telemetry::Kind::Gauge,
             "cachefence_replica_lag_seconds",
             "Each replica's replay lag at the last measurement (NaN: not measured).",
         )
         .by("replica", names.leak()),
-    ))
+    ));
+    vec![family].leak()
 }
 
 impl App {
     /// The replica-lag gauge, when `[postgres] replicas` are measured.
     pub fn lag(&self) -> Option<&crate::fence::lag::LagGauge> {
-        self.replica_lag_family?;
+        self.replica_lag?;
         self.fences.as_ref().map(|f| &*f.lag)
     }
 }
@@ -114,7 +115,8 @@ impl Scrape for App {
         if let Some(lag) = self.lag() {
             lag.stats.visit(out);
             lists.push(LAG);
-            if let Some(family) = self.replica_lag_family {
+            if let Some(list) = self.replica_lag {
+                let family = list[0];
                 for (name, lag) in lag.replicas() {
                     let label = family
                         .label
@@ -129,9 +131,7 @@ impl Scrape for App {
                         value: Value::Float(lag.map_or(f64::NAN, |l| l.as_secs_f64())),
                     });
                 }
-                lists.push(std::slice::from_ref(
-                    self.replica_lag_list.expect("set with the family"),
-                ));
+                lists.push(list);
             }
         }
         lists

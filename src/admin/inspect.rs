@@ -54,12 +54,12 @@ pub fn info(fences: &Fences, app: &App) -> Reply {
         .filter(|p| p.lag_auto)
         .map(|p| {
             let judged = fences.lag.judge(p);
-            let policy = match judged.policy {
-                crate::config::cache::LagPolicy::ShortTtl => "short_ttl",
-                crate::config::cache::LagPolicy::ShortTtlLast => "short_ttl_last",
-                crate::config::cache::LagPolicy::Refuse => "refuse",
-            };
-            format!("{}={}:{policy}", p.pattern, judged.window.as_millis())
+            format!(
+                "{}={}:{}",
+                p.pattern,
+                judged.window.as_millis(),
+                judged.policy.as_str()
+            )
         })
         .collect();
     let ms =

@@ -24,6 +24,15 @@ pub enum LagPolicy {
 }
 
 impl LagPolicy {
+    /// The name the config file gives it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LagPolicy::ShortTtl => "short_ttl",
+            LagPolicy::ShortTtlLast => "short_ttl_last",
+            LagPolicy::Refuse => "refuse",
+        }
+    }
+
     /// How the fence script is told (`lag_mode`).
     pub fn script_mode(self) -> &'static [u8] {
         match self {
@@ -372,6 +381,21 @@ pub fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lag_policy_names_are_the_config_files() {
+        for policy in [LagPolicy::ShortTtl, LagPolicy::ShortTtlLast, LagPolicy::Refuse] {
+            let toml = toml::to_string(&CacheSection {
+                lag_policy: Some(policy),
+                ..CacheSection::default()
+            })
+            .unwrap();
+            assert!(
+                toml.contains(&format!("lag_policy = \"{}\"", policy.as_str())),
+                "{toml}"
+            );
+        }
+    }
 
     #[test]
     fn globs_match_like_redis() {
