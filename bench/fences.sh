@@ -13,7 +13,9 @@
 #   3. writes: SET (redis-benchmark -t set, c50 P16, c50 P1, c1 P1) and DEL
 #      of the keys that SET run just wrote (c50 P16): ops/s and Redis' CPU
 #      per operation (INFO cpu, main thread) - through fences on every SET
-#      is a fenced write and every DEL an invalidation, one script call each.
+#      is a fenced write and every DEL an invalidation: unpipelined, one
+#      script call each; pipelined (P16), one MGET of the run's fences, and
+#      plain commands where no fence exists (src/fence/probe.rs).
 # Each measurement is repeated BENCH_RUNS times in a rotating order and the
 # ratios are medians of per-run ratios, like bench/run.sh.
 #

@@ -16,7 +16,8 @@
 //! - [`admin`]: the `CACHE.*` commands, parsed once, one file per family.
 //! - [`fence`]: version fences and lease tickets. Where a GET miss, a fill
 //!   or a write is decided: [`fence::plan`] (request rules) and
-//!   [`fence::translate`] (reply rules); herd holds in [`fence::herd`]; where
+//!   [`fence::translate`] (reply rules); pipelined writes that skip the
+//!   script where no fence exists: [`fence::probe`]; herd holds in [`fence::herd`]; where
 //!   every invalidation ends: [`fence::epilogue`]; the Lua script in
 //!   [`fence::script`]; each key's recent events for `CACHE.EXPLAIN` in
 //!   [`fence::history`]; the lag window in force for `lag_window = "auto"`

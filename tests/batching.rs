@@ -112,13 +112,23 @@ async fn calls(direct: &mut RawClient, command: &str) -> u64 {
         .map_or(0, |n| n.parse().expect("a count"))
 }
 
+/// The fence layer's counters of `proxy`: probes, and writes sent plain
+/// and through the script after one.
+fn probe_counts(proxy: &Proxy) -> [u64; 3] {
+    let stats = &proxy.ctx.fences.as_ref().expect("fences on").stats;
+    [
+        stats.probes.get(),
+        stats.probed_plain.get(),
+        stats.probed_script.get(),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn sixteen_pipelined_sets_are_one_script_call() {
+async fn sixteen_pipelined_sets_without_fences_are_one_probe_and_sixteen_plain_sets() {
     let redis = RedisServer::start();
     let proxy = Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await;
     let mut direct = RawClient::connect(redis.addr()).await;
     let mut client = RawClient::connect(proxy.addr).await;
-    // The connection's first call carries the script's source.
     assert_eq!(client.call("SET warm 1").await, "+OK\r\n");
     assert_eq!(direct.call("CONFIG RESETSTAT").await, "+OK\r\n");
     let sets: Vec<u8> = (0..16)
@@ -128,17 +138,122 @@ async fn sixteen_pipelined_sets_are_one_script_call() {
     for _ in 0..16 {
         assert_eq!(client.read_frame().await, b"+OK\r\n");
     }
-    assert_eq!(
-        calls(&mut direct, "evalsha").await,
-        1,
-        "one call for the pipeline"
-    );
+    assert_eq!(calls(&mut direct, "mget").await, 1, "one probe of the 16 fences");
+    assert_eq!(calls(&mut direct, "evalsha").await, 0, "no fence: no script");
     assert_eq!(calls(&mut direct, "set").await, 16, "each SET ran");
+    assert_eq!(probe_counts(&proxy), [1, 16, 0]);
     for i in [0, 15] {
         let value = cached(&mut direct, &format!("k{i}")).await;
         assert_eq!(value.as_deref(), Some(format!("v{i}").as_str()));
     }
     proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pipelined_sets_whose_fences_exist_go_to_one_script_call_in_their_place() {
+    let redis = RedisServer::start();
+    // The misses are another proxy's: this one has no memory of them, only
+    // the fences in Redis say they are outstanding.
+    let (proxy, other) = (
+        Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await,
+        Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await,
+    );
+    let mut direct = RawClient::connect(redis.addr()).await;
+    let mut reader = RawClient::connect(other.addr).await;
+    let mut client = RawClient::connect(proxy.addr).await;
+    assert_eq!(client.call("SET warm 1").await, "+OK\r\n");
+    assert_eq!(reader.call("GET k3").await, "$-1\r\n");
+    assert_eq!(reader.call("GET k4").await, "$-1\r\n");
+    assert_eq!(direct.call("EXISTS cachefence:{k3}").await, ":1\r\n");
+    assert_eq!(direct.call("CONFIG RESETSTAT").await, "+OK\r\n");
+    let sets: Vec<u8> = (0..16)
+        .flat_map(|i| cmds(&format!("SET k{i} v{i} EX 60")))
+        .collect();
+    client.send(&sets).await;
+    for _ in 0..16 {
+        assert_eq!(client.read_frame().await, b"+OK\r\n");
+    }
+    assert_eq!(calls(&mut direct, "mget").await, 1);
+    assert_eq!(
+        calls(&mut direct, "evalsha").await,
+        1,
+        "k3 and k4: one batch call"
+    );
+    assert_eq!(calls(&mut direct, "set").await, 16, "14 plain, 2 in the script");
+    assert_eq!(probe_counts(&proxy), [1, 14, 2]);
+    // Judged as fills of the other proxy's misses (ticket scope: every
+    // client), and stored; their fences retired with the fills.
+    for i in [2, 3, 4, 5] {
+        let value = cached(&mut direct, &format!("k{i}")).await;
+        assert_eq!(value.as_deref(), Some(format!("v{i}").as_str()));
+    }
+    assert_eq!(direct.call("EXISTS cachefence:{k3}").await, ":0\r\n");
+    proxy.shutdown().await;
+    other.shutdown().await;
+}
+
+/// R1 with the writer pipelining: a reader misses `user:x` on one proxy and
+/// reads X=1; X becomes 2 and a writer pipelines `writes` on another proxy;
+/// the reader fills X=1. With `direct`, every client talks to Redis.
+async fn r1_pipelined(
+    redis: &RedisServer,
+    proxies: Option<(&Proxy, &Proxy)>,
+    writes: &[&str],
+) -> Option<String> {
+    let (reader_at, writer_at) = match proxies {
+        Some((a, b)) => (a.addr.to_string(), b.addr.to_string()),
+        None => (redis.addr(), redis.addr()),
+    };
+    let mut reader = RawClient::connect(reader_at.as_str()).await;
+    let mut writer = RawClient::connect(writer_at.as_str()).await;
+    assert_eq!(reader.call("GET user:x").await, "$-1\r\n");
+    writer
+        .send(&writes.iter().flat_map(|l| cmds(l)).collect::<Vec<u8>>())
+        .await;
+    for _ in writes {
+        writer.read_frame().await;
+    }
+    assert_eq!(reader.call("SET user:x 1 EX 60").await, "+OK\r\n");
+    let mut direct = RawClient::connect(redis.addr()).await;
+    let value = cached(&mut direct, "user:x").await;
+    assert_eq!(direct.call("FLUSHALL").await, "+OK\r\n");
+    value
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_probed_write_still_refuses_the_stale_fill_of_a_miss_outstanding_elsewhere() {
+    let redis = RedisServer::start();
+    let (a, b) = (
+        Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await,
+        Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await,
+    );
+    for (writes, through) in [
+        // on_write = "write": the write stores X=2, the stale fill must not replace it.
+        (&["SET user:x 2", "SET user:y 1", "SET user:z 1"][..], Some("2")),
+        (&["DEL user:y", "DEL user:x", "DEL user:z"][..], None),
+        (&["MSET user:y 1 user:x 2", "INCR user:n"][..], Some("2")),
+    ] {
+        assert_eq!(
+            r1_pipelined(&redis, None, writes).await.as_deref(),
+            Some("1"),
+            "control: plain Redis keeps the stale fill after {writes:?}"
+        );
+        let before = probe_counts(&b);
+        assert_eq!(
+            r1_pipelined(&redis, Some((&a, &b)), writes).await.as_deref(),
+            through,
+            "through cachefence the stale fill is refused after {writes:?}"
+        );
+        let after = probe_counts(&b);
+        assert_eq!(after[0] - before[0], 1, "the writes were probed: {writes:?}");
+        assert_eq!(
+            after[2] - before[2],
+            1,
+            "the write of user:x went to the script: {writes:?}"
+        );
+    }
+    a.shutdown().await;
+    b.shutdown().await;
 }
 
 /// Fills that win and lose in one pipeline: A misses k1 and k2, a writer
@@ -201,11 +316,17 @@ async fn a_batch_that_finds_the_script_gone_is_sent_again_with_it() {
     let proxy = Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await;
     let mut direct = RawClient::connect(redis.addr()).await;
     let mut client = RawClient::connect(proxy.addr).await;
+    let mut reader = RawClient::connect(proxy.addr).await;
     assert_eq!(client.call("SET warm 1").await, "+OK\r\n");
     assert_eq!(direct.call("LPUSH l x").await, ":1\r\n");
+    // Outstanding misses: fills and a delete that need the script.
+    assert_eq!(reader.call("GET k1").await, "$-1\r\n");
+    assert_eq!(reader.call("GET k2").await, "$-1\r\n");
+    assert_eq!(reader.call("GET k3").await, "$-1\r\n");
     assert_eq!(direct.call("SCRIPT FLUSH").await, "+OK\r\n");
     assert_eq!(direct.call("CONFIG RESETSTAT").await, "+OK\r\n");
-    let lines = ["SET k1 a", "INCR l", "SET k2 b EX 60", "DEL k1"];
+    // Not a probe (one write has a plain form): one batch of all four.
+    let lines = ["SET k1 a", "INCR l", "SET k2 b EX 60", "SET k3 c"];
     client
         .send(&lines.iter().flat_map(|l| cmds(l)).collect::<Vec<u8>>())
         .await;
@@ -219,10 +340,11 @@ async fn a_batch_that_finds_the_script_gone_is_sent_again_with_it() {
             "+OK\\r\\n",
             "-WRONGTYPE Operation against a key holding the wrong kind of value\\r\\n",
             "+OK\\r\\n",
-            ":1\\r\\n"
+            "+OK\\r\\n"
         ]
     );
     assert_eq!(cached(&mut direct, "k2").await.as_deref(), Some("b"));
+    assert_eq!(calls(&mut direct, "mget").await, 0, "not probed");
     assert_eq!(
         calls(&mut direct, "evalsha").await,
         1,
@@ -233,6 +355,38 @@ async fn a_batch_that_finds_the_script_gone_is_sent_again_with_it() {
         1,
         "sent again once, with the source"
     );
+
+    // A probed run whose scripted part meets NOSCRIPT: sent again too.
+    assert_eq!(reader.call("GET k5").await, "$-1\r\n");
+    assert_eq!(direct.call("SCRIPT FLUSH").await, "+OK\r\n");
+    assert_eq!(direct.call("CONFIG RESETSTAT").await, "+OK\r\n");
+    let lines = ["DEL k4", "DEL k5", "INCR l", "SET k6 d"];
+    client
+        .send(&lines.iter().flat_map(|l| cmds(l)).collect::<Vec<u8>>())
+        .await;
+    let mut got = Vec::new();
+    for _ in lines {
+        got.push(escape(&client.read_frame().await));
+    }
+    assert_eq!(
+        got,
+        [
+            ":0\\r\\n",
+            ":0\\r\\n",
+            "-WRONGTYPE Operation against a key holding the wrong kind of value\\r\\n",
+            "+OK\\r\\n"
+        ]
+    );
+    assert_eq!(calls(&mut direct, "mget").await, 1, "probed");
+    assert_eq!(
+        calls(&mut direct, "evalsha").await,
+        1,
+        "DEL k5 (its fence exists), NOSCRIPT"
+    );
+    assert_eq!(calls(&mut direct, "eval").await, 1, "sent again with the source");
+    // The DEL moved k5's fence: the reader's fill is refused.
+    assert_eq!(reader.call("SET k5 stale").await, "+OK\r\n");
+    assert_eq!(cached(&mut direct, "k5").await, None);
     proxy.shutdown().await;
 }
 

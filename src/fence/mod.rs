@@ -4,7 +4,9 @@
 //!   [`crate::config::cache`].
 //! - [`client`]: one client connection's fence state; [`plan`]: how an
 //!   intercepted request is sent; [`translate`]: how its reply comes back;
-//!   [`herd`]: misses held while another client fills the key (C7).
+//!   [`herd`]: misses held while another client fills the key (C7);
+//!   [`probe`]: pipelined writes whose fences are asked for first, sent
+//!   without the script where none exists.
 //! - [`script`] (and `fence.lua`): the one Lua script that does every fence
 //!   operation in Redis, and the fence key naming.
 //! - [`epilogue`]: what follows every acknowledged invalidation.
@@ -23,6 +25,7 @@ pub mod history;
 pub mod invalidator;
 pub mod lag;
 pub mod plan;
+pub mod probe;
 pub mod script;
 pub mod second_delete;
 pub mod translate;

@@ -13,6 +13,7 @@ use bytes::Bytes;
 
 use super::client::Client;
 use super::history::{Source, What};
+use super::probe::{PlainKind, Probe};
 use super::script::{ScriptCall, fence_key};
 use super::translate::ScriptReply;
 use super::{OnStaleFill, OnWrite, Policy, Refusal, Scope, TicketScope, micros, millis};
@@ -43,6 +44,16 @@ pub enum Intercept {
     /// The `EXEC` reply of a transaction that queued fenced writes: what
     /// becomes of each queued command's element, in order.
     Exec(Vec<InExec>),
+    /// The `MGET` of a pipelined run's fences ([`super::probe`]): its reply
+    /// decides which writes go plain; the client's replies come from those.
+    Probe(Probe),
+    /// A write of a probed run sent without the script: its reply fills
+    /// `slot`, as `kind` and `reply` say.
+    Plain {
+        kind: PlainKind,
+        reply: ScriptReply,
+        slot: u64,
+    },
 }
 
 /// Whether a miss may wait while another miss holds the key's herd lease.
@@ -444,7 +455,7 @@ pub(crate) fn after_command(mut call: ScriptCall, reply: &ScriptReply) -> Script
 }
 
 /// Where the command starts in a `write`/`inval` call's arguments.
-const COMMAND_AT: usize = 5;
+pub(super) const COMMAND_AT: usize = 5;
 
 pub(super) fn stale_reply(why: Refusal, rules: &Policy) -> Reply {
     match rules.on_stale_fill {

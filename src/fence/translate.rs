@@ -9,6 +9,7 @@ use super::Refusal;
 use super::client::Client;
 use super::history::{Source, What};
 use super::plan::stale_reply;
+use super::probe::PlainKind;
 use crate::resp::value::{Reply, Value};
 
 /// How a fence script's reply becomes the client's reply.
@@ -104,6 +105,12 @@ impl ScriptReply {
         }
     }
 }
+
+/// The `set` operation's reply for a write (`{3, <the command's reply>}`),
+/// up to the command's reply.
+const SET_WROTE: &[u8] = b"*2\r\n:3\r\n";
+/// The `set` operation's reply for a store turned into a delete.
+const SET_INVALIDATED: &[u8] = b"*1\r\n:4\r\n";
 
 /// What a miss script's reply means for the held `GET`.
 #[derive(Debug)]
@@ -210,6 +217,31 @@ impl Client<'_> {
         }
     }
 
+    /// The reply to a write of a probed run that went without the script
+    /// ([`super::probe`]), as the script's reply to it would have become:
+    /// the command's own reply, `+OK` for the `DEL` a store became, an
+    /// error as Redis sent it.
+    pub fn translate_plain(
+        &self,
+        kind: PlainKind,
+        reply: &ScriptReply,
+        frame: &[u8],
+        resp3: bool,
+        db: u32,
+    ) -> Bytes {
+        match kind {
+            PlainKind::Command => self.translate(reply, frame, resp3, db),
+            _ if matches!(frame.first(), Some(b'-' | b'!')) => Bytes::copy_from_slice(frame),
+            PlainKind::SetWrite => {
+                let mut written = Vec::with_capacity(SET_WROTE.len() + frame.len());
+                written.extend_from_slice(SET_WROTE);
+                written.extend_from_slice(frame);
+                self.translate(reply, &written, resp3, db)
+            }
+            PlainKind::SetInval => self.translate(reply, SET_INVALIDATED, resp3, db),
+        }
+    }
+
     /// A batch's replies, one per operation in order. An array holds one
     /// element per operation, each translated as that operation's own reply
     /// (an error among them stays in its place); anything else is an error
@@ -299,8 +331,7 @@ impl Client<'_> {
     /// write turned into a delete (`on_write = "invalidate"`), `{5}` a write
     /// rejected.
     fn set_reply(&self, policy: usize, key: &Bytes, frame: &[u8], resp3: bool, db: u32) -> Bytes {
-        const WRITE: &[u8] = b"*2\r\n:3\r\n";
-        if let Some(own) = frame.strip_prefix(WRITE) {
+        if let Some(own) = frame.strip_prefix(SET_WROTE) {
             self.fences.stats.writes.inc();
             self.record(key, What::Write);
             self.fences.wake(key);

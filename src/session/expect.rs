@@ -74,7 +74,8 @@ impl Expect {
             Intercept::Get { key, .. } => key.len(),
             Intercept::MGet { keys } => keys.iter().flatten().map(|(k, _)| k.len()).sum(),
             Intercept::Script { call, .. } => call.keys.iter().chain(&call.args).map(|b| b.len()).sum(),
-            Intercept::Local(_) | Intercept::Exec(_) | Intercept::Keyspace(_) => 0,
+            Intercept::Probe(probe) => probe.weight(),
+            Intercept::Local(_) | Intercept::Exec(_) | Intercept::Keyspace(_) | Intercept::Plain { .. } => 0,
         }
     }
 
@@ -86,6 +87,7 @@ impl Expect {
             _ if self.is_local() => 0,
             Expect::Fence(fence) => match &**fence {
                 Intercept::Script { reply, .. } => reply.replies(),
+                Intercept::Probe(probe) => probe.replies(),
                 _ => 1,
             },
             _ => 1,

@@ -201,6 +201,9 @@ struct Shared {
     /// Wakes the requests direction while a `SYNC` waits for its answer
     /// (see [`pairing::Link`]).
     link: Notify,
+    /// Wakes the requests direction while a probed run waits for the
+    /// `MGET` of its fences: how it goes on is in [`Pairing::resume`].
+    resumed: Notify,
     /// Last time the client sent or received anything (Redis' lastinteraction).
     last_activity: Mutex<Instant>,
 }
@@ -212,6 +215,7 @@ impl Default for Shared {
             wake_replies: Notify::new(),
             room: Notify::new(),
             link: Notify::new(),
+            resumed: Notify::new(),
             last_activity: Mutex::new(Instant::now()),
         }
     }

@@ -135,6 +135,10 @@ pub struct Pairing {
     pipelined: bool,
     /// `SYNC` / `PSYNC` in progress or done.
     pub link: Link,
+    /// How a probed run goes on ([`crate::fence::probe`]), from its `MGET`
+    /// reply: what the requests direction sends next, in order, with what
+    /// each expects back, before it reads the client again.
+    pub resume: Option<Vec<(Bytes, Expect)>>,
 }
 
 /// Most batches timed at once per connection; past it a batch goes untimed.
@@ -300,10 +304,12 @@ impl Pairing {
             match expect {
                 Expect::Select(selected) => db = *selected,
                 Expect::Fence(fence) => match &**fence {
-                    Intercept::Script {
-                        reply, slot: None, ..
-                    } => {
+                    // The client's deletes (a miss script invalidates nothing).
+                    Intercept::Script { reply, .. } | Intercept::Plain { reply, .. } => {
                         deletes.extend(reply.invalidated_keys().map(|keys| (db, keys)));
+                    }
+                    Intercept::Probe(probe) => {
+                        deletes.extend(probe.invalidated_keys().map(|keys| (db, keys)))
                     }
                     Intercept::Exec(queued) => deletes.extend(
                         queued

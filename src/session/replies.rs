@@ -25,6 +25,7 @@ use crate::app::App;
 use crate::fence::Client;
 use crate::fence::herd::Holds;
 use crate::fence::plan::{Claim, InExec, Intercept};
+use crate::fence::probe::{Probe, Step};
 use crate::fence::script::ScriptCall;
 use crate::fence::translate::{MissOutcome, ScriptReply};
 use crate::fence::visible::{self, Visible};
@@ -184,6 +185,10 @@ where
                                     &mut outbox,
                                     &mut misses,
                                 );
+                                if let Some(steps) = misses.resume.take() {
+                                    pairing.resume = Some(steps);
+                                    shared.resumed.notify_one();
+                                }
                             }
                         }
                         upto = frame.end;
@@ -390,6 +395,10 @@ fn on_fence_reply(
                 );
             }
         },
+        Intercept::Probe(probe) => held.resume = Some(resume_probe(probe, frame, resp3, fence, outbox)),
+        Intercept::Plain { kind, reply, slot } => {
+            outbox.resolve(slot, fence.translate_plain(kind, &reply, frame, resp3, db))
+        }
         Intercept::Local(reply) => outbox.send(reply.encode(resp3)),
         Intercept::Exec(queued) => outbox.send(exec_reply(frame, &queued, fence, (resp3, db))),
     }
@@ -425,6 +434,42 @@ fn exec_reply(frame: &[u8], queued: &[InExec], fence: &Client<'_>, (resp3, db): 
     out.extend_from_slice(&kept);
     out.extend_from_slice(&elements[start..]);
     out.freeze()
+}
+
+/// A probed run's writes as its `MGET` reply decides ([`Probe::steps`]):
+/// each step holds its replies' place in the outbox, and is what the
+/// requests direction sends next, with what it expects back.
+fn resume_probe(
+    probe: Probe,
+    frame: &[u8],
+    resp3: bool,
+    fence: &Client<'_>,
+    outbox: &mut Outbox,
+) -> Vec<(Bytes, Expect)> {
+    // Released only if a step can no longer answer (never while the
+    // connection waits for the steps to be sent).
+    const UNSENT: &[u8] = b"-ERR cachefence: the write was not sent\r\n";
+    let stats = &fence.fences.stats;
+    stats.probes.inc();
+    let steps = probe.steps(frame, resp3);
+    let mut resume = Vec::with_capacity(steps.len());
+    for step in steps {
+        match step {
+            Step::Plain { command, kind, reply } => {
+                stats.probed_plain.inc();
+                let slot = outbox.hold(Bytes::from_static(UNSENT));
+                resume.push((command, Expect::fence(Intercept::Plain { kind, reply, slot })));
+            }
+            Step::Script { call, reply } => {
+                stats.probed_script.add(reply.replies() as u64);
+                let slot = outbox.hold(Bytes::from(UNSENT.repeat(reply.replies())));
+                let bytes = fence.encode(&call, false);
+                let slot = Some(slot);
+                resume.push((bytes, Expect::fence(Intercept::Script { call, reply, slot })));
+            }
+        }
+    }
+    resume
 }
 
 /// Asks the requests direction to send one of the proxy's own calls; if
@@ -540,6 +585,9 @@ pub(super) struct Misses {
     /// invalidation of a watched key passes through this process.
     wake: Arc<Notify>,
     injections: mpsc::Sender<Injection>,
+    /// A probed run's steps, from the reply just routed, for the requests
+    /// direction ([`super::pairing::Pairing::resume`]).
+    resume: Option<Vec<(Bytes, Expect)>>,
 }
 
 /// An `MGET` reply being rebuilt: its elements, and how many miss scripts
@@ -556,6 +604,7 @@ impl Misses {
             mgets: HashMap::new(),
             wake: Arc::new(Notify::new()),
             injections,
+            resume: None,
         }
     }
 

@@ -26,6 +26,7 @@ use super::{Injection, MIN_READ, READ_CHUNK, RequestsEnd, Shared, drain, link, s
 use crate::app::App;
 use crate::fence::Client;
 use crate::fence::plan::{InExec, Intercept, Plan, after_command};
+use crate::fence::probe::{PROBE_MIN_OPS, Probe};
 use crate::fence::script::{BATCH_MAX_OPS, BATCH_MAX_WORDS, ScriptCall, batch as batch_call};
 use crate::fence::translate::ScriptReply;
 use crate::resp::command::{CacheOp, Command, ReplyMode};
@@ -65,6 +66,9 @@ where
     }
     // A `SYNC` sent and not answered yet: the client is not read meanwhile.
     let mut syncing = false;
+    // A probed run's `MGET` sent and not answered yet: nothing more of the
+    // client's is sent (or read) until its writes are ([`Pairing::resume`]).
+    let mut probing = false;
     loop {
         let room = shared.pairing().has_room(app.live.max_pending());
         state.framer.set_max_bulk_len(app.live.max_frame_size());
@@ -85,8 +89,26 @@ where
             Ok(buf.len())
         } else {
             tokio::select! {
-            read = client.read_buf(&mut buf), if reading && room && !syncing => read,
-            _ = shared.room.notified(), if reading && !room && !syncing => continue,
+            read = client.read_buf(&mut buf), if reading && room && !syncing && !probing => read,
+            _ = shared.room.notified(), if reading && !room && !syncing && !probing => continue,
+            _ = shared.resumed.notified(), if probing => {
+                let Some(steps) = shared.pairing().resume.take() else { continue };
+                let mut bytes = BytesMut::with_capacity(steps.iter().map(|(b, _)| b.len()).sum());
+                {
+                    let mut pairing = shared.pairing();
+                    for (step, expect) in steps {
+                        pairing.push(expect);
+                        bytes.extend_from_slice(&step);
+                    }
+                }
+                if let Err(error) = send(upstream, &bytes).await {
+                    debug!(%error, "upstream write failed");
+                    return RequestsEnd::UpstreamGone;
+                }
+                // What was read behind the run is framed now.
+                (probing, unframed) = (false, !buf.is_empty());
+                continue;
+            }
             _ = shared.link.notified(), if syncing => {
                 let raw = {
                     let mut pairing = shared.pairing();
@@ -156,6 +178,7 @@ where
             return RequestsEnd::UpstreamGone;
         }
         buf.advance(batch.complete);
+        probing = batch.probe;
         if batch.wake {
             shared.wake_replies.notify_one();
         }
@@ -210,6 +233,9 @@ struct Batch {
     failure: Option<ProtocolError>,
     /// A `SYNC` ended the batch (sent last in it).
     sync: bool,
+    /// A probed run's `MGET` ended the batch (sent last in it): what
+    /// follows it waits for its reply.
+    probe: bool,
 }
 
 /// Frames every complete request at the front of `buf` and queues what each
@@ -228,6 +254,7 @@ fn frame_requests(
         wake: false,
         failure: None,
         sync: false,
+        probe: false,
     };
     // Bytes of `buf` already copied into `rewritten`.
     let mut copied = 0;
@@ -260,9 +287,18 @@ fn frame_requests(
             continue; // Redis ignores it and sends nothing.
         }
         let command = Command::classify(&frame, request);
+        // A command that cannot join the run ends it; a probed run ends the
+        // batch too, before this command (framed again after the probe).
+        if !run.calls.is_empty()
+            && !Run::may_take(command, state.in_multi)
+            && run.flush(buf, &mut batch.rewritten, &mut copied, &mut pairing, fence, true)
+        {
+            (batch.complete, batch.probe) = (start, true);
+            break;
+        }
         // Inside MULTI Redis refuses it (and queues nothing): an ordinary command.
         if command == Command::Sync && !state.in_multi {
-            run.flush(buf, &mut batch.rewritten, &mut copied, &mut pairing, fence);
+            run.flush(buf, &mut batch.rewritten, &mut copied, &mut pairing, fence, false);
             batch.sync = true;
             // With replies off a refusal would not be seen: whatever comes is the link.
             let inspect = Expect::for_command(command, &mut state.reply_mode).is_some();
@@ -323,13 +359,19 @@ fn frame_requests(
             if let Some(Plan::Rewrite(call, Intercept::Script { reply, .. })) = plan {
                 run.push(call, reply, start..batch.complete);
             }
-            if run.calls.len() == BATCH_MAX_OPS {
-                run.flush(buf, &mut batch.rewritten, &mut copied, &mut pairing, fence);
+            if run.calls.len() == BATCH_MAX_OPS
+                && run.flush(buf, &mut batch.rewritten, &mut copied, &mut pairing, fence, true)
+            {
+                batch.probe = true;
+                break;
             }
             continue;
         }
         if !run.calls.is_empty() {
-            run.flush(buf, &mut batch.rewritten, &mut copied, &mut pairing, fence);
+            // A command that looked like a run's and is not (a key not
+            // fenced, a rejected write): already planned, so the run goes
+            // to the script (a probe would send it after this command).
+            run.flush(buf, &mut batch.rewritten, &mut copied, &mut pairing, fence, false);
         }
         let (replacement, expect) = match plan {
             // In MULTI: the client's write goes as sent, the proxy's call
@@ -375,7 +417,11 @@ fn frame_requests(
             );
         }
     }
-    run.flush(buf, &mut batch.rewritten, &mut copied, &mut pairing, fence);
+    // Behind a protocol error's reply nothing more may be sent.
+    let probe = batch.failure.is_none() && !batch.sync;
+    if run.flush(buf, &mut batch.rewritten, &mut copied, &mut pairing, fence, probe) {
+        batch.probe = true;
+    }
     if let Some(out) = &mut batch.rewritten {
         out.extend_from_slice(&buf[copied..batch.complete]);
     }
@@ -441,8 +487,21 @@ impl Run {
         self.replies.push(reply);
     }
 
-    /// Sends the run (one call, or the batch of them) in its place, with
-    /// the one expectation its reply answers.
+    /// Whether a command may join a run (if its plan says so): the
+    /// commands [`Run::takes`] can take, outside `MULTI`.
+    fn may_take(command: Command, in_multi: bool) -> bool {
+        use CacheOp::{Delete, MSet, PSetEx, Set, SetEx, Write};
+        !in_multi
+            && matches!(
+                command,
+                Command::CacheOp(Set | SetEx | PSetEx | MSet | Write | Delete)
+            )
+    }
+
+    /// Sends the run in its place, with the one expectation its reply
+    /// answers: one call, or the batch of them, or (with `probe`, where
+    /// [`Probe::of`] finds it worth one) the `MGET` of its fences.
+    /// Whether it was a probe.
     fn flush(
         &mut self,
         buf: &[u8],
@@ -450,15 +509,30 @@ impl Run {
         copied: &mut usize,
         pairing: &mut super::pairing::Pairing,
         fence: Option<&Client<'_>>,
-    ) {
+        probe: bool,
+    ) -> bool {
         let (Some(fence), false) = (fence, self.calls.is_empty()) else {
-            return;
+            return false;
         };
+        if self.calls.len() > 1 {
+            // The client sent these without waiting for replies: it pipelines.
+            pairing.note_pipelined();
+        }
+        if probe && self.calls.len() >= PROBE_MIN_OPS {
+            let (calls, replies) = (std::mem::take(&mut self.calls), std::mem::take(&mut self.replies));
+            match Probe::of(calls, replies) {
+                Ok(probe) => {
+                    let bytes = probe.request();
+                    pairing.push_request(Expect::fence(Intercept::Probe(probe)));
+                    splice(buf, rewritten, copied, self.span.clone(), &bytes);
+                    return true;
+                }
+                Err((calls, replies)) => (self.calls, self.replies) = (calls, replies),
+            }
+        }
         let (call, reply) = match self.calls.len() {
             1 => (self.calls.remove(0), self.replies.remove(0)),
             _ => {
-                // The client sent these without waiting for replies: it pipelines.
-                pairing.note_pipelined();
                 let call = batch_call(&self.calls);
                 self.calls.clear();
                 (call, ScriptReply::Batch(std::mem::take(&mut self.replies)))
@@ -471,5 +545,6 @@ impl Run {
             slot: None,
         }));
         splice(buf, rewritten, copied, self.span.clone(), &bytes);
+        false
     }
 }

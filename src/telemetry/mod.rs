@@ -80,6 +80,10 @@ families! {
              a ticket of their own).";
         SCRIPT_RELOADS: Counter "cachefence_script_reloads_total",
             "Fence script calls sent again with their source after NOSCRIPT.";
+        PROBES: Counter "cachefence_write_probes_total",
+            "Pipelined runs of fenced writes whose fences were asked for first (one MGET each).";
+        PROBED_WRITES: Counter "cachefence_probed_writes_total" by "sent" ["plain", "script"],
+            "Writes of probed runs by how they were sent: plain (no fence existed) or through the fence script.";
         UNDELIVERED_PENDING: Gauge "cachefence_undelivered_deletes", "Client deletes waiting to be retried.";
         UNDELIVERED: Counter "cachefence_undelivered_deletes_total" by "event" ["queued", "delivered", "dropped"],
             "Client deletes that could not be delivered, by what became of them.";
@@ -176,6 +180,11 @@ metrics! {
         /// Keys of `CACHE.INVALIDATE` sent to Redis.
         keys_invalidated_admin: Counter, prom INVALIDATED_KEYS["admin"];
         script_reloads: Counter, stats "script_reloads", prom SCRIPT_RELOADS;
+        /// Pipelined runs of writes whose fences were asked for first.
+        probes: Counter, stats "write_probes", prom PROBES;
+        /// … their writes sent plain, and through the script.
+        probed_plain: Counter, stats "probed_writes_plain", prom PROBED_WRITES["plain"];
+        probed_script: Counter, stats "probed_writes_script", prom PROBED_WRITES["script"];
         /// Misses that waited for another client's fill (herd control).
         holds: Counter, stats "holds", prom HERD_HOLDS;
         /// … and got the value it filled.
@@ -370,6 +379,9 @@ mod tests {
                 "writes_rejected",
                 "invalidations",
                 "script_reloads",
+                "write_probes",
+                "probed_writes_plain",
+                "probed_writes_script",
                 "holds",
                 "holds_served",
                 "holds_timed_out",

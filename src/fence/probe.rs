@@ -1,0 +1,269 @@
+//! Fenced writes asked about first: a pipelined run of ticketless writes
+//! sends one `MGET` of its fences, and the writes whose fences do not exist
+//! go to Redis as the client sent them, without the fence script (#17).
+//!
+//! A script call costs Redis several times a plain `SET` (its fixed cost,
+//! `TIME`, Lua around every command: `bench/fence_script_cost.py`), and
+//! most writes find no fence: a fence lives only while a miss is
+//! outstanding, a herd lease is held or the lag window keeps an
+//! invalidation time (fence.lua `bump`).
+//!
+//! Why a write sent plain after the probe found no fence is safe (C1),
+//! across proxies too. Every ticket is a miss recorded in the fence, or a
+//! lease token naming its version. So, for a key the probe found without a
+//! fence:
+//! - a miss before the probe was filled or refused already, or it is older
+//!   than `lease_ttl` (its fill is refused anyway); its read is not newer
+//!   than the write, which lands after it and wins;
+//! - a miss after the probe reads the database after the client sent the
+//!   write, which the application sends after its own database write: the
+//!   value it reads is not older than this write.
+//!
+//! Nothing in between needs the fence moved. What still needs the script:
+//! a key whose fence exists (a fill, or a write that must refuse the fills
+//! of outstanding misses), a key under a lag window (the invalidation time
+//! is recorded even without a miss), a `SET` this proxy saw missed lately
+//! (likely a fill, and a lost fence must refuse it), `on_write = "reject"`.
+//!
+//! The probe costs one round trip, and the connection's later requests wait
+//! for it (their order against the writes is kept), so only runs of at
+//! least [`PROBE_MIN_OPS`] writes are probed: a lone write at a time goes
+//! to the script as before.
+
+use bytes::Bytes;
+
+use super::plan::COMMAND_AT;
+use super::script::{ScriptCall, batch};
+use super::translate::ScriptReply;
+use crate::resp::encode::command;
+use crate::resp::value::Value;
+
+/// The fewest ticketless writes in a run that are worth a probe.
+pub const PROBE_MIN_OPS: usize = 2;
+/// The most fences one probe asks about (an `MSET` of many keys is one
+/// write of many fences): past it the run goes to the script.
+pub const PROBE_MAX_FENCES: usize = 256;
+
+/// How a write sent without the script answers its client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlainKind {
+    /// A plain store (`SET`, `SETEX`, `PSETEX`) under `on_write = "write"`:
+    /// the command's own reply, counted as a write.
+    SetWrite,
+    /// A plain store under `on_write = "invalidate"`, sent as `DEL key`:
+    /// `+OK`, counted as an invalidation.
+    SetInval,
+    /// A `write` or `inval` call's command (a write, `DEL`, `UNLINK`,
+    /// `GETDEL`, or the `DEL` an `MSET` became): its reply as the script
+    /// would have returned it.
+    Command,
+}
+
+/// A write's form without the script: the command, and the fences that
+/// must not exist for it to go so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plain {
+    pub command: Bytes,
+    pub kind: PlainKind,
+    pub fences: Vec<Bytes>,
+}
+
+impl Plain {
+    /// The plain form of a fence script call, if it has one: a `set`
+    /// without a lag window, a recent miss here or `reject`; a `write` or
+    /// `inval` that creates no fence. The argument layouts are fence.lua's
+    /// (see [`super::plan`]).
+    pub fn of(call: &ScriptCall) -> Option<Plain> {
+        let args = &call.args;
+        match &args.first()?[..] {
+            b"set" => {
+                let (lag, missed_here, on_write) = (args.get(4)?, args.get(7)?, args.get(8)?);
+                if &lag[..] != b"0" || &missed_here[..] != b"0" {
+                    return None;
+                }
+                let expiry: usize = std::str::from_utf8(args.get(11)?).ok()?.parse().ok()?;
+                let words = args.get(12 + expiry..).filter(|w| !w.is_empty())?;
+                let key = call.keys.first()?;
+                let (command, kind) = match &on_write[..] {
+                    b"write" => (encode(words), PlainKind::SetWrite),
+                    b"inval" => (
+                        encode(&[Bytes::from_static(b"DEL"), key.clone()]),
+                        PlainKind::SetInval,
+                    ),
+                    _ => return None,
+                };
+                let fences = vec![call.keys.get(1)?.clone()];
+                Some(Plain {
+                    command,
+                    kind,
+                    fences,
+                })
+            }
+            b"write" | b"inval" => {
+                let fenced: usize = std::str::from_utf8(args.get(2)?).ok()?.parse().ok()?;
+                if &args.get(3)?[..] != b"0" || fenced == 0 || fenced > call.keys.len() {
+                    return None;
+                }
+                let words = args.get(COMMAND_AT..).filter(|w| !w.is_empty())?;
+                Some(Plain {
+                    command: encode(words),
+                    kind: PlainKind::Command,
+                    fences: call.keys[call.keys.len() - fenced..].to_vec(),
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+fn encode(words: &[Bytes]) -> Bytes {
+    let words: Vec<&[u8]> = words.iter().map(|w| &w[..]).collect();
+    command(&words)
+}
+
+/// One write of a probed run: its script call and reply rule, and its plain
+/// form if it has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeOp {
+    pub call: ScriptCall,
+    pub reply: ScriptReply,
+    pub plain: Option<Plain>,
+}
+
+/// A run of writes waiting for the `MGET` of their fences.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    pub ops: Vec<ProbeOp>,
+}
+
+/// How a probed run goes on, in the run's order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// One write, as the client sent it (or the `DEL` it became).
+    Plain {
+        command: Bytes,
+        kind: PlainKind,
+        reply: ScriptReply,
+    },
+    /// Writes in a row that need the script: one call, or a batch of them.
+    Script { call: ScriptCall, reply: ScriptReply },
+}
+
+impl Probe {
+    /// A probe of the run, if it is worth one: at least [`PROBE_MIN_OPS`]
+    /// writes with a plain form, and at most [`PROBE_MAX_FENCES`] fences
+    /// to ask about. Else the calls and replies come back untouched.
+    pub fn of(
+        calls: Vec<ScriptCall>,
+        replies: Vec<ScriptReply>,
+    ) -> Result<Probe, (Vec<ScriptCall>, Vec<ScriptReply>)> {
+        let plains: Vec<Option<Plain>> = calls.iter().map(Plain::of).collect();
+        let eligible = plains.iter().flatten().count();
+        let fences: usize = plains.iter().flatten().map(|p| p.fences.len()).sum();
+        if eligible < PROBE_MIN_OPS || fences > PROBE_MAX_FENCES {
+            return Err((calls, replies));
+        }
+        let ops = calls
+            .into_iter()
+            .zip(replies)
+            .zip(plains)
+            .map(|((call, reply), plain)| ProbeOp { call, reply, plain })
+            .collect();
+        Ok(Probe { ops })
+    }
+
+    /// The `MGET` of every fence the plain forms name, in order.
+    pub fn request(&self) -> Bytes {
+        let mut words: Vec<&[u8]> = vec![b"MGET"];
+        words.extend(self.fences().map(|f| &f[..]));
+        command(&words)
+    }
+
+    fn fences(&self) -> impl Iterator<Item = &Bytes> {
+        self.ops
+            .iter()
+            .flat_map(|op| op.plain.iter().flat_map(|p| p.fences.iter()))
+    }
+
+    /// The writes as they go on, given the `MGET` reply: plain where every
+    /// fence of the write was missing, the script for the rest (in a row:
+    /// one batch call). Anything but an array of one element per fence (an
+    /// error: `-LOADING`, `-NOPERM`…) sends every write to the script,
+    /// which then meets the error itself.
+    pub fn steps(self, frame: &[u8], resp3: bool) -> Vec<Step> {
+        let asked = self.fences().count();
+        let missing: Vec<bool> = match Value::decode(frame, resp3) {
+            Some(Value::Array(items)) if items.len() == asked => {
+                items.iter().map(|v| *v == Value::Nil).collect()
+            }
+            _ => vec![false; asked],
+        };
+        let mut at = 0;
+        let mut steps = Vec::new();
+        let mut scripted: Vec<(ScriptCall, ScriptReply)> = Vec::new();
+        for op in self.ops {
+            let plain = op.plain.filter(|plain| {
+                let all_missing = missing[at..at + plain.fences.len()].iter().all(|m| *m);
+                at += plain.fences.len();
+                all_missing
+            });
+            match plain {
+                Some(plain) => {
+                    flush_scripted(&mut scripted, &mut steps);
+                    steps.push(Step::Plain {
+                        command: plain.command,
+                        kind: plain.kind,
+                        reply: op.reply,
+                    });
+                }
+                None => scripted.push((op.call, op.reply)),
+            }
+        }
+        flush_scripted(&mut scripted, &mut steps);
+        steps
+    }
+
+    /// How many client replies the run owes.
+    pub fn replies(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// The keys the run's invalidations delete (for retries when the
+    /// upstream is lost before they ran).
+    pub fn invalidated_keys(&self) -> Option<Vec<Bytes>> {
+        let keys: Vec<Bytes> = self
+            .ops
+            .iter()
+            .filter_map(|op| op.reply.invalidated_keys())
+            .flatten()
+            .collect();
+        (!keys.is_empty()).then_some(keys)
+    }
+
+    /// Bytes of the client's requests the run keeps.
+    pub fn weight(&self) -> usize {
+        let words =
+            |call: &ScriptCall| -> usize { call.keys.iter().chain(&call.args).map(|b| b.len()).sum() };
+        self.ops.iter().map(|op| words(&op.call)).sum()
+    }
+}
+
+fn flush_scripted(scripted: &mut Vec<(ScriptCall, ScriptReply)>, steps: &mut Vec<Step>) {
+    match scripted.len() {
+        0 => {}
+        1 => {
+            let (call, reply) = scripted.pop().expect("one");
+            steps.push(Step::Script { call, reply });
+        }
+        _ => {
+            let (calls, replies): (Vec<ScriptCall>, Vec<ScriptReply>) = scripted.drain(..).unzip();
+            steps.push(Step::Script {
+                call: batch(&calls),
+                reply: ScriptReply::Batch(replies),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
