@@ -410,3 +410,45 @@ async fn a_lost_upstream_answers_every_command_of_a_batch() {
     assert_eq!(text.matches("-ERR cachefence: upstream ").count(), 5, "{text}");
     proxy.shutdown().await;
 }
+
+/// Everything a client sends in one write and then half-closes, at `addr`.
+async fn sent_then_half_closed(addr: &str, lines: &[&str]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let all: Vec<u8> = lines.iter().flat_map(|l| cmds(l)).collect();
+    stream.write_all(&all).await.expect("write");
+    stream.shutdown().await.expect("half-close");
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_to_end(&mut got)).await;
+    read.expect("the connection ends within 10 s").expect("read");
+    got
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_half_closes_behind_probed_runs_gets_every_reply_in_order() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await;
+    // Two probed runs, a read of what the first wrote between them, and
+    // the end of the input right behind the second.
+    let lines = [
+        "SET a 1",
+        "SET b 2",
+        "GET a",
+        "DEL b",
+        "SET c 3 EX 60",
+        "INCR c",
+        "GET c",
+    ];
+    let direct = sent_then_half_closed(&redis.addr(), &lines).await;
+    assert_eq!(
+        escape(&direct),
+        "+OK\\r\\n+OK\\r\\n$1\\r\\n1\\r\\n:1\\r\\n+OK\\r\\n:4\\r\\n$1\\r\\n4\\r\\n"
+    );
+    let mut flush = RawClient::connect(redis.addr()).await;
+    assert_eq!(flush.call("FLUSHALL").await, "+OK\r\n");
+    let before = probe_counts(&proxy)[0];
+    let through = sent_then_half_closed(&proxy.addr.to_string(), &lines).await;
+    assert_eq!(escape(&through), escape(&direct));
+    assert_eq!(probe_counts(&proxy)[0] - before, 2, "both runs were probed");
+    proxy.shutdown().await;
+}

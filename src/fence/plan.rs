@@ -97,8 +97,9 @@ impl InExec {
 pub enum Plan {
     /// Send the request's bytes unchanged.
     Forward(Intercept),
-    /// Send this script call instead.
-    Rewrite(ScriptCall, Intercept),
+    /// Send this script call instead; `reply` says how its reply becomes
+    /// the client's.
+    Rewrite { call: ScriptCall, reply: ScriptReply },
     /// Send nothing; the proxy answers.
     Local(Reply),
 }
@@ -480,14 +481,7 @@ fn store_only(command: CacheOp, words: &[Bytes]) -> bool {
 /// Sends `call` in place of the client's command; `reply` says how its reply
 /// becomes the client's.
 pub(crate) fn rewrite(call: ScriptCall, reply: ScriptReply) -> Plan {
-    Plan::Rewrite(
-        call.clone(),
-        Intercept::Script {
-            call,
-            reply,
-            slot: None,
-        },
-    )
+    Plan::Rewrite { call, reply }
 }
 
 /// Whether a fenced command has an argument count Redis accepts; others go

@@ -59,8 +59,9 @@ pub enum PlainKind {
     Command,
 }
 
-/// A write's form without the script: the command, and the fences that
-/// must not exist for it to go so.
+/// A write's form without the script: the command (the client's own bytes
+/// where it runs as sent), and the fences that must not exist for it to go
+/// so.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plain {
     pub command: Bytes,
@@ -71,9 +72,9 @@ pub struct Plain {
 impl Plain {
     /// The plain form of a fence script call, if it has one: a `set`
     /// without a lag window, a recent miss here or `reject`; a `write` or
-    /// `inval` that creates no fence. The argument layouts are fence.lua's
-    /// (see [`super::plan`]).
-    pub fn of(call: &ScriptCall) -> Option<Plain> {
+    /// `inval` that creates no fence. `sent` is the client's request. The
+    /// argument layouts are fence.lua's (see [`super::plan`]).
+    pub fn of(call: &ScriptCall, reply: &ScriptReply, sent: Bytes) -> Option<Plain> {
         let args = &call.args;
         match &args.first()?[..] {
             b"set" => {
@@ -81,11 +82,9 @@ impl Plain {
                 if &lag[..] != b"0" || &missed_here[..] != b"0" {
                     return None;
                 }
-                let expiry: usize = std::str::from_utf8(args.get(11)?).ok()?.parse().ok()?;
-                let words = args.get(12 + expiry..).filter(|w| !w.is_empty())?;
                 let key = call.keys.first()?;
                 let (command, kind) = match &on_write[..] {
-                    b"write" => (encode(words), PlainKind::SetWrite),
+                    b"write" => (sent, PlainKind::SetWrite),
                     b"inval" => (
                         encode(&[Bytes::from_static(b"DEL"), key.clone()]),
                         PlainKind::SetInval,
@@ -105,8 +104,14 @@ impl Plain {
                     return None;
                 }
                 let words = args.get(COMMAND_AT..).filter(|w| !w.is_empty())?;
+                // A store turned into a delete runs that delete; anything
+                // else the client's command as sent.
+                let command = match reply {
+                    ScriptReply::Ok { .. } => encode(words),
+                    _ => sent,
+                };
                 Some(Plain {
-                    command: encode(words),
+                    command,
                     kind: PlainKind::Command,
                     fences: call.keys[call.keys.len() - fenced..].to_vec(),
                 })
@@ -152,12 +157,19 @@ pub enum Step {
 impl Probe {
     /// A probe of the run, if it is worth one: at least [`PROBE_MIN_OPS`]
     /// writes with a plain form, and at most [`PROBE_MAX_FENCES`] fences
-    /// to ask about. Else the calls and replies come back untouched.
+    /// to ask about. `sent` holds each write's request as the client sent
+    /// it. Else the calls and replies come back untouched.
     pub fn of(
         calls: Vec<ScriptCall>,
         replies: Vec<ScriptReply>,
+        sent: impl Iterator<Item = Bytes>,
     ) -> Result<Probe, (Vec<ScriptCall>, Vec<ScriptReply>)> {
-        let plains: Vec<Option<Plain>> = calls.iter().map(Plain::of).collect();
+        let plains: Vec<Option<Plain>> = calls
+            .iter()
+            .zip(&replies)
+            .zip(sent)
+            .map(|((call, reply), sent)| Plain::of(call, reply, sent))
+            .collect();
         let eligible = plains.iter().flatten().count();
         let fences: usize = plains.iter().flatten().map(|p| p.fences.len()).sum();
         if eligible < PROBE_MIN_OPS || fences > PROBE_MAX_FENCES {

@@ -232,12 +232,13 @@ impl Client<'_> {
         match kind {
             PlainKind::Command => self.translate(reply, frame, resp3, db),
             _ if matches!(frame.first(), Some(b'-' | b'!')) => Bytes::copy_from_slice(frame),
-            PlainKind::SetWrite => {
-                let mut written = Vec::with_capacity(SET_WROTE.len() + frame.len());
-                written.extend_from_slice(SET_WROTE);
-                written.extend_from_slice(frame);
-                self.translate(reply, &written, resp3, db)
-            }
+            PlainKind::SetWrite => match reply {
+                ScriptReply::Set { key, .. } => {
+                    self.wrote(key);
+                    Bytes::copy_from_slice(frame)
+                }
+                _ => Bytes::copy_from_slice(frame),
+            },
             PlainKind::SetInval => self.translate(reply, SET_INVALIDATED, resp3, db),
         }
     }
@@ -332,9 +333,7 @@ impl Client<'_> {
     /// rejected.
     fn set_reply(&self, policy: usize, key: &Bytes, frame: &[u8], resp3: bool, db: u32) -> Bytes {
         if let Some(own) = frame.strip_prefix(SET_WROTE) {
-            self.fences.stats.writes.inc();
-            self.record(key, What::Write);
-            self.fences.wake(key);
+            self.wrote(key);
             // Lua's false (SET … NX that found a value) reaches a RESP3
             // client as a boolean; the client's command answered nil.
             return match own {
@@ -362,6 +361,14 @@ impl Client<'_> {
             }
             _ => self.fill_reply(policy, key, &items, false).encode(resp3),
         }
+    }
+
+    /// A plain store of `key` ran as a write: counted, recorded, and its
+    /// held misses woken.
+    fn wrote(&self, key: &Bytes) {
+        self.fences.stats.writes.inc();
+        self.record(key, What::Write);
+        self.fences.wake(key);
     }
 
     /// A miss script's reply: `{1, value}` (the value appeared) or

@@ -352,11 +352,10 @@ fn frame_requests(
         // hit too) a copy of it.
         let joins_run = matches!(
             &plan,
-            Some(Plan::Rewrite(call, Intercept::Script { reply, slot: None, .. }))
-                if !queued && Run::takes(call, reply)
+            Some(Plan::Rewrite { call, reply }) if !queued && Run::takes(call, reply)
         );
         if joins_run {
-            if let Some(Plan::Rewrite(call, Intercept::Script { reply, .. })) = plan {
+            if let Some(Plan::Rewrite { call, reply }) = plan {
                 run.push(call, reply, start..batch.complete);
             }
             if run.calls.len() == BATCH_MAX_OPS
@@ -378,7 +377,7 @@ fn frame_requests(
             // that moves its fences right behind it (with the script's
             // source: a NOSCRIPT would only show in EXEC, too late to
             // resend); the call's QUEUED and EXEC element are hidden.
-            Some(Plan::Rewrite(call, Intercept::Script { reply, .. })) if queued => {
+            Some(Plan::Rewrite { call, reply }) if queued => {
                 pairing.push_request(Expect::Queued(InExec::AsIs));
                 let after = after_command(call, &reply).encode(true);
                 let mut both = BytesMut::with_capacity(request.len() + after.len());
@@ -395,9 +394,17 @@ fn frame_requests(
                 expect => (None, expect),
             },
             Some(Plan::Forward(expect)) => (None, Some(Expect::fence(expect))),
-            Some(Plan::Rewrite(call, expect)) => {
+            Some(Plan::Rewrite { call, reply }) => {
                 let fence = fence.expect("plans imply fences");
-                (Some(fence.encode(&call, false)), Some(Expect::fence(expect)))
+                let bytes = fence.encode(&call, false);
+                (
+                    Some(bytes),
+                    Some(Expect::fence(Intercept::Script {
+                        call,
+                        reply,
+                        slot: None,
+                    })),
+                )
             }
             Some(Plan::Local(reply)) => {
                 batch.wake = true;
@@ -466,6 +473,8 @@ struct Run {
     /// The bytes of `buf` the commands span (nothing else is between them:
     /// any other command ends the run).
     span: std::ops::Range<usize>,
+    /// Each command's own bytes (a probe may send it as it is).
+    spans: Vec<std::ops::Range<usize>>,
 }
 
 impl Run {
@@ -480,9 +489,13 @@ impl Run {
 
     fn push(&mut self, call: ScriptCall, reply: ScriptReply, span: std::ops::Range<usize>) {
         match self.calls.is_empty() {
-            true => self.span = span,
+            true => {
+                self.span = span.clone();
+                self.spans.clear();
+            }
             false => self.span.end = span.end,
         }
+        self.spans.push(span);
         self.calls.push(call);
         self.replies.push(reply);
     }
@@ -520,7 +533,14 @@ impl Run {
         }
         if probe && self.calls.len() >= PROBE_MIN_OPS {
             let (calls, replies) = (std::mem::take(&mut self.calls), std::mem::take(&mut self.replies));
-            match Probe::of(calls, replies) {
+            // Each write's request, sliced from one copy of the run's bytes.
+            let sent = Bytes::copy_from_slice(&buf[self.span.clone()]);
+            let at = self.span.start;
+            let sent = self
+                .spans
+                .iter()
+                .map(|span| sent.slice(span.start - at..span.end - at));
+            match Probe::of(calls, replies, sent) {
                 Ok(probe) => {
                     let bytes = probe.request();
                     pairing.push_request(Expect::fence(Intercept::Probe(probe)));

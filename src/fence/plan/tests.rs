@@ -42,12 +42,7 @@ fn plan(client: &Client<'_>, line: &str) -> Option<Plan> {
 /// The script call and reply rule of a rewritten command.
 fn rewritten(plan: Option<Plan>) -> (Vec<String>, Vec<Bytes>, ScriptReply) {
     match plan {
-        Some(Plan::Rewrite(
-            call,
-            Intercept::Script {
-                reply, slot: None, ..
-            },
-        )) => {
+        Some(Plan::Rewrite { call, reply }) => {
             let args = call
                 .args
                 .iter()

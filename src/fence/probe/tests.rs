@@ -5,31 +5,33 @@ use std::time::Duration;
 use super::*;
 use crate::config::values::{LagWindow, Span};
 use crate::fence::client::Client;
+use crate::fence::plan::Plan;
 use crate::fence::plan::tests::{client, fences};
-use crate::fence::plan::{Intercept, Plan};
 use crate::fence::script::fence_key;
 use crate::fence::{CacheSection, Fences, Scope};
 use crate::resp::command::Command;
 use crate::resp::request::RequestFramer;
 
-/// The script call and reply rule `line` is planned as.
-fn planned(client: &Client<'_>, line: &str) -> (ScriptCall, ScriptReply) {
-    let request = format!("{line}\r\n");
+/// The script call and reply rule `line` is planned as, and the request
+/// as the client sent it.
+fn planned(client: &Client<'_>, line: &str) -> (ScriptCall, ScriptReply, Bytes) {
+    let request = words(line);
     let frame = RequestFramer::new(1 << 20)
-        .next(request.as_bytes())
+        .next(&request)
         .expect("a valid request")
         .expect("a whole request");
-    let Command::CacheOp(op) = Command::classify(&frame, request.as_bytes()) else {
+    let Command::CacheOp(op) = Command::classify(&frame, &request) else {
         panic!("{line} is not a cache command");
     };
-    match client.plan(&client.fences.scope(), op, &frame, request.as_bytes(), false, 0) {
-        Some(Plan::Rewrite(call, Intercept::Script { reply, .. })) => (call, reply),
+    match client.plan(&client.fences.scope(), op, &frame, &request, false, 0) {
+        Some(Plan::Rewrite { call, reply }) => (call, reply, request),
         other => panic!("{line}: expected a script call, got {other:?}"),
     }
 }
 
 fn plain(client: &Client<'_>, line: &str) -> Option<Plain> {
-    Plain::of(&planned(client, line).0)
+    let (call, reply, sent) = planned(client, line);
+    Plain::of(&call, &reply, sent)
 }
 
 fn fence(key: &str) -> Bytes {
@@ -127,9 +129,12 @@ fn a_store_missed_here_lately_and_keys_under_a_lag_window_keep_the_script() {
     assert_eq!(plain(&client, "DEL lag:1"), None);
 }
 
-/// A run of `lines`, as the session would hand it over.
-fn run(client: &Client<'_>, lines: &[&str]) -> (Vec<ScriptCall>, Vec<ScriptReply>) {
-    lines.iter().map(|line| planned(client, line)).unzip()
+/// The probe of a run of `lines`, as the session would hand it over.
+fn probe(client: &Client<'_>, lines: &[&str]) -> Result<Probe, (Vec<ScriptCall>, Vec<ScriptReply>)> {
+    let planned: Vec<_> = lines.iter().map(|line| planned(client, line)).collect();
+    let sent: Vec<Bytes> = planned.iter().map(|(_, _, sent)| sent.clone()).collect();
+    let (calls, replies) = planned.into_iter().map(|(call, reply, _)| (call, reply)).unzip();
+    Probe::of(calls, replies, sent.into_iter())
 }
 
 #[test]
@@ -137,8 +142,8 @@ fn a_run_is_probed_with_one_mget_of_the_fences_of_its_plain_forms() {
     let fences = fences();
     let client = client(&fences);
     fences.missed(client.connection, &Bytes::from_static(b"user:9"), 7);
-    let (calls, replies) = run(&client, &["SET user:1 a", "SET user:9 b", "DEL user:2 user:3"]);
-    let probe = Probe::of(calls, replies).expect("two writes with a plain form");
+    let probe = probe(&client, &["SET user:1 a", "SET user:9 b", "DEL user:2 user:3"])
+        .expect("two writes with a plain form");
     assert_eq!(
         probe.request(),
         command(&[b"MGET", &fence("user:1"), &fence("user:2"), &fence("user:3")])
@@ -154,18 +159,15 @@ fn a_run_is_probed_with_one_mget_of_the_fences_of_its_plain_forms() {
 fn a_lone_write_or_too_many_fences_is_not_worth_a_probe() {
     let fences = fences();
     let client = client(&fences);
-    let (calls, replies) = run(&client, &["SET user:1 a"]);
-    assert!(Probe::of(calls, replies).is_err());
+    assert!(probe(&client, &["SET user:1 a"]).is_err());
     // Only one of two has a plain form.
     fences.missed(client.connection, &Bytes::from_static(b"user:9"), 7);
-    let (calls, replies) = run(&client, &["SET user:1 a", "SET user:9 b"]);
-    let (calls, _) = Probe::of(calls, replies).expect_err("one plain form");
+    let (calls, _) = probe(&client, &["SET user:1 a", "SET user:9 b"]).expect_err("one plain form");
     assert_eq!(calls.len(), 2, "handed back untouched");
     let many: Vec<String> = (0..PROBE_MAX_FENCES).map(|i| format!("user:{i}")).collect();
     let del = format!("DEL {}", many.join(" "));
-    let (calls, replies) = run(&client, &[&del, "SET user:x a"]);
     assert!(
-        Probe::of(calls, replies).is_err(),
+        probe(&client, &[&del, "SET user:x a"]).is_err(),
         "more than PROBE_MAX_FENCES fences"
     );
 }
@@ -197,8 +199,7 @@ fn the_reply_sends_writes_whose_fences_are_missing_plain_and_the_rest_to_the_scr
         "DEL user:4 user:5",
         "SET user:6 d",
     ];
-    let (calls, replies) = run(&client, &lines);
-    let probe = Probe::of(calls, replies).expect("a probe");
+    let probe = probe(&client, &lines).expect("a probe");
     // user:2 and user:3 have fences; user:5 has one (so the DEL needs the
     // script too); user:1 and user:6 have none.
     let reply = b"*6\r\n$-1\r\n$3\r\nabc\r\n$3\r\nabc\r\n$-1\r\n$1\r\nx\r\n$-1\r\n";
@@ -243,8 +244,7 @@ fn the_reply_sends_writes_whose_fences_are_missing_plain_and_the_rest_to_the_scr
 fn an_error_or_a_reply_of_another_shape_sends_every_write_to_the_script() {
     let fences = fences();
     let client = client(&fences);
-    let (calls, replies) = run(&client, &["SET user:1 a", "SET user:2 b"]);
-    let probe = Probe::of(calls, replies).expect("a probe");
+    let probe = probe(&client, &["SET user:1 a", "SET user:2 b"]).expect("a probe");
     for reply in [
         &b"-LOADING Redis is loading the dataset in memory\r\n"[..],
         b"*1\r\n$-1\r\n",
