@@ -327,7 +327,7 @@ impl Client<'_> {
                 let call = command_call(scope, "write", words, &keys, &own).expect("fenced keys");
                 self.forget_own_misses(&call, &keys);
                 self.fences.stats.writes.inc();
-                self.record_fenced(scope, &keys, What::Write);
+                self.record_written(&keys);
                 rewrite(
                     call,
                     ScriptReply::Command {

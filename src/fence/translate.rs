@@ -367,7 +367,8 @@ impl Client<'_> {
     /// held misses woken.
     fn wrote(&self, key: &Bytes) {
         self.fences.stats.writes.inc();
-        self.record(key, What::Write);
+        let event = super::history::Event::now(self.connection, What::Write);
+        self.fences.history.record_if_known(key, event);
         self.fences.wake(key);
     }
 
