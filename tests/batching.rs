@@ -101,6 +101,18 @@ async fn pipelined_writes_under_invalidate_answer_as_alone() {
     }
 }
 
+/// The replies to `lines` sent in one write, escaped.
+async fn pipelined(client: &mut RawClient, lines: &[&str]) -> Vec<String> {
+    client
+        .send(&lines.iter().flat_map(|l| cmds(l)).collect::<Vec<u8>>())
+        .await;
+    let mut got = Vec::new();
+    for _ in lines {
+        got.push(escape(&client.read_frame().await));
+    }
+    got
+}
+
 /// The count of a command in `INFO commandstats` (0 if absent).
 async fn calls(direct: &mut RawClient, command: &str) -> u64 {
     let stats = direct.call("INFO commandstats").await;
@@ -207,12 +219,7 @@ async fn r1_pipelined(
     let mut reader = RawClient::connect(reader_at.as_str()).await;
     let mut writer = RawClient::connect(writer_at.as_str()).await;
     assert_eq!(reader.call("GET user:x").await, "$-1\r\n");
-    writer
-        .send(&writes.iter().flat_map(|l| cmds(l)).collect::<Vec<u8>>())
-        .await;
-    for _ in writes {
-        writer.read_frame().await;
-    }
+    pipelined(&mut writer, writes).await;
     assert_eq!(reader.call("SET user:x 1 EX 60").await, "+OK\r\n");
     let mut direct = RawClient::connect(redis.addr()).await;
     let value = cached(&mut direct, "user:x").await;
@@ -327,13 +334,7 @@ async fn a_batch_that_finds_the_script_gone_is_sent_again_with_it() {
     assert_eq!(direct.call("CONFIG RESETSTAT").await, "+OK\r\n");
     // Not a probe (one write has a plain form): one batch of all four.
     let lines = ["SET k1 a", "INCR l", "SET k2 b EX 60", "SET k3 c"];
-    client
-        .send(&lines.iter().flat_map(|l| cmds(l)).collect::<Vec<u8>>())
-        .await;
-    let mut got = Vec::new();
-    for _ in lines {
-        got.push(escape(&client.read_frame().await));
-    }
+    let got = pipelined(&mut client, &lines).await;
     assert_eq!(
         got,
         [
@@ -361,13 +362,7 @@ async fn a_batch_that_finds_the_script_gone_is_sent_again_with_it() {
     assert_eq!(direct.call("SCRIPT FLUSH").await, "+OK\r\n");
     assert_eq!(direct.call("CONFIG RESETSTAT").await, "+OK\r\n");
     let lines = ["DEL k4", "DEL k5", "INCR l", "SET k6 d"];
-    client
-        .send(&lines.iter().flat_map(|l| cmds(l)).collect::<Vec<u8>>())
-        .await;
-    let mut got = Vec::new();
-    for _ in lines {
-        got.push(escape(&client.read_frame().await));
-    }
+    let got = pipelined(&mut client, &lines).await;
     assert_eq!(
         got,
         [

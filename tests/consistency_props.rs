@@ -3,7 +3,10 @@
 //! through cachefence, for three client models: each flow (miss, database
 //! read, fill) on a connection of its own; flows over a pool, each step on
 //! any pooled connection; and every flow on one shared connection (a
-//! multiplexing client). After every run, each cached key equals the model
+//! multiplexing client). Writers delete one key, or pipeline a delete of
+//! every key (a run the proxy probes for its fences); with one connection
+//! per thread under `ticket_scope = "connection"`, also a write-through
+//! `SET` of every key. After every run, each cached key equals the model
 //! database or is absent. The same interleavings against plain Redis break
 //! this (the control, `plain_redis_breaks_the_property`).
 
@@ -51,11 +54,24 @@ enum Op {
     /// The database changes and a writer deletes the cached key, on
     /// connection `conn` (`conn == connections`: the writer's own).
     Write { key: usize, conn: usize },
+    /// Every key changes in the database and a writer pipelines, on
+    /// connection `conn`, a `DEL` of each key or (`through`) a `SET` of its
+    /// new value (write-through): one run the proxy probes.
+    WriteAll { conn: usize, through: bool },
     /// The cache loses the key (eviction, expiry).
     Evict { key: usize },
 }
 
-fn op(model: Model) -> impl Strategy<Value = Op> {
+/// What writers may do.
+#[derive(Debug, Clone, Copy)]
+enum Writers {
+    /// Delete (one key, or every key pipelined).
+    Delete,
+    /// Delete, or write every new value through (`SET`, pipelined).
+    DeleteOrWriteThrough,
+}
+
+fn op(model: Model, writers: Writers) -> impl Strategy<Value = Op> {
     let flow = 0..FLOWS;
     let key = 0..KEYS.len();
     // The connection a step goes out on: the flow's own, or the pool's
@@ -76,7 +92,11 @@ fn op(model: Model) -> impl Strategy<Value = Op> {
             .prop_map(move |(flow, key, pick)| Op::Read { flow, key, conn: conn(flow, pick) }),
         3 => (flow, key.clone(), 0..POOL)
             .prop_map(move |(flow, key, pick)| Op::Fill { flow, key, conn: conn(flow, pick) }),
-        2 => (key.clone(), writer).prop_map(|(key, conn)| Op::Write { key, conn }),
+        2 => (key.clone(), writer.clone()).prop_map(|(key, conn)| Op::Write { key, conn }),
+        1 => (writer, any::<bool>()).prop_map(move |(conn, through)| Op::WriteAll {
+            conn,
+            through: through && matches!(writers, Writers::DeleteOrWriteThrough),
+        }),
         1 => key.prop_map(|key| Op::Evict { key }),
     ]
 }
@@ -117,6 +137,23 @@ async fn run(model: Model, addr: &str, direct: &str, ops: &[Op]) -> Vec<String> 
                         .starts_with(':')
                 );
             }
+            Op::WriteAll { conn, through } => {
+                let mut writes = Vec::new();
+                for (key, name) in KEYS.iter().enumerate() {
+                    let value = database.entry(key).or_default();
+                    *value += 1;
+                    let write = match through {
+                        true => format!("SET {name} v{value} EX 60"),
+                        false => format!("DEL {name}"),
+                    };
+                    writes.extend(testkit::cmds(&write));
+                }
+                conns[conn].send(&writes).await;
+                for _ in KEYS {
+                    let reply = conns[conn].read_frame().await;
+                    assert!(reply == b"+OK\r\n" || reply.starts_with(b":"), "{reply:?}");
+                }
+            }
             Op::Evict { key } => {
                 assert!(
                     admin
@@ -138,7 +175,7 @@ async fn run(model: Model, addr: &str, direct: &str, ops: &[Op]) -> Vec<String> 
     stale
 }
 
-fn check(model: Model, target: &str, direct: &str, cases: u32) -> Result<(), String> {
+fn check(model: Model, writers: Writers, target: &str, direct: &str, cases: u32) -> Result<(), String> {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mut runner = TestRunner::new(Config {
         cases,
@@ -146,7 +183,7 @@ fn check(model: Model, target: &str, direct: &str, cases: u32) -> Result<(), Str
         ..Config::default()
     });
     runner
-        .run(&prop::collection::vec(op(model), 1..40), |ops| {
+        .run(&prop::collection::vec(op(model, writers), 1..40), |ops| {
             let stale = runtime.block_on(run(model, target, direct, &ops));
             prop_assert!(stale.is_empty(), "stale after {ops:?}: {stale:?}");
             Ok::<(), TestCaseError>(())
@@ -156,24 +193,26 @@ fn check(model: Model, target: &str, direct: &str, cases: u32) -> Result<(), Str
 
 /// The property through cachefence, for one client model.
 fn holds_through_cachefence(model: Model) {
-    let redis = RedisServer::start();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
     // hold = 0: a miss is never held for another's fill (the driver is
     // sequential, and on the shared connection a held miss would block every
     // flow behind it).
-    let proxy = runtime.block_on(Proxy::start(
-        &redis.addr(),
-        "[[cache]]\npattern = \"*\"\non_write = \"write\"\nhold = \"0s\"\n",
-    ));
-    let result = check(model, &proxy.addr.to_string(), &redis.addr(), 96);
+    let config = "[[cache]]\npattern = \"*\"\non_write = \"write\"\nhold = \"0s\"\n";
+    holds_with(model, Writers::Delete, config);
+}
+
+fn holds_with(model: Model, writers: Writers, config: &str) {
+    let redis = RedisServer::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let proxy = runtime.block_on(Proxy::start(&redis.addr(), config));
+    let result = check(model, writers, &proxy.addr.to_string(), &redis.addr(), 96);
     runtime.block_on(proxy.shutdown());
     result.unwrap();
 }
 
 /// The control: plain Redis breaks the property for the same model.
-fn plain_redis_breaks_it(model: Model) {
+fn plain_redis_breaks_it(model: Model, writers: Writers) {
     let redis = RedisServer::start();
-    let result = check(model, &redis.addr(), &redis.addr(), 96);
+    let result = check(model, writers, &redis.addr(), &redis.addr(), 96);
     let error = result.expect_err("the control must find a stale interleaving against plain Redis");
     assert!(error.contains("stale after"), "{error}");
 }
@@ -185,7 +224,7 @@ fn every_cached_key_equals_the_database_or_is_absent() {
 
 #[test]
 fn plain_redis_breaks_the_property() {
-    plain_redis_breaks_it(Model::PerConnection);
+    plain_redis_breaks_it(Model::PerConnection, Writers::Delete);
 }
 
 #[test]
@@ -195,7 +234,7 @@ fn every_cached_key_equals_the_database_or_is_absent_through_a_pool() {
 
 #[test]
 fn plain_redis_breaks_the_property_through_a_pool() {
-    plain_redis_breaks_it(Model::Pooled);
+    plain_redis_breaks_it(Model::Pooled, Writers::Delete);
 }
 
 #[test]
@@ -205,5 +244,22 @@ fn every_cached_key_equals_the_database_or_is_absent_on_one_shared_connection() 
 
 #[test]
 fn plain_redis_breaks_the_property_on_one_shared_connection() {
-    plain_redis_breaks_it(Model::Shared);
+    plain_redis_breaks_it(Model::Shared, Writers::Delete);
+}
+
+/// Write-through writers (a `SET` of the new value instead of a `DEL`) keep
+/// C1 for one connection per thread under `ticket_scope = "connection"`:
+/// a writer's `SET` is never taken as another connection's fill. (Where a
+/// writer's `SET` can be taken as a reader's fill — pools, multiplexed
+/// connections, wider scopes — it is not kept: see docs/consistency.md,
+/// "Client models and ticket_scope".)
+#[test]
+fn write_through_writers_keep_the_property_with_connection_scope() {
+    let config = "[[cache]]\npattern = \"*\"\nticket_scope = \"connection\"\nhold = \"0s\"\n";
+    holds_with(Model::PerConnection, Writers::DeleteOrWriteThrough, config);
+}
+
+#[test]
+fn plain_redis_breaks_the_property_with_write_through_writers() {
+    plain_redis_breaks_it(Model::PerConnection, Writers::DeleteOrWriteThrough);
 }
