@@ -47,13 +47,9 @@ pub enum Intercept {
     /// The `MGET` of a pipelined run's fences ([`super::probe`]): its reply
     /// decides which writes go plain; the client's replies come from those.
     Probe(Probe),
-    /// A write of a probed run sent without the script: its reply fills
-    /// `slot`, as `kind` and `reply` say.
-    Plain {
-        kind: PlainKind,
-        reply: ScriptReply,
-        slot: u64,
-    },
+    /// A write of a probed run sent without the script: its reply is the
+    /// client's, as `kind` and `reply` say.
+    Plain { kind: PlainKind, reply: ScriptReply },
 }
 
 /// Whether a miss may wait while another miss holds the key's herd lease.

@@ -30,7 +30,7 @@
 //! least [`PROBE_MIN_OPS`] writes are probed: a lone write at a time goes
 //! to the script as before.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use super::plan::COMMAND_AT;
 use super::script::{ScriptCall, batch};
@@ -184,11 +184,19 @@ impl Probe {
         Ok(Probe { ops })
     }
 
-    /// The `MGET` of every fence the plain forms name, in order.
+    /// The `MGET` of every fence the plain forms name, in order (written
+    /// straight into one buffer: this is every pipelined write's path).
     pub fn request(&self) -> Bytes {
-        let mut words: Vec<&[u8]> = vec![b"MGET"];
-        words.extend(self.fences().map(|f| &f[..]));
-        command(&words)
+        use std::fmt::Write;
+        let (count, bytes) = self.fences().fold((0, 0), |(n, b), f| (n + 1, b + f.len()));
+        let mut out = BytesMut::with_capacity(16 + bytes + 16 * count);
+        let _ = write!(out, "*{}\r\n$4\r\nMGET\r\n", count + 1);
+        for fence in self.fences() {
+            let _ = write!(out, "${}\r\n", fence.len());
+            out.extend_from_slice(fence);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.freeze()
     }
 
     fn fences(&self) -> impl Iterator<Item = &Bytes> {

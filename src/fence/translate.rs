@@ -129,37 +129,15 @@ impl Client<'_> {
         if let ScriptReply::Batch(items) = reply {
             return self.batch_reply(items, frame, resp3, db);
         }
-        if let ScriptReply::Command { keys, .. } | ScriptReply::Ok { keys } = reply {
+        if let ScriptReply::Command { .. } | ScriptReply::Ok { .. } = reply {
             // Writes and invalidations, the common case: no decoding needed.
-            if matches!(frame.first(), Some(b'-' | b'!')) {
-                // Redis took the connection but not the delete (still loading
-                // its data after a restart, a script running): retried like an
-                // undeliverable one, so the value it meant to remove goes (C3).
-                if let Some(keys) = reply.invalidated_keys()
-                    && (frame.starts_with(b"-LOADING") || frame.starts_with(b"-BUSY"))
-                {
-                    self.fences.undelivered.push(db, &keys);
-                }
-                return Bytes::copy_from_slice(frame);
-            }
-            let invalidation = match reply {
-                // `on_write = "invalidate"`: the client's write became a delete.
-                ScriptReply::Ok { .. } => Some(Source::Client),
-                _ => reply.invalidated_by(),
-            };
-            match invalidation {
-                Some(source) => self
-                    .fences
-                    .epilogue
-                    .after_invalidation(db, keys, source, self.connection),
-                None => keys.iter().for_each(|k| self.fences.wake(k)),
-            }
-            return match reply {
-                ScriptReply::Ok { .. } => Reply::Status("OK").encode(resp3),
+            return match self.command_effects(reply, frame, db) {
+                false => Bytes::copy_from_slice(frame),
+                true if matches!(reply, ScriptReply::Ok { .. }) => Reply::Status("OK").encode(resp3),
                 // Lua's false (a nil inside the script) reaches a RESP3 client
                 // as a boolean; the client's command answered nil.
-                _ if frame == b"#f\r\n" => Reply::Nil.encode(resp3),
-                _ => Bytes::copy_from_slice(frame),
+                true if frame == b"#f\r\n" => Reply::Nil.encode(resp3),
+                true => Bytes::copy_from_slice(frame),
             };
         }
         if let ScriptReply::Set { policy, key } = reply {
@@ -217,10 +195,43 @@ impl Client<'_> {
         }
     }
 
+    /// What a write's or an invalidation's reply (`Command`, `Ok`) sets
+    /// off; whether it succeeded. An error: a delete Redis refused while
+    /// loading or running a script is retried like an undeliverable one,
+    /// so the value it meant to remove goes (C3). Else an invalidation ends
+    /// in the epilogue, a write wakes the held misses of its keys.
+    fn command_effects(&self, reply: &ScriptReply, frame: &[u8], db: u32) -> bool {
+        let (ScriptReply::Command { keys, .. } | ScriptReply::Ok { keys }) = reply else {
+            return true;
+        };
+        if matches!(frame.first(), Some(b'-' | b'!')) {
+            if let Some(keys) = reply.invalidated_keys()
+                && (frame.starts_with(b"-LOADING") || frame.starts_with(b"-BUSY"))
+            {
+                self.fences.undelivered.push(db, &keys);
+            }
+            return false;
+        }
+        let invalidation = match reply {
+            // `on_write = "invalidate"`: the client's write became a delete.
+            ScriptReply::Ok { .. } => Some(Source::Client),
+            _ => reply.invalidated_by(),
+        };
+        match invalidation {
+            Some(source) => self
+                .fences
+                .epilogue
+                .after_invalidation(db, keys, source, self.connection),
+            None => keys.iter().for_each(|k| self.fences.wake(k)),
+        }
+        true
+    }
+
     /// The reply to a write of a probed run that went without the script
-    /// ([`super::probe`]), as the script's reply to it would have become:
-    /// the command's own reply, `+OK` for the `DEL` a store became, an
-    /// error as Redis sent it.
+    /// ([`super::probe`]), counted and acted on as the script's reply to it
+    /// would have been: `None` when the client's reply is `frame` as Redis
+    /// sent it (the command's own reply, an error), else `+OK` for the
+    /// `DEL` a store became.
     pub fn translate_plain(
         &self,
         kind: PlainKind,
@@ -228,18 +239,22 @@ impl Client<'_> {
         frame: &[u8],
         resp3: bool,
         db: u32,
-    ) -> Bytes {
+    ) -> Option<Bytes> {
         match kind {
-            PlainKind::Command => self.translate(reply, frame, resp3, db),
-            _ if matches!(frame.first(), Some(b'-' | b'!')) => Bytes::copy_from_slice(frame),
-            PlainKind::SetWrite => match reply {
-                ScriptReply::Set { key, .. } => {
-                    self.wrote(key);
-                    Bytes::copy_from_slice(frame)
-                }
-                _ => Bytes::copy_from_slice(frame),
+            // A plain command's reply is never Lua's false: the bytes stay,
+            // but for the `DEL` a store became.
+            PlainKind::Command => match self.command_effects(reply, frame, db) {
+                true if matches!(reply, ScriptReply::Ok { .. }) => Some(Reply::Status("OK").encode(resp3)),
+                _ => None,
             },
-            PlainKind::SetInval => self.translate(reply, SET_INVALIDATED, resp3, db),
+            _ if matches!(frame.first(), Some(b'-' | b'!')) => None,
+            PlainKind::SetWrite => {
+                if let ScriptReply::Set { key, .. } = reply {
+                    self.wrote(key);
+                }
+                None
+            }
+            PlainKind::SetInval => Some(self.translate(reply, SET_INVALIDATED, resp3, db)),
         }
     }
 

@@ -59,12 +59,14 @@ pub enum Args {
 
 impl Frame {
     /// Every argument of the complete request held in `request`, copied
-    /// (for the commands the proxy rewrites or answers; forwarding never
-    /// needs this).
+    /// (once, the arguments sharing the copy: for the commands the proxy
+    /// rewrites or answers; forwarding never needs this).
     pub fn all_args(&self, request: &[u8]) -> Vec<Bytes> {
         match &self.args {
             Args::Inline(args) => args.iter().map(|a| Bytes::copy_from_slice(a)).collect(),
             Args::Multibulk(_) => {
+                // One copy of the request; each argument a slice of it.
+                let copy = Bytes::copy_from_slice(request);
                 let mut out = Vec::with_capacity(self.argc);
                 let mut pos = memchr::memchr(b'\n', request).map_or(request.len(), |i| i + 1);
                 while out.len() < self.argc && pos < request.len() {
@@ -76,7 +78,7 @@ impl Frame {
                         .and_then(|s| s.parse().ok())
                         .unwrap_or(0);
                     let start = pos + line + 2;
-                    out.push(Bytes::copy_from_slice(&request[start..start + len]));
+                    out.push(copy.slice(start..start + len));
                     pos = start + len + 2;
                 }
                 out

@@ -172,6 +172,15 @@ where
                             Route::Fence(Intercept::Get { .. }) if !is_nil(&buf[range.clone()]) => {
                                 outbox.forward(&buf, range)
                             }
+                            // A probed run's plain write: its reply as Redis sent it, or `+OK`.
+                            Route::Fence(Intercept::Plain { kind, reply }) => {
+                                let (resp3, db) = (pairing.is_resp3(), pairing.db);
+                                let fence = fence.expect("fence expectations imply fences");
+                                match fence.translate_plain(kind, &reply, &buf[range.clone()], resp3, db) {
+                                    None => outbox.forward(&buf, range),
+                                    Some(bytes) => outbox.send(bytes),
+                                }
+                            }
                             Route::Fence(expect) => {
                                 let (resp3, db) = (pairing.is_resp3(), pairing.db);
                                 let fence = fence.expect("fence expectations imply fences");
@@ -395,10 +404,12 @@ fn on_fence_reply(
                 );
             }
         },
-        Intercept::Probe(probe) => held.resume = Some(resume_probe(probe, frame, resp3, fence, outbox)),
-        Intercept::Plain { kind, reply, slot } => {
-            outbox.resolve(slot, fence.translate_plain(kind, &reply, frame, resp3, db))
-        }
+        Intercept::Probe(probe) => held.resume = Some(resume_probe(probe, frame, resp3, fence)),
+        // Routed by the caller as ranges; this keeps the match total.
+        Intercept::Plain { kind, reply } => match fence.translate_plain(kind, &reply, frame, resp3, db) {
+            None => outbox.send(Bytes::copy_from_slice(frame)),
+            Some(bytes) => outbox.send(bytes),
+        },
         Intercept::Local(reply) => outbox.send(reply.encode(resp3)),
         Intercept::Exec(queued) => outbox.send(exec_reply(frame, &queued, fence, (resp3, db))),
     }
@@ -437,18 +448,10 @@ fn exec_reply(frame: &[u8], queued: &[InExec], fence: &Client<'_>, (resp3, db): 
 }
 
 /// A probed run's writes as its `MGET` reply decides ([`Probe::steps`]):
-/// each step holds its replies' place in the outbox, and is what the
-/// requests direction sends next, with what it expects back.
-fn resume_probe(
-    probe: Probe,
-    frame: &[u8],
-    resp3: bool,
-    fence: &Client<'_>,
-    outbox: &mut Outbox,
-) -> Vec<(Bytes, Expect)> {
-    // Released only if a step can no longer answer (never while the
-    // connection waits for the steps to be sent).
-    const UNSENT: &[u8] = b"-ERR cachefence: the write was not sent\r\n";
+/// what the requests direction sends next, with what each expects back.
+/// Nothing of the client's was sent behind the probe, so their replies
+/// are the next the client gets: they take their places as they come.
+fn resume_probe(probe: Probe, frame: &[u8], resp3: bool, fence: &Client<'_>) -> Vec<(Bytes, Expect)> {
     let stats = &fence.fences.stats;
     stats.probes.inc();
     let steps = probe.steps(frame, resp3);
@@ -457,15 +460,19 @@ fn resume_probe(
         match step {
             Step::Plain { command, kind, reply } => {
                 stats.probed_plain.inc();
-                let slot = outbox.hold(Bytes::from_static(UNSENT));
-                resume.push((command, Expect::fence(Intercept::Plain { kind, reply, slot })));
+                resume.push((command, Expect::fence(Intercept::Plain { kind, reply })));
             }
             Step::Script { call, reply } => {
                 stats.probed_script.add(reply.replies() as u64);
-                let slot = outbox.hold(Bytes::from(UNSENT.repeat(reply.replies())));
                 let bytes = fence.encode(&call, false);
-                let slot = Some(slot);
-                resume.push((bytes, Expect::fence(Intercept::Script { call, reply, slot })));
+                resume.push((
+                    bytes,
+                    Expect::fence(Intercept::Script {
+                        call,
+                        reply,
+                        slot: None,
+                    }),
+                ));
             }
         }
     }
