@@ -192,6 +192,17 @@ impl Pairing {
         }
     }
 
+    /// A probe was just answered ([`Pairing::resume`]): its steps are what
+    /// the requests direction sends next. The batch the probe ended is
+    /// timed until their replies, not the probe's.
+    pub fn resume_after_probe(&mut self, steps: Vec<(Bytes, Expect)>) {
+        let (probe, more) = (self.popped, steps.len() as u64);
+        for mark in self.marks.iter_mut().filter(|m| m.upto == probe) {
+            mark.upto += more;
+        }
+        self.resume = Some(steps);
+    }
+
     /// The oldest timed batch, if every reply to it has been routed.
     pub fn take_answered(&mut self) -> Option<Mark> {
         match self.marks.front() {
@@ -511,6 +522,30 @@ mod tests {
             channel.len()
         )
         .into_bytes()
+    }
+
+    #[test]
+    fn a_batch_ended_by_a_probe_is_timed_until_the_replies_of_its_steps() {
+        let mut p = Pairing::default();
+        p.push(Expect::Reply);
+        p.push(Expect::Reply); // the probe's place
+        p.mark(std::time::Instant::now(), [2, 0, 0]);
+        for _ in 0..2 {
+            assert_eq!(p.route(b'+', b"+OK\r\n"), Route::Reply);
+        }
+        p.resume_after_probe(vec![
+            (Bytes::from_static(b"a"), Expect::Reply),
+            (Bytes::from_static(b"b"), Expect::Reply),
+        ]);
+        assert!(p.take_answered().is_none(), "the steps are not answered yet");
+        let steps = p.resume.take().expect("the steps");
+        for (_, expect) in steps {
+            p.push(expect);
+        }
+        assert_eq!(p.route(b'+', b"+OK\r\n"), Route::Reply);
+        assert!(p.take_answered().is_none());
+        assert_eq!(p.route(b'+', b"+OK\r\n"), Route::Reply);
+        assert_eq!(p.take_answered().map(|m| m.counts), Some([2, 0, 0]));
     }
 
     #[test]

@@ -195,7 +195,7 @@ where
                                     &mut misses,
                                 );
                                 if let Some(steps) = misses.resume.take() {
-                                    pairing.resume = Some(steps);
+                                    pairing.resume_after_probe(steps);
                                     shared.resumed.notify_one();
                                 }
                             }
