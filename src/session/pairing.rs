@@ -19,6 +19,7 @@ use tracing::warn;
 
 pub use super::expect::Expect;
 use crate::fence::plan::{InExec, Intercept};
+use crate::fence::script::ScriptCall;
 use crate::fence::translate::ScriptReply;
 use crate::resp::command::SubFamily;
 use crate::resp::request::string2ll;
@@ -136,9 +137,19 @@ pub struct Pairing {
     /// `SYNC` / `PSYNC` in progress or done.
     pub link: Link,
     /// How a probed run goes on ([`crate::fence::probe`]), from its `MGET`
-    /// reply: what the requests direction sends next, in order, with what
-    /// each expects back, before it reads the client again.
-    pub resume: Option<Vec<(Bytes, Expect)>>,
+    /// reply: what the requests direction sends next, in order, before it
+    /// reads the client again.
+    pub resume: Option<Vec<Resume>>,
+}
+
+/// One step of a probed run, as the requests direction sends it.
+#[derive(Debug)]
+pub enum Resume {
+    /// These bytes, expecting this.
+    Send(Bytes, Expect),
+    /// A fence script call, encoded by the requests direction (the one
+    /// upstream writer knows whether the script's source went yet).
+    Call(ScriptCall, ScriptReply),
 }
 
 /// Most batches timed at once per connection; past it a batch goes untimed.
@@ -195,7 +206,7 @@ impl Pairing {
     /// A probe was just answered ([`Pairing::resume`]): its steps are what
     /// the requests direction sends next. The batch the probe ended is
     /// timed until their replies, not the probe's.
-    pub fn resume_after_probe(&mut self, steps: Vec<(Bytes, Expect)>) {
+    pub fn resume_after_probe(&mut self, steps: Vec<Resume>) {
         let (probe, more) = (self.popped, steps.len() as u64);
         for mark in self.marks.iter_mut().filter(|m| m.upto == probe) {
             mark.upto += more;
@@ -534,12 +545,14 @@ mod tests {
             assert_eq!(p.route(b'+', b"+OK\r\n"), Route::Reply);
         }
         p.resume_after_probe(vec![
-            (Bytes::from_static(b"a"), Expect::Reply),
-            (Bytes::from_static(b"b"), Expect::Reply),
+            Resume::Send(Bytes::from_static(b"a"), Expect::Reply),
+            Resume::Send(Bytes::from_static(b"b"), Expect::Reply),
         ]);
         assert!(p.take_answered().is_none(), "the steps are not answered yet");
-        let steps = p.resume.take().expect("the steps");
-        for (_, expect) in steps {
+        for step in p.resume.take().expect("the steps") {
+            let Resume::Send(_, expect) = step else {
+                unreachable!()
+            };
             p.push(expect);
         }
         assert_eq!(p.route(b'+', b"+OK\r\n"), Route::Reply);

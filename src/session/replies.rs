@@ -17,7 +17,7 @@ use tokio::sync::{Notify, mpsc};
 use tracing::warn;
 
 use super::outbox::Outbox;
-use super::pairing::{Expect, Link, LocalReply, Pairing, Route};
+use super::pairing::{Expect, Link, LocalReply, Pairing, Resume, Route};
 use super::{
     Injection, MIN_READ, READ_CHUNK, REPLY_TIMEOUT_OFF_RECHECK, SessionEnd, Shared, link, sleep_until,
 };
@@ -451,7 +451,7 @@ fn exec_reply(frame: &[u8], queued: &[InExec], fence: &Client<'_>, (resp3, db): 
 /// what the requests direction sends next, with what each expects back.
 /// Nothing of the client's was sent behind the probe, so their replies
 /// are the next the client gets: they take their places as they come.
-fn resume_probe(probe: Probe, frame: &[u8], resp3: bool, fence: &Client<'_>) -> Vec<(Bytes, Expect)> {
+fn resume_probe(probe: Probe, frame: &[u8], resp3: bool, fence: &Client<'_>) -> Vec<Resume> {
     let stats = &fence.fences.stats;
     stats.probes.inc();
     let steps = probe.steps(frame, resp3);
@@ -460,19 +460,14 @@ fn resume_probe(probe: Probe, frame: &[u8], resp3: bool, fence: &Client<'_>) -> 
         match step {
             Step::Plain { command, kind, reply } => {
                 stats.probed_plain.inc();
-                resume.push((command, Expect::fence(Intercept::Plain { kind, reply })));
+                resume.push(Resume::Send(
+                    command,
+                    Expect::fence(Intercept::Plain { kind, reply }),
+                ));
             }
             Step::Script { call, reply } => {
                 stats.probed_script.add(reply.replies() as u64);
-                let bytes = fence.encode(&call, false);
-                resume.push((
-                    bytes,
-                    Expect::fence(Intercept::Script {
-                        call,
-                        reply,
-                        slot: None,
-                    }),
-                ));
+                resume.push(Resume::Call(call, reply));
             }
         }
     }
@@ -594,7 +589,7 @@ pub(super) struct Misses {
     injections: mpsc::Sender<Injection>,
     /// A probed run's steps, from the reply just routed, for the requests
     /// direction ([`super::pairing::Pairing::resume`]).
-    resume: Option<Vec<(Bytes, Expect)>>,
+    resume: Option<Vec<Resume>>,
 }
 
 /// An `MGET` reply being rebuilt: its elements, and how many miss scripts

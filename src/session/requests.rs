@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tracing::debug;
 
-use super::pairing::{Expect, Link};
+use super::pairing::{Expect, Link, Resume};
 use super::{Injection, MIN_READ, READ_CHUNK, RequestsEnd, Shared, drain, link, send, sleep_until};
 use crate::app::App;
 use crate::fence::Client;
@@ -93,12 +93,22 @@ where
             _ = shared.room.notified(), if reading && !room && !syncing && !probing => continue,
             _ = shared.resumed.notified(), if probing => {
                 let Some(steps) = shared.pairing().resume.take() else { continue };
-                let mut bytes = BytesMut::with_capacity(steps.iter().map(|(b, _)| b.len()).sum());
+                let fence = fence.expect("probes imply fences");
+                let mut bytes = BytesMut::new();
                 {
                     let mut pairing = shared.pairing();
-                    for (step, expect) in steps {
+                    for step in steps {
+                        let expect = match step {
+                            Resume::Send(step, expect) => {
+                                bytes.extend_from_slice(&step);
+                                expect
+                            }
+                            Resume::Call(call, reply) => {
+                                bytes.extend_from_slice(&fence.encode(&call, false));
+                                Expect::fence(Intercept::Script { call, reply, slot: None })
+                            }
+                        };
                         pairing.push(expect);
-                        bytes.extend_from_slice(&step);
                     }
                 }
                 if let Err(error) = send(upstream, &bytes).await {
