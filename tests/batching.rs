@@ -447,3 +447,32 @@ async fn a_client_that_half_closes_behind_probed_runs_gets_every_reply_in_order(
     assert_eq!(probe_counts(&proxy)[0] - before, 2, "both runs were probed");
     proxy.shutdown().await;
 }
+
+/// A shutdown drains every connection: writes whose probe is in flight
+/// when it begins are still sent and answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shutdown_while_a_probe_is_in_flight_still_sends_and_answers_its_writes() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await;
+    let mut client = RawClient::connect(proxy.addr).await;
+    assert_eq!(client.call("SET warm 1").await, "+OK\r\n");
+    redis.pause();
+    client
+        .send(
+            &["SET a 1", "DEL b"]
+                .iter()
+                .flat_map(|l| cmds(l))
+                .collect::<Vec<u8>>(),
+        )
+        .await;
+    // The probe reaches the paused Redis; then the shutdown begins.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let shutdown = tokio::spawn(proxy.shutdown());
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    redis.resume();
+    let replies = [client.read_frame().await, client.read_frame().await];
+    assert_eq!(replies, [&b"+OK\r\n"[..], b":0\r\n"]);
+    shutdown.await.expect("the proxy shut down");
+    let mut direct = RawClient::connect(redis.addr()).await;
+    assert_eq!(cached(&mut direct, "a").await.as_deref(), Some("1"));
+}

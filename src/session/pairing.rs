@@ -152,6 +152,10 @@ pub enum Resume {
     Call(ScriptCall, ScriptReply),
 }
 
+/// A mark's `upto` while its batch waits for a probed run's steps to be
+/// pushed (never answered until then).
+const RESUMING: u64 = u64::MAX;
+
 /// Most batches timed at once per connection; past it a batch goes untimed.
 const MAX_MARKS: usize = 1024;
 
@@ -205,13 +209,22 @@ impl Pairing {
 
     /// A probe was just answered ([`Pairing::resume`]): its steps are what
     /// the requests direction sends next. The batch the probe ended is
-    /// timed until their replies, not the probe's.
+    /// timed until their replies, not the probe's ([`Pairing::resumed`]).
     pub fn resume_after_probe(&mut self, steps: Vec<Resume>) {
-        let (probe, more) = (self.popped, steps.len() as u64);
+        let probe = self.popped;
         for mark in self.marks.iter_mut().filter(|m| m.upto == probe) {
-            mark.upto += more;
+            mark.upto = RESUMING;
         }
         self.resume = Some(steps);
+    }
+
+    /// The requests direction pushed a probed run's steps: its batch is
+    /// answered with the last of them.
+    pub fn resumed(&mut self) {
+        let pushed = self.pushed;
+        for mark in self.marks.iter_mut().filter(|m| m.upto == RESUMING) {
+            mark.upto = pushed;
+        }
     }
 
     /// The oldest timed batch, if every reply to it has been routed.
@@ -288,7 +301,7 @@ impl Pairing {
     /// Nothing is owed and nothing may arrive unasked: the connection is
     /// idle in the sense of Redis' `timeout`.
     pub fn is_idle(&self) -> bool {
-        self.pending.is_empty() && !self.monitor && !self.subs.any()
+        self.pending.is_empty() && self.resume.is_none() && !self.monitor && !self.subs.any()
     }
 
     /// The head of the queue is a reply the proxy made itself.
@@ -344,6 +357,20 @@ impl Pairing {
                 },
                 _ => {}
             }
+        }
+        // A probed run's steps not sent yet: each owes its replies, and its
+        // deletes are retried like those that were sent (C3).
+        for step in self.resume.take().unwrap_or_default() {
+            let reply = match &step {
+                Resume::Call(_, reply) => reply,
+                Resume::Send(_, Expect::Fence(fence)) => match &**fence {
+                    Intercept::Plain { reply, .. } => reply,
+                    _ => continue,
+                },
+                Resume::Send(..) => continue,
+            };
+            owed += reply.replies();
+            deletes.extend(reply.invalidated_keys().map(|keys| (db, keys)));
         }
         (owed, deletes)
     }
@@ -536,6 +563,37 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_upstream_owes_the_replies_and_retries_the_deletes_of_steps_not_sent_yet() {
+        use crate::fence::history::Source;
+        use crate::fence::probe::PlainKind;
+        let del = |key: &'static [u8]| ScriptReply::Command {
+            keys: vec![Bytes::from_static(key)],
+            invalidation: Some(Source::Client),
+        };
+        let mut p = Pairing::default();
+        p.push(Expect::Reply);
+        p.resume_after_probe(vec![
+            Resume::Send(
+                Bytes::from_static(b"DEL a"),
+                Expect::fence(Intercept::Plain {
+                    kind: PlainKind::Command,
+                    reply: del(b"a"),
+                }),
+            ),
+            Resume::Call(
+                ScriptCall::new(Vec::new(), Vec::new()),
+                ScriptReply::Batch(vec![del(b"b"), del(b"c")]),
+            ),
+        ]);
+        assert!(!p.is_idle(), "steps are owed");
+        let (owed, deletes) = p.abandon();
+        assert_eq!(owed, 1 + 1 + 2);
+        let keys: Vec<Bytes> = deletes.into_iter().flat_map(|(_, keys)| keys).collect();
+        assert_eq!(keys, [&b"a"[..], b"b", b"c"]);
+        assert!(p.resume.is_none());
+    }
+
+    #[test]
     fn a_batch_ended_by_a_probe_is_timed_until_the_replies_of_its_steps() {
         let mut p = Pairing::default();
         p.push(Expect::Reply);
@@ -549,12 +607,17 @@ mod tests {
             Resume::Send(Bytes::from_static(b"b"), Expect::Reply),
         ]);
         assert!(p.take_answered().is_none(), "the steps are not answered yet");
+        // A call of the proxy's own went out in between.
+        p.push(Expect::Reply);
         for step in p.resume.take().expect("the steps") {
             let Resume::Send(_, expect) = step else {
                 unreachable!()
             };
             p.push(expect);
         }
+        p.resumed();
+        assert_eq!(p.route(b'+', b"+OK\r\n"), Route::Reply);
+        assert!(p.take_answered().is_none());
         assert_eq!(p.route(b'+', b"+OK\r\n"), Route::Reply);
         assert!(p.take_answered().is_none());
         assert_eq!(p.route(b'+', b"+OK\r\n"), Route::Reply);

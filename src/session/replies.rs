@@ -65,8 +65,12 @@ where
             let close = take_locals(&mut pairing, &mut outbox);
             observe_latency(&mut pairing, &app.metrics);
             pairing.reply_held = outbox.is_holding();
-            let drained =
-                pairing.draining && pairing.pending() == 0 && !scanner.in_frame() && !outbox.is_holding();
+            // A probed run's steps not pushed yet are owed too.
+            let drained = pairing.draining
+                && pairing.pending() == 0
+                && pairing.resume.is_none()
+                && !scanner.in_frame()
+                && !outbox.is_holding();
             // A `SYNC` sent with replies off is a link as soon as it is next.
             let linked = !scanner.in_frame() && pairing.link_starts(None);
             if pairing.link != Link::Normal {

@@ -110,6 +110,7 @@ where
                         };
                         pairing.push(expect);
                     }
+                    pairing.resumed();
                 }
                 if let Err(error) = send(upstream, &bytes).await {
                     debug!(%error, "upstream write failed");
