@@ -100,7 +100,6 @@ impl<'a> Client<'a> {
         self.fences.history.record(key, Event::now(self.connection, what));
     }
 
-    /// Records an event of the fenced ones among `keys`.
     /// A write without a ticket of `keys`, recorded where they have a
     /// history ([`super::history::History::record_if_known`]).
     pub(super) fn record_written(&self, keys: &[Bytes]) {
@@ -110,6 +109,7 @@ impl<'a> Client<'a> {
         }
     }
 
+    /// Records an event of the fenced ones among `keys`.
     pub(super) fn record_fenced(&self, scope: &Scope, keys: &[Bytes], what: What) {
         let event = Event::now(self.connection, what);
         for key in keys.iter().filter(|k| scope.policy(k).is_some()) {
