@@ -113,6 +113,25 @@ async fn pipelined(client: &mut RawClient, lines: &[&str]) -> Vec<String> {
     got
 }
 
+/// The replies to `lines` pipelined on `client` right after Redis (at
+/// `direct`) lost the script and its command counts were reset.
+async fn pipelined_after_script_flush(
+    direct: &mut RawClient,
+    client: &mut RawClient,
+    lines: &[&str],
+) -> Vec<String> {
+    assert_eq!(direct.call("SCRIPT FLUSH").await, "+OK\r\n");
+    assert_eq!(direct.call("CONFIG RESETSTAT").await, "+OK\r\n");
+    pipelined(client, lines).await
+}
+
+/// `SET k<i> v<i> EX 60` for i in 0..16, in one write, each answered `+OK`.
+async fn sixteen_pipelined_sets(client: &mut RawClient) {
+    let sets: Vec<String> = (0..16).map(|i| format!("SET k{i} v{i} EX 60")).collect();
+    let lines: Vec<&str> = sets.iter().map(String::as_str).collect();
+    assert_eq!(pipelined(client, &lines).await, vec!["+OK\\r\\n"; 16]);
+}
+
 /// The count of a command in `INFO commandstats` (0 if absent).
 async fn calls(direct: &mut RawClient, command: &str) -> u64 {
     let stats = direct.call("INFO commandstats").await;
@@ -143,13 +162,7 @@ async fn sixteen_pipelined_sets_without_fences_are_one_probe_and_sixteen_plain_s
     let mut client = RawClient::connect(proxy.addr).await;
     assert_eq!(client.call("SET warm 1").await, "+OK\r\n");
     assert_eq!(direct.call("CONFIG RESETSTAT").await, "+OK\r\n");
-    let sets: Vec<u8> = (0..16)
-        .flat_map(|i| cmds(&format!("SET k{i} v{i} EX 60")))
-        .collect();
-    client.send(&sets).await;
-    for _ in 0..16 {
-        assert_eq!(client.read_frame().await, b"+OK\r\n");
-    }
+    sixteen_pipelined_sets(&mut client).await;
     assert_eq!(calls(&mut direct, "mget").await, 1, "one probe of the 16 fences");
     assert_eq!(calls(&mut direct, "evalsha").await, 0, "no fence: no script");
     assert_eq!(calls(&mut direct, "set").await, 16, "each SET ran");
@@ -178,13 +191,7 @@ async fn pipelined_sets_whose_fences_exist_go_to_one_script_call_in_their_place(
     assert_eq!(reader.call("GET k4").await, "$-1\r\n");
     assert_eq!(direct.call("EXISTS cachefence:{k3}").await, ":1\r\n");
     assert_eq!(direct.call("CONFIG RESETSTAT").await, "+OK\r\n");
-    let sets: Vec<u8> = (0..16)
-        .flat_map(|i| cmds(&format!("SET k{i} v{i} EX 60")))
-        .collect();
-    client.send(&sets).await;
-    for _ in 0..16 {
-        assert_eq!(client.read_frame().await, b"+OK\r\n");
-    }
+    sixteen_pipelined_sets(&mut client).await;
     assert_eq!(calls(&mut direct, "mget").await, 1);
     assert_eq!(
         calls(&mut direct, "evalsha").await,
@@ -330,11 +337,9 @@ async fn a_batch_that_finds_the_script_gone_is_sent_again_with_it() {
     assert_eq!(reader.call("GET k1").await, "$-1\r\n");
     assert_eq!(reader.call("GET k2").await, "$-1\r\n");
     assert_eq!(reader.call("GET k3").await, "$-1\r\n");
-    assert_eq!(direct.call("SCRIPT FLUSH").await, "+OK\r\n");
-    assert_eq!(direct.call("CONFIG RESETSTAT").await, "+OK\r\n");
     // Not a probe (one write has a plain form): one batch of all four.
     let lines = ["SET k1 a", "INCR l", "SET k2 b EX 60", "SET k3 c"];
-    let got = pipelined(&mut client, &lines).await;
+    let got = pipelined_after_script_flush(&mut direct, &mut client, &lines).await;
     assert_eq!(
         got,
         [
@@ -359,10 +364,8 @@ async fn a_batch_that_finds_the_script_gone_is_sent_again_with_it() {
 
     // A probed run whose scripted part meets NOSCRIPT: sent again too.
     assert_eq!(reader.call("GET k5").await, "$-1\r\n");
-    assert_eq!(direct.call("SCRIPT FLUSH").await, "+OK\r\n");
-    assert_eq!(direct.call("CONFIG RESETSTAT").await, "+OK\r\n");
     let lines = ["DEL k4", "DEL k5", "INCR l", "SET k6 d"];
-    let got = pipelined(&mut client, &lines).await;
+    let got = pipelined_after_script_flush(&mut direct, &mut client, &lines).await;
     assert_eq!(
         got,
         [

@@ -30,12 +30,12 @@
 //! least [`PROBE_MIN_OPS`] writes are probed: a lone write at a time goes
 //! to the script as before.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use super::plan::COMMAND_AT;
 use super::script::{ScriptCall, batch};
 use super::translate::ScriptReply;
-use crate::resp::encode::command;
+use crate::resp::encode::command_of;
 use crate::resp::value::Value;
 
 /// The fewest ticketless writes in a run that are worth a probe.
@@ -122,8 +122,7 @@ impl Plain {
 }
 
 fn encode(words: &[Bytes]) -> Bytes {
-    let words: Vec<&[u8]> = words.iter().map(|w| &w[..]).collect();
-    command(&words)
+    command_of(words.iter().cloned())
 }
 
 /// One write of a probed run: its script call and reply rule, and its plain
@@ -184,19 +183,9 @@ impl Probe {
         Ok(Probe { ops })
     }
 
-    /// The `MGET` of every fence the plain forms name, in order (written
-    /// straight into one buffer: this is every pipelined write's path).
+    /// The `MGET` of every fence the plain forms name, in order.
     pub fn request(&self) -> Bytes {
-        use std::fmt::Write;
-        let (count, bytes) = self.fences().fold((0, 0), |(n, b), f| (n + 1, b + f.len()));
-        let mut out = BytesMut::with_capacity(16 + bytes + 16 * count);
-        let _ = write!(out, "*{}\r\n$4\r\nMGET\r\n", count + 1);
-        for fence in self.fences() {
-            let _ = write!(out, "${}\r\n", fence.len());
-            out.extend_from_slice(fence);
-            out.extend_from_slice(b"\r\n");
-        }
-        out.freeze()
+        command_of(std::iter::once(Bytes::from_static(b"MGET")).chain(self.fences().cloned()))
     }
 
     fn fences(&self) -> impl Iterator<Item = &Bytes> {
@@ -262,9 +251,7 @@ impl Probe {
 
     /// Bytes of the client's requests the run keeps.
     pub fn weight(&self) -> usize {
-        let words =
-            |call: &ScriptCall| -> usize { call.keys.iter().chain(&call.args).map(|b| b.len()).sum() };
-        self.ops.iter().map(|op| words(&op.call)).sum()
+        self.ops.iter().map(|op| op.call.weight()).sum()
     }
 }
 

@@ -38,6 +38,11 @@ impl ScriptCall {
         ScriptCall { keys, args }
     }
 
+    /// Bytes of its keys and arguments (what an expectation keeps of it).
+    pub fn weight(&self) -> usize {
+        self.keys.iter().chain(&self.args).map(|b| b.len()).sum()
+    }
+
     pub fn encode(&self, with_source: bool) -> Bytes {
         let keys: Vec<&[u8]> = self.keys.iter().map(|k| &k[..]).collect();
         let args: Vec<&[u8]> = self.args.iter().map(|a| &a[..]).collect();

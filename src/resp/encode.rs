@@ -25,6 +25,13 @@ pub fn command(args: &[&[u8]]) -> Bytes {
     encode(&frame)
 }
 
+/// A command as a multibulk request, from words the caller already holds
+/// as `Bytes` (shared, not copied).
+pub fn command_of(words: impl IntoIterator<Item = Bytes>) -> Bytes {
+    let frame = BytesFrame::Array(words.into_iter().map(BytesFrame::BulkString).collect());
+    encode(&frame)
+}
+
 fn encode(frame: &BytesFrame) -> Bytes {
     let mut buf = BytesMut::new();
     extend_encode(&mut buf, frame, false).expect("encoding into a growable buffer cannot fail");
@@ -39,5 +46,7 @@ mod tests {
     fn errors_and_commands_are_valid_resp() {
         assert_eq!(&error("ERR bad\r\nthing")[..], b"-ERR bad  thing\r\n");
         assert_eq!(&command(&[b"GET", b"k"])[..], b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n");
+        let words = [Bytes::from_static(b"GET"), Bytes::from_static(b"k")];
+        assert_eq!(command_of(words), command(&[b"GET", b"k"]));
     }
 }

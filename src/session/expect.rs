@@ -73,7 +73,7 @@ impl Expect {
             // Never boxed (see `Expect::fence`).
             Intercept::Get { key, .. } => key.len(),
             Intercept::MGet { keys } => keys.iter().flatten().map(|(k, _)| k.len()).sum(),
-            Intercept::Script { call, .. } => call.keys.iter().chain(&call.args).map(|b| b.len()).sum(),
+            Intercept::Script { call, .. } => call.weight(),
             Intercept::Probe(probe) => probe.weight(),
             Intercept::Local(_) | Intercept::Exec(_) | Intercept::Keyspace(_) | Intercept::Plain { .. } => 0,
         }

@@ -10,6 +10,7 @@ use crate::fence::plan::tests::{client, fences};
 use crate::fence::script::fence_key;
 use crate::fence::{CacheSection, Fences, Scope};
 use crate::resp::command::Command;
+use crate::resp::encode::command;
 use crate::resp::request::RequestFramer;
 
 /// The script call and reply rule `line` is planned as, and the request
