@@ -30,6 +30,8 @@ pub struct App {
     pub metrics: Metrics,
     /// `None` when fences are off: the proxy is a pure passthrough.
     pub fences: Option<Fences>,
+    /// The upstream connections clients share (`shared_connections` > 0).
+    pub shared: Option<crate::redis::shared::SharedUpstreams>,
     /// The change-log consumer's counters, when `[postgres]` is configured.
     pub changelog: Option<Arc<ChangeLogStats>>,
     /// `cachefence_replica_lag_seconds` as a one-family list, one sample
@@ -55,7 +57,15 @@ impl App {
             .as_ref()
             .filter(|c| !c.replicas.is_empty())
             .map(|c| replica_lag_family(c.replicas.iter().map(|r| r.name.clone()).collect()));
+        let shared = (config.shared_connections > 0).then(|| {
+            crate::redis::shared::SharedUpstreams::new(
+                config.shared_connections,
+                config.upstream.clone(),
+                config.connect_timeout,
+            )
+        });
         App {
+            shared,
             replica_lag,
             fences,
             changelog: config

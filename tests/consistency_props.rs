@@ -247,6 +247,18 @@ fn plain_redis_breaks_the_property_on_one_shared_connection() {
     plain_redis_breaks_it(Model::Shared, Writers::Delete);
 }
 
+/// The same three client models with the proxy's upstream connections
+/// shared (`shared_connections`): every client's fences, misses and fills
+/// ride the shared connections, and C1 still holds. (The controls above
+/// are the same: what the client models do against plain Redis.)
+#[test]
+fn every_client_model_keeps_the_property_on_shared_upstream_connections() {
+    let config = "shared_connections = 2\n[[cache]]\npattern = \"*\"\non_write = \"write\"\nhold = \"0s\"\n";
+    for model in [Model::PerConnection, Model::Pooled, Model::Shared] {
+        holds_with(model, Writers::Delete, config);
+    }
+}
+
 /// Write-through writers (a `SET` of the new value instead of a `DEL`) keep
 /// C1 for one connection per thread under `ticket_scope = "connection"`:
 /// a writer's `SET` is never taken as another connection's fill. (Where a

@@ -52,6 +52,8 @@ pub struct Config {
     pub reply_timeout: Option<Duration>,
     pub shutdown_timeout: Duration,
     pub workers: usize,
+    /// Shared upstream connections (0: one per client).
+    pub shared_connections: usize,
     pub log_level: String,
     pub log_format: LogFormat,
     /// The fenced key space; `None` when fences are off.
@@ -206,6 +208,7 @@ impl Config {
             reply_timeout: (!reply_timeout.is_zero()).then_some(reply_timeout),
             shutdown_timeout: s.shutdown_timeout.expect("defaulted").0,
             workers: s.workers.expect("defaulted") as usize,
+            shared_connections: s.shared_connections.expect("defaulted") as usize,
             log_level,
             log_format: s.log_format.expect("defaulted"),
             fences,

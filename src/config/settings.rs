@@ -220,6 +220,11 @@ settings! {
     /// On SIGINT/SIGTERM, how long in-flight replies may take before exit.
     shutdown_timeout: Span = Span(Duration::from_secs(10));
     live;
+    /// Upstream connections that clients' commands share, pipelined (0: each
+    /// client gets a connection of its own). A client moves to its own
+    /// connection before a command that needs one (MULTI, SUBSCRIBE, HELLO …).
+    shared_connections: u32 = 0;
+    restart;
     /// Worker threads (0 = one per available CPU).
     workers: u32 = 0;
     restart;

@@ -13,6 +13,8 @@ use crate::net::Stream;
 use crate::resp::encode::command;
 use crate::resp::reply::ReplyScanner;
 
+pub mod shared;
+
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("upstream {addr} unreachable ({reason})")]

@@ -21,6 +21,7 @@ pub mod outbox;
 pub mod pairing;
 pub mod replies;
 pub mod requests;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -41,6 +42,7 @@ use crate::resp::encode;
 pub use pairing::{Expect, LocalReply, Pairing, Route};
 use replies::forward_replies;
 use requests::forward_requests;
+use upstream::UpstreamWrite;
 
 /// Bytes read per system call at most, and the least free space offered to a
 /// read; the buffers grow past this only for a frame that needs it.
@@ -65,8 +67,19 @@ pub struct Injection {
 /// `timeout`, or a shutdown drains it.
 pub async fn run(mut client: Stream, peer: SocketAddr, app: Arc<App>, shutdown: watch::Receiver<bool>) {
     let mut shutdown = shutdown;
-    let (upstream, unread) = match redis::connect(&app.config.upstream, app.config.connect_timeout).await {
-        Ok(stream) => (stream, BytesMut::new()),
+    let connected = match &app.shared {
+        Some(pool) => {
+            let slot = pool.assign();
+            pool.queue(slot, &app.metrics)
+                .await
+                .map(|queue| Upstream::Shared(slot, queue))
+        }
+        None => redis::connect(&app.config.upstream, app.config.connect_timeout)
+            .await
+            .map(|stream| Upstream::Own(stream, BytesMut::new())),
+    };
+    let upstream = match connected {
+        Ok(upstream) => upstream,
         Err(error @ UpstreamError::Rejected { .. }) => {
             // The proxy's own credentials are wrong: nothing will change that.
             app.metrics.upstream_connect_errors.inc();
@@ -76,42 +89,100 @@ pub async fn run(mut client: Stream, peer: SocketAddr, app: Arc<App>, shutdown: 
             let _ = client.shutdown().await;
             return;
         }
+        // Once Redis is back this client keeps the connection that found it.
         Err(error) => match offline::serve_offline(&mut client, &app, error, &mut shutdown).await {
-            Some(connected) => connected,
+            Some((stream, unread)) => Upstream::Own(stream, unread),
             None => return,
         },
     };
     debug!(%peer, "session started");
-    // Chosen once per connection: without TLS on either side, both sockets
-    // are split lock-free and the session is the same code as before TLS.
-    match (client, upstream) {
-        (Stream::Plain(mut client), Stream::Plain(mut upstream)) => {
-            serve(&mut client, &mut upstream, unread, (&app, peer), &mut shutdown).await
+    match upstream {
+        Upstream::Shared(slot, queue) => {
+            let (mut rd, mut wr) = upstream::shared_halves(app.clone(), slot, queue);
+            let app = &*app;
+            match client {
+                Stream::Plain(mut client) => {
+                    serve(
+                        &mut client,
+                        (&mut rd, &mut wr),
+                        BytesMut::new(),
+                        (app, peer),
+                        &mut shutdown,
+                    )
+                    .await
+                }
+                mut client => {
+                    serve(
+                        &mut client,
+                        (&mut rd, &mut wr),
+                        BytesMut::new(),
+                        (app, peer),
+                        &mut shutdown,
+                    )
+                    .await
+                }
+            }
         }
-        (mut client, mut upstream) => {
-            serve(&mut client, &mut upstream, unread, (&app, peer), &mut shutdown).await
-        }
+        // Chosen once per connection: without TLS on either side, both
+        // sockets are split lock-free and the session is the same code as
+        // before TLS.
+        Upstream::Own(upstream, unread) => match (client, upstream) {
+            (Stream::Plain(mut client), Stream::Plain(mut upstream)) => {
+                let (mut rd, mut wr) = upstream.split();
+                serve(
+                    &mut client,
+                    (&mut rd, &mut wr),
+                    unread,
+                    (&app, peer),
+                    &mut shutdown,
+                )
+                .await
+            }
+            (mut client, mut upstream) => {
+                let (mut rd, mut wr) = upstream.halves();
+                serve(
+                    &mut client,
+                    (&mut rd, &mut wr),
+                    unread,
+                    (&app, peer),
+                    &mut shutdown,
+                )
+                .await
+            }
+        },
     }
 }
 
+/// The upstream a session starts on.
+enum Upstream {
+    /// A connection of its own, and what the client sent while it was
+    /// being reached (offline).
+    Own(Stream, BytesMut),
+    /// A slot of the shared connections, and its live job queue.
+    Shared(usize, mpsc::Sender<crate::redis::shared::Job>),
+}
+
 /// Runs both directions until the session ends.
-async fn serve<S: Split>(
-    client: &mut S,
-    upstream: &mut S,
+async fn serve<C, R, W>(
+    client: &mut C,
+    (upstream_rd, upstream_wr): (&mut R, &mut W),
     unread: BytesMut,
     (app, peer): (&App, SocketAddr),
     shutdown: &mut watch::Receiver<bool>,
-) {
+) where
+    C: Split,
+    R: AsyncRead + Unpin + Send,
+    W: UpstreamWrite,
+{
     let shared = Shared::default();
     shared.pairing().db = app.config.upstream.db;
     let fence = app.fences.as_ref().map(|fences| Client::new(fences, peer.ip()));
     let (inject_tx, inject_rx) = mpsc::channel(MAX_INJECTIONS);
     let (mut client_rd, mut client_wr) = client.halves();
-    let (mut upstream_rd, mut upstream_wr) = upstream.halves();
     let end = {
         let requests = forward_requests(
             (&mut client_rd, unread),
-            &mut upstream_wr,
+            upstream_wr,
             &shared,
             app,
             fence.as_ref(),
@@ -119,14 +190,7 @@ async fn serve<S: Split>(
             shutdown,
         );
         let misses = replies::Misses::new(inject_tx);
-        let replies = forward_replies(
-            &mut upstream_rd,
-            &mut client_wr,
-            &shared,
-            app,
-            fence.as_ref(),
-            misses,
-        );
+        let replies = forward_replies(upstream_rd, &mut client_wr, &shared, app, fence.as_ref(), misses);
         tokio::pin!(requests, replies);
         tokio::select! {
             end = &mut replies => end,
@@ -139,7 +203,8 @@ async fn serve<S: Split>(
             },
         }
     };
-    if matches!(end, SessionEnd::Closed) {
+    // After QUIT Redis closes at once; after a protocol error it lingers.
+    if matches!(end, SessionEnd::Closed) && !shared.pairing().quit_locally {
         linger(&mut client_rd).await;
     }
     debug!(?end, "session ended");

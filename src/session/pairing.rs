@@ -110,6 +110,9 @@ pub struct Pairing {
     confirms_pending: usize,
     /// Redis answered a `QUIT`: it sends nothing more.
     quit: bool,
+    /// The proxy answered a `QUIT` itself (a shared connection): the
+    /// connection closes after its `+OK`, without lingering.
+    pub quit_locally: bool,
     /// The database the connection has selected, as far as replies show.
     pub db: u32,
     /// The commands queued in the open transaction, as their `EXEC`
@@ -128,6 +131,9 @@ pub struct Pairing {
     /// `popped` reaches its `upto` (the queue is first in, first out).
     pushed: u64,
     popped: u64,
+    /// Reply frames from upstream that the expectations pushed so far are
+    /// owed (a shared connection routes replies by this count).
+    frames_pushed: u64,
     /// Request batches whose replies are not all routed yet, for latency.
     marks: VecDeque<Mark>,
     /// The client once sent a request while a reply was still owed: it
@@ -184,7 +190,15 @@ impl Pairing {
         }
         self.held_bytes += expect.weight();
         self.pushed += 1;
+        // Every expectation on a shared connection is owed one frame (those
+        // owed several or none move the session to its own connection).
+        self.frames_pushed += u64::from(!expect.is_local());
         self.pending.push_back(expect);
+    }
+
+    /// Reply frames from upstream owed to everything pushed so far.
+    pub fn frames_pushed(&self) -> u64 {
+        self.frames_pushed
     }
 
     /// The client sent several requests without waiting for a reply,

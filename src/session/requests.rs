@@ -17,12 +17,13 @@
 use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, watch};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::pairing::{Expect, Link, Resume};
-use super::{Injection, MIN_READ, READ_CHUNK, RequestsEnd, Shared, drain, link, send, sleep_until};
+use super::upstream::{Placement, UpstreamWrite, close_requests, placement, send_requests};
+use super::{Injection, MIN_READ, READ_CHUNK, RequestsEnd, Shared, drain, link, sleep_until};
 use crate::app::App;
 use crate::fence::Client;
 use crate::fence::plan::{InExec, Intercept, Plan, after_command};
@@ -46,9 +47,10 @@ pub(super) async fn forward_requests<R, W>(
 ) -> RequestsEnd
 where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    W: UpstreamWrite,
 {
     let mut buf = unread;
+    let frames = || shared.pairing().frames_pushed();
     // Requests read before the upstream answered are framed first.
     let mut unframed = !buf.is_empty();
     let mut state = RequestState {
@@ -57,6 +59,7 @@ where
         in_multi: false,
         multi_pubsub: false,
         discarding: false,
+        shared: upstream.shared().is_some(),
     };
     // After a shutdown or the client's end, keep writing the proxy's own
     // calls: replies already owed may depend on them.
@@ -69,8 +72,12 @@ where
     // A probed run's `MGET` sent and not answered yet: nothing more of the
     // client's is sent (or read) until its writes are ([`Pairing::resume`]).
     let mut probing = false;
+    // On a shared connection: replies routed to the session and not read.
+    let backlog = upstream.shared().map(|shared| shared.owed());
     loop {
-        let room = shared.pairing().has_room(app.live.max_pending());
+        // The replies direction wakes `shared.room` as it reads replies.
+        let room = shared.pairing().has_room(app.live.max_pending())
+            && backlog.as_ref().is_none_or(|backlog| backlog.has_room());
         state.framer.set_max_bulk_len(app.live.max_frame_size());
         let timeout = app.live.timeout();
         if buf.capacity() - buf.len() < MIN_READ {
@@ -112,7 +119,7 @@ where
                     }
                     pairing.resumed();
                 }
-                if let Err(error) = send(upstream, &bytes).await {
+                if let Err(error) = send_requests(upstream, &bytes, frames).await {
                     debug!(%error, "upstream write failed");
                     return RequestsEnd::UpstreamGone;
                 }
@@ -139,7 +146,7 @@ where
                 let fence = fence.expect("injections imply fences");
                 let bytes = fence.encode(&injection.call, injection.reload);
                 shared.pairing().push(injection.expect);
-                if let Err(error) = send(upstream, &bytes).await {
+                if let Err(error) = send_requests(upstream, &bytes, frames).await {
                     debug!(%error, "upstream write failed");
                     return RequestsEnd::UpstreamGone;
                 }
@@ -164,7 +171,7 @@ where
             Ok(0) => {
                 // Half-close upstream too: Redis then sees what it would
                 // have seen without the proxy.
-                let _ = upstream.shutdown().await;
+                close_requests(upstream).await;
                 reading = false;
                 continue;
             }
@@ -180,8 +187,8 @@ where
         }
         let batch = frame_requests(&buf, &mut state, shared, app, fence);
         let written = match &batch.rewritten {
-            Some(bytes) => send(upstream, bytes).await,
-            None if batch.complete > 0 => send(upstream, &buf[..batch.complete]).await,
+            Some(bytes) => send_requests(upstream, bytes, frames).await,
+            None if batch.complete > 0 => send_requests(upstream, &buf[..batch.complete], frames).await,
             None => Ok(()),
         };
         if let Err(error) = written {
@@ -190,8 +197,29 @@ where
         }
         buf.advance(batch.complete);
         probing = batch.probe;
+        if batch.quit {
+            reading = false;
+            buf.clear();
+        }
         if batch.wake {
             shared.wake_replies.notify_one();
+        }
+        if let Some(carry_writes) = batch.pin {
+            let pinned = match upstream.shared() {
+                Some(upstream) => upstream.pin(carry_writes).await,
+                None => Ok(()),
+            };
+            if let Err(error) = pinned {
+                app.metrics.upstream_connect_errors.inc();
+                warn!(%error, "cannot move client to a connection of its own");
+                shared.reply_locally(encode::error(&format!("ERR cachefence: {error}")), true);
+                reading = false;
+                buf.clear();
+                continue;
+            }
+            state.shared = false;
+            unframed = !buf.is_empty();
+            continue;
         }
         if batch.sync {
             let raw = shared.pairing().link == Link::Raw;
@@ -229,6 +257,9 @@ struct RequestState {
     multi_pubsub: bool,
     /// A protocol error under `CLIENT REPLY OFF`: input is read and dropped.
     discarding: bool,
+    /// On a shared upstream connection: commands that need a connection of
+    /// their own move the session first ([`placement`]).
+    shared: bool,
 }
 
 /// One read's worth of complete requests.
@@ -247,6 +278,13 @@ struct Batch {
     /// A probed run's `MGET` ended the batch (sent last in it): what
     /// follows it waits for its reply.
     probe: bool,
+    /// The next command needs a connection of the session's own: the batch
+    /// ends before it (framed again once the session moved); `true`: the
+    /// session's writes must be carried over ([`super::upstream::SharedTx::pin`]).
+    pin: Option<bool>,
+    /// A `QUIT` on a shared connection, answered by the proxy: nothing after
+    /// it is read.
+    quit: bool,
 }
 
 /// Frames every complete request at the front of `buf` and queues what each
@@ -266,6 +304,8 @@ fn frame_requests(
         failure: None,
         sync: false,
         probe: false,
+        pin: None,
+        quit: false,
     };
     // Bytes of `buf` already copied into `rewritten`.
     let mut copied = 0;
@@ -298,6 +338,29 @@ fn frame_requests(
             continue; // Redis ignores it and sends nothing.
         }
         let command = Command::classify(&frame, request);
+        if state.shared {
+            match placement(command, &frame, request, pairing.db) {
+                Placement::Shared => {}
+                place @ (Placement::Own | Placement::OwnAfterWrites) => {
+                    run.flush(buf, &mut batch.rewritten, &mut copied, &mut pairing, fence, false);
+                    batch.complete = start;
+                    batch.pin = Some(place == Placement::OwnAfterWrites);
+                    break;
+                }
+                Placement::Quit => {
+                    run.flush(buf, &mut batch.rewritten, &mut copied, &mut pairing, fence, false);
+                    pairing.push_request(Expect::Local {
+                        reply: Bytes::from_static(b"+OK\r\n"),
+                        close: true,
+                    });
+                    splice(buf, &mut batch.rewritten, &mut copied, start..batch.complete, &[]);
+                    pairing.quit_locally = true;
+                    (batch.wake, batch.quit) = (true, true);
+                    classes[Class::Passthrough as usize] += 1;
+                    break;
+                }
+            }
+        }
         // A command that cannot join the run ends it; a probed run ends the
         // batch too, before this command (framed again after the probe).
         if !run.calls.is_empty()

@@ -43,6 +43,10 @@ families! {
         UPSTREAM_RECONNECTS: Counter "cachefence_upstream_reconnects_total",
             "Upstream reached again by a client that was served errors while it was away.";
         UPSTREAM_LOST: Counter "cachefence_upstream_lost_total", "Upstream connections lost with replies owed.";
+        SHARED_OPENED: Counter "cachefence_shared_upstream_connections_opened_total",
+            "Shared upstream connections opened (shared_connections > 0), replacements included.";
+        SESSIONS_PINNED: Counter "cachefence_sessions_pinned_total",
+            "Clients moved from a shared upstream connection to one of their own (MULTI, SUBSCRIBE, HELLO …).";
         UPSTREAM_TIMEOUTS: Counter "cachefence_upstream_timeouts_total",
             "Upstream connections closed by reply_timeout.";
         PROTOCOL_ERRORS: Counter "cachefence_protocol_errors_total", "Clients closed for malformed requests.";
@@ -139,6 +143,10 @@ metrics! {
         upstream_reconnects: Counter, prom UPSTREAM_RECONNECTS;
         /// Upstream connections lost with replies pending.
         upstream_lost: Counter, prom UPSTREAM_LOST;
+        /// Shared upstream connections opened.
+        shared_opened: Counter, prom SHARED_OPENED;
+        /// Sessions moved off a shared connection.
+        sessions_pinned: Counter, prom SESSIONS_PINNED;
         /// Upstream connections closed by `reply_timeout`.
         upstream_timeouts: Counter, prom UPSTREAM_TIMEOUTS;
         /// Clients closed for malformed requests.

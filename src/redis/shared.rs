@@ -1,0 +1,366 @@
+//! Upstream connections that many client sessions share
+//! (`shared_connections` > 0).
+//!
+//! Each session is given one [`Slot`] for its life (round robin). The slot
+//! holds the job queue of its live connection; a connection task writes the
+//! jobs of every session on it, pipelined, in the order they were queued,
+//! and routes each reply back to the session that sent the request: Redis
+//! answers in order, so the [`Router`] only has to count frames. A job
+//! carries whole requests and how many reply frames they are owed, which
+//! the session knows from its [`crate::session::Pairing`].
+//!
+//! Only requests whose effect and reply do not depend on the connection's
+//! state go here; a session moves to a connection of its own before any
+//! other (see `session::upstream`). The connection therefore stays as the
+//! proxy's handshake left it: RESP2, the configured user and database.
+//!
+//! When a connection fails every session owed a reply on it gets
+//! [`Chunk::Lost`] (its client is answered with errors, as when a
+//! dedicated connection fails), the slot forgets it, and the next job
+//! opens a new one.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use super::{UpstreamError, connect};
+use crate::config::Upstream;
+use crate::net::Stream;
+use crate::resp::reply::{MalformedReply, ReplyScanner};
+use crate::telemetry::Metrics;
+
+/// Jobs queued per shared connection; a session whose job finds the queue
+/// full waits (backpressure), as it waits for a full socket buffer.
+const QUEUED_JOBS: usize = 4096;
+/// Bytes gathered into one write at most (jobs larger than this go alone).
+const WRITE_BATCH: usize = 256 * 1024;
+/// Bytes per read from a shared connection, and the least free space.
+const READ_CHUNK: usize = 64 * 1024;
+/// Part of a frame that has arrived is handed to its session once it is
+/// this large: a huge reply streams instead of being held whole.
+const STREAM_PARTIAL: usize = 64 * 1024;
+
+/// What a session receives from a shared connection, in order.
+#[derive(Debug)]
+pub enum Chunk {
+    /// Reply bytes of the session's oldest job; `last` ends that job.
+    Data { bytes: Bytes, last: bool },
+    /// The session half-closed: nothing more comes (as Redis closing after
+    /// a client's half-close).
+    Eof,
+    /// The connection failed with the job's replies owed.
+    Lost(String),
+    /// The session moved to a connection of its own: read it from now on.
+    Switch(tokio::io::ReadHalf<Stream>),
+}
+
+/// Where a job's replies go: the session's channel, and the reply bytes
+/// waiting in it (the session stops sending past a bound, see
+/// `session::upstream`).
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub tx: mpsc::UnboundedSender<Chunk>,
+    pub queued: Arc<AtomicUsize>,
+}
+
+impl Route {
+    /// Hands `chunk` over; a session that ended drops what it was owed.
+    pub fn send(&self, chunk: Chunk) {
+        if let Chunk::Data { bytes, .. } = &chunk {
+            self.queued.fetch_add(bytes.len(), Ordering::AcqRel);
+        }
+        let _ = self.tx.send(chunk);
+    }
+}
+
+/// Requests of one session, written in one piece.
+#[derive(Debug)]
+pub struct Job {
+    pub bytes: Bytes,
+    /// Reply frames they are owed.
+    pub frames: usize,
+    /// The session half-closed after these (`frames` is 0).
+    pub eof: bool,
+    pub route: Route,
+}
+
+/// The process's shared upstream connections.
+#[derive(Debug)]
+pub struct SharedUpstreams {
+    slots: Vec<Slot>,
+    next: AtomicUsize,
+    upstream: Upstream,
+    connect_timeout: Duration,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    queue: Mutex<Option<mpsc::Sender<Job>>>,
+}
+
+impl SharedUpstreams {
+    pub fn new(connections: usize, upstream: Upstream, connect_timeout: Duration) -> SharedUpstreams {
+        SharedUpstreams {
+            slots: (0..connections.max(1)).map(|_| Slot::default()).collect(),
+            next: AtomicUsize::new(0),
+            upstream,
+            connect_timeout,
+        }
+    }
+
+    /// The slot a new session uses for its life.
+    pub fn assign(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()
+    }
+
+    /// The job queue of `slot`'s live connection, connecting first if it
+    /// has none (the session then starts offline if Redis is unreachable,
+    /// as with a dedicated connection).
+    pub async fn queue(&self, slot: usize, metrics: &Metrics) -> Result<mpsc::Sender<Job>, UpstreamError> {
+        if let Some(queue) = self.live(slot) {
+            return Ok(queue);
+        }
+        let stream = connect(&self.upstream, self.connect_timeout)
+            .await
+            .inspect_err(|_| {
+                metrics.upstream_connect_errors.inc();
+            })?;
+        let mut held = self.slots[slot].queue.lock().unwrap_or_else(|p| p.into_inner());
+        // Another session may have connected meanwhile: keep one connection.
+        if let Some(queue) = held.as_ref().filter(|q| !q.is_closed()) {
+            return Ok(queue.clone());
+        }
+        let (tx, rx) = mpsc::channel(QUEUED_JOBS);
+        metrics.shared_opened.inc();
+        debug!(slot, "shared upstream connection opened");
+        tokio::spawn(serve(stream, rx));
+        *held = Some(tx.clone());
+        Ok(tx)
+    }
+
+    fn live(&self, slot: usize) -> Option<mpsc::Sender<Job>> {
+        let held = self.slots[slot].queue.lock().unwrap_or_else(|p| p.into_inner());
+        held.as_ref().filter(|q| !q.is_closed()).cloned()
+    }
+}
+
+/// Splits a shared connection's reply stream among the jobs, in order.
+#[derive(Debug, Default)]
+pub struct Router {
+    /// Jobs written and not answered yet.
+    routes: VecDeque<Entry>,
+    scanner: ReplyScanner,
+}
+
+#[derive(Debug)]
+struct Entry {
+    route: Route,
+    /// Reply frames still owed.
+    left: usize,
+    /// A half-close: answered with [`Chunk::Eof`].
+    eof: bool,
+}
+
+/// What [`Router::step`] found at the front of the buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// `buf[..upto]` belongs to the oldest job; `last`: its replies are complete.
+    Deliver { upto: usize, last: bool },
+    /// Nothing to hand over until more bytes arrive.
+    More,
+}
+
+impl Router {
+    /// A job written: `frames` reply frames will answer it.
+    pub fn push(&mut self, route: Route, frames: usize, eof: bool) {
+        self.routes.push_back(Entry {
+            route,
+            left: if eof { 0 } else { frames },
+            eof,
+        });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// A job at the head owed no frame (or a half-close): answered now,
+    /// with what it gets.
+    pub fn pop_empty(&mut self) -> Option<(Route, Chunk)> {
+        if self.routes.front()?.left > 0 {
+            return None;
+        }
+        let entry = self.routes.pop_front()?;
+        let chunk = match entry.eof {
+            true => Chunk::Eof,
+            false => Chunk::Data {
+                bytes: Bytes::new(),
+                last: true,
+            },
+        };
+        Some((entry.route, chunk))
+    }
+
+    /// Looks at the front of `buf` (after [`Router::pop_empty`] found
+    /// nothing); after a [`Step::Deliver`] the caller takes `buf[..upto]`
+    /// off and calls [`Router::consumed`].
+    pub fn step(&mut self, buf: &[u8]) -> Result<Step, MalformedReply> {
+        loop {
+            let Some(head) = self.routes.front_mut() else {
+                return match buf.is_empty() {
+                    true => Ok(Step::More),
+                    // A RESP2 connection sends nothing unasked.
+                    false => Err(MalformedReply(
+                        "a reply that no request on the shared connection asked for",
+                    )),
+                };
+            };
+            debug_assert!(head.left > 0, "jobs owed nothing are popped first");
+            match self.scanner.advance(buf)? {
+                Some(frame) => {
+                    head.left -= 1;
+                    if head.left == 0 {
+                        return Ok(Step::Deliver {
+                            upto: frame.end,
+                            last: true,
+                        });
+                    }
+                }
+                None => {
+                    let upto = self.scanner.scanned();
+                    return Ok(match upto >= STREAM_PARTIAL {
+                        true => Step::Deliver { upto, last: false },
+                        false => Step::More,
+                    });
+                }
+            }
+        }
+    }
+
+    /// The caller took the `upto` bytes of a [`Step::Deliver`] off the
+    /// front: returns where they go (a `last` one ends the oldest job).
+    pub fn consumed(&mut self, upto: usize, last: bool) -> Option<Route> {
+        self.scanner.consume(upto);
+        match last {
+            true => self.routes.pop_front().map(|entry| entry.route),
+            false => self.routes.front().map(|entry| entry.route.clone()),
+        }
+    }
+
+    /// Every job still owed a reply: the connection failed.
+    fn drain(&mut self) -> impl Iterator<Item = Route> + '_ {
+        self.routes.drain(..).map(|entry| entry.route)
+    }
+}
+
+/// Queues a job's route; one owed nothing and first in line is answered now.
+fn answer(router: &Mutex<Router>, route: Route, frames: usize, eof: bool) {
+    let mut router = lock(router);
+    router.push(route, frames, eof);
+    while let Some((to, chunk)) = router.pop_empty() {
+        to.send(chunk);
+    }
+}
+
+fn lock(router: &Mutex<Router>) -> std::sync::MutexGuard<'_, Router> {
+    router.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs one shared connection until it fails or nobody can queue on it.
+async fn serve(stream: Stream, mut jobs: mpsc::Receiver<Job>) {
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let router = Mutex::new(Router::default());
+    let writer = async {
+        let mut out = BytesMut::with_capacity(WRITE_BATCH);
+        loop {
+            let Some(first) = jobs.recv().await else {
+                return "no session uses it".to_string();
+            };
+            let mut batch = vec![first];
+            let mut size = batch[0].bytes.len();
+            while size < WRITE_BATCH {
+                match jobs.try_recv() {
+                    Ok(job) => {
+                        size += job.bytes.len();
+                        batch.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            // Routed before written: a reply cannot come first.
+            let written = if batch.len() == 1 {
+                let job = batch.pop().expect("one job");
+                answer(&router, job.route, job.frames, job.eof);
+                wr.write_all(&job.bytes).await
+            } else {
+                out.clear();
+                for job in batch {
+                    out.extend_from_slice(&job.bytes);
+                    answer(&router, job.route, job.frames, job.eof);
+                }
+                wr.write_all(&out).await
+            };
+            if let Err(error) = written.and(wr.flush().await) {
+                return error.to_string();
+            }
+        }
+    };
+    let reader = async {
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        loop {
+            if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+                buf.reserve(READ_CHUNK);
+            }
+            match rd.read_buf(&mut buf).await {
+                // Worded as a dedicated connection's loss is.
+                Ok(0) => return "closed the connection".to_string(),
+                Err(error) => return error.to_string(),
+                Ok(_) => {}
+            }
+            let mut router = lock(&router);
+            loop {
+                while let Some((to, chunk)) = router.pop_empty() {
+                    to.send(chunk);
+                }
+                match router.step(&buf) {
+                    Ok(Step::More) => break,
+                    Ok(Step::Deliver { upto, last }) => {
+                        let bytes = buf.split_to(upto).freeze();
+                        if let Some(to) = router.consumed(upto, last) {
+                            to.send(Chunk::Data { bytes, last });
+                        }
+                    }
+                    Err(error) => return format!("sent bytes that are not RESP: {error}"),
+                }
+            }
+        }
+    };
+    let reason = tokio::select! {
+        reason = writer => reason,
+        reason = reader => reason,
+    };
+    // Nobody queues here any more; whatever was queued is owed an answer.
+    jobs.close();
+    let mut owed = 0;
+    for to in lock(&router).drain() {
+        owed += 1;
+        to.send(Chunk::Lost(reason.clone()));
+    }
+    while let Ok(job) = jobs.try_recv() {
+        owed += 1;
+        job.route.send(Chunk::Lost(reason.clone()));
+    }
+    match owed {
+        0 => debug!(reason, "shared upstream connection ended"),
+        _ => warn!(reason, owed, "shared upstream connection lost with replies owed"),
+    }
+}
+
+#[cfg(test)]
+mod tests;

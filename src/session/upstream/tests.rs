@@ -1,0 +1,87 @@
+use super::*;
+use crate::resp::request::RequestFramer;
+
+fn place(input: &[u8], db: u32) -> Placement {
+    let frame = RequestFramer::new(1 << 20).next(input).unwrap().unwrap();
+    placement(Command::classify(&frame, input), &frame, input, db)
+}
+
+#[test]
+fn stateless_commands_share_connections() {
+    for input in [
+        &b"GET k\r\n"[..],
+        b"SET k v\r\n",
+        b"MGET a b\r\n",
+        b"EVALSHA abc 0\r\n",
+        b"PUBLISH ch m\r\n",
+        b"UNWATCH\r\n",
+        b"EXEC\r\n",
+        b"SCRIPT LOAD x\r\n",
+        b"FUNCTION LIST\r\n",
+        b"SELECT 0\r\n",
+        b"SELECT x\r\n",
+        b"CACHE.STATS\r\n",
+        b"clientx\r\n",
+    ] {
+        assert_eq!(
+            place(input, 0),
+            Placement::Shared,
+            "{}",
+            String::from_utf8_lossy(input)
+        );
+    }
+}
+
+#[test]
+fn connection_state_moves_the_session_to_its_own() {
+    for input in [
+        &b"MULTI\r\n"[..],
+        b"WATCH k\r\n",
+        b"subscribe ch\r\n",
+        b"PUNSUBSCRIBE\r\n",
+        b"SSUBSCRIBE s\r\n",
+        b"BLPOP l 0\r\n",
+        b"XREAD STREAMS s 0\r\n",
+        b"HELLO 3\r\n",
+        b"HELLO\r\n",
+        b"AUTH pw\r\n",
+        b"RESET\r\n",
+        b"MONITOR\r\n",
+        b"CLIENT ID\r\n",
+        b"client setname x\r\n",
+        b"CLIENT REPLY OFF\r\n",
+        b"CLIENT TRACKING on\r\n",
+        b"READONLY\r\n",
+        b"READWRITE\r\n",
+        b"ASKING\r\n",
+        b"SYNC\r\n",
+        b"PSYNC ? -1\r\n",
+        b"REPLCONF listening-port 1\r\n",
+        b"SELECT 1\r\n",
+        b"SHUTDOWN NOSAVE\r\n",
+        b"script kill\r\n",
+        b"FUNCTION KILL\r\n",
+    ] {
+        assert_eq!(
+            place(input, 0),
+            Placement::Own,
+            "{}",
+            String::from_utf8_lossy(input)
+        );
+    }
+    // The database the session is in already needs nothing.
+    assert_eq!(place(b"SELECT 3\r\n", 3), Placement::Shared);
+    assert_eq!(place(b"SELECT 0\r\n", 3), Placement::Own);
+}
+
+#[test]
+fn wait_carries_the_sessions_writes_over() {
+    assert_eq!(place(b"WAIT 1 0\r\n", 0), Placement::OwnAfterWrites);
+    assert_eq!(place(b"waitaof 1 0 0\r\n", 0), Placement::OwnAfterWrites);
+}
+
+#[test]
+fn quit_is_answered_by_the_proxy() {
+    assert_eq!(place(b"QUIT\r\n", 0), Placement::Quit);
+    assert_eq!(place(b"*1\r\n$4\r\nquit\r\n", 0), Placement::Quit);
+}

@@ -1,0 +1,306 @@
+//! Shared upstream connections (`shared_connections` > 0): many clients'
+//! commands on one upstream connection, replies routed back in order;
+//! clients moved to a connection of their own before a command that needs
+//! one; a failed shared connection answered with errors and replaced.
+//!
+//! Each test counts the upstream connections from Redis' own `CLIENT LIST`
+//! (the proxy's connections are the ones that are not the test's).
+
+use std::time::Duration;
+
+use testkit::{Proxy, RawClient, RedisServer, cmds, eventually};
+
+const SHARED: &str = "shared_connections = 1\n";
+
+/// Upstream connections Redis has, not counting the one asking.
+async fn upstream_connections(redis: &RedisServer) -> usize {
+    let mut direct = RawClient::connect(redis.addr()).await;
+    let frame = direct.read_frame_after("CLIENT LIST").await;
+    String::from_utf8_lossy(&frame)
+        .lines()
+        .filter(|l| l.contains("id="))
+        .count()
+        - 1
+}
+
+trait ReadAfter {
+    async fn read_frame_after(&mut self, line: &str) -> Vec<u8>;
+}
+
+impl ReadAfter for RawClient {
+    async fn read_frame_after(&mut self, line: &str) -> Vec<u8> {
+        self.send(&cmds(line)).await;
+        self.read_frame().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn many_clients_share_one_connection_and_get_their_own_replies() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.addr(), SHARED).await;
+    let mut tasks = Vec::new();
+    for client in 0..20 {
+        let addr = proxy.addr;
+        tasks.push(tokio::spawn(async move {
+            let mut c = RawClient::connect(addr).await;
+            // Pipelined, and interleaved with the other clients' pipelines.
+            let mut pipeline = Vec::new();
+            for _ in 0..200 {
+                pipeline.extend(cmds(&format!("INCR counter:{client}")));
+            }
+            pipeline.extend(cmds(&format!("GET counter:{client}")));
+            c.send(&pipeline).await;
+            for n in 1..=200 {
+                assert_eq!(
+                    c.read_frame().await,
+                    format!(":{n}\r\n").into_bytes(),
+                    "client {client}"
+                );
+            }
+            assert_eq!(c.read_frame().await, b"$3\r\n200\r\n".to_vec());
+            c
+        }));
+    }
+    let mut clients = Vec::new();
+    for task in tasks {
+        clients.push(task.await.unwrap());
+    }
+    assert_eq!(
+        upstream_connections(&redis).await,
+        1,
+        "20 clients, one upstream connection"
+    );
+    assert_eq!(proxy.ctx.metrics.shared_opened.get(), 1);
+    assert_eq!(proxy.ctx.metrics.sessions_pinned.get(), 0);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_state_moves_a_client_to_its_own_connection() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.addr(), SHARED).await;
+    let mut a = RawClient::connect(proxy.addr).await;
+    let mut b = RawClient::connect(proxy.addr).await;
+    assert_eq!(a.call("SET k 1").await, "+OK\r\n");
+    assert_eq!(b.call("GET k").await, "$1\r\n1\r\n");
+    assert_eq!(upstream_connections(&redis).await, 1);
+
+    // A transaction pipelined behind a plain command: the GET is answered
+    // on the shared connection first, then the session moves.
+    a.send(&[cmds("GET k"), cmds("MULTI"), cmds("INCR k"), cmds("EXEC")].concat())
+        .await;
+    assert_eq!(a.read_frame().await, b"$1\r\n1\r\n");
+    assert_eq!(a.read_frame().await, b"+OK\r\n");
+    assert_eq!(a.read_frame().await, b"+QUEUED\r\n");
+    assert_eq!(a.read_frame().await, b"*1\r\n:2\r\n");
+    assert_eq!(upstream_connections(&redis).await, 2);
+    assert_eq!(proxy.ctx.metrics.sessions_pinned.get(), 1);
+
+    // Its own connection from then on: SELECT and CLIENT SETNAME hold.
+    assert_eq!(a.call("CLIENT SETNAME mine").await, "+OK\r\n");
+    assert_eq!(a.call("SELECT 2").await, "+OK\r\n");
+    assert_eq!(a.call("SET k two").await, "+OK\r\n");
+    assert_eq!(a.call("CLIENT GETNAME").await, "$4\r\nmine\r\n");
+    // b is still on the shared connection, in database 0.
+    assert_eq!(b.call("GET k").await, "$1\r\n2\r\n");
+
+    // A subscriber gets messages published by a client on the shared connection.
+    let mut sub = RawClient::connect(proxy.addr).await;
+    assert_eq!(
+        sub.call("SUBSCRIBE ch").await,
+        "*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n"
+    );
+    assert_eq!(b.call("PUBLISH ch hello").await, ":1\r\n");
+    assert_eq!(
+        sub.read_frame().await,
+        b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$5\r\nhello\r\n"
+    );
+    assert_eq!(upstream_connections(&redis).await, 3);
+    assert_eq!(proxy.ctx.metrics.sessions_pinned.get(), 2);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blocked_client_does_not_block_the_shared_connection() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.addr(), SHARED).await;
+    let mut blocked = RawClient::connect(proxy.addr).await;
+    let mut other = RawClient::connect(proxy.addr).await;
+    assert_eq!(other.call("PING").await, "+PONG\r\n");
+    blocked.send(&cmds("BLPOP list 0")).await;
+    // Answered while the BLPOP waits, on the shared connection.
+    for _ in 0..3 {
+        let reply = other.call_within("INCR n", Duration::from_secs(5)).await;
+        assert!(reply.is_some_and(|r| r.starts_with(':')));
+    }
+    assert_eq!(other.call("RPUSH list x").await, ":1\r\n");
+    assert_eq!(blocked.read_frame().await, b"*2\r\n$4\r\nlist\r\n$1\r\nx\r\n");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quit_closes_the_client_and_not_the_shared_connection() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.addr(), SHARED).await;
+    let mut stays = RawClient::connect(proxy.addr).await;
+    assert_eq!(stays.call("SET k v").await, "+OK\r\n");
+    let mut quits = RawClient::connect(proxy.addr).await;
+    // What follows QUIT in the same write is not run (as in Redis).
+    quits
+        .send(&[cmds("INCR n"), cmds("QUIT"), cmds("INCR n")].concat())
+        .await;
+    let (bytes, closed) = quits.read_to_close().await;
+    assert_eq!(String::from_utf8_lossy(&bytes), ":1\r\n+OK\r\n");
+    assert!(closed);
+    assert_eq!(stays.call("GET n").await, "$1\r\n1\r\n");
+    assert_eq!(upstream_connections(&redis).await, 1);
+    assert_eq!(proxy.ctx.metrics.shared_opened.get(), 1);
+    proxy.shutdown().await;
+}
+
+/// `WAIT` counts the replicas that have the writes of the connection it is
+/// sent on. A session moved to its own connection for it must not lose the
+/// writes it made on the shared one: with the only replica stopped, a
+/// `WAIT` after a write finds no replica — as directly. The control is
+/// what a fresh connection's `WAIT` answers (every replica: it wrote
+/// nothing), which is what the moved session would answer without the
+/// carried offset.
+#[tokio::test(flavor = "multi_thread")]
+async fn wait_after_writes_on_the_shared_connection_counts_them() {
+    let primary = RedisServer::start();
+    let replica = RedisServer::start();
+    let mut r = RawClient::connect(replica.addr()).await;
+    let port = primary.addr().rsplit(':').next().unwrap().to_string();
+    assert_eq!(r.call(&format!("REPLICAOF 127.0.0.1 {port}")).await, "+OK\r\n");
+    let mut p = RawClient::connect(primary.addr()).await;
+    eventually("the replica is online", async || {
+        let info = p.read_frame_after("INFO replication").await;
+        String::from_utf8_lossy(&info).contains("state=online")
+    })
+    .await;
+    // Acknowledged up to here, then silent.
+    assert_eq!(p.call("WAIT 1 2000").await, ":1\r\n");
+    replica.pause();
+
+    let proxy = Proxy::start(&primary.addr(), SHARED).await;
+    let mut c = RawClient::connect(proxy.addr).await;
+    assert_eq!(c.call("SET k v").await, "+OK\r\n");
+    assert_eq!(c.call("WAIT 1 200").await, ":0\r\n");
+    assert_eq!(proxy.ctx.metrics.sessions_pinned.get(), 1);
+
+    // The control: a connection with no writes of its own.
+    let mut fresh = RawClient::connect(primary.addr()).await;
+    assert_eq!(fresh.call("WAIT 1 200").await, ":1\r\n");
+    replica.resume();
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_shared_connection_answers_what_it_owed_and_is_replaced() {
+    let mut redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.addr(), SHARED).await;
+    let mut owed = RawClient::connect(proxy.addr).await;
+    let mut idle = RawClient::connect(proxy.addr).await;
+    assert_eq!(owed.call("SET k v").await, "+OK\r\n");
+    assert_eq!(idle.call("PING").await, "+PONG\r\n");
+
+    redis.pause();
+    owed.send(&[cmds("GET k"), cmds("PING")].concat()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    redis.kill();
+    let (bytes, closed) = owed.read_to_close().await;
+    // Redis died with the requests unread: the kernel resets the connection.
+    let error = format!(
+        "-ERR cachefence: upstream {} Connection reset by peer (os error 104)\r\n",
+        redis.addr()
+    );
+    assert_eq!(String::from_utf8_lossy(&bytes), error.repeat(2));
+    assert!(closed);
+
+    // A client owed nothing keeps its connection: its next command opens
+    // the replacement.
+    redis.restart();
+    assert_eq!(idle.call("SET k again").await, "+OK\r\n");
+    assert_eq!(idle.call("GET k").await, "$5\r\nagain\r\n");
+    assert_eq!(proxy.ctx.metrics.shared_opened.get(), 2);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_large_reply_reaches_its_client_and_the_small_ones_theirs() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.addr(), SHARED).await;
+    let mut big = RawClient::connect(proxy.addr).await;
+    let value = "x".repeat(10 << 20);
+    big.send(&testkit::cmd(&[b"SET", b"big", value.as_bytes()])).await;
+    assert_eq!(big.read_frame().await, b"+OK\r\n");
+    let mut small = RawClient::connect(proxy.addr).await;
+    assert_eq!(small.call("SET s 1").await, "+OK\r\n");
+    // The 10 MB reply and small ones in flight on the one connection.
+    big.send(&[cmds("GET big"), cmds("GET s")].concat()).await;
+    let mut pipeline = Vec::new();
+    for _ in 0..100 {
+        pipeline.extend(cmds("GET s"));
+    }
+    small.send(&pipeline).await;
+    for _ in 0..100 {
+        assert_eq!(small.read_frame().await, b"$1\r\n1\r\n");
+    }
+    let reply = big.read_frame().await;
+    assert_eq!(
+        reply.len(),
+        value.len() + format!("${}\r\n\r\n", value.len()).len()
+    );
+    assert!(reply.starts_with(format!("${}\r\nxxx", value.len()).as_bytes()));
+    assert_eq!(big.read_frame().await, b"$1\r\n1\r\n");
+    assert_eq!(upstream_connections(&redis).await, 1);
+    proxy.shutdown().await;
+}
+
+/// A client that sends without reading its replies: the proxy stops
+/// reading it once `REPLY_BACKLOG` bytes of its replies wait (as it stops
+/// reading a dedicated connection's socket), the other clients on the
+/// shared connection go on, and once it reads, every reply comes in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_does_not_read_is_not_read_either() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.addr(), SHARED).await;
+    let value = "v".repeat(10 << 10);
+    let mut setup = RawClient::connect(proxy.addr).await;
+    setup
+        .send(&testkit::cmd(&[b"SET", b"big", value.as_bytes()]))
+        .await;
+    assert_eq!(setup.read_frame().await, b"+OK\r\n");
+
+    const GETS: usize = 5000; // 50 MB of replies per pipeline, 3 times the backlog
+    let mut slow = RawClient::connect(proxy.addr).await;
+    let mut pipeline = Vec::new();
+    for _ in 0..GETS {
+        pipeline.extend(cmds("GET big"));
+    }
+    slow.send(&pipeline).await;
+    let framed_commands = || proxy.ctx.metrics.commands[0].get() + proxy.ctx.metrics.commands[1].get();
+    // Read (in one go: nothing was answered yet) and answered.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = framed_commands();
+    // 50 MB of replies wait: the next requests are not read, but for the
+    // one read that was already waiting for them (one buffer's worth).
+    slow.send(&pipeline).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let read_since = framed_commands() - before;
+    assert!(
+        read_since < GETS as u64 / 2,
+        "{read_since} GETs read while 50 MB of replies wait"
+    );
+
+    // Others are served meanwhile.
+    let mut other = RawClient::connect(proxy.addr).await;
+    assert_eq!(other.call("SET k v").await, "+OK\r\n");
+    assert_eq!(other.call("GET k").await, "$1\r\nv\r\n");
+
+    let expected = format!("${}\r\n{value}\r\n", value.len()).into_bytes();
+    for n in 0..2 * GETS {
+        assert_eq!(slow.read_frame().await, expected, "reply {n}");
+    }
+    proxy.shutdown().await;
+}
