@@ -137,18 +137,21 @@ async fn run_case(case: &Case) -> Result<(), String> {
     if !pinned {
         modes.push(("fences off", format!("{}fences = false\n", case.proxy_toml)));
     }
-    // Every mode again with the clients' commands on one shared upstream
-    // connection, unless the case pins the connection model itself.
+    // Every mode with one upstream connection per client, and again with
+    // the clients' commands on one shared upstream connection, unless the
+    // case pins the connection model itself.
     let shares = case
         .proxy_toml
         .lines()
         .any(|l| l.trim_start().starts_with("shared_connections"));
     if !shares {
-        let shared: Vec<_> = modes
+        let per_client = modes
             .iter()
-            .map(|(mode, toml)| (shared_label(mode), format!("shared_connections = 1\n{toml}")))
-            .collect();
-        modes.extend(shared);
+            .map(|(mode, toml)| (*mode, format!("shared_connections = 0\n{toml}")));
+        let shared = modes
+            .iter()
+            .map(|(mode, toml)| (shared_label(mode), format!("shared_connections = 1\n{toml}")));
+        modes = per_client.chain(shared).collect();
     }
     let mut failures = String::new();
     for (mode, toml) in modes {

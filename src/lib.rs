@@ -8,8 +8,9 @@
 //! one place that wires the parts, and re-wires them on a reload.
 //!
 //! - [`server`]: accepts clients, enforces `max_clients`, drains on shutdown.
-//! - [`session`]: one task per client, paired 1:1 with its own upstream
-//!   connection: [`session::requests`] (client → Redis, in batches),
+//! - [`session`]: one task per client, on the shared upstream connections
+//!   or one of its own ([`session::upstream`] decides per command):
+//!   [`session::requests`] (client → Redis, in batches),
 //!   [`session::replies`] (Redis → client, paired in order by
 //!   [`session::pairing`], written through [`session::outbox`]), and
 //!   [`session::offline`] (serving while Redis is unreachable).
@@ -28,7 +29,9 @@
 //!   ([`changelog::audit`]); the replicas' lag monitor
 //!   ([`changelog::replica_lag`]).
 //! - [`redis`]: the Redis client the proxy uses for itself (connect with
-//!   TLS/AUTH/SELECT, one call that must succeed).
+//!   TLS/AUTH/SELECT, one call that must succeed), and the shared upstream
+//!   connections ([`redis::shared`]: many sessions' requests pipelined on
+//!   one connection, replies routed back in order).
 //! - [`resp`]: framing of requests ([`resp::request`], Redis' own grammar)
 //!   and replies ([`resp::reply`]), command classification
 //!   ([`resp::command`]), and the encoding of replies the proxy builds.

@@ -69,9 +69,11 @@ async fn upstream_killed_mid_connection_answers_every_pending_request() {
 async fn paused_upstream_times_out_the_handshake_then_resumes_without_loss() {
     let redis = RedisServer::start_with(&["--requirepass", "s3cret"]);
     let upstream = format!("redis://:s3cret@{}", redis.addr());
+    // One connection per client: a new client needs a handshake of its own
+    // (on a shared connection it would queue behind the others instead).
     let proxy = Proxy::start(
         &upstream,
-        &format!("connect_timeout = \"300ms\"\n{FENCE_EVERY_KEY}"),
+        &format!("shared_connections = 0\nconnect_timeout = \"300ms\"\n{FENCE_EVERY_KEY}"),
     )
     .await;
 

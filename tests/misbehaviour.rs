@@ -52,7 +52,18 @@ async fn start_proxy(redis: &RedisServer, args: &[&str], nofile: Option<u64>) ->
     let received = count(&mut admin, "stats", "total_connections_received").await;
     let connected = count(&mut admin, "clients", "connected_clients").await;
     let upstream = redis.addr();
-    let mut all = vec!["--upstream", &upstream, "--log-level", "warn"];
+    // These tests measure what a client costs upstream (connections,
+    // descriptors, Redis and the sockets holding the replies of a client
+    // that does not read): one connection per client. tests/shared.rs
+    // covers a client that never reads on a shared connection.
+    let mut all = vec![
+        "--upstream",
+        &upstream,
+        "--log-level",
+        "warn",
+        "--shared-connections",
+        "0",
+    ];
     all.extend_from_slice(args);
     let limit = nofile.map_or(Nofile::Hard, Nofile::Soft);
     let proxy = ProxyProcess::start_with_nofile(&all, limit);
@@ -567,8 +578,13 @@ fn idle_timeout_costs_no_cpu_while_a_reply_is_owed() {
 fn silent_half_closed_and_reset_clients_release_their_upstream_connections() {
     serial(async {
         let redis = RedisServer::start();
-        let proxy = Proxy::start(&redis.addr(), "timeout = \"1s\"").await;
-        let forever = Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await;
+        // Counted on Redis: one upstream connection per client.
+        let proxy = Proxy::start(&redis.addr(), "shared_connections = 0\ntimeout = \"1s\"").await;
+        let forever = Proxy::start(
+            &redis.addr(),
+            &format!("shared_connections = 0\n{FENCE_EVERY_KEY}"),
+        )
+        .await;
         let redis = &redis;
         let names = async || {
             let mut direct = RawClient::connect(redis.addr()).await;

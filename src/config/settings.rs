@@ -223,7 +223,7 @@ settings! {
     /// Upstream connections that clients' commands share, pipelined (0: each
     /// client gets a connection of its own). A client moves to its own
     /// connection before a command that needs one (MULTI, SUBSCRIBE, HELLO …).
-    shared_connections: u32 = 0;
+    shared_connections: u32 = 1;
     restart;
     /// Worker threads (0 = one per available CPU).
     workers: u32 = 0;

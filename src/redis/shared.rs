@@ -126,11 +126,9 @@ impl SharedUpstreams {
         if let Some(queue) = self.live(slot) {
             return Ok(queue);
         }
-        let stream = connect(&self.upstream, self.connect_timeout)
-            .await
-            .inspect_err(|_| {
-                metrics.upstream_connect_errors.inc();
-            })?;
+        // A failure is counted by the caller (a session going offline, or
+        // one whose shared connection could not be replaced).
+        let stream = connect(&self.upstream, self.connect_timeout).await?;
         let mut held = self.slots[slot].queue.lock().unwrap_or_else(|p| p.into_inner());
         // Another session may have connected meanwhile: keep one connection.
         if let Some(queue) = held.as_ref().filter(|q| !q.is_closed()) {
@@ -282,6 +280,10 @@ async fn serve(stream: Stream, mut jobs: mpsc::Receiver<Job>) {
             let Some(first) = jobs.recv().await else {
                 return "no session uses it".to_string();
             };
+            // The sessions woken by the same readiness event queue their
+            // jobs first: one write carries them all, and Redis reads them
+            // in one call (the task that wakes another runs it next).
+            tokio::task::yield_now().await;
             let mut batch = vec![first];
             let mut size = batch[0].bytes.len();
             while size < WRITE_BATCH {

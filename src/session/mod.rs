@@ -1,5 +1,7 @@
-//! One client connection, paired 1:1 with its own upstream connection
-//! (opened with [`crate::redis::connect`]).
+//! One client connection, on a shared upstream connection
+//! ([`crate::redis::shared`], `shared_connections` > 0) until it needs one of
+//! its own ([`upstream`]), or paired 1:1 with its own upstream connection
+//! from the start (opened with [`crate::redis::connect`]).
 //!
 //! Two directions run in one task and share the [`Pairing`] queue:
 //!
@@ -9,8 +11,8 @@
 //!   order, through the reply buffer ([`outbox`]).
 //!
 //! Both are generic over the two halves of the upstream stream: that pair is
-//! the seam where a shared or per-node connection would plug in without
-//! either side knowing. While Redis cannot be reached, [`offline`] answers.
+//! the seam where the shared connection plugs in ([`upstream::SharedRx`],
+//! [`upstream::SharedTx`]), and where a per-node connection would. While Redis cannot be reached, [`offline`] answers.
 //! After Redis accepts a `SYNC` / `PSYNC` the connection is a replication
 //! [`link`]: both directions copy raw bytes.
 

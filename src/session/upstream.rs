@@ -250,7 +250,10 @@ impl SharedTx {
                     .await
                     .map_err(|_| io::Error::other("shared upstream connection closed"))
             }
-            Err(error) => Err(io::Error::other(error.to_string())),
+            Err(error) => {
+                self.app.metrics.upstream_connect_errors.inc();
+                Err(io::Error::other(error.to_string()))
+            }
         };
         if let Err(error) = &sent {
             // The read half must end too: nothing else will answer.
