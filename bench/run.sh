@@ -134,9 +134,9 @@ if [[ " $TARGETS_LIST " == *" cachefence "* ]]; then
     free_port; PORT[cachefence]=$FREE_PORT
     # This table measures the proxy core (issue #3's targets): fences off.
     # bench/fences.sh, run at the end, measures the fence layer on vs off.
-    log "starting cachefence on $HOST:${PORT[cachefence]} (CPU $CLIENT_CPU, --workers $WORKERS, --no-fences)"
+    log "starting cachefence on $HOST:${PORT[cachefence]} (CPU $CLIENT_CPU, --workers $WORKERS, --no-fences, --shared-connections 0)"
     taskset -c "$CLIENT_CPU" "$CACHEFENCE" --listen "$HOST:${PORT[cachefence]}" \
-        --upstream "$HOST:$REDIS_PORT" --workers "$WORKERS" --log-level warn --no-fences \
+        --upstream "$HOST:$REDIS_PORT" --workers "$WORKERS" --log-level warn --no-fences --shared-connections 0 \
         >"$WORK/cachefence.log" 2>&1 &
     PID[cachefence]=$!
     PIDS+=("${PID[cachefence]}")
@@ -469,7 +469,7 @@ done
 echo
 echo "cachefence benchmark  ($(date -u '+%Y-%m-%d %H:%M:%SZ'), $(nproc) CPUs, redis on CPU $SERVER_CPU, client+proxies on CPU $CLIENT_CPU)"
 echo "redis-benchmark -d $VALUE_SIZE -r $KEYSPACE -t get,set; $RUNS runs; rps = median over runs;"
-echo "cachefence here is the proxy core (--no-fences); the fence layer is measured in the second part"
+echo "cachefence here is the proxy core (--no-fences) with one upstream connection per client (--shared-connections 0); the fence layer is measured in the second part"
 if have shared; then echo "shared = the same cachefence with --shared-connections $SHARED_CONNECTIONS (clients share pipelined upstream connections)"; fi
 echo "ratio = median over runs of (target rps / direct Redis rps in the same run); spread = (max-min)/median of direct Redis rps"
 echo
