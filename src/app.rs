@@ -62,6 +62,7 @@ impl App {
                 config.shared_connections,
                 config.upstream.clone(),
                 config.connect_timeout,
+                config.reply_timeout,
             )
         });
         App {

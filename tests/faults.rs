@@ -230,7 +230,13 @@ async fn client_names(redis: &RedisServer) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn quit_and_disconnect_close_the_upstream_connection() {
     let redis = RedisServer::start();
-    let proxy = Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await;
+    // Each client's own upstream connection (tests/shared.rs: QUIT on a
+    // shared one).
+    let proxy = Proxy::start(
+        &redis.addr(),
+        &format!("shared_connections = 0\n{FENCE_EVERY_KEY}"),
+    )
+    .await;
     let mut quitter = RawClient::connect(proxy.addr).await;
     let mut leaver = RawClient::connect(proxy.addr).await;
     assert_eq!(quitter.call("CLIENT SETNAME quitter").await, "+OK\r\n");

@@ -20,11 +20,11 @@
 //! opens a new one.
 
 use std::collections::VecDeque;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
@@ -42,6 +42,10 @@ const QUEUED_JOBS: usize = 4096;
 const WRITE_BATCH: usize = 256 * 1024;
 /// Bytes per read from a shared connection, and the least free space.
 const READ_CHUNK: usize = 64 * 1024;
+/// Batches gathered with a yield after one that carried several jobs.
+const BUSY_BATCHES: u32 = 16;
+/// Without that, one batch in this many is gathered with a yield anyway.
+const PROBE_EVERY: u32 = 16;
 /// Part of a frame that has arrived is handed to its session once it is
 /// this large: a huge reply streams instead of being held whole.
 const STREAM_PARTIAL: usize = 64 * 1024;
@@ -60,22 +64,17 @@ pub enum Chunk {
     Switch(tokio::io::ReadHalf<Stream>),
 }
 
-/// Where a job's replies go: the session's channel, and the reply bytes
-/// waiting in it (the session stops sending past a bound, see
-/// `session::upstream`).
+/// Where a job's replies go: the session's channel. It is unbounded: a
+/// session is owed the replies of at most `max_pending` requests, the
+/// bound that holds for a connection of its own too (whose replies Redis
+/// then holds in its output buffer).
 #[derive(Debug, Clone)]
-pub struct Route {
-    pub tx: mpsc::UnboundedSender<Chunk>,
-    pub queued: Arc<AtomicUsize>,
-}
+pub struct Route(pub mpsc::UnboundedSender<Chunk>);
 
 impl Route {
     /// Hands `chunk` over; a session that ended drops what it was owed.
     pub fn send(&self, chunk: Chunk) {
-        if let Chunk::Data { bytes, .. } = &chunk {
-            self.queued.fetch_add(bytes.len(), Ordering::AcqRel);
-        }
-        let _ = self.tx.send(chunk);
+        let _ = self.0.send(chunk);
     }
 }
 
@@ -97,6 +96,9 @@ pub struct SharedUpstreams {
     next: AtomicUsize,
     upstream: Upstream,
     connect_timeout: Duration,
+    /// `reply_timeout` at start: how long a connection may stay silent
+    /// while it owes a reply before it is replaced.
+    silence: Option<Duration>,
 }
 
 #[derive(Debug, Default)]
@@ -105,12 +107,18 @@ struct Slot {
 }
 
 impl SharedUpstreams {
-    pub fn new(connections: usize, upstream: Upstream, connect_timeout: Duration) -> SharedUpstreams {
+    pub fn new(
+        connections: usize,
+        upstream: Upstream,
+        connect_timeout: Duration,
+        silence: Option<Duration>,
+    ) -> SharedUpstreams {
         SharedUpstreams {
             slots: (0..connections.max(1)).map(|_| Slot::default()).collect(),
             next: AtomicUsize::new(0),
             upstream,
             connect_timeout,
+            silence,
         }
     }
 
@@ -137,7 +145,7 @@ impl SharedUpstreams {
         let (tx, rx) = mpsc::channel(QUEUED_JOBS);
         metrics.shared_opened.inc();
         debug!(slot, "shared upstream connection opened");
-        tokio::spawn(serve(stream, rx));
+        tokio::spawn(serve(stream, rx, self.silence));
         *held = Some(tx.clone());
         Ok(tx)
     }
@@ -163,6 +171,8 @@ struct Entry {
     left: usize,
     /// A half-close: answered with [`Chunk::Eof`].
     eof: bool,
+    /// When it was written.
+    since: Instant,
 }
 
 /// What [`Router::step`] found at the front of the buffer.
@@ -181,11 +191,19 @@ impl Router {
             route,
             left: if eof { 0 } else { frames },
             eof,
+            since: Instant::now(),
         });
     }
 
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
+    }
+
+    /// The oldest job has waited at least `limit` for its reply.
+    pub fn owed_for(&self, limit: Duration) -> bool {
+        self.routes
+            .front()
+            .is_some_and(|entry| entry.since.elapsed() >= limit)
     }
 
     /// A job at the head owed no frame (or a half-close): answered now,
@@ -270,44 +288,63 @@ fn lock(router: &Mutex<Router>) -> std::sync::MutexGuard<'_, Router> {
     router.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Runs one shared connection until it fails or nobody can queue on it.
-async fn serve(stream: Stream, mut jobs: mpsc::Receiver<Job>) {
+/// Queues a job's route and hands back its bytes to write.
+fn route(router: &Mutex<Router>, job: Job) -> Bytes {
+    answer(router, job.route, job.frames, job.eof);
+    job.bytes
+}
+
+/// Runs one shared connection until it fails. `silence`: how long Redis
+/// may stay silent while it owes a reply (`reply_timeout`).
+async fn serve(stream: Stream, mut jobs: mpsc::Receiver<Job>, silence: Option<Duration>) {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let router = Mutex::new(Router::default());
     let writer = async {
-        let mut out = BytesMut::with_capacity(WRITE_BATCH);
+        let mut out = BytesMut::new();
+        let mut batch: Vec<Bytes> = Vec::new();
+        // Batches left to gather with a yield since one carried several jobs.
+        let (mut busy, mut writes) = (0u32, 0u32);
         loop {
             let Some(first) = jobs.recv().await else {
                 return "no session uses it".to_string();
             };
-            // The sessions woken by the same readiness event queue their
-            // jobs first: one write carries them all, and Redis reads them
-            // in one call (the task that wakes another runs it next).
-            tokio::task::yield_now().await;
-            let mut batch = vec![first];
-            let mut size = batch[0].bytes.len();
+            // Routed before any await: if the connection fails meanwhile,
+            // the job is answered (`Chunk::Lost`) with the others.
+            let mut size = first.bytes.len();
+            batch.push(route(&router, first));
+            // While several sessions are busy, the ones woken by the same
+            // readiness event queue their jobs first: one write carries them
+            // all, and Redis reads them in one call (the task that wakes
+            // another runs it next). One busy client alone would only pay
+            // the extra turn of the scheduler: it is skipped then, but for
+            // one batch in `PROBE_EVERY`, which finds others coming.
+            writes = writes.wrapping_add(1);
+            if busy > 0 || writes % PROBE_EVERY == 0 {
+                tokio::task::yield_now().await;
+            }
             while size < WRITE_BATCH {
                 match jobs.try_recv() {
                     Ok(job) => {
                         size += job.bytes.len();
-                        batch.push(job);
+                        batch.push(route(&router, job));
                     }
                     Err(_) => break,
                 }
             }
-            // Routed before written: a reply cannot come first.
+            busy = match batch.len() {
+                1 => busy.saturating_sub(1),
+                _ => BUSY_BATCHES,
+            };
             let written = if batch.len() == 1 {
-                let job = batch.pop().expect("one job");
-                answer(&router, job.route, job.frames, job.eof);
-                wr.write_all(&job.bytes).await
+                wr.write_all(&batch[0]).await
             } else {
                 out.clear();
-                for job in batch {
-                    out.extend_from_slice(&job.bytes);
-                    answer(&router, job.route, job.frames, job.eof);
+                for bytes in &batch {
+                    out.extend_from_slice(bytes);
                 }
                 wr.write_all(&out).await
             };
+            batch.clear();
             if let Err(error) = written.and(wr.flush().await) {
                 return error.to_string();
             }
@@ -319,7 +356,19 @@ async fn serve(stream: Stream, mut jobs: mpsc::Receiver<Job>) {
             if buf.capacity() - buf.len() < READ_CHUNK / 4 {
                 buf.reserve(READ_CHUNK);
             }
-            match rd.read_buf(&mut buf).await {
+            let read = match silence {
+                None => rd.read_buf(&mut buf).await,
+                Some(limit) => match tokio::time::timeout(limit, rd.read_buf(&mut buf)).await {
+                    Ok(read) => read,
+                    // A hung Redis (or a black-holed path) must not keep
+                    // every client waiting: the connection is replaced.
+                    Err(_) if lock(&router).owed_for(limit) => {
+                        return format!("did not reply within {limit:?}");
+                    }
+                    Err(_) => continue,
+                },
+            };
+            match read {
                 // Worded as a dedicated connection's loss is.
                 Ok(0) => return "closed the connection".to_string(),
                 Err(error) => return error.to_string(),
@@ -333,7 +382,16 @@ async fn serve(stream: Stream, mut jobs: mpsc::Receiver<Job>) {
                 match router.step(&buf) {
                     Ok(Step::More) => break,
                     Ok(Step::Deliver { upto, last }) => {
-                        let bytes = buf.split_to(upto).freeze();
+                        // A small piece is copied: a slice would keep the
+                        // whole read buffer alive while its client is slow.
+                        let bytes = match upto < READ_CHUNK {
+                            true => {
+                                let bytes = Bytes::copy_from_slice(&buf[..upto]);
+                                buf.advance(upto);
+                                bytes
+                            }
+                            false => buf.split_to(upto).freeze(),
+                        };
                         if let Some(to) = router.consumed(upto, last) {
                             to.send(Chunk::Data { bytes, last });
                         }
@@ -347,13 +405,15 @@ async fn serve(stream: Stream, mut jobs: mpsc::Receiver<Job>) {
         reason = writer => reason,
         reason = reader => reason,
     };
-    // Nobody queues here any more; whatever was queued is owed an answer.
-    jobs.close();
+    // Every job routed here is answered before the queue closes (a session
+    // finding it closed opens another connection only once it is owed
+    // nothing here, see `session::upstream`); then what was queued.
     let mut owed = 0;
     for to in lock(&router).drain() {
         owed += 1;
         to.send(Chunk::Lost(reason.clone()));
     }
+    jobs.close();
     while let Ok(job) = jobs.try_recv() {
         owed += 1;
         job.route.send(Chunk::Lost(reason.clone()));

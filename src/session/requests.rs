@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
 use super::pairing::{Expect, Link, Resume};
-use super::upstream::{Placement, UpstreamWrite, close_requests, placement, send_requests};
+use super::upstream::{Placement, UpstreamWrite, close_requests, placement, remember, send_requests};
 use super::{Injection, MIN_READ, READ_CHUNK, RequestsEnd, Shared, drain, link, sleep_until};
 use crate::app::App;
 use crate::fence::Client;
@@ -60,6 +60,7 @@ where
         multi_pubsub: false,
         discarding: false,
         shared: upstream.shared().is_some(),
+        remembered: Vec::new(),
     };
     // After a shutdown or the client's end, keep writing the proxy's own
     // calls: replies already owed may depend on them.
@@ -72,12 +73,8 @@ where
     // A probed run's `MGET` sent and not answered yet: nothing more of the
     // client's is sent (or read) until its writes are ([`Pairing::resume`]).
     let mut probing = false;
-    // On a shared connection: replies routed to the session and not read.
-    let backlog = upstream.shared().map(|shared| shared.owed());
     loop {
-        // The replies direction wakes `shared.room` as it reads replies.
-        let room = shared.pairing().has_room(app.live.max_pending())
-            && backlog.as_ref().is_none_or(|backlog| backlog.has_room());
+        let room = shared.pairing().has_room(app.live.max_pending());
         state.framer.set_max_bulk_len(app.live.max_frame_size());
         let timeout = app.live.timeout();
         if buf.capacity() - buf.len() < MIN_READ {
@@ -206,7 +203,7 @@ where
         }
         if let Some(carry_writes) = batch.pin {
             let pinned = match upstream.shared() {
-                Some(upstream) => upstream.pin(carry_writes).await,
+                Some(upstream) => upstream.pin(carry_writes, &state.remembered).await,
                 None => Ok(()),
             };
             if let Err(error) = pinned {
@@ -260,6 +257,9 @@ struct RequestState {
     /// On a shared upstream connection: commands that need a connection of
     /// their own move the session first ([`placement`]).
     shared: bool,
+    /// `CLIENT SETNAME` / `SETINFO` sent on the shared connection, to send
+    /// again on the session's own.
+    remembered: Vec<bytes::Bytes>,
 }
 
 /// One read's worth of complete requests.
@@ -341,6 +341,7 @@ fn frame_requests(
         if state.shared {
             match placement(command, &frame, request, pairing.db) {
                 Placement::Shared => {}
+                Placement::Remembered => remember(&mut state.remembered, request),
                 place @ (Placement::Own | Placement::OwnAfterWrites) => {
                     run.flush(buf, &mut batch.rewritten, &mut copied, &mut pairing, fence, false);
                     batch.complete = start;

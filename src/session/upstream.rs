@@ -45,6 +45,25 @@ pub enum Placement {
     /// `QUIT`: answered by the proxy (`+OK`, then close); sent upstream it
     /// would close the shared connection.
     Quit,
+    /// `CLIENT SETNAME` / `CLIENT SETINFO`: on the shared connection (the
+    /// reply is Redis' own, and clients send them as they connect), and
+    /// sent again on the session's own connection if it moves, where
+    /// `CLIENT GETNAME` / `INFO` / `LIST` can show them.
+    Remembered,
+}
+
+/// Most `CLIENT SETNAME` / `SETINFO` requests a session keeps to send again
+/// (the latest ones: sent again in order, a refused one is refused again
+/// and leaves the name before it, as it did).
+const REMEMBERED: usize = 16;
+
+/// Keeps `request` (a [`Placement::Remembered`] one) to send again on the
+/// session's own connection.
+pub fn remember(kept: &mut Vec<Bytes>, request: &[u8]) {
+    if kept.len() == REMEMBERED {
+        kept.remove(0);
+    }
+    kept.push(Bytes::copy_from_slice(request));
 }
 
 /// Where `command` may run, for a session whose database is `db`.
@@ -72,10 +91,18 @@ pub fn placement(command: Command, frame: &Frame, request: &[u8], db: u32) -> Pl
     let Some(name) = frame.arg(request, 0) else {
         return Placement::Shared;
     };
+    let sub = |word: &[u8]| {
+        frame
+            .arg(request, 1)
+            .is_some_and(|sub| sub.eq_ignore_ascii_case(word))
+    };
+    if name.eq_ignore_ascii_case(b"CLIENT") && (sub(b"SETNAME") || sub(b"SETINFO")) {
+        return Placement::Remembered;
+    }
     // Connection state a shared connection cannot carry for one client:
     // its user (AUTH), watched keys, cluster routing flags, its own
-    // attributes (every CLIENT subcommand: ID, SETNAME, TRACKING, KILL,
-    // NO-EVICT, PAUSE's issuer …), and a replica's handshake.
+    // attributes (every other CLIENT subcommand: ID, GETNAME, TRACKING,
+    // KILL, NO-EVICT, PAUSE's issuer …), and a replica's handshake.
     const OWN: [&[u8]; 7] = [
         b"CLIENT",
         b"AUTH",
@@ -90,10 +117,14 @@ pub fn placement(command: Command, frame: &Frame, request: &[u8], db: u32) -> Pl
     }
     // A busy script blocks the connection it runs on: the command that
     // stops it cannot wait behind it on a shared one.
-    let kills = (name.eq_ignore_ascii_case(b"SCRIPT") || name.eq_ignore_ascii_case(b"FUNCTION"))
-        && frame
+    // `SCRIPT DEBUG` makes the connection's next `EVAL` a debugging session.
+    let sub = |word: &[u8]| {
+        frame
             .arg(request, 1)
-            .is_some_and(|sub| sub.eq_ignore_ascii_case(b"KILL"));
+            .is_some_and(|sub| sub.eq_ignore_ascii_case(word))
+    };
+    let kills = (name.eq_ignore_ascii_case(b"SCRIPT") && (sub(b"KILL") || sub(b"DEBUG")))
+        || (name.eq_ignore_ascii_case(b"FUNCTION") && sub(b"KILL"));
     match kills {
         true => Placement::Own,
         false => Placement::Shared,
@@ -117,27 +148,12 @@ pub trait UpstreamWrite: AsyncWrite + Unpin + Send {
 impl UpstreamWrite for tokio::net::tcp::WriteHalf<'_> {}
 impl<T: AsyncRead + AsyncWrite + Send> UpstreamWrite for tokio::io::WriteHalf<T> {}
 
-/// Reply bytes routed to a session and not read by it yet, past which it
-/// sends nothing more: a client that does not read its replies makes the
-/// proxy hold at most this (plus the replies of requests already sent),
-/// as it stops reading a dedicated connection's socket.
-pub const REPLY_BACKLOG: usize = 16 << 20;
-
 /// What the two halves of a session on a shared connection share.
 #[derive(Debug, Default)]
-pub struct Owed {
+struct Owed {
     /// Jobs sent whose last reply bytes the read half has not taken yet.
     jobs: AtomicUsize,
     none: Notify,
-    /// Reply bytes routed to the session, not read yet ([`Route::queued`]).
-    queued: Arc<AtomicUsize>,
-}
-
-impl Owed {
-    /// May the session send more (its replies are being read)?
-    pub fn has_room(&self) -> bool {
-        self.queued.load(Ordering::Acquire) <= REPLY_BACKLOG
-    }
 }
 
 /// A session's write half on a shared connection.
@@ -172,10 +188,7 @@ pub struct SharedRx {
 pub fn shared_halves(app: Arc<App>, slot: usize, queue: mpsc::Sender<Job>) -> (SharedRx, SharedTx) {
     let (tx, chunks) = mpsc::unbounded_channel();
     let owed = Arc::new(Owed::default());
-    let route = Route {
-        tx,
-        queued: owed.queued.clone(),
-    };
+    let route = Route(tx);
     let rx = SharedRx {
         chunks,
         pending: Bytes::new(),
@@ -232,28 +245,33 @@ impl SharedTx {
     async fn queue_job(&mut self, job: Job) -> io::Result<()> {
         let job = match self.queue.send(job).await {
             Ok(()) => return Ok(()),
-            // The connection ended (failed, or Redis closed it idle): the
-            // slot opens another. Replies owed on the old one come as
-            // `Chunk::Lost`, before anything from the new one.
             Err(mpsc::error::SendError(job)) => job,
         };
+        // The connection ended (failed, or Redis closed it idle). A session
+        // still owed replies on it gets them as `Chunk::Lost` and ends; one
+        // owed nothing (this job aside) goes on on another connection, so
+        // its replies never come from two connections at once.
+        let owed_before = self.owed.jobs.load(Ordering::Acquire) - usize::from(!job.eof);
         let pool = self
             .app
             .shared
             .as_ref()
             .expect("a shared session implies shared connections");
-        let sent = match pool.queue(self.slot, &self.app.metrics).await {
-            Ok(queue) => {
-                self.queue = queue;
-                self.queue
-                    .send(job)
-                    .await
-                    .map_err(|_| io::Error::other("shared upstream connection closed"))
-            }
-            Err(error) => {
-                self.app.metrics.upstream_connect_errors.inc();
-                Err(io::Error::other(error.to_string()))
-            }
+        let sent = match owed_before {
+            0 => match pool.queue(self.slot, &self.app.metrics).await {
+                Ok(queue) => {
+                    self.queue = queue;
+                    self.queue
+                        .send(job)
+                        .await
+                        .map_err(|_| io::Error::other("closed the connection"))
+                }
+                Err(error) => {
+                    self.app.metrics.upstream_connect_errors.inc();
+                    Err(io::Error::other(error.to_string()))
+                }
+            },
+            _ => Err(io::Error::other("closed the connection")),
         };
         if let Err(error) = &sent {
             // The read half must end too: nothing else will answer.
@@ -271,12 +289,24 @@ impl SharedTx {
     /// (6.2–7.2: after any command), so a `PUBLISH` on the new connection,
     /// which Redis always propagates outside a cluster, carries the offset
     /// of the session's writes on the shared connection over to it.
-    pub async fn pin(&mut self, carry_writes: bool) -> Result<(), UpstreamError> {
+    ///
+    /// `remembered`: the session's `CLIENT SETNAME` / `SETINFO`, sent again
+    /// on the new connection (a refusal there was a refusal before too).
+    pub async fn pin(&mut self, carry_writes: bool, remembered: &[Bytes]) -> Result<(), UpstreamError> {
         while self.owed.jobs.load(Ordering::Acquire) > 0 {
             self.owed.none.notified().await;
         }
         let config = &self.app.config;
         let mut stream = crate::redis::connect(&config.upstream, config.connect_timeout).await?;
+        let unreachable = |error: std::io::Error| UpstreamError::Unreachable {
+            addr: config.upstream.addr(),
+            reason: error.to_string(),
+        };
+        for request in remembered {
+            if let Err(crate::redis::CallError::Io(error)) = crate::redis::call(&mut stream, request).await {
+                return Err(unreachable(error));
+            }
+        }
         if carry_writes && self.sent_any {
             let publish = crate::resp::encode::command(&[b"PUBLISH", CARRY_CHANNEL, b""]);
             match crate::redis::call(&mut stream, &publish).await {
@@ -287,12 +317,7 @@ impl SharedTx {
                         "PUBLISH refused: a WAIT may not cover writes made on the shared connection"
                     );
                 }
-                Err(crate::redis::CallError::Io(error)) => {
-                    return Err(UpstreamError::Unreachable {
-                        addr: config.upstream.addr(),
-                        reason: error.to_string(),
-                    });
-                }
+                Err(crate::redis::CallError::Io(error)) => return Err(unreachable(error)),
             }
         }
         let (rd, wr) = tokio::io::split(stream);
@@ -300,11 +325,6 @@ impl SharedTx {
         self.own = Some(wr);
         self.app.metrics.sessions_pinned.inc();
         Ok(())
-    }
-
-    /// What the session's halves share (for [`Owed::has_room`]).
-    pub fn owed(&self) -> Arc<Owed> {
-        self.owed.clone()
     }
 
     fn own(&mut self) -> io::Result<Pin<&mut tokio::io::WriteHalf<Stream>>> {
@@ -371,7 +391,6 @@ impl AsyncRead for SharedRx {
             }
             match ready!(this.chunks.poll_recv(cx)) {
                 Some(Chunk::Data { bytes, last }) => {
-                    this.owed.queued.fetch_sub(bytes.len(), Ordering::AcqRel);
                     if last && this.owed.jobs.fetch_sub(1, Ordering::AcqRel) == 1 {
                         this.owed.none.notify_one();
                     }

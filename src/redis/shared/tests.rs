@@ -9,10 +9,7 @@ fn run(routes: &[(usize, bool)], pieces: &[&[u8]]) -> Result<Vec<Vec<String>>, M
     let mut receivers = Vec::new();
     for &(frames, eof) in routes {
         let (tx, rx) = mpsc::unbounded_channel();
-        let route = Route {
-            tx,
-            queued: Default::default(),
-        };
+        let route = Route(tx);
         router.push(route, frames, eof);
         receivers.push(rx);
     }

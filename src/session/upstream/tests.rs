@@ -48,7 +48,6 @@ fn connection_state_moves_the_session_to_its_own() {
         b"RESET\r\n",
         b"MONITOR\r\n",
         b"CLIENT ID\r\n",
-        b"client setname x\r\n",
         b"CLIENT REPLY OFF\r\n",
         b"CLIENT TRACKING on\r\n",
         b"READONLY\r\n",
@@ -61,6 +60,7 @@ fn connection_state_moves_the_session_to_its_own() {
         b"SHUTDOWN NOSAVE\r\n",
         b"script kill\r\n",
         b"FUNCTION KILL\r\n",
+        b"SCRIPT DEBUG sync\r\n",
     ] {
         assert_eq!(
             place(input, 0),
@@ -78,6 +78,27 @@ fn connection_state_moves_the_session_to_its_own() {
 fn wait_carries_the_sessions_writes_over() {
     assert_eq!(place(b"WAIT 1 0\r\n", 0), Placement::OwnAfterWrites);
     assert_eq!(place(b"waitaof 1 0 0\r\n", 0), Placement::OwnAfterWrites);
+}
+
+#[test]
+fn client_names_go_shared_and_are_remembered() {
+    assert_eq!(place(b"client setname x\r\n", 0), Placement::Remembered);
+    assert_eq!(
+        place(b"CLIENT SETINFO LIB-NAME redis-py\r\n", 0),
+        Placement::Remembered
+    );
+    assert_eq!(place(b"CLIENT GETNAME\r\n", 0), Placement::Own);
+}
+
+#[test]
+fn the_latest_names_are_kept_in_order() {
+    let mut kept = Vec::new();
+    for n in 0..20 {
+        remember(&mut kept, format!("CLIENT SETNAME n{n}\r\n").as_bytes());
+    }
+    assert_eq!(kept.len(), REMEMBERED);
+    assert_eq!(&kept[0][..], b"CLIENT SETNAME n4\r\n");
+    assert_eq!(&kept[15][..], b"CLIENT SETNAME n19\r\n");
 }
 
 #[test]
