@@ -38,6 +38,19 @@ impl ReadAfter for RawClient {
 async fn many_clients_share_one_connection_and_get_their_own_replies() {
     let redis = RedisServer::start();
     let proxy = Proxy::start(&redis.addr(), SHARED).await;
+    let connections_received = async || {
+        let mut direct = RawClient::connect(redis.addr()).await;
+        let info = String::from_utf8(direct.read_frame_after("INFO stats").await).unwrap();
+        let line = info
+            .lines()
+            .find(|l| l.starts_with("total_connections_received:"))
+            .unwrap();
+        line["total_connections_received:".len()..]
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let before = connections_received().await;
     let mut tasks = Vec::new();
     for client in 0..20 {
         let addr = proxy.addr;
@@ -72,6 +85,10 @@ async fn many_clients_share_one_connection_and_get_their_own_replies() {
     );
     assert_eq!(proxy.ctx.metrics.shared_opened.get(), 1);
     assert_eq!(proxy.ctx.metrics.sessions_pinned.get(), 0);
+    // Arriving together, they waited for one connection rather than each
+    // opening one: the others received are this test's own (CLIENT LIST,
+    // and the INFO before this one).
+    assert_eq!(connections_received().await - before, 3);
     proxy.shutdown().await;
 }
 

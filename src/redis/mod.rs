@@ -15,7 +15,7 @@ use crate::resp::reply::ReplyScanner;
 
 pub mod shared;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
     #[error("upstream {addr} unreachable ({reason})")]
     Unreachable { addr: String, reason: String },

@@ -104,6 +104,13 @@ pub struct SharedUpstreams {
 #[derive(Debug, Default)]
 struct Slot {
     queue: Mutex<Option<mpsc::Sender<Job>>>,
+    /// Held while a connection is being opened: the sessions that arrive
+    /// meanwhile (a thousand clients at start) wait for it instead of each
+    /// opening one.
+    connecting: tokio::sync::Mutex<()>,
+    /// The last failed attempt: sessions that waited for it fail with it
+    /// rather than each waiting `connect_timeout` in turn.
+    failed: Mutex<Option<(Instant, UpstreamError)>>,
 }
 
 impl SharedUpstreams {
@@ -134,14 +141,33 @@ impl SharedUpstreams {
         if let Some(queue) = self.live(slot) {
             return Ok(queue);
         }
+        let asked = Instant::now();
+        let slot_state = &self.slots[slot];
+        let _connecting = slot_state.connecting.lock().await;
+        // Opened, or failed, while this session waited.
+        if let Some(queue) = self.live(slot) {
+            return Ok(queue);
+        }
+        let failed = slot_state
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some((at, error)) = failed.filter(|(at, _)| *at >= asked) {
+            debug!(?at, "shared upstream connection failed while waiting");
+            return Err(error);
+        }
         // A failure is counted by the caller (a session going offline, or
         // one whose shared connection could not be replaced).
-        let stream = connect(&self.upstream, self.connect_timeout).await?;
+        let stream = match connect(&self.upstream, self.connect_timeout).await {
+            Ok(stream) => stream,
+            Err(error) => {
+                *slot_state.failed.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((Instant::now(), error.clone()));
+                return Err(error);
+            }
+        };
         let mut held = self.slots[slot].queue.lock().unwrap_or_else(|p| p.into_inner());
-        // Another session may have connected meanwhile: keep one connection.
-        if let Some(queue) = held.as_ref().filter(|q| !q.is_closed()) {
-            return Ok(queue.clone());
-        }
         let (tx, rx) = mpsc::channel(QUEUED_JOBS);
         metrics.shared_opened.inc();
         debug!(slot, "shared upstream connection opened");
