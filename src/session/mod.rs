@@ -98,60 +98,39 @@ pub async fn run(mut client: Stream, peer: SocketAddr, app: Arc<App>, shutdown: 
         },
     };
     debug!(%peer, "session started");
+    let ctx = (&*app, peer);
     match upstream {
         Upstream::Shared(slot, queue) => {
             let (mut rd, mut wr) = upstream::shared_halves(app.clone(), slot, queue);
-            let app = &*app;
-            match client {
-                Stream::Plain(mut client) => {
-                    serve(
-                        &mut client,
-                        (&mut rd, &mut wr),
-                        BytesMut::new(),
-                        (app, peer),
-                        &mut shutdown,
-                    )
-                    .await
-                }
-                mut client => {
-                    serve(
-                        &mut client,
-                        (&mut rd, &mut wr),
-                        BytesMut::new(),
-                        (app, peer),
-                        &mut shutdown,
-                    )
-                    .await
-                }
-            }
+            serve_client(client, (&mut rd, &mut wr), BytesMut::new(), ctx, &mut shutdown).await
         }
-        // Chosen once per connection: without TLS on either side, both
-        // sockets are split lock-free and the session is the same code as
-        // before TLS.
-        Upstream::Own(upstream, unread) => match (client, upstream) {
-            (Stream::Plain(mut client), Stream::Plain(mut upstream)) => {
-                let (mut rd, mut wr) = upstream.split();
-                serve(
-                    &mut client,
-                    (&mut rd, &mut wr),
-                    unread,
-                    (&app, peer),
-                    &mut shutdown,
-                )
-                .await
-            }
-            (mut client, mut upstream) => {
-                let (mut rd, mut wr) = upstream.halves();
-                serve(
-                    &mut client,
-                    (&mut rd, &mut wr),
-                    unread,
-                    (&app, peer),
-                    &mut shutdown,
-                )
-                .await
-            }
-        },
+        // Without TLS to Redis, the upstream socket is split lock-free.
+        Upstream::Own(Stream::Plain(mut upstream), unread) => {
+            let (mut rd, mut wr) = upstream.split();
+            serve_client(client, (&mut rd, &mut wr), unread, ctx, &mut shutdown).await
+        }
+        Upstream::Own(mut upstream, unread) => {
+            let (mut rd, mut wr) = upstream.halves();
+            serve_client(client, (&mut rd, &mut wr), unread, ctx, &mut shutdown).await
+        }
+    }
+}
+
+/// [`serve`], with the client's socket split lock-free when it has no TLS
+/// (chosen once per connection: the session is the same code as before TLS).
+async fn serve_client<R, W>(
+    client: Stream,
+    upstream: (&mut R, &mut W),
+    unread: BytesMut,
+    ctx: (&App, SocketAddr),
+    shutdown: &mut watch::Receiver<bool>,
+) where
+    R: AsyncRead + Unpin + Send,
+    W: UpstreamWrite,
+{
+    match client {
+        Stream::Plain(mut client) => serve(&mut client, upstream, unread, ctx, shutdown).await,
+        mut client => serve(&mut client, upstream, unread, ctx, shutdown).await,
     }
 }
 
