@@ -163,6 +163,53 @@ async fn a_clients_name_stays_shared_and_follows_it_to_its_own_connection() {
     proxy.shutdown().await;
 }
 
+/// Clients that speak RESP3 (`HELLO 3`, as Lettuce and go-redis 9 do when
+/// they connect) share a RESP3 connection; one that moves to its own
+/// connection keeps RESP3 there; `HELLO 2` goes back.
+#[tokio::test(flavor = "multi_thread")]
+async fn resp3_clients_share_a_resp3_connection() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.addr(), SHARED).await;
+    let mut direct = RawClient::connect(redis.addr()).await;
+    assert_eq!(direct.call("HSET h f v").await, ":1\r\n");
+    let hello = |id: &str| {
+        format!(
+            "%7\r\n$6\r\nserver\r\n$5\r\nredis\r\n$7\r\nversion\r\n$6\r\n7.0.15\r\n$5\r\nproto\r\n:3\r\n\
+             $2\r\nid\r\n:{id}\r\n$4\r\nmode\r\n$10\r\nstandalone\r\n$4\r\nrole\r\n$6\r\nmaster\r\n\
+             $7\r\nmodules\r\n*0\r\n"
+        )
+    };
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut c = RawClient::connect(proxy.addr).await;
+        let reply = c.call("HELLO 3").await;
+        // The id is the shared RESP3 connection's.
+        assert!(reply == hello("5") || reply == hello("6"), "{reply}");
+        assert_eq!(c.call("HGETALL h").await, "%1\r\n$1\r\nf\r\n$1\r\nv\r\n");
+        clients.push(c);
+    }
+    // One RESP2 connection (opened as the first client came), one RESP3,
+    // and this test's own.
+    assert_eq!(upstream_connections(&redis).await, 3);
+    assert_eq!(proxy.ctx.metrics.sessions_pinned.get(), 0);
+
+    // Back to RESP2 on the RESP2 connection.
+    let c = &mut clients[0];
+    assert_eq!(c.call("HELLO 2").await.lines().next(), Some("*14"));
+    assert_eq!(c.call("HGETALL h").await, "*2\r\n$1\r\nf\r\n$1\r\nv\r\n");
+
+    // A RESP3 client moved to its own connection still speaks RESP3.
+    let c = &mut clients[1];
+    c.send(&[cmds("MULTI"), cmds("HGETALL h"), cmds("EXEC")].concat())
+        .await;
+    assert_eq!(c.read_frame().await, b"+OK\r\n");
+    assert_eq!(c.read_frame().await, b"+QUEUED\r\n");
+    assert_eq!(c.read_frame().await, b"*1\r\n%1\r\n$1\r\nf\r\n$1\r\nv\r\n");
+    assert_eq!(proxy.ctx.metrics.sessions_pinned.get(), 1);
+    assert_eq!(upstream_connections(&redis).await, 4);
+    proxy.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_blocked_client_does_not_block_the_shared_connection() {
     let redis = RedisServer::start();

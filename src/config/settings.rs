@@ -222,7 +222,7 @@ settings! {
     live;
     /// Upstream connections that clients' commands share, pipelined (0: each
     /// client gets a connection of its own). A client moves to its own
-    /// connection before a command that needs one (MULTI, SUBSCRIBE, HELLO …).
+    /// connection before a command that needs one (MULTI, SUBSCRIBE, AUTH …).
     shared_connections: u32 = 1;
     restart;
     /// Worker threads (0 = one per available CPU).

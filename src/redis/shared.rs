@@ -92,7 +92,9 @@ pub struct Job {
 /// The process's shared upstream connections.
 #[derive(Debug)]
 pub struct SharedUpstreams {
-    slots: Vec<Slot>,
+    /// Per slot, a RESP2 connection and a RESP3 one (opened with `HELLO 3`
+    /// for the sessions that switched to RESP3).
+    slots: Vec<[Slot; 2]>,
     next: AtomicUsize,
     upstream: Upstream,
     connect_timeout: Duration,
@@ -121,7 +123,7 @@ impl SharedUpstreams {
         silence: Option<Duration>,
     ) -> SharedUpstreams {
         SharedUpstreams {
-            slots: (0..connections.max(1)).map(|_| Slot::default()).collect(),
+            slots: (0..connections.max(1)).map(|_| Default::default()).collect(),
             next: AtomicUsize::new(0),
             upstream,
             connect_timeout,
@@ -134,18 +136,23 @@ impl SharedUpstreams {
         self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()
     }
 
-    /// The job queue of `slot`'s live connection, connecting first if it
-    /// has none (the session then starts offline if Redis is unreachable,
-    /// as with a dedicated connection).
-    pub async fn queue(&self, slot: usize, metrics: &Metrics) -> Result<mpsc::Sender<Job>, UpstreamError> {
-        if let Some(queue) = self.live(slot) {
+    /// The job queue of `slot`'s live connection of the protocol (`resp3`),
+    /// connecting first if it has none (the session then starts offline if
+    /// Redis is unreachable, as with a dedicated connection).
+    pub async fn queue(
+        &self,
+        slot: usize,
+        resp3: bool,
+        metrics: &Metrics,
+    ) -> Result<mpsc::Sender<Job>, UpstreamError> {
+        let slot_state = &self.slots[slot][usize::from(resp3)];
+        if let Some(queue) = slot_state.live() {
             return Ok(queue);
         }
         let asked = Instant::now();
-        let slot_state = &self.slots[slot];
         let _connecting = slot_state.connecting.lock().await;
         // Opened, or failed, while this session waited.
-        if let Some(queue) = self.live(slot) {
+        if let Some(queue) = slot_state.live() {
             return Ok(queue);
         }
         let failed = slot_state
@@ -159,7 +166,7 @@ impl SharedUpstreams {
         }
         // A failure is counted by the caller (a session going offline, or
         // one whose shared connection could not be replaced).
-        let stream = match connect(&self.upstream, self.connect_timeout).await {
+        let stream = match self.connect(resp3).await {
             Ok(stream) => stream,
             Err(error) => {
                 *slot_state.failed.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -167,17 +174,44 @@ impl SharedUpstreams {
                 return Err(error);
             }
         };
-        let mut held = self.slots[slot].queue.lock().unwrap_or_else(|p| p.into_inner());
+        let mut held = slot_state.queue.lock().unwrap_or_else(|p| p.into_inner());
         let (tx, rx) = mpsc::channel(QUEUED_JOBS);
         metrics.shared_opened.inc();
-        debug!(slot, "shared upstream connection opened");
+        debug!(slot, resp3, "shared upstream connection opened");
         tokio::spawn(serve(stream, rx, self.silence));
         *held = Some(tx.clone());
         Ok(tx)
     }
 
-    fn live(&self, slot: usize) -> Option<mpsc::Sender<Job>> {
-        let held = self.slots[slot].queue.lock().unwrap_or_else(|p| p.into_inner());
+    /// The proxy's handshake, and `HELLO 3` for a RESP3 connection.
+    async fn connect(&self, resp3: bool) -> Result<Stream, UpstreamError> {
+        let mut stream = connect(&self.upstream, self.connect_timeout).await?;
+        if resp3 {
+            hello3(&mut stream, &self.upstream).await?;
+        }
+        Ok(stream)
+    }
+}
+
+/// Switches a fresh connection to RESP3 (its reply is dropped).
+pub async fn hello3(stream: &mut Stream, upstream: &Upstream) -> Result<(), UpstreamError> {
+    match super::call(stream, &crate::resp::encode::command(&[b"HELLO", b"3"])).await {
+        Ok(()) => Ok(()),
+        Err(super::CallError::Io(error)) => Err(UpstreamError::Unreachable {
+            addr: upstream.addr(),
+            reason: error.to_string(),
+        }),
+        Err(super::CallError::Refused(reply)) => Err(UpstreamError::Rejected {
+            addr: upstream.addr(),
+            step: "HELLO 3",
+            reply,
+        }),
+    }
+}
+
+impl Slot {
+    fn live(&self) -> Option<mpsc::Sender<Job>> {
+        let held = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         held.as_ref().filter(|q| !q.is_closed()).cloned()
     }
 }
@@ -265,6 +299,11 @@ impl Router {
             };
             debug_assert!(head.left > 0, "jobs owed nothing are popped first");
             match self.scanner.advance(buf)? {
+                // A RESP3 push is no reply: it goes to the session whose
+                // request is answered next (`DEBUG PROTOCOL push` sends one
+                // before its reply; tracking and pub/sub, which send them
+                // unasked, have connections of their own).
+                Some(frame) if frame.is_push() => {}
                 Some(frame) => {
                     head.left -= 1;
                     if head.left == 0 {

@@ -72,7 +72,7 @@ pub async fn run(mut client: Stream, peer: SocketAddr, app: Arc<App>, shutdown: 
     let connected = match &app.shared {
         Some(pool) => {
             let slot = pool.assign();
-            pool.queue(slot, &app.metrics)
+            pool.queue(slot, false, &app.metrics)
                 .await
                 .map(|queue| Upstream::Shared(slot, queue))
         }

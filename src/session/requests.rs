@@ -30,6 +30,7 @@ use crate::fence::plan::{InExec, Intercept, Plan, after_command};
 use crate::fence::probe::{PROBE_MIN_OPS, Probe};
 use crate::fence::script::{BATCH_MAX_OPS, BATCH_MAX_WORDS, ScriptCall, batch as batch_call};
 use crate::fence::translate::ScriptReply;
+use crate::redis::UpstreamError;
 use crate::resp::command::{CacheOp, Command, ReplyMode};
 use crate::resp::encode;
 use crate::resp::request::{INLINE_MAX, ProtocolError, RequestFramer};
@@ -61,6 +62,7 @@ where
         discarding: false,
         shared: upstream.shared().is_some(),
         remembered: Vec::new(),
+        resp3_pool: false,
     };
     // After a shutdown or the client's end, keep writing the proxy's own
     // calls: replies already owed may depend on them.
@@ -182,7 +184,7 @@ where
             buf.clear();
             continue;
         }
-        let batch = frame_requests(&buf, &mut state, shared, app, fence);
+        let mut batch = frame_requests(&buf, &mut state, shared, app, fence);
         let written = match &batch.rewritten {
             Some(bytes) => send_requests(upstream, bytes, frames).await,
             None if batch.complete > 0 => send_requests(upstream, &buf[..batch.complete], frames).await,
@@ -200,6 +202,31 @@ where
         }
         if batch.wake {
             shared.wake_replies.notify_one();
+        }
+        if let Some(resp3) = batch.protocol {
+            let switched = match upstream.shared() {
+                Some(upstream) => upstream.switch(resp3).await,
+                None => Ok(()),
+            };
+            match switched {
+                Ok(()) => state.resp3_pool = resp3,
+                // A Redis without RESP3 (or an ACL without HELLO): the
+                // client's HELLO goes on a connection of its own, and
+                // Redis answers it there.
+                Err(UpstreamError::Rejected { .. }) => batch.pin = Some(false),
+                Err(error) => {
+                    app.metrics.upstream_connect_errors.inc();
+                    warn!(%error, "cannot move client to the RESP3 shared connection");
+                    shared.reply_locally(encode::error(&format!("ERR cachefence: {error}")), true);
+                    reading = false;
+                    buf.clear();
+                    continue;
+                }
+            }
+            if batch.pin.is_none() {
+                unframed = !buf.is_empty();
+                continue;
+            }
         }
         if let Some(carry_writes) = batch.pin {
             let pinned = match upstream.shared() {
@@ -260,6 +287,8 @@ struct RequestState {
     /// `CLIENT SETNAME` / `SETINFO` sent on the shared connection, to send
     /// again on the session's own.
     remembered: Vec<bytes::Bytes>,
+    /// On the RESP3 shared connection.
+    resp3_pool: bool,
 }
 
 /// One read's worth of complete requests.
@@ -285,6 +314,9 @@ struct Batch {
     /// A `QUIT` on a shared connection, answered by the proxy: nothing after
     /// it is read.
     quit: bool,
+    /// The next command is a `HELLO` of the other protocol: the batch ends
+    /// before it, and the session moves to the shared connection of it.
+    protocol: Option<bool>,
 }
 
 /// Frames every complete request at the front of `buf` and queues what each
@@ -306,6 +338,7 @@ fn frame_requests(
         probe: false,
         pin: None,
         quit: false,
+        protocol: None,
     };
     // Bytes of `buf` already copied into `rewritten`.
     let mut copied = 0;
@@ -342,6 +375,13 @@ fn frame_requests(
             match placement(command, &frame, request, pairing.db) {
                 Placement::Shared => {}
                 Placement::Remembered => remember(&mut state.remembered, request),
+                Placement::Protocol { resp3 } if resp3 == state.resp3_pool => {}
+                Placement::Protocol { resp3 } => {
+                    run.flush(buf, &mut batch.rewritten, &mut copied, &mut pairing, fence, false);
+                    batch.complete = start;
+                    batch.protocol = Some(resp3);
+                    break;
+                }
                 place @ (Placement::Own | Placement::OwnAfterWrites) => {
                     run.flush(buf, &mut batch.rewritten, &mut copied, &mut pairing, fence, false);
                     batch.complete = start;

@@ -45,6 +45,9 @@ pub enum Placement {
     /// `QUIT`: answered by the proxy (`+OK`, then close); sent upstream it
     /// would close the shared connection.
     Quit,
+    /// `HELLO 2` / `HELLO 3` (nothing else): on the shared connection of
+    /// that protocol (the session moves there first if it is on the other).
+    Protocol { resp3: bool },
     /// `CLIENT SETNAME` / `CLIENT SETINFO`: on the shared connection (the
     /// reply is Redis' own, and clients send them as they connect), and
     /// sent again on the session's own connection if it moves, where
@@ -70,6 +73,12 @@ pub fn remember(kept: &mut Vec<Bytes>, request: &[u8]) {
 pub fn placement(command: Command, frame: &Frame, request: &[u8], db: u32) -> Placement {
     match command {
         Command::Plain => {}
+        // A protocol alone is served by the shared connections of it;
+        // `AUTH` or `SETNAME` in it make it the connection's own.
+        Command::Hello(Some(version @ (2 | 3))) if frame.argc == 2 => {
+            return Placement::Protocol { resp3: version == 3 };
+        }
+        Command::Hello(None) if frame.argc == 1 => return Placement::Shared,
         Command::Subscribe(..)
         | Command::Unsubscribe(..)
         | Command::Hello(_)
@@ -168,6 +177,8 @@ pub struct SharedTx {
     frames_sent: u64,
     /// Anything was sent on the shared connection.
     sent_any: bool,
+    /// On the RESP3 shared connection (after `HELLO 3`).
+    resp3: bool,
     /// After [`SharedTx::pin`]: the session's own connection.
     own: Option<tokio::io::WriteHalf<Stream>>,
 }
@@ -205,6 +216,7 @@ pub fn shared_halves(app: Arc<App>, slot: usize, queue: mpsc::Sender<Job>) -> (S
         owed,
         frames_sent: 0,
         sent_any: false,
+        resp3: false,
         own: None,
     };
     (rx, tx)
@@ -258,7 +270,7 @@ impl SharedTx {
             .as_ref()
             .expect("a shared session implies shared connections");
         let sent = match owed_before {
-            0 => match pool.queue(self.slot, &self.app.metrics).await {
+            0 => match pool.queue(self.slot, self.resp3, &self.app.metrics).await {
                 Ok(queue) => {
                     self.queue = queue;
                     self.queue
@@ -280,6 +292,28 @@ impl SharedTx {
         sent
     }
 
+    /// Moves the session to the shared connection of the other protocol,
+    /// once every reply owed on this one has been read (its replies then
+    /// come from one connection at a time, in order).
+    pub async fn switch(&mut self, resp3: bool) -> Result<(), UpstreamError> {
+        self.drained().await;
+        let pool = self
+            .app
+            .shared
+            .as_ref()
+            .expect("a shared session implies shared connections");
+        self.queue = pool.queue(self.slot, resp3, &self.app.metrics).await?;
+        self.resp3 = resp3;
+        Ok(())
+    }
+
+    /// Waits until every reply owed on the shared connection has been read.
+    async fn drained(&self) {
+        while self.owed.jobs.load(Ordering::Acquire) > 0 {
+            self.owed.none.notified().await;
+        }
+    }
+
     /// Moves the session to a connection of its own, once every reply owed
     /// on the shared one has been read.
     ///
@@ -293,11 +327,13 @@ impl SharedTx {
     /// `remembered`: the session's `CLIENT SETNAME` / `SETINFO`, sent again
     /// on the new connection (a refusal there was a refusal before too).
     pub async fn pin(&mut self, carry_writes: bool, remembered: &[Bytes]) -> Result<(), UpstreamError> {
-        while self.owed.jobs.load(Ordering::Acquire) > 0 {
-            self.owed.none.notified().await;
-        }
+        self.drained().await;
         let config = &self.app.config;
         let mut stream = crate::redis::connect(&config.upstream, config.connect_timeout).await?;
+        // The protocol the session speaks (`HELLO 3` was answered shared).
+        if self.resp3 {
+            crate::redis::shared::hello3(&mut stream, &config.upstream).await?;
+        }
         let unreachable = |error: std::io::Error| UpstreamError::Unreachable {
             addr: config.upstream.addr(),
             reason: error.to_string(),

@@ -74,6 +74,16 @@ fn frames_split_across_reads_wait_for_their_end() {
 }
 
 #[test]
+fn a_push_goes_with_the_reply_after_it() {
+    let got = run(
+        &[(1, false), (1, false)],
+        &[b">2\r\n$1\r\na\r\n:1\r\n+OK\r\n", b"+B\r\n"],
+    )
+    .unwrap();
+    assert_eq!(got, [vec![">2\r\n$1\r\na\r\n:1\r\n+OK\r\n|"], vec!["+B\r\n|"]]);
+}
+
+#[test]
 fn jobs_owed_nothing_are_answered_in_their_place() {
     // An empty inline line owes no reply; a half-close ends the session's
     // stream only after the replies before it.

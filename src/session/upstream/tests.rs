@@ -42,8 +42,9 @@ fn connection_state_moves_the_session_to_its_own() {
         b"SSUBSCRIBE s\r\n",
         b"BLPOP l 0\r\n",
         b"XREAD STREAMS s 0\r\n",
-        b"HELLO 3\r\n",
-        b"HELLO\r\n",
+        b"HELLO 3 AUTH default pw\r\n",
+        b"HELLO 2 SETNAME x\r\n",
+        b"HELLO 4\r\n",
         b"AUTH pw\r\n",
         b"RESET\r\n",
         b"MONITOR\r\n",
@@ -99,6 +100,13 @@ fn the_latest_names_are_kept_in_order() {
     assert_eq!(kept.len(), REMEMBERED);
     assert_eq!(&kept[0][..], b"CLIENT SETNAME n4\r\n");
     assert_eq!(&kept[15][..], b"CLIENT SETNAME n19\r\n");
+}
+
+#[test]
+fn a_protocol_alone_goes_to_the_shared_connection_of_it() {
+    assert_eq!(place(b"HELLO 3\r\n", 0), Placement::Protocol { resp3: true });
+    assert_eq!(place(b"hello 2\r\n", 0), Placement::Protocol { resp3: false });
+    assert_eq!(place(b"HELLO\r\n", 0), Placement::Shared);
 }
 
 #[test]
