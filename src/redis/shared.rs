@@ -12,7 +12,8 @@
 //! Only requests whose effect and reply do not depend on the connection's
 //! state go here; a session moves to a connection of its own before any
 //! other (see `session::upstream`). The connection therefore stays as the
-//! proxy's handshake left it: RESP2, the configured user and database.
+//! proxy's handshake left it: the configured user and database, and RESP2
+//! (or RESP3: each slot has a connection of each protocol).
 //!
 //! When a connection fails every session owed a reply on it gets
 //! [`Chunk::Lost`] (its client is answered with errors, as when a
@@ -291,7 +292,7 @@ impl Router {
             let Some(head) = self.routes.front_mut() else {
                 return match buf.is_empty() {
                     true => Ok(Step::More),
-                    // A RESP2 connection sends nothing unasked.
+                    // Nothing on a shared connection sends unasked.
                     false => Err(MalformedReply(
                         "a reply that no request on the shared connection asked for",
                     )),

@@ -6,8 +6,11 @@
 //! connection. A command that may not moves the session to a connection of
 //! its own first ([`SharedTx::pin`]): every reply owed on the shared
 //! connection is read, a connection is opened with the proxy's handshake
-//! (so it is in the state a shared one is in: RESP2, the configured user
-//! and database), and the session stays on it until it ends.
+//! (so it is in the state a shared one is in: the configured user and
+//! database, and the protocol the client negotiated), and the session stays
+//! on it until it ends. `HELLO 2` / `HELLO 3` alone move a session between
+//! the RESP2 and the RESP3 shared connection of its slot
+//! ([`SharedTx::switch`]).
 
 use std::io;
 use std::pin::Pin;
@@ -125,13 +128,8 @@ pub fn placement(command: Command, frame: &Frame, request: &[u8], db: u32) -> Pl
         return Placement::Own;
     }
     // A busy script blocks the connection it runs on: the command that
-    // stops it cannot wait behind it on a shared one.
-    // `SCRIPT DEBUG` makes the connection's next `EVAL` a debugging session.
-    let sub = |word: &[u8]| {
-        frame
-            .arg(request, 1)
-            .is_some_and(|sub| sub.eq_ignore_ascii_case(word))
-    };
+    // stops it cannot wait behind it on a shared one. `SCRIPT DEBUG` makes
+    // the connection's next `EVAL` a debugging session.
     let kills = (name.eq_ignore_ascii_case(b"SCRIPT") && (sub(b"KILL") || sub(b"DEBUG")))
         || (name.eq_ignore_ascii_case(b"FUNCTION") && sub(b"KILL"));
     match kills {
