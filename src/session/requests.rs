@@ -215,9 +215,7 @@ where
                 // Redis answers it there.
                 Err(UpstreamError::Rejected { .. }) => batch.pin = Some(false),
                 Err(error) => {
-                    app.metrics.upstream_connect_errors.inc();
-                    warn!(%error, "cannot move client to the RESP3 shared connection");
-                    shared.reply_locally(encode::error(&format!("ERR cachefence: {error}")), true);
+                    cannot_move(shared, app, &error, "the RESP3 shared connection");
                     reading = false;
                     buf.clear();
                     continue;
@@ -234,9 +232,7 @@ where
                 None => Ok(()),
             };
             if let Err(error) = pinned {
-                app.metrics.upstream_connect_errors.inc();
-                warn!(%error, "cannot move client to a connection of its own");
-                shared.reply_locally(encode::error(&format!("ERR cachefence: {error}")), true);
+                cannot_move(shared, app, &error, "a connection of its own");
                 reading = false;
                 buf.clear();
                 continue;
@@ -268,6 +264,15 @@ where
             }
         }
     }
+}
+
+/// The session could not move to another upstream connection: the client
+/// gets the error and is closed, as when its first connection cannot be
+/// opened.
+fn cannot_move(shared: &Shared, app: &App, error: &UpstreamError, to: &'static str) {
+    app.metrics.upstream_connect_errors.inc();
+    warn!(%error, to, "cannot move client to another upstream connection");
+    shared.reply_locally(encode::error(&format!("ERR cachefence: {error}")), true);
 }
 
 /// What the requests direction keeps between reads.
