@@ -374,9 +374,10 @@ async fn a_client_that_does_not_read_is_read_up_to_max_pending() {
     }
     slow.send(&pipeline).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    // max_pending, and what one read brought past it (a buffer's worth).
+    // max_pending, plus the requests whose replies went into the socket
+    // buffers on the way to the client, plus one read: not all of them.
     let read = framed_commands() - before;
-    assert!((1000..GETS as u64 / 2).contains(&read), "{read} GETs read");
+    assert!((1000..GETS as u64).contains(&read), "{read} GETs read");
 
     // Others are served meanwhile.
     let mut other = RawClient::connect(proxy.addr).await;
@@ -410,6 +411,10 @@ async fn a_silent_shared_connection_is_replaced_after_reply_timeout() {
         )
     );
     assert!(closed);
+    // The session's own reply_timeout may answer first; the connection is
+    // given up within twice reply_timeout of the request (it looks once
+    // per reply_timeout), before Redis comes back.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     redis.resume();
     let mut next = RawClient::connect(proxy.addr).await;
     assert_eq!(next.call("PING").await, "+PONG\r\n");
