@@ -320,6 +320,10 @@ async fn a_delete_that_cannot_be_delivered_is_retried_and_its_key_reads_as_a_mis
     let mut client = RawClient::connect(proxy.addr).await;
     assert_eq!(client.call("SET k old").await, "+OK\r\n");
     redis.kill();
+    // Its connection is seen gone (a shared one too): a client that comes
+    // now finds Redis unreachable.
+    let gone = client.call("PING").await;
+    assert!(gone.starts_with("-ERR cachefence: upstream"), "{gone}");
     let mut writer = RawClient::connect(proxy.addr).await;
     let reply = writer.call("DEL k").await;
     assert!(reply.ends_with("; the delete will be retried\r\n"), "{reply}");

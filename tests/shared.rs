@@ -391,13 +391,14 @@ async fn a_client_that_does_not_read_is_read_up_to_max_pending() {
     proxy.shutdown().await;
 }
 
-/// A shared connection whose Redis stops answering is given up after
-/// `reply_timeout`: the clients owed replies get errors, and the next
+/// A shared connection whose Redis stops answering is given up after three
+/// times `reply_timeout` (each client owed a reply has had its error at
+/// `reply_timeout` already, as on a connection of its own), and the next
 /// client is served on a new connection once Redis answers again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_silent_shared_connection_is_replaced_after_reply_timeout() {
     let redis = RedisServer::start();
-    let proxy = Proxy::start(&redis.addr(), &format!("{SHARED}reply_timeout = \"500ms\"\n")).await;
+    let proxy = Proxy::start(&redis.addr(), &format!("{SHARED}reply_timeout = \"200ms\"\n")).await;
     let mut owed = RawClient::connect(proxy.addr).await;
     assert_eq!(owed.call("PING").await, "+PONG\r\n");
     redis.pause();
@@ -406,14 +407,14 @@ async fn a_silent_shared_connection_is_replaced_after_reply_timeout() {
     assert_eq!(
         String::from_utf8_lossy(&bytes),
         format!(
-            "-ERR cachefence: upstream {} did not reply within 500ms\r\n",
+            "-ERR cachefence: upstream {} did not reply within 200ms\r\n",
             redis.addr()
         )
     );
     assert!(closed);
-    // The session's own reply_timeout may answer first; the connection is
-    // given up within twice reply_timeout of the request (it looks once
-    // per reply_timeout), before Redis comes back.
+    assert_eq!(proxy.ctx.metrics.upstream_timeouts.get(), 1);
+    // The connection is given up within six times reply_timeout of the
+    // request (it looks once per three), before Redis comes back.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     redis.resume();
     let mut next = RawClient::connect(proxy.addr).await;

@@ -27,6 +27,16 @@ pub enum UpstreamError {
     },
 }
 
+impl UpstreamError {
+    /// What happened, without the address (for a message that names it).
+    pub fn detail(&self) -> String {
+        match self {
+            UpstreamError::Unreachable { reason, .. } => format!("unreachable ({reason})"),
+            UpstreamError::Rejected { step, reply, .. } => format!("refused the proxy's {step} ({reply})"),
+        }
+    }
+}
+
 /// Connects to the upstream and runs the proxy's own handshake (the TLS
 /// handshake with `upstream_tls`, AUTH with the configured credentials,
 /// SELECT of the URL's database), all within `timeout`.

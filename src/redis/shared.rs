@@ -99,8 +99,10 @@ pub struct SharedUpstreams {
     next: AtomicUsize,
     upstream: Upstream,
     connect_timeout: Duration,
-    /// `reply_timeout` at start: how long a connection may stay silent
-    /// while it owes a reply before it is replaced.
+    /// How long a connection may stay silent while it owes a reply before
+    /// it is replaced: three times `reply_timeout` at start, so that each
+    /// session's own `reply_timeout` (checked once per period, so firing
+    /// within two) answers its client first, as on a connection of its own.
     silence: Option<Duration>,
 }
 
@@ -128,7 +130,7 @@ impl SharedUpstreams {
             next: AtomicUsize::new(0),
             upstream,
             connect_timeout,
-            silence,
+            silence: silence.map(|reply_timeout| reply_timeout * 3),
         }
     }
 

@@ -278,7 +278,8 @@ impl SharedTx {
                 }
                 Err(error) => {
                     self.app.metrics.upstream_connect_errors.inc();
-                    Err(io::Error::other(error.to_string()))
+                    // The client's error names the address already.
+                    Err(io::Error::other(error.detail()))
                 }
             },
             _ => Err(io::Error::other("closed the connection")),
