@@ -15,23 +15,8 @@ const SHARED: &str = "shared_connections = 1\n";
 /// Upstream connections Redis has, not counting the one asking.
 async fn upstream_connections(redis: &RedisServer) -> usize {
     let mut direct = RawClient::connect(redis.addr()).await;
-    let frame = direct.read_frame_after("CLIENT LIST").await;
-    String::from_utf8_lossy(&frame)
-        .lines()
-        .filter(|l| l.contains("id="))
-        .count()
-        - 1
-}
-
-trait ReadAfter {
-    async fn read_frame_after(&mut self, line: &str) -> Vec<u8>;
-}
-
-impl ReadAfter for RawClient {
-    async fn read_frame_after(&mut self, line: &str) -> Vec<u8> {
-        self.send(&cmds(line)).await;
-        self.read_frame().await
-    }
+    let list = direct.call("CLIENT LIST").await;
+    list.lines().filter(|l| l.contains("id=")).count() - 1
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -40,7 +25,7 @@ async fn many_clients_share_one_connection_and_get_their_own_replies() {
     let proxy = Proxy::start(&redis.addr(), SHARED).await;
     let connections_received = async || {
         let mut direct = RawClient::connect(redis.addr()).await;
-        let info = String::from_utf8(direct.read_frame_after("INFO stats").await).unwrap();
+        let info = direct.call("INFO stats").await;
         let line = info
             .lines()
             .find(|l| l.starts_with("total_connections_received:"))
@@ -264,8 +249,8 @@ async fn wait_after_writes_on_the_shared_connection_counts_them() {
     assert_eq!(r.call(&format!("REPLICAOF 127.0.0.1 {port}")).await, "+OK\r\n");
     let mut p = RawClient::connect(primary.addr()).await;
     eventually("the replica is online", async || {
-        let info = p.read_frame_after("INFO replication").await;
-        String::from_utf8_lossy(&info).contains("state=online")
+        let info = p.call("INFO replication").await;
+        info.contains("state=online")
     })
     .await;
     // Acknowledged up to here, then silent.
