@@ -18,9 +18,7 @@ use tracing::warn;
 
 use super::outbox::Outbox;
 use super::pairing::{Expect, Link, LocalReply, Pairing, Resume, Route};
-use super::{
-    Injection, MIN_READ, READ_CHUNK, REPLY_TIMEOUT_OFF_RECHECK, SessionEnd, Shared, link, sleep_until,
-};
+use super::{Injection, REPLY_TIMEOUT_OFF_RECHECK, ReadSize, SessionEnd, Shared, link, sleep_until};
 use crate::app::App;
 use crate::fence::Client;
 use crate::fence::herd::Holds;
@@ -47,7 +45,8 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut read_size = ReadSize::new();
+    let mut buf = BytesMut::with_capacity(ReadSize::MIN);
     let mut scanner = ReplyScanner::default();
     let mut outbox = Outbox::default();
     // `reply_timeout` without a timer or a clock read per request: a check
@@ -96,9 +95,7 @@ where
             let _ = client.shutdown().await;
             return SessionEnd::Drained;
         }
-        if buf.capacity() - buf.len() < MIN_READ {
-            buf.reserve(READ_CHUNK);
-        }
+        read_size.prepare(&mut buf);
         let read = tokio::select! {
             // Bytes already there count before the reply check does.
             biased;
@@ -142,7 +139,7 @@ where
                 return upstream_lost(client, shared, app, fence, scanner.in_frame(), &error.to_string())
                     .await;
             }
-            Ok(_) => {}
+            Ok(n) => read_size.observe(n),
         }
         let (upto, close, linked) = {
             let mut pairing = shared.pairing();
@@ -481,7 +478,7 @@ fn resume_probe(probe: Probe, frame: &[u8], resp3: bool, fence: &Client<'_>) -> 
 /// Asks the requests direction to send one of the proxy's own calls; if
 /// that is impossible, the held reply is released as it is.
 fn inject(
-    injections: &mpsc::Sender<Injection>,
+    injections: &mpsc::Sender<Box<Injection>>,
     call: ScriptCall,
     reply: ScriptReply,
     slot: u64,
@@ -494,7 +491,10 @@ fn inject(
         reply: reply.clone(),
         slot: Some(slot),
     });
-    if injections.try_send(Injection { call, reload, expect }).is_err() {
+    if injections
+        .try_send(Box::new(Injection { call, reload, expect }))
+        .is_err()
+    {
         warn!("too many calls of the proxy's own in flight; releasing a reply unfenced");
         let release = match reply {
             ScriptReply::Miss { nil, .. } => Bytes::from_static(nil),
@@ -590,7 +590,7 @@ pub(super) struct Misses {
     /// Woken by [`crate::fence::Fences::wake`] when a fill, refusal or
     /// invalidation of a watched key passes through this process.
     wake: Arc<Notify>,
-    injections: mpsc::Sender<Injection>,
+    injections: mpsc::Sender<Box<Injection>>,
     /// A probed run's steps, from the reply just routed, for the requests
     /// direction ([`super::pairing::Pairing::resume`]).
     resume: Option<Vec<Resume>>,
@@ -604,7 +604,7 @@ struct MGetMisses {
 }
 
 impl Misses {
-    pub(super) fn new(injections: mpsc::Sender<Injection>) -> Misses {
+    pub(super) fn new(injections: mpsc::Sender<Box<Injection>>) -> Misses {
         Misses {
             holds: Holds::default(),
             mgets: HashMap::new(),

@@ -23,7 +23,7 @@ use tracing::{debug, warn};
 
 use super::pairing::{Expect, Link, Resume};
 use super::upstream::{Placement, UpstreamWrite, close_requests, placement, remember, send_requests};
-use super::{Injection, MIN_READ, READ_CHUNK, RequestsEnd, Shared, drain, link, sleep_until};
+use super::{Injection, ReadSize, RequestsEnd, Shared, drain, link, sleep_until};
 use crate::app::App;
 use crate::fence::Client;
 use crate::fence::plan::{InExec, Intercept, Plan, after_command};
@@ -43,7 +43,7 @@ pub(super) async fn forward_requests<R, W>(
     shared: &Shared,
     app: &App,
     fence: Option<&Client<'_>>,
-    mut injections: mpsc::Receiver<Injection>,
+    mut injections: mpsc::Receiver<Box<Injection>>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> RequestsEnd
 where
@@ -51,6 +51,7 @@ where
     W: UpstreamWrite,
 {
     let mut buf = unread;
+    let mut read_size = ReadSize::new();
     let frames = || shared.pairing().frames_pushed();
     // Requests read before the upstream answered are framed first.
     let mut unframed = !buf.is_empty();
@@ -79,9 +80,7 @@ where
         let room = shared.pairing().has_room(app.live.max_pending());
         state.framer.set_max_bulk_len(app.live.max_frame_size());
         let timeout = app.live.timeout();
-        if buf.capacity() - buf.len() < MIN_READ {
-            buf.reserve(READ_CHUNK);
-        }
+        read_size.prepare(&mut buf);
         // Past due while a reply is owed (the client is not idle): look
         // again one `timeout` later instead of spinning on a past deadline.
         let idle_deadline = timeout.filter(|_| reading).map(|t| {
@@ -174,7 +173,10 @@ where
                 reading = false;
                 continue;
             }
-            Ok(_) => shared.touch(&app.live),
+            Ok(n) => {
+                read_size.observe(n);
+                shared.touch(&app.live);
+            }
             Err(error) => {
                 debug!(%error, "client read failed");
                 return RequestsEnd::ClientGone;
