@@ -27,7 +27,8 @@ pub struct App {
     pub started: Instant,
     /// Where the Prometheus endpoint listens, when `metrics_listen` is set.
     pub metrics_addr: Option<SocketAddr>,
-    pub metrics: Metrics,
+    /// Shared with the shared upstream connections' tasks.
+    pub metrics: Arc<Metrics>,
     /// `None` when fences are off: the proxy is a pure passthrough.
     pub fences: Option<Fences>,
     /// The upstream connections clients share (`shared_connections` > 0).
@@ -78,7 +79,7 @@ impl App {
             metrics_addr,
             started: Instant::now(),
             config,
-            metrics: Metrics::default(),
+            metrics: Arc::new(Metrics::default()),
         }
     }
 }

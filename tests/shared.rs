@@ -407,3 +407,97 @@ async fn a_silent_shared_connection_is_replaced_after_reply_timeout() {
     assert_eq!(proxy.ctx.metrics.shared_opened.get(), 2);
     proxy.shutdown().await;
 }
+
+/// Fenced writes of clients that do not pipeline, each one script call,
+/// run on the shared connection as one batch call (Redis pays a script
+/// call's fixed cost once per batch, not once per client), and each client
+/// still gets exactly the reply its write alone gets from Redis: `+OK`, a
+/// `SET … NX` that did not set, an error in the middle, a `DEL`'s count;
+/// RESP2 and RESP3; and after `SCRIPT FLUSH` (each merged call gets the
+/// `NOSCRIPT` and is sent again with the script's source).
+#[tokio::test(flavor = "multi_thread")]
+async fn fenced_writes_of_many_clients_run_as_one_script_call_each_with_its_own_reply() {
+    const CLIENTS: usize = 20;
+    const ROUNDS: usize = 40;
+    let config = "shared_connections = 1\n[[cache]]\npattern = \"*\"\non_write = \"write\"\n";
+    for resp3 in [false, true] {
+        let redis = RedisServer::start();
+        let proxy = Proxy::start(&redis.addr(), config).await;
+        let nil = if resp3 { "_\r\n" } else { "$-1\r\n" };
+        // (command, reply) of one round; the replies are Redis' own, as the
+        // control below checks on a direct connection.
+        let round = |i: usize| {
+            vec![
+                (format!("SET w:{i} v{i:02}"), "+OK\r\n".to_string()),
+                (format!("SET w:{i} other NX"), nil.to_string()),
+                (format!("SET s:{i} abc"), "+OK\r\n".to_string()),
+                (
+                    format!("INCR s:{i}"),
+                    "-ERR value is not an integer or out of range\r\n".to_string(),
+                ),
+                (format!("GET w:{i}"), format!("$3\r\nv{i:02}\r\n")),
+                (format!("DEL w:{i}"), ":1\r\n".to_string()),
+            ]
+        };
+        let mut control = RawClient::connect(redis.addr()).await;
+        if resp3 {
+            control.call("HELLO 3").await;
+        }
+        for (command, reply) in round(99) {
+            assert_eq!(control.call(&command).await, reply, "direct: {command}");
+        }
+        let writes_per_round = 5; // every command but the GET
+        // A client whose reply was wrong panics: the others then stop
+        // waiting for it here, within a bound.
+        async fn meet(barrier: &tokio::sync::Barrier) {
+            tokio::time::timeout(Duration::from_secs(20), barrier.wait())
+                .await
+                .expect("every client reaches the middle round");
+        }
+        let flushed = std::sync::Arc::new(tokio::sync::Barrier::new(CLIENTS + 1));
+        let mut tasks = Vec::new();
+        for i in 0..CLIENTS {
+            let (addr, flushed) = (proxy.addr, flushed.clone());
+            let round = round(i);
+            tasks.push(tokio::spawn(async move {
+                let mut c = RawClient::connect(addr).await;
+                if resp3 {
+                    assert!(c.call("HELLO 3").await.starts_with("%7\r\n"));
+                }
+                for n in 0..ROUNDS {
+                    if n == ROUNDS / 2 {
+                        // Redis loses the script while every client waits here.
+                        meet(&flushed).await;
+                        meet(&flushed).await;
+                    }
+                    for (command, reply) in &round {
+                        assert_eq!(c.call(command).await, *reply, "client {i}, round {n}: {command}");
+                    }
+                }
+            }));
+        }
+        meet(&flushed).await;
+        assert_eq!(control.call("SCRIPT FLUSH").await, "+OK\r\n");
+        meet(&flushed).await;
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let writes = (CLIENTS * ROUNDS * writes_per_round) as u64;
+        let merged = proxy.ctx.metrics.shared_merged.get();
+        let stats = control.call("INFO commandstats").await;
+        let calls = |name: &str| -> u64 {
+            stats
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
+                .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+        };
+        let script_calls = calls("evalsha") + calls("eval");
+        assert!(merged > 0, "no call was merged (resp3: {resp3})");
+        assert!(
+            script_calls < writes,
+            "{script_calls} script calls for {writes} fenced writes (resp3: {resp3})"
+        );
+        assert_eq!(proxy.ctx.metrics.sessions_pinned.get(), 0);
+        proxy.shutdown().await;
+    }
+}

@@ -48,6 +48,12 @@ impl<'a> Client<'a> {
         call.encode(first || reload)
     }
 
+    /// Whether this connection sent the script's source already (its next
+    /// call goes as `EVALSHA`).
+    pub fn has_loaded(&self) -> bool {
+        self.loaded.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// A name for this connection's next miss.
     pub fn next_miss(&self) -> u64 {
         self.misses.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1

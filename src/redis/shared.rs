@@ -21,8 +21,8 @@
 //! opens a new one.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -32,6 +32,7 @@ use tracing::{debug, warn};
 
 use super::{UpstreamError, connect};
 use crate::config::Upstream;
+use crate::fence::script::{self, BATCH_MAX_OPS, ScriptCall};
 use crate::net::Stream;
 use crate::resp::reply::{MalformedReply, ReplyScanner};
 use crate::telemetry::Metrics;
@@ -88,6 +89,10 @@ pub struct Job {
     /// The session half-closed after these (`frames` is 0).
     pub eof: bool,
     pub route: Route,
+    /// `bytes` are exactly this one fence script call, as `EVALSHA`, owed
+    /// one frame: the connection may run it in one batch call with the
+    /// calls of other sessions queued next to it ([`merge`]).
+    pub call: Option<ScriptCall>,
 }
 
 /// The process's shared upstream connections.
@@ -146,7 +151,7 @@ impl SharedUpstreams {
         &self,
         slot: usize,
         resp3: bool,
-        metrics: &Metrics,
+        metrics: &Arc<Metrics>,
     ) -> Result<mpsc::Sender<Job>, UpstreamError> {
         let slot_state = &self.slots[slot][usize::from(resp3)];
         if let Some(queue) = slot_state.live() {
@@ -181,7 +186,7 @@ impl SharedUpstreams {
         let (tx, rx) = mpsc::channel(QUEUED_JOBS);
         metrics.shared_opened.inc();
         debug!(slot, resp3, "shared upstream connection opened");
-        tokio::spawn(serve(stream, rx, self.silence));
+        tokio::spawn(serve(stream, rx, self.silence, metrics.clone()));
         *held = Some(tx.clone());
         Ok(tx)
     }
@@ -230,6 +235,10 @@ pub struct Router {
 #[derive(Debug)]
 struct Entry {
     route: Route,
+    /// A batch call of several sessions' calls ([`merge`]): its one frame
+    /// is an array whose first element is `route`'s reply and the rest,
+    /// in order, these routes'.
+    merged: Vec<Route>,
     /// Reply frames still owed.
     left: usize,
     /// A half-close: answered with [`Chunk::Eof`].
@@ -243,6 +252,10 @@ struct Entry {
 pub enum Step {
     /// `buf[..upto]` belongs to the oldest job; `last`: its replies are complete.
     Deliver { upto: usize, last: bool },
+    /// `buf[..upto]` answers the oldest job, a merged batch call: its
+    /// array starts at `start` (pushes before it) and is split by
+    /// [`Router::split`].
+    Split { start: usize, upto: usize },
     /// Nothing to hand over until more bytes arrive.
     More,
 }
@@ -252,8 +265,23 @@ impl Router {
     pub fn push(&mut self, route: Route, frames: usize, eof: bool) {
         self.routes.push_back(Entry {
             route,
+            merged: Vec::new(),
             left: if eof { 0 } else { frames },
             eof,
+            since: Instant::now(),
+        });
+    }
+
+    /// A batch call made of several sessions' calls, one frame owed:
+    /// `routes` in the order of the calls.
+    pub fn push_merged(&mut self, mut routes: Vec<Route>) {
+        debug_assert!(routes.len() > 1);
+        let route = routes.remove(0);
+        self.routes.push_back(Entry {
+            route,
+            merged: routes,
+            left: 1,
+            eof: false,
             since: Instant::now(),
         });
     }
@@ -307,6 +335,12 @@ impl Router {
                 // before its reply; tracking and pub/sub, which send them
                 // unasked, have connections of their own).
                 Some(frame) if frame.is_push() => {}
+                Some(frame) if !head.merged.is_empty() => {
+                    return Ok(Step::Split {
+                        start: frame.start,
+                        upto: frame.end,
+                    });
+                }
                 Some(frame) => {
                     head.left -= 1;
                     if head.left == 0 {
@@ -318,7 +352,8 @@ impl Router {
                 }
                 None => {
                     let upto = self.scanner.scanned();
-                    return Ok(match upto >= STREAM_PARTIAL {
+                    // A merged call's array is split whole.
+                    return Ok(match upto >= STREAM_PARTIAL && head.merged.is_empty() {
                         true => Step::Deliver { upto, last: false },
                         false => Step::More,
                     });
@@ -337,15 +372,102 @@ impl Router {
         }
     }
 
+    /// After a [`Step::Split`]: the oldest job's reply `frame` (the
+    /// `buf[..upto]` it named; its array at `start`) cut into each merged
+    /// session's reply, with the pushes before it going to the first. A
+    /// reply that is not an array of one element per call (an error for
+    /// the whole call: `-NOSCRIPT`, `-BUSY`, `-OOM` …) goes to each of
+    /// them, as each call alone would have got it.
+    pub fn split(&mut self, frame: &[u8], start: usize) -> Vec<(Route, Bytes)> {
+        self.scanner.consume(frame.len());
+        let Some(entry) = self.routes.pop_front() else {
+            return Vec::new();
+        };
+        let routes: Vec<Route> = std::iter::once(entry.route).chain(entry.merged).collect();
+        let parts = elements(&frame[start..], routes.len());
+        routes
+            .into_iter()
+            .enumerate()
+            .map(|(i, route)| {
+                let part = parts.as_ref().map_or(&frame[start..], |parts| parts[i]);
+                let bytes = match i {
+                    0 if start > 0 => [&frame[..start], part].concat().into(),
+                    _ => Bytes::copy_from_slice(part),
+                };
+                (route, bytes)
+            })
+            .collect()
+    }
+
     /// Every job still owed a reply: the connection failed.
     fn drain(&mut self) -> impl Iterator<Item = Route> + '_ {
-        self.routes.drain(..).map(|entry| entry.route)
+        self.routes
+            .drain(..)
+            .flat_map(|entry| std::iter::once(entry.route).chain(entry.merged))
+    }
+}
+
+/// The `n` elements of `array` (one whole frame), or `None` if it is not
+/// an array of `n`.
+fn elements(array: &[u8], n: usize) -> Option<Vec<&[u8]>> {
+    let header_end = memchr::memmem::find(array, b"\r\n")?;
+    if array.first() != Some(&b'*') || array[1..header_end] != *n.to_string().as_bytes() {
+        return None;
+    }
+    let body = &array[header_end + 2..];
+    let mut scanner = ReplyScanner::default();
+    let mut parts = Vec::with_capacity(n);
+    let mut at = 0;
+    while let Ok(Some(frame)) = scanner.advance(body) {
+        parts.push(&body[at..frame.end]);
+        at = frame.end;
+    }
+    (parts.len() == n && at == body.len()).then_some(parts)
+}
+
+/// Turns runs of jobs that are each one fence script call into one batch
+/// call each ([`script::batch`]): Redis then pays a script call's fixed
+/// cost (about 4 µs, most of what a fenced write costs it) once per run
+/// instead of once per client. Each session's call keeps its place among
+/// the others (a run is jobs next to each other in the queue, so no job
+/// passes another of its session), and its reply is the element of the
+/// batch's that is what it alone would have answered. Returns what to
+/// write, with the jobs routed in order.
+fn merge(router: &Mutex<Router>, jobs: &mut Vec<Job>, batch: &mut Vec<Bytes>, metrics: &Metrics) {
+    let mut router = lock(router);
+    let mut jobs = jobs.drain(..).peekable();
+    while let Some(job) = jobs.next() {
+        let mergeable = |job: &Job| job.call.is_some() && job.frames == 1 && !job.eof;
+        if !mergeable(&job) || !jobs.peek().is_some_and(mergeable) {
+            answer_locked(&mut router, job.route, job.frames, job.eof);
+            batch.push(job.bytes);
+            continue;
+        }
+        let mut calls = Vec::with_capacity(8);
+        let mut routes = Vec::with_capacity(8);
+        calls.push(job.call.expect("mergeable"));
+        routes.push(job.route);
+        while calls.len() < BATCH_MAX_OPS {
+            match jobs.next_if(mergeable) {
+                Some(job) => {
+                    calls.push(job.call.expect("mergeable"));
+                    routes.push(job.route);
+                }
+                None => break,
+            }
+        }
+        metrics.shared_merged.add(calls.len() as u64);
+        router.push_merged(routes);
+        batch.push(script::batch(&calls).encode(false));
     }
 }
 
 /// Queues a job's route; one owed nothing and first in line is answered now.
 fn answer(router: &Mutex<Router>, route: Route, frames: usize, eof: bool) {
-    let mut router = lock(router);
+    answer_locked(&mut lock(router), route, frames, eof);
+}
+
+fn answer_locked(router: &mut Router, route: Route, frames: usize, eof: bool) {
     router.push(route, frames, eof);
     while let Some((to, chunk)) = router.pop_empty() {
         to.send(chunk);
@@ -364,12 +486,18 @@ fn route(router: &Mutex<Router>, job: Job) -> Bytes {
 
 /// Runs one shared connection until it fails. `silence`: how long Redis
 /// may stay silent while it owes a reply (`reply_timeout`).
-async fn serve(stream: Stream, mut jobs: mpsc::Receiver<Job>, silence: Option<Duration>) {
+async fn serve(
+    stream: Stream,
+    mut jobs: mpsc::Receiver<Job>,
+    silence: Option<Duration>,
+    metrics: Arc<Metrics>,
+) {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let router = Mutex::new(Router::default());
     let writer = async {
         let mut out = BytesMut::new();
         let mut batch: Vec<Bytes> = Vec::new();
+        let mut gathered: Vec<Job> = Vec::new();
         // Batches left to gather with a yield since one carried several jobs.
         let (mut busy, mut writes) = (0u32, 0u32);
         loop {
@@ -390,19 +518,22 @@ async fn serve(stream: Stream, mut jobs: mpsc::Receiver<Job>, silence: Option<Du
             if busy > 0 || writes % PROBE_EVERY == 0 {
                 tokio::task::yield_now().await;
             }
+            // Gathered without an await, and routed (merged where they
+            // may be) before the write's.
             while size < WRITE_BATCH {
                 match jobs.try_recv() {
                     Ok(job) => {
                         size += job.bytes.len();
-                        batch.push(route(&router, job));
+                        gathered.push(job);
                     }
                     Err(_) => break,
                 }
             }
-            busy = match batch.len() {
-                1 => busy.saturating_sub(1),
+            busy = match gathered.len() {
+                0 => busy.saturating_sub(1),
                 _ => BUSY_BATCHES,
             };
+            merge(&router, &mut gathered, &mut batch, &metrics);
             let written = if batch.len() == 1 {
                 wr.write_all(&batch[0]).await
             } else {
@@ -463,6 +594,12 @@ async fn serve(stream: Stream, mut jobs: mpsc::Receiver<Job>, silence: Option<Du
                         if let Some(to) = router.consumed(upto, last) {
                             to.send(Chunk::Data { bytes, last });
                         }
+                    }
+                    Ok(Step::Split { start, upto }) => {
+                        for (to, bytes) in router.split(&buf[..upto], start) {
+                            to.send(Chunk::Data { bytes, last: true });
+                        }
+                        buf.advance(upto);
                     }
                     Err(error) => return format!("sent bytes that are not RESP: {error}"),
                 }

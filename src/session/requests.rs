@@ -22,7 +22,9 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
 use super::pairing::{Expect, Link, Resume};
-use super::upstream::{Placement, UpstreamWrite, close_requests, placement, remember, send_requests};
+use super::upstream::{
+    Placement, UpstreamWrite, close_requests, placement, remember, send_call, send_requests,
+};
 use super::{Injection, ReadSize, RequestsEnd, Shared, drain, link, sleep_until};
 use crate::app::App;
 use crate::fence::Client;
@@ -188,7 +190,7 @@ where
         }
         let mut batch = frame_requests(&buf, &mut state, shared, app, fence);
         let written = match &batch.rewritten {
-            Some(bytes) => send_requests(upstream, bytes, frames).await,
+            Some(bytes) => send_call(upstream, bytes, frames, batch.call.take()).await,
             None if batch.complete > 0 => send_requests(upstream, &buf[..batch.complete], frames).await,
             None => Ok(()),
         };
@@ -324,6 +326,9 @@ struct Batch {
     /// The next command is a `HELLO` of the other protocol: the batch ends
     /// before it, and the session moves to the shared connection of it.
     protocol: Option<bool>,
+    /// What is sent is this one fence script call alone, as `EVALSHA` (a
+    /// shared connection may run it in a batch call with other sessions').
+    call: Option<ScriptCall>,
 }
 
 /// Frames every complete request at the front of `buf` and queues what each
@@ -346,6 +351,7 @@ fn frame_requests(
         pin: None,
         quit: false,
         protocol: None,
+        call: None,
     };
     // Bytes of `buf` already copied into `rewritten`.
     let mut copied = 0;
@@ -551,6 +557,12 @@ fn frame_requests(
     if run.flush(buf, &mut batch.rewritten, &mut copied, &mut pairing, fence, probe) {
         batch.probe = true;
     }
+    // The batch is one fenced write and nothing else (a client that does
+    // not pipeline): a shared connection may merge it.
+    batch.call = run
+        .lone
+        .take()
+        .filter(|_| run.span == (0..batch.complete) && batch.failure.is_none());
     if let Some(out) = &mut batch.rewritten {
         out.extend_from_slice(&buf[copied..batch.complete]);
     }
@@ -597,6 +609,8 @@ struct Run {
     span: std::ops::Range<usize>,
     /// Each command's own bytes (a probe may send it as it is).
     spans: Vec<std::ops::Range<usize>>,
+    /// The last flush sent one call alone, as `EVALSHA`: a copy of it.
+    lone: Option<ScriptCall>,
 }
 
 impl Run {
@@ -646,6 +660,7 @@ impl Run {
         fence: Option<&Client<'_>>,
         probe: bool,
     ) -> bool {
+        self.lone = None;
         let (Some(fence), false) = (fence, self.calls.is_empty()) else {
             return false;
         };
@@ -680,6 +695,9 @@ impl Run {
                 (call, ScriptReply::Batch(std::mem::take(&mut self.replies)))
             }
         };
+        if fence.has_loaded() && !matches!(reply, ScriptReply::Batch(_)) {
+            self.lone = Some(call.clone());
+        }
         let bytes = fence.encode(&call, false);
         pairing.push_request(Expect::fence(Intercept::Script {
             call,

@@ -24,6 +24,7 @@ use tokio::sync::{Notify, mpsc};
 use tracing::warn;
 
 use crate::app::App;
+use crate::fence::script::ScriptCall;
 use crate::net::Stream;
 use crate::redis::UpstreamError;
 use crate::redis::shared::{Chunk, Job, Route};
@@ -223,7 +224,14 @@ pub fn shared_halves(app: Arc<App>, slot: usize, queue: mpsc::Sender<Job>) -> (S
 impl SharedTx {
     /// Sends `bytes`, whole requests owed the reply frames pushed up to
     /// `frames_pushed` (the pairing's running count).
-    pub async fn send(&mut self, bytes: &[u8], frames_pushed: u64) -> io::Result<()> {
+    /// `call`: `bytes` are exactly this one fence script call, as `EVALSHA`
+    /// (the connection may merge it with other sessions' calls).
+    pub async fn send(
+        &mut self,
+        bytes: &[u8],
+        frames_pushed: u64,
+        call: Option<ScriptCall>,
+    ) -> io::Result<()> {
         let frames = (frames_pushed - self.frames_sent) as usize;
         self.frames_sent = frames_pushed;
         if bytes.is_empty() && frames == 0 {
@@ -236,6 +244,7 @@ impl SharedTx {
             frames,
             eof: false,
             route: self.route.clone(),
+            call: call.filter(|_| frames == 1),
         };
         self.queue_job(job).await
     }
@@ -248,6 +257,7 @@ impl SharedTx {
             frames: 0,
             eof: true,
             route: self.route.clone(),
+            call: None,
         };
         self.queue_job(job).await
     }
@@ -451,8 +461,18 @@ pub(super) async fn send_requests<W: UpstreamWrite>(
     bytes: &[u8],
     frames_pushed: impl FnOnce() -> u64,
 ) -> io::Result<()> {
+    send_call(upstream, bytes, frames_pushed, None).await
+}
+
+/// [`send_requests`] of a batch that is `call` alone (see [`SharedTx::send`]).
+pub(super) async fn send_call<W: UpstreamWrite>(
+    upstream: &mut W,
+    bytes: &[u8],
+    frames_pushed: impl FnOnce() -> u64,
+    call: Option<ScriptCall>,
+) -> io::Result<()> {
     match upstream.shared() {
-        Some(shared) => shared.send(bytes, frames_pushed()).await,
+        Some(shared) => shared.send(bytes, frames_pushed(), call).await,
         None => super::send(upstream, bytes).await,
     }
 }

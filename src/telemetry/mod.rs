@@ -47,6 +47,8 @@ families! {
             "Shared upstream connections opened (shared_connections > 0), replacements included.";
         SESSIONS_PINNED: Counter "cachefence_sessions_pinned_total",
             "Clients moved from a shared upstream connection to one of their own (MULTI, SUBSCRIBE, HELLO …).";
+        SHARED_MERGED: Counter "cachefence_shared_merged_calls_total",
+            "Fence script calls of different clients run as one batch call on a shared upstream connection.";
         UPSTREAM_TIMEOUTS: Counter "cachefence_upstream_timeouts_total",
             "Upstream connections closed by reply_timeout.";
         PROTOCOL_ERRORS: Counter "cachefence_protocol_errors_total", "Clients closed for malformed requests.";
@@ -147,6 +149,8 @@ metrics! {
         shared_opened: Counter, prom SHARED_OPENED;
         /// Sessions moved off a shared connection.
         sessions_pinned: Counter, prom SESSIONS_PINNED;
+        /// Fence script calls merged into batch calls on shared connections.
+        shared_merged: Counter, prom SHARED_MERGED;
         /// Upstream connections closed by `reply_timeout`.
         upstream_timeouts: Counter, prom UPSTREAM_TIMEOUTS;
         /// Clients closed for malformed requests.

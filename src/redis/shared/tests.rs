@@ -8,11 +8,21 @@ fn run(routes: &[(usize, bool)], pieces: &[&[u8]]) -> Result<Vec<Vec<String>>, M
     let mut router = Router::default();
     let mut receivers = Vec::new();
     for &(frames, eof) in routes {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let route = Route(tx);
+        let (route, rx) = route();
         router.push(route, frames, eof);
         receivers.push(rx);
     }
+    feed(&mut router, pieces)?;
+    Ok(received(&mut receivers))
+}
+
+fn route() -> (Route, mpsc::UnboundedReceiver<Chunk>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (Route(tx), rx)
+}
+
+/// Hands `pieces` to `router` as the reader does.
+fn feed(router: &mut Router, pieces: &[&[u8]]) -> Result<(), MalformedReply> {
     let mut buf = BytesMut::new();
     for piece in pieces {
         buf.extend_from_slice(piece);
@@ -27,10 +37,21 @@ fn run(routes: &[(usize, bool)], pieces: &[&[u8]]) -> Result<Vec<Vec<String>>, M
                     let to = router.consumed(upto, last).unwrap();
                     to.send(Chunk::Data { bytes, last });
                 }
+                Step::Split { start, upto } => {
+                    for (to, bytes) in router.split(&buf[..upto], start) {
+                        to.send(Chunk::Data { bytes, last: true });
+                    }
+                    buf.advance(upto);
+                }
             }
         }
     }
-    Ok(receivers
+    Ok(())
+}
+
+/// What each receiver got, a piece that ends its job marked `|`.
+fn received(receivers: &mut [mpsc::UnboundedReceiver<Chunk>]) -> Vec<Vec<String>> {
+    receivers
         .iter_mut()
         .map(|rx| {
             std::iter::from_fn(|| rx.try_recv().ok())
@@ -47,7 +68,7 @@ fn run(routes: &[(usize, bool)], pieces: &[&[u8]]) -> Result<Vec<Vec<String>>, M
                 })
                 .collect()
         })
-        .collect())
+        .collect()
 }
 
 #[test]
@@ -115,4 +136,123 @@ fn a_reply_nobody_asked_for_fails_the_connection() {
     assert!(run(&[(1, false)], &[b"+OK\r\n+EXTRA\r\n"]).is_err());
     assert!(run(&[], &[b">2\r\n$7\r\nmessage\r\n"]).is_err());
     assert_eq!(run(&[], &[b""]).unwrap(), Vec::<Vec<String>>::new());
+}
+
+/// A merged batch call's array: each session gets its element, whole, as
+/// the one frame its call alone would have got; an error for the whole
+/// call goes to each; a push before it goes with the first.
+#[test]
+fn a_merged_call_reply_is_split_among_its_sessions() {
+    let mut router = Router::default();
+    let (a, ra) = route();
+    let (b, rb) = route();
+    let (c, rc) = route();
+    let (d, rd) = route();
+    let (e, re) = route();
+    let (f, rf) = route();
+    let (g, rg) = route();
+    router.push(a, 1, false);
+    router.push_merged(vec![b, c, d]);
+    router.push_merged(vec![e, f]);
+    router.push(g, 1, false);
+    feed(
+        &mut router,
+        &[
+            b"+A\r\n*3\r\n+OK\r\n-ERR not",
+            b" an integer\r\n$-",
+            b"1\r\n-NOSCRIPT No matching script.\r\n>2\r\n$1\r\np\r\n:1\r\n+G\r\n",
+        ],
+    )
+    .unwrap();
+    let got = received(&mut [ra, rb, rc, rd, re, rf, rg]);
+    assert_eq!(
+        got,
+        [
+            vec!["+A\r\n|"],
+            vec!["+OK\r\n|"],
+            vec!["-ERR not an integer\r\n|"],
+            vec!["$-1\r\n|"],
+            vec!["-NOSCRIPT No matching script.\r\n|"],
+            vec!["-NOSCRIPT No matching script.\r\n|"],
+            vec![">2\r\n$1\r\np\r\n:1\r\n+G\r\n|"],
+        ]
+    );
+    let mut router = Router::default();
+    let (b, rb) = route();
+    let (c, rc) = route();
+    router.push_merged(vec![b, c]);
+    feed(&mut router, &[b">2\r\n$1\r\np\r\n:1\r\n*2\r\n*1\r\n:1\r\n:2\r\n"]).unwrap();
+    assert_eq!(
+        received(&mut [rb, rc]),
+        [vec![">2\r\n$1\r\np\r\n:1\r\n*1\r\n:1\r\n|"], vec![":2\r\n|"]]
+    );
+}
+
+/// Jobs that are one script call each, next to each other, become one
+/// batch call; any other job keeps its place between them, and a failed
+/// connection answers every merged session.
+#[test]
+fn calls_next_to_each_other_are_merged_in_order() {
+    use crate::fence::script::{ScriptCall, batch};
+    let call = |key: &str| {
+        ScriptCall::new(
+            vec![
+                Bytes::from(key.to_string()),
+                Bytes::from(format!("cachefence:{{{key}}}")),
+            ],
+            vec![
+                Bytes::from_static(b"write"),
+                Bytes::from_static(b"11000"),
+                Bytes::from(key.to_string()),
+            ],
+        )
+    };
+    let job = |call: Option<ScriptCall>, route: Route| Job {
+        bytes: match &call {
+            Some(call) => call.encode(false),
+            None => Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"),
+        },
+        frames: 1,
+        eof: false,
+        route,
+        call,
+    };
+    let router = Mutex::new(Router::default());
+    let metrics = Metrics::default();
+    let mut receivers = Vec::new();
+    let mut jobs = Vec::new();
+    for call in [
+        Some(call("a")),
+        Some(call("b")),
+        None,
+        Some(call("c")),
+        Some(call("d")),
+        Some(call("e")),
+    ] {
+        let (to, rx) = route();
+        receivers.push(rx);
+        jobs.push(job(call, to));
+    }
+    let mut batch_out = Vec::new();
+    merge(&router, &mut jobs, &mut batch_out, &metrics);
+    assert_eq!(
+        batch_out,
+        [
+            batch(&[call("a"), call("b")]).encode(false),
+            Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"),
+            batch(&[call("c"), call("d"), call("e")]).encode(false),
+        ]
+    );
+    assert_eq!(metrics.shared_merged.get(), 5);
+    let mut router = router.into_inner().unwrap();
+    feed(&mut router, &[b"*2\r\n+OK\r\n:1\r\n+PONG\r\n*3\r\n:3\r\n:4\r\n"]).unwrap();
+    // The last merged call's reply has not come: its sessions get `Lost`.
+    for to in router.drain() {
+        to.send(Chunk::Lost("gone".into()));
+    }
+    let got = received(&mut receivers);
+    assert_eq!(got[..3], [vec!["+OK\r\n|"], vec![":1\r\n|"], vec!["+PONG\r\n|"]]);
+    for lost in &got[3..] {
+        assert_eq!(lost, &["Lost(\"gone\")"]);
+    }
 }
