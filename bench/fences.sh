@@ -491,7 +491,10 @@ check "GET-hit c50 P1 fences on / off" "${ONOFF[c50_P1]}" ">=" 0.95
 check "GET-hit runs: misses + fence scripts" "$((GET_MISSES + GET_SCRIPTS))" "==" 0
 SCRIPTS_ON=$(mf_median on scripts_per_pair)
 SCRIPTS_ON_R=$(awk -v s="$SCRIPTS_ON" 'BEGIN { if (s != "") printf "%.2f", s }')
-check "miss->fill fence scripts per pair (on)" "$SCRIPTS_ON_R" "==" 2.00
+# Two fence operations per pair (the miss, the fill); on a shared upstream
+# connection the calls of different clients next to each other run as one
+# batch call, so there are at most two calls.
+check "miss->fill fence script calls per pair (on)" "$SCRIPTS_ON_R" "<=" 2.00
 printf '  %-44s %10s  (report only)\n' "miss->fill pairs/s fences on / off" "${FILL_ONOFF:-n/a}"
 printf '  %-44s %10s  (report only)\n' "miss->fill cachefence CPU per pair on / off" "${PCPU_ONOFF:-n/a}"
 printf '  %-44s %10s  (report only)\n' "miss->fill Redis CPU per pair on / off" "${CPU_ONOFF:-n/a}"
