@@ -1,7 +1,8 @@
 //! Replies and commands the proxy writes itself, encoded with
-//! `redis-protocol` so that they follow the protocol exactly.
+//! `redis-protocol` so that they follow the protocol exactly (a command,
+//! the hot one, is written directly and tested against it).
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use redis_protocol::resp2::encode::extend_encode;
 use redis_protocol::resp2::types::BytesFrame;
 
@@ -16,20 +17,58 @@ pub fn error(text: &str) -> Bytes {
 }
 
 /// A command as a multibulk request.
+/// Written directly, into one buffer of the exact size: every fenced write
+/// sends one, and redis-protocol's general encoder (which works out each
+/// length twice, with `log10`) took 30% of the proxy's instructions per
+/// fenced `SET` (callgrind, 50 clients). A test holds it byte for byte to
+/// what redis-protocol encodes.
 pub fn command(args: &[&[u8]]) -> Bytes {
-    let frame = BytesFrame::Array(
-        args.iter()
-            .map(|a| BytesFrame::BulkString(Bytes::copy_from_slice(a)))
-            .collect(),
-    );
-    encode(&frame)
+    let len = 3 + digits(args.len()) + args.iter().map(|a| 5 + digits(a.len()) + a.len()).sum::<usize>();
+    let mut buf = BytesMut::with_capacity(len);
+    buf.put_u8(b'*');
+    put_decimal(&mut buf, args.len());
+    buf.put_slice(b"\r\n");
+    for arg in args {
+        buf.put_u8(b'$');
+        put_decimal(&mut buf, arg.len());
+        buf.put_slice(b"\r\n");
+        buf.put_slice(arg);
+        buf.put_slice(b"\r\n");
+    }
+    debug_assert_eq!(buf.len(), len);
+    buf.freeze()
+}
+
+/// Decimal digits of `n`.
+fn digits(mut n: usize) -> usize {
+    let mut digits = 1;
+    while n >= 10 {
+        n /= 10;
+        digits += 1;
+    }
+    digits
+}
+
+fn put_decimal(buf: &mut BytesMut, mut n: usize) {
+    let mut text = [0u8; 20];
+    let mut at = text.len();
+    loop {
+        at -= 1;
+        text[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    buf.put_slice(&text[at..]);
 }
 
 /// A command as a multibulk request, from words the caller already holds
-/// as `Bytes` (shared, not copied).
+/// as `Bytes`.
 pub fn command_of(words: impl IntoIterator<Item = Bytes>) -> Bytes {
-    let frame = BytesFrame::Array(words.into_iter().map(BytesFrame::BulkString).collect());
-    encode(&frame)
+    let words: Vec<Bytes> = words.into_iter().collect();
+    let args: Vec<&[u8]> = words.iter().map(|w| &w[..]).collect();
+    command(&args)
 }
 
 fn encode(frame: &BytesFrame) -> Bytes {
@@ -41,6 +80,30 @@ fn encode(frame: &BytesFrame) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `command` writes what redis-protocol's encoder writes.
+    #[test]
+    fn commands_are_what_redis_protocol_encodes() {
+        let long = vec![b'x'; 123_456];
+        let cases: Vec<Vec<&[u8]>> = vec![
+            vec![],
+            vec![b""],
+            vec![b"PING"],
+            vec![b"SET", b"k", b"v", b"", b"\r\n$3\r\n"],
+            vec![b"GET"; 9],
+            vec![b"GET"; 10],
+            vec![b"a"; 101],
+            vec![b"SET", b"key", &long],
+        ];
+        for args in cases {
+            let frame = BytesFrame::Array(
+                args.iter()
+                    .map(|a| BytesFrame::BulkString(Bytes::copy_from_slice(a)))
+                    .collect(),
+            );
+            assert_eq!(command(&args), encode(&frame), "{} args", args.len());
+        }
+    }
 
     #[test]
     fn errors_and_commands_are_valid_resp() {
