@@ -479,3 +479,33 @@ async fn a_shutdown_while_a_probe_is_in_flight_still_sends_and_answers_its_write
     let mut direct = RawClient::connect(redis.addr()).await;
     assert_eq!(cached(&mut direct, "a").await.as_deref(), Some("1"));
 }
+
+/// Redis keeps scripts for the whole server, not per connection: once the
+/// proxy sent the fence script's source, a new client's first fenced
+/// command calls it by its SHA (a client that connects per request does not
+/// send 20 KB of Lua each time); after Redis lost it (`SCRIPT FLUSH`), the
+/// `NOSCRIPT` is answered by sending the call again with the source.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_client_calls_the_script_by_its_sha_once_the_proxy_sent_it() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await;
+    let mut direct = RawClient::connect(redis.addr()).await;
+    let mut first = RawClient::connect(proxy.addr).await;
+    assert_eq!(first.call("SET a 1").await, "+OK\r\n");
+    assert_eq!(calls(&mut direct, "eval").await, 1, "the first call loads it");
+    assert_eq!(direct.call("CONFIG RESETSTAT").await, "+OK\r\n");
+    for i in 0..5 {
+        let mut client = RawClient::connect(proxy.addr).await;
+        assert_eq!(client.call(&format!("SET b{i} 1")).await, "+OK\r\n");
+    }
+    assert_eq!(calls(&mut direct, "eval").await, 0);
+    assert_eq!(calls(&mut direct, "evalsha").await, 5);
+    assert_eq!(direct.call("SCRIPT FLUSH").await, "+OK\r\n");
+    assert_eq!(direct.call("CONFIG RESETSTAT").await, "+OK\r\n");
+    let mut client = RawClient::connect(proxy.addr).await;
+    assert_eq!(client.call("SET c 1").await, "+OK\r\n");
+    assert_eq!(cached(&mut direct, "c").await.as_deref(), Some("1"));
+    assert_eq!(calls(&mut direct, "evalsha").await, 1, "answered NOSCRIPT");
+    assert_eq!(calls(&mut direct, "eval").await, 1, "sent again with the source");
+    proxy.shutdown().await;
+}

@@ -42,14 +42,16 @@ impl<'a> Client<'a> {
     }
 
     /// Encodes a call for the wire: with the script's source the first
-    /// time on this connection, or when Redis lost the script (`reload`).
+    /// time this process sends one ([`crate::fence::Fences::script_sent`]),
+    /// or when Redis lost the script (`reload`).
     pub fn encode(&self, call: &ScriptCall, reload: bool) -> Bytes {
-        let first = !self.loaded.swap(true, std::sync::atomic::Ordering::Relaxed);
+        use std::sync::atomic::Ordering::Relaxed;
+        let first = !self.loaded.swap(true, Relaxed) && !self.fences.script_sent.swap(true, Relaxed);
         call.encode(first || reload)
     }
 
-    /// Whether this connection sent the script's source already (its next
-    /// call goes as `EVALSHA`).
+    /// Whether this connection sent a call already (its next calls go as
+    /// `EVALSHA`).
     pub fn has_loaded(&self) -> bool {
         self.loaded.load(std::sync::atomic::Ordering::Relaxed)
     }

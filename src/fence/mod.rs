@@ -129,6 +129,13 @@ pub struct Fences {
     /// The window `lag_window = "auto"` sections are judged by, set by the
     /// replica-lag monitor.
     pub lag: std::sync::Arc<lag::LagGauge>,
+    /// A session sent the script's source already. Redis keeps scripts
+    /// for the whole server, not per connection, so a new client's first
+    /// call goes as `EVALSHA` too (a client that connects per request no
+    /// longer sends 20 KB of Lua with its first fenced command); a Redis
+    /// that lost it (`SCRIPT FLUSH`, a restart) answers `NOSCRIPT`, and
+    /// the call is sent again with the source.
+    pub script_sent: std::sync::atomic::AtomicBool,
 }
 
 /// The fenced key space as it is now, shared with the workers: readers
@@ -170,6 +177,7 @@ impl Fences {
             admin_password: arc_swap::ArcSwapOption::empty(),
             history,
             lag: std::sync::Arc::default(),
+            script_sent: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
