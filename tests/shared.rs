@@ -501,3 +501,49 @@ async fn fenced_writes_of_many_clients_run_as_one_script_call_each_with_its_own_
         proxy.shutdown().await;
     }
 }
+
+/// Redis checks the keys a script call declares against the user's ACL
+/// before it runs: a batch call of several clients' writes would be refused
+/// as a whole (`-NOPERM`) for one client's key. Under a proxy user that may
+/// not touch every key, calls are not merged, and each client gets what
+/// its own write gets: the one writing a key it may not touch an error, the
+/// others `+OK`.
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_are_not_merged_for_a_user_that_may_not_touch_every_key() {
+    const CLIENTS: usize = 10;
+    let redis = RedisServer::start();
+    let mut direct = RawClient::connect(redis.addr()).await;
+    assert_eq!(
+        direct.call("ACL SETUSER u on >p ~ok:* ~cachefence:* +@all").await,
+        "+OK\r\n"
+    );
+    let config = "shared_connections = 1\nupstream_user = \"u\"\nupstream_password = \"p\"\n\
+                  [[cache]]\npattern = \"*\"\non_write = \"write\"\n";
+    let proxy = Proxy::start(&redis.addr(), config).await;
+    let mut tasks = Vec::new();
+    for i in 0..CLIENTS {
+        let addr = proxy.addr;
+        tasks.push(tokio::spawn(async move {
+            let mut c = RawClient::connect(addr).await;
+            for n in 0..50 {
+                match i {
+                    0 => assert!(
+                        c.call(&format!("SET bad:{n} v")).await.starts_with("-NOPERM"),
+                        "a key the user may not touch"
+                    ),
+                    _ => assert_eq!(
+                        c.call(&format!("SET ok:{i} v{n}")).await,
+                        "+OK\r\n",
+                        "client {i}, write {n}"
+                    ),
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(proxy.ctx.metrics.shared_merged.get(), 0);
+    assert_eq!(direct.call("GET ok:3").await, "$3\r\nv49\r\n");
+    proxy.shutdown().await;
+}

@@ -100,6 +100,14 @@ pub async fn call<S>(stream: &mut S, request: &[u8]) -> Result<(), CallError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    call_reply(stream, request).await.map(|_| ())
+}
+
+/// Sends one command and returns its reply, which must not be an error.
+pub async fn call_reply<S>(stream: &mut S, request: &[u8]) -> Result<BytesMut, CallError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     stream.write_all(request).await?;
     // A TLS stream may keep the end of the request until flushed.
     stream.flush().await?;
@@ -117,7 +125,8 @@ where
                 let text = String::from_utf8_lossy(&buf[1..frame.end - 2]).into_owned();
                 return Err(CallError::Refused(text));
             }
-            return Ok(());
+            buf.truncate(frame.end);
+            return Ok(buf);
         }
     }
 }

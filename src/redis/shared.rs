@@ -174,8 +174,8 @@ impl SharedUpstreams {
         }
         // A failure is counted by the caller (a session going offline, or
         // one whose shared connection could not be replaced).
-        let stream = match self.connect(resp3).await {
-            Ok(stream) => stream,
+        let (stream, merge) = match self.connect(resp3).await {
+            Ok(opened) => opened,
             Err(error) => {
                 *slot_state.failed.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some((Instant::now(), error.clone()));
@@ -186,19 +186,61 @@ impl SharedUpstreams {
         let (tx, rx) = mpsc::channel(QUEUED_JOBS);
         metrics.shared_opened.inc();
         debug!(slot, resp3, "shared upstream connection opened");
-        tokio::spawn(serve(stream, rx, self.silence, metrics.clone()));
+        tokio::spawn(serve(stream, rx, self.silence, metrics.clone(), merge));
         *held = Some(tx.clone());
         Ok(tx)
     }
 
-    /// The proxy's handshake, and `HELLO 3` for a RESP3 connection.
-    async fn connect(&self, resp3: bool) -> Result<Stream, UpstreamError> {
+    /// The proxy's handshake, and `HELLO 3` for a RESP3 connection; with
+    /// whether the connection may merge calls ([`may_touch_every_key`]).
+    async fn connect(&self, resp3: bool) -> Result<(Stream, bool), UpstreamError> {
         let mut stream = connect(&self.upstream, self.connect_timeout).await?;
+        let merge = tokio::time::timeout(self.connect_timeout, may_touch_every_key(&mut stream))
+            .await
+            .map_err(|_| UpstreamError::Unreachable {
+                addr: self.upstream.addr(),
+                reason: "no reply to ACL GETUSER within connect_timeout".to_string(),
+            })?;
         if resp3 {
             hello3(&mut stream, &self.upstream).await?;
         }
-        Ok(stream)
+        Ok((stream, merge))
     }
+}
+
+/// Whether the proxy's upstream user may touch every key (`~*`, or the
+/// `allkeys` flag of Redis 6). Redis checks the keys an `EVALSHA` declares
+/// against the user's ACL before it runs anything: a batch call of several
+/// clients' calls ([`merge`]) would be refused as a whole (`-NOPERM`) for
+/// one client's key, and every client in it would get an error its call
+/// alone does not get. So calls are merged only for a user that may touch
+/// every key; when that is unknown (the user may not run `ACL`), not.
+async fn may_touch_every_key(stream: &mut Stream) -> bool {
+    use crate::resp::value::Value;
+    async fn ask(stream: &mut Stream, args: &[&[u8]]) -> Option<Value> {
+        let reply = super::call_reply(stream, &crate::resp::encode::command(args))
+            .await
+            .ok()?;
+        Value::decode(&reply, false)
+    }
+    let Some(name) = ask(stream, &[b"ACL", b"WHOAMI"])
+        .await
+        .and_then(|v| v.as_bytes().cloned())
+    else {
+        return false;
+    };
+    let Some(Value::Array(fields)) = ask(stream, &[b"ACL", b"GETUSER", &name]).await else {
+        return false;
+    };
+    fields.chunks(2).any(|pair| match pair {
+        [Value::Bulk(field), Value::Array(flags)] if &field[..] == b"flags" => flags
+            .iter()
+            .any(|flag| flag.as_bytes().is_some_and(|f| &f[..] == b"allkeys")),
+        [Value::Bulk(field), Value::Bulk(keys)] if &field[..] == b"keys" => keys
+            .split(|&b| b == b' ')
+            .any(|pattern| pattern == b"~*" || pattern == b"%RW~*"),
+        _ => false,
+    })
 }
 
 /// Switches a fresh connection to RESP3 (its reply is dropped).
@@ -433,11 +475,11 @@ fn elements(array: &[u8], n: usize) -> Option<Vec<&[u8]>> {
 /// passes another of its session), and its reply is the element of the
 /// batch's that is what it alone would have answered. Returns what to
 /// write, with the jobs routed in order.
-fn merge(router: &Mutex<Router>, jobs: &mut Vec<Job>, batch: &mut Vec<Bytes>, metrics: &Metrics) {
+fn merge(router: &Mutex<Router>, jobs: &mut Vec<Job>, batch: &mut Vec<Bytes>, metrics: &Metrics, may: bool) {
     let mut router = lock(router);
     let mut jobs = jobs.drain(..).peekable();
     while let Some(job) = jobs.next() {
-        let mergeable = |job: &Job| job.call.is_some() && job.frames == 1 && !job.eof;
+        let mergeable = |job: &Job| may && job.call.is_some() && job.frames == 1 && !job.eof;
         if !mergeable(&job) || !jobs.peek().is_some_and(mergeable) {
             answer_locked(&mut router, job.route, job.frames, job.eof);
             batch.push(job.bytes);
@@ -491,6 +533,7 @@ async fn serve(
     mut jobs: mpsc::Receiver<Job>,
     silence: Option<Duration>,
     metrics: Arc<Metrics>,
+    may_merge: bool,
 ) {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let router = Mutex::new(Router::default());
@@ -533,7 +576,7 @@ async fn serve(
                 0 => busy.saturating_sub(1),
                 _ => BUSY_BATCHES,
             };
-            merge(&router, &mut gathered, &mut batch, &metrics);
+            merge(&router, &mut gathered, &mut batch, &metrics, may_merge);
             let written = if batch.len() == 1 {
                 wr.write_all(&batch[0]).await
             } else {

@@ -67,8 +67,12 @@ impl ReadSize {
     }
 
     /// Room for the next read: at least a quarter of the read size free.
+    /// An empty buffer much larger than the read size (a large frame came
+    /// once) is given back: `reserve` would keep it for the session's life.
     fn prepare(&self, buf: &mut BytesMut) {
-        if buf.capacity() - buf.len() < self.0 / 4 {
+        if buf.is_empty() && buf.capacity() > 4 * self.0 {
+            *buf = BytesMut::with_capacity(self.0);
+        } else if buf.capacity() - buf.len() < self.0 / 4 {
             buf.reserve(self.0);
         }
     }
@@ -344,5 +348,34 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod read_size_tests {
+    use super::*;
+
+    #[test]
+    fn the_read_size_follows_the_reads_and_a_large_empty_buffer_goes() {
+        let mut size = ReadSize::new();
+        for expected in [8 << 10, 16 << 10, 32 << 10, 64 << 10, 64 << 10] {
+            size.observe(size.0);
+            assert_eq!(size.0, expected);
+        }
+        size.observe(size.0 / 4);
+        assert_eq!(size.0, 64 << 10, "a read of a quarter keeps it");
+        for expected in [32 << 10, 16 << 10, 8 << 10, 4 << 10, 4 << 10] {
+            size.observe(10);
+            assert_eq!(size.0, expected);
+        }
+        // A 1 MiB frame came and went: the buffer is not kept.
+        let mut buf = BytesMut::with_capacity(1 << 20);
+        size.prepare(&mut buf);
+        assert!(buf.capacity() < 16 << 10, "{}", buf.capacity());
+        // A buffer holding part of a frame keeps it, with room to read.
+        buf.extend_from_slice(&[b'x'; 4000]);
+        size.prepare(&mut buf);
+        assert_eq!(&buf[..], &[b'x'; 4000][..]);
+        assert!(buf.capacity() - buf.len() >= ReadSize::MIN / 4);
     }
 }

@@ -234,7 +234,7 @@ fn calls_next_to_each_other_are_merged_in_order() {
         jobs.push(job(call, to));
     }
     let mut batch_out = Vec::new();
-    merge(&router, &mut jobs, &mut batch_out, &metrics);
+    merge(&router, &mut jobs, &mut batch_out, &metrics, true);
     assert_eq!(
         batch_out,
         [
