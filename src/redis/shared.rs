@@ -109,6 +109,7 @@ pub struct SharedUpstreams {
     /// session's own `reply_timeout` (checked once per period, so firing
     /// within two) answers its client first, as on a connection of its own.
     silence: Option<Duration>,
+    merging: Arc<Merging>,
 }
 
 #[derive(Debug, Default)]
@@ -133,6 +134,7 @@ impl SharedUpstreams {
         SharedUpstreams {
             slots: (0..connections.max(1)).map(|_| Default::default()).collect(),
             next: AtomicUsize::new(0),
+            merging: Arc::new(Merging::new(upstream.clone(), connect_timeout)),
             upstream,
             connect_timeout,
             silence: silence.map(|reply_timeout| reply_timeout * 3),
@@ -174,8 +176,8 @@ impl SharedUpstreams {
         }
         // A failure is counted by the caller (a session going offline, or
         // one whose shared connection could not be replaced).
-        let (stream, merge) = match self.connect(resp3).await {
-            Ok(opened) => opened,
+        let stream = match self.connect(resp3).await {
+            Ok(stream) => stream,
             Err(error) => {
                 *slot_state.failed.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some((Instant::now(), error.clone()));
@@ -186,25 +188,78 @@ impl SharedUpstreams {
         let (tx, rx) = mpsc::channel(QUEUED_JOBS);
         metrics.shared_opened.inc();
         debug!(slot, resp3, "shared upstream connection opened");
-        tokio::spawn(serve(stream, rx, self.silence, metrics.clone(), merge));
+        tokio::spawn(serve(
+            stream,
+            rx,
+            self.silence,
+            metrics.clone(),
+            self.merging.clone(),
+        ));
         *held = Some(tx.clone());
         Ok(tx)
     }
 
-    /// The proxy's handshake, and `HELLO 3` for a RESP3 connection; with
-    /// whether the connection may merge calls ([`may_touch_every_key`]).
-    async fn connect(&self, resp3: bool) -> Result<(Stream, bool), UpstreamError> {
+    /// The proxy's handshake, and `HELLO 3` for a RESP3 connection.
+    async fn connect(&self, resp3: bool) -> Result<Stream, UpstreamError> {
         let mut stream = connect(&self.upstream, self.connect_timeout).await?;
-        let merge = tokio::time::timeout(self.connect_timeout, may_touch_every_key(&mut stream))
-            .await
-            .map_err(|_| UpstreamError::Unreachable {
-                addr: self.upstream.addr(),
-                reason: "no reply to ACL GETUSER within connect_timeout".to_string(),
-            })?;
         if resp3 {
             hello3(&mut stream, &self.upstream).await?;
         }
-        Ok((stream, merge))
+        Ok(stream)
+    }
+}
+
+/// Whether calls may be merged ([`merge`]): that depends on the proxy's
+/// upstream user ([`may_touch_every_key`]), asked once per process, on a
+/// connection of its own, the first time there are calls to merge (so a
+/// proxy without fenced writes never asks, and the shared connections run
+/// nothing of the proxy's own: `MONITOR` and `INFO` see what they see
+/// directly). Until the answer, calls are not merged; if it cannot be had,
+/// never.
+#[derive(Debug)]
+pub struct Merging {
+    /// 0: not asked; 1: asking; 2: yes; 3: no.
+    state: std::sync::atomic::AtomicU8,
+    upstream: Upstream,
+    connect_timeout: Duration,
+}
+
+impl Merging {
+    fn new(upstream: Upstream, connect_timeout: Duration) -> Merging {
+        Merging {
+            state: std::sync::atomic::AtomicU8::new(0),
+            upstream,
+            connect_timeout,
+        }
+    }
+
+    /// Whether calls may be merged now; the first time, asks in the background.
+    fn allowed(self: &Arc<Self>) -> bool {
+        match self.state.load(Ordering::Acquire) {
+            2 => true,
+            0 if self
+                .state
+                .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok() =>
+            {
+                let this = self.clone();
+                tokio::spawn(async move {
+                    let ask = async {
+                        let mut stream = connect(&this.upstream, this.connect_timeout).await.ok()?;
+                        Some(may_touch_every_key(&mut stream).await)
+                    };
+                    let may = tokio::time::timeout(this.connect_timeout * 2, ask)
+                        .await
+                        .ok()
+                        .flatten()
+                        .unwrap_or(false);
+                    debug!(may, "fence script calls of different clients may be merged");
+                    this.state.store(if may { 2 } else { 3 }, Ordering::Release);
+                });
+                false
+            }
+            _ => false,
+        }
     }
 }
 
@@ -533,7 +588,7 @@ async fn serve(
     mut jobs: mpsc::Receiver<Job>,
     silence: Option<Duration>,
     metrics: Arc<Metrics>,
-    may_merge: bool,
+    merging: Arc<Merging>,
 ) {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let router = Mutex::new(Router::default());
@@ -576,6 +631,8 @@ async fn serve(
                 0 => busy.saturating_sub(1),
                 _ => BUSY_BATCHES,
             };
+            let calls = gathered.iter().filter(|job| job.call.is_some()).count();
+            let may_merge = calls > 1 && merging.allowed();
             merge(&router, &mut gathered, &mut batch, &metrics, may_merge);
             let written = if batch.len() == 1 {
                 wr.write_all(&batch[0]).await
