@@ -214,8 +214,8 @@ impl SharedUpstreams {
 /// connection of its own, the first time there are calls to merge (so a
 /// proxy without fenced writes never asks, and the shared connections run
 /// nothing of the proxy's own: `MONITOR` and `INFO` see what they see
-/// directly). Until the answer, calls are not merged; if it cannot be had,
-/// never.
+/// directly). Until the answer, calls are not merged; a user that may not
+/// run `ACL` gets none.
 #[derive(Debug)]
 pub struct Merging {
     /// 0: not asked; 1: asking; 2: yes; 3: no.
@@ -248,13 +248,17 @@ impl Merging {
                         let mut stream = connect(&this.upstream, this.connect_timeout).await.ok()?;
                         Some(may_touch_every_key(&mut stream).await)
                     };
-                    let may = tokio::time::timeout(this.connect_timeout * 2, ask)
-                        .await
-                        .ok()
-                        .flatten()
-                        .unwrap_or(false);
-                    debug!(may, "fence script calls of different clients may be merged");
-                    this.state.store(if may { 2 } else { 3 }, Ordering::Release);
+                    // Unreachable: asked again the next time there are calls to merge.
+                    let state = match tokio::time::timeout(this.connect_timeout * 2, ask).await {
+                        Ok(Some(true)) => 2,
+                        Ok(Some(false)) => 3,
+                        _ => 0,
+                    };
+                    debug!(
+                        state,
+                        "whether fence script calls of different clients may be merged"
+                    );
+                    this.state.store(state, Ordering::Release);
                 });
                 false
             }
