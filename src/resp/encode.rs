@@ -23,13 +23,23 @@ pub fn error(text: &str) -> Bytes {
 /// fenced `SET` (callgrind, 50 clients). A test holds it byte for byte to
 /// what redis-protocol encodes.
 pub fn command(args: &[&[u8]]) -> Bytes {
-    let len = 3 + digits(args.len()) + args.iter().map(|a| 5 + digits(a.len()) + a.len()).sum::<usize>();
+    multibulk(args)
+}
+
+fn multibulk<W: AsRef<[u8]>>(args: &[W]) -> Bytes {
+    let len = 3
+        + digits(args.len())
+        + args
+            .iter()
+            .map(|a| 5 + digits(a.as_ref().len()) + a.as_ref().len())
+            .sum::<usize>();
     let mut buf = BytesMut::with_capacity(len);
     buf.put_u8(b'*');
     put_decimal(&mut buf, args.len());
     buf.put_slice(b"\r\n");
     for arg in args {
         buf.put_u8(b'$');
+        let arg = arg.as_ref();
         put_decimal(&mut buf, arg.len());
         buf.put_slice(b"\r\n");
         buf.put_slice(arg);
@@ -67,8 +77,7 @@ fn put_decimal(buf: &mut BytesMut, mut n: usize) {
 /// as `Bytes`.
 pub fn command_of(words: impl IntoIterator<Item = Bytes>) -> Bytes {
     let words: Vec<Bytes> = words.into_iter().collect();
-    let args: Vec<&[u8]> = words.iter().map(|w| &w[..]).collect();
-    command(&args)
+    multibulk(&words)
 }
 
 fn encode(frame: &BytesFrame) -> Bytes {
