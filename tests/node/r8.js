@@ -20,7 +20,13 @@ run(target, async (redis) => {
   // long-lived shared client has carried concurrent requests before, and
   // until it has, cachefence treats its connection as used one request at
   // a time (misses never wait for a leader on it; docs/consistency.md).
-  await Promise.all([redis.ping(), redis.ping(), redis.ping(), redis.ping()]);
+  // One pipeline is one write: four separate pings could reach the proxy
+  // one at a time on a loaded machine, each answered before the next (a
+  // CI run saw six readers go to the database that way).
+  const warm = await redis.pipeline().ping().ping().ping().ping().exec();
+  if (warm.some(([error, pong]) => error || pong !== "PONG")) {
+    throw new Error(`warm-up pings failed: ${JSON.stringify(warm)}`);
+  }
   let reads = 0;
   const reader = async () => {
     const got = await redis.get("user:x");
