@@ -33,6 +33,11 @@ pub struct App {
     pub fences: Option<Fences>,
     /// The upstream connections clients share (`shared_connections` > 0).
     pub shared: Option<crate::redis::shared::SharedUpstreams>,
+    /// Whether a new connection to Redis starts logged in, for clients on
+    /// shared connections when the proxy has no credentials of its own
+    /// (`None`: it logs every connection in, or every client has one of
+    /// its own, where Redis itself answers).
+    pub logins: Option<crate::redis::login::NewLogins>,
     /// The change-log consumer's counters, when `[postgres]` is configured.
     pub changelog: Option<Arc<ChangeLogStats>>,
     /// `cachefence_replica_lag_seconds` as a one-family list, one sample
@@ -68,6 +73,8 @@ impl App {
         });
         App {
             shared,
+            logins: (config.shared_connections > 0 && config.upstream.password.is_none())
+                .then(Default::default),
             replica_lag,
             fences,
             changelog: config

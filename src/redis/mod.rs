@@ -13,6 +13,7 @@ use crate::net::Stream;
 use crate::resp::encode::command;
 use crate::resp::reply::ReplyScanner;
 
+pub mod login;
 pub mod shared;
 
 #[derive(Debug, Clone, thiserror::Error)]

@@ -105,14 +105,25 @@ pub struct Injection {
 /// `timeout`, or a shutdown drains it.
 pub async fn run(mut client: Stream, peer: SocketAddr, app: Arc<App>, shutdown: watch::Receiver<bool>) {
     let mut shutdown = shutdown;
+    // A client Redis would ask for `AUTH` is not served on a shared
+    // connection (logged in as it was opened), and nothing of its is
+    // rewritten before it logs in ([`redis::login`]).
+    let logged_in = match &app.logins {
+        Some(logins) => {
+            logins
+                .logged_in(&app.config.upstream, app.config.connect_timeout)
+                .await
+        }
+        None => true,
+    };
     let connected = match &app.shared {
-        Some(pool) => {
+        Some(pool) if logged_in => {
             let slot = pool.assign();
             pool.queue(slot, false, &app.metrics)
                 .await
                 .map(|queue| Upstream::Shared(slot, queue))
         }
-        None => redis::connect(&app.config.upstream, app.config.connect_timeout)
+        _ => redis::connect(&app.config.upstream, app.config.connect_timeout)
             .await
             .map(|stream| Upstream::Own(stream, BytesMut::new())),
     };
@@ -134,7 +145,7 @@ pub async fn run(mut client: Stream, peer: SocketAddr, app: Arc<App>, shutdown: 
         },
     };
     debug!(%peer, "session started");
-    let ctx = (&*app, peer);
+    let ctx = (&*app, peer, logged_in);
     match upstream {
         Upstream::Shared(slot, queue) => {
             let (mut rd, mut wr) = upstream::shared_halves(app.clone(), slot, queue);
@@ -158,7 +169,7 @@ async fn serve_client<R, W>(
     client: Stream,
     upstream: (&mut R, &mut W),
     unread: BytesMut,
-    ctx: (&App, SocketAddr),
+    ctx: (&App, SocketAddr, bool),
     shutdown: &mut watch::Receiver<bool>,
 ) where
     R: AsyncRead + Unpin + Send,
@@ -184,7 +195,7 @@ async fn serve<C, R, W>(
     client: &mut C,
     (upstream_rd, upstream_wr): (&mut R, &mut W),
     unread: BytesMut,
-    (app, peer): (&App, SocketAddr),
+    (app, peer, logged_in): (&App, SocketAddr, bool),
     shutdown: &mut watch::Receiver<bool>,
 ) where
     C: Split,
@@ -192,7 +203,13 @@ async fn serve<C, R, W>(
     W: UpstreamWrite,
 {
     let shared = Shared::default();
-    shared.pairing().db = app.config.upstream.db;
+    {
+        let mut pairing = shared.pairing();
+        pairing.db = app.config.upstream.db;
+        if !logged_in {
+            pairing.await_login();
+        }
+    }
     let fence = app.fences.as_ref().map(|fences| Client::new(fences, peer.ip()));
     // Boxed: the channel allocates a block of 32 slots as it is made, which
     // at an injection's own size was 4 KiB for every session, busy or not.

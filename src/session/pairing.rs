@@ -106,6 +106,11 @@ pub struct Pairing {
     subs: Subscriptions,
     /// Redis answered `-NOAUTH` and nothing has succeeded since.
     unauthenticated: bool,
+    /// Numbers of the expectations whose replies may change how Redis
+    /// greets a new connection ([`crate::redis::login`]).
+    login_changes: VecDeque<u64>,
+    /// One of them was answered since [`Pairing::take_login_changed`].
+    login_changed: bool,
     /// Subscription requests still waiting for their confirmations.
     confirms_pending: usize,
     /// Redis answered a `QUIT`: it sends nothing more.
@@ -249,9 +254,25 @@ impl Pairing {
         }
     }
 
+    /// The request pushed last may change how Redis greets a new
+    /// connection (`CONFIG SET requirepass`; an `EXEC` of one).
+    pub fn note_login_change(&mut self) {
+        self.login_changes.push_back(self.pushed);
+    }
+
+    /// Whether a request noted by [`Pairing::note_login_change`] was
+    /// answered (or lost with the upstream) since the last call.
+    pub fn take_login_changed(&mut self) -> bool {
+        std::mem::take(&mut self.login_changed)
+    }
+
     fn pop(&mut self) -> Option<Expect> {
         let expect = self.pending.pop_front()?;
         self.popped += 1;
+        while self.login_changes.front().is_some_and(|&n| n <= self.popped) {
+            self.login_changes.pop_front();
+            self.login_changed = true;
+        }
         match expect {
             Expect::Confirm { .. } | Expect::ConfirmAll(_) => self.confirms_pending -= 1,
             Expect::Blocking => self.blocking -= 1,
@@ -305,6 +326,11 @@ impl Pairing {
         self.resp3
     }
 
+    /// The connection starts logged out: Redis will ask for `AUTH`.
+    pub fn await_login(&mut self) {
+        self.unauthenticated = true;
+    }
+
     /// Whether a command may be rewritten: not while Redis refuses most
     /// commands anyway (before `AUTH`, RESP2 subscribed), where the error
     /// must name the client's command.
@@ -342,6 +368,8 @@ impl Pairing {
     pub fn abandon(&mut self) -> (usize, Vec<(u32, Vec<Bytes>)>) {
         let mut deletes = Vec::new();
         let pending = std::mem::take(&mut self.pending);
+        // Redis may have applied them.
+        self.login_changed |= !std::mem::take(&mut self.login_changes).is_empty();
         (self.confirms_pending, self.blocking, self.held_bytes) = (0, 0, 0);
         (self.popped, self.marks) = (self.pushed, VecDeque::new());
         if self.quit {

@@ -217,6 +217,10 @@ where
             if pairing.pending() < before {
                 shared.room.notify_one();
                 observe_latency(&mut pairing, &app.metrics);
+                // Before the client has the reply (and can connect again).
+                if let Some(logins) = app.logins.as_ref().filter(|_| pairing.take_login_changed()) {
+                    logins.changed();
+                }
             }
             pairing.reply_held = outbox.is_holding();
             if !close && !linked {
@@ -557,7 +561,14 @@ async fn upstream_lost<W: AsyncWrite + Unpin>(
     mid_frame: bool,
     reason: &str,
 ) -> SessionEnd {
-    let (owed, deletes) = shared.pairing().abandon();
+    let (owed, deletes, login_changed) = {
+        let mut pairing = shared.pairing();
+        let (owed, deletes) = pairing.abandon();
+        (owed, deletes, pairing.take_login_changed())
+    };
+    if let Some(logins) = app.logins.as_ref().filter(|_| login_changed) {
+        logins.changed();
+    }
     if let Some(fence) = fence {
         for (db, keys) in deletes {
             // The client gets an error; the delete is retried until Redis takes it (C3).

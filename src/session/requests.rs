@@ -33,6 +33,7 @@ use crate::fence::probe::{PROBE_MIN_OPS, Probe};
 use crate::fence::script::{BATCH_MAX_OPS, BATCH_MAX_WORDS, ScriptCall, batch as batch_call};
 use crate::fence::translate::ScriptReply;
 use crate::redis::UpstreamError;
+use crate::redis::login;
 use crate::resp::command::{CacheOp, Command, ReplyMode};
 use crate::resp::encode;
 use crate::resp::request::{INLINE_MAX, ProtocolError, RequestFramer};
@@ -62,6 +63,7 @@ where
         reply_mode: ReplyMode::On,
         in_multi: false,
         multi_pubsub: false,
+        multi_login: false,
         discarding: false,
         shared: upstream.shared().is_some(),
         remembered: Vec::new(),
@@ -288,6 +290,9 @@ struct RequestState {
     /// The transaction queued (un)subscriptions: its `EXEC` reply moves
     /// the subscription counts.
     multi_pubsub: bool,
+    /// The transaction queued a command that may change how Redis greets
+    /// a new connection ([`login::may_change`]).
+    multi_login: bool,
     /// A protocol error under `CLIENT REPLY OFF`: input is read and dropped.
     discarding: bool,
     /// On a shared upstream connection: commands that need a connection of
@@ -447,6 +452,16 @@ fn frame_requests(
             Command::Reset => state.in_multi = false,
             _ => {}
         }
+        // Known once its reply (its `EXEC`'s, in a transaction) is routed.
+        let login_change = app.logins.is_some()
+            && match command {
+                Command::Plain if login::may_change(&frame, request) => {
+                    state.multi_login |= state.in_multi;
+                    !state.in_multi
+                }
+                Command::EndMulti | Command::Reset => std::mem::take(&mut state.multi_login),
+                _ => false,
+            };
         // Where Redis would refuse the command anyway (unauthenticated,
         // RESP2 subscribed) or its reply is not its own (MULTI, CLIENT REPLY),
         // it goes as it is.
@@ -539,8 +554,20 @@ fn frame_requests(
                 (Some(Bytes::new()), Some(Expect::fence(Intercept::Local(reply))))
             }
         };
-        if let Some(expect) = expect {
-            pairing.push_request(expect);
+        match expect {
+            Some(expect) => {
+                pairing.push_request(expect);
+                if login_change {
+                    pairing.note_login_change();
+                }
+            }
+            // No reply will tell when Redis applied it.
+            None if login_change => {
+                if let Some(logins) = &app.logins {
+                    logins.changed();
+                }
+            }
+            None => {}
         }
         if let Some(bytes) = replacement {
             splice(
