@@ -72,8 +72,9 @@ async fn many_clients_share_one_connection_and_get_their_own_replies() {
     assert_eq!(proxy.ctx.metrics.sessions_pinned.get(), 0);
     // Arriving together, they waited for one connection rather than each
     // opening one: the others received are this test's own (CLIENT LIST,
-    // and the INFO before this one).
-    assert_eq!(connections_received().await - before, 3);
+    // and the INFO before this one), and the proxy's one question of how
+    // Redis greets a new connection (`redis::login`).
+    assert_eq!(connections_received().await - before, 4);
     proxy.shutdown().await;
 }
 
@@ -168,8 +169,9 @@ async fn resp3_clients_share_a_resp3_connection() {
     for _ in 0..3 {
         let mut c = RawClient::connect(proxy.addr).await;
         let reply = c.call("HELLO 3").await;
-        // The id is the shared RESP3 connection's.
-        assert!(reply == hello("5") || reply == hello("6"), "{reply}");
+        // The id is the shared RESP3 connection's (after the RESP2 one's
+        // and the proxy's question of how Redis greets a new connection).
+        assert!(["5", "6", "7"].iter().any(|id| reply == hello(id)), "{reply}");
         assert_eq!(c.call("HGETALL h").await, "%1\r\n$1\r\nf\r\n$1\r\nv\r\n");
         clients.push(c);
     }
@@ -373,6 +375,54 @@ async fn a_client_that_does_not_read_is_read_up_to_max_pending() {
     for n in 0..GETS {
         assert_eq!(slow.read_frame().await, expected, "reply {n}");
     }
+    proxy.shutdown().await;
+}
+
+/// A client that does not read replies piling up past
+/// `client_output_limit` is closed, as Redis closes a client past
+/// `client-output-buffer-limit` (the replies a connection of its own would
+/// leave in Redis' output buffer are the proxy's to hold here); the
+/// shared connection and the clients on it go on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_past_client_output_limit_is_closed_and_the_others_go_on() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.addr(), &format!("{SHARED}client_output_limit = \"8mb\"\n")).await;
+    let value = "v".repeat(1 << 20);
+    let mut other = RawClient::connect(proxy.addr).await;
+    other
+        .send(&testkit::cmd(&[b"SET", b"big", value.as_bytes()]))
+        .await;
+    assert_eq!(other.read_frame().await, b"+OK\r\n");
+
+    const GETS: usize = 64; // 64 MB of replies, never read while they come
+    let mut slow = RawClient::connect(proxy.addr).await;
+    let mut pipeline = Vec::new();
+    for _ in 0..GETS {
+        pipeline.extend(cmds("GET big"));
+    }
+    slow.send(&pipeline).await;
+    eventually("the client past its limit is closed", async || {
+        proxy.ctx.metrics.clients_output_closed.get() == 1
+    })
+    .await;
+
+    assert_eq!(other.call("SET k v").await, "+OK\r\n");
+    assert_eq!(other.call("GET k").await, "$1\r\nv\r\n");
+    assert_eq!(
+        upstream_connections(&redis).await,
+        1,
+        "the shared connection stays"
+    );
+    // What reached its socket before it was closed, and then the end.
+    let (bytes, closed) = slow.read_to_close().await;
+    assert!(closed, "closed, not left hanging");
+    let reply = format!("${}\r\n{value}\r\n", value.len()).len();
+    assert!(
+        bytes.len() < GETS * reply,
+        "{} bytes of {} reached it",
+        bytes.len(),
+        GETS * reply
+    );
     proxy.shutdown().await;
 }
 

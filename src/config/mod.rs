@@ -46,6 +46,8 @@ pub struct Config {
     pub max_clients: usize,
     pub max_frame_size: usize,
     pub max_pending: usize,
+    /// Reply bytes held for a client on a shared connection (0: no limit).
+    pub client_output_limit: usize,
     pub timeout: Option<Duration>,
     pub tcp_keepalive: Option<Duration>,
     pub connect_timeout: Duration,
@@ -202,6 +204,8 @@ impl Config {
             max_clients: positive("max_clients", s.max_clients.expect("defaulted").into())?,
             max_frame_size: positive("max_frame_size", s.max_frame_size.expect("defaulted").0)?,
             max_pending: positive("max_pending", s.max_pending.expect("defaulted").into())?,
+            client_output_limit: usize::try_from(s.client_output_limit.expect("defaulted").0)
+                .unwrap_or(usize::MAX),
             timeout: (!timeout.is_zero()).then_some(timeout),
             tcp_keepalive: Some(s.tcp_keepalive.expect("defaulted").0).filter(|t| !t.is_zero()),
             connect_timeout,

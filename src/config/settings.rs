@@ -204,6 +204,11 @@ settings! {
     /// Most requests in flight per connection; past it the proxy stops reading that client.
     max_pending: u32 = 1 << 20;
     live;
+    /// Most reply bytes the proxy holds for a client on a shared upstream
+    /// connection that does not read them; past it the client is closed, as
+    /// by Redis' `client-output-buffer-limit` (0 = no limit).
+    client_output_limit: Size = Size(256 << 20);
+    restart;
     /// Close a client idle this long (0 = never; like Redis' `timeout`).
     timeout: Span = Span(Duration::ZERO);
     live;

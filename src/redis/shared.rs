@@ -21,13 +21,13 @@
 //! opens a new one.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tracing::{debug, warn};
 
 use super::{UpstreamError, connect};
@@ -66,17 +66,87 @@ pub enum Chunk {
     Switch(tokio::io::ReadHalf<Stream>),
 }
 
-/// Where a job's replies go: the session's channel. It is unbounded: a
-/// session is owed the replies of at most `max_pending` requests, the
-/// bound that holds for a connection of its own too (whose replies Redis
-/// then holds in its output buffer).
+/// Reply bytes routed to one session and not taken by it yet: what its
+/// client has not read, held by the proxy (on a connection of its own,
+/// Redis would hold them in its output buffer, and the proxy would stop
+/// reading them). A session past its `limit` (`client_output_limit`) is
+/// closed, as Redis closes a client past `client-output-buffer-limit`: the
+/// replies owed to it are dropped, and the others on the connection go on
+/// (holding the connection for one client that does not read would stall
+/// them all).
+#[derive(Debug)]
+pub struct Backlog {
+    bytes: AtomicUsize,
+    /// 0: none.
+    limit: usize,
+    closed: AtomicBool,
+    /// Woken once when the session is to be closed.
+    pub close: Notify,
+}
+
+impl Backlog {
+    pub fn new(limit: usize) -> Backlog {
+        Backlog {
+            bytes: AtomicUsize::new(0),
+            limit,
+            closed: AtomicBool::new(false),
+            close: Notify::new(),
+        }
+    }
+
+    /// The session took `n` bytes.
+    pub fn took(&self, n: usize) {
+        self.bytes.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// `n` more bytes for the session: false if that takes it past the
+    /// limit (it is closed then).
+    fn add(&self, n: usize, metrics: &Metrics) -> bool {
+        let unread = self.bytes.fetch_add(n, Ordering::AcqRel) + n;
+        if self.limit == 0 || unread <= self.limit {
+            return true;
+        }
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            self.close.notify_one();
+            metrics.clients_output_closed.inc();
+            warn!(
+                unread,
+                limit = self.limit,
+                "closing a client past client_output_limit: it does not read its replies"
+            );
+        }
+        false
+    }
+}
+
+/// Where a job's replies go: the session's channel, unbounded in count
+/// (a session is owed the replies of at most `max_pending` requests, the
+/// bound that holds for a connection of its own too) and bounded in bytes
+/// by its [`Backlog`].
 #[derive(Debug, Clone)]
-pub struct Route(pub mpsc::UnboundedSender<Chunk>);
+pub struct Route {
+    tx: mpsc::UnboundedSender<Chunk>,
+    backlog: Arc<Backlog>,
+}
 
 impl Route {
-    /// Hands `chunk` over; a session that ended drops what it was owed.
+    pub fn new(tx: mpsc::UnboundedSender<Chunk>, backlog: Arc<Backlog>) -> Route {
+        Route { tx, backlog }
+    }
+
+    /// Hands `chunk` over; a session that ended (or is being closed for
+    /// its backlog) drops what it was owed.
     pub fn send(&self, chunk: Chunk) {
-        let _ = self.0.send(chunk);
+        if !self.backlog.closed.load(Ordering::Acquire) {
+            let _ = self.tx.send(chunk);
+        }
+    }
+
+    /// Hands reply bytes over, counted in the session's [`Backlog`].
+    fn deliver(&self, bytes: Bytes, last: bool, metrics: &Metrics) {
+        if self.backlog.add(bytes.len(), metrics) {
+            self.send(Chunk::Data { bytes, last });
+        }
     }
 }
 
@@ -677,35 +747,37 @@ async fn serve(
                 Err(error) => return error.to_string(),
                 Ok(_) => {}
             }
-            let mut router = lock(&router);
-            loop {
-                while let Some((to, chunk)) = router.pop_empty() {
-                    to.send(chunk);
-                }
-                match router.step(&buf) {
-                    Ok(Step::More) => break,
-                    Ok(Step::Deliver { upto, last }) => {
-                        // A small piece is copied: a slice would keep the
-                        // whole read buffer alive while its client is slow.
-                        let bytes = match upto < READ_CHUNK {
-                            true => {
-                                let bytes = Bytes::copy_from_slice(&buf[..upto]);
-                                buf.advance(upto);
-                                bytes
+            {
+                let mut router = lock(&router);
+                loop {
+                    while let Some((to, chunk)) = router.pop_empty() {
+                        to.send(chunk);
+                    }
+                    match router.step(&buf) {
+                        Ok(Step::More) => break,
+                        Ok(Step::Deliver { upto, last }) => {
+                            // A small piece is copied: a slice would keep the
+                            // whole read buffer alive while its client is slow.
+                            let bytes = match upto < READ_CHUNK {
+                                true => {
+                                    let bytes = Bytes::copy_from_slice(&buf[..upto]);
+                                    buf.advance(upto);
+                                    bytes
+                                }
+                                false => buf.split_to(upto).freeze(),
+                            };
+                            if let Some(to) = router.consumed(upto, last) {
+                                to.deliver(bytes, last, &metrics);
                             }
-                            false => buf.split_to(upto).freeze(),
-                        };
-                        if let Some(to) = router.consumed(upto, last) {
-                            to.send(Chunk::Data { bytes, last });
                         }
-                    }
-                    Ok(Step::Split { start, upto }) => {
-                        for (to, bytes) in router.split(&buf[..upto], start) {
-                            to.send(Chunk::Data { bytes, last: true });
+                        Ok(Step::Split { start, upto }) => {
+                            for (to, bytes) in router.split(&buf[..upto], start) {
+                                to.deliver(bytes, true, &metrics);
+                            }
+                            buf.advance(upto);
                         }
-                        buf.advance(upto);
+                        Err(error) => return format!("sent bytes that are not RESP: {error}"),
                     }
-                    Err(error) => return format!("sent bytes that are not RESP: {error}"),
                 }
             }
         }

@@ -149,7 +149,12 @@ pub async fn run(mut client: Stream, peer: SocketAddr, app: Arc<App>, shutdown: 
     match upstream {
         Upstream::Shared(slot, queue) => {
             let (mut rd, mut wr) = upstream::shared_halves(app.clone(), slot, queue);
-            serve_client(client, (&mut rd, &mut wr), BytesMut::new(), ctx, &mut shutdown).await
+            let backlog = rd.backlog.clone();
+            // Closed by the shared connection: its client does not read.
+            tokio::select! {
+                () = serve_client(client, (&mut rd, &mut wr), BytesMut::new(), ctx, &mut shutdown) => {}
+                () = backlog.close.notified() => debug!(%peer, "session closed: its replies stalled a shared connection"),
+            }
         }
         // Without TLS to Redis, the upstream socket is split lock-free.
         Upstream::Own(Stream::Plain(mut upstream), unread) => {

@@ -27,7 +27,7 @@ use crate::app::App;
 use crate::fence::script::ScriptCall;
 use crate::net::Stream;
 use crate::redis::UpstreamError;
-use crate::redis::shared::{Chunk, Job, Route};
+use crate::redis::shared::{Backlog, Chunk, Job, Route};
 use crate::resp::command::Command;
 use crate::resp::request::Frame;
 
@@ -186,6 +186,8 @@ pub struct SharedTx {
 #[derive(Debug)]
 pub struct SharedRx {
     chunks: mpsc::UnboundedReceiver<Chunk>,
+    /// What was routed here and not taken yet.
+    pub backlog: Arc<Backlog>,
     pending: Bytes,
     owed: Arc<Owed>,
     own: Option<tokio::io::ReadHalf<Stream>>,
@@ -198,9 +200,11 @@ pub struct SharedRx {
 pub fn shared_halves(app: Arc<App>, slot: usize, queue: mpsc::Sender<Job>) -> (SharedRx, SharedTx) {
     let (tx, chunks) = mpsc::unbounded_channel();
     let owed = Arc::new(Owed::default());
-    let route = Route(tx);
+    let backlog = Arc::new(Backlog::new(app.config.client_output_limit));
+    let route = Route::new(tx, backlog.clone());
     let rx = SharedRx {
         chunks,
+        backlog,
         pending: Bytes::new(),
         owed: owed.clone(),
         own: None,
@@ -436,6 +440,7 @@ impl AsyncRead for SharedRx {
             }
             match ready!(this.chunks.poll_recv(cx)) {
                 Some(Chunk::Data { bytes, last }) => {
+                    this.backlog.took(bytes.len());
                     if last && this.owed.jobs.fetch_sub(1, Ordering::AcqRel) == 1 {
                         this.owed.none.notify_one();
                     }

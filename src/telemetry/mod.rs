@@ -49,6 +49,8 @@ families! {
             "Clients moved from a shared upstream connection to one of their own (MULTI, SUBSCRIBE, HELLO …).";
         SHARED_MERGED: Counter "cachefence_shared_merged_calls_total",
             "Fence script calls of different clients run as one batch call on a shared upstream connection.";
+        CLIENTS_OUTPUT_CLOSED: Counter "cachefence_clients_output_closed_total",
+            "Clients closed for not reading their replies while those stalled a shared upstream connection.";
         UPSTREAM_TIMEOUTS: Counter "cachefence_upstream_timeouts_total",
             "Upstream connections closed by reply_timeout.";
         PROTOCOL_ERRORS: Counter "cachefence_protocol_errors_total", "Clients closed for malformed requests.";
@@ -151,6 +153,8 @@ metrics! {
         sessions_pinned: Counter, prom SESSIONS_PINNED;
         /// Fence script calls merged into batch calls on shared connections.
         shared_merged: Counter, prom SHARED_MERGED;
+        /// Clients closed for not reading replies that stalled a shared connection.
+        clients_output_closed: Counter, prom CLIENTS_OUTPUT_CLOSED;
         /// Upstream connections closed by `reply_timeout`.
         upstream_timeouts: Counter, prom UPSTREAM_TIMEOUTS;
         /// Clients closed for malformed requests.

@@ -18,7 +18,7 @@ fn run(routes: &[(usize, bool)], pieces: &[&[u8]]) -> Result<Vec<Vec<String>>, M
 
 fn route() -> (Route, mpsc::UnboundedReceiver<Chunk>) {
     let (tx, rx) = mpsc::unbounded_channel();
-    (Route(tx), rx)
+    (Route::new(tx, Arc::new(Backlog::new(0))), rx)
 }
 
 /// Hands `pieces` to `router` as the reader does.
