@@ -10,11 +10,13 @@
 //! get. A shared connection cannot show it: it stays as it was when it was
 //! opened. So when the proxy has no credentials of its own (with
 //! `upstream_password` it logs every connection in itself, in both modes),
-//! it learns the answer from a new connection of its own, sends one `PING`
-//! on it and keeps what it learnt until a command that may change it
-//! (`CONFIG SET requirepass`, `ACL SETUSER default`, `ACL LOAD`) is
-//! answered through the proxy. A client that would be asked for `AUTH` gets
-//! a connection of its own from the start, where Redis answers it.
+//! it keeps what it knows of it: learnt from the first `-NOAUTH` a client
+//! gets (a Redis started with a password), and, once a command that may
+//! change it (`CONFIG SET requirepass`, `ACL SETUSER default`, `ACL LOAD`)
+//! has been answered through the proxy, from one `PING` on a new
+//! connection of its own before the next client starts. A client that
+//! would be asked for `AUTH` gets a connection of its own from the start,
+//! where Redis answers it.
 //!
 //! A change made on Redis directly, not through the proxy, is learnt when
 //! the proxy restarts (README, "What differs in shared mode").
@@ -45,34 +47,49 @@ pub struct NewLogins {
 }
 
 impl NewLogins {
-    /// Whether a new connection is logged in without `AUTH`. Asks Redis
-    /// when it is not known; a Redis that cannot be asked counts as yes
-    /// (the session finds out what is wrong from its own upstream), and is
-    /// asked again next time.
-    pub async fn logged_in(&self, upstream: &Upstream, timeout: Duration) -> bool {
+    /// Whether a new connection is logged in without `AUTH`, and the
+    /// generation that answer belongs to (for [`NewLogins::asked_for_auth`]).
+    ///
+    /// Until a command that may change it has been answered through the
+    /// proxy, an unknown answer counts as yes without asking: a Redis
+    /// started with a password says so to the first client on the shared
+    /// connection (`-NOAUTH`), and that is learnt then. Afterwards Redis is
+    /// asked; a Redis that cannot be asked counts as yes (the session finds
+    /// out what is wrong from its own upstream), and is asked next time.
+    pub async fn logged_in(&self, upstream: &Upstream, timeout: Duration) -> (bool, u64) {
         let word = self.word.load(Ordering::Acquire);
         if let Some(open) = known(word) {
-            return open;
+            return (open, word / GENERATION);
+        }
+        if word / GENERATION == 0 {
+            return (true, 0);
         }
         let _one = self.checking.lock().await;
         let word = self.word.load(Ordering::Acquire);
         if let Some(open) = known(word) {
-            return open;
+            return (open, word / GENERATION);
         }
         let Some(open) = ask(upstream, timeout).await else {
-            return true;
+            return (true, word / GENERATION);
         };
+        self.learn(word, open);
+        (open, word / GENERATION)
+    }
+
+    /// A client that started as logged in was asked for `AUTH` by Redis:
+    /// its upstream connection, made when it started (generation
+    /// `generation`), was not logged in.
+    pub fn asked_for_auth(&self, generation: u64) {
+        self.learn(generation * GENERATION, false);
+    }
+
+    /// Keeps `open` as the answer for `word`'s generation, unless a change
+    /// was noted since (the answer may predate it).
+    fn learn(&self, word: u64, open: bool) {
         let state = if open { OPEN } else { CLOSED };
-        // Lost to a change noted meanwhile: the answer may predate it, and
-        // is not kept (this session uses it, as if it came first).
         if self
             .word
-            .compare_exchange(
-                word,
-                word - word % GENERATION + state,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            )
+            .compare_exchange(word, word + state, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
             info!(
@@ -80,7 +97,6 @@ impl NewLogins {
                 "learnt how Redis greets a new connection"
             );
         }
-        open
     }
 
     /// A command that may change it was answered: the next new client asks.
@@ -184,6 +200,10 @@ mod tests {
     #[test]
     fn an_answer_that_raced_a_change_is_not_kept() {
         let logins = NewLogins::default();
+        // Nothing changed yet: no question, and a client's -NOAUTH is kept.
+        logins.asked_for_auth(0);
+        assert_eq!(known(logins.word.load(Ordering::Acquire)), Some(false));
+        logins.changed();
         let before = logins.word.load(Ordering::Acquire);
         logins.changed();
         // The check that read `before` cannot store its answer.
@@ -194,8 +214,10 @@ mod tests {
                 .is_err()
         );
         assert_eq!(known(logins.word.load(Ordering::Acquire)), None);
-        let now = logins.word.load(Ordering::Acquire);
-        logins.word.store(now + CLOSED, Ordering::Release);
+        // A -NOAUTH from a connection made before the last change: not kept.
+        logins.asked_for_auth(1);
+        assert_eq!(known(logins.word.load(Ordering::Acquire)), None);
+        logins.asked_for_auth(2);
         assert_eq!(known(logins.word.load(Ordering::Acquire)), Some(false));
         logins.changed();
         assert_eq!(known(logins.word.load(Ordering::Acquire)), None);

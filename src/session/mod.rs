@@ -108,13 +108,13 @@ pub async fn run(mut client: Stream, peer: SocketAddr, app: Arc<App>, shutdown: 
     // A client Redis would ask for `AUTH` is not served on a shared
     // connection (logged in as it was opened), and nothing of its is
     // rewritten before it logs in ([`redis::login`]).
-    let logged_in = match &app.logins {
+    let (logged_in, generation) = match &app.logins {
         Some(logins) => {
             logins
                 .logged_in(&app.config.upstream, app.config.connect_timeout)
                 .await
         }
-        None => true,
+        None => (true, 0),
     };
     let connected = match &app.shared {
         Some(pool) if logged_in => {
@@ -145,7 +145,7 @@ pub async fn run(mut client: Stream, peer: SocketAddr, app: Arc<App>, shutdown: 
         },
     };
     debug!(%peer, "session started");
-    let ctx = (&*app, peer, logged_in);
+    let ctx = (&*app, peer, (logged_in, generation));
     match upstream {
         Upstream::Shared(slot, queue) => {
             let (mut rd, mut wr) = upstream::shared_halves(app.clone(), slot, queue);
@@ -174,7 +174,7 @@ async fn serve_client<R, W>(
     client: Stream,
     upstream: (&mut R, &mut W),
     unread: BytesMut,
-    ctx: (&App, SocketAddr, bool),
+    ctx: (&App, SocketAddr, (bool, u64)),
     shutdown: &mut watch::Receiver<bool>,
 ) where
     R: AsyncRead + Unpin + Send,
@@ -200,7 +200,7 @@ async fn serve<C, R, W>(
     client: &mut C,
     (upstream_rd, upstream_wr): (&mut R, &mut W),
     unread: BytesMut,
-    (app, peer, logged_in): (&App, SocketAddr, bool),
+    (app, peer, (logged_in, generation)): (&App, SocketAddr, (bool, u64)),
     shutdown: &mut watch::Receiver<bool>,
 ) where
     C: Split,
@@ -211,8 +211,8 @@ async fn serve<C, R, W>(
     {
         let mut pairing = shared.pairing();
         pairing.db = app.config.upstream.db;
-        if !logged_in {
-            pairing.await_login();
+        if app.logins.is_some() {
+            pairing.start_login(logged_in, generation);
         }
     }
     let fence = app.fences.as_ref().map(|fences| Client::new(fences, peer.ip()));

@@ -111,6 +111,11 @@ pub struct Pairing {
     login_changes: VecDeque<u64>,
     /// One of them was answered since [`Pairing::take_login_changed`].
     login_changed: bool,
+    /// The generation of what the session was told at its start, while it
+    /// started as logged in ([`Pairing::start_login`]).
+    login_generation: Option<u64>,
+    /// Redis answered `-NOAUTH` to a request.
+    asked_for_auth: bool,
     /// Subscription requests still waiting for their confirmations.
     confirms_pending: usize,
     /// Redis answered a `QUIT`: it sends nothing more.
@@ -326,9 +331,20 @@ impl Pairing {
         self.resp3
     }
 
-    /// The connection starts logged out: Redis will ask for `AUTH`.
-    pub fn await_login(&mut self) {
-        self.unauthenticated = true;
+    /// How the connection starts, as [`crate::redis::login::NewLogins`]
+    /// knew it (generation `generation`): logged out, Redis will ask for
+    /// `AUTH`; logged in, unless its first `-NOAUTH` says otherwise.
+    pub fn start_login(&mut self, logged_in: bool, generation: u64) {
+        self.unauthenticated = !logged_in;
+        self.login_generation = Some(generation).filter(|_| logged_in);
+    }
+
+    /// The generation of a connection that started as logged in and was
+    /// just asked for `AUTH` (once).
+    pub fn take_asked_for_auth(&mut self) -> Option<u64> {
+        self.asked_for_auth
+            .then(|| self.login_generation.take())
+            .flatten()
     }
 
     /// Whether a command may be rewritten: not while Redis refuses most
@@ -476,6 +492,7 @@ impl Pairing {
             self.unauthenticated = false;
         } else if frame.starts_with(b"-NOAUTH") {
             self.unauthenticated = true;
+            self.asked_for_auth = true;
         }
         match expect {
             Expect::Queued(InExec::Hidden(reply)) => {

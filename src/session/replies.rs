@@ -218,8 +218,13 @@ where
                 shared.room.notify_one();
                 observe_latency(&mut pairing, &app.metrics);
                 // Before the client has the reply (and can connect again).
-                if let Some(logins) = app.logins.as_ref().filter(|_| pairing.take_login_changed()) {
-                    logins.changed();
+                if let Some(logins) = &app.logins {
+                    if pairing.take_login_changed() {
+                        logins.changed();
+                    }
+                    if let Some(generation) = pairing.take_asked_for_auth() {
+                        logins.asked_for_auth(generation);
+                    }
                 }
             }
             pairing.reply_held = outbox.is_holding();
