@@ -19,6 +19,73 @@ use crate::resp::value::{Reply, Value};
 /// Every fence key starts with this; a reply without it needs no look.
 const MARK: &[u8] = b"cachefence:";
 
+/// The channel Redis sends `CLIENT TRACKING` invalidations on when they
+/// are redirected (RESP2), and the name of the RESP3 push.
+const INVALIDATE_CHANNEL: &[u8] = b"__redis__:invalidate";
+const INVALIDATE: &[u8] = b"invalidate";
+
+/// What the client gets of a frame nobody asked for (a push or a pub/sub
+/// message).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Unsolicited {
+    /// As Redis sent it.
+    AsIs,
+    /// Nothing: it is about fences only.
+    Hidden,
+    /// A tracking invalidation without its fence keys.
+    Filtered(Bytes),
+}
+
+/// A keyspace notification of a fence is hidden; a `CLIENT TRACKING`
+/// invalidation (a RESP3 `invalidate` push, or a message on
+/// `__redis__:invalidate` for a client that redirects them) loses its
+/// fence keys — the miss script reads the fence on the client's
+/// connection, so Redis tracks it for the client — and is hidden if
+/// nothing else is left.
+pub fn unsolicited(frame: &[u8]) -> Unsolicited {
+    if memchr::memmem::find(frame, MARK).is_none() {
+        return Unsolicited::AsIs;
+    }
+    if is_fence_notification(frame) {
+        return Unsolicited::Hidden;
+    }
+    let push = frame.first() == Some(&b'>');
+    let Some(Value::Array(mut items)) = Value::decode(frame, push) else {
+        return Unsolicited::AsIs;
+    };
+    let name = |v: Option<&Value>, of: &[u8]| v.and_then(Value::as_bytes).is_some_and(|b| b[..] == *of);
+    let invalidation = match items.len() {
+        2 => push && name(items.first(), INVALIDATE),
+        _ => items.len() >= 3 && name(items.get(items.len() - 2), INVALIDATE_CHANNEL),
+    };
+    let Some(Value::Array(keys)) = items.pop().filter(|_| invalidation) else {
+        return Unsolicited::AsIs;
+    };
+    let kept: Vec<Bytes> = keys
+        .into_iter()
+        .filter_map(|k| match k {
+            Value::Bulk(key) if is_fence_key(&key) => None,
+            Value::Bulk(key) => Some(key),
+            _ => None,
+        })
+        .collect();
+    if kept.is_empty() {
+        return Unsolicited::Hidden;
+    }
+    // The same frame, its last element the keys left.
+    let mut out = bytes::BytesMut::with_capacity(frame.len());
+    out.extend_from_slice(format!("{}{}\r\n", if push { '>' } else { '*' }, items.len() + 1).as_bytes());
+    for item in &items {
+        let word: &[u8] = item.as_bytes().map_or(b"", |b| &b[..]);
+        out.extend_from_slice(format!("${}\r\n", word.len()).as_bytes());
+        out.extend_from_slice(word);
+        out.extend_from_slice(b"\r\n");
+    }
+    let keys: Vec<&[u8]> = kept.iter().map(|k| &k[..]).collect();
+    out.extend_from_slice(&crate::resp::encode::command(&keys));
+    Unsolicited::Filtered(out.freeze())
+}
+
 /// Random draws the `RANDOMKEY` script makes before it scans.
 pub const RANDOM_DRAWS: usize = 32;
 
@@ -88,7 +155,7 @@ pub fn random_key_call() -> ScriptCall {
 /// A pub/sub message (RESP2 `message`/`pmessage`, or the RESP3 push) that
 /// is a keyspace notification about a fence: `__keyspace@N__:<fence>`, or
 /// `__keyevent@N__:<event>` whose payload is a fence.
-pub fn is_fence_notification(frame: &[u8]) -> bool {
+fn is_fence_notification(frame: &[u8]) -> bool {
     if memchr::memmem::find(frame, MARK).is_none() || memchr::memmem::find(frame, b"__key").is_none() {
         return false;
     }
@@ -141,6 +208,38 @@ mod tests {
         );
         let error = b"-ERR cachefence: something\r\n";
         assert_eq!(keyspace_reply(KeyspaceOp::Keys, error, false), Visible::Unchanged);
+    }
+
+    #[test]
+    fn tracking_invalidations_lose_their_fence_keys() {
+        let push = b">2\r\n$10\r\ninvalidate\r\n*2\r\n$1\r\nk\r\n$14\r\ncachefence:{k}\r\n";
+        assert_eq!(
+            unsolicited(push),
+            Unsolicited::Filtered(Bytes::from_static(
+                b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n"
+            ))
+        );
+        let fences_only = b">2\r\n$10\r\ninvalidate\r\n*1\r\n$14\r\ncachefence:{k}\r\n";
+        assert_eq!(unsolicited(fences_only), Unsolicited::Hidden);
+        // Redirected to a RESP2 subscriber, and to a pattern subscriber.
+        let message = b"*3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n*2\r\n$14\r\ncachefence:{k}\r\n$1\r\nk\r\n";
+        assert_eq!(
+            unsolicited(message),
+            Unsolicited::Filtered(Bytes::from_static(
+                b"*3\r\n$7\r\nmessage\r\n$20\r\n__redis__:invalidate\r\n*1\r\n$1\r\nk\r\n"
+            ))
+        );
+        let pmessage = b"*4\r\n$8\r\npmessage\r\n$8\r\n__redis*\r\n$20\r\n__redis__:invalidate\r\n*1\r\n$14\r\ncachefence:{k}\r\n";
+        assert_eq!(unsolicited(pmessage), Unsolicited::Hidden);
+        // Not invalidations: a message that names a fence, a flush's null.
+        let chat = b"*3\r\n$7\r\nmessage\r\n$4\r\nchat\r\n$14\r\ncachefence:{k}\r\n";
+        assert_eq!(unsolicited(chat), Unsolicited::AsIs);
+        assert_eq!(
+            unsolicited(b">2\r\n$10\r\ninvalidate\r\n_\r\n"),
+            Unsolicited::AsIs
+        );
+        let space = b"*3\r\n$7\r\nmessage\r\n$29\r\n__keyspace@9__:cachefence:{x}\r\n$6\r\nexpire\r\n";
+        assert_eq!(unsolicited(space), Unsolicited::Hidden);
     }
 
     #[test]

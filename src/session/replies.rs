@@ -26,7 +26,7 @@ use crate::fence::plan::{Claim, InExec, Intercept};
 use crate::fence::probe::{Probe, Step};
 use crate::fence::script::ScriptCall;
 use crate::fence::translate::{MissOutcome, ScriptReply};
-use crate::fence::visible::{self, Visible};
+use crate::fence::visible::{self, Unsolicited, Visible};
 use crate::resp::encode;
 use crate::resp::reply::ReplyScanner;
 use crate::resp::value::{Reply, Value};
@@ -163,9 +163,13 @@ where
                         let range = frame.start..frame.end;
                         match pairing.route(frame.kind, &buf[range.clone()]) {
                             Route::Reply => outbox.forward(&buf, range),
-                            // Keyspace notifications about fences are the proxy's own.
-                            Route::Unsolicited
-                                if fence.is_some() && visible::is_fence_notification(&buf[range.clone()]) => {
+                            // Notifications and invalidations of fences are the proxy's own.
+                            Route::Unsolicited if fence.is_some() => {
+                                match visible::unsolicited(&buf[range.clone()]) {
+                                    Unsolicited::AsIs => outbox.forward(&buf, range),
+                                    Unsolicited::Hidden => {}
+                                    Unsolicited::Filtered(bytes) => outbox.send(bytes),
+                                }
                             }
                             Route::Unsolicited => outbox.forward(&buf, range),
                             Route::Hidden => {}
