@@ -324,6 +324,67 @@ async fn a_refused_fill_among_accepted_ones_stays_refused_in_a_batch() {
     );
 }
 
+/// R1 for a burst of misses larger than the proxy's queue of its own calls
+/// (1024 per connection): A pipelines `GET`s of `keys` missing keys, a
+/// writer deletes them all (A's reads are now stale), A fills them all.
+/// Returns how many stale fills were stored.
+async fn stale_fills_after_a_burst_of_misses(addr: &str, redis: &RedisServer, keys: usize) -> usize {
+    let names: Vec<String> = (0..keys).map(|i| format!("burst:{i}")).collect();
+    let (mut a, mut writer) = (RawClient::connect(addr).await, RawClient::connect(addr).await);
+    let gets: Vec<u8> = names.iter().flat_map(|k| cmds(&format!("GET {k}"))).collect();
+    a.send(&gets).await;
+    for k in &names {
+        assert_eq!(a.read_frame().await, b"$-1\r\n", "{k} missed");
+    }
+    let del: Vec<&[u8]> = std::iter::once(&b"DEL"[..])
+        .chain(names.iter().map(|k| k.as_bytes()))
+        .collect();
+    writer.send(&testkit::cmd(&del)).await;
+    assert_eq!(writer.read_frame().await, b":0\r\n");
+    let sets: Vec<u8> = names
+        .iter()
+        .flat_map(|k| cmds(&format!("SET {k} stale EX 60")))
+        .collect();
+    a.send(&sets).await;
+    for k in &names {
+        assert_eq!(a.read_frame().await, b"+OK\r\n", "{k} filled");
+    }
+    let mut direct = RawClient::connect(redis.addr()).await;
+    let exists: Vec<&[u8]> = std::iter::once(&b"EXISTS"[..])
+        .chain(names.iter().map(|k| k.as_bytes()))
+        .collect();
+    direct.send(&testkit::cmd(&exists)).await;
+    let count = direct.read_frame().await;
+    std::str::from_utf8(&count[1..count.len() - 2])
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// More misses at once than the proxy queues calls of its own for: each
+/// still gets its miss script before its nil reaches the client (the
+/// replies wait for room), so none of the stale fills is stored. They
+/// used to be released without a ticket past the queue, and their fills
+/// then counted as writes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_of_misses_past_the_call_queue_keeps_every_ticket() {
+    const KEYS: usize = 3000;
+    let redis = RedisServer::start();
+    assert_eq!(
+        stale_fills_after_a_burst_of_misses(&redis.addr(), &redis, KEYS).await,
+        KEYS,
+        "control: plain Redis stores every stale fill"
+    );
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await;
+    assert_eq!(
+        stale_fills_after_a_burst_of_misses(&proxy.addr.to_string(), &redis, KEYS).await,
+        0,
+        "through cachefence every stale fill is refused"
+    );
+    proxy.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_that_finds_the_script_gone_is_sent_again_with_it() {
     let redis = RedisServer::start();

@@ -7,7 +7,7 @@
 //! client fills the key ([`crate::fence::herd`]). Where a `SYNC` is answered
 //! with anything but an error, the replication [`super::link`] starts.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -96,10 +96,16 @@ where
             return SessionEnd::Drained;
         }
         read_size.prepare(&mut buf);
+        // Calls of the proxy's own waiting for room (see `Injections`).
+        let waiting = (!misses.injections.waiting.is_empty()).then(|| misses.injections.tx.clone());
         let read = tokio::select! {
             // Bytes already there count before the reply check does.
             biased;
-            read = upstream.read_buf(&mut buf) => read,
+            read = upstream.read_buf(&mut buf), if waiting.is_none() => read,
+            _ = async { waiting.as_ref().expect("guarded").reserve().await }, if waiting.is_some() => {
+                misses.injections.flush(&mut outbox);
+                continue;
+            }
             _ = shared.wake_replies.notified() => continue,
             _ = misses.wake.notified(), if !misses.holds.is_empty() => {
                 misses.poll(fence.expect("herd waits imply fences"), &mut outbox, true);
@@ -291,7 +297,7 @@ fn on_fence_reply(
                 forced,
                 miss,
             };
-            inject(&held.injections, call, reply, slot, false, outbox, frame);
+            inject(&mut held.injections, call, reply, slot, false, outbox, frame);
         }
         // Hits are forwarded by the caller as ranges; this copy keeps the match total.
         Intercept::Get { .. } => outbox.send(Bytes::copy_from_slice(frame)),
@@ -344,14 +350,14 @@ fn on_fence_reply(
                     index,
                     miss,
                 };
-                inject(&held.injections, call, reply, slot, false, outbox, frame);
+                inject(&mut held.injections, call, reply, slot, false, outbox, frame);
             }
         }
         Intercept::Script { call, reply, slot } if noscript => {
             // The script cache was flushed: send it again with its source.
             fence.fences.stats.script_reloads.inc();
             let slot = slot.unwrap_or_else(|| outbox.hold(Bytes::copy_from_slice(frame)));
-            inject(&held.injections, call, reply, slot, true, outbox, frame);
+            inject(&mut held.injections, call, reply, slot, true, outbox, frame);
         }
         Intercept::Script {
             reply: reply @ ScriptReply::Miss { .. },
@@ -408,7 +414,7 @@ fn on_fence_reply(
                 let slot = outbox.hold(Bytes::copy_from_slice(frame));
                 let call = visible::random_key_call();
                 inject(
-                    &held.injections,
+                    &mut held.injections,
                     call,
                     ScriptReply::RandomKey,
                     slot,
@@ -488,10 +494,48 @@ fn resume_probe(probe: Probe, frame: &[u8], resp3: bool, fence: &Client<'_>) -> 
     resume
 }
 
-/// Asks the requests direction to send one of the proxy's own calls; if
-/// that is impossible, the held reply is released as it is.
+/// The proxy's own calls on their way to the requests direction, which
+/// sends them upstream.
+pub(super) struct Injections {
+    tx: mpsc::Sender<Box<Injection>>,
+    /// Calls the channel had no room for, in order, each with what its held
+    /// reply is released as if they can never be sent. While any wait,
+    /// nothing more is read from upstream: the requests direction takes
+    /// them as fast as it can write them, so the wait is bounded, and a
+    /// miss keeps its fence (released without its call, its nil would come
+    /// without a ticket, and the client's fill would count as a write).
+    waiting: VecDeque<(Box<Injection>, u64, Bytes)>,
+}
+
+impl Injections {
+    pub(super) fn new(tx: mpsc::Sender<Box<Injection>>) -> Injections {
+        Injections {
+            tx,
+            waiting: VecDeque::new(),
+        }
+    }
+
+    /// Moves waiting calls into the channel while it has room; once the
+    /// requests direction is gone, their replies are released as they are.
+    fn flush(&mut self, outbox: &mut Outbox) {
+        while let Some((injection, slot, release)) = self.waiting.pop_front() {
+            match self.tx.try_send(injection) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(injection)) => {
+                    self.waiting.push_front((injection, slot, release));
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => outbox.resolve(slot, release),
+            }
+        }
+    }
+}
+
+/// Asks the requests direction to send one of the proxy's own calls,
+/// whose reply is held in `slot`; if that can never happen (the requests
+/// direction ended), the held reply is released as it is.
 fn inject(
-    injections: &mpsc::Sender<Box<Injection>>,
+    injections: &mut Injections,
     call: ScriptCall,
     reply: ScriptReply,
     slot: u64,
@@ -499,23 +543,19 @@ fn inject(
     outbox: &mut Outbox,
     fallback: &[u8],
 ) {
+    let release = match &reply {
+        ScriptReply::Miss { nil, .. } => Bytes::from_static(nil),
+        // A batch owes one reply per command.
+        _ => Bytes::from(fallback.repeat(reply.replies())),
+    };
     let expect = Expect::fence(Intercept::Script {
         call: call.clone(),
-        reply: reply.clone(),
+        reply,
         slot: Some(slot),
     });
-    if injections
-        .try_send(Box::new(Injection { call, reload, expect }))
-        .is_err()
-    {
-        warn!("too many calls of the proxy's own in flight; releasing a reply unfenced");
-        let release = match reply {
-            ScriptReply::Miss { nil, .. } => Bytes::from_static(nil),
-            // A batch owes one reply per command.
-            _ => Bytes::from(fallback.repeat(reply.replies())),
-        };
-        outbox.resolve(slot, release);
-    }
+    let injection = Box::new(Injection { call, reload, expect });
+    injections.waiting.push_back((injection, slot, release));
+    injections.flush(outbox);
 }
 
 fn is_nil(frame: &[u8]) -> bool {
@@ -610,7 +650,7 @@ pub(super) struct Misses {
     /// Woken by [`crate::fence::Fences::wake`] when a fill, refusal or
     /// invalidation of a watched key passes through this process.
     wake: Arc<Notify>,
-    injections: mpsc::Sender<Box<Injection>>,
+    injections: Injections,
     /// A probed run's steps, from the reply just routed, for the requests
     /// direction ([`super::pairing::Pairing::resume`]).
     resume: Option<Vec<Resume>>,
@@ -629,7 +669,7 @@ impl Misses {
             holds: Holds::default(),
             mgets: HashMap::new(),
             wake: Arc::new(Notify::new()),
-            injections,
+            injections: Injections::new(injections),
             resume: None,
         }
     }
@@ -663,7 +703,7 @@ impl Misses {
             let claim = if *forced { Claim::Force } else { Claim::Wait };
             let call = fence.miss_call(key, *policy, claim, *miss);
             let nil = *nil;
-            inject(&self.injections, call, reply, slot, false, outbox, nil);
+            inject(&mut self.injections, call, reply, slot, false, outbox, nil);
         }
     }
 }
