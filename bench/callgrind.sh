@@ -12,6 +12,7 @@
 # Knobs: CG_TEST (redis-benchmark -t, default set), CG_CLIENTS (50),
 # CG_PIPELINE (16), CG_REQUESTS (50000), CG_FENCES (1), CG_SHARED (1: the
 # default shared connection; 0: one per client), CG_TOP (25 functions),
+# CG_OUT (a path to keep the callgrind output at, for callgrind_annotate),
 # CACHEFENCE_BIN (default target/release/cachefence, built if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,11 +60,13 @@ kill -INT "$proxy_pid"
 wait "$proxy_pid" 2>/dev/null || true
 proxy_pid=
 
-total=$(callgrind_annotate "$work/cg.out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')
+[ -n "${CG_OUT:-}" ] && cp "$work/cg.out" "$CG_OUT"
+# (awk reads to the end: an early exit would fail the pipeline under pipefail)
+total=$(callgrind_annotate "$work/cg.out" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done {gsub(",", "", $1); print $1; done=1}')
 echo "workload: $test_name c$clients P$pipeline, $requests requests, fences=$fences shared=$shared"
 echo "proxy instructions: $total"
 echo "per request: $((total / requests))"
 echo
-echo "top $top functions, inclusive:"
+echo "top $top functions, inclusive (self: callgrind_annotate on CG_OUT):"
 callgrind_annotate --inclusive=yes "$work/cg.out" 2>/dev/null |
-    awk '/file:function/ {on=1; next} on && NF {print}' | head -n "$top"
+    awk '/file:function/ {on=1; next} on && NF && shown < top {print; shown++}' top="$top"

@@ -26,15 +26,26 @@ pub struct Client<'a> {
     loaded: std::sync::atomic::AtomicBool,
     /// `CACHE.AUTH` succeeded on this connection.
     pub admin: std::sync::atomic::AtomicBool,
+    /// [`Client::scope_prefix`] of each ticket scope, made once: every
+    /// fenced write sends one.
+    prefixes: [Bytes; 3],
 }
 
 impl<'a> Client<'a> {
     /// The fence state of a new connection from `address`.
     pub fn new(fences: &'a Fences, address: std::net::IpAddr) -> Client<'a> {
+        let connection = fences.connection();
+        let address = address.to_string();
+        let prefixes = [
+            Bytes::from_static(b"m|"),
+            Bytes::from(format!("m|{address}|")),
+            Bytes::from(format!("m|{address}|{}|", fences.lease_holder(connection))),
+        ];
         Client {
             fences,
-            connection: fences.connection(),
-            address: address.to_string(),
+            connection,
+            address,
+            prefixes,
             misses: std::sync::atomic::AtomicU64::new(0),
             loaded: std::sync::atomic::AtomicBool::new(false),
             admin: std::sync::atomic::AtomicBool::new(false),
@@ -81,16 +92,13 @@ impl<'a> Client<'a> {
     }
 
     /// The fence fields of the misses a SET here is judged against.
-    pub fn scope_prefix(&self, scope: TicketScope) -> String {
-        match scope {
-            TicketScope::All => "m|".to_string(),
-            TicketScope::Client => format!("m|{}|", self.address),
-            TicketScope::Connection => format!(
-                "m|{}|{}|",
-                self.address,
-                self.fences.lease_holder(self.connection)
-            ),
-        }
+    pub fn scope_prefix(&self, scope: TicketScope) -> Bytes {
+        let at = match scope {
+            TicketScope::All => 0,
+            TicketScope::Client => 1,
+            TicketScope::Connection => 2,
+        };
+        self.prefixes[at].clone()
     }
 
     /// Is a delete of `key` waiting to be retried? Such a key reads as a

@@ -6,6 +6,7 @@
 //! key's history (`CACHE.EXPLAIN`), and the second delete of
 //! `double_delete` is scheduled.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
@@ -24,12 +25,20 @@ pub struct Epilogue {
     history: Arc<History>,
     /// Sessions holding a miss on a key (herd control), woken when a fill,
     /// refusal or invalidation of that key passes through this process.
-    waiters: Arc<DashMap<Bytes, Vec<Weak<Notify>>>>,
+    waiters: Arc<Waiters>,
     /// Present for the first delivery of an invalidation; absent in the
     /// epilogue the second-delete worker itself uses (a second delete
     /// schedules no third) and in the retry worker's (a retried delete is
     /// the late delete: its key read as a miss until it landed).
     second_deletes: Option<SecondDeletes>,
+}
+
+/// Sessions waiting per key, and how many keys have any: most
+/// invalidations find none, and then cost no lookup.
+#[derive(Debug, Default)]
+struct Waiters {
+    keys: DashMap<Bytes, Vec<Weak<Notify>>>,
+    count: AtomicUsize,
 }
 
 impl Epilogue {
@@ -78,14 +87,24 @@ impl Epilogue {
 
     /// Asks to be woken when `key` is filled, refused or invalidated here.
     pub fn watch(&self, key: &Bytes, session: &Arc<Notify>) {
-        let mut waiters = self.waiters.entry(key.clone()).or_default();
+        let mut waiters = match self.waiters.keys.entry(key.clone()) {
+            dashmap::Entry::Occupied(waiters) => waiters.into_ref(),
+            dashmap::Entry::Vacant(slot) => {
+                self.waiters.count.fetch_add(1, Ordering::AcqRel);
+                slot.insert(Vec::new())
+            }
+        };
         waiters.retain(|w| w.strong_count() > 0);
         waiters.push(Arc::downgrade(session));
     }
 
     /// Wakes the sessions waiting on `key`.
     pub fn wake(&self, key: &[u8]) {
-        if let Some((_, waiters)) = self.waiters.remove(key) {
+        if self.waiters.count.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        if let Some((_, waiters)) = self.waiters.keys.remove(key) {
+            self.waiters.count.fetch_sub(1, Ordering::AcqRel);
             for waiter in waiters.iter().filter_map(Weak::upgrade) {
                 waiter.notify_one();
             }

@@ -227,7 +227,7 @@ impl Client<'_> {
         let mut args = vec![
             Bytes::from_static(b"set"),
             millis(rules.fence_ttl()).into(),
-            self.scope_prefix(rules.ticket_scope).into(),
+            self.scope_prefix(rules.ticket_scope),
             micros(rules.lease_ttl).into(),
             micros(lag.window).into(),
             Bytes::from_static(lag.policy.script_mode()),
@@ -237,8 +237,8 @@ impl Client<'_> {
             // Counted in `reads_missed` only if Redis refuses it as a fill
             // (a write to the key is no read or fill kept from it).
             flag(self.fences.undelivered.is_pending(db, key)),
-            value_at.to_string().into(),
-            expiry.len().to_string().into(),
+            small_number(value_at),
+            small_number(expiry.len()),
         ];
         args.extend(expiry);
         args.extend(words.iter().cloned());
@@ -399,7 +399,7 @@ pub(crate) fn command_call(
     op: &'static str,
     words: &[Bytes],
     keys: &[Bytes],
-    own: &dyn Fn() -> String,
+    own: &dyn Fn() -> Bytes,
 ) -> Option<ScriptCall> {
     let fenced: Vec<(&Bytes, &Policy)> = keys
         .iter()
@@ -422,7 +422,7 @@ pub(crate) fn command_call(
         .iter()
         .all(|(_, p)| p.ticket_scope == TicketScope::Connection)
     {
-        true => Bytes::from(own()),
+        true => own(),
         false => Bytes::new(),
     };
     let mut args = vec![
@@ -504,3 +504,12 @@ fn plausible_arity(command: CacheOp, words: &[Bytes]) -> bool {
 
 #[cfg(test)]
 pub(super) mod tests;
+
+/// `n` as the argument Redis reads: no allocation for a digit.
+fn small_number(n: usize) -> Bytes {
+    const DIGITS: [&[u8]; 10] = [b"0", b"1", b"2", b"3", b"4", b"5", b"6", b"7", b"8", b"9"];
+    match DIGITS.get(n) {
+        Some(digit) => Bytes::from_static(digit),
+        None => n.to_string().into(),
+    }
+}

@@ -135,17 +135,22 @@ fn the_ticket_scope_is_a_prefix_of_every_miss_field() {
     let client = client(&fences);
     let field = client.miss_field(3);
     for scope in [TicketScope::All, TicketScope::Client, TicketScope::Connection] {
-        assert!(field.starts_with(&client.scope_prefix(scope)), "{scope:?}");
+        assert!(
+            field.as_bytes().starts_with(&client.scope_prefix(scope)),
+            "{scope:?}"
+        );
     }
     let other = Client::new(&fences, "10.1.2.3".parse().unwrap());
     assert!(
         other
             .miss_field(3)
+            .as_bytes()
             .starts_with(&client.scope_prefix(TicketScope::Client))
     );
     assert!(
         !other
             .miss_field(3)
+            .as_bytes()
             .starts_with(&client.scope_prefix(TicketScope::Connection))
     );
     let (args, ..) = rewritten(plan(&client, "SET own:1 v"));
@@ -243,7 +248,7 @@ fn wrong_arity_goes_as_it_is_for_redis_own_error() {
 fn a_write_under_connection_scope_takes_back_the_connections_own_misses() {
     let fences = fences();
     let client = client(&fences);
-    let own = client.scope_prefix(TicketScope::Connection);
+    let own = String::from_utf8(client.scope_prefix(TicketScope::Connection).to_vec()).unwrap();
     let (args, ..) = rewritten(plan(&client, "DEL own:1"));
     assert_eq!(&args[4..], [own.as_str(), "DEL", "own:1"]);
     // Not when a key of another scope is in the same command.
