@@ -2,7 +2,7 @@
 //! `redis-protocol` so that they follow the protocol exactly (a command,
 //! the hot one, is written directly and tested against it).
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use redis_protocol::resp2::encode::extend_encode;
 use redis_protocol::resp2::types::BytesFrame;
 
@@ -33,44 +33,54 @@ fn multibulk<W: AsRef<[u8]>>(args: &[W]) -> Bytes {
             .iter()
             .map(|a| 5 + digits(a.as_ref().len()) + a.as_ref().len())
             .sum::<usize>();
-    let mut buf = BytesMut::with_capacity(len);
-    buf.put_u8(b'*');
-    put_decimal(&mut buf, args.len());
-    buf.put_slice(b"\r\n");
+    // A `Vec` of the exact size (which `Bytes` takes over without a copy):
+    // its `extend_from_slice` is a bare copy, where `BytesMut`'s puts each
+    // check for room again.
+    let mut buf = Vec::with_capacity(len);
+    buf.push(b'*');
+    push_decimal(&mut buf, args.len());
+    buf.extend_from_slice(b"\r\n");
     for arg in args {
-        buf.put_u8(b'$');
         let arg = arg.as_ref();
-        put_decimal(&mut buf, arg.len());
-        buf.put_slice(b"\r\n");
-        buf.put_slice(arg);
-        buf.put_slice(b"\r\n");
+        buf.push(b'$');
+        push_decimal(&mut buf, arg.len());
+        buf.extend_from_slice(b"\r\n");
+        buf.extend_from_slice(arg);
+        buf.extend_from_slice(b"\r\n");
     }
     debug_assert_eq!(buf.len(), len);
-    buf.freeze()
+    Bytes::from(buf)
 }
 
 /// Decimal digits of `n`.
-fn digits(mut n: usize) -> usize {
-    let mut digits = 1;
-    while n >= 10 {
-        n /= 10;
-        digits += 1;
+fn digits(n: usize) -> usize {
+    match n {
+        0..=9 => 1,
+        10..=99 => 2,
+        100..=999 => 3,
+        _ => n.ilog10() as usize + 1,
     }
-    digits
 }
 
-fn put_decimal(buf: &mut BytesMut, mut n: usize) {
-    let mut text = [0u8; 20];
-    let mut at = text.len();
-    loop {
-        at -= 1;
-        text[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
+fn push_decimal(buf: &mut Vec<u8>, n: usize) {
+    match n {
+        // Most lengths in a command: a digit or two.
+        0..=9 => buf.push(b'0' + n as u8),
+        10..=99 => buf.extend_from_slice(&[b'0' + (n / 10) as u8, b'0' + (n % 10) as u8]),
+        _ => {
+            let mut text = [0u8; 20];
+            let (mut at, mut n) = (text.len(), n);
+            loop {
+                at -= 1;
+                text[at] = b'0' + (n % 10) as u8;
+                n /= 10;
+                if n == 0 {
+                    break;
+                }
+            }
+            buf.extend_from_slice(&text[at..]);
         }
     }
-    buf.put_slice(&text[at..]);
 }
 
 /// A command as a multibulk request, from words the caller already holds
@@ -94,7 +104,12 @@ mod tests {
     #[test]
     fn commands_are_what_redis_protocol_encodes() {
         let long = vec![b'x'; 123_456];
+        // Every length where the count of its digits changes.
+        let edges: Vec<Vec<u8>> = [9, 10, 99, 100, 999, 1000].map(|n| vec![b'y'; n]).to_vec();
         let cases: Vec<Vec<&[u8]>> = vec![
+            edges.iter().map(Vec::as_slice).collect(),
+            vec![b"a"; 100],
+            vec![b"a"; 1000],
             vec![],
             vec![b""],
             vec![b"PING"],
