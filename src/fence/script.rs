@@ -97,7 +97,30 @@ pub const BATCH_MAX_WORDS: usize = 1024;
 /// reply is an array with one element per call, each what that call alone
 /// would have answered.
 pub fn batch(calls: &[ScriptCall]) -> ScriptCall {
-    let mut keys = Vec::with_capacity(calls.iter().map(|c| c.keys.len()).sum());
+    let (shapes, own) = batch_arguments(calls);
+    let mut args = Vec::with_capacity(shapes.len() + own.len());
+    args.extend(shapes);
+    args.extend(own.into_iter().cloned());
+    ScriptCall::new(calls.iter().flat_map(|c| c.keys.iter().cloned()).collect(), args)
+}
+
+/// [`batch`]'s `EVALSHA`, encoded straight from `calls` (a batch that is
+/// never sent again as a whole: the merged calls of several sessions).
+pub fn batch_encoded(calls: &[ScriptCall]) -> Bytes {
+    let (shapes, own) = batch_arguments(calls);
+    let keys = calls.iter().map(|c| c.keys.len()).sum::<usize>();
+    let numkeys = keys.to_string();
+    let mut words: Vec<&[u8]> = Vec::with_capacity(3 + keys + shapes.len() + own.len());
+    words.extend([b"EVALSHA".as_slice(), sha().as_bytes(), numkeys.as_bytes()]);
+    words.extend(calls.iter().flat_map(|c| c.keys.iter().map(|k| &k[..])));
+    words.extend(shapes.iter().map(|s| &s[..]));
+    words.extend(own.into_iter().map(|a| &a[..]));
+    command(&words)
+}
+
+/// A batch's leading arguments (`batch`, the count, each call's shape) and
+/// the arguments of each call not shared with the call before it.
+fn batch_arguments(calls: &[ScriptCall]) -> (Vec<Bytes>, Vec<&Bytes>) {
     let mut shapes = Vec::with_capacity(2 + calls.len());
     let mut own = Vec::new();
     shapes.push(Bytes::from_static(b"batch"));
@@ -112,12 +135,10 @@ pub fn batch(calls: &[ScriptCall]) -> ScriptCall {
             .count();
         let shape = call.keys.len() as u64 * 100_000_000 + call.args.len() as u64 * 10_000 + shared as u64;
         shapes.push(shape.to_string().into());
-        keys.extend(call.keys.iter().cloned());
-        own.extend(call.args[shared..].iter().cloned());
+        own.extend(&call.args[shared..]);
         previous = &call.args;
     }
-    shapes.extend(own);
-    ScriptCall::new(keys, shapes)
+    (shapes, own)
 }
 
 /// Keys and arguments of an invalidation: `DEL keys` and every key's fence
@@ -212,7 +233,10 @@ mod tests {
         let one = ScriptCall::new(vec![b("k"), b("f")], vec![b("set"), b("1")]);
         let two = ScriptCall::new(vec![b("d"), b("g")], vec![b("write"), b("2"), b("1")]);
         let three = ScriptCall::new(vec![b("e"), b("h")], vec![b("write"), b("2"), b("9")]);
-        let all = batch(&[one, two, three]);
+        let calls = [one, two, three];
+        let all = batch(&calls);
+        // Encoded straight from the calls, the same bytes.
+        assert_eq!(batch_encoded(&calls), all.encode(false));
         assert_eq!(all.keys, [b("k"), b("f"), b("d"), b("g"), b("e"), b("h")]);
         // Shapes: keys * 10^8 + arguments * 10^4 + arguments shared with the
         // call before; then only the arguments not shared.

@@ -629,7 +629,7 @@ fn merge(router: &Mutex<Router>, jobs: &mut Vec<Job>, batch: &mut Vec<Bytes>, me
         }
         metrics.shared_merged.add(calls.len() as u64);
         router.push_merged(routes);
-        batch.push(script::batch(&calls).encode(false));
+        batch.push(script::batch_encoded(&calls));
     }
 }
 
