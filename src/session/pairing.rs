@@ -116,6 +116,9 @@ pub struct Pairing {
     login_generation: Option<u64>,
     /// Redis answered `-NOAUTH` to a request.
     asked_for_auth: bool,
+    /// A reply on this upstream connection showed it logged in (a command
+    /// succeeded). Not yet: a failed `AUTH` counts as Redis asking for one.
+    logged_in_seen: bool,
     /// Subscription requests still waiting for their confirmations.
     confirms_pending: usize,
     /// Redis answered a `QUIT`: it sends nothing more.
@@ -339,6 +342,12 @@ impl Pairing {
         self.login_generation = Some(generation).filter(|_| logged_in);
     }
 
+    /// The session moved to a connection of its own: nothing on it has
+    /// shown it logged in yet.
+    pub fn new_connection(&mut self) {
+        self.logged_in_seen = false;
+    }
+
     /// The generation of a connection that started as logged in and was
     /// just asked for `AUTH` (once).
     pub fn take_asked_for_auth(&mut self) -> Option<u64> {
@@ -490,9 +499,16 @@ impl Pairing {
         let ok = !matches!(kind, b'-' | b'!');
         if ok {
             self.unauthenticated = false;
+            // Redis answers these to a client that has not logged in too.
+            self.logged_in_seen |= !matches!(expect, Expect::Reset | Expect::Closing);
         } else if frame.starts_with(b"-NOAUTH") {
             self.unauthenticated = true;
             self.asked_for_auth = true;
+        } else if frame.starts_with(b"-WRONGPASS") && !self.logged_in_seen {
+            // A failed AUTH before anything showed the connection logged in:
+            // most likely Redis asks for one (a connection that is logged in
+            // stays so, and its next reply says it).
+            self.unauthenticated = true;
         }
         match expect {
             Expect::Queued(InExec::Hidden(reply)) => {

@@ -244,6 +244,7 @@ where
                 continue;
             }
             state.shared = false;
+            shared.pairing().new_connection();
             unframed = !buf.is_empty();
             continue;
         }
