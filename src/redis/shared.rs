@@ -747,37 +747,35 @@ async fn serve(
                 Err(error) => return error.to_string(),
                 Ok(_) => {}
             }
-            {
-                let mut router = lock(&router);
-                loop {
-                    while let Some((to, chunk)) = router.pop_empty() {
-                        to.send(chunk);
-                    }
-                    match router.step(&buf) {
-                        Ok(Step::More) => break,
-                        Ok(Step::Deliver { upto, last }) => {
-                            // A small piece is copied: a slice would keep the
-                            // whole read buffer alive while its client is slow.
-                            let bytes = match upto < READ_CHUNK {
-                                true => {
-                                    let bytes = Bytes::copy_from_slice(&buf[..upto]);
-                                    buf.advance(upto);
-                                    bytes
-                                }
-                                false => buf.split_to(upto).freeze(),
-                            };
-                            if let Some(to) = router.consumed(upto, last) {
-                                to.deliver(bytes, last, &metrics);
+            let mut router = lock(&router);
+            loop {
+                while let Some((to, chunk)) = router.pop_empty() {
+                    to.send(chunk);
+                }
+                match router.step(&buf) {
+                    Ok(Step::More) => break,
+                    Ok(Step::Deliver { upto, last }) => {
+                        // A small piece is copied: a slice would keep the
+                        // whole read buffer alive while its client is slow.
+                        let bytes = match upto < READ_CHUNK {
+                            true => {
+                                let bytes = Bytes::copy_from_slice(&buf[..upto]);
+                                buf.advance(upto);
+                                bytes
                             }
+                            false => buf.split_to(upto).freeze(),
+                        };
+                        if let Some(to) = router.consumed(upto, last) {
+                            to.deliver(bytes, last, &metrics);
                         }
-                        Ok(Step::Split { start, upto }) => {
-                            for (to, bytes) in router.split(&buf[..upto], start) {
-                                to.deliver(bytes, true, &metrics);
-                            }
-                            buf.advance(upto);
-                        }
-                        Err(error) => return format!("sent bytes that are not RESP: {error}"),
                     }
+                    Ok(Step::Split { start, upto }) => {
+                        for (to, bytes) in router.split(&buf[..upto], start) {
+                            to.deliver(bytes, true, &metrics);
+                        }
+                        buf.advance(upto);
+                    }
+                    Err(error) => return format!("sent bytes that are not RESP: {error}"),
                 }
             }
         }
