@@ -118,7 +118,9 @@ pub fn batch(calls: &[ScriptCall]) -> ScriptCall {
     let mut args = Vec::with_capacity(shapes.len() + own.len());
     args.extend(shapes);
     args.extend(own.into_iter().cloned());
-    ScriptCall::new(calls.iter().flat_map(|c| c.keys.iter().cloned()).collect(), args)
+    let mut keys = Vec::with_capacity(calls.iter().map(|c| c.keys.len()).sum());
+    keys.extend(calls.iter().flat_map(|c| c.keys.iter().cloned()));
+    ScriptCall::new(keys, args)
 }
 
 /// [`batch`]'s `EVALSHA`, encoded straight from `calls` (a batch that is

@@ -228,14 +228,7 @@ where
                 shared.room.notify_one();
                 observe_latency(&mut pairing, &app.metrics);
                 // Before the client has the reply (and can connect again).
-                if let Some(logins) = &app.logins {
-                    if pairing.take_login_changed() {
-                        logins.changed();
-                    }
-                    if let Some(generation) = pairing.take_asked_for_auth() {
-                        logins.asked_for_auth(generation);
-                    }
-                }
+                tell_logins(&mut pairing, app);
             }
             pairing.reply_held = outbox.is_holding();
             if !close && !linked {
@@ -558,6 +551,18 @@ fn inject(
     injections.flush(outbox);
 }
 
+/// Passes on what the replies just routed taught about how Redis greets a
+/// new connection ([`crate::redis::login`]).
+fn tell_logins(pairing: &mut Pairing, app: &App) {
+    let Some(logins) = &app.logins else { return };
+    if pairing.take_login_changed() {
+        logins.changed();
+    }
+    if let Some(generation) = pairing.take_asked_for_auth() {
+        logins.asked_for_auth(generation);
+    }
+}
+
 fn is_nil(frame: &[u8]) -> bool {
     frame == b"$-1\r\n" || frame == b"_\r\n"
 }
@@ -610,14 +615,12 @@ async fn upstream_lost<W: AsyncWrite + Unpin>(
     mid_frame: bool,
     reason: &str,
 ) -> SessionEnd {
-    let (owed, deletes, login_changed) = {
+    let (owed, deletes) = {
         let mut pairing = shared.pairing();
-        let (owed, deletes) = pairing.abandon();
-        (owed, deletes, pairing.take_login_changed())
+        let abandoned = pairing.abandon();
+        tell_logins(&mut pairing, app);
+        abandoned
     };
-    if let Some(logins) = app.logins.as_ref().filter(|_| login_changed) {
-        logins.changed();
-    }
     if let Some(fence) = fence {
         for (db, keys) in deletes {
             // The client gets an error; the delete is retried until Redis takes it (C3).
