@@ -10,8 +10,10 @@
 #   CG_FENCES=0 bash bench/callgrind.sh           # the same with --no-fences
 #
 # Knobs: CG_TEST (redis-benchmark -t, default set), CG_CLIENTS (50),
-# CG_PIPELINE (16), CG_REQUESTS (50000), CG_FENCES (1), CG_SHARED (1: the
-# default shared connection; 0: one per client), CG_TOP (25 functions),
+# CG_PIPELINE (16), CG_REQUESTS (50000), CG_FENCES (1), CG_ON_WRITE (the
+# fenced keys' on_write, default invalidate as in cachefence; bench/fences.sh
+# measures write), CG_SHARED (1: the default shared connection; 0: one per
+# client), CG_TOP (25 functions),
 # CG_OUT (a path to keep the callgrind output at, for callgrind_annotate),
 # CACHEFENCE_BIN (default target/release/cachefence, built if missing).
 set -euo pipefail
@@ -22,6 +24,7 @@ clients=${CG_CLIENTS:-50}
 pipeline=${CG_PIPELINE:-16}
 requests=${CG_REQUESTS:-50000}
 fences=${CG_FENCES:-1}
+on_write=${CG_ON_WRITE:-invalidate}
 shared=${CG_SHARED:-1}
 top=${CG_TOP:-25}
 bin=${CACHEFENCE_BIN:-target/release/cachefence}
@@ -48,7 +51,8 @@ for _ in $(seq 1 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && brea
 
 flags=(--listen "127.0.0.1:$proxy_port" --upstream "127.0.0.1:$redis_port" --workers 1
     --shared-connections "$shared" --log-level warn)
-if [ "$fences" = 0 ]; then flags+=(--no-fences); else flags+=(--cache '*'); fi
+printf '[[cache]]\npattern = "*"\non_write = "%s"\n' "$on_write" >"$work/every-key.toml"
+if [ "$fences" = 0 ]; then flags+=(--no-fences); else flags+=(--config "$work/every-key.toml"); fi
 valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" "$bin" "${flags[@]}" \
     >"$work/proxy.log" 2>&1 &
 proxy_pid=$!
@@ -63,7 +67,7 @@ proxy_pid=
 [ -n "${CG_OUT:-}" ] && cp "$work/cg.out" "$CG_OUT"
 # (awk reads to the end: an early exit would fail the pipeline under pipefail)
 total=$(callgrind_annotate "$work/cg.out" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done {gsub(",", "", $1); print $1; done=1}')
-echo "workload: $test_name c$clients P$pipeline, $requests requests, fences=$fences shared=$shared"
+echo "workload: $test_name c$clients P$pipeline, $requests requests, fences=$fences on_write=$on_write shared=$shared"
 echo "proxy instructions: $total"
 echo "per request: $((total / requests))"
 echo
