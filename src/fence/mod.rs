@@ -257,11 +257,53 @@ impl Fences {
 }
 
 /// Milliseconds, at least 1, as Redis wants them in `PEXPIRE`.
-pub fn millis(d: Duration) -> String {
-    d.as_millis().max(1).to_string()
+pub fn millis(d: Duration) -> Bytes {
+    decimal(d.as_millis().max(1))
 }
 
 /// Microseconds.
-pub fn micros(d: Duration) -> String {
-    d.as_micros().to_string()
+pub fn micros(d: Duration) -> Bytes {
+    decimal(d.as_micros())
+}
+
+/// `n` in decimal. A script call carries the same few durations over and
+/// over (a policy's fence TTL and `lease_ttl`, the lag window), so the
+/// last few are kept per thread: a repeat costs a reference count, not an
+/// allocation.
+fn decimal(n: u128) -> Bytes {
+    const KEPT: usize = 8;
+    thread_local! {
+        static RECENT: std::cell::RefCell<(usize, [(u128, Bytes); KEPT])> =
+            std::cell::RefCell::new((0, std::array::from_fn(|_| (u128::MAX, Bytes::new()))));
+    }
+    if n == 0 {
+        return Bytes::from_static(b"0");
+    }
+    RECENT.with_borrow_mut(|(next, kept)| {
+        if let Some((_, bytes)) = kept.iter().find(|(value, _)| *value == n) {
+            return bytes.clone();
+        }
+        let bytes = Bytes::from(n.to_string());
+        kept[*next] = (n, bytes.clone());
+        *next = (*next + 1) % KEPT;
+        bytes
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Kept or made anew, a duration's text is its decimal: more distinct
+    /// values than are kept, each asked for several times over.
+    #[test]
+    fn durations_are_their_decimal_kept_or_not() {
+        let values: Vec<u64> = vec![0, 1, 9, 10, 99, 100, 1_000, 30_000, 5_000_000, 7, 123_456_789, u64::MAX / 1000];
+        for _ in 0..3 {
+            for &n in &values {
+                assert_eq!(&micros(Duration::from_micros(n))[..], n.to_string().as_bytes());
+                assert_eq!(&millis(Duration::from_millis(n))[..], n.max(1).to_string().as_bytes());
+            }
+        }
+    }
 }

@@ -224,12 +224,14 @@ impl Client<'_> {
         let flag = |on: bool| Bytes::from_static(if on { b"1" } else { b"0" });
         let missed_here = self.fences.take_recent_miss(key, rules.lease_ttl);
         let lag = self.fences.lag.judge(rules);
-        let mut args = vec![
+        // Sized up front: growing it would copy every argument once more.
+        let mut args = Vec::with_capacity(12 + expiry.len() + words.len());
+        args.extend([
             Bytes::from_static(b"set"),
-            millis(rules.fence_ttl()).into(),
+            millis(rules.fence_ttl()),
             self.scope_prefix(rules.ticket_scope),
-            micros(rules.lease_ttl).into(),
-            micros(lag.window).into(),
+            micros(rules.lease_ttl),
+            micros(lag.window),
             Bytes::from_static(lag.policy.script_mode()),
             flag(nx),
             flag(missed_here),
@@ -239,7 +241,7 @@ impl Client<'_> {
             flag(self.fences.undelivered.is_pending(db, key)),
             small_number(value_at),
             small_number(expiry.len()),
-        ];
+        ]);
         args.extend(expiry);
         args.extend(words.iter().cloned());
         let call = ScriptCall::new(vec![key.clone(), fence_key(key).into()], args);
