@@ -112,6 +112,11 @@ const SET_WROTE: &[u8] = b"*2\r\n:3\r\n";
 /// The `set` operation's reply for a store turned into a delete.
 const SET_INVALIDATED: &[u8] = b"*1\r\n:4\r\n";
 
+/// `+OK`, the same in RESP2 and RESP3.
+fn ok() -> Bytes {
+    Bytes::from_static(b"+OK\r\n")
+}
+
 /// What a miss script's reply means for the held `GET`.
 #[derive(Debug)]
 pub enum MissOutcome {
@@ -133,7 +138,7 @@ impl Client<'_> {
             // Writes and invalidations, the common case: no decoding needed.
             return match self.command_effects(reply, frame, db) {
                 false => Bytes::copy_from_slice(frame),
-                true if matches!(reply, ScriptReply::Ok { .. }) => Reply::Status("OK").encode(resp3),
+                true if matches!(reply, ScriptReply::Ok { .. }) => ok(),
                 // Lua's false (a nil inside the script) reaches a RESP3 client
                 // as a boolean; the client's command answered nil.
                 true if frame == b"#f\r\n" => Reply::Nil.encode(resp3),
@@ -244,7 +249,7 @@ impl Client<'_> {
             // A plain command's reply is never Lua's false: the bytes stay,
             // but for the `DEL` a store became.
             PlainKind::Command => match self.command_effects(reply, frame, db) {
-                true if matches!(reply, ScriptReply::Ok { .. }) => Some(Reply::Status("OK").encode(resp3)),
+                true if matches!(reply, ScriptReply::Ok { .. }) => Some(ok()),
                 _ => None,
             },
             _ if matches!(frame.first(), Some(b'-' | b'!')) => None,
@@ -356,19 +361,16 @@ impl Client<'_> {
                 own => Bytes::copy_from_slice(own),
             };
         }
+        // A store turned into a delete, the default's common case: known
+        // without decoding.
+        if frame == SET_INVALIDATED {
+            return self.set_invalidated(key, db);
+        }
         let Some(Value::Array(items)) = Value::decode(frame, resp3) else {
             return Bytes::copy_from_slice(frame);
         };
         match items.first().and_then(Value::as_int) {
-            Some(4) => {
-                self.fences.stats.invalidations.inc();
-                self.fences.stats.keys_invalidated_client.inc();
-                let keys = std::slice::from_ref(key);
-                self.fences
-                    .epilogue
-                    .after_invalidation(db, keys, Source::Client, self.connection);
-                Reply::Status("OK").encode(resp3)
-            }
+            Some(4) => self.set_invalidated(key, db),
             Some(5) => {
                 self.fences.stats.writes_rejected.inc();
                 self.record(key, What::WriteRejected);
@@ -376,6 +378,17 @@ impl Client<'_> {
             }
             _ => self.fill_reply(policy, key, &items, false).encode(resp3),
         }
+    }
+
+    /// A store of `key` ran as a delete: counted, acted on, answered `+OK`.
+    fn set_invalidated(&self, key: &Bytes, db: u32) -> Bytes {
+        self.fences.stats.invalidations.inc();
+        self.fences.stats.keys_invalidated_client.inc();
+        let keys = std::slice::from_ref(key);
+        self.fences
+            .epilogue
+            .after_invalidation(db, keys, Source::Client, self.connection);
+        ok()
     }
 
     /// A plain store of `key` ran as a write: counted, recorded, and its
