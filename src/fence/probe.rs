@@ -35,7 +35,7 @@ use bytes::Bytes;
 use super::plan::COMMAND_AT;
 use super::script::{ScriptCall, batch};
 use super::translate::ScriptReply;
-use crate::resp::encode::command_of;
+use crate::resp::encode::{command_of, command_words};
 use crate::resp::value::Value;
 
 /// The fewest ticketless writes in a run that are worth a probe.
@@ -86,7 +86,7 @@ impl Plain {
                 let (command, kind) = match &on_write[..] {
                     b"write" => (sent, PlainKind::SetWrite),
                     b"inval" => (
-                        encode(&[Bytes::from_static(b"DEL"), key.clone()]),
+                        crate::resp::encode::command(&[b"DEL", key]),
                         PlainKind::SetInval,
                     ),
                     _ => return None,
@@ -122,7 +122,7 @@ impl Plain {
 }
 
 fn encode(words: &[Bytes]) -> Bytes {
-    command_of(words.iter().cloned())
+    command_words(words)
 }
 
 /// One write of a probed run: its script call and reply rule, and its plain
@@ -138,6 +138,9 @@ pub struct ProbeOp {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Probe {
     pub ops: Vec<ProbeOp>,
+    /// Bytes of the client's requests the run keeps (counted once: the
+    /// session asks when it holds the run and when it lets it go).
+    weight: usize,
 }
 
 /// How a probed run goes on, in the run's order.
@@ -174,13 +177,14 @@ impl Probe {
         if eligible < PROBE_MIN_OPS || fences > PROBE_MAX_FENCES {
             return Err((calls, replies));
         }
-        let ops = calls
+        let ops: Vec<ProbeOp> = calls
             .into_iter()
             .zip(replies)
             .zip(plains)
             .map(|((call, reply), plain)| ProbeOp { call, reply, plain })
             .collect();
-        Ok(Probe { ops })
+        let weight = ops.iter().map(|op| op.call.weight()).sum();
+        Ok(Probe { ops, weight })
     }
 
     /// The `MGET` of every fence the plain forms name, in order.
@@ -251,7 +255,7 @@ impl Probe {
 
     /// Bytes of the client's requests the run keeps.
     pub fn weight(&self) -> usize {
-        self.ops.iter().map(|op| op.call.weight()).sum()
+        self.weight
     }
 }
 

@@ -190,10 +190,14 @@ pub fn is_fence_key(key: &[u8]) -> bool {
 /// The fence key of `key`: in the key's hash slot (its `{tag}` if it has
 /// one, else the whole key as the tag), under a prefix of its own.
 pub fn fence_key(key: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(key.len() + 16);
+    const OPEN: &[u8] = b"cachefence:{";
+    // Each of the exact size: `Bytes` takes such a `Vec` over without
+    // allocating again (one with room to spare costs it a second allocation).
+    let mut out;
     match hash_tag(key) {
         Some(tag) => {
-            out.extend_from_slice(b"cachefence:{");
+            out = Vec::with_capacity(OPEN.len() + tag.len() + 2 + key.len());
+            out.extend_from_slice(OPEN);
             out.extend_from_slice(tag);
             out.extend_from_slice(b"}:");
             out.extend_from_slice(key);
@@ -201,13 +205,15 @@ pub fn fence_key(key: &[u8]) -> Vec<u8> {
         // A key with a `}` but no tag cannot be wrapped into a tag; outside
         // Redis Cluster the slot does not matter.
         None if key.contains(&b'}') => {
+            out = Vec::with_capacity(12 + key.len());
             out.extend_from_slice(b"cachefence::");
             out.extend_from_slice(key);
         }
         None => {
-            out.extend_from_slice(b"cachefence:{");
+            out = Vec::with_capacity(OPEN.len() + key.len() + 1);
+            out.extend_from_slice(OPEN);
             out.extend_from_slice(key);
-            out.extend_from_slice(b"}");
+            out.push(b'}');
         }
     }
     out

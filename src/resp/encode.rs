@@ -83,6 +83,11 @@ fn push_decimal(buf: &mut Vec<u8>, n: usize) {
     }
 }
 
+/// A command as a multibulk request, from a slice of words.
+pub fn command_words(words: &[Bytes]) -> Bytes {
+    multibulk(words)
+}
+
 /// A command as a multibulk request, from words the caller already holds
 /// as `Bytes`.
 pub fn command_of(words: impl IntoIterator<Item = Bytes>) -> Bytes {
