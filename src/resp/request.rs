@@ -64,20 +64,29 @@ impl Frame {
     pub fn all_args(&self, request: &[u8]) -> Vec<Bytes> {
         match &self.args {
             Args::Inline(args) => args.iter().map(|a| Bytes::copy_from_slice(a)).collect(),
-            Args::Multibulk(_) => {
+            Args::Multibulk(tracked) => {
                 // One copy of the request; each argument a slice of it.
                 let copy = Bytes::copy_from_slice(request);
                 let mut out = Vec::with_capacity(self.argc);
-                let mut pos = memchr::memchr(b'\n', request).map_or(request.len(), |i| i + 1);
+                // The framer found the first ones already (all of a `SET k v`).
+                let known = self.argc.min(TRACKED_ARGS);
+                out.extend(tracked[..known].iter().map(|at| copy.slice(at.clone())));
+                let mut pos = match known {
+                    0 => request.len(),
+                    _ => tracked[known - 1].end + 2,
+                };
                 while out.len() < self.argc && pos < request.len() {
                     let Some(line) = memchr::memchr(b'\r', &request[pos..]) else {
                         break;
                     };
-                    let len: usize = std::str::from_utf8(&request[pos + 1..pos + line])
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(0);
+                    // Digits only: the framer checked the header.
+                    let len = request[pos + 1..pos + line]
+                        .iter()
+                        .fold(0usize, |n, d| n.wrapping_mul(10).wrapping_add(usize::from(d.wrapping_sub(b'0'))));
                     let start = pos + line + 2;
+                    if start.saturating_add(len) > request.len() {
+                        break;
+                    }
                     out.push(copy.slice(start..start + len));
                     pos = start + len + 2;
                 }
@@ -423,6 +432,36 @@ mod tests {
         let (frames, err) = frame_all(input);
         assert_eq!(frames, vec![(14, 1), (27, 3), (4, 0)]);
         assert_eq!(err, None);
+    }
+
+    /// Every argument, the ones the framer tracked and the ones after,
+    /// for every count around [`TRACKED_ARGS`], empty and long ones among
+    /// them, multibulk and inline alike.
+    #[test]
+    fn all_args_are_every_argument_in_order() {
+        let words: Vec<Vec<u8>> = vec![
+            b"MSET".to_vec(),
+            b"".to_vec(),
+            b"k1".to_vec(),
+            vec![b'x'; 1234],
+            b"k2".to_vec(),
+            b"v\r\n2".to_vec(),
+        ];
+        for argc in 1..=words.len() {
+            let mut request = format!("*{argc}\r\n").into_bytes();
+            for word in &words[..argc] {
+                request.extend_from_slice(format!("${}\r\n", word.len()).as_bytes());
+                request.extend_from_slice(word);
+                request.extend_from_slice(b"\r\n");
+            }
+            let frame = RequestFramer::new(1 << 20).next(&request).unwrap().unwrap();
+            let args: Vec<Vec<u8>> = frame.all_args(&request).iter().map(|a| a.to_vec()).collect();
+            assert_eq!(args, words[..argc], "argc {argc}");
+        }
+        let inline = b"SET  key \"a b\"\r\n";
+        let frame = RequestFramer::new(1 << 20).next(inline).unwrap().unwrap();
+        let args: Vec<Vec<u8>> = frame.all_args(inline).iter().map(|a| a.to_vec()).collect();
+        assert_eq!(args, [b"SET".to_vec(), b"key".to_vec(), b"a b".to_vec()]);
     }
 
     #[test]
