@@ -298,11 +298,27 @@ mod tests {
     /// values than are kept, each asked for several times over.
     #[test]
     fn durations_are_their_decimal_kept_or_not() {
-        let values: Vec<u64> = vec![0, 1, 9, 10, 99, 100, 1_000, 30_000, 5_000_000, 7, 123_456_789, u64::MAX / 1000];
+        let values: Vec<u64> = vec![
+            0,
+            1,
+            9,
+            10,
+            99,
+            100,
+            1_000,
+            30_000,
+            5_000_000,
+            7,
+            123_456_789,
+            u64::MAX / 1000,
+        ];
         for _ in 0..3 {
             for &n in &values {
                 assert_eq!(&micros(Duration::from_micros(n))[..], n.to_string().as_bytes());
-                assert_eq!(&millis(Duration::from_millis(n))[..], n.max(1).to_string().as_bytes());
+                assert_eq!(
+                    &millis(Duration::from_millis(n))[..],
+                    n.max(1).to_string().as_bytes()
+                );
             }
         }
     }

@@ -271,14 +271,14 @@ impl Client<'_> {
         let lag = self.fences.lag.judge(rules);
         let mut args = vec![
             Bytes::from_static(b"fill"),
-            millis(rules.fence_ttl()).into(),
+            millis(rules.fence_ttl()),
             version,
             miss_us,
-            micros(lag.window).into(),
+            micros(lag.window),
             Bytes::from_static(lag.policy.script_mode()),
             Bytes::from_static(if nx { b"1" } else { b"0" }),
             self.holder(0).into(),
-            micros(rules.lease_ttl).into(),
+            micros(rules.lease_ttl),
             value.clone(),
         ];
         args.extend(expiry);
@@ -364,18 +364,18 @@ impl Client<'_> {
             vec![key.clone(), fence_key(key).into()],
             vec![
                 Bytes::from_static(b"miss"),
-                millis(rules.fence_ttl()).into(),
+                millis(rules.fence_ttl()),
                 self.holder(miss).into(),
                 // The herd lease lasts `hold`: a miss that is never filled
                 // (a row that does not exist) delays others at most that long.
-                millis(rules.hold).into(),
+                millis(rules.hold),
                 Bytes::from_static(match claim {
                     Claim::Wait => b"wait",
                     Claim::Alone => b"alone",
                     Claim::Force => b"force",
                 }),
                 field.into(),
-                micros(rules.lease_ttl).into(),
+                micros(rules.lease_ttl),
                 format!("{}:", self.holder(0)).into(),
             ],
         )
@@ -429,7 +429,7 @@ pub(crate) fn command_call(
     };
     let mut args = vec![
         Bytes::from(op),
-        millis(ttl).into(),
+        millis(ttl),
         fenced.len().to_string().into(),
         Bytes::from_static(if create { b"1" } else { b"0" }),
         own,

@@ -85,10 +85,7 @@ impl Plain {
                 let key = call.keys.first()?;
                 let (command, kind) = match &on_write[..] {
                     b"write" => (sent, PlainKind::SetWrite),
-                    b"inval" => (
-                        crate::resp::encode::command(&[b"DEL", key]),
-                        PlainKind::SetInval,
-                    ),
+                    b"inval" => (crate::resp::encode::command(&[b"DEL", key]), PlainKind::SetInval),
                     _ => return None,
                 };
                 let fences = vec![call.keys.get(1)?.clone()];

@@ -167,7 +167,7 @@ pub fn invalidation(keys: &[Bytes], fence_ttl: std::time::Duration) -> (Vec<Byte
     all.extend(keys.iter().map(|k| Bytes::from(fence_key(k))));
     let mut args = vec![
         Bytes::from_static(b"inval"),
-        super::millis(fence_ttl).into(),
+        super::millis(fence_ttl),
         keys.len().to_string().into(),
         // Created if missing: these invalidations (retried deletes, the
         // change log, CACHE.INVALIDATE) keep their invalidation time.

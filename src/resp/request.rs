@@ -80,9 +80,9 @@ impl Frame {
                         break;
                     };
                     // Digits only: the framer checked the header.
-                    let len = request[pos + 1..pos + line]
-                        .iter()
-                        .fold(0usize, |n, d| n.wrapping_mul(10).wrapping_add(usize::from(d.wrapping_sub(b'0'))));
+                    let len = request[pos + 1..pos + line].iter().fold(0usize, |n, d| {
+                        n.wrapping_mul(10).wrapping_add(usize::from(d.wrapping_sub(b'0')))
+                    });
                     let start = pos + line + 2;
                     if start.saturating_add(len) > request.len() {
                         break;

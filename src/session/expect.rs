@@ -4,6 +4,8 @@
 use bytes::Bytes;
 
 use crate::fence::plan::{InExec, Intercept};
+use crate::fence::probe::PlainKind;
+use crate::fence::translate::ScriptReply;
 use crate::resp::command::{Command, ReplyMode, SubFamily};
 
 /// What the proxy expects back for one forwarded request.
@@ -34,6 +36,14 @@ pub enum Expect {
     /// is the hot path of a cache (one allocation less per hit) and it fits
     /// in the size that [`Expect::Queued`] takes anyway.
     Get { key: Bytes, policy: usize },
+    /// The store of a probed run sent without the script
+    /// ([`Intercept::Plain`] of a [`ScriptReply::Set`]): unboxed like
+    /// [`Expect::Get`], as most fenced `SET`s of a pipeline go this way.
+    PlainSet {
+        kind: PlainKind,
+        key: Bytes,
+        policy: usize,
+    },
     /// Any other intercepted command (see [`crate::fence::plan`]); boxed so that
     /// the queue entry of every plain command stays small.
     Fence(Box<Intercept>),
@@ -56,6 +66,10 @@ impl Expect {
     pub fn fence(expect: Intercept) -> Expect {
         match expect {
             Intercept::Get { key, policy } => Expect::Get { key, policy },
+            Intercept::Plain {
+                kind,
+                reply: ScriptReply::Set { policy, key },
+            } => Expect::PlainSet { kind, key, policy },
             other => Expect::Fence(Box::new(other)),
         }
     }

@@ -434,6 +434,11 @@ impl Pairing {
                     Intercept::Plain { reply, .. } => reply,
                     _ => continue,
                 },
+                // A store: one reply, nothing it deletes.
+                Resume::Send(_, Expect::PlainSet { .. }) => {
+                    owed += 1;
+                    continue;
+                }
                 Resume::Send(..) => continue,
             };
             owed += reply.replies();
@@ -554,6 +559,10 @@ impl Pairing {
             // Anything but the start of a link: Redis refused the sync.
             Expect::Sync { .. } => self.link = Link::Refused,
             Expect::Get { key, policy } => return Route::Fence(Intercept::Get { key, policy }),
+            Expect::PlainSet { kind, key, policy } => {
+                let reply = ScriptReply::Set { policy, key };
+                return Route::Fence(Intercept::Plain { kind, reply });
+            }
             Expect::Fence(fence) => return Route::Fence(*fence),
             _ => {}
         }
@@ -659,13 +668,45 @@ mod tests {
                 ScriptCall::new(Vec::new(), Vec::new()),
                 ScriptReply::Batch(vec![del(b"b"), del(b"c")]),
             ),
+            // A store sent plain (unboxed, `Expect::PlainSet`): one reply owed.
+            Resume::Send(
+                Bytes::from_static(b"SET k v"),
+                Expect::fence(Intercept::Plain {
+                    kind: PlainKind::SetWrite,
+                    reply: ScriptReply::Set {
+                        policy: 0,
+                        key: Bytes::from_static(b"k"),
+                    },
+                }),
+            ),
         ]);
         assert!(!p.is_idle(), "steps are owed");
         let (owed, deletes) = p.abandon();
-        assert_eq!(owed, 1 + 1 + 2);
+        assert_eq!(owed, 1 + 1 + 2 + 1);
         let keys: Vec<Bytes> = deletes.into_iter().flat_map(|(_, keys)| keys).collect();
         assert_eq!(keys, [&b"a"[..], b"b", b"c"]);
         assert!(p.resume.is_none());
+    }
+
+    /// A plain store's expectation, kept unboxed, routes its reply as the
+    /// boxed one would.
+    #[test]
+    fn a_plain_store_routes_as_its_intercept() {
+        use crate::fence::probe::PlainKind;
+        for kind in [PlainKind::SetWrite, PlainKind::SetInval] {
+            let plain = Intercept::Plain {
+                kind,
+                reply: ScriptReply::Set {
+                    policy: 7,
+                    key: Bytes::from_static(b"user:1"),
+                },
+            };
+            let mut p = Pairing::default();
+            p.push(Expect::fence(plain.clone()));
+            assert!(matches!(p.pending.front(), Some(Expect::PlainSet { .. })));
+            assert_eq!(p.route(b':', b":1\r\n"), Route::Fence(plain));
+            assert!(p.is_idle());
+        }
     }
 
     #[test]
