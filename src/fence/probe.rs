@@ -202,11 +202,14 @@ impl Probe {
     /// which then meets the error itself.
     pub fn steps(self, frame: &[u8], resp3: bool) -> Vec<Step> {
         let asked = self.fences().count();
-        let missing: Vec<bool> = match Value::decode(frame, resp3) {
-            Some(Value::Array(items)) if items.len() == asked => {
-                items.iter().map(|v| *v == Value::Nil).collect()
-            }
-            _ => vec![false; asked],
+        let missing: Vec<bool> = match scan_missing(frame, asked) {
+            Some(missing) => missing,
+            None => match Value::decode(frame, resp3) {
+                Some(Value::Array(items)) if items.len() == asked => {
+                    items.iter().map(|v| *v == Value::Nil).collect()
+                }
+                _ => vec![false; asked],
+            },
         };
         let mut at = 0;
         let mut steps = Vec::new();
@@ -254,6 +257,40 @@ impl Probe {
     pub fn weight(&self) -> usize {
         self.weight
     }
+}
+
+/// Which fences an `MGET` reply of `asked` elements found missing, read
+/// straight off the frame when it is the usual array of nils (`$-1`,
+/// RESP3 `_`) and bulks; `None` for anything else, which is decoded in full.
+fn scan_missing(frame: &[u8], asked: usize) -> Option<Vec<bool>> {
+    fn line(frame: &[u8], at: usize) -> Option<(&[u8], usize)> {
+        let end = at + memchr::memchr(b'\r', frame.get(at..)?)?;
+        (frame.get(end + 1) == Some(&b'\n')).then(|| (&frame[at..end], end + 2))
+    }
+    fn number(digits: &[u8]) -> Option<usize> {
+        std::str::from_utf8(digits).ok()?.parse().ok()
+    }
+    let (header, mut at) = line(frame, 0)?;
+    if header.first() != Some(&b'*') || number(&header[1..])? != asked {
+        return None;
+    }
+    let mut missing = Vec::with_capacity(asked);
+    for _ in 0..asked {
+        let (head, next) = line(frame, at)?;
+        at = match head {
+            b"$-1" | b"_" => {
+                missing.push(true);
+                next
+            }
+            [b'$', len @ ..] => {
+                missing.push(false);
+                let end = next.checked_add(number(len)?)?;
+                (frame.get(end..end + 2)? == b"\r\n").then_some(end + 2)?
+            }
+            _ => return None,
+        };
+    }
+    (at == frame.len()).then_some(missing)
 }
 
 fn flush_scripted(scripted: &mut Vec<(ScriptCall, ScriptReply)>, steps: &mut Vec<Step>) {

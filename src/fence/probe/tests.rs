@@ -259,3 +259,41 @@ fn an_error_or_a_reply_of_another_shape_sends_every_write_to_the_script() {
         );
     }
 }
+
+/// The `MGET` reply read off the frame says what decoding it says, and
+/// anything but an array of nils and bulks of the asked length is left to
+/// the decoder.
+#[test]
+fn an_mget_reply_is_scanned_as_it_decodes() {
+    let decoded = |frame: &[u8], resp3: bool| -> Option<Vec<bool>> {
+        match Value::decode(frame, resp3) {
+            Some(Value::Array(items)) => Some(items.iter().map(|v| *v == Value::Nil).collect()),
+            _ => None,
+        }
+    };
+    let read: [(&[u8], bool); 6] = [
+        (b"*3\r\n$-1\r\n$-1\r\n$-1\r\n", false),
+        (b"*3\r\n_\r\n_\r\n_\r\n", true),
+        (b"*4\r\n$-1\r\n$3\r\nabc\r\n$0\r\n\r\n$-1\r\n", false),
+        (b"*2\r\n$4\r\na\r\nb\r\n_\r\n", true),
+        (b"*1\r\n$20\r\n00000000000000000001\r\n", false),
+        (b"*0\r\n", false),
+    ];
+    for (frame, resp3) in read {
+        let asked = decoded(frame, resp3).expect("an array").len();
+        assert_eq!(scan_missing(frame, asked), decoded(frame, resp3), "{frame:?}");
+    }
+    let left: [(&[u8], usize); 8] = [
+        (b"-ERR unknown command\r\n", 1),
+        (b"-LOADING Redis is loading\r\n", 2),
+        (b"*2\r\n$-1\r\n$-1\r\n", 3),
+        (b"*2\r\n$-1\r\n", 2),
+        (b"*2\r\n$-1\r\n$5\r\nab\r\n", 2),
+        (b"*1\r\n:1\r\n", 1),
+        (b"*1\r\n$-1\r\n+OK\r\n", 1),
+        (b"*1\r\n$3\r\nabcXY", 1),
+    ];
+    for (frame, asked) in left {
+        assert_eq!(scan_missing(frame, asked), None, "{frame:?}");
+    }
+}
