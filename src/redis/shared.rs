@@ -161,8 +161,29 @@ pub struct Job {
     pub route: Route,
     /// `bytes` are exactly this one fence script call, as `EVALSHA`, owed
     /// one frame: the connection may run it in one batch call with the
-    /// calls of other sessions queued next to it ([`merge`]).
+    /// calls of other sessions queued next to it ([`merge`]). With `bytes`
+    /// empty, the call was not encoded: the connection does it if it writes
+    /// it alone.
     pub call: Option<ScriptCall>,
+}
+
+impl Job {
+    /// About the bytes it writes (an unencoded call: its keys and
+    /// arguments, and room for the `EVALSHA` around them).
+    fn size(&self) -> usize {
+        match (&self.call, self.bytes.is_empty()) {
+            (Some(call), true) => call.weight() + 64,
+            _ => self.bytes.len(),
+        }
+    }
+}
+
+/// What a job not merged writes: its bytes, or its call encoded.
+fn written(bytes: Bytes, call: Option<ScriptCall>) -> Bytes {
+    match call {
+        Some(call) if bytes.is_empty() => call.encode(false),
+        _ => bytes,
+    }
 }
 
 /// The process's shared upstream connections.
@@ -611,7 +632,7 @@ fn merge(router: &Mutex<Router>, jobs: &mut Vec<Job>, batch: &mut Vec<Bytes>, me
         let mergeable = |job: &Job| may && job.call.is_some() && job.frames == 1 && !job.eof;
         if !mergeable(&job) || !jobs.peek().is_some_and(mergeable) {
             answer_locked(&mut router, job.route, job.frames, job.eof);
-            batch.push(job.bytes);
+            batch.push(written(job.bytes, job.call));
             continue;
         }
         let mut calls = Vec::with_capacity(8);
@@ -652,7 +673,7 @@ fn lock(router: &Mutex<Router>) -> std::sync::MutexGuard<'_, Router> {
 /// Queues a job's route and hands back its bytes to write.
 fn route(router: &Mutex<Router>, job: Job) -> Bytes {
     answer(router, job.route, job.frames, job.eof);
-    job.bytes
+    written(job.bytes, job.call)
 }
 
 /// Runs one shared connection until it fails. `silence`: how long Redis
@@ -678,7 +699,7 @@ async fn serve(
             };
             // Routed before any await: if the connection fails meanwhile,
             // the job is answered (`Chunk::Lost`) with the others.
-            let mut size = first.bytes.len();
+            let mut size = first.size();
             batch.push(route(&router, first));
             // While several sessions are busy, the ones woken by the same
             // readiness event queue their jobs first: one write carries them
@@ -695,7 +716,7 @@ async fn serve(
             while size < WRITE_BATCH {
                 match jobs.try_recv() {
                     Ok(job) => {
-                        size += job.bytes.len();
+                        size += job.size();
                         gathered.push(job);
                     }
                     Err(_) => break,

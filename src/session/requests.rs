@@ -23,7 +23,7 @@ use tracing::{debug, warn};
 
 use super::pairing::{Expect, Link, Resume};
 use super::upstream::{
-    Placement, UpstreamWrite, close_requests, placement, remember, send_call, send_requests,
+    Placement, UpstreamWrite, close_requests, placement, remember, send_call, send_requests, send_unencoded,
 };
 use super::{Injection, ReadSize, RequestsEnd, Shared, drain, link, sleep_until};
 use crate::app::App;
@@ -192,6 +192,10 @@ where
         }
         let mut batch = frame_requests(&buf, &mut state, shared, app, fence);
         let written = match &batch.rewritten {
+            _ if batch.unencoded => {
+                let call = batch.call.take().expect("an unencoded batch is its call");
+                send_unencoded(upstream, call, frames).await
+            }
             Some(bytes) => send_call(upstream, bytes, frames, batch.call.take()).await,
             None if batch.complete > 0 => send_requests(upstream, &buf[..batch.complete], frames).await,
             None => Ok(()),
@@ -335,6 +339,9 @@ struct Batch {
     /// What is sent is this one fence script call alone, as `EVALSHA` (a
     /// shared connection may run it in a batch call with other sessions').
     call: Option<ScriptCall>,
+    /// `call` is not encoded (`rewritten` is empty): the shared connection
+    /// encodes it, alone or in a batch call, where it writes it.
+    unencoded: bool,
 }
 
 /// Frames every complete request at the front of `buf` and queues what each
@@ -358,6 +365,7 @@ fn frame_requests(
         quit: false,
         protocol: None,
         call: None,
+        unencoded: false,
     };
     // Bytes of `buf` already copied into `rewritten`.
     let mut copied = 0;
@@ -582,15 +590,15 @@ fn frame_requests(
     }
     // Behind a protocol error's reply nothing more may be sent.
     let probe = batch.failure.is_none() && !batch.sync;
+    // The batch is one fenced write and nothing else (a client that does
+    // not pipeline): a shared connection may merge it.
+    let alone = run.calls.len() == 1 && run.span == (0..batch.complete) && batch.failure.is_none();
+    run.unencoded = alone && state.shared;
     if run.flush(buf, &mut batch.rewritten, &mut copied, &mut pairing, fence, probe) {
         batch.probe = true;
     }
-    // The batch is one fenced write and nothing else (a client that does
-    // not pipeline): a shared connection may merge it.
-    batch.call = run
-        .lone
-        .take()
-        .filter(|_| run.span == (0..batch.complete) && batch.failure.is_none());
+    batch.call = run.lone.take().filter(|_| alone);
+    batch.unencoded = std::mem::take(&mut run.unencoded) && batch.call.is_some();
     if let Some(out) = &mut batch.rewritten {
         out.extend_from_slice(&buf[copied..batch.complete]);
     }
@@ -639,6 +647,11 @@ struct Run {
     spans: Vec<std::ops::Range<usize>>,
     /// The last flush sent one call alone, as `EVALSHA`: a copy of it.
     lone: Option<ScriptCall>,
+    /// Set for the last flush of a batch that is one call on a shared
+    /// connection: a lone call is not encoded (nor spliced) there, the
+    /// connection does it, most often in a batch call with other sessions'
+    /// ([`crate::redis::shared`]); left set if it was.
+    unencoded: bool,
 }
 
 impl Run {
@@ -723,9 +736,21 @@ impl Run {
                 (call, ScriptReply::Batch(std::mem::take(&mut self.replies)))
             }
         };
-        if fence.has_loaded() && !matches!(reply, ScriptReply::Batch(_)) {
+        let lone = fence.has_loaded() && !matches!(reply, ScriptReply::Batch(_));
+        if lone {
             self.lone = Some(call.clone());
         }
+        if lone && self.unencoded {
+            pairing.push_request(Expect::fence(Intercept::Script {
+                call,
+                reply,
+                slot: None,
+            }));
+            // The client's bytes are replaced by nothing here.
+            *copied = self.span.end;
+            return false;
+        }
+        self.unencoded = false;
         let bytes = fence.encode(&call, false);
         pairing.push_request(Expect::fence(Intercept::Script {
             call,

@@ -253,6 +253,29 @@ impl SharedTx {
         self.queue_job(job).await
     }
 
+    /// [`SharedTx::send`] of a batch that is `call` alone, not encoded: the
+    /// connection encodes it where it writes it, alone or (most often, with
+    /// many clients that do not pipeline) in one batch call with other
+    /// sessions' ([`crate::redis::shared`]), so it is not encoded twice.
+    pub async fn send_unencoded(&mut self, call: ScriptCall, frames_pushed: u64) -> io::Result<()> {
+        let frames = (frames_pushed - self.frames_sent) as usize;
+        if frames != 1 {
+            // Not the call's alone: not one to merge either.
+            return self.send(&call.encode(false), frames_pushed, None).await;
+        }
+        self.frames_sent = frames_pushed;
+        self.owed.jobs.fetch_add(1, Ordering::AcqRel);
+        self.sent_any = true;
+        let job = Job {
+            bytes: Bytes::new(),
+            frames,
+            eof: false,
+            route: self.route.clone(),
+            call: Some(call),
+        };
+        self.queue_job(job).await
+    }
+
     /// The client half-closed: once every reply before it is read, the
     /// read half ends (as Redis closes after a client's half-close).
     pub async fn close(&mut self) -> io::Result<()> {
@@ -479,6 +502,19 @@ pub(super) async fn send_call<W: UpstreamWrite>(
     match upstream.shared() {
         Some(shared) => shared.send(bytes, frames_pushed(), call).await,
         None => super::send(upstream, bytes).await,
+    }
+}
+
+/// [`send_call`] of a batch that is `call` alone, not encoded yet (the
+/// session is on a shared connection, which encodes it).
+pub(super) async fn send_unencoded<W: UpstreamWrite>(
+    upstream: &mut W,
+    call: ScriptCall,
+    frames_pushed: impl FnOnce() -> u64,
+) -> io::Result<()> {
+    match upstream.shared() {
+        Some(shared) => shared.send_unencoded(call, frames_pushed()).await,
+        None => super::send(upstream, &call.encode(false)).await,
     }
 }
 

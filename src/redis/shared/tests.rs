@@ -256,3 +256,69 @@ fn calls_next_to_each_other_are_merged_in_order() {
         assert_eq!(lost, &["Lost(\"gone\")"]);
     }
 }
+
+/// A session's lone call sent unencoded is written as its `EVALSHA` where
+/// the connection writes it alone (no neighbour to merge with, merging
+/// off, first in line), and merged like an encoded one otherwise.
+#[test]
+fn unencoded_calls_are_encoded_where_they_are_written_alone() {
+    use crate::fence::script::{ScriptCall, batch};
+    let call = |key: &str| {
+        ScriptCall::new(
+            vec![
+                Bytes::from(key.to_string()),
+                Bytes::from(format!("cachefence:{{{key}}}")),
+            ],
+            vec![Bytes::from_static(b"write"), Bytes::from(key.to_string())],
+        )
+    };
+    let ping = Bytes::from_static(b"*1\r\n$4\r\nPING\r\n");
+    let unencoded = |call: ScriptCall, route: Route| Job {
+        bytes: Bytes::new(),
+        frames: 1,
+        eof: false,
+        route,
+        call: Some(call),
+    };
+    for may in [true, false] {
+        let router = Mutex::new(Router::default());
+        let metrics = Metrics::default();
+        let mut jobs = Vec::new();
+        for key in ["a", "", "b", "c"] {
+            let (to, _rx) = route();
+            jobs.push(match key {
+                "" => Job {
+                    bytes: ping.clone(),
+                    frames: 1,
+                    eof: false,
+                    route: to,
+                    call: None,
+                },
+                key => unencoded(call(key), to),
+            });
+        }
+        assert_eq!(jobs[0].size(), call("a").weight() + 64);
+        let mut out = Vec::new();
+        merge(&router, &mut jobs, &mut out, &metrics, may);
+        let expected = match may {
+            true => vec![
+                call("a").encode(false),
+                ping.clone(),
+                batch(&[call("b"), call("c")]).encode(false),
+            ],
+            false => vec![
+                call("a").encode(false),
+                ping.clone(),
+                call("b").encode(false),
+                call("c").encode(false),
+            ],
+        };
+        assert_eq!(out, expected, "merging allowed: {may}");
+    }
+    let router = Mutex::new(Router::default());
+    let (to, _rx) = route();
+    assert_eq!(
+        super::route(&router, unencoded(call("d"), to)),
+        call("d").encode(false)
+    );
+}
