@@ -68,6 +68,7 @@ where
         shared: upstream.shared().is_some(),
         remembered: Vec::new(),
         resp3_pool: false,
+        run: Run::default(),
     };
     // After a shutdown or the client's end, keep writing the proxy's own
     // calls: replies already owed may depend on them.
@@ -308,6 +309,9 @@ struct RequestState {
     remembered: Vec<bytes::Bytes>,
     /// On the RESP3 shared connection.
     resp3_pool: bool,
+    /// Kept between batches, empty, for its vectors' room: a client that
+    /// does not pipeline would allocate them for every request.
+    run: Run,
 }
 
 /// One read's worth of complete requests.
@@ -371,7 +375,7 @@ fn frame_requests(
     let mut copied = 0;
     // Fenced writes and stores framed in a row, not sent yet: they go as one
     // script call when something else comes, or at the end of the batch.
-    let mut run = Run::default();
+    let mut run = std::mem::take(&mut state.run);
     let mut classes: ClassCounts = [0; 3];
     // The `[[cache]]` sections, loaded once per batch (at its first fenced command).
     let mut scope = None;
@@ -599,6 +603,8 @@ fn frame_requests(
     }
     batch.call = run.lone.take().filter(|_| alone);
     batch.unencoded = std::mem::take(&mut run.unencoded) && batch.call.is_some();
+    run.clear();
+    state.run = run;
     if let Some(out) = &mut batch.rewritten {
         out.extend_from_slice(&buf[copied..batch.complete]);
     }
@@ -662,6 +668,14 @@ impl Run {
             reply,
             ScriptReply::Set { .. } | ScriptReply::Command { .. } | ScriptReply::Ok { .. }
         ) && call.keys.len() + call.args.len() <= BATCH_MAX_WORDS
+    }
+
+    /// Empty again, its vectors' room kept.
+    fn clear(&mut self) {
+        self.calls.clear();
+        self.replies.clear();
+        self.spans.clear();
+        (self.span, self.lone, self.unencoded) = (0..0, None, false);
     }
 
     fn push(&mut self, call: ScriptCall, reply: ScriptReply, span: std::ops::Range<usize>) {
