@@ -191,22 +191,24 @@ fn a_merged_call_reply_is_split_among_its_sessions() {
 /// Jobs that are one script call each, next to each other, become one
 /// batch call; any other job keeps its place between them, and a failed
 /// connection answers every merged session.
+/// A fence script call of the shape of a write of `key`.
+fn call(key: &str) -> crate::fence::script::ScriptCall {
+    crate::fence::script::ScriptCall::new(
+        vec![
+            Bytes::from(key.to_string()),
+            Bytes::from(format!("cachefence:{{{key}}}")),
+        ],
+        vec![
+            Bytes::from_static(b"write"),
+            Bytes::from_static(b"11000"),
+            Bytes::from(key.to_string()),
+        ],
+    )
+}
+
 #[test]
 fn calls_next_to_each_other_are_merged_in_order() {
     use crate::fence::script::{ScriptCall, batch};
-    let call = |key: &str| {
-        ScriptCall::new(
-            vec![
-                Bytes::from(key.to_string()),
-                Bytes::from(format!("cachefence:{{{key}}}")),
-            ],
-            vec![
-                Bytes::from_static(b"write"),
-                Bytes::from_static(b"11000"),
-                Bytes::from(key.to_string()),
-            ],
-        )
-    };
     let job = |call: Option<ScriptCall>, route: Route| Job {
         bytes: match &call {
             Some(call) => call.encode(false),
@@ -263,15 +265,6 @@ fn calls_next_to_each_other_are_merged_in_order() {
 #[test]
 fn unencoded_calls_are_encoded_where_they_are_written_alone() {
     use crate::fence::script::{ScriptCall, batch};
-    let call = |key: &str| {
-        ScriptCall::new(
-            vec![
-                Bytes::from(key.to_string()),
-                Bytes::from(format!("cachefence:{{{key}}}")),
-            ],
-            vec![Bytes::from_static(b"write"), Bytes::from(key.to_string())],
-        )
-    };
     let ping = Bytes::from_static(b"*1\r\n$4\r\nPING\r\n");
     let unencoded = |call: ScriptCall, route: Route| Job {
         bytes: Bytes::new(),
