@@ -266,6 +266,17 @@ pub fn micros(d: Duration) -> Bytes {
     decimal(d.as_micros())
 }
 
+/// The lag window in force, in microseconds. A measured one
+/// (`lag_window = "auto"`) grows with the time since its measurement, so
+/// it hardly comes twice: made anew, not kept (it would push the repeating
+/// values out of [`decimal`]'s few).
+pub fn lag_micros(window: Duration, rules: &Policy) -> Bytes {
+    match rules.lag_auto {
+        true => Bytes::from(window.as_micros().to_string()),
+        false => micros(window),
+    }
+}
+
 /// `n` in decimal. A script call carries the same few durations over and
 /// over (a policy's fence TTL and `lease_ttl`, the lag window), so the
 /// last few are kept per thread: a repeat costs a reference count, not an
@@ -319,6 +330,29 @@ mod tests {
                     &millis(Duration::from_millis(n))[..],
                     n.max(1).to_string().as_bytes()
                 );
+            }
+        }
+    }
+
+    /// A lag window is its decimal too, measured (not kept) or fixed.
+    #[test]
+    fn lag_windows_are_their_decimal_measured_or_fixed() {
+        use crate::config::values::{LagWindow, Span};
+        let policy = |lag_window: LagWindow| {
+            let section = CacheSection {
+                pattern: Some("*".into()),
+                lag_window: Some(lag_window),
+                ..Default::default()
+            };
+            Policy::from_section(&section).expect("a valid section")
+        };
+        let auto = policy(LagWindow::Auto);
+        let fixed = policy(LagWindow::Fixed(Span(Duration::from_millis(250))));
+        assert!(auto.lag_auto && !fixed.lag_auto);
+        for us in [0u64, 1, 250_000, 1_234_567] {
+            for rules in [&auto, &fixed] {
+                let text = lag_micros(Duration::from_micros(us), rules);
+                assert_eq!(&text[..], us.to_string().as_bytes());
             }
         }
     }

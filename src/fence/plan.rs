@@ -16,7 +16,7 @@ use super::history::{Source, What};
 use super::probe::{PlainKind, Probe};
 use super::script::{ScriptCall, fence_key};
 use super::translate::ScriptReply;
-use super::{OnStaleFill, OnWrite, Policy, Refusal, Scope, TicketScope, micros, millis};
+use super::{OnStaleFill, OnWrite, Policy, Refusal, Scope, TicketScope, lag_micros, micros, millis};
 use crate::resp::command::{CacheOp, KeyspaceOp};
 use crate::resp::request::Frame;
 use crate::resp::value::Reply;
@@ -231,7 +231,7 @@ impl Client<'_> {
             millis(rules.fence_ttl()),
             self.scope_prefix(rules.ticket_scope),
             micros(rules.lease_ttl),
-            micros(lag.window),
+            lag_micros(lag.window, rules),
             Bytes::from_static(lag.policy.script_mode()),
             flag(nx),
             flag(missed_here),
@@ -274,7 +274,7 @@ impl Client<'_> {
             millis(rules.fence_ttl()),
             version,
             miss_us,
-            micros(lag.window),
+            lag_micros(lag.window, rules),
             Bytes::from_static(lag.policy.script_mode()),
             Bytes::from_static(if nx { b"1" } else { b"0" }),
             self.holder(0).into(),
