@@ -285,7 +285,8 @@ fn scan_missing(frame: &[u8], asked: usize) -> Option<Vec<bool>> {
             [b'$', len @ ..] => {
                 missing.push(false);
                 let end = next.checked_add(number(len)?)?;
-                (frame.get(end..end + 2)? == b"\r\n").then_some(end + 2)?
+                let after = end.checked_add(2)?;
+                (frame.get(end..after)? == b"\r\n").then_some(after)?
             }
             _ => return None,
         };

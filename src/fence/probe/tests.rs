@@ -283,7 +283,7 @@ fn an_mget_reply_is_scanned_as_it_decodes() {
         let asked = decoded(frame, resp3).expect("an array").len();
         assert_eq!(scan_missing(frame, asked), decoded(frame, resp3), "{frame:?}");
     }
-    let left: [(&[u8], usize); 8] = [
+    let left: [(&[u8], usize); 9] = [
         (b"-ERR unknown command\r\n", 1),
         (b"-LOADING Redis is loading\r\n", 2),
         (b"*2\r\n$-1\r\n$-1\r\n", 3),
@@ -292,6 +292,7 @@ fn an_mget_reply_is_scanned_as_it_decodes() {
         (b"*1\r\n:1\r\n", 1),
         (b"*1\r\n$-1\r\n+OK\r\n", 1),
         (b"*1\r\n$3\r\nabcXY", 1),
+        (b"*1\r\n$18446744073709551587\r\n", 1),
     ];
     for (frame, asked) in left {
         assert_eq!(scan_missing(frame, asked), None, "{frame:?}");
