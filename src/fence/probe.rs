@@ -36,6 +36,7 @@ use super::plan::COMMAND_AT;
 use super::script::{ScriptCall, batch};
 use super::translate::ScriptReply;
 use crate::resp::encode::{command_of, command_words};
+use crate::resp::request::string2ll;
 use crate::resp::value::Value;
 
 /// The fewest ticketless writes in a run that are worth a probe.
@@ -268,7 +269,7 @@ fn scan_missing(frame: &[u8], asked: usize) -> Option<Vec<bool>> {
         (frame.get(end + 1) == Some(&b'\n')).then(|| (&frame[at..end], end + 2))
     }
     fn number(digits: &[u8]) -> Option<usize> {
-        std::str::from_utf8(digits).ok()?.parse().ok()
+        usize::try_from(string2ll(digits)?).ok()
     }
     let (header, mut at) = line(frame, 0)?;
     if header.first() != Some(&b'*') || number(&header[1..])? != asked {

@@ -79,10 +79,9 @@ impl Frame {
                     let Some(line) = memchr::memchr(b'\r', &request[pos..]) else {
                         break;
                     };
-                    // Digits only: the framer checked the header.
-                    let len = request[pos + 1..pos + line].iter().fold(0usize, |n, d| {
-                        n.wrapping_mul(10).wrapping_add(usize::from(d.wrapping_sub(b'0')))
-                    });
+                    let length =
+                        string2ll(&request[pos + 1..pos + line]).and_then(|n| usize::try_from(n).ok());
+                    let Some(len) = length else { break };
                     let start = pos + line + 2;
                     if start.saturating_add(len) > request.len() {
                         break;
