@@ -192,14 +192,14 @@ where
             continue;
         }
         let mut batch = frame_requests(&buf, &mut state, shared, app, fence);
-        let written = match &batch.rewritten {
-            _ if batch.unencoded => {
-                let call = batch.call.take().expect("an unencoded batch is its call");
-                send_unencoded(upstream, call, frames).await
+        let written = match (&batch.rewritten, batch.call.take()) {
+            (Some(bytes), call) => send_call(upstream, bytes, frames, call).await,
+            // The batch is its call, not encoded: the shared connection does it.
+            (None, Some(call)) => send_unencoded(upstream, call, frames).await,
+            (None, None) if batch.complete > 0 => {
+                send_requests(upstream, &buf[..batch.complete], frames).await
             }
-            Some(bytes) => send_call(upstream, bytes, frames, batch.call.take()).await,
-            None if batch.complete > 0 => send_requests(upstream, &buf[..batch.complete], frames).await,
-            None => Ok(()),
+            (None, None) => Ok(()),
         };
         if let Err(error) = written {
             debug!(%error, "upstream write failed");
@@ -342,10 +342,9 @@ struct Batch {
     protocol: Option<bool>,
     /// What is sent is this one fence script call alone, as `EVALSHA` (a
     /// shared connection may run it in a batch call with other sessions').
-    call: Option<ScriptCall>,
-    /// `call` is not encoded (`rewritten` is empty): the shared connection
+    /// Without `rewritten`, it is not encoded: the shared connection
     /// encodes it, alone or in a batch call, where it writes it.
-    unencoded: bool,
+    call: Option<ScriptCall>,
 }
 
 /// Frames every complete request at the front of `buf` and queues what each
@@ -369,7 +368,6 @@ fn frame_requests(
         quit: false,
         protocol: None,
         call: None,
-        unencoded: false,
     };
     // Bytes of `buf` already copied into `rewritten`.
     let mut copied = 0;
@@ -602,7 +600,6 @@ fn frame_requests(
         batch.probe = true;
     }
     batch.call = run.lone.take().filter(|_| alone);
-    batch.unencoded = std::mem::take(&mut run.unencoded) && batch.call.is_some();
     run.clear();
     state.run = run;
     if let Some(out) = &mut batch.rewritten {
@@ -656,7 +653,7 @@ struct Run {
     /// Set for the last flush of a batch that is one call on a shared
     /// connection: a lone call is not encoded (nor spliced) there, the
     /// connection does it, most often in a batch call with other sessions'
-    /// ([`crate::redis::shared`]); left set if it was.
+    /// ([`crate::redis::shared`]).
     unencoded: bool,
 }
 
@@ -764,7 +761,6 @@ impl Run {
             *copied = self.span.end;
             return false;
         }
-        self.unencoded = false;
         let bytes = fence.encode(&call, false);
         pairing.push_request(Expect::fence(Intercept::Script {
             call,
