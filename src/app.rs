@@ -48,8 +48,12 @@ pub struct App {
 
 impl App {
     /// Wires the parts for `config`. With fences on, this starts the
-    /// invalidation workers (it needs a runtime).
+    /// invalidation workers, and with a Sentinel upstream the task that
+    /// follows the sentinels (it needs a runtime).
     pub fn new(config: Config, metrics_addr: Option<SocketAddr>) -> App {
+        if let Some(sentinel) = &config.upstream.sentinel {
+            crate::redis::sentinel::follow(sentinel.clone(), config.connect_timeout);
+        }
         let fences = config.fences.clone().map(|scope| {
             let fences = Fences::new(scope, Some((config.upstream.clone(), config.connect_timeout)));
             fences

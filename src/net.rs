@@ -6,10 +6,18 @@
 //! share one rustls state, is split with [`tokio::io::split`]. A session
 //! with no TLS on either side runs on the bare `TcpStream` halves (see
 //! `session::run`), so TLS costs the plain path nothing.
+//!
+//! An upstream connection to a master found through Sentinel is
+//! [`Stream::Revocable`]: a failover revokes every connection to the old
+//! master at once ([`Revoker`]), so nothing more is written to it.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
+
+use futures_util::task::AtomicWaker;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -21,6 +29,132 @@ pub enum Stream {
     Plain(TcpStream),
     /// Boxed: rustls' state is large and the plain variant is the common one.
     Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
+    /// An upstream connection a [`Revoker`] can end.
+    Revocable(Box<Revocable>),
+}
+
+/// Ends a group of connections at once: every [`Revocable`] made before
+/// [`Revoker::revoke`] fails its next read or write, and a read waiting
+/// for data is woken to fail (a session blocked on the old master learns
+/// of the failover at once, not when Sentinel closes its connection).
+#[derive(Debug, Default)]
+pub struct Revoker {
+    generation: AtomicU64,
+    /// The wakers of live connections' reads (dead ones are pruned as the
+    /// list grows).
+    readers: Mutex<Readers>,
+}
+
+#[derive(Debug, Default)]
+struct Readers {
+    list: Vec<Weak<AtomicWaker>>,
+    /// The list is pruned when it reaches this length.
+    prune_at: usize,
+}
+
+impl Revoker {
+    /// Wraps `stream`, made while the revoker was at `generation`: if a
+    /// revocation came in between, the stream is revoked already.
+    pub fn wrap(self: &Arc<Self>, stream: Stream, generation: u64) -> Stream {
+        let waker = Arc::new(AtomicWaker::new());
+        {
+            let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+            if readers.list.len() >= readers.prune_at {
+                readers.list.retain(|w| w.strong_count() > 0);
+                readers.prune_at = (readers.list.len() * 2).max(64);
+            }
+            readers.list.push(Arc::downgrade(&waker));
+        }
+        Stream::Revocable(Box::new(Revocable {
+            inner: stream,
+            revoker: self.clone(),
+            generation,
+            waker,
+        }))
+    }
+
+    /// The generation a connection made now belongs to.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Ends every connection made so far.
+    pub fn revoke(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let readers = std::mem::take(&mut *self.readers.lock().unwrap_or_else(|p| p.into_inner()));
+        for waker in readers.list.iter().filter_map(Weak::upgrade) {
+            waker.wake();
+        }
+    }
+}
+
+/// A stream that a [`Revoker`] can end.
+#[derive(Debug)]
+pub struct Revocable {
+    inner: Stream,
+    revoker: Arc<Revoker>,
+    generation: u64,
+    waker: Arc<AtomicWaker>,
+}
+
+impl Revocable {
+    fn check(&self) -> io::Result<()> {
+        match self.revoker.generation() == self.generation {
+            true => Ok(()),
+            false => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the upstream master changed (Sentinel failover)",
+            )),
+        }
+    }
+}
+
+impl AsyncRead for Revocable {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.check()?;
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Pending => {
+                this.waker.register(cx.waker());
+                // A revocation between the check and the registration.
+                this.check()?;
+                Poll::Pending
+            }
+            ready => ready,
+        }
+    }
+}
+
+impl AsyncWrite for Revocable {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.check()?;
+        Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.check()?;
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.check()?;
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 impl From<TcpStream> for Stream {
@@ -46,6 +180,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+            Stream::Revocable(s) => Pin::new(&mut **s).poll_read(cx, buf),
         }
     }
 }
@@ -55,6 +190,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+            Stream::Revocable(s) => Pin::new(&mut **s).poll_write(cx, buf),
         }
     }
 
@@ -66,6 +202,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+            Stream::Revocable(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -73,6 +210,7 @@ impl AsyncWrite for Stream {
         match self {
             Stream::Plain(s) => s.is_write_vectored(),
             Stream::Tls(s) => s.is_write_vectored(),
+            Stream::Revocable(s) => s.is_write_vectored(),
         }
     }
 
@@ -80,6 +218,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+            Stream::Revocable(s) => Pin::new(&mut **s).poll_flush(cx),
         }
     }
 
@@ -87,6 +226,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+            Stream::Revocable(s) => Pin::new(&mut **s).poll_shutdown(cx),
         }
     }
 }

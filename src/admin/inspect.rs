@@ -43,6 +43,23 @@ pub fn stats(fences: &Fences, app: &App) -> Reply {
 
 /// `CACHE.INFO`: the proxy itself, as Redis' `INFO` formats a section.
 /// Addresses only, never a URL or a password.
+/// A Sentinel upstream's state: the master named last, the failovers seen
+/// and the counters of [`crate::redis::sentinel::SentinelStats`].
+fn sentinel_lines(sentinel: &crate::redis::sentinel::Sentinel) -> Vec<String> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let master = sentinel.last_master().map_or(String::new(), |(host, port)| {
+        crate::redis::sentinel::host_port(&host, port)
+    });
+    vec![
+        format!("sentinel_master_name:{}", sentinel.master_name),
+        format!("sentinel_master:{master}"),
+        format!("sentinel_failovers:{}", sentinel.failovers.count()),
+        format!("sentinel_asked:{}", sentinel.stats.asked.load(Relaxed)),
+        format!("sentinel_errors:{}", sentinel.stats.errors.load(Relaxed)),
+        format!("sentinel_not_master:{}", sentinel.stats.not_master.load(Relaxed)),
+    ]
+}
+
 pub fn info(fences: &Fences, app: &App) -> Reply {
     let config = &app.config;
     let scope = fences.scope();
@@ -99,8 +116,12 @@ pub fn info(fences: &Fences, app: &App) -> Reply {
             app.lag().map_or(String::new(), |lag| ms(lag.window()))
         ),
         format!("lag_window_in_force_ms:{}", auto.join(",")),
-        String::new(),
     ];
+    let mut lines = lines.to_vec();
+    if let Some(sentinel) = &config.upstream.sentinel {
+        lines.extend(sentinel_lines(sentinel));
+    }
+    lines.push(String::new());
     Reply::Bulk(lines.join("\r\n").into())
 }
 

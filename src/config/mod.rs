@@ -119,6 +119,35 @@ impl Config {
         if upstream.user.is_some() && upstream.password.is_none() {
             anyhow::bail!("key `upstream_user`: an upstream user needs `upstream_password` too");
         }
+        let sentinel_user = s.sentinel_user.filter(|u| !u.is_empty());
+        let sentinel_password = s.sentinel_password.filter(|p| !p.0.is_empty());
+        match &upstream.sentinel {
+            Some(parsed) => {
+                if sentinel_user.is_some() && sentinel_password.is_none() {
+                    anyhow::bail!("key `sentinel_user`: a sentinel user needs `sentinel_password` too");
+                }
+                if s.upstream_tls == Some(true) {
+                    anyhow::bail!(
+                        "key `upstream_tls`: TLS is not supported with a redis-sentinel:// upstream yet"
+                    );
+                }
+                // A state of its own for this configuration.
+                let mut sentinel = crate::redis::sentinel::Sentinel::new(
+                    parsed.sentinels.clone(),
+                    parsed.master_name.clone(),
+                );
+                (sentinel.user, sentinel.password) = (sentinel_user, sentinel_password);
+                upstream.sentinel = Some(std::sync::Arc::new(sentinel));
+            }
+            None if sentinel_user.is_some() || sentinel_password.is_some() => {
+                let key = match sentinel_user {
+                    Some(_) => "sentinel_user",
+                    None => "sentinel_password",
+                };
+                anyhow::bail!("key `{key}`: set, but the upstream is not a redis-sentinel:// URL");
+            }
+            None => {}
+        }
         let file = |value: Option<String>| value.filter(|v| !v.is_empty()).map(PathBuf::from);
         let tls = match (
             file(s.tls_cert_file),

@@ -186,7 +186,7 @@ settings! {
     /// Address the proxy accepts clients on.
     listen: String = "127.0.0.1:6380".to_string();
     restart;
-    /// Redis to forward to: `host:port` or `redis://[user:password@]host[:port][/db]`.
+    /// Redis to forward to: `host:port`, `redis://[user:password@]host[:port][/db]`, or the master Sentinel names: `redis-sentinel://[user:password@]host[:port],…/master[/db]`.
     upstream: Upstream = "127.0.0.1:6379".parse().expect("valid default");
     restart;
     /// ACL user for the proxy's upstream connections (overrides the URL's).
@@ -194,6 +194,12 @@ settings! {
     restart in upstream;
     /// Password for the proxy's upstream connections (overrides the URL's); never logged.
     upstream_password: Secret = Secret::default();
+    restart in upstream;
+    /// ACL user for the proxy's connections to the sentinels of a `redis-sentinel://` upstream.
+    sentinel_user: String = String::new();
+    restart in upstream;
+    /// Password for the proxy's connections to the sentinels (Sentinel's `requirepass`); never logged.
+    sentinel_password: Secret = Secret::default();
     restart in upstream;
     /// Most client connections at once; more get `-ERR max number of clients reached`.
     max_clients: u32 = 10_000;

@@ -10,8 +10,10 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::tls::UpstreamTls;
 
-/// Where the proxy connects, parsed from `host:port` or
-/// `redis[s]://[user:password@]host[:port][/db]`.
+/// Where the proxy connects, parsed from `host:port`,
+/// `redis[s]://[user:password@]host[:port][/db]` or
+/// `redis-sentinel://[user:password@]host[:port],host[:port]…/master[/db]`
+/// (the credentials and database are the master's).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Upstream {
     pub host: String,
@@ -21,11 +23,18 @@ pub struct Upstream {
     pub db: u32,
     /// TLS to Redis (`rediss://` or `upstream_tls`); `None`: plain TCP.
     pub tls: Option<UpstreamTls>,
+    /// The master the sentinels name (`redis-sentinel://`); `host` and
+    /// `port` are then the first sentinel's, not Redis'. Shared by every
+    /// clone: what the sentinels said last, and the failovers seen.
+    pub sentinel: Option<std::sync::Arc<crate::redis::sentinel::Sentinel>>,
 }
 
 impl Upstream {
     /// `host:port`, the form used in logs and error replies (no credentials).
     pub fn addr(&self) -> String {
+        if let Some(sentinel) = &self.sentinel {
+            return sentinel.url();
+        }
         if self.host.contains(':') {
             format!("[{}]:{}", self.host, self.port)
         } else {
@@ -48,6 +57,7 @@ impl fmt::Debug for Upstream {
             .field("password", &self.password)
             .field("db", &self.db)
             .field("tls", &self.tls)
+            .field("sentinel", &self.sentinel.as_ref().map(|s| s.url()))
             .finish()
     }
 }
@@ -56,12 +66,15 @@ impl FromStr for Upstream {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(rest) = s.strip_prefix("redis-sentinel://") {
+            return sentinel_upstream(rest);
+        }
         let (rest, url, tls) = match (s.strip_prefix("redis://"), s.strip_prefix("rediss://")) {
             (Some(rest), _) => (rest, true, false),
             (_, Some(rest)) => (rest, true, true),
             _ if s.contains("://") => {
                 return Err(format!(
-                    "unsupported scheme in `{s}` (only redis:// and rediss:// are supported)"
+                    "unsupported scheme in `{s}` (only redis://, rediss:// and redis-sentinel:// are supported)"
                 ));
             }
             _ => (s, false, false),
@@ -76,16 +89,7 @@ impl FromStr for Upstream {
             None => (rest, 0),
         };
         let (host, port) = split_host_port(authority, if url { Some(6379) } else { None })?;
-        let (user, password) = match credentials {
-            None => (None, None),
-            Some(c) => match c.split_once(':') {
-                Some((u, p)) => (
-                    (!u.is_empty()).then(|| percent_decode(u)),
-                    Some(Secret(percent_decode(p))),
-                ),
-                None => (Some(percent_decode(c)), None),
-            },
-        };
+        let (user, password) = split_credentials(credentials);
         Ok(Upstream {
             host,
             port,
@@ -93,7 +97,60 @@ impl FromStr for Upstream {
             password,
             db,
             tls: tls.then(UpstreamTls::default),
+            sentinel: None,
         })
+    }
+}
+
+/// `[user:password@]host[:port],host[:port]…/master[/db]`, after
+/// `redis-sentinel://`.
+fn sentinel_upstream(rest: &str) -> Result<Upstream, String> {
+    let (credentials, rest) = match rest.rsplit_once('@') {
+        Some((c, r)) => (Some(c), r),
+        None => (None, rest),
+    };
+    let (authorities, path) = rest
+        .split_once('/')
+        .ok_or_else(|| format!("expected sentinels then `/<master name>`, got `{rest}`"))?;
+    let (master, db) = match path.split_once('/') {
+        Some((m, "")) => (m, 0),
+        Some((m, db)) => (m, db.parse().map_err(|_| format!("bad database number `{db}`"))?),
+        None => (path, 0),
+    };
+    if master.is_empty() {
+        return Err(format!("no master name after the sentinels in `{rest}`"));
+    }
+    let sentinels = authorities
+        .split(',')
+        .map(|a| split_host_port(a, Some(crate::redis::sentinel::DEFAULT_PORT)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (user, password) = split_credentials(credentials);
+    let (host, port) = sentinels[0].clone();
+    Ok(Upstream {
+        host,
+        port,
+        user,
+        password,
+        db,
+        tls: None,
+        sentinel: Some(std::sync::Arc::new(crate::redis::sentinel::Sentinel::new(
+            sentinels,
+            percent_decode(master),
+        ))),
+    })
+}
+
+/// `user:password`, `:password` or `user` (percent-decoded).
+fn split_credentials(credentials: Option<&str>) -> (Option<String>, Option<Secret>) {
+    match credentials {
+        None => (None, None),
+        Some(c) => match c.split_once(':') {
+            Some((u, p)) => (
+                (!u.is_empty()).then(|| percent_decode(u)),
+                Some(Secret(percent_decode(p))),
+            ),
+            None => (Some(percent_decode(c)), None),
+        },
     }
 }
 
@@ -342,6 +399,40 @@ mod tests {
         assert_eq!((u.host.as_str(), u.port, u.db), ("cache.local", 6379, 2));
         assert_eq!(u.tls, Some(crate::tls::UpstreamTls::default()));
         assert!("h:notaport".parse::<Upstream>().is_err());
+    }
+
+    #[test]
+    fn a_sentinel_upstream_names_its_sentinels_and_master() {
+        let u: Upstream = "redis-sentinel://u:p%40ss@s1:26380,s2,[::1]:5/my%20master/3"
+            .parse()
+            .unwrap();
+        let sentinel = u.sentinel.as_ref().expect("a sentinel upstream");
+        assert_eq!(
+            sentinel.sentinels,
+            vec![
+                ("s1".to_string(), 26380),
+                ("s2".to_string(), 26379),
+                ("::1".to_string(), 5)
+            ]
+        );
+        assert_eq!(sentinel.master_name, "my master");
+        assert_eq!(
+            (u.user.as_deref(), u.password.as_ref().map(Secret::expose)),
+            (Some("u"), Some("p@ss"))
+        );
+        assert_eq!(u.db, 3);
+        assert_eq!(u.addr(), "redis-sentinel://s1:26380,s2:26379,[::1]:5/my master");
+        let plain: Upstream = "redis-sentinel://127.0.0.1/m".parse().unwrap();
+        assert_eq!(plain.db, 0);
+        assert!(plain.password.is_none());
+        for bad in [
+            "redis-sentinel://s1:1",
+            "redis-sentinel://s1:1/",
+            "redis-sentinel://s1:x/m",
+            "redis-sentinel://,s1/m",
+        ] {
+            assert!(bad.parse::<Upstream>().is_err(), "{bad}");
+        }
     }
 
     #[test]

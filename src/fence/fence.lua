@@ -1,4 +1,6 @@
--- cachefence fence script v5
+-- cachefence fence script v6
+-- v6 (#19) lets a `set` call bound its tickets apart from its lease
+-- (`<lease>,<bound>` after a failover): a v5 proxy cannot read that.
 -- v5 (#16) adds the previous invalidation's time to a fence (`|<p>`): a
 -- proxy of v4 would read such a fence as having no misses. Proxies of
 -- different versions must not share one Redis: stop the old ones first.
@@ -126,11 +128,12 @@ end
 
 -- One pass over the outstanding misses of `f` in scope `prefix`, without
 -- a table or a pattern per miss (this is the hot path of every fill).
--- Misses older than `lease_us` are old: they stop blocking. Returns the
+-- Misses older than `live_us` (`lease_us`, or less after a failover) are
+-- old: they stop blocking and are not filled. Returns the
 -- count of live and old ones, the oldest live one's version and time, the
 -- newest live one (else the newest old one) as its name and version, and
 -- whether some miss is older than twice `lease_us` (for `sweep`).
-local function scan(f, prefix, lease_us)
+local function scan(f, prefix, lease_us, live_us)
   local rest, plen = f.rest, #prefix
   local live, old, expired = 0, 0, false
   local oldest_v, oldest_at
@@ -145,7 +148,7 @@ local function scan(f, prefix, lease_us)
     elseif string.sub(rest, at_line + 35, at_line + 34 + plen) == prefix then
       -- Versions stay strings: fixed widths compare as numbers do.
       local v = string.sub(rest, at_line + 1, at_line + 16)
-      if age > lease_us then
+      if age > live_us then
         old = old + 1
         if old == 1 or v > old_v or (v == old_v and t > old_at) then
           old_v, old_at, old_from, old_to = v, t, at_line + 35, next_line - 1
@@ -343,8 +346,8 @@ local function run(op)
     -- (pooled and multiplexed clients): a fill if a miss is outstanding in
     -- the scope, judged by the OLDEST one and consuming the NEWEST; else a
     -- write per on_write.
-    -- KEYS: key, fence. ARGV: op, fence_ttl_ms, scope prefix, lease_us,
-    -- lag_us, lag_mode, nx, expect_fence, on_write (write|inval|reject),
+    -- KEYS: key, fence. ARGV: op, fence_ttl_ms, scope prefix, lease_us
+    -- (or `<lease_us>,<bound_us>`), lag_us, lag_mode, nx, expect_fence, on_write (write|inval|reject),
     -- pending_delete, where the value is in the client's command (2: SET,
     -- 3: SETEX, PSETEX), count of expiry words, the expiry words, then the
     -- client's command.
@@ -372,9 +375,18 @@ local function run(op)
       if A[8] == '1' then return {0, 'fence_missing'} end
       return write()
     end
+    -- A[4]: the lease, or after a failover `<lease>,<bound>`: misses older
+    -- than the bound are from before it and fill nothing (failover.rs).
+    local lease = tonumber(A[4])
+    local live_us = lease
+    if not lease then
+      local comma = string.find(A[4], ',', 1, true)
+      lease = tonumber(string.sub(A[4], 1, comma - 1))
+      live_us = tonumber(string.sub(A[4], comma + 1))
+    end
     local live, old, oldest_v, oldest_at, consumed, consumed_v, expired =
-      scan(f, A[3], tonumber(A[4]))
-    if expired then sweep(f, tonumber(A[4])) end
+      scan(f, A[3], lease, live_us)
+    if expired then sweep(f, lease) end
     if live == 0 and old == 0 then return write() end
     consume(f, consumed)
     local function refuse(reason)

@@ -20,6 +20,7 @@
 
 pub mod client;
 pub mod epilogue;
+pub mod failover;
 pub mod herd;
 pub mod history;
 pub mod invalidator;
@@ -136,6 +137,9 @@ pub struct Fences {
     /// that lost it (`SCRIPT FLUSH`, a restart) answers `NOSCRIPT`, and
     /// the call is sent again with the source.
     pub script_sent: std::sync::atomic::AtomicBool,
+    /// The upstream's failovers (a Sentinel upstream records them): tickets
+    /// from before the last one admit no fill.
+    pub failovers: std::sync::Arc<failover::Failovers>,
 }
 
 /// The fenced key space as it is now, shared with the workers: readers
@@ -150,6 +154,10 @@ impl Fences {
     pub fn new(scope: Scope, upstream: Option<(crate::config::Upstream, Duration)>) -> Fences {
         let scope: LiveScope = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(scope));
         let undelivered = std::sync::Arc::new(undelivered::Undelivered::default());
+        let failovers = upstream
+            .as_ref()
+            .and_then(|(upstream, _)| upstream.sentinel.as_ref())
+            .map_or_else(Default::default, |sentinel| sentinel.failovers.clone());
         let history = std::sync::Arc::new(history::History::new(DEFAULT_EXPLAIN_KEYS));
         // The second-delete worker runs even if no policy asks for it yet (a
         // reload may); it connects on its first job.
@@ -178,6 +186,7 @@ impl Fences {
             history,
             lag: std::sync::Arc::default(),
             script_sent: std::sync::atomic::AtomicBool::new(false),
+            failovers,
         }
     }
 
@@ -264,6 +273,28 @@ pub fn millis(d: Duration) -> Bytes {
 /// Microseconds.
 pub fn micros(d: Duration) -> Bytes {
     decimal(d.as_micros())
+}
+
+impl Fences {
+    /// `lease_ttl` as a `fill` call gives it (µs): bounded by the time since
+    /// the last failover ([`failover`]).
+    pub fn fill_lease(&self, lease_ttl: Duration) -> Bytes {
+        match self.failovers.ticket_bound(lease_ttl) {
+            None => micros(lease_ttl),
+            Some(bound) => Bytes::from(bound.as_micros().to_string()),
+        }
+    }
+
+    /// `lease_ttl` as a `set` call gives it (µs), where it also says when an
+    /// outstanding miss is swept: after a failover `<lease>,<bound>`, the
+    /// bound judging tickets and the lease still sweeping (a miss recorded
+    /// after the failover must not be swept as if the lease were short).
+    pub fn set_lease(&self, lease_ttl: Duration) -> Bytes {
+        match self.failovers.ticket_bound(lease_ttl) {
+            None => micros(lease_ttl),
+            Some(bound) => Bytes::from(format!("{},{}", lease_ttl.as_micros(), bound.as_micros())),
+        }
+    }
 }
 
 /// The lag window in force, in microseconds. A measured one

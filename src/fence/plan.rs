@@ -230,7 +230,7 @@ impl Client<'_> {
             Bytes::from_static(b"set"),
             millis(rules.fence_ttl()),
             self.scope_prefix(rules.ticket_scope),
-            micros(rules.lease_ttl),
+            self.fences.set_lease(rules.lease_ttl),
             lag_micros(lag.window, rules),
             Bytes::from_static(lag.policy.script_mode()),
             flag(nx),
@@ -278,7 +278,7 @@ impl Client<'_> {
             Bytes::from_static(lag.policy.script_mode()),
             Bytes::from_static(if nx { b"1" } else { b"0" }),
             self.holder(0).into(),
-            micros(rules.lease_ttl),
+            self.fences.fill_lease(rules.lease_ttl),
             value.clone(),
         ];
         args.extend(expiry);

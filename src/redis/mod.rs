@@ -14,6 +14,7 @@ use crate::resp::encode::command;
 use crate::resp::reply::ReplyScanner;
 
 pub mod login;
+pub mod sentinel;
 pub mod shared;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -40,24 +41,36 @@ impl UpstreamError {
 
 /// Connects to the upstream and runs the proxy's own handshake (the TLS
 /// handshake with `upstream_tls`, AUTH with the configured credentials,
-/// SELECT of the URL's database), all within `timeout`.
+/// SELECT of the URL's database), all within `timeout`. A Sentinel upstream
+/// connects to the master its sentinels name ([`sentinel`]).
 pub async fn connect(upstream: &Upstream, timeout: Duration) -> Result<Stream, UpstreamError> {
-    let addr = upstream.addr();
+    match &upstream.sentinel {
+        Some(sentinel) => sentinel::connect(upstream, sentinel, timeout).await,
+        None => connect_to(upstream, &upstream.host, upstream.port, timeout).await,
+    }
+}
+
+/// [`connect`] to the Redis at `host:port`.
+async fn connect_to(
+    upstream: &Upstream,
+    host: &str,
+    port: u16,
+    timeout: Duration,
+) -> Result<Stream, UpstreamError> {
+    let addr = sentinel::host_port(host, port);
     let unreachable = |reason: String| UpstreamError::Unreachable {
         addr: addr.clone(),
         reason,
     };
     let attempt = async {
-        let tcp = TcpStream::connect((upstream.host.as_str(), upstream.port))
+        let tcp = TcpStream::connect((host, port))
             .await
             .map_err(|e| unreachable(e.to_string()))?;
         tcp.set_nodelay(true).map_err(|e| unreachable(e.to_string()))?;
         let mut stream = match &upstream.tls {
             None => Stream::Plain(tcp),
             Some(tls) => {
-                let (connector, name) = tls
-                    .client(&upstream.host)
-                    .map_err(|e| unreachable(e.to_string()))?;
+                let (connector, name) = tls.client(host).map_err(|e| unreachable(e.to_string()))?;
                 let tls = connector
                     .connect(name, tcp)
                     .await

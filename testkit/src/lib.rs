@@ -4,6 +4,7 @@
 //! cachefence, split by concern:
 //!
 //! - [`redis`]: a scratch `redis-server` per test, on a free loopback port;
+//! - [`sentinel`]: a master, a replica and three sentinels of the test's own;
 //! - [`proxy`]: the proxy in process ([`Proxy`]), as a child process
 //!   ([`ProxyProcess`]: signals, RLIMIT_NOFILE, logs, restarts, `/proc`
 //!   figures), and the binary for one-shot subcommands
@@ -27,6 +28,7 @@ pub mod pg_replica;
 pub mod proxy;
 pub mod race;
 pub mod redis;
+pub mod sentinel;
 pub mod wait;
 
 pub use client::{RawClient, RdbTransfer, cmd, cmds, crc64, escape, frame_len};
@@ -34,4 +36,5 @@ pub use files::{ConfigFile, ScratchDir};
 pub use proxy::{FENCE_EVERY_KEY, Nofile, Proxy, ProxyProcess, binary, cachefence_command};
 pub use race::{Database, Setup, Target};
 pub use redis::{RedisServer, free_port};
+pub use sentinel::Sentinels;
 pub use wait::{WAIT, eventually, eventually_within};

@@ -1,0 +1,210 @@
+//! A Sentinel upstream (#19 item 5): a master, a replica and three
+//! sentinels of the test's own, `SENTINEL FAILOVER` in the middle.
+//!
+//! - Commands follow the master: before the failover on the first master,
+//!   after it on the promoted replica. A client blocked on the old master
+//!   gets an error at the switch (its connection is revoked, not left to
+//!   wait for Sentinel to close it); a client on a shared connection with
+//!   nothing owed keeps its connection.
+//! - Tickets from before a failover fill nothing after it, though the new
+//!   master lost the invalidation that should refuse them (replication is
+//!   asynchronous). The loss is made on purpose: the replica is writable,
+//!   and the fence it received with the invalidation is put back as it
+//!   was before. The control is a proxy of the same build that did not see
+//!   the failover (an upstream of `host:port`, the promoted replica): the
+//!   fence alone admits the stale fill there.
+
+use std::time::Duration;
+
+use testkit::{Proxy, RawClient, RedisServer, Sentinels, WAIT, eventually};
+
+/// Every key fenced; tickets live long enough that only the failover
+/// refuses them.
+const FENCED: &str = "[[cache]]\npattern = \"*\"\non_write = \"write\"\nlease_ttl = \"60s\"\n";
+
+async fn direct(server: &RedisServer) -> RawClient {
+    RawClient::connect(server.addr()).await
+}
+
+/// Waits until the proxy names `port` as its master after one failover.
+async fn proxy_follows(proxy: &Proxy, port: u16) {
+    let wanted = format!("sentinel_master:127.0.0.1:{port}\r\n");
+    eventually("the proxy follows the new master", async || {
+        // A connection per look: one of its own ends with the old master.
+        let info = RawClient::connect(proxy.addr).await.call("CACHE.INFO").await;
+        info.contains(&wanted) && info.contains("sentinel_failovers:1\r\n")
+    })
+    .await;
+}
+
+async fn commands_follow_the_master(mode: &str) {
+    let deployment = Sentinels::start(&[]).await;
+    let toml = format!("{mode}[[cache]]\npattern = \"cache:*\"\n");
+    let proxy = Proxy::start(&deployment.url(), &toml).await;
+    let mut client = RawClient::connect(proxy.addr).await;
+    assert_eq!(client.call("SET plain before").await, "+OK\r\n");
+    assert_eq!(
+        direct(&deployment.master).await.call("GET plain").await,
+        "$6\r\nbefore\r\n"
+    );
+    let info = client.call("CACHE.INFO").await;
+    assert!(
+        info.contains(&format!(
+            "sentinel_master:127.0.0.1:{}\r\n",
+            deployment.master.port
+        )) && info.contains("sentinel_failovers:0\r\n"),
+        "{info}"
+    );
+
+    // A client blocked on the master (a connection of its own).
+    let mut blocked = RawClient::connect(proxy.addr).await;
+    blocked
+        .send(b"*3\r\n$5\r\nBLPOP\r\n$5\r\nqueue\r\n$1\r\n0\r\n")
+        .await;
+    let mut on_master = direct(&deployment.master).await;
+    eventually("the BLPOP blocks on the master", async || {
+        on_master
+            .call("INFO clients")
+            .await
+            .contains("blocked_clients:1\r\n")
+    })
+    .await;
+
+    deployment.failover().await;
+    proxy_follows(&proxy, deployment.replica.port).await;
+
+    // Revoked at the switch: an error, then closed (as Sentinel's CLIENT
+    // KILL on the demoted master would, later).
+    let reply = blocked
+        .read_frame_within(WAIT)
+        .await
+        .expect("the blocked client is answered at the switch");
+    let expected = format!(
+        "-ERR cachefence: upstream {} the upstream master changed (Sentinel failover)\r\n",
+        deployment.url()
+    );
+    assert_eq!(String::from_utf8_lossy(&reply), expected);
+    assert!(blocked.read_to_close().await.1, "the blocked client is closed");
+
+    // The first client: on a shared connection it keeps its connection;
+    // on one of its own, the session ends with it and the client connects
+    // again, as to a Redis that Sentinel reconfigured.
+    client
+        .send(b"*3\r\n$3\r\nSET\r\n$5\r\nplain\r\n$5\r\nafter\r\n")
+        .await;
+    match client.read_frame_within(WAIT).await {
+        Some(reply) => assert_eq!(reply, b"+OK\r\n"),
+        None => {
+            assert!(
+                mode.contains("shared_connections = 0"),
+                "a shared client lost its connection"
+            );
+            client = RawClient::connect(proxy.addr).await;
+            assert_eq!(client.call("SET plain after").await, "+OK\r\n");
+        }
+    }
+    assert_eq!(
+        direct(&deployment.replica).await.call("GET plain").await,
+        "$5\r\nafter\r\n"
+    );
+    assert_eq!(client.call("GET plain").await, "$5\r\nafter\r\n");
+    let mut fresh = RawClient::connect(proxy.addr).await;
+    assert_eq!(fresh.call("INCR counter").await, ":1\r\n");
+    assert_eq!(
+        direct(&deployment.replica).await.call("GET counter").await,
+        "$1\r\n1\r\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_follow_the_master_through_a_failover_on_shared_connections() {
+    commands_follow_the_master("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_follow_the_master_through_a_failover_on_connections_of_their_own() {
+    commands_follow_the_master("shared_connections = 0\n").await;
+}
+
+/// `fenced`: the `[[cache]]` section. `control`: whether a proxy that did
+/// not see the failover fills k2 too.
+async fn tickets_from_before_a_failover(fenced: &str, control: bool) {
+    let deployment = Sentinels::start(&["--replica-read-only", "no"]).await;
+    let proxy = Proxy::start(&deployment.url(), fenced).await;
+    // A ticket is refused for CLOCK_SKEW after the proxy starts (it cannot
+    // know what happened before): the misses come after that.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // Misses: tickets recorded in the fences, replicated.
+    let mut reader = RawClient::connect(proxy.addr).await;
+    assert_eq!(reader.call("GET k1").await, "$-1\r\n");
+    assert_eq!(reader.call("GET k2").await, "$-1\r\n");
+    let mut on_master = direct(&deployment.master).await;
+    assert_eq!(on_master.call("WAIT 1 5000").await, ":1\r\n");
+    let mut before = Vec::new();
+    for fence in ["cachefence:{k1}", "cachefence:{k2}"] {
+        let frame = on_master.call(&format!("GET {fence}")).await;
+        // `$<len>\r\n<fence>\r\n`: the fence holds its misses, a line each.
+        let (len, rest) = frame[1..].split_once("\r\n").expect("a bulk reply");
+        let value = rest[..len.parse::<usize>().expect("a fence")].to_string();
+        assert!(value.contains('\n'), "{fence} holds its miss: {value:?}");
+        before.push((fence, frame, value));
+    }
+
+    // The database changes; the invalidation moves both fences, and
+    // reaches the replica.
+    let mut writer = RawClient::connect(proxy.addr).await;
+    assert_eq!(writer.call("DEL k1 k2").await, ":0\r\n");
+    assert_eq!(on_master.call("WAIT 1 5000").await, ":1\r\n");
+    // Lost in the failover: the replica's fences go back to before it.
+    let mut on_replica = direct(&deployment.replica).await;
+    for (fence, frame, value) in &before {
+        assert_ne!(&on_replica.call(&format!("GET {fence}")).await, frame);
+        on_replica
+            .send(&testkit::cmd(&[
+                b"SET",
+                fence.as_bytes(),
+                value.as_bytes(),
+                b"PX",
+                b"60000",
+            ]))
+            .await;
+        assert_eq!(on_replica.read_frame().await, b"+OK\r\n");
+    }
+
+    deployment.failover().await;
+    proxy_follows(&proxy, deployment.replica.port).await;
+    let mut on_new_master = direct(&deployment.replica).await;
+
+    // The stale read of k1 is filled through the proxy that saw the
+    // failover: answered as a fill is, and not stored.
+    assert_eq!(reader.call("SET k1 stale EX 60").await, "+OK\r\n");
+    assert_eq!(on_new_master.call("GET k1").await, "$-1\r\n");
+
+    if !control {
+        return;
+    }
+    // Control: a proxy that did not see the failover admits the stale fill
+    // of k2 on the fence the new master has.
+    let control = Proxy::start(&deployment.replica.addr(), fenced).await;
+    let mut control_client = RawClient::connect(control.addr).await;
+    assert_eq!(control_client.call("SET k2 stale EX 60").await, "+OK\r\n");
+    assert_eq!(on_new_master.call("GET k2").await, "$5\r\nstale\r\n");
+}
+
+/// Pooled clients (`ticket_scope = "client"`, the default): the fill is a
+/// plain `SET` judged by the misses in the fence (the `set` call).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tickets_from_before_a_failover_fill_nothing_after_it() {
+    tickets_from_before_a_failover(FENCED, true).await;
+}
+
+/// A connection per thread (`ticket_scope = "connection"`): the fill
+/// carries the connection's own ticket (the `fill` call). No control here:
+/// another proxy's client holds no ticket of this connection, so its `SET`
+/// is a write, not a fill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connections_ticket_from_before_a_failover_fills_nothing_after_it() {
+    let fenced = format!("{FENCED}ticket_scope = \"connection\"\n");
+    tickets_from_before_a_failover(&fenced, false).await;
+}
