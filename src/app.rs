@@ -124,6 +124,15 @@ impl Scrape for App {
     /// log when they run, in the order declared in [`crate::telemetry`].
     fn scrape<'a>(&'a self, out: &mut dyn FnMut(Sample<'a>)) -> Vec<&'static [&'static Family]> {
         self.metrics.uptime_seconds.set(self.started.elapsed().as_secs());
+        if let Some(sentinel) = &self.config.upstream.sentinel {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.metrics
+                .upstream_failovers
+                .catch_up(sentinel.failovers.count());
+            self.metrics
+                .sentinel_errors
+                .catch_up(sentinel.stats.errors.load(Relaxed));
+        }
         self.metrics.visit(out);
         self.live.stats.visit(out);
         let mut lists = vec![PROXY];

@@ -13,6 +13,9 @@
 //!   was before. The control is a proxy of the same build that did not see
 //!   the failover (an upstream of `host:port`, the promoted replica): the
 //!   fence alone admits the stale fill there.
+//! - The races R1 and R7 with a failover in the middle, and R8 on the
+//!   master Sentinel names, each against the deployment straight (the
+//!   control) and through cachefence.
 
 use std::time::Duration;
 
@@ -72,6 +75,11 @@ async fn commands_follow_the_master(mode: &str) {
 
     deployment.failover().await;
     proxy_follows(&proxy, deployment.replica.port).await;
+    let metrics = cachefence::telemetry::exporter::render(&*proxy.ctx);
+    assert!(
+        metrics.contains("\ncachefence_upstream_failovers_total 1\n"),
+        "{metrics}"
+    );
 
     // Revoked at the switch: an error, then closed (as Sentinel's CLIENT
     // KILL on the demoted master would, later).
@@ -207,4 +215,149 @@ async fn tickets_from_before_a_failover_fill_nothing_after_it() {
 async fn a_connections_ticket_from_before_a_failover_fills_nothing_after_it() {
     let fenced = format!("{FENCED}ticket_scope = \"connection\"\n");
     tickets_from_before_a_failover(&fenced, false).await;
+}
+
+/// Where the race scripts below run: straight on the Sentinel deployment
+/// (the control: a Sentinel-aware client reaches whichever is master), or
+/// through cachefence in front of it.
+struct RaceSetup {
+    deployment: Sentinels,
+    proxy: Option<Proxy>,
+}
+
+impl RaceSetup {
+    async fn new(fenced: Option<&str>) -> RaceSetup {
+        let deployment = Sentinels::start(&[]).await;
+        let proxy = match fenced {
+            None => None,
+            Some(toml) => {
+                let proxy = Proxy::start(&deployment.url(), toml).await;
+                // Past the bound a proxy starts with.
+                tokio::time::sleep(Duration::from_millis(1100)).await;
+                Some(proxy)
+            }
+        };
+        RaceSetup { deployment, proxy }
+    }
+
+    /// A client of the master now: through the proxy, or straight to the
+    /// master the sentinels name.
+    async fn client(&self) -> RawClient {
+        match &self.proxy {
+            Some(proxy) => RawClient::connect(proxy.addr).await,
+            None => RawClient::connect(("127.0.0.1", self.deployment.master_port().await)).await,
+        }
+    }
+
+    /// A failover, and (through the proxy) until the proxy follows it.
+    async fn failover(&self) {
+        let mut on_master = direct(&self.deployment.master).await;
+        assert_eq!(on_master.call("WAIT 1 5000").await, ":1\r\n");
+        self.deployment.failover().await;
+        if let Some(proxy) = &self.proxy {
+            proxy_follows(proxy, self.deployment.replica.port).await;
+        }
+    }
+
+    /// `key` on the new master.
+    async fn cached(&self, key: &str) -> Option<String> {
+        testkit::race::cached(&mut direct(&self.deployment.replica).await, key).await
+    }
+}
+
+/// R1 across a failover: the reader misses and reads X=1 on the first
+/// master; the writer writes X=2 and deletes; the master fails over; the
+/// reader fills X=1 on the new one.
+async fn r1_across_a_failover(fenced: Option<&str>) -> Option<String> {
+    let setup = RaceSetup::new(fenced).await;
+    let db = testkit::Database::new("1");
+    let (mut reader, mut writer) = (setup.client().await, setup.client().await);
+    assert_eq!(reader.call("GET user:x").await, "$-1\r\n");
+    let read = db.primary("x");
+    db.write("x", "2");
+    assert_eq!(writer.call("DEL user:x").await, ":0\r\n");
+    setup.failover().await;
+    if setup.proxy.is_none() {
+        // Straight to Redis the reader's connection is to the old master.
+        reader = setup.client().await;
+    }
+    assert_eq!(reader.call(&format!("SET user:x {read} EX 60")).await, "+OK\r\n");
+    setup.cached("user:x").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r1_across_a_sentinel_failover_fill_is_refused() {
+    assert_eq!(
+        r1_across_a_failover(None).await.as_deref(),
+        Some("1"),
+        "control: plain Redis keeps the stale value"
+    );
+    assert_eq!(r1_across_a_failover(Some(testkit::FENCE_EVERY_KEY)).await, None);
+}
+
+/// R7 across a failover: A writes DB=1, B writes DB=2 and sets 2, the
+/// master fails over, A sets 1.
+async fn r7_across_a_failover(fenced: Option<&str>) -> Option<String> {
+    let setup = RaceSetup::new(fenced).await;
+    let (mut a, mut b) = (setup.client().await, setup.client().await);
+    assert_eq!(b.call("SET user:x 2").await, "+OK\r\n");
+    setup.failover().await;
+    if setup.proxy.is_none() {
+        a = setup.client().await;
+    }
+    assert_eq!(a.call("SET user:x 1").await, "+OK\r\n");
+    setup.cached("user:x").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r7_across_a_sentinel_failover_leaves_no_older_write() {
+    assert_eq!(
+        r7_across_a_failover(None).await.as_deref(),
+        Some("1"),
+        "control: the older write wins"
+    );
+    let invalidate = "[[cache]]\npattern = \"*\"\non_write = \"invalidate\"\n";
+    assert_eq!(r7_across_a_failover(Some(invalidate)).await, None);
+}
+
+/// R8 on the master Sentinel names: 50 readers miss at once, each that is
+/// told to go to the database reads it (counted) and fills.
+async fn r8_on_sentinel(fenced: Option<&str>) -> (usize, Vec<String>) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const READERS: usize = 50;
+    let setup = RaceSetup::new(fenced).await;
+    let reads = Arc::new(AtomicUsize::new(0));
+    let start = Arc::new(tokio::sync::Barrier::new(READERS));
+    let mut tasks = Vec::new();
+    for _ in 0..READERS {
+        let (mut client, reads, start) = (setup.client().await, reads.clone(), start.clone());
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            let reply = client.call("GET hot").await;
+            if reply != "$-1\r\n" {
+                return reply;
+            }
+            reads.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(client.call("SET hot from-db EX 60").await, "+OK\r\n");
+            "filled".to_string()
+        }));
+    }
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.unwrap());
+    }
+    (reads.load(Ordering::SeqCst), outcomes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r8_on_a_sentinel_master_sends_one_reader_to_the_database() {
+    let (reads, _) = r8_on_sentinel(None).await;
+    assert_eq!(reads, 50, "control: every reader misses and reads the database");
+    let hold = "[[cache]]\npattern = \"*\"\non_write = \"write\"\nhold = \"2s\"\n";
+    let (reads, outcomes) = r8_on_sentinel(Some(hold)).await;
+    assert_eq!(reads, 1, "through cachefence one reader goes to the database");
+    let served = outcomes.iter().filter(|o| *o == "$7\r\nfrom-db\r\n").count();
+    assert_eq!(served, 49, "the others get the value it filled: {outcomes:?}");
 }

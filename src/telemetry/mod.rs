@@ -43,6 +43,10 @@ families! {
         UPSTREAM_RECONNECTS: Counter "cachefence_upstream_reconnects_total",
             "Upstream reached again by a client that was served errors while it was away.";
         UPSTREAM_LOST: Counter "cachefence_upstream_lost_total", "Upstream connections lost with replies owed.";
+        UPSTREAM_FAILOVERS: Counter "cachefence_upstream_failovers_total",
+            "Master changes seen through Sentinel (redis-sentinel:// upstream): +switch-master, or a new answer.";
+        SENTINEL_ERRORS: Counter "cachefence_sentinel_errors_total",
+            "Sentinels that could not be reached or answered an error, and followed sentinels lost.";
         SHARED_OPENED: Counter "cachefence_shared_upstream_connections_opened_total",
             "Shared upstream connections opened (shared_connections > 0), replacements included.";
         SESSIONS_PINNED: Counter "cachefence_sessions_pinned_total",
@@ -147,6 +151,10 @@ metrics! {
         upstream_reconnects: Counter, prom UPSTREAM_RECONNECTS;
         /// Upstream connections lost with replies pending.
         upstream_lost: Counter, prom UPSTREAM_LOST;
+        /// Caught up from the Sentinel upstream's own counts at each scrape.
+        upstream_failovers: Counter, prom UPSTREAM_FAILOVERS;
+        /// Caught up from the Sentinel upstream's own counts at each scrape.
+        sentinel_errors: Counter, prom SENTINEL_ERRORS;
         /// Shared upstream connections opened.
         shared_opened: Counter, prom SHARED_OPENED;
         /// Sessions moved off a shared connection.

@@ -30,6 +30,12 @@ impl Counter {
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
+
+    /// Brings the count up to `total`, a count kept elsewhere (it never
+    /// goes down).
+    pub fn catch_up(&self, total: u64) {
+        self.0.fetch_max(total, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, Default)]
