@@ -361,3 +361,45 @@ async fn r8_on_a_sentinel_master_sends_one_reader_to_the_database() {
     let served = outcomes.iter().filter(|o| *o == "$7\r\nfrom-db\r\n").count();
     assert_eq!(served, 49, "the others get the value it filled: {outcomes:?}");
 }
+
+/// The master dies: the sentinels agree it is down and promote the
+/// replica. Meanwhile clients get errors that say the upstream is
+/// unreachable; then the proxy reaches the new master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_master_is_replaced_and_clients_reach_the_new_one() {
+    let mut deployment = Sentinels::start(&[]).await;
+    deployment.wait_until_acquainted().await;
+    let proxy = Proxy::start(&deployment.url(), "").await;
+    let mut client = RawClient::connect(proxy.addr).await;
+    assert_eq!(client.call("SET plain before").await, "+OK\r\n");
+    let mut on_master = direct(&deployment.master).await;
+    assert_eq!(on_master.call("WAIT 1 5000").await, ":1\r\n");
+
+    deployment.master.kill();
+    // The error names the master that could not be reached.
+    let prefix = format!(
+        "-ERR cachefence: upstream 127.0.0.1:{} unreachable (",
+        deployment.master.port
+    );
+    let mut errors = 0;
+    testkit::eventually_within(
+        "a write reaches the new master",
+        Duration::from_secs(30),
+        async || {
+            let reply = RawClient::connect(proxy.addr).await.call("SET plain after").await;
+            if reply == "+OK\r\n" {
+                return true;
+            }
+            assert!(reply.starts_with(&prefix), "{reply}");
+            errors += 1;
+            false
+        },
+    )
+    .await;
+    assert!(errors > 0, "the master was down for a while");
+    proxy_follows(&proxy, deployment.replica.port).await;
+    assert_eq!(
+        direct(&deployment.replica).await.call("GET plain").await,
+        "$5\r\nafter\r\n"
+    );
+}

@@ -115,6 +115,20 @@ impl Sentinels {
         format!("redis-sentinel://{}/{MASTER_NAME}", addrs.join(","))
     }
 
+    /// Waits until every sentinel knows the two others (they find each
+    /// other through the master every 2 s): without that, a master that
+    /// dies has no quorum to fail it over.
+    pub async fn wait_until_acquainted(&self) {
+        for sentinel in &self.sentinels {
+            let mut client = RawClient::connect(("127.0.0.1", sentinel.port)).await;
+            eventually("the sentinels know each other", async || {
+                let reply = client.call(&format!("SENTINEL MASTER {MASTER_NAME}")).await;
+                reply.contains("num-other-sentinels\r\n$1\r\n2\r\n")
+            })
+            .await;
+        }
+    }
+
     /// The port of the master the first sentinel names.
     pub async fn master_port(&self) -> u16 {
         let mut sentinel = RawClient::connect(("127.0.0.1", self.sentinels[0].port)).await;
