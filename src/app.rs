@@ -54,6 +54,10 @@ impl App {
         if let Some(sentinel) = &config.upstream.sentinel {
             crate::redis::sentinel::follow(sentinel.clone(), config.connect_timeout);
         }
+        // A proxy cannot know whether a master failed over before it started.
+        if let Some(cluster) = &config.upstream.cluster {
+            cluster.failovers.bound_from_now();
+        }
         let fences = config.fences.clone().map(|scope| {
             let fences = Fences::new(scope, Some((config.upstream.clone(), config.connect_timeout)));
             fences

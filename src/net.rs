@@ -31,6 +31,9 @@ pub enum Stream {
     Tls(Box<tokio_rustls::TlsStream<TcpStream>>),
     /// An upstream connection a [`Revoker`] can end.
     Revocable(Box<Revocable>),
+    /// The proxy's end of a pipe to a task that speaks for Redis (a Redis
+    /// Cluster's router, `redis::cluster::router`).
+    Pipe(Box<tokio::io::DuplexStream>),
 }
 
 /// Ends a group of connections at once: every [`Revocable`] made before
@@ -181,6 +184,7 @@ impl AsyncRead for Stream {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
             Stream::Revocable(s) => Pin::new(&mut **s).poll_read(cx, buf),
+            Stream::Pipe(s) => Pin::new(&mut **s).poll_read(cx, buf),
         }
     }
 }
@@ -191,6 +195,7 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
             Stream::Revocable(s) => Pin::new(&mut **s).poll_write(cx, buf),
+            Stream::Pipe(s) => Pin::new(&mut **s).poll_write(cx, buf),
         }
     }
 
@@ -203,6 +208,7 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
             Stream::Revocable(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+            Stream::Pipe(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -211,6 +217,7 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => s.is_write_vectored(),
             Stream::Tls(s) => s.is_write_vectored(),
             Stream::Revocable(s) => s.is_write_vectored(),
+            Stream::Pipe(s) => s.is_write_vectored(),
         }
     }
 
@@ -219,6 +226,7 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
             Stream::Revocable(s) => Pin::new(&mut **s).poll_flush(cx),
+            Stream::Pipe(s) => Pin::new(&mut **s).poll_flush(cx),
         }
     }
 
@@ -227,6 +235,7 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
             Stream::Revocable(s) => Pin::new(&mut **s).poll_shutdown(cx),
+            Stream::Pipe(s) => Pin::new(&mut **s).poll_shutdown(cx),
         }
     }
 }

@@ -42,6 +42,11 @@ impl Server {
             None => None,
         };
         let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
+        // Cluster-aware clients are told the proxy is the whole cluster.
+        if let (Some(cluster), Ok(addr)) = (&config.upstream.cluster, listener.local_addr()) {
+            *cluster.advertise.write().unwrap_or_else(|p| p.into_inner()) =
+                (addr.ip().to_string(), addr.port());
+        }
         let hangups = hangups();
         Ok(Server {
             listener,

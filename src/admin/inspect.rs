@@ -60,6 +60,29 @@ fn sentinel_lines(sentinel: &crate::redis::sentinel::Sentinel) -> Vec<String> {
     ]
 }
 
+/// A Redis Cluster upstream: its masters and the router's counters.
+fn cluster_lines(cluster: &crate::redis::cluster::Cluster) -> Vec<String> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let masters: Vec<String> = cluster
+        .current()
+        .map(|map| {
+            map.nodes
+                .iter()
+                .map(|(host, port)| crate::redis::sentinel::host_port(host, *port))
+                .collect()
+        })
+        .unwrap_or_default();
+    let stats = &cluster.stats;
+    vec![
+        format!("cluster_masters:{}", masters.join(",")),
+        format!("cluster_map_refreshes:{}", stats.refreshes.load(Relaxed)),
+        format!("cluster_moved:{}", stats.moved.load(Relaxed)),
+        format!("cluster_ask:{}", stats.asked.load(Relaxed)),
+        format!("cluster_tryagain:{}", stats.tryagain.load(Relaxed)),
+        format!("cluster_node_errors:{}", stats.node_errors.load(Relaxed)),
+    ]
+}
+
 pub fn info(fences: &Fences, app: &App) -> Reply {
     let config = &app.config;
     let scope = fences.scope();
@@ -120,6 +143,9 @@ pub fn info(fences: &Fences, app: &App) -> Reply {
     let mut lines = lines.to_vec();
     if let Some(sentinel) = &config.upstream.sentinel {
         lines.extend(sentinel_lines(sentinel));
+    }
+    if let Some(cluster) = &config.upstream.cluster {
+        lines.extend(cluster_lines(cluster));
     }
     lines.push(String::new());
     Reply::Bulk(lines.join("\r\n").into())

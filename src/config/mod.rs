@@ -119,6 +119,17 @@ impl Config {
         if upstream.user.is_some() && upstream.password.is_none() {
             anyhow::bail!("key `upstream_user`: an upstream user needs `upstream_password` too");
         }
+        if let Some(parsed) = &upstream.cluster {
+            if s.upstream_tls == Some(true) {
+                anyhow::bail!(
+                    "key `upstream_tls`: TLS is not supported with a redis-cluster:// upstream yet"
+                );
+            }
+            // A state of its own for this configuration.
+            upstream.cluster = Some(std::sync::Arc::new(crate::redis::cluster::Cluster::new(
+                parsed.seeds.clone(),
+            )));
+        }
         let sentinel_user = s.sentinel_user.filter(|u| !u.is_empty());
         let sentinel_password = s.sentinel_password.filter(|p| !p.0.is_empty());
         match &upstream.sentinel {

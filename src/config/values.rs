@@ -27,6 +27,9 @@ pub struct Upstream {
     /// `port` are then the first sentinel's, not Redis'. Shared by every
     /// clone: what the sentinels said last, and the failovers seen.
     pub sentinel: Option<std::sync::Arc<crate::redis::sentinel::Sentinel>>,
+    /// A Redis Cluster (`redis-cluster://`); `host` and `port` are then the
+    /// first seed's. Shared by every clone: the slot map and key table.
+    pub cluster: Option<std::sync::Arc<crate::redis::cluster::Cluster>>,
 }
 
 impl Upstream {
@@ -34,6 +37,9 @@ impl Upstream {
     pub fn addr(&self) -> String {
         if let Some(sentinel) = &self.sentinel {
             return sentinel.url();
+        }
+        if let Some(cluster) = &self.cluster {
+            return cluster.url();
         }
         if self.host.contains(':') {
             format!("[{}]:{}", self.host, self.port)
@@ -58,6 +64,7 @@ impl fmt::Debug for Upstream {
             .field("db", &self.db)
             .field("tls", &self.tls)
             .field("sentinel", &self.sentinel.as_ref().map(|s| s.url()))
+            .field("cluster", &self.cluster.as_ref().map(|c| c.url()))
             .finish()
     }
 }
@@ -69,12 +76,15 @@ impl FromStr for Upstream {
         if let Some(rest) = s.strip_prefix("redis-sentinel://") {
             return sentinel_upstream(rest);
         }
+        if let Some(rest) = s.strip_prefix("redis-cluster://") {
+            return cluster_upstream(rest);
+        }
         let (rest, url, tls) = match (s.strip_prefix("redis://"), s.strip_prefix("rediss://")) {
             (Some(rest), _) => (rest, true, false),
             (_, Some(rest)) => (rest, true, true),
             _ if s.contains("://") => {
                 return Err(format!(
-                    "unsupported scheme in `{s}` (only redis://, rediss:// and redis-sentinel:// are supported)"
+                    "unsupported scheme in `{s}` (only redis://, rediss://, redis-sentinel:// and redis-cluster:// are supported)"
                 ));
             }
             _ => (s, false, false),
@@ -98,6 +108,7 @@ impl FromStr for Upstream {
             db,
             tls: tls.then(UpstreamTls::default),
             sentinel: None,
+            cluster: None,
         })
     }
 }
@@ -137,6 +148,38 @@ fn sentinel_upstream(rest: &str) -> Result<Upstream, String> {
             sentinels,
             percent_decode(master),
         ))),
+        cluster: None,
+    })
+}
+
+/// `[user:password@]host[:port],host[:port]…` after `redis-cluster://`:
+/// seed nodes (any of the cluster's; the rest is learnt from them).
+fn cluster_upstream(rest: &str) -> Result<Upstream, String> {
+    let (credentials, rest) = match rest.rsplit_once('@') {
+        Some((c, r)) => (Some(c), r),
+        None => (None, rest),
+    };
+    let authorities = rest.strip_suffix('/').unwrap_or(rest);
+    if authorities.contains('/') {
+        return Err(format!(
+            "a Redis Cluster has only database 0: no `/<db>` after the nodes in `{rest}`"
+        ));
+    }
+    let seeds = authorities
+        .split(',')
+        .map(|a| split_host_port(a, Some(crate::redis::cluster::DEFAULT_PORT)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (user, password) = split_credentials(credentials);
+    let (host, port) = seeds[0].clone();
+    Ok(Upstream {
+        host,
+        port,
+        user,
+        password,
+        db: 0,
+        tls: None,
+        sentinel: None,
+        cluster: Some(std::sync::Arc::new(crate::redis::cluster::Cluster::new(seeds))),
     })
 }
 

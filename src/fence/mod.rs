@@ -156,8 +156,12 @@ impl Fences {
         let undelivered = std::sync::Arc::new(undelivered::Undelivered::default());
         let failovers = upstream
             .as_ref()
-            .and_then(|(upstream, _)| upstream.sentinel.as_ref())
-            .map_or_else(Default::default, |sentinel| sentinel.failovers.clone());
+            .and_then(|(upstream, _)| match (&upstream.sentinel, &upstream.cluster) {
+                (Some(sentinel), _) => Some(sentinel.failovers.clone()),
+                (_, Some(cluster)) => Some(cluster.failovers.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
         let history = std::sync::Arc::new(history::History::new(DEFAULT_EXPLAIN_KEYS));
         // The second-delete worker runs even if no policy asks for it yet (a
         // reload may); it connects on its first job.

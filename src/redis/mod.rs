@@ -13,6 +13,7 @@ use crate::net::Stream;
 use crate::resp::encode::command;
 use crate::resp::reply::ReplyScanner;
 
+pub mod cluster;
 pub mod login;
 pub mod sentinel;
 pub mod shared;
@@ -42,8 +43,12 @@ impl UpstreamError {
 /// Connects to the upstream and runs the proxy's own handshake (the TLS
 /// handshake with `upstream_tls`, AUTH with the configured credentials,
 /// SELECT of the URL's database), all within `timeout`. A Sentinel upstream
-/// connects to the master its sentinels name ([`sentinel`]).
+/// connects to the master its sentinels name ([`sentinel`]); a Redis
+/// Cluster upstream opens a router to the cluster ([`cluster`]).
 pub async fn connect(upstream: &Upstream, timeout: Duration) -> Result<Stream, UpstreamError> {
+    if let Some(cluster) = &upstream.cluster {
+        return cluster::router::connect(upstream, cluster, timeout).await;
+    }
     match &upstream.sentinel {
         Some(sentinel) => sentinel::connect(upstream, sentinel, timeout).await,
         None => connect_to(upstream, &upstream.host, upstream.port, timeout).await,
@@ -51,7 +56,7 @@ pub async fn connect(upstream: &Upstream, timeout: Duration) -> Result<Stream, U
 }
 
 /// [`connect`] to the Redis at `host:port`.
-async fn connect_to(
+pub(crate) async fn connect_to(
     upstream: &Upstream,
     host: &str,
     port: u16,

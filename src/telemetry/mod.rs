@@ -44,9 +44,16 @@ families! {
             "Upstream reached again by a client that was served errors while it was away.";
         UPSTREAM_LOST: Counter "cachefence_upstream_lost_total", "Upstream connections lost with replies owed.";
         UPSTREAM_FAILOVERS: Counter "cachefence_upstream_failovers_total",
-            "Master changes seen through Sentinel (redis-sentinel:// upstream): +switch-master, or a new answer.";
+            "Master changes seen: through Sentinel (+switch-master, or a new answer), or a Redis Cluster master gone \
+             from the slot map.";
         SENTINEL_ERRORS: Counter "cachefence_sentinel_errors_total",
             "Sentinels that could not be reached or answered an error, and followed sentinels lost.";
+        CLUSTER_REDIRECTS: Counter "cachefence_cluster_redirects_total",
+            "MOVED and ASK replies of a Redis Cluster upstream followed for the client.";
+        CLUSTER_MAP_REFRESHES: Counter "cachefence_cluster_map_refreshes_total",
+            "Times a Redis Cluster upstream's slot map was loaded (CLUSTER SLOTS).";
+        CLUSTER_NODE_ERRORS: Counter "cachefence_cluster_node_errors_total",
+            "Cluster nodes that could not be reached, or whose connection was lost.";
         SHARED_OPENED: Counter "cachefence_shared_upstream_connections_opened_total",
             "Shared upstream connections opened (shared_connections > 0), replacements included.";
         SESSIONS_PINNED: Counter "cachefence_sessions_pinned_total",
@@ -155,6 +162,10 @@ metrics! {
         upstream_failovers: Counter, prom UPSTREAM_FAILOVERS;
         /// Caught up from the Sentinel upstream's own counts at each scrape.
         sentinel_errors: Counter, prom SENTINEL_ERRORS;
+        /// Caught up from the Redis Cluster upstream's own counts at each scrape.
+        cluster_redirects: Counter, prom CLUSTER_REDIRECTS;
+        cluster_map_refreshes: Counter, prom CLUSTER_MAP_REFRESHES;
+        cluster_node_errors: Counter, prom CLUSTER_NODE_ERRORS;
         /// Shared upstream connections opened.
         shared_opened: Counter, prom SHARED_OPENED;
         /// Sessions moved off a shared connection.

@@ -5,6 +5,7 @@
 //!
 //! - [`redis`]: a scratch `redis-server` per test, on a free loopback port;
 //! - [`sentinel`]: a master, a replica and three sentinels of the test's own;
+//! - [`cluster`]: a Redis Cluster of three masters and three replicas;
 //! - [`proxy`]: the proxy in process ([`Proxy`]), as a child process
 //!   ([`ProxyProcess`]: signals, RLIMIT_NOFILE, logs, restarts, `/proc`
 //!   figures), and the binary for one-shot subcommands
@@ -22,6 +23,7 @@
 //! with a message saying so, never a skip.
 
 pub mod client;
+pub mod cluster;
 pub mod files;
 pub mod pg;
 pub mod pg_replica;

@@ -43,6 +43,12 @@ impl RedisServer {
         Self::start_on_with(free_port(), args)
     }
 
+    /// Starts `redis-server` on `port` with `args`; `None` if the port was
+    /// taken.
+    pub fn try_start_on(port: u16, args: &[&str]) -> Option<RedisServer> {
+        Self::try_start(port, args)
+    }
+
     /// Starts `redis-server` on a given port.
     pub fn start_on(port: u16) -> RedisServer {
         Self::start_on_with(port, &[])

@@ -1,0 +1,340 @@
+//! A Redis Cluster upstream (`upstream = "redis-cluster://h1:7000,h2:7001"`,
+//! #19): the application keeps a plain client and one endpoint.
+//!
+//! Every upstream connection the proxy opens (a session's own, a shared
+//! one, a worker's) is a [`router`] task behind an in-process pipe: the
+//! rest of the proxy writes requests and reads replies in order exactly as
+//! on a connection to one Redis, and the router sends each request to the
+//! master owning its keys' slot, follows `MOVED` and `ASK`, retries
+//! `TRYAGAIN`, splits the multi-key commands that a cluster client splits
+//! and answers the `CLUSTER` questions of cluster-aware clients as a
+//! one-node cluster at the proxy's own address. The slot map and the key
+//! table are the process's ([`Cluster`]).
+
+pub mod keys;
+pub mod local;
+pub mod router;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::OnceCell;
+use tracing::{debug, info};
+
+use super::{UpstreamError, call_reply};
+use crate::config::Upstream;
+use crate::resp::encode::command;
+use crate::resp::value::Value;
+use keys::{KeyTable, SLOTS};
+
+/// A cluster node's port when the URL names none.
+pub const DEFAULT_PORT: u16 = 6379;
+
+/// Which master serves each slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotMap {
+    /// The masters, in the order `CLUSTER SLOTS` named them first.
+    pub nodes: Vec<(String, u16)>,
+    /// Per slot, an index into `nodes` (`u16::MAX`: no master).
+    slots: Vec<u16>,
+}
+
+impl SlotMap {
+    /// The map of a `CLUSTER SLOTS` reply.
+    pub fn from_slots_reply(reply: &Value) -> Option<SlotMap> {
+        let Value::Array(ranges) = reply else {
+            return None;
+        };
+        let mut map = SlotMap {
+            nodes: Vec::new(),
+            slots: vec![u16::MAX; SLOTS],
+        };
+        for range in ranges {
+            let Value::Array(fields) = range else {
+                return None;
+            };
+            let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(master))) =
+                (fields.first(), fields.get(1), fields.get(2))
+            else {
+                return None;
+            };
+            let (Some(ip), Some(Value::Int(port))) =
+                (master.first().and_then(Value::as_bytes), master.get(1))
+            else {
+                return None;
+            };
+            let node = (
+                String::from_utf8_lossy(ip).into_owned(),
+                u16::try_from(*port).ok()?,
+            );
+            let index = match map.nodes.iter().position(|n| *n == node) {
+                Some(index) => index,
+                None => {
+                    map.nodes.push(node);
+                    map.nodes.len() - 1
+                }
+            };
+            let (start, end) = (usize::try_from(*start).ok()?, usize::try_from(*end).ok()?);
+            for slot in map.slots.get_mut(start..=end)? {
+                *slot = index as u16;
+            }
+        }
+        (!map.nodes.is_empty()).then_some(map)
+    }
+
+    /// The master of `slot`, if one serves it.
+    pub fn node(&self, slot: u16) -> Option<&(String, u16)> {
+        self.nodes.get(usize::from(*self.slots.get(usize::from(slot))?))
+    }
+
+    /// `slot` is served by `node` now (a `MOVED` says so).
+    fn moved(&mut self, slot: u16, node: (String, u16)) {
+        let index = match self.nodes.iter().position(|n| *n == node) {
+            Some(index) => index,
+            None => {
+                self.nodes.push(node);
+                self.nodes.len() - 1
+            }
+        };
+        if let Some(entry) = self.slots.get_mut(usize::from(slot)) {
+            *entry = index as u16;
+        }
+    }
+}
+
+/// The seeds, the slot map and the key table, shared by every connection.
+#[derive(Debug)]
+pub struct Cluster {
+    pub seeds: Vec<(String, u16)>,
+    map: RwLock<Option<Arc<SlotMap>>>,
+    table: OnceCell<Arc<KeyTable>>,
+    /// One refresh at a time; the others wait for its map.
+    refreshing: tokio::sync::Mutex<()>,
+    /// The proxy's own address, which `CLUSTER SLOTS` and the like name
+    /// (set at start).
+    pub advertise: RwLock<(String, u16)>,
+    pub stats: ClusterStats,
+    /// A master that left the map (a replica promoted in its place): its
+    /// last fence moves may be lost, so tickets from before admit no fill
+    /// ([`crate::fence::failover`]).
+    pub failovers: Arc<crate::fence::failover::Failovers>,
+}
+
+/// Counters for `CACHE.INFO` and `/metrics`.
+#[derive(Debug, Default)]
+pub struct ClusterStats {
+    pub refreshes: AtomicU64,
+    pub moved: AtomicU64,
+    pub asked: AtomicU64,
+    pub tryagain: AtomicU64,
+    pub node_errors: AtomicU64,
+}
+
+impl PartialEq for Cluster {
+    fn eq(&self, other: &Cluster) -> bool {
+        self.seeds == other.seeds
+    }
+}
+
+impl Eq for Cluster {}
+
+impl Cluster {
+    pub fn new(seeds: Vec<(String, u16)>) -> Cluster {
+        Cluster {
+            seeds,
+            map: RwLock::default(),
+            table: OnceCell::new(),
+            refreshing: tokio::sync::Mutex::new(()),
+            advertise: RwLock::new(("127.0.0.1".to_string(), 6380)),
+            stats: ClusterStats::default(),
+            failovers: Arc::default(),
+        }
+    }
+
+    /// `redis-cluster://h1:p1,h2:p2`, without credentials.
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self
+            .seeds
+            .iter()
+            .map(|(h, p)| super::sentinel::host_port(h, *p))
+            .collect();
+        format!("redis-cluster://{}", seeds.join(","))
+    }
+
+    /// The slot map known now, if any.
+    pub fn current(&self) -> Option<Arc<SlotMap>> {
+        self.map.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The slot map, asked of the cluster if none is known yet.
+    pub async fn map(&self, upstream: &Upstream, timeout: Duration) -> Result<Arc<SlotMap>, UpstreamError> {
+        match self.current() {
+            Some(map) => Ok(map),
+            None => self.refresh(upstream, timeout, None).await,
+        }
+    }
+
+    /// Asks the known masters, then the seeds, for `CLUSTER SLOTS`; the
+    /// first answer is the new map. `seen`: the map the caller found stale
+    /// (if another refresh replaced it meanwhile, that one is taken).
+    pub async fn refresh(
+        &self,
+        upstream: &Upstream,
+        timeout: Duration,
+        seen: Option<&Arc<SlotMap>>,
+    ) -> Result<Arc<SlotMap>, UpstreamError> {
+        let _one = self.refreshing.lock().await;
+        if let (Some(seen), Some(now)) = (seen, self.current())
+            && !Arc::ptr_eq(seen, &now)
+        {
+            return Ok(now);
+        }
+        let mut candidates: Vec<(String, u16)> = self.current().map(|m| m.nodes.clone()).unwrap_or_default();
+        for seed in &self.seeds {
+            if !candidates.contains(seed) {
+                candidates.push(seed.clone());
+            }
+        }
+        let mut reasons = Vec::new();
+        for (host, port) in candidates {
+            match self.ask_slots(upstream, &host, port, timeout).await {
+                Ok(map) => {
+                    self.stats.refreshes.fetch_add(1, Ordering::Relaxed);
+                    let map = Arc::new(map);
+                    let previous = self
+                        .map
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .replace(map.clone());
+                    if previous.as_deref() != Some(&*map) {
+                        info!(masters = map.nodes.len(), "cluster slot map loaded");
+                    }
+                    let gone: Vec<&(String, u16)> = previous
+                        .iter()
+                        .flat_map(|p| p.nodes.iter())
+                        .filter(|n| !map.nodes.contains(n))
+                        .collect();
+                    if !gone.is_empty() {
+                        info!(
+                            ?gone,
+                            "a cluster master is no longer one (a failover): tickets from before it fill nothing"
+                        );
+                        self.failovers.record();
+                    }
+                    return Ok(map);
+                }
+                Err(reason) => {
+                    self.stats.node_errors.fetch_add(1, Ordering::Relaxed);
+                    debug!(node = %super::sentinel::host_port(&host, port), %reason, "no slot map from this node");
+                    reasons.push(format!("{}: {reason}", super::sentinel::host_port(&host, port)));
+                }
+            }
+        }
+        Err(UpstreamError::Unreachable {
+            addr: self.url(),
+            reason: format!("no node gave the slot map ({})", reasons.join("; ")),
+        })
+    }
+
+    async fn ask_slots(
+        &self,
+        upstream: &Upstream,
+        host: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<SlotMap, String> {
+        let mut stream = super::connect_to(upstream, host, port, timeout)
+            .await
+            .map_err(|e| e.detail())?;
+        let request = command(&[b"CLUSTER", b"SLOTS"]);
+        let reply = match tokio::time::timeout(timeout, call_reply(&mut stream, &request)).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(error)) => return Err(format!("CLUSTER SLOTS: {error}")),
+            Err(_) => return Err(format!("no answer within {timeout:?}")),
+        };
+        Value::decode(&reply, false)
+            .as_ref()
+            .and_then(SlotMap::from_slots_reply)
+            .ok_or_else(|| "CLUSTER SLOTS: no slots served".to_string())
+    }
+
+    /// `slot` moved to `node` (a `MOVED` reply): the map is updated at once
+    /// (a full refresh follows in the background).
+    pub fn moved(&self, slot: u16, node: (String, u16)) {
+        self.stats.moved.fetch_add(1, Ordering::Relaxed);
+        let mut held = self.map.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(map) = held.as_mut() {
+            Arc::make_mut(map).moved(slot, node);
+        }
+    }
+
+    /// The key table, from the first node's `COMMAND` the first time.
+    pub async fn table(
+        &self,
+        upstream: &Upstream,
+        timeout: Duration,
+    ) -> Result<Arc<KeyTable>, UpstreamError> {
+        self.table
+            .get_or_try_init(|| async {
+                let map = self.map(upstream, timeout).await?;
+                let (host, port) = map.nodes[0].clone();
+                let addr = super::sentinel::host_port(&host, port);
+                let unreachable = |reason: String| UpstreamError::Unreachable {
+                    addr: addr.clone(),
+                    reason,
+                };
+                let mut stream = super::connect_to(upstream, &host, port, timeout).await?;
+                let request = command(&[b"COMMAND"]);
+                let reply = tokio::time::timeout(timeout * 4, call_reply(&mut stream, &request))
+                    .await
+                    .map_err(|_| unreachable("no answer to COMMAND".to_string()))?
+                    .map_err(|e| unreachable(format!("COMMAND: {e}")))?;
+                Value::decode(&reply, false)
+                    .as_ref()
+                    .and_then(KeyTable::from_command_reply)
+                    .map(Arc::new)
+                    .ok_or_else(|| unreachable("COMMAND: not a command table".to_string()))
+            })
+            .await
+            .cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn range(start: i64, end: i64, port: i64) -> Value {
+        Value::Array(vec![
+            Value::Int(start),
+            Value::Int(end),
+            Value::Array(vec![
+                Value::Bulk(Bytes::from_static(b"127.0.0.1")),
+                Value::Int(port),
+                Value::Bulk(Bytes::from_static(b"id")),
+            ]),
+        ])
+    }
+
+    #[test]
+    fn a_slots_reply_maps_every_slot_to_its_master() {
+        let reply = Value::Array(vec![
+            range(0, 5460, 7000),
+            range(5461, 10922, 7001),
+            range(10923, 16383, 7002),
+        ]);
+        let mut map = SlotMap::from_slots_reply(&reply).expect("a map");
+        assert_eq!(map.nodes.len(), 3);
+        assert_eq!(map.node(0), Some(&("127.0.0.1".to_string(), 7000)));
+        assert_eq!(map.node(5461), Some(&("127.0.0.1".to_string(), 7001)));
+        assert_eq!(map.node(16383), Some(&("127.0.0.1".to_string(), 7002)));
+        map.moved(0, ("127.0.0.1".to_string(), 7003));
+        assert_eq!(map.node(0), Some(&("127.0.0.1".to_string(), 7003)));
+        assert_eq!(map.node(1), Some(&("127.0.0.1".to_string(), 7000)));
+        let partial = SlotMap::from_slots_reply(&Value::Array(vec![range(0, 10, 7000)])).unwrap();
+        assert_eq!(partial.node(11), None);
+        assert!(SlotMap::from_slots_reply(&Value::Array(vec![range(0, 16384, 7000)])).is_none());
+    }
+}
