@@ -137,6 +137,21 @@ impl Scrape for App {
                 .sentinel_errors
                 .catch_up(sentinel.stats.errors.load(Relaxed));
         }
+        if let Some(cluster) = &self.config.upstream.cluster {
+            use std::sync::atomic::Ordering::Relaxed;
+            let stats = &cluster.stats;
+            self.metrics
+                .upstream_failovers
+                .catch_up(cluster.failovers.count());
+            let redirects = stats.moved.load(Relaxed) + stats.asked.load(Relaxed);
+            self.metrics.cluster_redirects.catch_up(redirects);
+            self.metrics
+                .cluster_map_refreshes
+                .catch_up(stats.refreshes.load(Relaxed));
+            self.metrics
+                .cluster_node_errors
+                .catch_up(stats.node_errors.load(Relaxed));
+        }
         self.metrics.visit(out);
         self.live.stats.visit(out);
         let mut lists = vec![PROXY];

@@ -304,3 +304,370 @@ async fn many_clients_fenced_writes_are_merged_then_split_by_slot() {
         }
     }
 }
+
+/// What the database holds: a version per key; a value is `v<version>`.
+#[derive(Clone, Default)]
+struct Versions(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>);
+
+impl Versions {
+    fn read(&self, key: &str) -> u64 {
+        *self.0.lock().unwrap().get(key).unwrap_or(&0)
+    }
+    fn bump(&self, key: &str) -> u64 {
+        let mut all = self.0.lock().unwrap();
+        let version = all.entry(key.to_string()).or_insert(0);
+        *version += 1;
+        *version
+    }
+}
+
+/// Readers that miss and fill, writers that change the database and
+/// delete, plain writes, all through the proxy until `stop`. Each task
+/// returns how many rounds it ran, the error replies it got and when the
+/// last came; with `errors_allowed` false the first error fails the test.
+async fn workload(
+    addr: std::net::SocketAddr,
+    db: Versions,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    errors_allowed: bool,
+) -> Vec<tokio::task::JoinHandle<Outcome>> {
+    use std::sync::atomic::Ordering;
+    let check = move |what: &str, reply: &str, ok: bool, outcome: &mut Outcome| {
+        if !ok {
+            assert!(errors_allowed && reply.starts_with('-'), "{what}: {reply}");
+            outcome.errors += 1;
+            outcome.last_error = Some(std::time::Instant::now());
+        }
+    };
+    let mut tasks = Vec::new();
+    for reader in 0..4u64 {
+        let (db, stop) = (db.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut client = RawClient::connect(addr).await;
+            let (mut n, mut outcome) = (0, Outcome::default());
+            while !stop.load(Ordering::Relaxed) && n < 200_000 {
+                let key = format!("item:{}", (n * 7 + reader) % 200);
+                let reply = call(&mut client, &["GET", &key]).await;
+                if reply == "$-1\r\n" {
+                    let value = format!("v{}", db.read(&key));
+                    let filled = call(&mut client, &["SET", &key, &value, "EX", "300"]).await;
+                    check(&key, &filled, filled == "+OK\r\n", &mut outcome);
+                } else {
+                    check(&key, &reply, reply.starts_with('$'), &mut outcome);
+                }
+                n += 1;
+            }
+            outcome.rounds = n;
+            outcome
+        }));
+    }
+    for writer in 0..2u64 {
+        let (db, stop) = (db.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut client = RawClient::connect(addr).await;
+            let (mut n, mut outcome) = (0, Outcome::default());
+            while !stop.load(Ordering::Relaxed) && n < 200_000 {
+                let key = format!("item:{}", (n * 13 + writer) % 200);
+                db.bump(&key);
+                let deleted = call(&mut client, &["DEL", &key]).await;
+                check(
+                    &key,
+                    &deleted,
+                    deleted == ":0\r\n" || deleted == ":1\r\n",
+                    &mut outcome,
+                );
+                let plain = format!("plain:{writer}:{n}");
+                let set = call(&mut client, &["SET", &plain, &n.to_string()]).await;
+                check(&plain, &set, set == "+OK\r\n", &mut outcome);
+                n += 1;
+            }
+            outcome.rounds = n;
+            outcome
+        }));
+    }
+    tasks
+}
+
+/// What one task of the workload saw.
+#[derive(Default)]
+struct Outcome {
+    rounds: u64,
+    errors: u64,
+    last_error: Option<std::time::Instant>,
+}
+
+/// Stops the workload: rounds per task, error replies in all, and when the
+/// last came.
+async fn stop_workload(
+    stop: &std::sync::atomic::AtomicBool,
+    tasks: Vec<tokio::task::JoinHandle<Outcome>>,
+) -> (Vec<u64>, u64, Option<std::time::Instant>) {
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut rounds, mut errors, mut last) = (Vec::new(), 0, None);
+    for task in tasks {
+        let outcome = task.await.expect("the workload's checks hold");
+        rounds.push(outcome.rounds);
+        errors += outcome.errors;
+        last = last.max(outcome.last_error);
+    }
+    (rounds, errors, last)
+}
+
+/// After the workload: no cached value older than the database's, and
+/// every plain write still there.
+async fn check_after(addr: std::net::SocketAddr, db: &Versions, writes: &[u64]) {
+    let mut client = RawClient::connect(addr).await;
+    for i in 0..200 {
+        let key = format!("item:{i}");
+        let reply = call(&mut client, &["GET", &key]).await;
+        if reply != "$-1\r\n" {
+            assert_eq!(reply, bulk(&format!("v{}", db.read(&key))), "{key} is stale");
+        }
+    }
+    for (writer, &count) in writes.iter().enumerate() {
+        for n in (0..count).step_by(97).chain(count.checked_sub(1)) {
+            let plain = format!("plain:{writer}:{n}");
+            assert_eq!(
+                call(&mut client, &["GET", &plain]).await,
+                bulk(&n.to_string()),
+                "{plain} lost"
+            );
+        }
+    }
+}
+
+/// Slots move between masters while clients read, write and fill:
+/// no client error, nothing lost, no stale fill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resharding_under_load_loses_nothing_and_fills_nothing_stale() {
+    let cluster = Cluster::start().await;
+    let proxy = Proxy::start(&cluster.url(), "[[cache]]\npattern = \"item:*\"\n").await;
+    past_the_start_bound().await;
+    let masters = cluster.masters().await;
+    let (from, to) = (Cluster::id(masters[0]).await, Cluster::id(masters[1]).await);
+
+    let db = Versions::default();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tasks = workload(proxy.addr, db.clone(), stop.clone(), false).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let moved = std::thread::scope(|scope| scope.spawn(|| cluster.reshard(&from, &to, 3000)).join().is_ok());
+    assert!(moved, "reshard ran");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (rounds, errors, _) = stop_workload(&stop, tasks).await;
+    assert_eq!(errors, 0);
+    check_after(proxy.addr, &db, &rounds[4..]).await;
+    let info = RawClient::connect(proxy.addr).await.call("CACHE.INFO").await;
+    assert!(
+        !info.contains("cluster_moved:0\r\n"),
+        "the reshard was followed: {info}"
+    );
+}
+
+/// One slot migrated by hand (`CLUSTER SETSLOT … MIGRATING/IMPORTING`,
+/// `MIGRATE`): a key already moved is reached with `ASK`, one not moved
+/// yet on the source; a multi-key read of the half-moved slot waits out
+/// `TRYAGAIN` and, once the slot is the target's, follows `MOVED`. A
+/// fenced miss in the slot records its ticket where the key will be, and
+/// its fill after the move is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_mid_migration_is_followed_with_ask_tryagain_and_moved() {
+    let cluster = Cluster::start().await;
+    let proxy = Proxy::start(&cluster.url(), CACHE_KEYS).await;
+    past_the_start_bound().await;
+    let mut client = RawClient::connect(proxy.addr).await;
+    for key in ["{mig}:a", "{mig}:b"] {
+        assert_eq!(call(&mut client, &["SET", key, key]).await, "+OK\r\n");
+    }
+    let slot = call(&mut client, &["CLUSTER", "KEYSLOT", "{mig}:a"]).await;
+    let slot = slot.trim_start_matches(':').trim_end().to_string();
+    let masters = cluster.masters().await;
+    let mut source_index = 0;
+    for (i, master) in masters.iter().enumerate() {
+        let mut direct = RawClient::connect(master.addr()).await;
+        if !call(&mut direct, &["EXISTS", "{mig}:a"])
+            .await
+            .starts_with("-MOVED")
+        {
+            source_index = i;
+        }
+    }
+    let source = masters[source_index];
+    let target = masters[(source_index + 1) % masters.len()];
+    let (source_id, target_id) = (Cluster::id(source).await, Cluster::id(target).await);
+    let mut on_source = RawClient::connect(source.addr()).await;
+    let mut on_target = RawClient::connect(target.addr()).await;
+    assert_eq!(
+        call(
+            &mut on_target,
+            &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &source_id]
+        )
+        .await,
+        "+OK\r\n"
+    );
+    assert_eq!(
+        call(
+            &mut on_source,
+            &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target_id]
+        )
+        .await,
+        "+OK\r\n"
+    );
+    let target_port = target.port.to_string();
+    assert_eq!(
+        call(
+            &mut on_source,
+            &[
+                "MIGRATE",
+                "127.0.0.1",
+                &target_port,
+                "",
+                "0",
+                "5000",
+                "KEYS",
+                "{mig}:a"
+            ]
+        )
+        .await,
+        "+OK\r\n"
+    );
+
+    // Moved already: ASK. Not yet: the source.
+    assert_eq!(call(&mut client, &["GET", "{mig}:a"]).await, bulk("{mig}:a"));
+    assert_eq!(call(&mut client, &["GET", "{mig}:b"]).await, bulk("{mig}:b"));
+    // A fenced miss in the migrating slot (neither the key nor its fence on
+    // the source): its ticket is recorded on the target.
+    assert_eq!(call(&mut client, &["GET", "cache:{mig}:c"]).await, "$-1\r\n");
+
+    // Half the slot moved: TRYAGAIN until the migration ends, then MOVED.
+    let mut reader = RawClient::connect(proxy.addr).await;
+    reader.send(&cmd(&[b"MGET", b"{mig}:a", b"{mig}:b"])).await;
+    tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+    assert_eq!(
+        call(
+            &mut on_source,
+            &[
+                "MIGRATE",
+                "127.0.0.1",
+                &target_port,
+                "",
+                "0",
+                "5000",
+                "KEYS",
+                "{mig}:b"
+            ]
+        )
+        .await,
+        "+OK\r\n"
+    );
+    for node in &cluster.nodes {
+        let mut direct = RawClient::connect(node.addr()).await;
+        let reply = call(&mut direct, &["CLUSTER", "SETSLOT", &slot, "NODE", &target_id]).await;
+        assert!(reply == "+OK\r\n" || reply.starts_with("-ERR"), "{reply}");
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&reader.read_frame().await),
+        format!("*2\r\n{}{}", bulk("{mig}:a"), bulk("{mig}:b"))
+    );
+    // The fill after the move: on the target, where its ticket is.
+    assert_eq!(
+        call(&mut client, &["SET", "cache:{mig}:c", "filled", "EX", "60"]).await,
+        "+OK\r\n"
+    );
+    assert_eq!(
+        call(&mut on_target, &["GET", "cache:{mig}:c"]).await,
+        bulk("filled")
+    );
+    let info = client.call("CACHE.INFO").await;
+    for counter in [
+        "cluster_moved:0\r\n",
+        "cluster_ask:0\r\n",
+        "cluster_tryagain:0\r\n",
+    ] {
+        assert!(!info.contains(counter), "{counter} in {info}");
+    }
+}
+
+/// A replica takes over its master (`CLUSTER FAILOVER`, and a master
+/// killed) while clients read, write and fill: errors are bounded and
+/// last only while the slots have no master; no stale fill afterwards; a
+/// manual failover loses no write.
+async fn failover_under_load(kill: bool) {
+    let cluster = Cluster::start().await;
+    let proxy = Proxy::start(&cluster.url(), "[[cache]]\npattern = \"item:*\"\n").await;
+    past_the_start_bound().await;
+    let master = cluster.masters().await[0];
+    let replica_port = cluster.replica_of(master).await.port;
+    let master_port = master.port;
+
+    let db = Versions::default();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tasks = workload(proxy.addr, db.clone(), stop.clone(), true).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut cluster = cluster;
+    if kill {
+        let index = cluster
+            .nodes
+            .iter()
+            .position(|n| n.port == master_port)
+            .expect("a node");
+        cluster.nodes[index].kill();
+        let mut on_replica = RawClient::connect(("127.0.0.1", replica_port)).await;
+        testkit::eventually_within(
+            "the replica is promoted",
+            std::time::Duration::from_secs(20),
+            async || {
+                on_replica
+                    .call("ROLE")
+                    .await
+                    .starts_with("*3\r\n$6\r\nmaster\r\n")
+            },
+        )
+        .await;
+    } else {
+        let replica = cluster
+            .nodes
+            .iter()
+            .find(|n| n.port == replica_port)
+            .expect("a node");
+        cluster.failover(replica).await;
+    }
+    let promoted = std::time::Instant::now();
+    // The clients go on through the new master.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let (rounds, errors, last_error) = stop_workload(&stop, tasks).await;
+    let total: u64 = rounds.iter().sum();
+    eprintln!("failover (kill: {kill}): {errors} errors in {total} rounds");
+    match kill {
+        // Errors while the slots had no master, none once the replica took
+        // over (the proxy finds it within a second).
+        true => {
+            let last = last_error.expect("clients of the dead master got errors");
+            assert!(
+                last < promoted + std::time::Duration::from_secs(1),
+                "errors went on {:?} after the promotion",
+                last - promoted
+            );
+        }
+        false => assert_eq!(errors, 0, "a manual failover is seamless"),
+    }
+    // A killed master may take its last acknowledged writes with it.
+    let writes = if kill { &[][..] } else { &rounds[4..] };
+    check_after(proxy.addr, &db, writes).await;
+    let info = RawClient::connect(proxy.addr).await.call("CACHE.INFO").await;
+    assert!(info.contains(&format!("127.0.0.1:{replica_port}")), "{info}");
+    let metrics = cachefence::telemetry::exporter::render(&*proxy.ctx);
+    assert!(
+        metrics.contains("\ncachefence_upstream_failovers_total 1\n"),
+        "the failover is seen: {metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_failover_under_load_is_seamless() {
+    failover_under_load(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_master_under_load_costs_bounded_errors_and_no_stale_fill() {
+    failover_under_load(true).await;
+}

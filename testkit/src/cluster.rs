@@ -38,6 +38,12 @@ impl Cluster {
                 &conf,
                 "--cluster-node-timeout",
                 "2000",
+                // A replica syncs at once (not 5 s later), and may take over
+                // however long its master has been gone.
+                "--repl-diskless-sync-delay",
+                "0",
+                "--cluster-replica-validity-factor",
+                "0",
             ];
             if let Some(node) = RedisServer::try_start_on(port, &args) {
                 nodes.push(node);
@@ -62,6 +68,14 @@ impl Cluster {
             let mut client = RawClient::connect(node.addr()).await;
             eventually("every node says the cluster is ok", async || {
                 client.call("CLUSTER INFO").await.contains("cluster_state:ok")
+            })
+            .await;
+        }
+        for node in &nodes {
+            let mut client = RawClient::connect(node.addr()).await;
+            eventually("every replica is in sync with its master", async || {
+                let info = client.call("INFO replication").await;
+                info.contains("role:master") || info.contains("master_link_status:up")
             })
             .await;
         }
@@ -95,5 +109,60 @@ impl Cluster {
             }
         }
         panic!("no master serves {key}");
+    }
+
+    /// A node's id (`CLUSTER MYID`).
+    pub async fn id(node: &RedisServer) -> String {
+        let reply = RawClient::connect(node.addr()).await.call("CLUSTER MYID").await;
+        reply.lines().nth(1).expect("an id").to_string()
+    }
+
+    /// Moves `slots` slots from master `from` to master `to` with
+    /// `redis-cli --cluster reshard` (keys migrated with MIGRATE, clients
+    /// see ASK and TRYAGAIN meanwhile). Blocks until it is done.
+    pub fn reshard(&self, from: &str, to: &str, slots: u32) {
+        let output = Command::new("redis-cli")
+            .args(["--cluster", "reshard", &self.nodes[0].addr()])
+            .args(["--cluster-from", from, "--cluster-to", to])
+            .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
+            .args(["--cluster-pipeline", "10"])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run `redis-cli --cluster reshard` ({e})"));
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster reshard failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// The replica of `master` (by `ROLE` of each node).
+    pub async fn replica_of(&self, master: &RedisServer) -> &RedisServer {
+        for node in &self.nodes {
+            let role = RawClient::connect(node.addr()).await.call("ROLE").await;
+            let port = format!("\r\n:{}\r\n", master.port);
+            if role.starts_with("*5\r\n$5\r\nslave\r\n") && role.contains(&port) {
+                return node;
+            }
+        }
+        panic!("master {} has no replica", master.addr());
+    }
+
+    /// `CLUSTER FAILOVER` on `replica`, then waits until it is a master
+    /// and every node says the cluster is ok.
+    pub async fn failover(&self, replica: &RedisServer) {
+        let mut client = RawClient::connect(replica.addr()).await;
+        assert_eq!(client.call("CLUSTER FAILOVER").await, "+OK\r\n");
+        eventually("the replica is a master", async || {
+            client.call("ROLE").await.starts_with("*3\r\n$6\r\nmaster\r\n")
+        })
+        .await;
+        for node in &self.nodes {
+            let mut client = RawClient::connect(node.addr()).await;
+            eventually("every node says the cluster is ok", async || {
+                client.call("CLUSTER INFO").await.contains("cluster_state:ok")
+            })
+            .await;
+        }
     }
 }

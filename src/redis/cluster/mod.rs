@@ -30,6 +30,9 @@ use keys::{KeyTable, SLOTS};
 
 /// A cluster node's port when the URL names none.
 pub const DEFAULT_PORT: u16 = 6379;
+/// The least time between two refreshes of the slot map asked for by
+/// failing requests.
+const MIN_REFRESH_GAP: Duration = Duration::from_millis(100);
 
 /// Which master serves each slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,8 +112,9 @@ pub struct Cluster {
     pub seeds: Vec<(String, u16)>,
     map: RwLock<Option<Arc<SlotMap>>>,
     table: OnceCell<Arc<KeyTable>>,
-    /// One refresh at a time; the others wait for its map.
-    refreshing: tokio::sync::Mutex<()>,
+    /// One refresh at a time; the others wait for its map. Holds when the
+    /// last one ended.
+    refreshing: tokio::sync::Mutex<Option<std::time::Instant>>,
     /// The proxy's own address, which `CLUSTER SLOTS` and the like name
     /// (set at start).
     pub advertise: RwLock<(String, u16)>,
@@ -145,7 +149,7 @@ impl Cluster {
             seeds,
             map: RwLock::default(),
             table: OnceCell::new(),
-            refreshing: tokio::sync::Mutex::new(()),
+            refreshing: tokio::sync::Mutex::new(None),
             advertise: RwLock::new(("127.0.0.1".to_string(), 6380)),
             stats: ClusterStats::default(),
             failovers: Arc::default(),
@@ -184,12 +188,16 @@ impl Cluster {
         timeout: Duration,
         seen: Option<&Arc<SlotMap>>,
     ) -> Result<Arc<SlotMap>, UpstreamError> {
-        let _one = self.refreshing.lock().await;
-        if let (Some(seen), Some(now)) = (seen, self.current())
-            && !Arc::ptr_eq(seen, &now)
-        {
-            return Ok(now);
+        let mut last = self.refreshing.lock().await;
+        if let (Some(seen), Some(now)) = (seen, self.current()) {
+            // Another refresh replaced it meanwhile, or one ended a moment
+            // ago (a node that is down fails every request sent to it: the
+            // cluster is not asked again for each).
+            if !Arc::ptr_eq(seen, &now) || last.is_some_and(|at| at.elapsed() < MIN_REFRESH_GAP) {
+                return Ok(now);
+            }
         }
+        *last = Some(std::time::Instant::now());
         let mut candidates: Vec<(String, u16)> = self.current().map(|m| m.nodes.clone()).unwrap_or_default();
         for seed in &self.seeds {
             if !candidates.contains(seed) {
