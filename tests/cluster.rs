@@ -225,6 +225,15 @@ async fn fenced_commands_across_slots_are_split_by_slot() {
         call(&mut client, &["MSET", "user:0", "a", "user:1", "b"]).await,
         "+OK\r\n"
     );
+    // The operator's invalidation of keys on several masters.
+    let invalidated = call(&mut client, &["CACHE.INVALIDATE", "user:4", "user:5", "user:6"]).await;
+    assert_eq!(invalidated, ":3\r\n");
+    for key in ["user:4", "user:5", "user:6"] {
+        assert_eq!(
+            call(&mut cluster.master_of(key).await, &["EXISTS", key]).await,
+            ":0\r\n"
+        );
+    }
     assert_eq!(
         call(&mut client, &["MGET", "user:0", "user:1"]).await,
         format!("*2\r\n{}{}", bulk("a"), bulk("b"))
@@ -670,4 +679,175 @@ async fn a_manual_failover_under_load_is_seamless() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_master_under_load_costs_bounded_errors_and_no_stale_fill() {
     failover_under_load(true).await;
+}
+
+/// ioredis' cluster client (`Redis.Cluster`, tests/node/cluster.js) pointed
+/// at cachefence: it learns a one-node cluster at the proxy's address and
+/// works without a MOVED ever reaching it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_aware_client_sees_one_node_and_works() {
+    let cluster = Cluster::start().await;
+    let proxy = Proxy::start(&cluster.url(), CACHE_KEYS).await;
+    let port = proxy.addr.port();
+    let out = tokio::task::spawn_blocking(move || {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node");
+        assert!(
+            dir.join("node_modules/ioredis").is_dir(),
+            "tests/node/node_modules is missing: run `npm ci --prefix tests/node` first (needs node and npm)"
+        );
+        let out = std::process::Command::new("node")
+            .arg(dir.join("cluster.js"))
+            .arg(port.to_string())
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("cannot run `node` ({e}): the ioredis tests need Node.js 18 or later")
+            });
+        assert!(
+            out.status.success(),
+            "cluster.js failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    })
+    .await
+    .unwrap();
+    let got: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON");
+    assert_eq!(got["masters"], serde_json::json!([format!("127.0.0.1:{port}")]));
+    let values: Vec<String> = (0..20).map(|i| format!("v-ioredis:{i}")).collect();
+    assert_eq!(got["values"], serde_json::json!(values));
+    assert_eq!(
+        got["mget"],
+        serde_json::json!(["v-ioredis:0", "v-ioredis:5", null, "v-ioredis:19"])
+    );
+    assert_eq!(got["pipeline"], serde_json::json!(values[..5]));
+    // The keys are spread over the real cluster.
+    for master in cluster.masters().await {
+        let size = RawClient::connect(master.addr()).await.call("DBSIZE").await;
+        assert_ne!(size, ":0\r\n");
+    }
+}
+
+/// R7 on a cluster: A writes DB=1, B writes DB=2 and sets 2, A sets 1.
+/// Straight (the control) the older write wins; through cachefence with
+/// `on_write = "invalidate"` nothing stays cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r7_on_a_cluster_leaves_no_older_write() {
+    let cluster = Cluster::start().await;
+    for through_proxy in [false, true] {
+        let key = format!("user:r7:{through_proxy}");
+        let proxy = match through_proxy {
+            true => Some(
+                Proxy::start(
+                    &cluster.url(),
+                    "[[cache]]\npattern = \"*\"\non_write = \"invalidate\"\n",
+                )
+                .await,
+            ),
+            false => None,
+        };
+        let (mut a, mut b) = match &proxy {
+            Some(proxy) => (
+                RawClient::connect(proxy.addr).await,
+                RawClient::connect(proxy.addr).await,
+            ),
+            None => (cluster.master_of(&key).await, cluster.master_of(&key).await),
+        };
+        assert_eq!(call(&mut b, &["SET", &key, "2"]).await, "+OK\r\n");
+        assert_eq!(call(&mut a, &["SET", &key, "1"]).await, "+OK\r\n");
+        let cached = call(&mut cluster.master_of(&key).await, &["GET", &key]).await;
+        match through_proxy {
+            false => assert_eq!(cached, bulk("1"), "control: the older write wins"),
+            true => assert_eq!(cached, "$-1\r\n"),
+        }
+    }
+}
+
+/// R8 on a cluster: 50 readers miss one key at once; each told to go to
+/// the database reads it (counted) and fills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r8_on_a_cluster_sends_one_reader_to_the_database() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let cluster = Cluster::start().await;
+    for through_proxy in [false, true] {
+        let proxy = match through_proxy {
+            true => {
+                let hold = "[[cache]]\npattern = \"*\"\non_write = \"write\"\nhold = \"2s\"\n";
+                let proxy = Proxy::start(&cluster.url(), hold).await;
+                past_the_start_bound().await;
+                Some(proxy)
+            }
+            false => None,
+        };
+        let key = format!("hot:{through_proxy}");
+        let reads = Arc::new(AtomicUsize::new(0));
+        let start = Arc::new(tokio::sync::Barrier::new(50));
+        let mut tasks = Vec::new();
+        for _ in 0..50 {
+            let mut client = match &proxy {
+                Some(proxy) => RawClient::connect(proxy.addr).await,
+                None => cluster.master_of(&key).await,
+            };
+            let (reads, start, key) = (reads.clone(), start.clone(), key.clone());
+            tasks.push(tokio::spawn(async move {
+                start.wait().await;
+                let reply = call(&mut client, &["GET", &key]).await;
+                if reply != "$-1\r\n" {
+                    return reply;
+                }
+                reads.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                assert_eq!(
+                    call(&mut client, &["SET", &key, "from-db", "EX", "60"]).await,
+                    "+OK\r\n"
+                );
+                "filled".to_string()
+            }));
+        }
+        let mut outcomes = Vec::new();
+        for task in tasks {
+            outcomes.push(task.await.unwrap());
+        }
+        let reads = reads.load(Ordering::SeqCst);
+        match through_proxy {
+            false => assert_eq!(reads, 50, "control: every reader reads the database"),
+            true => {
+                assert_eq!(reads, 1, "through cachefence one reader goes to the database");
+                let served = outcomes.iter().filter(|o| *o == "$7\r\nfrom-db\r\n").count();
+                assert_eq!(served, 49, "{outcomes:?}");
+            }
+        }
+    }
+}
+
+/// The PostgreSQL change log through a cluster: a row change deletes its
+/// keys (on different masters) and moves their fences, each on its slot's
+/// master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_change_log_invalidates_keys_on_every_master() {
+    let cluster = Cluster::start().await;
+    let pg = testkit::pg::Schema::create("cluster_changelog").await;
+    pg.exec("CREATE TABLE {s}.users (id int PRIMARY KEY, email text, name text NOT NULL)")
+        .await;
+    let toml = format!(
+        "{}[[cache]]\npattern = \"user:*\"\non_write = \"write\"\n",
+        pg.toml(&[("users", &["user:{id}", "user:email:{email}"])])
+    );
+    pg.install(&toml).await;
+    let proxy = Proxy::start(&cluster.url(), &toml).await;
+    let keys = ["user:1", "user:email:a@x", "user:2"];
+    let mut client = RawClient::connect(proxy.addr).await;
+    for key in keys {
+        assert_eq!(call(&mut client, &["SET", key, "cached"]).await, "+OK\r\n");
+    }
+    pg.exec("INSERT INTO {s}.users VALUES (1, 'a@x', 'Ann')").await;
+    let changelog = proxy.ctx.changelog.clone().expect("a change log");
+    testkit::eventually("the change-log row is applied", async || {
+        changelog.rows_consumed.get() == 1
+    })
+    .await;
+    assert_eq!(
+        call(&mut client, &["MGET", "user:1", "user:email:a@x", "user:2"]).await,
+        format!("*3\r\n$-1\r\n$-1\r\n{}", bulk("cached"))
+    );
 }
