@@ -102,6 +102,24 @@ async fn a_plain_client_reaches_every_master_through_one_endpoint() {
         "-ERR SELECT is not allowed in cluster mode\r\n"
     );
     assert_eq!(call(&mut client, &["SELECT", "0"]).await, "+OK\r\n");
+    // CLIENT REPLY: the replies the client turned off never reach it.
+    let mut quiet = RawClient::connect(proxy.addr).await;
+    quiet.send(&testkit::cmds("CLIENT REPLY SKIP")).await;
+    quiet.send(&testkit::cmds("SET skipped 1")).await;
+    quiet.send(&testkit::cmds("CLIENT REPLY OFF")).await;
+    quiet.send(&testkit::cmds("SET off 1")).await;
+    quiet.send(&testkit::cmds("GET key:3")).await;
+    quiet.send(&testkit::cmds("CLIENT REPLY ON")).await;
+    quiet.send(&testkit::cmds("GET key:4")).await;
+    assert_eq!(quiet.read_frame().await, b"+OK\r\n");
+    assert_eq!(
+        String::from_utf8_lossy(&quiet.read_frame().await),
+        bulk("v-key:4")
+    );
+    assert_eq!(
+        call(&mut client, &["MGET", "skipped", "off"]).await,
+        format!("*2\r\n{}{}", bulk("1"), bulk("1"))
+    );
 
     // A transaction on one slot.
     client.send(&testkit::cmds("MULTI")).await;

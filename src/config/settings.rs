@@ -186,7 +186,7 @@ settings! {
     /// Address the proxy accepts clients on.
     listen: String = "127.0.0.1:6380".to_string();
     restart;
-    /// Redis to forward to: `host:port`, `redis://[user:password@]host[:port][/db]`, or the master Sentinel names: `redis-sentinel://[user:password@]host[:port],…/master[/db]`.
+    /// Redis to forward to: `host:port`, `redis://[user:password@]host[:port][/db]`, the master Sentinel names: `redis-sentinel://[user:password@]host[:port],…/master[/db]`, or a Redis Cluster: `redis-cluster://[user:password@]host[:port],…`.
     upstream: Upstream = "127.0.0.1:6379".parse().expect("valid default");
     restart;
     /// ACL user for the proxy's upstream connections (overrides the URL's).

@@ -23,7 +23,9 @@
 //!   keys) is split by slot the same way, one batch call per slot, and its
 //!   reply put back together element by element.
 //! - **Connection state.** `HELLO`, `AUTH`, `CLIENT SETNAME`/`TRACKING`/…
-//!   go to every master this connection uses, now and later.
+//!   go to every master this connection uses, now and later. `CLIENT
+//!   REPLY` is kept here: the masters always answer, and the router drops
+//!   what the client did not ask for.
 //!   `SELECT` other than 0 fails as in cluster mode.
 //! - **Transactions.** `MULTI` is answered here and sent, with the
 //!   commands after it, to the master of the first key (or of the `WATCH`ed
@@ -100,6 +102,7 @@ pub async fn connect(
         txn: None,
         relay: None,
         resp3: false,
+        quiet: Quiet::No,
     };
     router.node(&map.nodes[0]).await?;
     let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
@@ -128,6 +131,15 @@ struct Router {
     relay: Option<(Addr, Bytes)>,
     /// The client switched to RESP3 (`HELLO 3`).
     resp3: bool,
+    /// `CLIENT REPLY`.
+    quiet: Quiet,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Quiet {
+    No,
+    Off,
+    Skip,
 }
 
 /// A connection to one master.
@@ -184,6 +196,8 @@ struct Entry {
     fence_group: Option<ScriptCall>,
     scan: Option<(usize, usize)>,
     slot: Option<u16>,
+    /// `CLIENT REPLY OFF`/`SKIP`: the client gets no reply.
+    silent: bool,
 }
 
 impl Entry {
@@ -198,6 +212,7 @@ impl Entry {
             fence_group: None,
             scan: None,
             slot: None,
+            silent: false,
         }
     }
 }
@@ -375,12 +390,32 @@ impl Router {
             }
             self.order.pop_front();
             let entry = self.entries.remove(&id).expect("checked");
-            output.extend_from_slice(&entry.reply.expect("checked"));
+            if !entry.silent {
+                output.extend_from_slice(&entry.reply.expect("checked"));
+            }
         }
     }
 
-    /// A new request from the proxy.
+    /// A new request from the proxy, its reply dropped under `CLIENT REPLY
+    /// OFF` or `SKIP`.
     async fn dispatch(&mut self, raw: Bytes, args: Vec<Bytes>) {
+        let (before, quiet) = (self.order.len(), self.quiet);
+        self.route(raw, args).await;
+        if quiet == Quiet::No || self.quiet != quiet {
+            return;
+        }
+        for id in self.order.iter().skip(before) {
+            if let Some(entry) = self.entries.get_mut(id) {
+                entry.silent = true;
+            }
+        }
+        if quiet == Quiet::Skip {
+            self.quiet = Quiet::No;
+        }
+    }
+
+    /// Where a request goes.
+    async fn route(&mut self, raw: Bytes, args: Vec<Bytes>) {
         let name = args[0].to_ascii_uppercase();
         let sub = args.get(1).map(|a| a.to_ascii_uppercase());
         let in_multi = self.txn.as_ref().is_some_and(|t| t.multi);
@@ -432,6 +467,16 @@ impl Router {
             (b"CLIENT", Some(b"SETNAME" | b"TRACKING" | b"NO-EVICT" | b"NO-TOUCH" | b"SETINFO")) => {
                 self.state_command(raw, &name).await
             }
+            // Kept here: every master answers, the client gets what it asked.
+            (b"CLIENT", Some(b"REPLY")) => match args.get(2).map(|a| a.to_ascii_uppercase()).as_deref() {
+                Some(b"ON") => {
+                    self.quiet = Quiet::No;
+                    self.local(Bytes::from_static(b"+OK\r\n"))
+                }
+                Some(b"OFF") => self.quiet = Quiet::Off,
+                Some(b"SKIP") => self.quiet = Quiet::Skip,
+                _ => self.single(raw, None, false).await,
+            },
             (b"MULTI", _) => self.multi(raw).await,
             (b"EXEC" | b"DISCARD", _) => self.end_multi(raw, &name).await,
             (b"WATCH", _) => self.watch(raw, &args).await,
