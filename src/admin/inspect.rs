@@ -73,8 +73,22 @@ fn cluster_lines(cluster: &crate::redis::cluster::Cluster) -> Vec<String> {
         })
         .unwrap_or_default();
     let stats = &cluster.stats;
+    let mut connections: Vec<String> = cluster
+        .connections
+        .iter()
+        .map(|entry| {
+            let (host, port) = entry.key();
+            format!(
+                "{}={}",
+                crate::redis::sentinel::host_port(host, *port),
+                entry.value()
+            )
+        })
+        .collect();
+    connections.sort();
     vec![
         format!("cluster_masters:{}", masters.join(",")),
+        format!("cluster_connections:{}", connections.join(",")),
         format!("cluster_map_refreshes:{}", stats.refreshes.load(Relaxed)),
         format!("cluster_moved:{}", stats.moved.load(Relaxed)),
         format!("cluster_ask:{}", stats.asked.load(Relaxed)),

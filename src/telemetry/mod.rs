@@ -45,13 +45,13 @@ families! {
         UPSTREAM_LOST: Counter "cachefence_upstream_lost_total", "Upstream connections lost with replies owed.";
         UPSTREAM_FAILOVERS: Counter "cachefence_upstream_failovers_total",
             "Master changes seen: through Sentinel (+switch-master, or a new answer), or a Redis Cluster master gone \
-             from the slot map.";
+             from the slot map (a failover may show in more than one step).";
         SENTINEL_ERRORS: Counter "cachefence_sentinel_errors_total",
             "Sentinels that could not be reached or answered an error, and followed sentinels lost.";
         CLUSTER_REDIRECTS: Counter "cachefence_cluster_redirects_total",
             "MOVED and ASK replies of a Redis Cluster upstream followed for the client.";
         CLUSTER_MAP_REFRESHES: Counter "cachefence_cluster_map_refreshes_total",
-            "Times a Redis Cluster upstream's slot map was loaded (CLUSTER SLOTS).";
+            "Times a Redis Cluster upstream's slot map was loaded (CLUSTER SHARDS or SLOTS).";
         CLUSTER_NODE_ERRORS: Counter "cachefence_cluster_node_errors_total",
             "Cluster nodes that could not be reached, or whose connection was lost.";
         SHARED_OPENED: Counter "cachefence_shared_upstream_connections_opened_total",

@@ -86,6 +86,46 @@ impl SlotMap {
         (!map.nodes.is_empty()).then_some(map)
     }
 
+    /// The map of a `CLUSTER SHARDS` reply (Redis 7): per shard its slot
+    /// ranges and the master among its nodes (an online one).
+    pub fn from_shards_reply(reply: &Value) -> Option<SlotMap> {
+        let Value::Array(shards) = reply else {
+            return None;
+        };
+        let mut ranges = Vec::new();
+        for shard in shards {
+            let (Some(Value::Array(slots)), Some(Value::Array(nodes))) =
+                (field(shard, b"slots"), field(shard, b"nodes"))
+            else {
+                return None;
+            };
+            let master = nodes.iter().find(|node| {
+                field(node, b"role")
+                    .and_then(Value::as_bytes)
+                    .is_some_and(|r| &r[..] == b"master")
+                    && field(node, b"health")
+                        .and_then(Value::as_bytes)
+                        .is_none_or(|h| &h[..] == b"online")
+            });
+            let Some(master) = master else { continue };
+            let (Some(ip), Some(port)) = (
+                field(master, b"ip").and_then(Value::as_bytes),
+                field(master, b"port").and_then(Value::as_int),
+            ) else {
+                return None;
+            };
+            for pair in slots.chunks(2) {
+                let [start, end] = pair else { return None };
+                ranges.push(Value::Array(vec![
+                    Value::Int(start.as_int()?),
+                    Value::Int(end.as_int()?),
+                    Value::Array(vec![Value::Bulk(ip.clone()), Value::Int(port)]),
+                ]));
+            }
+        }
+        SlotMap::from_slots_reply(&Value::Array(ranges))
+    }
+
     /// The master of `slot`, if one serves it.
     pub fn node(&self, slot: u16) -> Option<&(String, u16)> {
         self.nodes.get(usize::from(*self.slots.get(usize::from(slot))?))
@@ -106,6 +146,16 @@ impl SlotMap {
     }
 }
 
+/// The value of `name` in a reply map (RESP2: a flat array of names and
+/// values).
+fn field<'a>(map: &'a Value, name: &[u8]) -> Option<&'a Value> {
+    let Value::Array(items) = map else { return None };
+    items
+        .chunks(2)
+        .find(|pair| pair[0].as_bytes().is_some_and(|n| &n[..] == name))
+        .and_then(|pair| pair.get(1))
+}
+
 /// The seeds, the slot map and the key table, shared by every connection.
 #[derive(Debug)]
 pub struct Cluster {
@@ -123,6 +173,8 @@ pub struct Cluster {
     /// last fence moves may be lost, so tickets from before admit no fill
     /// ([`crate::fence::failover`]).
     pub failovers: Arc<crate::fence::failover::Failovers>,
+    /// Open connections per node (routers' connections to masters).
+    pub connections: dashmap::DashMap<(String, u16), u64>,
 }
 
 /// Counters for `CACHE.INFO` and `/metrics`.
@@ -153,6 +205,7 @@ impl Cluster {
             advertise: RwLock::new(("127.0.0.1".to_string(), 6380)),
             stats: ClusterStats::default(),
             failovers: Arc::default(),
+            connections: dashmap::DashMap::new(),
         }
     }
 
@@ -255,6 +308,21 @@ impl Cluster {
         let mut stream = super::connect_to(upstream, host, port, timeout)
             .await
             .map_err(|e| e.detail())?;
+        // CLUSTER SHARDS (Redis 7), else CLUSTER SLOTS (deprecated there).
+        let shards = command(&[b"CLUSTER", b"SHARDS"]);
+        match tokio::time::timeout(timeout, call_reply(&mut stream, &shards)).await {
+            Ok(Ok(reply)) => {
+                if let Some(map) = Value::decode(&reply, false)
+                    .as_ref()
+                    .and_then(SlotMap::from_shards_reply)
+                {
+                    return Ok(map);
+                }
+            }
+            Ok(Err(super::CallError::Refused(_))) => {}
+            Ok(Err(error)) => return Err(format!("CLUSTER SHARDS: {error}")),
+            Err(_) => return Err(format!("no answer within {timeout:?}")),
+        }
         let request = command(&[b"CLUSTER", b"SLOTS"]);
         let reply = match tokio::time::timeout(timeout, call_reply(&mut stream, &request)).await {
             Ok(Ok(reply)) => reply,
@@ -324,6 +392,64 @@ mod tests {
                 Value::Bulk(Bytes::from_static(b"id")),
             ]),
         ])
+    }
+
+    fn shard(slots: &[i64], nodes: Vec<(&str, i64, &str, &str)>) -> Value {
+        let bulk = |s: &str| Value::Bulk(Bytes::copy_from_slice(s.as_bytes()));
+        let nodes = nodes
+            .into_iter()
+            .map(|(ip, port, role, health)| {
+                Value::Array(vec![
+                    bulk("id"),
+                    bulk("x"),
+                    bulk("port"),
+                    Value::Int(port),
+                    bulk("ip"),
+                    bulk(ip),
+                    bulk("role"),
+                    bulk(role),
+                    bulk("health"),
+                    bulk(health),
+                ])
+            })
+            .collect();
+        Value::Array(vec![
+            bulk("slots"),
+            Value::Array(slots.iter().map(|s| Value::Int(*s)).collect()),
+            bulk("nodes"),
+            Value::Array(nodes),
+        ])
+    }
+
+    #[test]
+    fn a_shards_reply_maps_slots_to_each_shards_online_master() {
+        let reply = Value::Array(vec![
+            shard(
+                &[0, 5460, 10923, 10930],
+                vec![
+                    ("127.0.0.1", 7003, "replica", "online"),
+                    ("127.0.0.1", 7000, "master", "online"),
+                ],
+            ),
+            shard(
+                &[5461, 10922, 10931, 16383],
+                vec![("127.0.0.1", 7001, "master", "online")],
+            ),
+        ]);
+        let map = SlotMap::from_shards_reply(&reply).expect("a map");
+        let node = |port| Some(("127.0.0.1".to_string(), port));
+        assert_eq!(map.node(0).cloned(), node(7000));
+        assert_eq!(map.node(10925).cloned(), node(7000));
+        assert_eq!(map.node(5461).cloned(), node(7001));
+        assert_eq!(map.node(16383).cloned(), node(7001));
+        // A shard whose master is failing serves nothing until a new one is named.
+        let down = Value::Array(vec![
+            shard(&[0, 100], vec![("127.0.0.1", 7000, "master", "fail")]),
+            shard(&[101, 16383], vec![("127.0.0.1", 7001, "master", "online")]),
+        ]);
+        let map = SlotMap::from_shards_reply(&down).expect("a map");
+        assert_eq!(map.node(0), None);
+        assert_eq!(map.node(101).cloned(), node(7001));
     }
 
     #[test]

@@ -151,11 +151,18 @@ struct Node {
     /// Gathered for the next write.
     out: BytesMut,
     reader: tokio::task::JoinHandle<()>,
+    /// Counted in the cluster's connections per node until dropped.
+    counted: Option<(Arc<Cluster>, Addr)>,
 }
 
 impl Drop for Node {
     fn drop(&mut self) {
         self.reader.abort();
+        if let Some((cluster, addr)) = self.counted.take()
+            && let Some(mut count) = cluster.connections.get_mut(&addr)
+        {
+            *count = count.saturating_sub(1);
+        }
     }
 }
 
@@ -613,12 +620,15 @@ impl Router {
                 fifo: VecDeque::new(),
                 out: BytesMut::new(),
                 reader,
+                counted: None,
             };
             for state in &self.state {
                 node.out.extend_from_slice(state);
                 node.fifo.push_back(Waiting::Discard);
             }
             debug!(node = %host_port(&addr.0, addr.1), "cluster node connection opened");
+            *self.cluster.connections.entry(addr.clone()).or_default() += 1;
+            node.counted = Some((self.cluster.clone(), addr.clone()));
             self.nodes.insert(addr.clone(), node);
         }
         Ok(self.nodes.get_mut(addr).expect("inserted"))
