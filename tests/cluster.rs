@@ -913,3 +913,65 @@ async fn the_change_log_invalidates_keys_on_every_master() {
         format!("*3\r\n$-1\r\n$-1\r\n{}", bulk("cached"))
     );
 }
+
+/// A ticket from before a failover of its key's master fills nothing after
+/// it: the new master may lack the fence moves the old one made last. The
+/// control, a proxy of the same build in front of the promoted master
+/// alone (a `host:port` upstream: it saw no failover), admits the same
+/// fill on the same fence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_from_before_a_cluster_failover_fills_nothing_after_it() {
+    let cluster = Cluster::start().await;
+    let proxy = Proxy::start(&cluster.url(), FENCED).await;
+    past_the_start_bound().await;
+    let mut reader = RawClient::connect(proxy.addr).await;
+    // Two keys of one slot, so that one master holds both tickets.
+    for key in ["{t}:a", "{t}:b"] {
+        assert_eq!(call(&mut reader, &["GET", key]).await, "$-1\r\n");
+    }
+    let masters = cluster.masters().await;
+    let mut owner = None;
+    for master in masters {
+        let mut direct = RawClient::connect(master.addr()).await;
+        if !call(&mut direct, &["EXISTS", "{t}:a"])
+            .await
+            .starts_with("-MOVED")
+        {
+            owner = Some(master);
+        }
+    }
+    let owner = owner.expect("a master serves {t}");
+    let mut on_owner = RawClient::connect(owner.addr()).await;
+    assert_eq!(call(&mut on_owner, &["WAIT", "1", "5000"]).await, ":1\r\n");
+    let replica_port = cluster.replica_of(owner).await.port;
+    let replica = cluster
+        .nodes
+        .iter()
+        .find(|n| n.port == replica_port)
+        .expect("a node");
+    cluster.failover(replica).await;
+
+    // The fill is the first request the proxy sends the slot after the
+    // failover: made with the lease of before, it meets the old master's
+    // MOVED, and is sent to the new one judged with the bound of now.
+    assert_eq!(
+        call(&mut reader, &["SET", "{t}:a", "read-before", "EX", "60"]).await,
+        "+OK\r\n"
+    );
+    let info = reader.call("CACHE.INFO").await;
+    assert!(info.contains(&format!("127.0.0.1:{replica_port}")), "{info}");
+    let mut on_new = RawClient::connect(("127.0.0.1", replica_port)).await;
+    assert_eq!(call(&mut on_new, &["GET", "{t}:a"]).await, "$-1\r\n", "refused");
+
+    let control = Proxy::start(&format!("127.0.0.1:{replica_port}"), FENCED).await;
+    let mut other = RawClient::connect(control.addr).await;
+    assert_eq!(
+        call(&mut other, &["SET", "{t}:b", "read-before", "EX", "60"]).await,
+        "+OK\r\n"
+    );
+    assert_eq!(
+        call(&mut on_new, &["GET", "{t}:b"]).await,
+        bulk("read-before"),
+        "control: admitted"
+    );
+}

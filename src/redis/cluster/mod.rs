@@ -337,10 +337,17 @@ impl Cluster {
 
     /// `slot` moved to `node` (a `MOVED` reply): the map is updated at once
     /// (a full refresh follows in the background).
+    /// A node that was no master before taking slots over is a replica
+    /// promoted (or a new master): counted as a failover at once, before
+    /// the request is sent there again.
     pub fn moved(&self, slot: u16, node: (String, u16)) {
         self.stats.moved.fetch_add(1, Ordering::Relaxed);
         let mut held = self.map.write().unwrap_or_else(|p| p.into_inner());
         if let Some(map) = held.as_mut() {
+            if !map.nodes.contains(&node) {
+                info!(node = %super::sentinel::host_port(&node.0, node.1), "a new master serves a slot (a failover): tickets from before it fill nothing");
+                self.failovers.record();
+            }
             Arc::make_mut(map).moved(slot, node);
         }
     }

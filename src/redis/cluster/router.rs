@@ -50,6 +50,7 @@ use tracing::{debug, warn};
 use super::keys::{KeyTable, slot};
 use super::{Cluster, SlotMap};
 use crate::config::Upstream;
+use crate::fence::failover::Failovers;
 use crate::fence::script::{self, ScriptCall};
 use crate::net::Stream;
 use crate::redis::UpstreamError;
@@ -767,9 +768,12 @@ impl Router {
                 }
             }
             Event::Retry(id) => {
-                let Some(entry) = self.entries.get(&id) else {
+                let Some(entry) = self.entries.get_mut(&id) else {
                     return;
                 };
+                if let Some(again) = rebound_request(&self.cluster.failovers, &entry.request) {
+                    entry.request = again;
+                }
                 let (request, slot) = (entry.request.clone(), entry.slot);
                 let target = match slot {
                     Some(slot) => self.master_of(slot).await,
@@ -804,6 +808,11 @@ impl Router {
             return self.answer(id, frame);
         }
         entry.redirects += 1;
+        // Sent again, a fence call is judged with the failover bound as it
+        // is now (the redirect may be the first sign of a failover).
+        if let Some(again) = rebound_request(&self.cluster.failovers, &entry.request) {
+            entry.request = again;
+        }
         let (request, slot, redirects) = (entry.request.clone(), entry.slot, entry.redirects);
         let stats = &self.cluster.stats;
         match redirect.expect("checked") {
@@ -830,6 +839,7 @@ impl Router {
                 // A split fence call's group: sent again with the source.
                 Some(group) => {
                     let request = group.encode(true);
+                    let request = rebound_request(&self.cluster.failovers, &request).unwrap_or(request);
                     if let Some(entry) = self.entries.get_mut(&id) {
                         entry.request = request.clone();
                     }
@@ -1087,8 +1097,12 @@ impl Router {
     /// The proxy's fence script call: as is when its keys share a slot,
     /// else split into one batch call per slot.
     async fn fence_call(&mut self, raw: Bytes, args: &[Bytes]) {
-        let Some((ops, batch)) = decode_fence_call(args) else {
+        let Some((mut ops, batch)) = decode_fence_call(args) else {
             return self.single(raw, None, false).await;
+        };
+        let raw = match rebound(&self.cluster.failovers, &mut ops) {
+            true => encode_fence_call(&ops, batch, args[0].eq_ignore_ascii_case(b"EVAL")),
+            false => raw,
         };
         let slots: Vec<u16> = ops
             .iter()
@@ -1356,6 +1370,65 @@ fn decode_fence_call(args: &[Bytes]) -> Option<(Vec<ScriptCall>, bool)> {
         ops.push(ScriptCall::new(op_keys, op_args));
     }
     Some((ops, true))
+}
+
+/// Judges the fills among `ops` with the failover bound in force now
+/// ([`crate::fence::failover`]): a call the proxy made before it learnt of
+/// a failover, sent after, must not carry the lease of before. A `fill`'s
+/// lease (ARGV 9) is lowered to the bound; a `set`'s (ARGV 4) becomes
+/// `<lease>,<bound>`. Returns whether anything changed.
+fn rebound(failovers: &Failovers, ops: &mut [ScriptCall]) -> bool {
+    let micros = |b: &[u8]| std::str::from_utf8(b).ok()?.parse::<u64>().ok();
+    let mut changed = false;
+    for op in ops {
+        match op.args.first().map(|a| &a[..]) {
+            Some(b"fill") => {
+                let Some(lease) = op.args.get(8).and_then(|a| micros(a)) else {
+                    continue;
+                };
+                if let Some(bound) = failovers.ticket_bound(Duration::from_micros(lease)) {
+                    op.args[8] = Bytes::from(bound.as_micros().to_string());
+                    changed = true;
+                }
+            }
+            Some(b"set") => {
+                let Some(arg) = op.args.get(3) else { continue };
+                let (lease, old) = match arg.iter().position(|&b| b == b',') {
+                    Some(comma) => (micros(&arg[..comma]), micros(&arg[comma + 1..])),
+                    None => (micros(arg), None),
+                };
+                let Some(lease) = lease else { continue };
+                let limit = old.unwrap_or(lease);
+                if let Some(bound) = failovers.ticket_bound(Duration::from_micros(limit)) {
+                    op.args[3] = Bytes::from(format!("{lease},{}", bound.as_micros()));
+                    changed = true;
+                }
+            }
+            _ => {}
+        }
+    }
+    changed
+}
+
+/// `ops` as one fence script call again.
+fn encode_fence_call(ops: &[ScriptCall], batch: bool, with_source: bool) -> Bytes {
+    match batch {
+        true => script::batch(ops).encode(with_source),
+        false => ops[0].encode(with_source),
+    }
+}
+
+/// [`rebound`] on a request as sent (`None`: not a fence call, or nothing
+/// to change).
+fn rebound_request(failovers: &Failovers, request: &Bytes) -> Option<Bytes> {
+    let frame = RequestFramer::new(MAX_REQUEST).next(request).ok()??;
+    let args = frame.all_args(request);
+    if !is_fence_script(&args) {
+        return None;
+    }
+    let (mut ops, batch) = decode_fence_call(&args)?;
+    rebound(failovers, &mut ops)
+        .then(|| encode_fence_call(&ops, batch, args[0].eq_ignore_ascii_case(b"EVAL")))
 }
 
 /// Fence operations grouped by slot (order kept within a slot), and how to

@@ -165,3 +165,41 @@ fn redirects_are_read() {
     ));
     assert!(Redirect::of(b"-ERR wrong\r\n").is_none());
 }
+
+#[test]
+fn fills_sent_after_a_failover_are_judged_with_its_bound() {
+    let fill = ScriptCall::new(
+        vec![b("k"), b("cachefence:{k}")],
+        words("fill 11000 1700000000000000 1700000000000000 0 0 0 h:1:0 10000000 value"),
+    );
+    let mut ops = vec![
+        set_op("k"),
+        fill.clone(),
+        ScriptCall::new(vec![b("k")], words("miss 11000 h 200")),
+    ];
+    let failovers = Failovers::default();
+    assert!(!rebound(&failovers, &mut ops), "no failover: nothing changes");
+    failovers.record();
+    assert!(rebound(&failovers, &mut ops));
+    // Within the clock skew after the failover, every ticket is too old.
+    assert_eq!(&ops[0].args[3][..], b"10000000,0");
+    assert_eq!(&ops[1].args[8][..], b"0");
+    assert_eq!(
+        ops[2],
+        ScriptCall::new(vec![b("k")], words("miss 11000 h 200")),
+        "a miss is no fill"
+    );
+    // A request as sent, one op or a batch.
+    let single = fill.encode(false);
+    let again = rebound_request(&failovers, &single).expect("rebuilt");
+    assert_eq!(
+        again,
+        ScriptCall::new(fill.keys.clone(), {
+            let mut args = fill.args.clone();
+            args[8] = b("0");
+            args
+        })
+        .encode(false)
+    );
+    assert_eq!(rebound_request(&failovers, &command(&[b"GET", b"k"])), None);
+}
