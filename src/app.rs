@@ -57,6 +57,7 @@ impl App {
         // A proxy cannot know whether a master failed over before it started.
         if let Some(cluster) = &config.upstream.cluster {
             cluster.failovers.bound_from_now();
+            crate::redis::cluster::follow(cluster.clone(), config.upstream.clone(), config.connect_timeout);
         }
         let fences = config.fences.clone().map(|scope| {
             let fences = Fences::new(scope, Some((config.upstream.clone(), config.connect_timeout)));

@@ -33,6 +33,23 @@ pub const DEFAULT_PORT: u16 = 6379;
 /// The least time between two refreshes of the slot map asked for by
 /// failing requests.
 const MIN_REFRESH_GAP: Duration = Duration::from_millis(100);
+/// The slot map is asked again this often even when nothing failed (a
+/// failover or a reshard that no request has met yet).
+const REFRESH_EVERY: Duration = Duration::from_secs(10);
+
+/// Asks the cluster for its slot map every [`REFRESH_EVERY`] for the life
+/// of the process (needs a runtime).
+pub fn follow(cluster: Arc<Cluster>, upstream: Upstream, timeout: Duration) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(REFRESH_EVERY).await;
+            let seen = cluster.current();
+            if let Err(error) = cluster.refresh(&upstream, timeout, seen.as_ref()).await {
+                tracing::warn!(%error, "the periodic cluster slot map refresh failed");
+            }
+        }
+    });
+}
 
 /// Which master serves each slot.
 #[derive(Debug, Clone, PartialEq, Eq)]

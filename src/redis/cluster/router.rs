@@ -685,7 +685,13 @@ impl Router {
             .stats
             .node_errors
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        warn!(node = %host_port(&addr.0, addr.1), reason, owed = node.fifo.len(), "cluster node connection lost");
+        match node.fifo.is_empty() {
+            // After QUIT, or an idle connection the node closed.
+            true => debug!(node = %host_port(&addr.0, addr.1), reason, "cluster node connection closed"),
+            false => {
+                warn!(node = %host_port(&addr.0, addr.1), reason, owed = node.fifo.len(), "cluster node connection lost")
+            }
+        }
         let reply = error(&format!(
             "ERR cachefence: upstream {} lost ({reason})",
             host_port(&addr.0, addr.1)
