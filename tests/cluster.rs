@@ -532,6 +532,12 @@ async fn resharding_under_load_loses_nothing_and_fills_nothing_stale() {
     );
 }
 
+/// `MIGRATE` of one key from `source` to the node on `target_port`.
+async fn migrate(source: &mut RawClient, target_port: &str, key: &str) {
+    let request = ["MIGRATE", "127.0.0.1", target_port, "", "0", "5000", "KEYS", key];
+    assert_eq!(call(source, &request).await, "+OK\r\n", "MIGRATE {key}");
+}
+
 /// One slot migrated by hand (`CLUSTER SETSLOT … MIGRATING/IMPORTING`,
 /// `MIGRATE`): a key already moved is reached with `ASK`, one not moved
 /// yet on the source; a multi-key read of the half-moved slot waits out
@@ -582,23 +588,7 @@ async fn a_slot_mid_migration_is_followed_with_ask_tryagain_and_moved() {
         "+OK\r\n"
     );
     let target_port = target.port.to_string();
-    assert_eq!(
-        call(
-            &mut on_source,
-            &[
-                "MIGRATE",
-                "127.0.0.1",
-                &target_port,
-                "",
-                "0",
-                "5000",
-                "KEYS",
-                "{mig}:a"
-            ]
-        )
-        .await,
-        "+OK\r\n"
-    );
+    migrate(&mut on_source, &target_port, "{mig}:a").await;
 
     // Moved already: ASK. Not yet: the source.
     assert_eq!(call(&mut client, &["GET", "{mig}:a"]).await, bulk("{mig}:a"));
@@ -611,23 +601,7 @@ async fn a_slot_mid_migration_is_followed_with_ask_tryagain_and_moved() {
     let mut reader = RawClient::connect(proxy.addr).await;
     reader.send(&cmd(&[b"MGET", b"{mig}:a", b"{mig}:b"])).await;
     tokio::time::sleep(std::time::Duration::from_millis(60)).await;
-    assert_eq!(
-        call(
-            &mut on_source,
-            &[
-                "MIGRATE",
-                "127.0.0.1",
-                &target_port,
-                "",
-                "0",
-                "5000",
-                "KEYS",
-                "{mig}:b"
-            ]
-        )
-        .await,
-        "+OK\r\n"
-    );
+    migrate(&mut on_source, &target_port, "{mig}:b").await;
     for node in &cluster.nodes {
         let mut direct = RawClient::connect(node.addr()).await;
         let reply = call(&mut direct, &["CLUSTER", "SETSLOT", &slot, "NODE", &target_id]).await;
@@ -828,8 +802,6 @@ async fn r7_on_a_cluster_leaves_no_older_write() {
 /// the database reads it (counted) and fills.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn r8_on_a_cluster_sends_one_reader_to_the_database() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     let cluster = Cluster::start().await;
     for through_proxy in [false, true] {
         let proxy = match through_proxy {
@@ -842,35 +814,14 @@ async fn r8_on_a_cluster_sends_one_reader_to_the_database() {
             false => None,
         };
         let key = format!("hot:{through_proxy}");
-        let reads = Arc::new(AtomicUsize::new(0));
-        let start = Arc::new(tokio::sync::Barrier::new(50));
-        let mut tasks = Vec::new();
+        let mut clients = Vec::new();
         for _ in 0..50 {
-            let mut client = match &proxy {
+            clients.push(match &proxy {
                 Some(proxy) => RawClient::connect(proxy.addr).await,
                 None => cluster.master_of(&key).await,
-            };
-            let (reads, start, key) = (reads.clone(), start.clone(), key.clone());
-            tasks.push(tokio::spawn(async move {
-                start.wait().await;
-                let reply = call(&mut client, &["GET", &key]).await;
-                if reply != "$-1\r\n" {
-                    return reply;
-                }
-                reads.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                assert_eq!(
-                    call(&mut client, &["SET", &key, "from-db", "EX", "60"]).await,
-                    "+OK\r\n"
-                );
-                "filled".to_string()
-            }));
+            });
         }
-        let mut outcomes = Vec::new();
-        for task in tasks {
-            outcomes.push(task.await.unwrap());
-        }
-        let reads = reads.load(Ordering::SeqCst);
+        let (reads, outcomes) = testkit::race::stampede(clients, &key).await;
         match through_proxy {
             false => assert_eq!(reads, 50, "control: every reader reads the database"),
             true => {

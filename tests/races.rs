@@ -240,37 +240,15 @@ async fn cache_commands_answer_in_the_connections_protocol() {
 /// reads the database (counted, 50 ms) and fills. Returns the database
 /// reads and what every reader ended up with.
 async fn r8_script(target: Target, readers: usize) -> (usize, Vec<String>) {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     let setup = Setup::new(target).await;
-    let database_reads = Arc::new(AtomicUsize::new(0));
     // Connect everyone first, then let them all miss at once.
     let mut clients = Vec::new();
     for _ in 0..readers {
         clients.push(setup.client().await);
     }
-    let start = Arc::new(tokio::sync::Barrier::new(readers));
-    let mut tasks = Vec::new();
-    for mut client in clients {
-        let (reads, start) = (database_reads.clone(), start.clone());
-        tasks.push(tokio::spawn(async move {
-            start.wait().await;
-            let reply = client.call("GET hot").await;
-            if reply != "$-1\r\n" {
-                return reply;
-            }
-            reads.fetch_add(1, Ordering::SeqCst);
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            assert_eq!(client.call("SET hot from-db EX 60").await, "+OK\r\n");
-            "filled".to_string()
-        }));
-    }
-    let mut outcomes = Vec::new();
-    for task in tasks {
-        outcomes.push(task.await.unwrap());
-    }
+    let outcome = testkit::race::stampede(clients, "hot").await;
     drop(setup.proxy);
-    (database_reads.load(Ordering::SeqCst), outcomes)
+    outcome
 }
 
 #[tokio::test(flavor = "multi_thread")]

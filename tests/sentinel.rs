@@ -323,32 +323,12 @@ async fn r7_across_a_sentinel_failover_leaves_no_older_write() {
 /// R8 on the master Sentinel names: 50 readers miss at once, each that is
 /// told to go to the database reads it (counted) and fills.
 async fn r8_on_sentinel(fenced: Option<&str>) -> (usize, Vec<String>) {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    const READERS: usize = 50;
     let setup = RaceSetup::new(fenced).await;
-    let reads = Arc::new(AtomicUsize::new(0));
-    let start = Arc::new(tokio::sync::Barrier::new(READERS));
-    let mut tasks = Vec::new();
-    for _ in 0..READERS {
-        let (mut client, reads, start) = (setup.client().await, reads.clone(), start.clone());
-        tasks.push(tokio::spawn(async move {
-            start.wait().await;
-            let reply = client.call("GET hot").await;
-            if reply != "$-1\r\n" {
-                return reply;
-            }
-            reads.fetch_add(1, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            assert_eq!(client.call("SET hot from-db EX 60").await, "+OK\r\n");
-            "filled".to_string()
-        }));
+    let mut clients = Vec::new();
+    for _ in 0..50 {
+        clients.push(setup.client().await);
     }
-    let mut outcomes = Vec::new();
-    for task in tasks {
-        outcomes.push(task.await.unwrap());
-    }
-    (reads.load(Ordering::SeqCst), outcomes)
+    testkit::race::stampede(clients, "hot").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

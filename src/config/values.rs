@@ -113,13 +113,35 @@ impl FromStr for Upstream {
     }
 }
 
+/// `user:password@` and what follows it.
+fn split_at_credentials(rest: &str) -> (Option<&str>, &str) {
+    match rest.rsplit_once('@') {
+        Some((c, r)) => (Some(c), r),
+        None => (None, rest),
+    }
+}
+
+/// An upstream of several nodes (sentinels, cluster seeds): `host` and
+/// `port` are the first node's.
+fn of_nodes(nodes: &[(String, u16)], credentials: Option<&str>, db: u32) -> Upstream {
+    let (user, password) = split_credentials(credentials);
+    let (host, port) = nodes[0].clone();
+    Upstream {
+        host,
+        port,
+        user,
+        password,
+        db,
+        tls: None,
+        sentinel: None,
+        cluster: None,
+    }
+}
+
 /// `[user:password@]host[:port],host[:port]…/master[/db]`, after
 /// `redis-sentinel://`.
 fn sentinel_upstream(rest: &str) -> Result<Upstream, String> {
-    let (credentials, rest) = match rest.rsplit_once('@') {
-        Some((c, r)) => (Some(c), r),
-        None => (None, rest),
-    };
+    let (credentials, rest) = split_at_credentials(rest);
     let (authorities, path) = rest
         .split_once('/')
         .ok_or_else(|| format!("expected sentinels then `/<master name>`, got `{rest}`"))?;
@@ -135,30 +157,18 @@ fn sentinel_upstream(rest: &str) -> Result<Upstream, String> {
         .split(',')
         .map(|a| split_host_port(a, Some(crate::redis::sentinel::DEFAULT_PORT)))
         .collect::<Result<Vec<_>, _>>()?;
-    let (user, password) = split_credentials(credentials);
-    let (host, port) = sentinels[0].clone();
-    Ok(Upstream {
-        host,
-        port,
-        user,
-        password,
-        db,
-        tls: None,
-        sentinel: Some(std::sync::Arc::new(crate::redis::sentinel::Sentinel::new(
-            sentinels,
-            percent_decode(master),
-        ))),
-        cluster: None,
-    })
+    let mut upstream = of_nodes(&sentinels, credentials, db);
+    upstream.sentinel = Some(std::sync::Arc::new(crate::redis::sentinel::Sentinel::new(
+        sentinels,
+        percent_decode(master),
+    )));
+    Ok(upstream)
 }
 
 /// `[user:password@]host[:port],host[:port]…` after `redis-cluster://`:
 /// seed nodes (any of the cluster's; the rest is learnt from them).
 fn cluster_upstream(rest: &str) -> Result<Upstream, String> {
-    let (credentials, rest) = match rest.rsplit_once('@') {
-        Some((c, r)) => (Some(c), r),
-        None => (None, rest),
-    };
+    let (credentials, rest) = split_at_credentials(rest);
     let authorities = rest.strip_suffix('/').unwrap_or(rest);
     if authorities.contains('/') {
         return Err(format!(
@@ -169,18 +179,9 @@ fn cluster_upstream(rest: &str) -> Result<Upstream, String> {
         .split(',')
         .map(|a| split_host_port(a, Some(crate::redis::cluster::DEFAULT_PORT)))
         .collect::<Result<Vec<_>, _>>()?;
-    let (user, password) = split_credentials(credentials);
-    let (host, port) = seeds[0].clone();
-    Ok(Upstream {
-        host,
-        port,
-        user,
-        password,
-        db: 0,
-        tls: None,
-        sentinel: None,
-        cluster: Some(std::sync::Arc::new(crate::redis::cluster::Cluster::new(seeds))),
-    })
+    let mut upstream = of_nodes(&seeds, credentials, 0);
+    upstream.cluster = Some(std::sync::Arc::new(crate::redis::cluster::Cluster::new(seeds)));
+    Ok(upstream)
 }
 
 /// `user:password`, `:password` or `user` (percent-decoded).

@@ -14,6 +14,21 @@ pub struct Cluster {
     pub nodes: Vec<RedisServer>,
 }
 
+/// `redis-cli --cluster <args>`, which must succeed.
+fn redis_cli_cluster(args: &[impl AsRef<std::ffi::OsStr> + std::fmt::Debug]) {
+    let output = Command::new("redis-cli")
+        .arg("--cluster")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run `redis-cli --cluster` ({e}): install redis-tools"));
+    assert!(
+        output.status.success(),
+        "redis-cli --cluster {args:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// A free port whose cluster bus port is free too.
 fn cluster_port() -> u16 {
     for _ in 0..200 {
@@ -49,21 +64,10 @@ impl Cluster {
                 nodes.push(node);
             }
         }
-        let mut create = Command::new("redis-cli");
-        create.arg("--cluster").arg("create");
-        for node in &nodes {
-            create.arg(node.addr());
-        }
-        let output = create
-            .args(["--cluster-replicas", "1", "--cluster-yes"])
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run `redis-cli --cluster create` ({e}): install redis-tools"));
-        assert!(
-            output.status.success(),
-            "redis-cli --cluster create failed: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let mut create: Vec<String> = vec!["create".into()];
+        create.extend(nodes.iter().map(RedisServer::addr));
+        create.extend(["--cluster-replicas", "1", "--cluster-yes"].map(String::from));
+        redis_cli_cluster(&create);
         for node in &nodes {
             let mut client = RawClient::connect(node.addr()).await;
             eventually("every node says the cluster is ok", async || {
@@ -121,19 +125,21 @@ impl Cluster {
     /// `redis-cli --cluster reshard` (keys migrated with MIGRATE, clients
     /// see ASK and TRYAGAIN meanwhile). Blocks until it is done.
     pub fn reshard(&self, from: &str, to: &str, slots: u32) {
-        let output = Command::new("redis-cli")
-            .args(["--cluster", "reshard", &self.nodes[0].addr()])
-            .args(["--cluster-from", from, "--cluster-to", to])
-            .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
-            .args(["--cluster-pipeline", "10"])
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run `redis-cli --cluster reshard` ({e})"));
-        assert!(
-            output.status.success(),
-            "redis-cli --cluster reshard failed: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let slots = slots.to_string();
+        let addr = self.nodes[0].addr();
+        redis_cli_cluster(&[
+            "reshard",
+            &addr,
+            "--cluster-from",
+            from,
+            "--cluster-to",
+            to,
+            "--cluster-slots",
+            &slots,
+            "--cluster-yes",
+            "--cluster-pipeline",
+            "10",
+        ]);
     }
 
     /// The replica of `master` (by `ROLE` of each node).

@@ -111,3 +111,33 @@ pub fn raw_value(reply: &str) -> Option<String> {
             .map(|(_, v)| v.trim_end().to_string()),
     }
 }
+
+/// R8, the stampede: every client misses `key` at once; each one told to go
+/// to the database reads it (counted, 50 ms) and fills `from-db`. Returns
+/// the database reads and each client's outcome (`filled`, or the reply of
+/// its GET).
+pub async fn stampede(clients: Vec<RawClient>, key: &str) -> (usize, Vec<String>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let reads = Arc::new(AtomicUsize::new(0));
+    let start = Arc::new(tokio::sync::Barrier::new(clients.len()));
+    let mut tasks = Vec::new();
+    for mut client in clients {
+        let (reads, start, key) = (reads.clone(), start.clone(), key.to_string());
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            let reply = client.call(&format!("GET {key}")).await;
+            if reply != "$-1\r\n" {
+                return reply;
+            }
+            reads.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            assert_eq!(client.call(&format!("SET {key} from-db EX 60")).await, "+OK\r\n");
+            "filled".to_string()
+        }));
+    }
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.expect("a reader"));
+    }
+    (reads.load(Ordering::SeqCst), outcomes)
+}

@@ -1007,10 +1007,11 @@ impl Router {
         let map = self.map().await;
         let parts = map.nodes.iter().map(|_| (None, raw.clone())).collect::<Vec<_>>();
         let nodes = map.nodes.clone();
-        self.gather_on(raw, merge, parts, nodes).await;
+        self.gather_on(raw, merge, parts, nodes, None).await;
     }
 
-    /// A parent entry in order, and its parts sent by slot.
+    /// A parent entry in order, and its parts sent by slot (`groups`: each
+    /// part's fence script call, for a `NOSCRIPT`).
     async fn gather(
         &mut self,
         raw: Bytes,
@@ -1025,6 +1026,19 @@ impl Router {
                 None => self.first_master().await,
             });
         }
+        self.gather_on(raw, merge, parts, targets, groups).await;
+    }
+
+    /// A parent entry in order, and each part sent to its master. A part
+    /// without a slot (a command for every master) follows no redirect.
+    async fn gather_on(
+        &mut self,
+        raw: Bytes,
+        merge: Merge,
+        parts: Vec<(Option<u16>, Bytes)>,
+        targets: Vec<Addr>,
+        groups: Option<Vec<ScriptCall>>,
+    ) {
         let parent = self.new_id();
         let mut entry = Entry::new(raw);
         entry.gather = Some(Gather {
@@ -1041,36 +1055,11 @@ impl Router {
             part.part_of = Some((parent, index));
             part.slot = s;
             part.fence_group = groups.as_mut().and_then(Iterator::next);
+            if s.is_none() {
+                part.redirects = MAX_REDIRECTS;
+            }
             self.entries.insert(id, part);
             self.queue(target, Waiting::Reply(id), &bytes).await;
-        }
-    }
-
-    /// Like [`Router::gather`], each part to a named master.
-    async fn gather_on(
-        &mut self,
-        raw: Bytes,
-        merge: Merge,
-        parts: Vec<(Option<u16>, Bytes)>,
-        nodes: Vec<Addr>,
-    ) {
-        let parent = self.new_id();
-        let mut entry = Entry::new(raw);
-        entry.gather = Some(Gather {
-            merge,
-            parts: vec![None; parts.len()],
-            left: parts.len(),
-        });
-        self.entries.insert(parent, entry);
-        self.order.push_back(parent);
-        for (index, ((_, bytes), node)) in parts.into_iter().zip(nodes).enumerate() {
-            let id = self.new_id();
-            let mut part = Entry::new(bytes.clone());
-            part.part_of = Some((parent, index));
-            // A redirect of a command for every master is not followed.
-            part.redirects = MAX_REDIRECTS;
-            self.entries.insert(id, part);
-            self.queue(node, Waiting::Reply(id), &bytes).await;
         }
     }
 
