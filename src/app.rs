@@ -149,9 +149,6 @@ impl Scrape for App {
             self.metrics
                 .cluster_map_refreshes
                 .catch_up(stats.refreshes.load(Relaxed));
-            self.metrics
-                .cluster_node_errors
-                .catch_up(stats.node_errors.load(Relaxed));
         }
         self.metrics.visit(out);
         self.live.stats.visit(out);
@@ -163,6 +160,9 @@ impl Scrape for App {
         if let Some(changelog) = &self.changelog {
             changelog.visit(out);
             lists.push(CHANGELOG);
+        }
+        if let Some(cluster) = &self.config.upstream.cluster {
+            lists.push(cluster.scrape_nodes(out));
         }
         if let Some(lag) = self.lag() {
             lag.stats.visit(out);

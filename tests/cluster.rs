@@ -112,6 +112,7 @@ async fn a_plain_client_reaches_every_master_through_one_endpoint() {
         ("SETBIT bits 7 1", ":0\r\n".to_string()),
         ("GETRANGE key:8 0 2", bulk("v-k")),
         ("PING", "+PONG\r\n".to_string()),
+        ("PING hello", bulk("hello")),
     ] {
         assert_eq!(client.call(request).await, reply, "{request}");
     }
@@ -190,10 +191,30 @@ async fn a_plain_client_reaches_every_master_through_one_endpoint() {
         "*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nhello\r\n"
     );
 
-    // Connections per master, in CACHE.INFO.
+    // Connections per master, in CACHE.INFO and /metrics.
     let info = client.call("CACHE.INFO").await;
+    let metrics = cachefence::telemetry::exporter::render(&*proxy.ctx);
     for master in cluster.masters().await {
         assert!(info.contains(&format!("{}=", master.addr())), "{info}");
+        let line = format!(
+            "\ncachefence_cluster_node_connections{{node=\"{}\"}} ",
+            master.addr()
+        );
+        let at = metrics
+            .find(&line)
+            .unwrap_or_else(|| panic!("{line} in {metrics}"));
+        let count: u64 = metrics[at + line.len()..]
+            .lines()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(count >= 1, "{line}{count}");
+        let errors = format!(
+            "\ncachefence_cluster_node_errors_total{{node=\"{}\"}} 0\n",
+            master.addr()
+        );
+        assert!(metrics.contains(&errors), "{errors} in {metrics}");
     }
 
     // A cluster-aware client is told the proxy is the whole cluster.
@@ -692,6 +713,20 @@ async fn failover_under_load(kill: bool) {
             );
         }
         false => assert_eq!(errors, 0, "a manual failover is seamless"),
+    }
+    if kill {
+        let metrics = cachefence::telemetry::exporter::render(&*proxy.ctx);
+        let line = format!("\ncachefence_cluster_node_errors_total{{node=\"127.0.0.1:{master_port}\"}} ");
+        let at = metrics
+            .find(&line)
+            .unwrap_or_else(|| panic!("{line} in {metrics}"));
+        let count: u64 = metrics[at + line.len()..]
+            .lines()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(count > 0, "the dead master's errors are counted for it");
     }
     // A killed master may take its last acknowledged writes with it.
     let writes = if kill { &[][..] } else { &rounds[4..] };

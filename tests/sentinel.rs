@@ -383,3 +383,27 @@ async fn a_killed_master_is_replaced_and_clients_reach_the_new_one() {
         "$5\r\nafter\r\n"
     );
 }
+
+/// Sentinels that ask for a password (`requirepass`): the proxy logs in
+/// with `sentinel_password`; without it, clients get an error that says
+/// why the master could not be found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinels_with_a_password_are_asked_with_sentinel_password() {
+    let deployment = Sentinels::start_with(&[], Some("s3cret")).await;
+    let proxy = Proxy::start(&deployment.url(), "sentinel_password = \"s3cret\"\n").await;
+    let mut client = RawClient::connect(proxy.addr).await;
+    assert_eq!(client.call("SET plain v").await, "+OK\r\n");
+    assert_eq!(
+        direct(&deployment.master).await.call("GET plain").await,
+        "$1\r\nv\r\n"
+    );
+
+    let without = Proxy::start(&deployment.url(), "").await;
+    let reply = RawClient::connect(without.addr).await.call("GET plain").await;
+    let expected = format!(
+        "-ERR cachefence: upstream {} unreachable (no sentinel named the master (",
+        deployment.url()
+    );
+    assert!(reply.starts_with(&expected), "{reply}");
+    assert!(reply.contains("NOAUTH"), "{reply}");
+}

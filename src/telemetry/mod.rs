@@ -52,8 +52,6 @@ families! {
             "MOVED and ASK replies of a Redis Cluster upstream followed for the client.";
         CLUSTER_MAP_REFRESHES: Counter "cachefence_cluster_map_refreshes_total",
             "Times a Redis Cluster upstream's slot map was loaded (CLUSTER SHARDS or SLOTS).";
-        CLUSTER_NODE_ERRORS: Counter "cachefence_cluster_node_errors_total",
-            "Cluster nodes that could not be reached, or whose connection was lost.";
         SHARED_OPENED: Counter "cachefence_shared_upstream_connections_opened_total",
             "Shared upstream connections opened (shared_connections > 0), replacements included.";
         SESSIONS_PINNED: Counter "cachefence_sessions_pinned_total",
@@ -165,7 +163,6 @@ metrics! {
         /// Caught up from the Redis Cluster upstream's own counts at each scrape.
         cluster_redirects: Counter, prom CLUSTER_REDIRECTS;
         cluster_map_refreshes: Counter, prom CLUSTER_MAP_REFRESHES;
-        cluster_node_errors: Counter, prom CLUSTER_NODE_ERRORS;
         /// Shared upstream connections opened.
         shared_opened: Counter, prom SHARED_OPENED;
         /// Sessions moved off a shared connection.

@@ -21,7 +21,9 @@ struct SentinelProcess {
 }
 
 impl SentinelProcess {
-    fn start(master_port: u16) -> SentinelProcess {
+    /// With `password`, the sentinel asks for it (`requirepass`) and gives
+    /// it to the other sentinels.
+    fn start(master_port: u16, password: Option<&str>) -> SentinelProcess {
         let port = free_port();
         let dir = ScratchDir::new(&format!("sentinel-{port}"));
         let log = dir.file("sentinel.log");
@@ -31,9 +33,12 @@ impl SentinelProcess {
                 "port {port}\nbind 127.0.0.1\ndir {dir}\nlogfile {log}\n\
                  sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n\
                  sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
-                 sentinel failover-timeout {MASTER_NAME} 5000\n",
+                 sentinel failover-timeout {MASTER_NAME} 5000\n{auth}",
                 dir = dir.path().display(),
                 log = log.display(),
+                auth = password.map_or(String::new(), |p| format!(
+                    "requirepass {p}\nsentinel sentinel-pass {p}\n"
+                )),
             ),
         );
         let child = Command::new("redis-server")
@@ -84,6 +89,11 @@ pub struct Sentinels {
 impl Sentinels {
     /// Starts them; `replica_args` go to the replica's `redis-server`.
     pub async fn start(replica_args: &[&str]) -> Sentinels {
+        Self::start_with(replica_args, None).await
+    }
+
+    /// [`Sentinels::start`], the sentinels asking for `password` if given.
+    pub async fn start_with(replica_args: &[&str], password: Option<&str>) -> Sentinels {
         let master = RedisServer::start();
         let master_port = master.port.to_string();
         let mut args = vec!["--replicaof", "127.0.0.1", &master_port];
@@ -97,7 +107,9 @@ impl Sentinels {
                 .contains("master_link_status:up")
         })
         .await;
-        let sentinels = (0..3).map(|_| SentinelProcess::start(master.port)).collect();
+        let sentinels = (0..3)
+            .map(|_| SentinelProcess::start(master.port, password))
+            .collect();
         Sentinels {
             master,
             replica,

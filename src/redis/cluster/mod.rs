@@ -192,6 +192,20 @@ pub struct Cluster {
     pub failovers: Arc<crate::fence::failover::Failovers>,
     /// Open connections per node (routers' connections to masters).
     pub connections: dashmap::DashMap<(String, u16), u64>,
+    /// Per node: failed connects, connections lost, slot map requests
+    /// that failed.
+    pub errors: dashmap::DashMap<(String, u16), u64>,
+    /// The per-node `/metrics` families for the nodes seen so far.
+    families: std::sync::Mutex<NodeFamilies>,
+}
+
+/// The per-node `/metrics` families. A family's label values are static,
+/// so the list is made (and leaked) anew only when a node is seen for the
+/// first time: bounded by the nodes a process ever meets.
+#[derive(Debug, Default)]
+struct NodeFamilies {
+    names: Vec<((String, u16), &'static str)>,
+    list: Option<&'static [&'static crate::telemetry::Family]>,
 }
 
 /// Counters for `CACHE.INFO` and `/metrics`.
@@ -223,7 +237,77 @@ impl Cluster {
             stats: ClusterStats::default(),
             failovers: Arc::default(),
             connections: dashmap::DashMap::new(),
+            errors: dashmap::DashMap::new(),
+            families: std::sync::Mutex::default(),
         }
+    }
+
+    /// A node failed: counted in total and for the node.
+    pub fn node_failed(&self, node: &(String, u16)) {
+        self.stats.node_errors.fetch_add(1, Ordering::Relaxed);
+        *self.errors.entry(node.clone()).or_default() += 1;
+    }
+
+    /// `/metrics`: connections and errors per node
+    /// (`cachefence_cluster_node_connections`,
+    /// `cachefence_cluster_node_errors_total`, label `node`). Returns the
+    /// families to write.
+    pub fn scrape_nodes<'a>(
+        &self,
+        out: &mut dyn FnMut(crate::telemetry::Sample<'a>),
+    ) -> &'static [&'static crate::telemetry::Family] {
+        use crate::telemetry::{Family, Kind, Sample, Value};
+        let mut families = self.families.lock().unwrap_or_else(|p| p.into_inner());
+        let seen: Vec<(String, u16)> = self
+            .connections
+            .iter()
+            .map(|e| e.key().clone())
+            .chain(self.errors.iter().map(|e| e.key().clone()))
+            .collect();
+        let mut grew = false;
+        for node in seen {
+            if !families.names.iter().any(|(n, _)| *n == node) {
+                let name: &'static str = super::sentinel::host_port(&node.0, node.1).leak();
+                families.names.push((node, name));
+                grew = true;
+            }
+        }
+        if grew || families.list.is_none() {
+            let values: &'static [&'static str] =
+                families.names.iter().map(|(_, n)| *n).collect::<Vec<_>>().leak();
+            let connections: &'static Family = Box::leak(Box::new(
+                Family::new(
+                    Kind::Gauge,
+                    "cachefence_cluster_node_connections",
+                    "Open connections to each Redis Cluster node (the routers' connections to masters).",
+                )
+                .by("node", values),
+            ));
+            let errors: &'static Family = Box::leak(Box::new(
+                Family::new(
+                    Kind::Counter,
+                    "cachefence_cluster_node_errors_total",
+                    "Per Redis Cluster node: connects that failed, connections lost, slot map requests that failed.",
+                )
+                .by("node", values),
+            ));
+            families.list = Some(vec![connections, errors].leak());
+        }
+        let list = families.list.expect("made above");
+        for (node, name) in &families.names {
+            let read = |map: &dashmap::DashMap<(String, u16), u64>| map.get(node).map_or(0, |v| *v);
+            for (family, value) in [(list[0], read(&self.connections)), (list[1], read(&self.errors))] {
+                out(Sample {
+                    field: family.name,
+                    kind: family.kind,
+                    stats: None,
+                    family: Some(family),
+                    label: Some(name),
+                    value: Value::Int(value),
+                });
+            }
+        }
+        list
     }
 
     /// `redis-cluster://h1:p1,h2:p2`, without credentials.
@@ -303,7 +387,7 @@ impl Cluster {
                     return Ok(map);
                 }
                 Err(reason) => {
-                    self.stats.node_errors.fetch_add(1, Ordering::Relaxed);
+                    self.node_failed(&(host.clone(), port));
                     debug!(node = %super::sentinel::host_port(&host, port), %reason, "no slot map from this node");
                     reasons.push(format!("{}: {reason}", super::sentinel::host_port(&host, port)));
                 }

@@ -503,6 +503,8 @@ impl Router {
                 self.split(raw, &args, &name).await
             }
             (b"DBSIZE", _) => self.everywhere(raw, Merge::Sum).await,
+            // Every master answers: PONG only when all of them do.
+            (b"PING", _) => self.everywhere(raw, Merge::First).await,
             (b"KEYS", _) => self.everywhere(raw, Merge::Concat).await,
             (b"FLUSHALL" | b"FLUSHDB", _)
             | (b"SCRIPT", Some(b"LOAD" | b"FLUSH"))
@@ -644,10 +646,7 @@ impl Router {
                 node.fifo.push_back(waiting);
             }
             Err(e) => {
-                self.cluster
-                    .stats
-                    .node_errors
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.cluster.node_failed(&addr);
                 if let Waiting::Reply(id) = waiting {
                     let reply = error(&format!("ERR cachefence: upstream {e}"));
                     self.answer(id, reply);
@@ -681,10 +680,9 @@ impl Router {
         let Some(node) = self.nodes.remove(addr) else {
             return;
         };
-        self.cluster
-            .stats
-            .node_errors
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if !node.fifo.is_empty() {
+            self.cluster.node_failed(addr);
+        }
         match node.fifo.is_empty() {
             // After QUIT, or an idle connection the node closed.
             true => debug!(node = %host_port(&addr.0, addr.1), reason, "cluster node connection closed"),
