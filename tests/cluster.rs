@@ -961,3 +961,65 @@ async fn a_ticket_from_before_a_cluster_failover_fills_nothing_after_it() {
         "control: admitted"
     );
 }
+
+/// `cachefence audit` against a cluster: the keys of every master are
+/// sampled (SCAN walks them all) and each compared with its row; the one
+/// changed behind the cache's back is found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_samples_every_master_and_finds_the_stale_value() {
+    let cluster = Cluster::start().await;
+    let pg = testkit::pg::Schema::create("cluster_audit").await;
+    pg.exec("CREATE TABLE {s}.users (id int PRIMARY KEY, email text UNIQUE, name text NOT NULL)")
+        .await;
+    pg.exec(
+        "INSERT INTO {s}.users SELECT g, 'u' || g || '@x.org', 'name ' || g FROM generate_series(1, 30) g",
+    )
+    .await;
+    let value = "row_to_json(t)::text";
+    let toml = format!(
+        "upstream = \"{}\"\n{}values = {{ \"user:{{id}}\" = \"{value}\" }}\n",
+        cluster.url(),
+        pg.toml(&[("users", &["user:{id}"])])
+    );
+    let config = testkit::ConfigFile::new("cluster-audit", &toml);
+    let proxy = Proxy::start(&cluster.url(), "").await;
+    let mut client = RawClient::connect(proxy.addr).await;
+    for id in 1..=30 {
+        let sql = format!("SELECT {value} FROM {}.users t WHERE id = $1", pg.name);
+        let row: String = pg.client.query_one(&sql, &[&id]).await.expect(&sql).get(0);
+        assert_eq!(
+            call(&mut client, &["SET", &format!("user:{id}"), &row]).await,
+            "+OK\r\n"
+        );
+    }
+    pg.exec("UPDATE {s}.users SET name = 'changed' WHERE id = 17")
+        .await;
+
+    let run = tokio::process::Command::from(testkit::cachefence_command())
+        .arg("--config")
+        .arg(config.path())
+        .args(["audit", "--json", "--settle", "200ms"])
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(testkit::WAIT * 3, run)
+        .await
+        .expect("the audit finished in time")
+        .expect("running cachefence audit");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    assert_eq!(output.status.code(), Some(3), "stale values found");
+    assert_eq!(report["sampled"], serde_json::json!(30));
+    assert_eq!(report["equal"], serde_json::json!(29));
+    assert_eq!(report["stale"], serde_json::json!(1));
+    assert_eq!(report["stale_keys"][0]["key"], serde_json::json!("user:17"));
+    assert_eq!(report["stale_keys"].as_array().map(Vec::len), Some(1));
+    for master in cluster.masters().await {
+        let size = RawClient::connect(master.addr()).await.call("DBSIZE").await;
+        assert_ne!(size, ":0\r\n", "keys on every master");
+    }
+}
