@@ -342,6 +342,74 @@ async fn r8_on_a_sentinel_master_sends_one_reader_to_the_database() {
     assert_eq!(served, 49, "the others get the value it filled: {outcomes:?}");
 }
 
+/// R8 with a `SENTINEL FAILOVER` in the middle: 20 readers miss at once
+/// through cachefence; the one sent to the database (the leader) fills
+/// only after the failover (and its clock-skew second): its ticket is from
+/// before it, so the fill is refused and the herd lease given back; one
+/// more reader goes to the database, and its fill serves the others. The
+/// control is the stampede without cachefence, each reader to the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn r8_with_a_sentinel_failover_in_the_middle_stays_bounded() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const READERS: usize = 20;
+    let (reads, _) = {
+        let setup = RaceSetup::new(None).await;
+        let mut clients = Vec::new();
+        for _ in 0..READERS {
+            clients.push(setup.client().await);
+        }
+        testkit::race::stampede(clients, "hot").await
+    };
+    assert_eq!(reads, READERS, "control: every reader reads the database");
+
+    let hold = "[[cache]]\npattern = \"*\"\non_write = \"write\"\nhold = \"10s\"\n";
+    let setup = RaceSetup::new(Some(hold)).await;
+    let reads = Arc::new(AtomicUsize::new(0));
+    let failed_over = Arc::new(tokio::sync::Notify::new());
+    let start = Arc::new(tokio::sync::Barrier::new(READERS));
+    let mut tasks = Vec::new();
+    for _ in 0..READERS {
+        let mut client = setup.client().await;
+        let (reads, failed_over, start) = (reads.clone(), failed_over.clone(), start.clone());
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            let reply = client.call("GET hot").await;
+            if reply != "$-1\r\n" {
+                return reply;
+            }
+            // The first to the database reads before the failover and fills after.
+            if reads.fetch_add(1, Ordering::SeqCst) == 0 {
+                failed_over.notified().await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(client.call("SET hot from-db EX 60").await, "+OK\r\n");
+            "filled".to_string()
+        }));
+    }
+    eventually("the leader reads the database", async || {
+        reads.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    setup.failover().await;
+    // Past the clock-skew second after the failover: new tickets fill.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    failed_over.notify_one();
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.unwrap());
+    }
+    assert_eq!(
+        reads.load(Ordering::SeqCst),
+        2,
+        "one reader before the failover (its fill refused), one after: {outcomes:?}"
+    );
+    let served = outcomes.iter().filter(|o| *o == "$7\r\nfrom-db\r\n").count();
+    assert_eq!(served, READERS - 2, "{outcomes:?}");
+    assert_eq!(setup.cached("hot").await.as_deref(), Some("from-db"));
+}
+
 /// The master dies: the sentinels agree it is down and promote the
 /// replica. Meanwhile clients get errors that say the upstream is
 /// unreachable; then the proxy reaches the new master.
