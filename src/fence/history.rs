@@ -112,7 +112,7 @@ impl Event {
                     Refusal::FenceMoved => "an invalidation, a write or another fill came after the miss",
                     Refusal::FenceMissing =>
                         "the fence is gone (evicted, flushed, Redis restarted): nothing proves the read fresh",
-                    Refusal::Expired => "the ticket was older than lease_ttl",
+                    Refusal::Expired => "the ticket was older than lease_ttl, or than the last failover",
                     Refusal::OlderMissOutstanding =>
                         "an older miss of the key, which may have produced this value, saw an earlier fence",
                     Refusal::LagWindow => "the miss was within lag_window of an invalidation",

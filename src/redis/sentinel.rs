@@ -267,6 +267,8 @@ pub async fn connect(
         };
         let mut stream = super::connect_to(upstream, &addr.0, addr.1, left()).await?;
         match is_master(&mut stream, left()).await {
+            // A switch while connecting: that master is the old one now.
+            Ok(true) if sentinel.revoker.generation() != generation && attempt < ROLE_ATTEMPTS => {}
             Ok(true) => return Ok(sentinel.revoker.wrap(stream, generation)),
             Ok(false) => {
                 sentinel.not_master(&addr);
