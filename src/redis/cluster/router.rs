@@ -352,9 +352,7 @@ impl Router {
         let node_id = match self.node(&addr).await {
             Ok(node) => node.id,
             Err(e) => {
-                let _ = pipe_wr
-                    .write_all(&error(&format!("ERR cachefence: upstream {e}")))
-                    .await;
+                let _ = pipe_wr.write_all(&error(&format!("ERR cachefence: {e}"))).await;
                 return;
             }
         };
@@ -648,7 +646,7 @@ impl Router {
             Err(e) => {
                 self.cluster.node_failed(&addr);
                 if let Waiting::Reply(id) = waiting {
-                    let reply = error(&format!("ERR cachefence: upstream {e}"));
+                    let reply = error(&format!("ERR cachefence: {e}"));
                     self.answer(id, reply);
                 }
                 let map = self.cluster.current();
