@@ -48,8 +48,9 @@ pub struct App {
 
 impl App {
     /// Wires the parts for `config`. With fences on, this starts the
-    /// invalidation workers, and with a Sentinel upstream the task that
-    /// follows the sentinels (it needs a runtime).
+    /// invalidation workers, with a Sentinel upstream the task that follows
+    /// the sentinels, with a Redis Cluster one the periodic slot map
+    /// refresh (it needs a runtime).
     pub fn new(config: Config, metrics_addr: Option<SocketAddr>) -> App {
         if let Some(sentinel) = &config.upstream.sentinel {
             crate::redis::sentinel::follow(sentinel.clone(), config.connect_timeout);

@@ -347,8 +347,8 @@ local function run(op)
     -- the scope, judged by the OLDEST one and consuming the NEWEST; else a
     -- write per on_write.
     -- KEYS: key, fence. ARGV: op, fence_ttl_ms, scope prefix, lease_us
-    -- (or `<lease_us>,<bound_us>`), lag_us, lag_mode, nx, expect_fence, on_write (write|inval|reject),
-    -- pending_delete, where the value is in the client's command (2: SET,
+    -- (or `<lease_us>,<bound_us>`), lag_us, lag_mode, nx, expect_fence,
+    -- on_write (write|inval|reject), pending_delete, where the value is in the client's command (2: SET,
     -- 3: SETEX, PSETEX), count of expiry words, the expiry words, then the
     -- client's command.
     local f = load(K[2])

@@ -137,8 +137,8 @@ pub struct Fences {
     /// that lost it (`SCRIPT FLUSH`, a restart) answers `NOSCRIPT`, and
     /// the call is sent again with the source.
     pub script_sent: std::sync::atomic::AtomicBool,
-    /// The upstream's failovers (a Sentinel upstream records them): tickets
-    /// from before the last one admit no fill.
+    /// The upstream's failovers (a Sentinel or Redis Cluster upstream
+    /// records them): tickets from before the last one admit no fill.
     pub failovers: std::sync::Arc<failover::Failovers>,
 }
 
