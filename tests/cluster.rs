@@ -157,6 +157,25 @@ async fn a_plain_client_reaches_every_master_through_one_endpoint() {
         call(&mut client, &["MGET", "skipped", "off"]).await,
         format!("*2\r\n{}{}", bulk("1"), bulk("1"))
     );
+    // RESET under CLIENT REPLY OFF: replies are on again, RESET's too.
+    quiet.send(&testkit::cmds("CLIENT REPLY OFF")).await;
+    quiet.send(&testkit::cmds("RESET")).await;
+    assert_eq!(quiet.read_frame().await, b"+RESET\r\n");
+    // UNSUBSCRIBE while subscribed to nothing: as one Redis answers it.
+    let mut on_master = cluster.master_of("key:0").await;
+    for request in ["UNSUBSCRIBE", "UNSUBSCRIBE a b", "PUNSUBSCRIBE p*"] {
+        on_master.send(&testkit::cmds(request)).await;
+        quiet.send(&testkit::cmds(request)).await;
+        let frames = if request == "UNSUBSCRIBE a b" { 2 } else { 1 };
+        for _ in 0..frames {
+            assert_eq!(
+                quiet.read_frame().await,
+                on_master.read_frame().await,
+                "{request}"
+            );
+        }
+    }
+    assert_eq!(quiet.call("GET key:4").await, bulk("v-key:4"));
 
     // A transaction on one slot.
     client.send(&testkit::cmds("MULTI")).await;
@@ -168,6 +187,23 @@ async fn a_plain_client_reaches_every_master_through_one_endpoint() {
         replies.push_str(&String::from_utf8_lossy(&client.read_frame().await));
     }
     assert_eq!(replies, "+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n:1\r\n:1\r\n");
+
+    // WATCH, then the master's connection is lost: the watch went with it,
+    // so the client's connection ends (as with one Redis) instead of an
+    // unwatched EXEC succeeding.
+    let mut watcher = RawClient::connect(proxy.addr).await;
+    assert_eq!(watcher.call("WATCH {w}:k").await, "+OK\r\n");
+    let mut owner = cluster.master_of("{w}:k").await;
+    let killed = owner.call("CLIENT KILL TYPE normal SKIPME yes").await;
+    assert!(killed.starts_with(':') && killed != ":0\r\n", "{killed}");
+    testkit::eventually("the watching client's connection ends", async || {
+        watcher.send(&testkit::cmds("PING")).await;
+        watcher
+            .read_frame_within(std::time::Duration::from_millis(200))
+            .await
+            .is_none()
+    })
+    .await;
 
     // A blocking command waits on its key's master.
     let mut blocked = RawClient::connect(proxy.addr).await;
@@ -216,6 +252,26 @@ async fn a_plain_client_reaches_every_master_through_one_endpoint() {
         );
         assert!(metrics.contains(&errors), "{errors} in {metrics}");
     }
+
+    // Sharded pub/sub on the channel's master ("foo": slot 12182, not slot
+    // 0's master), the connection's name replayed there first and its
+    // reply not the client's.
+    let mut sharded = RawClient::connect(proxy.addr).await;
+    assert_eq!(sharded.call("CLIENT SETNAME subber").await, "+OK\r\n");
+    assert_eq!(
+        sharded.call("SSUBSCRIBE foo").await,
+        "*3\r\n$10\r\nssubscribe\r\n$3\r\nfoo\r\n:1\r\n"
+    );
+    assert_eq!(call(&mut client, &["SPUBLISH", "foo", "hi"]).await, ":1\r\n");
+    assert_eq!(
+        String::from_utf8_lossy(&sharded.read_frame().await),
+        "*3\r\n$8\r\nsmessage\r\n$3\r\nfoo\r\n$2\r\nhi\r\n"
+    );
+    let mut owner = cluster.master_of("foo").await;
+    assert!(
+        owner.call("CLIENT LIST").await.contains(" name=subber "),
+        "the name is on the channel's master"
+    );
 
     // A cluster-aware client is told the proxy is the whole cluster.
     let slots = client.call("CLUSTER SLOTS").await;

@@ -70,6 +70,13 @@ impl SlotMap {
             nodes: Vec::new(),
             slots: vec![u16::MAX; SLOTS],
         };
+        // In slot order: the masters' positions (which SCAN cursors carry)
+        // then do not depend on the order a node lists them in.
+        let mut ranges: Vec<&Value> = ranges.iter().collect();
+        ranges.sort_by_key(|range| match range {
+            Value::Array(fields) => fields.first().and_then(Value::as_int).unwrap_or(i64::MAX),
+            _ => i64::MAX,
+        });
         for range in ranges {
             let Value::Array(fields) = range else {
                 return None;
@@ -575,6 +582,19 @@ mod tests {
         map.moved(0, ("127.0.0.1".to_string(), 7003));
         assert_eq!(map.node(0), Some(&("127.0.0.1".to_string(), 7003)));
         assert_eq!(map.node(1), Some(&("127.0.0.1".to_string(), 7000)));
+        // Listed in any order, the masters are numbered in slot order.
+        let shuffled = Value::Array(vec![
+            range(10923, 16383, 7002),
+            range(0, 5460, 7000),
+            range(5461, 10922, 7001),
+        ]);
+        let ports: Vec<u16> = SlotMap::from_slots_reply(&shuffled)
+            .unwrap()
+            .nodes
+            .iter()
+            .map(|n| n.1)
+            .collect();
+        assert_eq!(ports, vec![7000, 7001, 7002]);
         let partial = SlotMap::from_slots_reply(&Value::Array(vec![range(0, 10, 7000)])).unwrap();
         assert_eq!(partial.node(11), None);
         assert!(SlotMap::from_slots_reply(&Value::Array(vec![range(0, 16384, 7000)])).is_none());

@@ -104,6 +104,7 @@ pub async fn connect(
         relay: None,
         resp3: false,
         quiet: Quiet::No,
+        closing: false,
     };
     router.node(&map.nodes[0]).await?;
     let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
@@ -134,6 +135,8 @@ struct Router {
     resp3: bool,
     /// `CLIENT REPLY`.
     quiet: Quiet,
+    /// The transaction's master was lost: the router ends.
+    closing: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -283,6 +286,9 @@ impl Router {
                 }
                 output.clear();
             }
+            if self.closing {
+                return;
+            }
             let reading = self.order.len() < MAX_IN_FLIGHT;
             tokio::select! {
                 read = pipe_rd.read_buf(&mut input), if reading => {
@@ -312,10 +318,10 @@ impl Router {
                     self.flush_nodes().await;
                 }
                 Some(event) = self.events_rx.recv() => {
-                    self.on_event(event, &mut output).await;
+                    self.on_event(event).await;
                     // Take what else arrived before writing.
                     while let Ok(event) = self.events_rx.try_recv() {
-                        self.on_event(event, &mut output).await;
+                        self.on_event(event).await;
                     }
                     self.flush_nodes().await;
                 }
@@ -346,16 +352,24 @@ impl Router {
             let Some(event) = self.events_rx.recv().await else {
                 return;
             };
-            self.on_event(event, &mut output).await;
+            self.on_event(event).await;
             self.flush_nodes().await;
         }
-        let node_id = match self.node(&addr).await {
-            Ok(node) => node.id,
+        // What the master still owes is the connection's state replayed on
+        // it (a connection opened for this relay): sent first, its replies
+        // dropped, then the relay.
+        let (node_id, mut discard) = match self.node(&addr).await {
+            Ok(node) => {
+                let owed = node.fifo.len();
+                node.fifo.clear();
+                (node.id, owed)
+            }
             Err(e) => {
                 let _ = pipe_wr.write_all(&error(&format!("ERR cachefence: {e}"))).await;
                 return;
             }
         };
+        self.flush_nodes().await;
         let mut pending = BytesMut::from(&first[..]);
         pending.extend_from_slice(&input);
         input.clear();
@@ -375,6 +389,7 @@ impl Router {
                     Ok(_) => {}
                 },
                 event = self.events_rx.recv() => match event {
+                    Some(Event::Frame { node, .. }) if node == node_id && discard > 0 => discard -= 1,
                     Some(Event::Frame { node, frame }) if node == node_id => {
                         if pipe_wr.write_all(&frame).await.is_err() {
                             return;
@@ -451,6 +466,12 @@ impl Router {
                 _ => self.local(error("ERR SELECT is not allowed in cluster mode")),
             },
             (b"READONLY" | b"READWRITE" | b"ASKING", _) => self.local(Bytes::from_static(b"+OK\r\n")),
+            // Not subscribed (a relay would have taken it): what Redis
+            // answers, one confirmation per channel, count 0.
+            (b"UNSUBSCRIBE" | b"PUNSUBSCRIBE" | b"SUNSUBSCRIBE", _) => {
+                let reply = unsubscribed(&name.to_ascii_lowercase(), &args[1..], self.resp3);
+                self.local(reply)
+            }
             (b"SUBSCRIBE" | b"PSUBSCRIBE" | b"MONITOR", _) => {
                 let first = self.first_master().await;
                 self.start_relay(first, raw);
@@ -465,7 +486,8 @@ impl Router {
             (b"HELLO" | b"AUTH" | b"RESET", _) => {
                 match (&name[..], args.get(1).map(|a| &a[..])) {
                     (b"HELLO", Some(b"3")) => self.resp3 = true,
-                    (b"HELLO", Some(b"2")) | (b"RESET", _) => self.resp3 = false,
+                    (b"HELLO", Some(b"2")) => self.resp3 = false,
+                    (b"RESET", _) => (self.resp3, self.quiet) = (false, Quiet::No),
                     _ => {}
                 }
                 self.state_command(raw, &name).await
@@ -673,11 +695,17 @@ impl Router {
     }
 
     /// A master's connection failed: what it owed is answered with errors,
-    /// and the map is asked again.
+    /// and the map is asked again. The connection of a transaction (or of
+    /// watched keys) ends the router: its state went with it, as when the
+    /// connection to one Redis breaks, and the session answers the client
+    /// so.
     async fn lost(&mut self, addr: &Addr, reason: &str) {
         let Some(node) = self.nodes.remove(addr) else {
             return;
         };
+        if self.txn.as_ref().is_some_and(|t| t.node.as_ref() == Some(addr)) {
+            self.closing = true;
+        }
         if !node.fifo.is_empty() {
             self.cluster.node_failed(addr);
         }
@@ -730,12 +758,14 @@ impl Router {
         }
     }
 
-    async fn on_event(&mut self, event: Event, output: &mut BytesMut) {
+    async fn on_event(&mut self, event: Event) {
         match event {
             Event::Frame { node, frame } => {
-                // A RESP3 push (tracking) is no reply: the client's, at once.
+                // A RESP3 push (tracking) is no reply: the client's, after
+                // every reply already owed (an invalidation must not pass
+                // the value it invalidates).
                 if frame.first() == Some(&b'>') {
-                    output.extend_from_slice(&frame);
+                    self.local(frame);
                     return;
                 }
                 let Some((addr, waiting)) = self
@@ -1124,6 +1154,35 @@ fn empty_map() -> SlotMap {
     }
 }
 
+/// The confirmations of `kind` (`unsubscribe` …) for `channels` on a
+/// connection subscribed to nothing: a push each under RESP3.
+fn unsubscribed(kind: &[u8], channels: &[Bytes], resp3: bool) -> Bytes {
+    let head = match resp3 {
+        true => ">3\r\n",
+        false => "*3\r\n",
+    };
+    let kind = String::from_utf8_lossy(kind);
+    let mut out = BytesMut::new();
+    let mut one = |channel: Option<&Bytes>| {
+        out.extend_from_slice(format!("{head}${}\r\n{kind}\r\n", kind.len()).as_bytes());
+        match channel {
+            Some(c) => {
+                out.extend_from_slice(format!("${}\r\n", c.len()).as_bytes());
+                out.extend_from_slice(c);
+                out.extend_from_slice(b"\r\n");
+            }
+            None if resp3 => out.extend_from_slice(b"_\r\n"),
+            None => out.extend_from_slice(b"$-1\r\n"),
+        }
+        out.extend_from_slice(b":0\r\n");
+    };
+    match channels.is_empty() {
+        true => one(None),
+        false => channels.iter().for_each(|c| one(Some(c))),
+    }
+    out.freeze()
+}
+
 /// `host:port` of a redirect.
 fn parse_addr(text: &str) -> Option<Addr> {
     let (host, port) = text.rsplit_once(':')?;
@@ -1335,15 +1394,20 @@ fn is_fence_script(args: &[Bytes]) -> bool {
 /// The operations of a fence script call (`EVALSHA sha numkeys keys… args…`),
 /// and whether it was a batch.
 fn decode_fence_call(args: &[Bytes]) -> Option<(Vec<ScriptCall>, bool)> {
+    // Counts come off the wire (a client may call the script itself): each
+    // is checked against what is there before it is used.
     let numkeys: usize = std::str::from_utf8(args.get(2)?).ok()?.parse().ok()?;
-    let keys = args.get(3..3 + numkeys)?;
+    let keys = args.get(3..3usize.checked_add(numkeys)?)?;
     let argv = args.get(3 + numkeys..)?;
     if argv.first().map(|a| &a[..]) != Some(b"batch") {
         return Some((vec![ScriptCall::new(keys.to_vec(), argv.to_vec())], false));
     }
     let n: usize = std::str::from_utf8(argv.get(1)?).ok()?.parse().ok()?;
-    let mut ops = Vec::with_capacity(n);
-    let (mut key_at, mut arg_at) = (0, 2 + n);
+    if n > argv.len().saturating_sub(2) {
+        return None;
+    }
+    let mut ops = Vec::new();
+    let (mut key_at, mut arg_at) = (0usize, 2 + n);
     let mut previous: Vec<Bytes> = Vec::new();
     for i in 0..n {
         let shape: u64 = std::str::from_utf8(argv.get(2 + i)?).ok()?.parse().ok()?;
@@ -1352,11 +1416,12 @@ fn decode_fence_call(args: &[Bytes]) -> Option<(Vec<ScriptCall>, bool)> {
             ((shape / 10_000) % 10_000) as usize,
             (shape % 10_000) as usize,
         );
-        let op_keys = keys.get(key_at..key_at + nkeys)?.to_vec();
+        let own = nargs.checked_sub(shared)?;
+        let op_keys = keys.get(key_at..key_at.checked_add(nkeys)?)?.to_vec();
         key_at += nkeys;
         let mut op_args: Vec<Bytes> = previous.get(..shared)?.to_vec();
-        op_args.extend(argv.get(arg_at..arg_at + (nargs - shared))?.iter().cloned());
-        arg_at += nargs - shared;
+        op_args.extend(argv.get(arg_at..arg_at.checked_add(own)?)?.iter().cloned());
+        arg_at += own;
         previous = op_args.clone();
         ops.push(ScriptCall::new(op_keys, op_args));
     }
@@ -1494,6 +1559,28 @@ fn split_write_op(op: &ScriptCall) -> Option<(OpMerge, Vec<(u16, ScriptCall)>)> 
         pieces[at].2.extend(chunk.iter().cloned());
         pieces[at].1.push(key.clone());
     }
+    // A fence not in its key's slot (`cachefence::…`, a key with `}` and no
+    // tag) moves in an operation of its own, without a command, after the
+    // command's pieces (so `First` takes a command's reply).
+    let placed: Vec<u16> = pieces.iter().map(|(s, _, _)| *s).collect();
+    let mut strays: Vec<(u16, Vec<Bytes>)> = Vec::new();
+    for fence in fences.iter().filter(|f| !placed.contains(&slot(f))) {
+        let s = slot(fence);
+        match strays.iter_mut().find(|(g, _)| *g == s) {
+            Some((_, group)) => group.push(fence.clone()),
+            None => strays.push((s, vec![fence.clone()])),
+        }
+    }
+    let stray_calls = strays.into_iter().map(|(s, group)| {
+        let args = vec![
+            op.args[0].clone(),
+            op.args[1].clone(),
+            Bytes::from(group.len().to_string()),
+            op.args[3].clone(),
+            op.args[4].clone(),
+        ];
+        (s, ScriptCall::new(group, args))
+    });
     let calls = pieces
         .into_iter()
         .map(|(s, keys, words)| {
@@ -1512,6 +1599,7 @@ fn split_write_op(op: &ScriptCall) -> Option<(OpMerge, Vec<(u16, ScriptCall)>)> 
             args.extend(words);
             (s, ScriptCall::new(call_keys, args))
         })
+        .chain(stray_calls)
         .collect();
     Some((how, calls))
 }

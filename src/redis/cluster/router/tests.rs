@@ -203,3 +203,68 @@ fn fills_sent_after_a_failover_are_judged_with_its_bound() {
     );
     assert_eq!(rebound_request(&failovers, &command(&[b"GET", b"k"])), None);
 }
+
+#[test]
+fn a_fence_call_with_counts_that_do_not_fit_is_not_decoded() {
+    // A client may call the script itself: counts off the wire never
+    // allocate or index past what is there.
+    let sha = script::sha();
+    for line in [
+        format!("EVALSHA {sha} 0 batch 100000000000000"),
+        format!("EVALSHA {sha} 0 batch 1 10002"),
+        format!("EVALSHA {sha} 18446744073709551615 batch"),
+        format!("EVALSHA {sha} 0 batch 1 9999999999999999999"),
+    ] {
+        assert_eq!(decode_fence_call(&words(&line)), None, "{line}");
+    }
+}
+
+#[test]
+fn a_fence_out_of_its_keys_slot_moves_in_an_operation_of_its_own() {
+    // `a}b` has no tag: its fence is `cachefence::a}b`, in another slot.
+    let keys = [b("a}b"), b("c")];
+    let (all, args) = script::invalidation(&keys, Duration::from_secs(10));
+    let call = ScriptCall::new(all, args);
+    let (groups, merge) = split_fence_ops(std::slice::from_ref(&call), false);
+    let ops: Vec<&ScriptCall> = groups.iter().flat_map(|(_, calls)| calls).collect();
+    let moved: Vec<&Bytes> = ops
+        .iter()
+        .flat_map(|op| op.keys.iter())
+        .filter(|k| k.starts_with(b"cachefence"))
+        .collect();
+    assert_eq!(moved.len(), 2, "both fences move: {ops:?}");
+    let stray = ops
+        .iter()
+        .find(|op| op.args.len() == 5)
+        .expect("a fence-only operation");
+    assert_eq!(stray.keys, vec![Bytes::from(script::fence_key(b"a}b"))]);
+    assert_eq!(&stray.args[2][..], b"1");
+    for (s, calls) in &groups {
+        assert!(calls.iter().all(|op| op.keys.iter().all(|k| slot(k) == *s)));
+    }
+    // The fence-only operation answers 0: the count is the DELs'.
+    let parts: Vec<Bytes> = groups.iter().map(|_| b("*1\r\n:1\r\n")).collect();
+    let stray_group = groups
+        .iter()
+        .position(|(_, calls)| calls[0].args.len() == 5)
+        .unwrap();
+    let mut parts = parts;
+    parts[stray_group] = b("*1\r\n:0\r\n");
+    assert_eq!(merge_fence(&merge, &parts), b(":2\r\n"));
+}
+
+#[test]
+fn unsubscribing_from_nothing_is_answered_as_redis_does() {
+    assert_eq!(
+        unsubscribed(b"unsubscribe", &[], false),
+        b("*3\r\n$11\r\nunsubscribe\r\n$-1\r\n:0\r\n")
+    );
+    assert_eq!(
+        unsubscribed(b"punsubscribe", &[b("a"), b("bc")], false),
+        b("*3\r\n$12\r\npunsubscribe\r\n$1\r\na\r\n:0\r\n*3\r\n$12\r\npunsubscribe\r\n$2\r\nbc\r\n:0\r\n")
+    );
+    assert_eq!(
+        unsubscribed(b"sunsubscribe", &[], true),
+        b(">3\r\n$12\r\nsunsubscribe\r\n_\r\n:0\r\n")
+    );
+}
