@@ -236,15 +236,7 @@ async fn a_plain_client_reaches_every_master_through_one_endpoint() {
             "\ncachefence_cluster_node_connections{{node=\"{}\"}} ",
             master.addr()
         );
-        let at = metrics
-            .find(&line)
-            .unwrap_or_else(|| panic!("{line} in {metrics}"));
-        let count: u64 = metrics[at + line.len()..]
-            .lines()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let count = sample(&metrics, &line);
         assert!(count >= 1, "{line}{count}");
         let errors = format!(
             "\ncachefence_cluster_node_errors_total{{node=\"{}\"}} 0\n",
@@ -281,6 +273,19 @@ async fn a_plain_client_reaches_every_master_through_one_endpoint() {
         proxy.addr.port()
     );
     assert!(slots.starts_with(&me), "{slots}");
+}
+
+/// The value of the sample that `line` (a newline, the name and labels,
+/// a space) starts in the `/metrics` text `metrics`.
+fn sample(metrics: &str, line: &str) -> u64 {
+    let at = metrics
+        .find(line)
+        .unwrap_or_else(|| panic!("{line} in {metrics}"));
+    metrics[at + line.len()..]
+        .lines()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("a number after {line}"))
 }
 
 /// A proxy refuses fills of tickets from its first second (it cannot know
@@ -782,15 +787,7 @@ async fn failover_under_load(kill: bool) {
     if kill {
         let metrics = cachefence::telemetry::exporter::render(&*proxy.ctx);
         let line = format!("\ncachefence_cluster_node_errors_total{{node=\"127.0.0.1:{master_port}\"}} ");
-        let at = metrics
-            .find(&line)
-            .unwrap_or_else(|| panic!("{line} in {metrics}"));
-        let count: u64 = metrics[at + line.len()..]
-            .lines()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let count = sample(&metrics, &line);
         assert!(count > 0, "the dead master's errors are counted for it");
     }
     // A killed master may take its last acknowledged writes with it.
