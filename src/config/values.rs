@@ -41,11 +41,7 @@ impl Upstream {
         if let Some(cluster) = &self.cluster {
             return cluster.url();
         }
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
+        crate::redis::sentinel::host_port(&self.host, self.port)
     }
 }
 
