@@ -973,10 +973,15 @@ async fn a_ticket_from_before_a_cluster_failover_fills_nothing_after_it() {
     let proxy = Proxy::start(&cluster.url(), FENCED).await;
     past_the_start_bound().await;
     let mut reader = RawClient::connect(proxy.addr).await;
-    // Two keys of one slot, so that one master holds both tickets.
-    for key in ["{t}:a", "{t}:b"] {
+    // Keys of one slot, so that one master holds every ticket.
+    for key in ["{t}:a", "{t}:b", "{t}:c"] {
         assert_eq!(call(&mut reader, &["GET", key]).await, "$-1\r\n");
     }
+    // {t}:c: issue 14's pool sequence across the failover. A missed on P1
+    // (`reader`); W deletes; after the failover B misses on P2 and the
+    // fills cross.
+    let mut w = RawClient::connect(proxy.addr).await;
+    assert_eq!(call(&mut w, &["DEL", "{t}:c"]).await, ":0\r\n");
     let masters = cluster.masters().await;
     let mut owner = None;
     for master in masters {
@@ -1010,6 +1015,26 @@ async fn a_ticket_from_before_a_cluster_failover_fills_nothing_after_it() {
     assert!(info.contains(&format!("127.0.0.1:{replica_port}")), "{info}");
     let mut on_new = RawClient::connect(("127.0.0.1", replica_port)).await;
     assert_eq!(call(&mut on_new, &["GET", "{t}:a"]).await, "$-1\r\n", "refused");
+
+    // Past the clock-skew second: B's ticket is from after the failover.
+    // A's miss from before it is the oldest outstanding, so neither SET is
+    // stored (either may be A's stale fill); without that rule A's fill on
+    // P2 was stored with B's ticket.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let mut p2 = RawClient::connect(proxy.addr).await;
+    assert_eq!(
+        call(&mut p2, &["GET", "{t}:c"]).await,
+        "$-1\r\n",
+        "B misses on P2"
+    );
+    for (conn, value) in [(&mut p2, "stale"), (&mut reader, "fresh")] {
+        assert_eq!(call(conn, &["SET", "{t}:c", value, "EX", "60"]).await, "+OK\r\n");
+    }
+    assert_eq!(
+        call(&mut on_new, &["GET", "{t}:c"]).await,
+        "$-1\r\n",
+        "nothing stored"
+    );
 
     let control = Proxy::start(&format!("127.0.0.1:{replica_port}"), FENCED).await;
     let mut other = RawClient::connect(control.addr).await;

@@ -295,6 +295,74 @@ async fn r1_across_a_sentinel_failover_fill_is_refused() {
     assert_eq!(r1_across_a_failover(Some(testkit::FENCE_EVERY_KEY)).await, None);
 }
 
+/// The two client models of issue 14 with a failover in the middle: A
+/// misses before it, B after it, and their fills cross. `pool`: A misses
+/// on P1, W deletes, the failover, B misses on P2, A fills "stale" on P2
+/// and B "fresh" on P1. Else one connection X carries A and B (a
+/// multiplexing client): A misses, W deletes, the failover, B misses and
+/// fills "fresh", A fills "stale". Straight to the deployment every
+/// connection is made again to the new master after the failover (as a
+/// Sentinel-aware client does); through cachefence on shared connections
+/// they go on, as they were. Returns the cached value.
+///
+/// Through cachefence neither fill is stored: a SET on a pooled or
+/// multiplexed connection is judged by the oldest miss outstanding in its
+/// scope, A's, from before the failover (it may be A's stale fill, and
+/// the fence that would tell may be one the failover set back). The key is
+/// filled by its next miss. Before that rule, A's miss stopped blocking at
+/// the failover and the pool's A filled "stale" with B's ticket.
+async fn client_models_across_a_failover(fenced: Option<&str>, pool: bool) -> Option<String> {
+    let setup = RaceSetup::new(fenced).await;
+    let (mut p1, mut p2, mut w) = (setup.client().await, setup.client().await, setup.client().await);
+    assert_eq!(p1.call("GET k").await, "$-1\r\n", "A misses");
+    assert!(w.call("DEL k").await.starts_with(':'), "W deletes");
+    setup.failover().await;
+    if setup.proxy.is_none() {
+        (p1, p2, w) = (setup.client().await, setup.client().await, setup.client().await);
+    } else {
+        // Past the clock-skew second after the failover: B's ticket counts.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+    }
+    if pool {
+        assert_eq!(p2.call("GET k").await, "$-1\r\n", "B misses on P2");
+        assert_eq!(p2.call("SET k stale EX 60").await, "+OK\r\n", "A fills on P2");
+        assert_eq!(p1.call("SET k fresh EX 60").await, "+OK\r\n", "B fills on P1");
+    } else {
+        assert_eq!(p1.call("GET k").await, "$-1\r\n", "B misses on X");
+        assert_eq!(p1.call("SET k fresh EX 60").await, "+OK\r\n", "B fills on X");
+        assert_eq!(p1.call("SET k stale EX 60").await, "+OK\r\n", "A fills on X");
+    }
+    testkit::race::raw_value(&w.call("GET k").await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pools_fills_across_a_sentinel_failover_store_nothing_stale() {
+    assert_eq!(
+        client_models_across_a_failover(None, true).await.as_deref(),
+        Some("fresh"),
+        "control: plain Redis ends with the last SET"
+    );
+    assert_eq!(
+        client_models_across_a_failover(Some(FENCED), true).await,
+        None,
+        "through cachefence no SET is admitted while A's miss from before the failover is outstanding"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multiplexed_connections_fills_across_a_sentinel_failover_store_nothing_stale() {
+    assert_eq!(
+        client_models_across_a_failover(None, false).await.as_deref(),
+        Some("stale"),
+        "control: plain Redis keeps A's stale fill"
+    );
+    assert_eq!(
+        client_models_across_a_failover(Some(FENCED), false).await,
+        None,
+        "through cachefence no SET is admitted while A's miss from before the failover is outstanding"
+    );
+}
+
 /// R7 across a failover: A writes DB=1, B writes DB=2 and sets 2, the
 /// master fails over, A sets 1.
 async fn r7_across_a_failover(fenced: Option<&str>) -> Option<String> {

@@ -10,6 +10,11 @@
 //! time since the failover, less [`CLOCK_SKEW`] (a miss's time is the old
 //! master's clock, the fill's age the new master's).
 //!
+//! For a plain `SET` judged by the misses in its scope (pooled and
+//! multiplexed clients), an outstanding miss from before the failover
+//! keeps blocking for its lease as any miss does, and refuses every SET
+//! judged while it is the oldest: that SET may be its stale fill.
+//!
 //! The bound only ever refuses fills (a cold key is filled again by its
 //! next miss), and it lapses once it reaches `lease_ttl`: by then every
 //! ticket from before the failover is expired anyway. A proxy with a

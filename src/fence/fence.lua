@@ -128,12 +128,12 @@ end
 
 -- One pass over the outstanding misses of `f` in scope `prefix`, without
 -- a table or a pattern per miss (this is the hot path of every fill).
--- Misses older than `live_us` (`lease_us`, or less after a failover) are
--- old: they stop blocking and are not filled. Returns the
+-- Misses older than `lease_us` are old: they stop blocking and are not
+-- filled. Returns the
 -- count of live and old ones, the oldest live one's version and time, the
 -- newest live one (else the newest old one) as its name and version, and
 -- whether some miss is older than twice `lease_us` (for `sweep`).
-local function scan(f, prefix, lease_us, live_us)
+local function scan(f, prefix, lease_us)
   local rest, plen = f.rest, #prefix
   local live, old, expired = 0, 0, false
   local oldest_v, oldest_at
@@ -148,7 +148,7 @@ local function scan(f, prefix, lease_us, live_us)
     elseif string.sub(rest, at_line + 35, at_line + 34 + plen) == prefix then
       -- Versions stay strings: fixed widths compare as numbers do.
       local v = string.sub(rest, at_line + 1, at_line + 16)
-      if age > live_us then
+      if age > lease_us then
         old = old + 1
         if old == 1 or v > old_v or (v == old_v and t > old_at) then
           old_v, old_at, old_from, old_to = v, t, at_line + 35, next_line - 1
@@ -376,16 +376,18 @@ local function run(op)
       return write()
     end
     -- A[4]: the lease, or after a failover `<lease>,<bound>`: misses older
-    -- than the bound are from before it and fill nothing (failover.rs).
+    -- than the bound are from before it (failover.rs). They still block for
+    -- their lease, as any miss does: a SET in their scope may be their
+    -- stale fill, and the fence that would tell is the one a failover may
+    -- have set back.
     local lease = tonumber(A[4])
-    local live_us = lease
+    local bound = lease
     if not lease then
       local comma = string.find(A[4], ',', 1, true)
       lease = tonumber(string.sub(A[4], 1, comma - 1))
-      live_us = tonumber(string.sub(A[4], comma + 1))
+      bound = tonumber(string.sub(A[4], comma + 1))
     end
-    local live, old, oldest_v, oldest_at, consumed, consumed_v, expired =
-      scan(f, A[3], lease, live_us)
+    local live, old, oldest_v, oldest_at, consumed, consumed_v, expired = scan(f, A[3], lease)
     if expired then sweep(f, lease) end
     if live == 0 and old == 0 then return write() end
     consume(f, consumed)
@@ -397,7 +399,7 @@ local function run(op)
       return {0, reason}
     end
     if A[10] == '1' then return refuse('pending_delete') end
-    if live == 0 then return refuse('expired') end
+    if live == 0 or now - oldest_at > bound then return refuse('expired') end
     if oldest_v ~= f.v then
       if consumed_v == f.v then return refuse('older_miss_outstanding') end
       return refuse('fence_moved')

@@ -289,10 +289,12 @@ impl Fences {
         }
     }
 
-    /// `lease_ttl` as a `set` call gives it (µs), where it also says when an
-    /// outstanding miss is swept: after a failover `<lease>,<bound>`, the
-    /// bound judging tickets and the lease still sweeping (a miss recorded
-    /// after the failover must not be swept as if the lease were short).
+    /// `lease_ttl` as a `set` call gives it (µs), where it also says how
+    /// long an outstanding miss blocks: after a failover `<lease>,<bound>`.
+    /// A miss older than the bound admits no fill, and still blocks for its
+    /// whole lease: a pooled or multiplexed client's SET cannot be told
+    /// from that miss's stale fill. A short lease would instead let the
+    /// next miss's ticket admit it.
     pub fn set_lease(&self, lease_ttl: Duration) -> Bytes {
         match self.failovers.ticket_bound(lease_ttl) {
             None => micros(lease_ttl),
