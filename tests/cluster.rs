@@ -1035,6 +1035,9 @@ async fn a_ticket_from_before_a_cluster_failover_fills_nothing_after_it() {
         "$-1\r\n",
         "nothing stored"
     );
+    // W's delete, which the failover might have lost, was made again.
+    let info = reader.call("CACHE.INFO").await;
+    assert!(info.contains("failover_replayed_keys:1\r\n"), "{info}");
 
     let control = Proxy::start(&format!("127.0.0.1:{replica_port}"), FENCED).await;
     let mut other = RawClient::connect(control.addr).await;

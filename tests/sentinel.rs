@@ -217,6 +217,68 @@ async fn a_connections_ticket_from_before_a_failover_fills_nothing_after_it() {
     tickets_from_before_a_failover(&fenced, false).await;
 }
 
+/// A failover that loses the last writes and invalidations themselves:
+/// through `proxy` (else straight to the master, the control) k1 is
+/// written and then deleted, k2 written anew; the replica receives it all,
+/// then has the old values put back, as if it never had (replication is
+/// asynchronous). Returns k1 and k2 on the new master after the failover.
+async fn changes_lost_in_a_failover(through_proxy: bool) -> (Option<String>, Option<String>) {
+    let deployment = Sentinels::start(&["--replica-read-only", "no"]).await;
+    let proxy = match through_proxy {
+        true => Some(Proxy::start(&deployment.url(), FENCED).await),
+        false => None,
+    };
+    let mut client = match &proxy {
+        Some(proxy) => RawClient::connect(proxy.addr).await,
+        None => direct(&deployment.master).await,
+    };
+    assert_eq!(client.call("SET k1 v1").await, "+OK\r\n");
+    assert_eq!(client.call("DEL k1").await, ":1\r\n");
+    assert_eq!(client.call("SET k2 new").await, "+OK\r\n");
+    let mut on_master = direct(&deployment.master).await;
+    assert_eq!(on_master.call("WAIT 1 5000").await, ":1\r\n");
+    let mut on_replica = direct(&deployment.replica).await;
+    assert_eq!(on_replica.call("GET k2").await, "$3\r\nnew\r\n");
+    assert_eq!(on_replica.call("SET k1 v1").await, "+OK\r\n");
+    assert_eq!(on_replica.call("SET k2 old").await, "+OK\r\n");
+
+    deployment.failover().await;
+    // Sentinel closes the promoted replica's clients: a new connection.
+    let mut on_new_master = direct(&deployment.replica).await;
+    let Some(proxy) = &proxy else {
+        let (k1, k2) = (
+            on_new_master.call("GET k1").await,
+            on_new_master.call("GET k2").await,
+        );
+        return (testkit::race::raw_value(&k1), testkit::race::raw_value(&k2));
+    };
+    proxy_follows(proxy, deployment.replica.port).await;
+    // Through the proxy the keys read as misses from the switch on.
+    let mut client = RawClient::connect(proxy.addr).await;
+    assert_eq!(client.call("GET k1").await, "$-1\r\n");
+    assert_eq!(client.call("GET k2").await, "$-1\r\n");
+    eventually("the deletes reach the new master", async || {
+        on_new_master.call("EXISTS k1 k2").await == ":0\r\n"
+    })
+    .await;
+    let info = client.call("CACHE.INFO").await;
+    assert!(
+        info.contains("failover_replayed_keys:2\r\n") && info.contains("failover_unreplayed_keys:0\r\n"),
+        "{info}"
+    );
+    (None, None)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_and_deletes_lost_in_a_failover_are_deleted_again_on_the_new_master() {
+    assert_eq!(
+        changes_lost_in_a_failover(false).await,
+        (Some("v1".to_string()), Some("old".to_string())),
+        "control: the new master serves what the lost DEL and SET should have replaced"
+    );
+    assert_eq!(changes_lost_in_a_failover(true).await, (None, None));
+}
+
 /// Where the race scripts below run: straight on the Sentinel deployment
 /// (the control: a Sentinel-aware client reaches whichever is master), or
 /// through cachefence in front of it.

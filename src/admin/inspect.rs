@@ -58,6 +58,19 @@ fn sentinel_lines(sentinel: &crate::redis::sentinel::Sentinel) -> Vec<String> {
         format!("sentinel_errors:{}", sentinel.stats.errors.load(Relaxed)),
         format!("sentinel_not_master:{}", sentinel.stats.not_master.load(Relaxed)),
     ]
+    .into_iter()
+    .chain(replay_lines(&sentinel.failovers))
+    .collect()
+}
+
+/// Keys deleted again after failovers, and those forgotten for room
+/// ([`crate::fence::failover::Failovers::replay`]).
+fn replay_lines(failovers: &crate::fence::failover::Failovers) -> [String; 2] {
+    use std::sync::atomic::Ordering::Relaxed;
+    [
+        format!("failover_replayed_keys:{}", failovers.replayed.load(Relaxed)),
+        format!("failover_unreplayed_keys:{}", failovers.unreplayed.load(Relaxed)),
+    ]
 }
 
 /// A Redis Cluster upstream: its masters and the router's counters.
@@ -95,6 +108,9 @@ fn cluster_lines(cluster: &crate::redis::cluster::Cluster) -> Vec<String> {
         format!("cluster_tryagain:{}", stats.tryagain.load(Relaxed)),
         format!("cluster_node_errors:{}", stats.node_errors.load(Relaxed)),
     ]
+    .into_iter()
+    .chain(replay_lines(&cluster.failovers))
+    .collect()
 }
 
 pub fn info(fences: &Fences, app: &App) -> Reply {

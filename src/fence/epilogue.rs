@@ -14,6 +14,7 @@ use dashmap::DashMap;
 use tokio::sync::Notify;
 
 use super::LiveScope;
+use super::failover::Failovers;
 use super::history::{Event, History, Source, What};
 use super::second_delete::SecondDeletes;
 
@@ -31,6 +32,8 @@ pub struct Epilogue {
     /// schedules no third) and in the retry worker's (a retried delete is
     /// the late delete: its key read as a miss until it landed).
     second_deletes: Option<SecondDeletes>,
+    /// Told of every key changed, to delete it again after a failover.
+    failovers: Arc<Failovers>,
 }
 
 /// Sessions waiting per key, and how many keys have any: most
@@ -42,12 +45,13 @@ struct Waiters {
 }
 
 impl Epilogue {
-    pub fn new(scope: LiveScope, history: Arc<History>) -> Epilogue {
+    pub fn new(scope: LiveScope, history: Arc<History>, failovers: Arc<Failovers>) -> Epilogue {
         Epilogue {
             scope,
             history,
             waiters: Arc::default(),
             second_deletes: None,
+            failovers,
         }
     }
 
@@ -70,6 +74,7 @@ impl Epilogue {
     /// history; every other source names only keys it fenced
     /// (`CACHE.INVALIDATE` fences any key it is given).
     pub fn after_invalidation(&self, db: u32, keys: &[Bytes], source: Source, connection: u64) {
+        self.failovers.changed(db, keys);
         let scope = self.scope.load();
         let event = Event::now(connection, What::Invalidated(source));
         for key in keys {
@@ -83,6 +88,14 @@ impl Epilogue {
                 worker.schedule(delay, db, vec![key.clone()]);
             }
         }
+    }
+
+    /// What follows an acknowledged write of `keys` (a value stored, not
+    /// a fill): the misses held on them are woken, and the keys are
+    /// remembered for a failover's replay.
+    pub fn after_write(&self, db: u32, keys: &[Bytes]) {
+        self.failovers.changed(db, keys);
+        keys.iter().for_each(|key| self.wake(key));
     }
 
     /// Asks to be woken when `key` is filled, refused or invalidated here.

@@ -20,13 +20,42 @@
 //! ticket from before the failover is expired anyway. A proxy with a
 //! Sentinel upstream starts with the same bound: it cannot know whether
 //! the master changed before it started.
+//!
+//! The same failover may lose the invalidations and writes themselves: a
+//! `DEL` the old master acknowledged and never replicated leaves the old
+//! value cached on the new master, for good (C1's "every cached key equals
+//! the database or is absent" would not hold). So the keys written or
+//! invalidated through this process in the last [`REPLAY_WINDOW`] are
+//! remembered (up to [`REPLAY_KEYS`]), and after a failover [`replay`]
+//! hands them to the retry worker of undelivered deletes (C3): each is
+//! deleted on the new master with its fence moved, and reads of it through
+//! this proxy miss until that is done. A key deleted that did not need it
+//! costs one miss.
+//!
+//! [`replay`]: Failovers::replay
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tracing::{info, warn};
+
+use super::undelivered::Undelivered;
 
 /// How far the clocks of two Redis hosts may disagree: a ticket issued up
 /// to this long after the failover is refused too.
 pub const CLOCK_SKEW: Duration = Duration::from_secs(1);
+
+/// How long before a failover is noticed a write or invalidation may have
+/// been lost with the old master. Sentinel declares a master down after
+/// `down-after-milliseconds` (30 s by default) and the proxy writes to it
+/// until the switch; a cluster's `cluster-node-timeout` is 15 s by default.
+pub const REPLAY_WINDOW: Duration = Duration::from_secs(60);
+/// Most keys remembered for a replay. Past it the oldest are forgotten
+/// (counted, and logged at the failover that could not replay them).
+pub const REPLAY_KEYS: usize = 65_536;
 
 /// The failovers this process has seen.
 #[derive(Debug)]
@@ -35,6 +64,22 @@ pub struct Failovers {
     /// When the last one was seen: µs since `origin`, plus 1 (0: none).
     last: AtomicU64,
     origin: Instant,
+    /// Keys written or invalidated lately, once [`Failovers::replay_into`]
+    /// gave them somewhere to go.
+    changed: Mutex<Changed>,
+    replay_to: OnceLock<Weak<Undelivered>>,
+    /// Keys handed to the retry worker after failovers.
+    pub replayed: AtomicU64,
+    /// Keys changed within the window before a failover that were
+    /// forgotten for room, and so not replayed.
+    pub unreplayed: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Changed {
+    keys: VecDeque<(Instant, u32, Bytes)>,
+    /// Dropped for room while still inside the window.
+    forgotten: u64,
 }
 
 impl Default for Failovers {
@@ -43,11 +88,88 @@ impl Default for Failovers {
             count: AtomicU64::new(0),
             last: AtomicU64::new(0),
             origin: Instant::now(),
+            changed: Mutex::default(),
+            replay_to: OnceLock::new(),
+            replayed: AtomicU64::new(0),
+            unreplayed: AtomicU64::new(0),
         }
     }
 }
 
 impl Failovers {
+    /// Keys changed from now on are remembered, and replayed into
+    /// `undelivered` after a failover. Only for an upstream that can fail
+    /// over: one Redis never remembers anything.
+    pub fn replay_into(&self, undelivered: &Arc<Undelivered>) {
+        let _ = self.replay_to.set(Arc::downgrade(undelivered));
+    }
+
+    /// `keys` of database `db` were written or invalidated (acknowledged).
+    pub fn changed(&self, db: u32, keys: &[Bytes]) {
+        if self.replay_to.get().is_none() {
+            return;
+        }
+        self.changed_at(Instant::now(), db, keys);
+    }
+
+    fn changed_at(&self, now: Instant, db: u32, keys: &[Bytes]) {
+        let mut changed = self.changed.lock().unwrap_or_else(|p| p.into_inner());
+        for key in keys {
+            // A copy: the key may be a slice of a whole request's buffer.
+            changed.keys.push_back((now, db, Bytes::copy_from_slice(key)));
+        }
+        while let Some(&(at, _, _)) = changed.keys.front() {
+            let old = now.saturating_duration_since(at) > REPLAY_WINDOW;
+            if !old && changed.keys.len() <= REPLAY_KEYS {
+                break;
+            }
+            changed.keys.pop_front();
+            changed.forgotten += u64::from(!old);
+        }
+    }
+
+    /// After a failover: the keys changed within [`REPLAY_WINDOW`] are
+    /// deleted again on the new master, by the retry worker of undelivered
+    /// deletes. Call it once connections reach the new master (connections
+    /// to the old one revoked, or the slot map updated), so that no replayed
+    /// delete lands on the old master.
+    pub fn replay(&self) {
+        let Some(undelivered) = self.replay_to.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        let (keys, forgotten) = {
+            let mut changed = self.changed.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let mut seen = std::collections::HashSet::new();
+            let keys: Vec<(u32, Bytes)> = std::mem::take(&mut changed.keys)
+                .into_iter()
+                .filter(|(at, _, _)| now.saturating_duration_since(*at) <= REPLAY_WINDOW)
+                .map(|(_, db, key)| (db, key))
+                .filter(|entry| seen.insert(entry.clone()))
+                .collect();
+            (keys, std::mem::take(&mut changed.forgotten))
+        };
+        // In the order they changed: runs of one database each.
+        for run in keys.chunk_by(|a, b| a.0 == b.0) {
+            let db_keys: Vec<Bytes> = run.iter().map(|(_, key)| key.clone()).collect();
+            undelivered.push(run[0].0, &db_keys);
+        }
+        let count = keys.len();
+        self.replayed.fetch_add(count as u64, Ordering::Relaxed);
+        self.unreplayed.fetch_add(forgotten, Ordering::Relaxed);
+        info!(
+            keys = count,
+            "keys changed before the failover are deleted again on the new master"
+        );
+        if forgotten > 0 {
+            warn!(
+                forgotten,
+                bound = REPLAY_KEYS,
+                "keys changed shortly before the failover were forgotten for room and not deleted again"
+            );
+        }
+    }
+
     /// The master changed now.
     pub fn record(&self) {
         let micros = u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX - 1);
@@ -120,5 +242,53 @@ mod tests {
         // Past lease_ttl + the skew every ticket from before is expired anyway.
         assert_eq!(failovers.bound_at(at + s(11.0), at, LEASE), None);
         assert_eq!(failovers.bound_at(at + s(60.0), at, LEASE), None);
+    }
+
+    fn key(name: &str) -> Bytes {
+        Bytes::copy_from_slice(name.as_bytes())
+    }
+
+    #[test]
+    fn keys_changed_within_the_window_are_deleted_again_after_a_failover() {
+        let failovers = Failovers::default();
+        let undelivered = Arc::new(Undelivered::default());
+        // Not remembered before the upstream is known to fail over.
+        failovers.changed(0, &[key("before")]);
+        failovers.replay_into(&undelivered);
+        let start = Instant::now();
+        failovers.changed_at(start, 0, &[key("old")]);
+        let later = start + REPLAY_WINDOW + Duration::from_secs(1);
+        failovers.changed_at(later, 0, &[key("k1"), key("k2")]);
+        failovers.changed_at(later, 3, &[key("k3")]);
+        failovers.changed_at(later, 0, &[key("k4"), key("k1")]);
+        failovers.record();
+        failovers.replay();
+        for (db, name) in [(0, "k1"), (0, "k2"), (3, "k3"), (0, "k4")] {
+            assert!(undelivered.is_pending(db, name.as_bytes()), "{db} {name}");
+        }
+        for name in ["before", "old"] {
+            assert!(!undelivered.is_pending(0, name.as_bytes()), "{name}");
+        }
+        assert_eq!(undelivered.len(), 4);
+        assert_eq!(failovers.replayed.load(Ordering::Relaxed), 4);
+        assert_eq!(failovers.unreplayed.load(Ordering::Relaxed), 0);
+        // Handed over once: a second failover replays what changed since.
+        failovers.replay();
+        assert_eq!(failovers.replayed.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn past_the_bound_the_oldest_keys_are_forgotten_and_counted() {
+        let failovers = Failovers::default();
+        let undelivered = Arc::new(Undelivered::default());
+        failovers.replay_into(&undelivered);
+        let keys: Vec<Bytes> = (0..REPLAY_KEYS + 5).map(|i| key(&format!("k{i}"))).collect();
+        failovers.changed_at(Instant::now(), 0, &keys);
+        failovers.replay();
+        assert_eq!(failovers.replayed.load(Ordering::Relaxed), REPLAY_KEYS as u64);
+        assert_eq!(failovers.unreplayed.load(Ordering::Relaxed), 5);
+        assert!(!undelivered.is_pending(0, b"k4"));
+        assert!(undelivered.is_pending(0, b"k5"));
+        assert!(undelivered.is_pending(0, format!("k{}", REPLAY_KEYS + 4).as_bytes()));
     }
 }

@@ -154,18 +154,23 @@ impl Fences {
     pub fn new(scope: Scope, upstream: Option<(crate::config::Upstream, Duration)>) -> Fences {
         let scope: LiveScope = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(scope));
         let undelivered = std::sync::Arc::new(undelivered::Undelivered::default());
-        let failovers = upstream
-            .as_ref()
-            .and_then(|(upstream, _)| match (&upstream.sentinel, &upstream.cluster) {
-                (Some(sentinel), _) => Some(sentinel.failovers.clone()),
-                (_, Some(cluster)) => Some(cluster.failovers.clone()),
-                _ => None,
-            })
-            .unwrap_or_default();
+        let failovers =
+            upstream
+                .as_ref()
+                .and_then(|(upstream, _)| match (&upstream.sentinel, &upstream.cluster) {
+                    (Some(sentinel), _) => Some(sentinel.failovers.clone()),
+                    (_, Some(cluster)) => Some(cluster.failovers.clone()),
+                    _ => None,
+                });
+        // Only an upstream that can fail over remembers the keys changed.
+        if let Some(failovers) = &failovers {
+            failovers.replay_into(&undelivered);
+        }
+        let failovers = failovers.unwrap_or_default();
         let history = std::sync::Arc::new(history::History::new(DEFAULT_EXPLAIN_KEYS));
         // The second-delete worker runs even if no policy asks for it yet (a
         // reload may); it connects on its first job.
-        let base = epilogue::Epilogue::new(scope.clone(), history.clone());
+        let base = epilogue::Epilogue::new(scope.clone(), history.clone(), failovers.clone());
         let second_deletes = upstream.map(|(upstream, timeout)| {
             undelivered.start(upstream.clone(), timeout, base.clone());
             second_delete::SecondDeletes::start(upstream, timeout, base.clone())

@@ -227,7 +227,7 @@ impl Client<'_> {
                 .fences
                 .epilogue
                 .after_invalidation(db, keys, source, self.connection),
-            None => keys.iter().for_each(|k| self.fences.wake(k)),
+            None => self.fences.epilogue.after_write(db, keys),
         }
         true
     }
@@ -255,7 +255,7 @@ impl Client<'_> {
             _ if matches!(frame.first(), Some(b'-' | b'!')) => None,
             PlainKind::SetWrite => {
                 if let ScriptReply::Set { key, .. } = reply {
-                    self.wrote(key);
+                    self.wrote(key, db);
                 }
                 None
             }
@@ -353,7 +353,7 @@ impl Client<'_> {
     /// rejected.
     fn set_reply(&self, policy: usize, key: &Bytes, frame: &[u8], resp3: bool, db: u32) -> Bytes {
         if let Some(own) = frame.strip_prefix(SET_WROTE) {
-            self.wrote(key);
+            self.wrote(key, db);
             // Lua's false (SET … NX that found a value) reaches a RESP3
             // client as a boolean; the client's command answered nil.
             return match own {
@@ -393,11 +393,11 @@ impl Client<'_> {
 
     /// A plain store of `key` ran as a write: counted, recorded, and its
     /// held misses woken.
-    fn wrote(&self, key: &Bytes) {
+    fn wrote(&self, key: &Bytes, db: u32) {
         self.fences.stats.writes.inc();
         let event = super::history::Event::now(self.connection, What::Write);
         self.fences.history.record_if_known(key, event);
-        self.fences.wake(key);
+        self.fences.epilogue.after_write(db, std::slice::from_ref(key));
     }
 
     /// A miss script's reply: `{1, value}` (the value appeared) or

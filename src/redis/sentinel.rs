@@ -128,7 +128,7 @@ impl Sentinel {
     pub fn observe(&self, addr: (String, u16)) {
         let mut master = self.master.lock().unwrap_or_else(|p| p.into_inner());
         master.stale = false;
-        match &master.last {
+        let changed = match &master.last {
             Some(old) if *old != addr => {
                 info!(
                     master = %self.master_name,
@@ -136,12 +136,18 @@ impl Sentinel {
                     to = %host_port(&addr.0, addr.1),
                     "the master changed (Sentinel failover): connections to the old one are closed"
                 );
+                // The bound first: no fill is judged without it from here.
                 self.failovers.record();
                 self.revoker.revoke();
+                true
             }
-            _ => {}
-        }
+            _ => false,
+        };
         master.last = Some(addr);
+        if changed {
+            // Connections made from here reach the new master only.
+            self.failovers.replay();
+        }
     }
 
     /// `addr` answered that it is not a master.

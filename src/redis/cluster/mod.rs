@@ -390,6 +390,8 @@ impl Cluster {
                             "a cluster master is no longer one (a failover): tickets from before it fill nothing"
                         );
                         self.failovers.record();
+                        // The new map is in force: replayed deletes go by it.
+                        self.failovers.replay();
                     }
                     return Ok(map);
                 }
@@ -451,12 +453,19 @@ impl Cluster {
     pub fn moved(&self, slot: u16, node: (String, u16)) {
         self.stats.moved.fetch_add(1, Ordering::Relaxed);
         let mut held = self.map.write().unwrap_or_else(|p| p.into_inner());
+        let mut failover = false;
         if let Some(map) = held.as_mut() {
             if !map.nodes.contains(&node) {
+                failover = true;
                 info!(node = %super::sentinel::host_port(&node.0, node.1), "a new master serves a slot (a failover): tickets from before it fill nothing");
                 self.failovers.record();
             }
             Arc::make_mut(map).moved(slot, node);
+        }
+        drop(held);
+        if failover {
+            // The slot's new master is in the map: replayed deletes go there.
+            self.failovers.replay();
         }
     }
 
