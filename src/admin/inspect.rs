@@ -102,6 +102,7 @@ fn cluster_lines(cluster: &crate::redis::cluster::Cluster) -> Vec<String> {
     vec![
         format!("cluster_masters:{}", masters.join(",")),
         format!("cluster_connections:{}", connections.join(",")),
+        format!("cluster_failovers:{}", cluster.failovers.count()),
         format!("cluster_map_refreshes:{}", stats.refreshes.load(Relaxed)),
         format!("cluster_moved:{}", stats.moved.load(Relaxed)),
         format!("cluster_ask:{}", stats.asked.load(Relaxed)),

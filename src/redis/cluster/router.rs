@@ -840,6 +840,12 @@ impl Router {
             return self.answer(id, frame);
         }
         entry.redirects += 1;
+        let redirect = redirect.expect("checked");
+        if let Redirect::Moved(moved_slot, target) = &redirect {
+            // A MOVED to a node that was no master is a failover, counted
+            // here: before the call is judged again below.
+            self.cluster.moved(*moved_slot, target.clone());
+        }
         // Sent again, a fence call is judged with the failover bound as it
         // is now (the redirect may be the first sign of a failover).
         if let Some(again) = rebound_request(&self.cluster.failovers, &entry.request) {
@@ -847,9 +853,8 @@ impl Router {
         }
         let (request, slot, redirects) = (entry.request.clone(), entry.slot, entry.redirects);
         let stats = &self.cluster.stats;
-        match redirect.expect("checked") {
-            Redirect::Moved(moved_slot, target) => {
-                self.cluster.moved(moved_slot, target.clone());
+        match redirect {
+            Redirect::Moved(_, target) => {
                 self.refresh_in_background();
                 self.queue(target, Waiting::Reply(id), &request).await;
             }
