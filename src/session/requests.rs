@@ -126,6 +126,9 @@ where
                     debug!(%error, "upstream write failed");
                     return RequestsEnd::UpstreamGone;
                 }
+                if let Some(tx) = upstream.shared() {
+                    tx.planned_sent();
+                }
                 // What was read behind the run is framed now.
                 (probing, unframed) = (false, !buf.is_empty());
                 continue;
@@ -191,6 +194,9 @@ where
             buf.clear();
             continue;
         }
+        if let Some(tx) = upstream.shared() {
+            tx.planning();
+        }
         let mut batch = frame_requests(&buf, &mut state, shared, app, fence);
         let written = match (&batch.rewritten, batch.call.take()) {
             (Some(bytes), call) => send_call(upstream, bytes, frames, call).await,
@@ -204,6 +210,10 @@ where
         if let Err(error) = written {
             debug!(%error, "upstream write failed");
             return RequestsEnd::UpstreamGone;
+        }
+        // A probed run's steps are planned already, and sent at its resume.
+        if let (false, Some(tx)) = (batch.probe, upstream.shared()) {
+            tx.planned_sent();
         }
         buf.advance(batch.complete);
         probing = batch.probe;

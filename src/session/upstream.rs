@@ -180,6 +180,9 @@ pub struct SharedTx {
     resp3: bool,
     /// After [`SharedTx::pin`]: the session's own connection.
     own: Option<tokio::io::WriteHalf<Stream>>,
+    /// The Sentinel failovers seen when the requests on their way were
+    /// planned ([`SharedTx::planning`]); `None` once they are sent.
+    planned_after: Option<u64>,
 }
 
 /// A session's read half on a shared connection.
@@ -221,11 +224,31 @@ pub fn shared_halves(app: Arc<App>, slot: usize, queue: mpsc::Sender<Job>) -> (S
         sent_any: false,
         resp3: false,
         own: None,
+        planned_after: None,
     };
     (rx, tx)
 }
 
 impl SharedTx {
+    /// The session is about to plan requests (fence calls among them). A
+    /// fill planned before a failover carries no bound
+    /// ([`crate::fence::failover`]): if the connection is found gone at
+    /// the send because a failover revoked it meanwhile, the requests are
+    /// answered with an error instead of going to the new master.
+    pub fn planning(&mut self) {
+        self.planned_after = Some(self.failovers_seen());
+    }
+
+    /// What was planned is sent (or waits for nothing the session plans).
+    pub fn planned_sent(&mut self) {
+        self.planned_after = None;
+    }
+
+    fn failovers_seen(&self) -> u64 {
+        let sentinel = self.app.config.upstream.sentinel.as_ref();
+        sentinel.map_or(0, |sentinel| sentinel.failovers.count())
+    }
+
     /// Sends `bytes`, whole requests owed the reply frames pushed up to
     /// `frames_pushed` (the pairing's running count).
     /// `call`: `bytes` are exactly this one fence script call, as `EVALSHA`
@@ -304,7 +327,13 @@ impl SharedTx {
             .shared
             .as_ref()
             .expect("a shared session implies shared connections");
+        let planned_before_a_failover = self
+            .planned_after
+            .is_some_and(|seen| seen != self.failovers_seen());
         let sent = match owed_before {
+            0 if planned_before_a_failover => Err(io::Error::other(
+                "the upstream master changed (Sentinel failover) while the request was on its way",
+            )),
             0 => match pool.queue(self.slot, self.resp3, &self.app.metrics).await {
                 Ok(queue) => {
                     self.queue = queue;

@@ -114,3 +114,43 @@ fn quit_is_answered_by_the_proxy() {
     assert_eq!(place(b"QUIT\r\n", 0), Placement::Quit);
     assert_eq!(place(b"*1\r\n$4\r\nquit\r\n", 0), Placement::Quit);
 }
+
+/// A session behind Sentinel whose shared connection is gone (its queue
+/// closed, as a revocation leaves it), owed nothing.
+fn behind_sentinel() -> (Arc<App>, SharedTx) {
+    let toml = "upstream = \"redis-sentinel://127.0.0.1:1/mymaster\"\nconnect_timeout = \"50ms\"\n";
+    let settings = crate::config::parse_settings(toml).unwrap();
+    let config = crate::config::Config::resolve(settings, None).unwrap();
+    let app = Arc::new(App::new(config, None));
+    let (queue, _) = mpsc::channel(1);
+    let (_, tx) = shared_halves(app.clone(), 0, queue);
+    (app, tx)
+}
+
+fn failovers(app: &App) -> &crate::fence::failover::Failovers {
+    &app.config.upstream.sentinel.as_ref().unwrap().failovers
+}
+
+/// Requests planned before a failover (a fill without its bound) are not
+/// sent to the new master when the send finds the connection revoked; planned after
+/// it, or with nothing planned, the session goes on on a new connection
+/// (here none can be made: no sentinel listens).
+#[tokio::test]
+async fn requests_planned_before_a_failover_do_not_follow_it() {
+    let (app, mut tx) = behind_sentinel();
+    tx.planning();
+    failovers(&app).record();
+    let error = tx.send(b"SET k v\r\n", 1, None).await.unwrap_err();
+    assert!(error.to_string().contains("master changed"), "{error}");
+
+    for planned_after in [true, false] {
+        let (app, mut tx) = behind_sentinel();
+        failovers(&app).record();
+        match planned_after {
+            true => tx.planning(),
+            false => tx.planned_sent(),
+        }
+        let error = tx.send(b"SET k v\r\n", 1, None).await.unwrap_err();
+        assert!(!error.to_string().contains("master changed"), "{error}");
+    }
+}
