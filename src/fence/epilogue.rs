@@ -13,10 +13,10 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use tokio::sync::Notify;
 
-use super::LiveScope;
 use super::failover::Failovers;
 use super::history::{Event, History, Source, What};
 use super::second_delete::SecondDeletes;
+use super::{LiveScope, Scope};
 
 /// What follows an acknowledged invalidation, shared by the sessions and
 /// the workers that send invalidations of their own.
@@ -74,8 +74,8 @@ impl Epilogue {
     /// history; every other source names only keys it fenced
     /// (`CACHE.INVALIDATE` fences any key it is given).
     pub fn after_invalidation(&self, db: u32, keys: &[Bytes], source: Source, connection: u64) {
-        self.failovers.changed(db, keys);
         let scope = self.scope.load();
+        self.remember(db, keys, &scope);
         let event = Event::now(connection, What::Invalidated(source));
         for key in keys {
             self.wake(key);
@@ -94,8 +94,25 @@ impl Epilogue {
     /// a fill): the misses held on them are woken, and the keys are
     /// remembered for a failover's replay.
     pub fn after_write(&self, db: u32, keys: &[Bytes]) {
-        self.failovers.changed(db, keys);
+        self.remember(db, keys, &self.scope.load());
         keys.iter().for_each(|key| self.wake(key));
+    }
+
+    /// The fenced ones of `keys`, remembered for a failover's replay
+    /// ([`Failovers::replay`]), which deletes them: never a key that is not
+    /// a cache (an `MSET` or `DEL` may name both kinds).
+    fn remember(&self, db: u32, keys: &[Bytes], scope: &Scope) {
+        if !self.failovers.remembers() {
+            return;
+        }
+        let fenced: Vec<Bytes> = keys
+            .iter()
+            .filter(|key| scope.policy(key).is_some())
+            .cloned()
+            .collect();
+        if !fenced.is_empty() {
+            self.failovers.changed(db, &fenced);
+        }
     }
 
     /// Asks to be woken when `key` is filled, refused or invalidated here.
@@ -122,5 +139,39 @@ impl Epilogue {
                 waiter.notify_one();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fence::undelivered::Undelivered;
+    use crate::fence::{CacheSection, Scope};
+
+    /// Only cache keys are remembered for a failover's replay: it deletes
+    /// them, and a key outside every pattern is data.
+    #[test]
+    fn a_replay_remembers_fenced_keys_only() {
+        let section = CacheSection {
+            pattern: Some("cache:*".into()),
+            ..Default::default()
+        };
+        let scope: LiveScope = Arc::new(arc_swap::ArcSwap::from_pointee(
+            Scope::new(&[section]).expect("valid sections"),
+        ));
+        let failovers = Arc::new(Failovers::default());
+        let undelivered = Arc::new(Undelivered::default());
+        failovers.replay_into(&undelivered);
+        let epilogue = Epilogue::new(scope, Arc::new(History::new(16)), failovers.clone());
+        let keys =
+            |names: &[&str]| -> Vec<Bytes> { names.iter().map(|n| Bytes::from(n.to_string())).collect() };
+        epilogue.after_write(0, &keys(&["cache:1", "balance:1"]));
+        epilogue.after_invalidation(2, &keys(&["cache:2", "session:2"]), Source::Client, 1);
+        failovers.replay();
+        assert!(undelivered.is_pending(0, b"cache:1"));
+        assert!(undelivered.is_pending(2, b"cache:2"));
+        assert!(!undelivered.is_pending(0, b"balance:1"));
+        assert!(!undelivered.is_pending(2, b"session:2"));
+        assert_eq!(undelivered.len(), 2);
     }
 }

@@ -24,17 +24,19 @@
 //! The same failover may lose the invalidations and writes themselves: a
 //! `DEL` the old master acknowledged and never replicated leaves the old
 //! value cached on the new master, for good (C1's "every cached key equals
-//! the database or is absent" would not hold). So the keys written or
-//! invalidated through this process in the last [`REPLAY_WINDOW`] are
-//! remembered (up to [`REPLAY_KEYS`]), and after a failover [`replay`]
-//! hands them to the retry worker of undelivered deletes (C3): each is
-//! deleted on the new master with its fence moved, and reads of it through
-//! this proxy miss until that is done. A key deleted that did not need it
-//! costs one miss.
+//! the database or is absent" would not hold). So the fenced keys written
+//! or invalidated through this process in the last [`REPLAY_WINDOW`] are
+//! remembered (bounded by [`REPLAY_KEYS`] entries and [`REPLAY_BYTES`]),
+//! and after a failover [`replay`] hands them to the retry worker of
+//! undelivered deletes (C3): each is deleted on the new master with its
+//! fence moved, and reads of it through this proxy miss until that is
+//! done. A key deleted that did not need it costs one miss. Keys outside
+//! every `[[cache]]` pattern are never remembered: they are data, and a
+//! replayed delete would lose them.
 //!
 //! [`replay`]: Failovers::replay
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -53,9 +55,20 @@ pub const CLOCK_SKEW: Duration = Duration::from_secs(1);
 /// `down-after-milliseconds` (30 s by default) and the proxy writes to it
 /// until the switch; a cluster's `cluster-node-timeout` is 15 s by default.
 pub const REPLAY_WINDOW: Duration = Duration::from_secs(60);
-/// Most keys remembered for a replay. Past it the oldest are forgotten
-/// (counted, and logged at the failover that could not replay them).
+/// Most changes remembered for a replay. A key changed again and again
+/// takes one entry per [`RECORD_EVERY`] at most. Past it the oldest are
+/// forgotten (counted, and logged at the failover that could not replay
+/// them).
 pub const REPLAY_KEYS: usize = 65_536;
+/// Most bytes of key names remembered: keys may be long.
+pub const REPLAY_BYTES: usize = 8 << 20;
+/// A key changed again this soon after it was recorded is not recorded
+/// again: the record only has to say it changed within the window.
+const RECORD_EVERY: Duration = Duration::from_secs(1);
+/// For this long after a replay, a key changed is deleted again at once: a
+/// write the old master acknowledged just before the switch may have its
+/// reply read only after the replay took the list.
+pub const REPLAY_GRACE: Duration = Duration::from_secs(2);
 
 /// The failovers this process has seen.
 #[derive(Debug)]
@@ -68,18 +81,57 @@ pub struct Failovers {
     /// gave them somewhere to go.
     changed: Mutex<Changed>,
     replay_to: OnceLock<Weak<Undelivered>>,
+    /// When the last replay ran, as `last` is kept.
+    replayed_at: AtomicU64,
     /// Keys handed to the retry worker after failovers.
     pub replayed: AtomicU64,
-    /// Keys changed within the window before a failover that were
-    /// forgotten for room, and so not replayed.
+    /// Keys changed within the window that were forgotten for room, and
+    /// so not replayed.
     pub unreplayed: AtomicU64,
 }
 
+/// The changes remembered: in the order they came, and the latest time of
+/// each key (an entry of the queue whose time is not its key's latest is
+/// a stale duplicate).
 #[derive(Debug, Default)]
 struct Changed {
-    keys: VecDeque<(Instant, u32, Bytes)>,
-    /// Dropped for room while still inside the window.
+    queue: VecDeque<(Instant, u32, Bytes)>,
+    latest: HashMap<(u32, Bytes), Instant>,
+    bytes: usize,
+    /// Keys dropped for room while their last change was in the window.
     forgotten: u64,
+}
+
+impl Changed {
+    fn add(&mut self, now: Instant, db: u32, key: &[u8]) {
+        // A copy: the key may be a slice of a whole request's buffer.
+        let id = (db, Bytes::copy_from_slice(key));
+        if let Some(at) = self.latest.get(&id)
+            && now.saturating_duration_since(*at) < RECORD_EVERY
+        {
+            return;
+        }
+        self.bytes += id.1.len();
+        self.queue.push_back((now, db, id.1.clone()));
+        self.latest.insert(id, now);
+    }
+
+    /// Drops what is older than the window, and the oldest past the bounds.
+    fn trim(&mut self, now: Instant) {
+        while let Some((at, db, key)) = self.queue.front() {
+            let old = now.saturating_duration_since(*at) > REPLAY_WINDOW;
+            if !old && self.queue.len() <= REPLAY_KEYS && self.bytes <= REPLAY_BYTES {
+                break;
+            }
+            let (at, id) = (*at, (*db, key.clone()));
+            self.queue.pop_front();
+            self.bytes -= id.1.len();
+            if self.latest.get(&id) == Some(&at) {
+                self.latest.remove(&id);
+                self.forgotten += u64::from(!old);
+            }
+        }
+    }
 }
 
 impl Default for Failovers {
@@ -90,6 +142,7 @@ impl Default for Failovers {
             origin: Instant::now(),
             changed: Mutex::default(),
             replay_to: OnceLock::new(),
+            replayed_at: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
             unreplayed: AtomicU64::new(0),
         }
@@ -104,52 +157,66 @@ impl Failovers {
         let _ = self.replay_to.set(Arc::downgrade(undelivered));
     }
 
-    /// `keys` of database `db` were written or invalidated (acknowledged).
+    /// Whether changed keys are remembered (the upstream can fail over).
+    pub fn remembers(&self) -> bool {
+        self.replay_to.get().is_some()
+    }
+
+    /// Fenced `keys` of database `db` were written or invalidated
+    /// (acknowledged). Only cache keys: a replay deletes them.
     pub fn changed(&self, db: u32, keys: &[Bytes]) {
-        if self.replay_to.get().is_none() {
+        let Some(target) = self.replay_to.get() else {
             return;
+        };
+        let now = Instant::now();
+        let replayed_at = self.replayed_at.load(Ordering::Acquire);
+        if replayed_at > 0
+            && self
+                .since_origin(now)
+                .saturating_sub(Duration::from_micros(replayed_at - 1))
+                < REPLAY_GRACE
+            && let Some(undelivered) = target.upgrade()
+        {
+            undelivered.push(db, keys);
+            self.replayed.fetch_add(keys.len() as u64, Ordering::Relaxed);
         }
-        self.changed_at(Instant::now(), db, keys);
+        self.changed_at(now, db, keys);
     }
 
     fn changed_at(&self, now: Instant, db: u32, keys: &[Bytes]) {
         let mut changed = self.changed.lock().unwrap_or_else(|p| p.into_inner());
         for key in keys {
-            // A copy: the key may be a slice of a whole request's buffer.
-            changed.keys.push_back((now, db, Bytes::copy_from_slice(key)));
+            changed.add(now, db, key);
         }
-        while let Some(&(at, _, _)) = changed.keys.front() {
-            let old = now.saturating_duration_since(at) > REPLAY_WINDOW;
-            if !old && changed.keys.len() <= REPLAY_KEYS {
-                break;
-            }
-            changed.keys.pop_front();
-            changed.forgotten += u64::from(!old);
-        }
+        changed.trim(now);
+    }
+
+    fn since_origin(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.origin)
     }
 
     /// After a failover: the keys changed within [`REPLAY_WINDOW`] are
     /// deleted again on the new master, by the retry worker of undelivered
-    /// deletes. Call it once connections reach the new master (connections
+    /// deletes; and for [`REPLAY_GRACE`] keys changed are deleted again at
+    /// once. Call it once connections reach the new master (connections
     /// to the old one revoked, or the slot map updated), so that no replayed
-    /// delete lands on the old master.
+    /// delete lands on the old master. Its work grows with the keys
+    /// remembered (65,536 at most: milliseconds, once per failover).
     pub fn replay(&self) {
         let Some(undelivered) = self.replay_to.get().and_then(Weak::upgrade) else {
             return;
         };
-        let (keys, forgotten) = {
+        let now = Instant::now();
+        let micros = u64::try_from(self.since_origin(now).as_micros()).unwrap_or(u64::MAX - 1);
+        self.replayed_at.store(micros + 1, Ordering::Release);
+        let (mut keys, forgotten) = {
             let mut changed = self.changed.lock().unwrap_or_else(|p| p.into_inner());
-            let now = Instant::now();
-            let mut seen = std::collections::HashSet::new();
-            let keys: Vec<(u32, Bytes)> = std::mem::take(&mut changed.keys)
-                .into_iter()
-                .filter(|(at, _, _)| now.saturating_duration_since(*at) <= REPLAY_WINDOW)
-                .map(|(_, db, key)| (db, key))
-                .filter(|entry| seen.insert(entry.clone()))
-                .collect();
+            changed.trim(now);
+            let keys: Vec<(u32, Bytes)> = std::mem::take(&mut changed.latest).into_keys().collect();
+            (changed.queue, changed.bytes) = (VecDeque::new(), 0);
             (keys, std::mem::take(&mut changed.forgotten))
         };
-        // In the order they changed: runs of one database each.
+        keys.sort_unstable_by_key(|(db, _)| *db);
         for run in keys.chunk_by(|a, b| a.0 == b.0) {
             let db_keys: Vec<Bytes> = run.iter().map(|(_, key)| key.clone()).collect();
             undelivered.push(run[0].0, &db_keys);
@@ -275,6 +342,41 @@ mod tests {
         // Handed over once: a second failover replays what changed since.
         failovers.replay();
         assert_eq!(failovers.replayed.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn a_key_changed_again_and_again_takes_an_entry_a_second() {
+        let failovers = Failovers::default();
+        let undelivered = Arc::new(Undelivered::default());
+        failovers.replay_into(&undelivered);
+        let start = Instant::now();
+        for i in 0..300u32 {
+            failovers.changed_at(start + Duration::from_millis(10 * u64::from(i)), 0, &[key("hot")]);
+        }
+        let changed = failovers.changed.lock().unwrap();
+        // Three seconds of changes: recorded at 0, 1 and 2 s.
+        assert_eq!(changed.queue.len(), 3);
+        assert_eq!(changed.latest.len(), 1);
+        drop(changed);
+        failovers.replay();
+        assert_eq!(failovers.replayed.load(Ordering::Relaxed), 1);
+        assert!(undelivered.is_pending(0, b"hot"));
+    }
+
+    #[test]
+    fn right_after_a_replay_a_change_is_deleted_again_at_once() {
+        let failovers = Failovers::default();
+        let undelivered = Arc::new(Undelivered::default());
+        failovers.replay_into(&undelivered);
+        failovers.changed(0, &[key("before")]);
+        assert!(!undelivered.is_pending(0, b"before"));
+        failovers.record();
+        failovers.replay();
+        assert!(undelivered.is_pending(0, b"before"));
+        // A reply read after the replay, of a write the old master took.
+        failovers.changed(0, &[key("late")]);
+        assert!(undelivered.is_pending(0, b"late"));
+        assert_eq!(failovers.replayed.load(Ordering::Relaxed), 2);
     }
 
     #[test]

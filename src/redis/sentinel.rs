@@ -144,6 +144,7 @@ impl Sentinel {
             _ => false,
         };
         master.last = Some(addr);
+        drop(master);
         if changed {
             // Connections made from here reach the new master only.
             self.failovers.replay();

@@ -337,3 +337,14 @@ fn rss_kib(pid: u32) -> u64 {
 fn owned(args: &[&str]) -> Vec<String> {
     args.iter().map(|a| a.to_string()).collect()
 }
+
+/// The number an `INFO`-style line `<field>:<n>` of `info` gives (as
+/// `CACHE.INFO` writes them).
+pub fn info_number(info: &str, field: &str) -> Option<u64> {
+    info.split(&format!("\r\n{field}:"))
+        .nth(1)?
+        .split("\r\n")
+        .next()?
+        .parse()
+        .ok()
+}
