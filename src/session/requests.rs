@@ -198,6 +198,12 @@ where
             tx.planning();
         }
         let mut batch = frame_requests(&buf, &mut state, shared, app, fence);
+        // Requests as the client sent them carry no fence call: they may
+        // follow a failover to the new master.
+        if let (None, None, false, Some(tx)) = (&batch.rewritten, &batch.call, batch.probe, upstream.shared())
+        {
+            tx.planned_sent();
+        }
         let written = match (&batch.rewritten, batch.call.take()) {
             (Some(bytes), call) => send_call(upstream, bytes, frames, call).await,
             // The batch is its call, not encoded: the shared connection does it.
