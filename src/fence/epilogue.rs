@@ -94,7 +94,10 @@ impl Epilogue {
     /// a fill): the misses held on them are woken, and the keys are
     /// remembered for a failover's replay.
     pub fn after_write(&self, db: u32, keys: &[Bytes]) {
-        self.remember(db, keys, &self.scope.load());
+        // One Redis remembers nothing: not even the scope is loaded for it.
+        if self.failovers.remembers() {
+            self.remember(db, keys, &self.scope.load());
+        }
         keys.iter().for_each(|key| self.wake(key));
     }
 
