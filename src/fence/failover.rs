@@ -36,7 +36,7 @@
 //!
 //! [`replay`]: Failovers::replay
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -55,16 +55,13 @@ pub const CLOCK_SKEW: Duration = Duration::from_secs(1);
 /// `down-after-milliseconds` (30 s by default) and the proxy writes to it
 /// until the switch; a cluster's `cluster-node-timeout` is 15 s by default.
 pub const REPLAY_WINDOW: Duration = Duration::from_secs(60);
-/// Most changes remembered for a replay. A key changed again and again
-/// takes one entry per [`RECORD_EVERY`] at most. Past it the oldest are
-/// forgotten (counted, and logged at the failover that could not replay
-/// them).
+/// Most changes remembered for a replay (a key changed again right after
+/// itself takes no second entry). Past it the oldest are forgotten
+/// (counted, and logged at the failover that could not replay them): at a
+/// high write rate this, not the window, bounds what a replay covers.
 pub const REPLAY_KEYS: usize = 65_536;
 /// Most bytes of key names remembered: keys may be long.
 pub const REPLAY_BYTES: usize = 8 << 20;
-/// A key changed again this soon after it was recorded is not recorded
-/// again: the record only has to say it changed within the window.
-const RECORD_EVERY: Duration = Duration::from_secs(1);
 /// For this long after a replay, a key changed is deleted again at once: a
 /// write the old master acknowledged just before the switch may have its
 /// reply read only after the replay took the list.
@@ -85,51 +82,46 @@ pub struct Failovers {
     replayed_at: AtomicU64,
     /// Keys handed to the retry worker after failovers.
     pub replayed: AtomicU64,
-    /// Keys changed within the window that were forgotten for room, and
-    /// so not replayed.
+    /// Changes within the window that were forgotten for room, and so not
+    /// replayed.
     pub unreplayed: AtomicU64,
 }
 
-/// The changes remembered: in the order they came, and the latest time of
-/// each key (an entry of the queue whose time is not its key's latest is
-/// a stale duplicate).
+/// The changes remembered, in the order they came. This is on the path of
+/// every fenced write behind Sentinel or a cluster, so it is a queue and
+/// nothing more (no map per key); duplicates go at the replay.
 #[derive(Debug, Default)]
 struct Changed {
     queue: VecDeque<(Instant, u32, Bytes)>,
-    latest: HashMap<(u32, Bytes), Instant>,
     bytes: usize,
-    /// Keys dropped for room while their last change was in the window.
+    /// Changes dropped for room while still in the window.
     forgotten: u64,
 }
 
 impl Changed {
     fn add(&mut self, now: Instant, db: u32, key: &[u8]) {
-        // A copy: the key may be a slice of a whole request's buffer.
-        let id = (db, Bytes::copy_from_slice(key));
-        if let Some(at) = self.latest.get(&id)
-            && now.saturating_duration_since(*at) < RECORD_EVERY
+        if let Some(last) = self.queue.back_mut()
+            && last.1 == db
+            && last.2 == key
         {
+            last.0 = now;
             return;
         }
-        self.bytes += id.1.len();
-        self.queue.push_back((now, db, id.1.clone()));
-        self.latest.insert(id, now);
+        self.bytes += key.len();
+        // A copy: the key may be a slice of a whole request's buffer.
+        self.queue.push_back((now, db, Bytes::copy_from_slice(key)));
     }
 
     /// Drops what is older than the window, and the oldest past the bounds.
     fn trim(&mut self, now: Instant) {
-        while let Some((at, db, key)) = self.queue.front() {
+        while let Some((at, _, key)) = self.queue.front() {
             let old = now.saturating_duration_since(*at) > REPLAY_WINDOW;
             if !old && self.queue.len() <= REPLAY_KEYS && self.bytes <= REPLAY_BYTES {
                 break;
             }
-            let (at, id) = (*at, (*db, key.clone()));
+            self.bytes -= key.len();
+            self.forgotten += u64::from(!old);
             self.queue.pop_front();
-            self.bytes -= id.1.len();
-            if self.latest.get(&id) == Some(&at) {
-                self.latest.remove(&id);
-                self.forgotten += u64::from(!old);
-            }
         }
     }
 }
@@ -212,8 +204,13 @@ impl Failovers {
         let (mut keys, forgotten) = {
             let mut changed = self.changed.lock().unwrap_or_else(|p| p.into_inner());
             changed.trim(now);
-            let keys: Vec<(u32, Bytes)> = std::mem::take(&mut changed.latest).into_keys().collect();
-            (changed.queue, changed.bytes) = (VecDeque::new(), 0);
+            let mut seen = HashSet::new();
+            let keys: Vec<(u32, Bytes)> = std::mem::take(&mut changed.queue)
+                .into_iter()
+                .map(|(_, db, key)| (db, key))
+                .filter(|entry| seen.insert(entry.clone()))
+                .collect();
+            changed.bytes = 0;
             (keys, std::mem::take(&mut changed.forgotten))
         };
         keys.sort_unstable_by_key(|(db, _)| *db);
@@ -345,22 +342,26 @@ mod tests {
     }
 
     #[test]
-    fn a_key_changed_again_and_again_takes_an_entry_a_second() {
+    fn a_key_changed_again_in_a_row_takes_one_entry_with_its_last_time() {
         let failovers = Failovers::default();
         let undelivered = Arc::new(Undelivered::default());
         failovers.replay_into(&undelivered);
         let start = Instant::now();
-        for i in 0..300u32 {
-            failovers.changed_at(start + Duration::from_millis(10 * u64::from(i)), 0, &[key("hot")]);
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        for i in 0..300 {
+            failovers.changed_at(at(10 * i), 0, &[key("hot")]);
         }
+        failovers.changed_at(at(3000), 0, &[key("other")]);
+        failovers.changed_at(at(3010), 0, &[key("hot")]);
         let changed = failovers.changed.lock().unwrap();
-        // Three seconds of changes: recorded at 0, 1 and 2 s.
-        assert_eq!(changed.queue.len(), 3);
-        assert_eq!(changed.latest.len(), 1);
+        let entries: Vec<(Instant, &[u8])> = changed.queue.iter().map(|(t, _, k)| (*t, &k[..])).collect();
+        assert_eq!(
+            entries,
+            [(at(2990), &b"hot"[..]), (at(3000), b"other"), (at(3010), b"hot")]
+        );
         drop(changed);
         failovers.replay();
-        assert_eq!(failovers.replayed.load(Ordering::Relaxed), 1);
-        assert!(undelivered.is_pending(0, b"hot"));
+        assert_eq!(failovers.replayed.load(Ordering::Relaxed), 2);
     }
 
     #[test]
