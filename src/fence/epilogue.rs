@@ -75,7 +75,9 @@ impl Epilogue {
     /// (`CACHE.INVALIDATE` fences any key it is given).
     pub fn after_invalidation(&self, db: u32, keys: &[Bytes], source: Source, connection: u64) {
         let scope = self.scope.load();
-        self.remember(db, keys, &scope);
+        // A retried delete (a replayed one among them) is remembered for a
+        // later failover, not made again now: that would be its own loop.
+        self.remember(db, keys, &scope, source != Source::Retry);
         let event = Event::now(connection, What::Invalidated(source));
         for key in keys {
             self.wake(key);
@@ -96,15 +98,16 @@ impl Epilogue {
     pub fn after_write(&self, db: u32, keys: &[Bytes]) {
         // One Redis remembers nothing: not even the scope is loaded for it.
         if self.failovers.remembers() {
-            self.remember(db, keys, &self.scope.load());
+            self.remember(db, keys, &self.scope.load(), true);
         }
         keys.iter().for_each(|key| self.wake(key));
     }
 
     /// The fenced ones of `keys`, remembered for a failover's replay
     /// ([`Failovers::replay`]), which deletes them: never a key that is not
-    /// a cache (an `MSET` or `DEL` may name both kinds).
-    fn remember(&self, db: u32, keys: &[Bytes], scope: &Scope) {
+    /// a cache (an `MSET` or `DEL` may name both kinds). `late`: a change
+    /// acknowledged right after a replay is deleted again at once too.
+    fn remember(&self, db: u32, keys: &[Bytes], scope: &Scope, late: bool) {
         if !self.failovers.remembers() {
             return;
         }
@@ -114,7 +117,7 @@ impl Epilogue {
             .cloned()
             .collect();
         if !fenced.is_empty() {
-            self.failovers.changed(db, &fenced);
+            self.failovers.changed(db, &fenced, late);
         }
     }
 

@@ -155,14 +155,17 @@ impl Failovers {
     }
 
     /// Fenced `keys` of database `db` were written or invalidated
-    /// (acknowledged). Only cache keys: a replay deletes them.
-    pub fn changed(&self, db: u32, keys: &[Bytes]) {
+    /// (acknowledged). Only cache keys: a replay deletes them. `late`: if
+    /// a replay ran less than [`REPLAY_GRACE`] ago, they are deleted again
+    /// at once (not for the replay's own deletes, delivered).
+    pub fn changed(&self, db: u32, keys: &[Bytes], late: bool) {
         let Some(target) = self.replay_to.get() else {
             return;
         };
         let now = Instant::now();
         let replayed_at = self.replayed_at.load(Ordering::Acquire);
-        if replayed_at > 0
+        if late
+            && replayed_at > 0
             && self
                 .since_origin(now)
                 .saturating_sub(Duration::from_micros(replayed_at - 1))
@@ -317,7 +320,7 @@ mod tests {
         let failovers = Failovers::default();
         let undelivered = Arc::new(Undelivered::default());
         // Not remembered before the upstream is known to fail over.
-        failovers.changed(0, &[key("before")]);
+        failovers.changed(0, &[key("before")], true);
         failovers.replay_into(&undelivered);
         let start = Instant::now();
         failovers.changed_at(start, 0, &[key("old")]);
@@ -369,15 +372,21 @@ mod tests {
         let failovers = Failovers::default();
         let undelivered = Arc::new(Undelivered::default());
         failovers.replay_into(&undelivered);
-        failovers.changed(0, &[key("before")]);
+        failovers.changed(0, &[key("before")], true);
         assert!(!undelivered.is_pending(0, b"before"));
         failovers.record();
         failovers.replay();
         assert!(undelivered.is_pending(0, b"before"));
         // A reply read after the replay, of a write the old master took.
-        failovers.changed(0, &[key("late")]);
+        failovers.changed(0, &[key("late")], true);
         assert!(undelivered.is_pending(0, b"late"));
         assert_eq!(failovers.replayed.load(Ordering::Relaxed), 2);
+        // The replay's own deletes, delivered, are remembered only (else
+        // each delivery would queue the next).
+        failovers.changed(0, &[key("delivered")], false);
+        assert!(!undelivered.is_pending(0, b"delivered"));
+        // Remembered for a later failover, as the late one is.
+        assert_eq!(failovers.changed.lock().unwrap().queue.len(), 2);
     }
 
     #[test]
