@@ -96,8 +96,7 @@ async fn redis_info(redis: &RedisServer, section: &str, field: &str) -> String {
 /// `field` of `INFO section` asked on `direct`.
 async fn info_on(direct: &mut RawClient, section: &str, field: &str) -> String {
     let info = direct.call(&format!("INFO {section}")).await;
-    info.lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+    testkit::info_field(&info, field)
         .unwrap_or_else(|| panic!("no {field} in INFO {section}: {info}"))
         .to_string()
 }

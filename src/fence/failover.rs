@@ -315,6 +315,14 @@ mod tests {
         Bytes::copy_from_slice(name.as_bytes())
     }
 
+    /// Failovers that remember changes, and where they replay them.
+    fn remembering() -> (Failovers, Arc<Undelivered>) {
+        let failovers = Failovers::default();
+        let undelivered = Arc::new(Undelivered::default());
+        failovers.replay_into(&undelivered);
+        (failovers, undelivered)
+    }
+
     #[test]
     fn keys_changed_within_the_window_are_deleted_again_after_a_failover() {
         let failovers = Failovers::default();
@@ -346,9 +354,8 @@ mod tests {
 
     #[test]
     fn a_key_changed_again_in_a_row_takes_one_entry_with_its_last_time() {
-        let failovers = Failovers::default();
-        let undelivered = Arc::new(Undelivered::default());
-        failovers.replay_into(&undelivered);
+        // Kept: the replay hands its keys to it.
+        let (failovers, _undelivered) = remembering();
         let start = Instant::now();
         let at = |ms: u64| start + Duration::from_millis(ms);
         for i in 0..300 {
@@ -369,9 +376,7 @@ mod tests {
 
     #[test]
     fn right_after_a_replay_a_change_is_deleted_again_at_once() {
-        let failovers = Failovers::default();
-        let undelivered = Arc::new(Undelivered::default());
-        failovers.replay_into(&undelivered);
+        let (failovers, undelivered) = remembering();
         failovers.changed(0, &[key("before")], true);
         assert!(!undelivered.is_pending(0, b"before"));
         failovers.record();
@@ -391,9 +396,7 @@ mod tests {
 
     #[test]
     fn past_the_bound_the_oldest_keys_are_forgotten_and_counted() {
-        let failovers = Failovers::default();
-        let undelivered = Arc::new(Undelivered::default());
-        failovers.replay_into(&undelivered);
+        let (failovers, undelivered) = remembering();
         let keys: Vec<Bytes> = (0..REPLAY_KEYS + 5).map(|i| key(&format!("k{i}"))).collect();
         failovers.changed_at(Instant::now(), 0, &keys);
         failovers.replay();

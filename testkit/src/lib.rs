@@ -35,7 +35,9 @@ pub mod wait;
 
 pub use client::{RawClient, RdbTransfer, cmd, cmds, crc64, escape, frame_len};
 pub use files::{ConfigFile, ScratchDir};
-pub use proxy::{FENCE_EVERY_KEY, Nofile, Proxy, ProxyProcess, binary, cachefence_command, info_number};
+pub use proxy::{
+    FENCE_EVERY_KEY, Nofile, Proxy, ProxyProcess, binary, cachefence_command, info_field, info_number,
+};
 pub use race::{Database, Setup, Target};
 pub use redis::{RedisServer, free_port};
 pub use sentinel::Sentinels;

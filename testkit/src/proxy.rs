@@ -338,13 +338,14 @@ fn owned(args: &[&str]) -> Vec<String> {
     args.iter().map(|a| a.to_string()).collect()
 }
 
-/// The number an `INFO`-style line `<field>:<n>` of `info` gives (as
-/// `CACHE.INFO` writes them).
+/// The value of an `INFO`-style line `<field>:<value>` of `info` (Redis'
+/// `INFO`, `CACHE.INFO`).
+pub fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+}
+
+/// [`info_field`] as a number.
 pub fn info_number(info: &str, field: &str) -> Option<u64> {
-    info.split(&format!("\r\n{field}:"))
-        .nth(1)?
-        .split("\r\n")
-        .next()?
-        .parse()
-        .ok()
+    info_field(info, field)?.parse().ok()
 }

@@ -282,22 +282,19 @@ impl Cluster {
         if grew || families.list.is_none() {
             let values: &'static [&'static str] =
                 families.names.iter().map(|(_, n)| *n).collect::<Vec<_>>().leak();
-            let connections: &'static Family = Box::leak(Box::new(
-                Family::new(
-                    Kind::Gauge,
-                    "cachefence_cluster_node_connections",
-                    "Open connections to each Redis Cluster node (the routers' connections to masters).",
-                )
-                .by("node", values),
-            ));
-            let errors: &'static Family = Box::leak(Box::new(
-                Family::new(
-                    Kind::Counter,
-                    "cachefence_cluster_node_errors_total",
-                    "Per Redis Cluster node: connects that failed, connections lost, slot map requests that failed.",
-                )
-                .by("node", values),
-            ));
+            let per_node = |kind, name, help| -> &'static Family {
+                Box::leak(Box::new(Family::new(kind, name, help).by("node", values)))
+            };
+            let connections = per_node(
+                Kind::Gauge,
+                "cachefence_cluster_node_connections",
+                "Open connections to each Redis Cluster node (the routers' connections to masters).",
+            );
+            let errors = per_node(
+                Kind::Counter,
+                "cachefence_cluster_node_errors_total",
+                "Per Redis Cluster node: connects that failed, connections lost, slot map requests that failed.",
+            );
             families.list = Some(vec![connections, errors].leak());
         }
         let list = families.list.expect("made above");
