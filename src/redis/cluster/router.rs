@@ -706,13 +706,11 @@ impl Router {
         if self.txn.as_ref().is_some_and(|t| t.node.as_ref() == Some(addr)) {
             self.closing = true;
         }
-        if !node.fifo.is_empty() {
-            self.cluster.node_failed(addr);
-        }
         match node.fifo.is_empty() {
             // After QUIT, or an idle connection the node closed.
             true => debug!(node = %host_port(&addr.0, addr.1), reason, "cluster node connection closed"),
             false => {
+                self.cluster.node_failed(addr);
                 warn!(node = %host_port(&addr.0, addr.1), reason, owed = node.fifo.len(), "cluster node connection lost")
             }
         }
