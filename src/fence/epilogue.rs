@@ -77,7 +77,9 @@ impl Epilogue {
         let scope = self.scope.load();
         // A retried delete (a replayed one among them) is remembered for a
         // later failover, not made again now: that would be its own loop.
-        self.remember(db, keys, &scope, source != Source::Retry);
+        if self.failovers.remembers() {
+            self.remember(db, keys, &scope, source != Source::Retry);
+        }
         let event = Event::now(connection, What::Invalidated(source));
         for key in keys {
             self.wake(key);
@@ -107,10 +109,8 @@ impl Epilogue {
     /// ([`Failovers::replay`]), which deletes them: never a key that is not
     /// a cache (an `MSET` or `DEL` may name both kinds). `late`: a change
     /// acknowledged right after a replay is deleted again at once too.
+    /// Callers ask [`Failovers::remembers`] first: one Redis pays no more.
     fn remember(&self, db: u32, keys: &[Bytes], scope: &Scope, late: bool) {
-        if !self.failovers.remembers() {
-            return;
-        }
         let fenced: Vec<Bytes> = keys
             .iter()
             .filter(|key| scope.policy(key).is_some())
