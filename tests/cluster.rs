@@ -860,6 +860,51 @@ async fn a_cluster_aware_client_sees_one_node_and_works() {
     }
 }
 
+/// The `redis` crate's cluster client pointed at cachefence: it learns the
+/// one-node cluster at the proxy's address (`CLUSTER SLOTS`), and fenced
+/// writes, a miss and its fill, and reads across slots all work, the keys
+/// landing on every master of the real cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_crates_cluster_client_works_through_cachefence() {
+    use redis::AsyncCommands;
+    let cluster = Cluster::start().await;
+    let proxy = Proxy::start(&cluster.url(), CACHE_KEYS).await;
+    past_the_start_bound().await;
+    let client = redis::cluster::ClusterClient::new(vec![format!("redis://{}/", proxy.addr)]).unwrap();
+    let mut conn = tokio::time::timeout(testkit::WAIT, client.get_async_connection())
+        .await
+        .expect("connected in time")
+        .expect("a cluster connection");
+    let slots: redis::Value = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let redis::Value::Array(ranges) = &slots else {
+        panic!("CLUSTER SLOTS: {slots:?}")
+    };
+    assert_eq!(ranges.len(), 1, "one node owns every slot: {slots:?}");
+    for i in 0..20 {
+        let () = conn.set(format!("cache:{i}"), format!("v{i}")).await.unwrap();
+    }
+    for i in 0..20 {
+        let got: String = conn.get(format!("cache:{i}")).await.unwrap();
+        assert_eq!(got, format!("v{i}"));
+    }
+    // A miss, then its fill.
+    let missed: Option<String> = conn.get("cache:filled").await.unwrap();
+    assert_eq!(missed, None);
+    let () = conn.set_ex("cache:filled", "from-db", 60).await.unwrap();
+    let got: Option<String> = conn.get("cache:filled").await.unwrap();
+    assert_eq!(got.as_deref(), Some("from-db"));
+    let got: Vec<Option<String>> = conn.mget(&["cache:0", "cache:7", "cache:none"]).await.unwrap();
+    assert_eq!(got, [Some("v0".to_string()), Some("v7".to_string()), None]);
+    for master in cluster.masters().await {
+        let size = RawClient::connect(master.addr()).await.call("DBSIZE").await;
+        assert_ne!(size, ":0\r\n", "every master holds some of the keys");
+    }
+}
+
 /// R7 on a cluster: A writes DB=1, B writes DB=2 and sets 2, A sets 1.
 /// Straight (the control) the older write wins; through cachefence with
 /// `on_write = "invalidate"` nothing stays cached.
