@@ -7,7 +7,6 @@
 -- The keys and arguments of the operation being run: the call's own, or,
 -- in a batch (at the end), each operation's share of them in turn.
 local K, A = KEYS, ARGV
-local clock = redis.call('TIME')
 -- Times in a fence have 16 digits: µs since 1970 do from 2001 to 2286, and
 -- 0 (never) is written as 16 zeros. Fixed widths let `load` and `scan` cut
 -- fields with string.sub, and compare them as strings. In a script this
@@ -15,8 +14,27 @@ local clock = redis.call('TIME')
 -- about 0.4 µs, tonumber 0.1 µs, a concatenation or string.sub 0.05 µs:
 -- bench/lua_costs.py), so both are kept off the paths every miss and fill
 -- take.
-local now16 = clock[1] .. string.sub('00000' .. clock[2], -6)
-local now = tonumber(now16)
+-- Redis' clock is read once, at the first operation that needs it (`TIME`
+-- costs about 0.5 µs): a write or an invalidation of a key with no fence,
+-- the most common fenced command, needs none. The script is atomic, so
+-- when in it the clock is read changes nothing.
+local clock, now, now16
+local function time_us()
+  if not now then
+    clock = redis.call('TIME')
+    now = clock[1] * 1000000 + clock[2]
+  end
+  return now
+end
+-- The same time as 16 digits, made only where a time is written or
+-- compared as a string (a fill that deletes its fence never needs it).
+local function stamp()
+  if not now16 then
+    time_us()
+    now16 = clock[1] .. string.sub('00000' .. clock[2], -6)
+  end
+  return now16
+end
 local function fixed(n) return string.format('%016.0f', n) end
 local zero = '0000000000000000'
 
@@ -108,7 +126,7 @@ local function bump(fence, ttl_ms, invalidated, f, keep)
     return
   end
   f = f or {v = zero, t = zero, p = zero, rest = ''}
-  if now16 > f.v then f.v = now16 else f.v = fixed(tonumber(f.v) + 1) end
+  if stamp() > f.v then f.v = now16 else f.v = fixed(tonumber(f.v) + 1) end
   if invalidated then
     -- The previous invalidation is kept only for the lag window.
     if keep then f.p = f.t else f.p = nil end
@@ -121,6 +139,7 @@ end
 -- Drops from `f` the misses older than twice `lease_us`: a dead proxy's,
 -- or a client's that never filled.
 local function sweep(f, lease_us)
+  local now = time_us()
   f.rest = string.gsub(f.rest, '\n%d+ (%d+) %S+', function(at)
     if now - tonumber(at) > 2 * lease_us then return '' end
   end)
@@ -134,7 +153,7 @@ end
 -- newest live one (else the newest old one) as its name and version, and
 -- whether some miss is older than twice `lease_us` (for `sweep`).
 local function scan(f, prefix, lease_us)
-  local rest, plen = f.rest, #prefix
+  local rest, plen, now = f.rest, #prefix, time_us()
   local live, old, expired = 0, 0, false
   local oldest_v, oldest_at
   local live_v, live_at, live_from, live_to, old_v, old_at, old_from, old_to
@@ -196,8 +215,9 @@ end
 -- still inside this one atomic script; DEL and UNLINK add up their counts.
 local function run_command(from)
   local last = #A
+  if last - from < 7000 then return redis.pcall(unpack(A, from, last)) end
   local name = string.upper(A[from])
-  if last - from < 7000 or (name ~= 'DEL' and name ~= 'UNLINK' and name ~= 'MSET') then
+  if name ~= 'DEL' and name ~= 'UNLINK' and name ~= 'MSET' then
     return redis.pcall(unpack(A, from, last))
   end
   local total, reply = 0, nil
@@ -228,13 +248,14 @@ end
 -- stored, else why not ('lag_window', 'nx') or Redis' error; and with a
 -- TTL the lag rule shortened, `lag`.
 local function store_fill(value_at, first, last, miss_at, lag, lag_mode, nx, f)
-  local pxat
+  local pxat, now
   local invalidated = lag > 0 and tonumber(f.t) or 0
   if invalidated > 0 and miss_at - invalidated < lag then
     if lag_mode == '1' or (lag_mode == '0' and miss_at - tonumber(f.p or f.t) < lag) then
       return 'lag_window'
     end
     local lag_end = invalidated + lag
+    now = time_us()
     if lag_end <= now then return 'lag_window' end
     local ends = math.huge
     for i = first, last - 1 do
@@ -295,10 +316,10 @@ local function run(op)
     -- is the ticket), lease_ttl_us, the connection's holder prefix.
     local value = redis.call('GET', K[1])
     if value then return {1, value} end
-    local f = load(K[2]) or {v = now16, t = zero, h = '', he = zero, rest = ''}
+    local f = load(K[2]) or {v = stamp(), t = zero, h = '', he = zero, rest = ''}
     local leader = 0
     local held = f.h ~= ''
-    local lapsed = f.he <= now16
+    local lapsed = f.he <= stamp()
     local free = not held or lapsed or f.h == A[3]
     -- 'alone': the client has nothing else in flight on this connection, so
     -- if the lease holder is an earlier miss of the same connection its fill
@@ -308,7 +329,7 @@ local function run(op)
     if free or A[5] == 'force' or own then
       if free then
         f.h = A[3]
-        f.he = fixed(now + tonumber(A[4]) * 1000)
+        f.he = fixed(time_us() + tonumber(A[4]) * 1000)
       end
       leader = 1
       -- Only a miss that goes to the database is outstanding.
@@ -337,7 +358,7 @@ local function run(op)
       return {0, reason}
     end
     if f.v ~= A[3] then return refuse('fence_moved') end
-    if now - tonumber(A[4]) > tonumber(A[9]) then return refuse('expired') end
+    if time_us() - tonumber(A[4]) > tonumber(A[9]) then return refuse('expired') end
     local lag = tonumber(A[5])
     local verdict, shortened = store_fill(10, 11, #A, tonumber(A[4]), lag, A[6], A[7] == '1', f)
     return fill_reply(verdict, refuse, lag, shortened)
@@ -399,7 +420,7 @@ local function run(op)
       return {0, reason}
     end
     if A[10] == '1' then return refuse('pending_delete') end
-    if live == 0 or now - oldest_at > bound then return refuse('expired') end
+    if live == 0 or time_us() - oldest_at > bound then return refuse('expired') end
     if oldest_v ~= f.v then
       if consumed_v == f.v then return refuse('older_miss_outstanding') end
       return refuse('fence_moved')
@@ -464,11 +485,11 @@ local function run(op)
   elseif op == 'peek' then
     -- KEYS: fence. For CACHE.FENCE.
     local f = load(K[1])
-    if not f then return {false, false, false, false, now16, redis.call('PTTL', K[1]), 0} end
+    if not f then return {false, false, false, false, stamp(), redis.call('PTTL', K[1]), 0} end
     local _, outstanding = string.gsub(f.rest, '\n', '')
     local h, he = false, false
     if f.h ~= '' then h, he = f.h, f.he end
-    return {f.v, f.t, h, he, now16, redis.call('PTTL', K[1]), outstanding}
+    return {f.v, f.t, h, he, stamp(), redis.call('PTTL', K[1]), outstanding}
   end
   return redis.error_reply('ERR cachefence: unknown fence op ' .. tostring(op))
 end
@@ -483,14 +504,18 @@ if ARGV[1] ~= 'batch' then return run(ARGV[1]) end
 -- element per operation, what that operation alone would have returned.
 local n = tonumber(ARGV[2])
 local replies = {}
-local key_at, arg_at, last = 1, 3 + n, 0
-A = {}
+local key_at, arg_at, last, last_key = 1, 3 + n, 0, 0
+local floor = math.floor
+-- A and K are refilled in place for each operation (a table per
+-- operation costs more than the loops).
+A, K = {}, {}
 for i = 1, n do
   local shape = tonumber(ARGV[2 + i])
-  local keys = math.floor(shape / 100000000)
-  local args = math.floor(shape / 10000) % 10000
-  K = {unpack(KEYS, key_at, key_at + keys - 1)}
-  key_at = key_at + keys
+  local keys = floor(shape / 100000000)
+  local args = floor(shape / 10000) % 10000
+  for j = 1, keys do K[j] = KEYS[key_at + j - 1] end
+  for j = keys + 1, last_key do K[j] = nil end
+  key_at, last_key = key_at + keys, keys
   -- A keeps the previous operation's leading arguments that this one
   -- shares; the rest come from ARGV, and what is past its end goes.
   for j = shape % 10000 + 1, args do
