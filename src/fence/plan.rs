@@ -448,7 +448,7 @@ pub(crate) fn command_call(
 /// client's command stored goes.
 pub(crate) fn after_command(mut call: ScriptCall, reply: &ScriptReply) -> ScriptCall {
     if !matches!(reply, ScriptReply::Ok { .. }) {
-        call.args.truncate(COMMAND_AT);
+        call.words_mut().args.truncate(COMMAND_AT);
     }
     call
 }

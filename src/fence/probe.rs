@@ -158,31 +158,32 @@ impl Probe {
     /// A probe of the run, if it is worth one: at least [`PROBE_MIN_OPS`]
     /// writes with a plain form, and at most [`PROBE_MAX_FENCES`] fences
     /// to ask about. `sent` holds each write's request as the client sent
-    /// it. Else the calls and replies come back untouched.
+    /// it. The calls and replies are taken out of the vectors (which keep
+    /// their room, for the next run); without a probe they stay there.
     pub fn of(
-        calls: Vec<ScriptCall>,
-        replies: Vec<ScriptReply>,
+        calls: &mut Vec<ScriptCall>,
+        replies: &mut Vec<ScriptReply>,
         sent: impl Iterator<Item = Bytes>,
-    ) -> Result<Probe, (Vec<ScriptCall>, Vec<ScriptReply>)> {
+    ) -> Option<Probe> {
         let plains: Vec<Option<Plain>> = calls
             .iter()
-            .zip(&replies)
+            .zip(replies.iter())
             .zip(sent)
             .map(|((call, reply), sent)| Plain::of(call, reply, sent))
             .collect();
         let eligible = plains.iter().flatten().count();
         let fences: usize = plains.iter().flatten().map(|p| p.fences.len()).sum();
         if eligible < PROBE_MIN_OPS || fences > PROBE_MAX_FENCES {
-            return Err((calls, replies));
+            return None;
         }
         let ops: Vec<ProbeOp> = calls
-            .into_iter()
-            .zip(replies)
+            .drain(..)
+            .zip(replies.drain(..))
             .zip(plains)
             .map(|((call, reply), plain)| ProbeOp { call, reply, plain })
             .collect();
         let weight = ops.iter().map(|op| op.call.weight()).sum();
-        Ok(Probe { ops, weight })
+        Some(Probe { ops, weight })
     }
 
     /// The `MGET` of every fence the plain forms name, in order.
@@ -213,7 +214,8 @@ impl Probe {
             },
         };
         let mut at = 0;
-        let mut steps = Vec::new();
+        // At most a step per write (most often that: writes find no fence).
+        let mut steps = Vec::with_capacity(self.ops.len());
         let mut scripted: Vec<(ScriptCall, ScriptReply)> = Vec::new();
         for op in self.ops {
             let plain = op.plain.filter(|plain| {

@@ -18,6 +18,8 @@
 //! something: a miss outstanding, a herd lease, or an invalidation time
 //! the lag window needs.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use crate::resp::encode::command;
@@ -26,16 +28,37 @@ use crate::resp::encode::command;
 pub const SOURCE: &str = include_str!("fence.lua");
 
 /// A fence script call, kept so it can be sent again with its source after
-/// a `NOSCRIPT` (e.g. after `SCRIPT FLUSH`).
+/// a `NOSCRIPT` (e.g. after `SCRIPT FLUSH`). Its words are shared: a lone
+/// call on a shared connection is both the session's (for that resend) and
+/// the connection's (to merge it with other sessions' calls), and a copy of
+/// its two vectors and their words cost the proxy more than the rest of the
+/// call's planning (#17, `bench/callgrind.sh` at P1).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ScriptCall {
+pub struct ScriptCall(Arc<CallWords>);
+
+/// What a [`ScriptCall`] sends: its keys and its arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallWords {
     pub keys: Vec<Bytes>,
     pub args: Vec<Bytes>,
 }
 
+impl std::ops::Deref for ScriptCall {
+    type Target = CallWords;
+
+    fn deref(&self) -> &CallWords {
+        &self.0
+    }
+}
+
 impl ScriptCall {
     pub fn new(keys: Vec<Bytes>, args: Vec<Bytes>) -> ScriptCall {
-        ScriptCall { keys, args }
+        ScriptCall(Arc::new(CallWords { keys, args }))
+    }
+
+    /// Its words to change (copied first if the call is shared).
+    pub fn words_mut(&mut self) -> &mut CallWords {
+        Arc::make_mut(&mut self.0)
     }
 
     /// Bytes of its keys and arguments (what an expectation keeps of it).
@@ -115,8 +138,10 @@ pub const BATCH_MAX_WORDS: usize = 1024;
 /// would have answered.
 pub fn batch(calls: &[ScriptCall]) -> ScriptCall {
     let (shapes, own) = batch_arguments(calls);
-    let mut args = Vec::with_capacity(shapes.len() + own.len());
-    args.extend(shapes);
+    let mut args = Vec::with_capacity(2 + shapes.len() + own.len());
+    args.push(Bytes::from_static(b"batch"));
+    args.push(calls.len().to_string().into());
+    args.extend(shapes.iter().map(|shape| Bytes::from(shape.to_string())));
     args.extend(own.into_iter().cloned());
     let mut keys = Vec::with_capacity(calls.iter().map(|c| c.keys.len()).sum());
     keys.extend(calls.iter().flat_map(|c| c.keys.iter().cloned()));
@@ -124,26 +149,33 @@ pub fn batch(calls: &[ScriptCall]) -> ScriptCall {
 }
 
 /// [`batch`]'s `EVALSHA`, encoded straight from `calls` (a batch that is
-/// never sent again as a whole: the merged calls of several sessions).
+/// never sent again as a whole: the merged calls of several sessions). The
+/// numbers are written into one buffer, not a string each.
 pub fn batch_encoded(calls: &[ScriptCall]) -> Bytes {
     let (shapes, own) = batch_arguments(calls);
     let keys = calls.iter().map(|c| c.keys.len()).sum::<usize>();
-    let numkeys = keys.to_string();
-    let mut words: Vec<&[u8]> = Vec::with_capacity(3 + keys + shapes.len() + own.len());
-    words.extend([b"EVALSHA".as_slice(), sha().as_bytes(), numkeys.as_bytes()]);
+    // The key count, the call count, then each shape: their digits, one after another.
+    let mut digits = Vec::with_capacity(10 * (2 + shapes.len()));
+    let mut ends = Vec::with_capacity(2 + shapes.len());
+    for n in [keys, calls.len()].into_iter().chain(shapes) {
+        crate::resp::encode::push_decimal(&mut digits, n);
+        ends.push(digits.len());
+    }
+    let number = |i: usize| &digits[if i == 0 { 0 } else { ends[i - 1] }..ends[i]];
+    let mut words: Vec<&[u8]> = Vec::with_capacity(4 + keys + ends.len() + own.len());
+    words.extend([b"EVALSHA".as_slice(), sha().as_bytes(), number(0)]);
     words.extend(calls.iter().flat_map(|c| c.keys.iter().map(|k| &k[..])));
-    words.extend(shapes.iter().map(|s| &s[..]));
+    words.push(b"batch");
+    words.extend((1..ends.len()).map(number));
     words.extend(own.into_iter().map(|a| &a[..]));
     command(&words)
 }
 
-/// A batch's leading arguments (`batch`, the count, each call's shape) and
-/// the arguments of each call not shared with the call before it.
-fn batch_arguments(calls: &[ScriptCall]) -> (Vec<Bytes>, Vec<&Bytes>) {
-    let mut shapes = Vec::with_capacity(2 + calls.len());
+/// Each call's shape, and the arguments of each call not shared with the
+/// call before it.
+fn batch_arguments(calls: &[ScriptCall]) -> (Vec<usize>, Vec<&Bytes>) {
+    let mut shapes = Vec::with_capacity(calls.len());
     let mut own = Vec::new();
-    shapes.push(Bytes::from_static(b"batch"));
-    shapes.push(calls.len().to_string().into());
     let mut previous: &[Bytes] = &[];
     for call in calls {
         debug_assert!(call.keys.len() + call.args.len() <= BATCH_MAX_WORDS);
@@ -152,8 +184,7 @@ fn batch_arguments(calls: &[ScriptCall]) -> (Vec<Bytes>, Vec<&Bytes>) {
             .zip(&call.args)
             .take_while(|(a, b)| a == b)
             .count();
-        let shape = call.keys.len() as u64 * 100_000_000 + call.args.len() as u64 * 10_000 + shared as u64;
-        shapes.push(shape.to_string().into());
+        shapes.push(call.keys.len() * 100_000_000 + call.args.len() * 10_000 + shared);
         own.extend(&call.args[shared..]);
         previous = &call.args;
     }

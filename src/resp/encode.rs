@@ -62,7 +62,7 @@ fn digits(n: usize) -> usize {
     }
 }
 
-fn push_decimal(buf: &mut Vec<u8>, n: usize) {
+pub(crate) fn push_decimal(buf: &mut Vec<u8>, n: usize) {
     match n {
         // Most lengths in a command: a digit or two.
         0..=9 => buf.push(b'0' + n as u8),

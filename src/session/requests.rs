@@ -104,7 +104,15 @@ where
             _ = shared.resumed.notified(), if probing => {
                 let Some(steps) = shared.pairing().resume.take() else { continue };
                 let fence = fence.expect("probes imply fences");
-                let mut bytes = BytesMut::new();
+                let size = steps
+                    .iter()
+                    .map(|step| match step {
+                        Resume::Send(step, _) => step.len(),
+                        // About a call's encoding (sized again if longer).
+                        Resume::Call(call, _) => call.weight() + 128,
+                    })
+                    .sum();
+                let mut bytes = BytesMut::with_capacity(size);
                 {
                     let mut pairing = shared.pairing();
                     for step in steps {
@@ -737,7 +745,6 @@ impl Run {
             pairing.note_pipelined();
         }
         if probe && self.calls.len() >= PROBE_MIN_OPS {
-            let (calls, replies) = (std::mem::take(&mut self.calls), std::mem::take(&mut self.replies));
             // Each write's request, sliced from one copy of the run's bytes.
             let sent = Bytes::copy_from_slice(&buf[self.span.clone()]);
             let at = self.span.start;
@@ -745,14 +752,11 @@ impl Run {
                 .spans
                 .iter()
                 .map(|span| sent.slice(span.start - at..span.end - at));
-            match Probe::of(calls, replies, sent) {
-                Ok(probe) => {
-                    let bytes = probe.request();
-                    pairing.push_request(Expect::fence(Intercept::Probe(probe)));
-                    splice(buf, rewritten, copied, self.span.clone(), &bytes);
-                    return true;
-                }
-                Err((calls, replies)) => (self.calls, self.replies) = (calls, replies),
+            if let Some(probe) = Probe::of(&mut self.calls, &mut self.replies, sent) {
+                let bytes = probe.request();
+                pairing.push_request(Expect::fence(Intercept::Probe(probe)));
+                splice(buf, rewritten, copied, self.span.clone(), &bytes);
+                return true;
             }
         }
         let (call, reply) = match self.calls.len() {

@@ -48,7 +48,7 @@ fn rewritten(plan: Option<Plan>) -> (Vec<String>, Vec<Bytes>, ScriptReply) {
                 .iter()
                 .map(|a| String::from_utf8_lossy(a).into_owned())
                 .collect();
-            (args, call.keys, reply)
+            (args, call.keys.clone(), reply)
         }
         other => panic!("expected a rewrite, got {other:?}"),
     }
