@@ -112,6 +112,35 @@ impl Revocable {
     }
 }
 
+impl Stream {
+    /// A check that the stream is still current (a Sentinel upstream's
+    /// connection to the master a failover replaced is not), if it can
+    /// be revoked.
+    pub fn currency(&self) -> Option<Currency> {
+        match self {
+            Stream::Revocable(revocable) => Some(Currency {
+                revoker: revocable.revoker.clone(),
+                generation: revocable.generation,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Whether a revocable stream is still current, kept apart from it (the
+/// stream itself is owned by its reader and writer).
+#[derive(Debug, Clone)]
+pub struct Currency {
+    revoker: Arc<Revoker>,
+    generation: u64,
+}
+
+impl Currency {
+    pub fn is_current(&self) -> bool {
+        self.revoker.generation() == self.generation
+    }
+}
+
 impl AsyncRead for Revocable {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();

@@ -205,7 +205,9 @@ pub struct SharedUpstreams {
 
 #[derive(Debug, Default)]
 struct Slot {
-    queue: Mutex<Option<mpsc::Sender<Job>>>,
+    /// The live connection's job queue, and (behind Sentinel) whether its
+    /// master is still the master.
+    queue: Mutex<Option<(mpsc::Sender<Job>, Option<crate::net::Currency>)>>,
     /// Held while a connection is being opened: the sessions that arrive
     /// meanwhile (a thousand clients at start) wait for it instead of each
     /// opening one.
@@ -275,6 +277,7 @@ impl SharedUpstreams {
                 return Err(error);
             }
         };
+        let currency = stream.currency();
         let mut held = slot_state.queue.lock().unwrap_or_else(|p| p.into_inner());
         let (tx, rx) = mpsc::channel(QUEUED_JOBS);
         metrics.shared_opened.inc();
@@ -286,7 +289,7 @@ impl SharedUpstreams {
             metrics.clone(),
             self.merging.clone(),
         ));
-        *held = Some(tx.clone());
+        *held = Some((tx.clone(), currency));
         Ok(tx)
     }
 
@@ -410,9 +413,16 @@ pub async fn hello3(stream: &mut Stream, upstream: &Upstream) -> Result<(), Upst
 }
 
 impl Slot {
+    /// The queue of a connection still open. A connection to a master a
+    /// Sentinel failover replaced is not one, even while it is still
+    /// answering what it owes: a session that comes now (a client that
+    /// connects again after the failover's error) goes to the new master,
+    /// not to a connection that can only fail its request.
     fn live(&self) -> Option<mpsc::Sender<Job>> {
         let held = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        held.as_ref().filter(|q| !q.is_closed()).cloned()
+        held.as_ref()
+            .filter(|(q, currency)| !q.is_closed() && currency.as_ref().is_none_or(|c| c.is_current()))
+            .map(|(q, _)| q.clone())
     }
 }
 

@@ -315,3 +315,24 @@ fn unencoded_calls_are_encoded_where_they_are_written_alone() {
         call("d").encode(false)
     );
 }
+
+/// A connection to a master that a Sentinel failover replaced is not
+/// handed to a session that comes after the failover, though it is still
+/// open (answering what it owes): that session goes to the new master.
+#[tokio::test]
+async fn a_connection_revoked_by_a_failover_is_not_live() {
+    let revoker = Arc::new(crate::net::Revoker::default());
+    let (ours, _theirs) = tokio::io::duplex(64);
+    let stream = revoker.wrap(crate::net::Stream::Pipe(Box::new(ours)), revoker.generation());
+    let (tx, _rx) = mpsc::channel(1);
+    let slot = Slot::default();
+    *slot.queue.lock().unwrap() = Some((tx, stream.currency()));
+    assert!(slot.live().is_some());
+    revoker.revoke();
+    assert!(slot.live().is_none(), "revoked, though its queue is open");
+    // Without a revoker (one Redis, a cluster's pipe), open is live.
+    let (plain, _other) = tokio::io::duplex(64);
+    let (tx, _rx) = mpsc::channel(1);
+    *slot.queue.lock().unwrap() = Some((tx, crate::net::Stream::Pipe(Box::new(plain)).currency()));
+    assert!(slot.live().is_some());
+}
