@@ -33,7 +33,7 @@ pub mod translate;
 pub mod undelivered;
 pub mod visible;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -112,6 +112,10 @@ pub struct Fences {
     pub scope: LiveScope,
     /// Keys missed here recently, by when (see [`Fences::missed`]).
     recent_misses: DashMap<Bytes, Instant>,
+    /// Never fewer than the keys `recent_misses` holds (counted up before
+    /// an insert, down after a remove): at 0 a SET need not hash its key
+    /// into the map, which a write-heavy proxy would do for every write.
+    recent_count: AtomicUsize,
     pub stats: FenceStats,
     next_connection: AtomicU64,
     /// This process's identity in herd lease holder names.
@@ -185,6 +189,7 @@ impl Fences {
         Fences {
             scope,
             recent_misses: DashMap::new(),
+            recent_count: AtomicUsize::new(0),
             stats: FenceStats::default(),
             next_connection: AtomicU64::new(1),
             instance: format!("{}-{nanos:x}", std::process::id()),
@@ -238,19 +243,29 @@ impl Fences {
             key,
             history::Event::now(connection, history::What::Miss { version }),
         );
-        if self.recent_misses.len() >= MAX_RECENT_MISSES && !self.recent_misses.contains_key(key) {
+        if self.recent_count.load(Ordering::SeqCst) >= MAX_RECENT_MISSES
+            && !self.recent_misses.contains_key(key)
+        {
             self.stats.tickets_dropped.inc();
             return;
         }
-        self.recent_misses.insert(key.clone(), Instant::now());
+        self.recent_count.fetch_add(1, Ordering::SeqCst);
+        if self.recent_misses.insert(key.clone(), Instant::now()).is_some() {
+            self.recent_count.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 
     /// Whether a miss of `key` here may still have a fill coming (within
     /// `lease_ttl`); the memory of it ends with the first SET judged.
     pub fn take_recent_miss(&self, key: &[u8], lease_ttl: Duration) -> bool {
-        self.recent_misses
-            .remove(key)
-            .is_some_and(|(_, at)| at.elapsed() <= lease_ttl)
+        if self.recent_count.load(Ordering::SeqCst) == 0 {
+            return false;
+        }
+        let Some((_, at)) = self.recent_misses.remove(key) else {
+            return false;
+        };
+        self.recent_count.fetch_sub(1, Ordering::SeqCst);
+        at.elapsed() <= lease_ttl
     }
 
     /// Every sample of the fence layer's counters (`CACHE.STATS`,
@@ -374,6 +389,31 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A miss is remembered once per key until a SET takes it; the count
+    /// that lets a SET skip the map never falls below what it holds.
+    #[test]
+    fn a_recent_miss_is_taken_once_and_counted() {
+        let fences = Fences::new(
+            Scope::new(&[CacheSection::default()]).expect("valid sections"),
+            None,
+        );
+        let (a, b) = (Bytes::from_static(b"user:1"), Bytes::from_static(b"user:2"));
+        let lease = Duration::from_secs(10);
+        assert!(!fences.take_recent_miss(&a, lease));
+        fences.missed(1, &a, 7);
+        fences.missed(2, &a, 7);
+        fences.missed(1, &b, 7);
+        assert_eq!(fences.tickets_outstanding(), 2);
+        assert_eq!(fences.recent_count.load(Ordering::SeqCst), 2);
+        assert!(fences.take_recent_miss(&a, lease));
+        assert!(!fences.take_recent_miss(&a, lease));
+        assert!(fences.take_recent_miss(&b, lease));
+        assert_eq!(fences.tickets_outstanding(), 0);
+        assert_eq!(fences.recent_count.load(Ordering::SeqCst), 0);
+        fences.missed(3, &b, 8);
+        assert!(fences.take_recent_miss(&b, lease));
     }
 
     /// A lag window is its decimal too, measured (not kept) or fixed.

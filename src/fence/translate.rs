@@ -358,6 +358,8 @@ impl Client<'_> {
             // client as a boolean; the client's command answered nil.
             return match own {
                 b"#f\r\n" => Reply::Nil.encode(resp3),
+                // A plain SET's reply, the usual one: no copy to make.
+                b"+OK\r\n" => ok(),
                 own => Bytes::copy_from_slice(own),
             };
         }
