@@ -395,10 +395,11 @@ mod tests {
     /// that lets a SET skip the map never falls below what it holds.
     #[test]
     fn a_recent_miss_is_taken_once_and_counted() {
-        let fences = Fences::new(
-            Scope::new(&[CacheSection::default()]).expect("valid sections"),
-            None,
-        );
+        let every_key = CacheSection {
+            pattern: Some("*".into()),
+            ..Default::default()
+        };
+        let fences = Fences::new(Scope::new(&[every_key]).expect("valid sections"), None);
         let (a, b) = (Bytes::from_static(b"user:1"), Bytes::from_static(b"user:2"));
         let lease = Duration::from_secs(10);
         assert!(!fences.take_recent_miss(&a, lease));
