@@ -106,11 +106,10 @@ impl ScriptReply {
     }
 }
 
-/// The `set` operation's reply for a write (`{3, <the command's reply>}`),
-/// up to the command's reply.
-const SET_WROTE: &[u8] = b"*2\r\n:3\r\n";
 /// The `set` operation's reply for a store turned into a delete.
-const SET_INVALIDATED: &[u8] = b"*1\r\n:4\r\n";
+const SET_INVALIDATED: &[u8] = b":4\r\n";
+/// The `set` operation's reply for a write `on_write = "reject"` refused.
+const SET_REJECTED: &[u8] = b":5\r\n";
 
 /// `+OK`, the same in RESP2 and RESP3.
 fn ok() -> Bytes {
@@ -348,38 +347,38 @@ impl Client<'_> {
     }
 
     /// The reply to a plain store judged in Redis (`op == 'set'`): a fill's
-    /// verdict, `{3, reply}` a write (the command's own reply), `{4}` a
-    /// write turned into a delete (`on_write = "invalidate"`), `{5}` a write
-    /// rejected.
+    /// verdict (an array); for a write, the command's own reply (a status,
+    /// or nil); 4 for a write turned into a delete (`on_write =
+    /// "invalidate"`), 5 for a write rejected; or an error.
     fn set_reply(&self, policy: usize, key: &Bytes, frame: &[u8], resp3: bool, db: u32) -> Bytes {
-        if let Some(own) = frame.strip_prefix(SET_WROTE) {
-            self.wrote(key, db);
-            // Lua's false (SET … NX that found a value) reaches a RESP3
-            // client as a boolean; the client's command answered nil.
-            return match own {
-                b"#f\r\n" => Reply::Nil.encode(resp3),
-                // A plain SET's reply, the usual one: no copy to make.
-                b"+OK\r\n" => ok(),
-                own => Bytes::copy_from_slice(own),
-            };
-        }
-        // A store turned into a delete, the default's common case: known
-        // without decoding.
-        if frame == SET_INVALIDATED {
-            return self.set_invalidated(key, db);
+        match frame {
+            // A store turned into a delete, the default's common case.
+            SET_INVALIDATED => return self.set_invalidated(key, db),
+            SET_REJECTED => {
+                self.fences.stats.writes_rejected.inc();
+                self.record(key, What::WriteRejected);
+                return super::plan::rejected(key).encode(resp3);
+            }
+            // An error: the client's command failed in the script, or the
+            // script could not run. The client's reply as Redis sent it.
+            [b'-' | b'!', ..] => return Bytes::copy_from_slice(frame),
+            [b'*', ..] => {}
+            // A write: the command's own reply, SET's usual one first (no
+            // copy to make). Lua's false (SET … NX that found a value)
+            // reaches a RESP3 client as a boolean; the command answered nil.
+            own => {
+                self.wrote(key, db);
+                return match own {
+                    b"+OK\r\n" => ok(),
+                    b"#f\r\n" => Reply::Nil.encode(resp3),
+                    own => Bytes::copy_from_slice(own),
+                };
+            }
         }
         let Some(Value::Array(items)) = Value::decode(frame, resp3) else {
             return Bytes::copy_from_slice(frame);
         };
-        match items.first().and_then(Value::as_int) {
-            Some(4) => self.set_invalidated(key, db),
-            Some(5) => {
-                self.fences.stats.writes_rejected.inc();
-                self.record(key, What::WriteRejected);
-                super::plan::rejected(key).encode(resp3)
-            }
-            _ => self.fill_reply(policy, key, &items, false).encode(resp3),
-        }
+        self.fill_reply(policy, key, &items, false).encode(resp3)
     }
 
     /// A store of `key` ran as a delete: counted, acted on, answered `+OK`.
@@ -631,21 +630,21 @@ mod tests {
         assert_eq!(fences.undelivered.stats.reads_missed.get(), 1);
         // A write: the command's own reply, byte for byte; nil from Lua's false.
         assert_eq!(
-            &client.translate(&set("user:1"), b"*2\r\n:3\r\n+OK\r\n", true, 0)[..],
+            &client.translate(&set("user:1"), b"+OK\r\n", true, 0)[..],
             b"+OK\r\n"
         );
         assert_eq!(
-            &client.translate(&set("user:1"), b"*2\r\n:3\r\n#f\r\n", true, 0)[..],
+            &client.translate(&set("user:1"), b"#f\r\n", true, 0)[..],
             b"_\r\n"
         );
         assert_eq!(
-            &client.translate(&set("user:1"), b"*2\r\n:3\r\n$-1\r\n", false, 0)[..],
+            &client.translate(&set("user:1"), b"$-1\r\n", false, 0)[..],
             b"$-1\r\n"
         );
         assert_eq!(fences.stats.writes.get(), 3);
         // on_write = "invalidate": +OK, and the invalidation ends in the epilogue.
         assert_eq!(
-            &client.translate(&set("user:1"), b"*1\r\n:4\r\n", false, 0)[..],
+            &client.translate(&set("user:1"), b":4\r\n", false, 0)[..],
             b"+OK\r\n"
         );
         assert_eq!(fences.stats.keys_invalidated_client.get(), 1);
@@ -656,7 +655,7 @@ mod tests {
                 .iter()
                 .any(|e| e.describe().contains("invalidated by a client"))
         );
-        let rejected = client.translate(&set("rejected:1"), b"*1\r\n:5\r\n", false, 0);
+        let rejected = client.translate(&set("rejected:1"), b":5\r\n", false, 0);
         assert!(rejected.starts_with(b"-ERR cachefence: writes to 'rejected:1' are rejected"));
         assert_eq!(fences.stats.writes_rejected.get(), 1);
         let error = b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n";
