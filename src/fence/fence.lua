@@ -290,13 +290,15 @@ local function store_fill(value_at, first, last, miss_at, lag, lag_mode, nx, f)
   return nil
 end
 
--- The reply to a fill from `store_fill`'s verdict: {1} stored ({1, lag}
--- with the TTL the lag rule shortened), {2} not stored (NX), {0, reason}
--- refused ({0, 'lag_window', lag}); `refuse` gives the herd lease back.
+-- The reply to a fill from `store_fill`'s verdict: 1 stored, the usual
+-- one, as a number (a table costs Redis more to turn into a reply: see
+-- the `set` operation); {1, lag} stored with the TTL the lag rule
+-- shortened, {2} not stored (NX), {0, reason} refused ({0, 'lag_window',
+-- lag}); `refuse` gives the herd lease back.
 local function fill_reply(verdict, refuse, lag, shortened)
   if verdict == nil then
     if shortened then return {1, lag} end
-    return {1}
+    return 1
   end
   if type(verdict) == 'table' then return verdict end
   if verdict == 'nx' then
@@ -372,7 +374,7 @@ local function run(op)
     -- on_write (write|inval|reject), pending_delete, where the value is in the client's command (2: SET,
     -- 3: SETEX, PSETEX), count of expiry words, the expiry words, then the
     -- client's command.
-    -- Replies: a fill's verdict (an array, see `fill_reply`); for a write,
+    -- Replies: a fill's verdict (see `fill_reply`: 1 or an array); for a write,
     -- the command's own reply (a status or nil: never an array or a
     -- number), 4 for a write turned into a delete, 5 for one rejected. Not
     -- arrays: a table in a reply costs Redis more to convert than the

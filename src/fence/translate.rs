@@ -108,6 +108,8 @@ impl ScriptReply {
 
 /// The `set` operation's reply for a store turned into a delete.
 const SET_INVALIDATED: &[u8] = b":4\r\n";
+/// A fill's reply when it was stored (`fill` and `set` operations).
+const FILL_STORED: &[u8] = b":1\r\n";
 /// The `set` operation's reply for a write `on_write = "reject"` refused.
 const SET_REJECTED: &[u8] = b":5\r\n";
 
@@ -192,6 +194,15 @@ impl Client<'_> {
                 },
                 Some(Value::Array(items)),
             ) => self.fill_reply(*policy, key, &items, *lease_api).encode(resp3),
+            // Stored, the usual verdict: a number, not an array.
+            (
+                ScriptReply::Fill {
+                    policy,
+                    key,
+                    lease_api,
+                },
+                Some(stored @ Value::Int(1)),
+            ) => self.fill_reply(*policy, key, &[stored], *lease_api).encode(resp3),
             (ScriptReply::FenceInfo { key }, Some(Value::Array(items))) => {
                 self.fence_info(key, &items).encode(resp3)
             }
@@ -347,13 +358,19 @@ impl Client<'_> {
     }
 
     /// The reply to a plain store judged in Redis (`op == 'set'`): a fill's
-    /// verdict (an array); for a write, the command's own reply (a status,
+    /// verdict (1 stored, else an array); for a write, the command's own reply (a status,
     /// or nil); 4 for a write turned into a delete (`on_write =
     /// "invalidate"`), 5 for a write rejected; or an error.
     fn set_reply(&self, policy: usize, key: &Bytes, frame: &[u8], resp3: bool, db: u32) -> Bytes {
         match frame {
             // A store turned into a delete, the default's common case.
             SET_INVALIDATED => return self.set_invalidated(key, db),
+            // A fill stored, the usual verdict: a number, not an array.
+            FILL_STORED => {
+                return self
+                    .fill_reply(policy, key, &[Value::Int(1)], false)
+                    .encode(resp3);
+            }
             SET_REJECTED => {
                 self.fences.stats.writes_rejected.inc();
                 self.record(key, What::WriteRejected);
@@ -514,7 +531,7 @@ mod tests {
         let fences = fences();
         let client = client(&fences);
         assert_eq!(
-            &client.translate(&fill("user:1"), b"*1\r\n:1\r\n", false, 0)[..],
+            &client.translate(&fill("user:1"), b":1\r\n", false, 0)[..],
             b"+OK\r\n"
         );
         assert_eq!(fences.stats.fills_accepted.get(), 1);
@@ -613,7 +630,7 @@ mod tests {
         let fences = fences();
         let client = client(&fences);
         assert_eq!(
-            &client.translate(&set("user:1"), b"*1\r\n:1\r\n", false, 0)[..],
+            &client.translate(&set("user:1"), b":1\r\n", false, 0)[..],
             b"+OK\r\n"
         );
         assert_eq!(fences.stats.fills_accepted.get(), 1);
