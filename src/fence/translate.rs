@@ -358,9 +358,9 @@ impl Client<'_> {
     }
 
     /// The reply to a plain store judged in Redis (`op == 'set'`): a fill's
-    /// verdict (1 stored, else an array); for a write, the command's own reply (a status,
-    /// or nil); 4 for a write turned into a delete (`on_write =
-    /// "invalidate"`), 5 for a write rejected; or an error.
+    /// verdict (1 stored, else an array); for a write, the command's own
+    /// reply (a status, or nil); 4 for a write turned into a delete
+    /// (`on_write = "invalidate"`), 5 for a write rejected; or an error.
     fn set_reply(&self, policy: usize, key: &Bytes, frame: &[u8], resp3: bool, db: u32) -> Bytes {
         match frame {
             // A store turned into a delete, the default's common case.
