@@ -70,8 +70,10 @@ impl Revoker {
         }
         Stream::Revocable(Box::new(Revocable {
             inner: stream,
-            revoker: self.clone(),
-            generation,
+            currency: Currency {
+                revoker: self.clone(),
+                generation,
+            },
             waker,
         }))
     }
@@ -95,14 +97,14 @@ impl Revoker {
 #[derive(Debug)]
 pub struct Revocable {
     inner: Stream,
-    revoker: Arc<Revoker>,
-    generation: u64,
+    /// Which revoker, and the generation it was made in.
+    currency: Currency,
     waker: Arc<AtomicWaker>,
 }
 
 impl Revocable {
     fn check(&self) -> io::Result<()> {
-        match self.revoker.generation() == self.generation {
+        match self.currency.is_current() {
             true => Ok(()),
             false => Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
@@ -118,17 +120,15 @@ impl Stream {
     /// be revoked.
     pub fn currency(&self) -> Option<Currency> {
         match self {
-            Stream::Revocable(revocable) => Some(Currency {
-                revoker: revocable.revoker.clone(),
-                generation: revocable.generation,
-            }),
+            Stream::Revocable(revocable) => Some(revocable.currency.clone()),
             _ => None,
         }
     }
 }
 
-/// Whether a revocable stream is still current, kept apart from it (the
-/// stream itself is owned by its reader and writer).
+/// Whether a revocable stream is still current: the stream's own check,
+/// and a copy of it kept apart (the stream is owned by its reader and
+/// writer).
 #[derive(Debug, Clone)]
 pub struct Currency {
     revoker: Arc<Revoker>,
