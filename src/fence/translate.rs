@@ -192,17 +192,15 @@ impl Client<'_> {
                     key,
                     lease_api,
                 },
-                Some(Value::Array(items)),
-            ) => self.fill_reply(*policy, key, &items, *lease_api).encode(resp3),
-            // Stored, the usual verdict: a number, not an array.
-            (
-                ScriptReply::Fill {
-                    policy,
-                    key,
-                    lease_api,
-                },
-                Some(stored @ Value::Int(1)),
-            ) => self.fill_reply(*policy, key, &[stored], *lease_api).encode(resp3),
+                Some(verdict @ (Value::Array(_) | Value::Int(1))),
+            ) => {
+                // Stored, the usual verdict, is a number, not an array.
+                let items = match &verdict {
+                    Value::Array(items) => &items[..],
+                    stored => std::slice::from_ref(stored),
+                };
+                self.fill_reply(*policy, key, items, *lease_api).encode(resp3)
+            }
             (ScriptReply::FenceInfo { key }, Some(Value::Array(items))) => {
                 self.fence_info(key, &items).encode(resp3)
             }
