@@ -126,11 +126,12 @@ local function bump(fence, ttl_ms, invalidated, f, keep)
     return
   end
   f = f or {v = zero, t = zero, p = zero, rest = ''}
-  if stamp() > f.v then f.v = now16 else f.v = fixed(tonumber(f.v) + 1) end
+  local stamped = stamp()
+  if stamped > f.v then f.v = stamped else f.v = fixed(tonumber(f.v) + 1) end
   if invalidated then
     -- The previous invalidation is kept only for the lag window.
     if keep then f.p = f.t else f.p = nil end
-    f.t = now16
+    f.t = stamped
   end
   f.h, f.he = '', zero
   save(fence, f, ttl_ms)
@@ -340,11 +341,11 @@ local function run(op)
         -- exist): their leader's herd lease lapsed instead of going with a
         -- fill, so that is when expired ones are swept.
         if held and lapsed then sweep(f, tonumber(A[7])) end
-        f.rest = f.rest .. '\n' .. f.v .. ' ' .. now16 .. ' ' .. A[6]
+        f.rest = f.rest .. '\n' .. f.v .. ' ' .. stamp() .. ' ' .. A[6]
       end
     end
     save(K[2], f, A[2])
-    return {0, f.v, f.t, now16, leader}
+    return {0, f.v, f.t, stamp(), leader}
   elseif op == 'fill' then
     -- KEYS: key, fence. ARGV: op, fence_ttl_ms, version, miss_us, lag_us,
     -- lag_mode, nx, lease_holder, lease_us, value, then the client's
