@@ -51,15 +51,10 @@ local zero = '0000000000000000'
 -- 'm|<ip>|<instance>:<connection>|' one connection). Names and holders
 -- hold no space or newline. A fence lives only while it guards something
 -- (see `bump`): at rest a cached key has none.
--- Returns nil for no fence, or for one of an older format, which goes:
--- tickets against it cannot be judged, so they are refused as for a lost
--- fence.
-local function load(fence)
-  local s = redis.pcall('GET', fence)
-  if type(s) == 'table' then
-    redis.call('DEL', fence)
-    return nil
-  end
+-- `parse` reads a fence's string (nil: there is none). It returns nil for
+-- no fence, or for one of an older format, which goes: tickets against it
+-- cannot be judged, so they are refused as for a lost fence.
+local function parse(s)
   if not s or #s < 33 or string.byte(s, 17) ~= 32 then return nil end
   local f = {v = string.sub(s, 1, 16), t = string.sub(s, 18, 33), he = zero, h = '', rest = ''}
   local o = 34
@@ -82,6 +77,16 @@ local function load(fence)
     f.rest = string.sub(s, o)
   end
   return f
+end
+
+-- The fence at key `fence`, parsed.
+local function load(fence)
+  local s = redis.pcall('GET', fence)
+  if type(s) == 'table' then
+    redis.call('DEL', fence)
+    return nil
+  end
+  return parse(s)
 end
 
 -- Writes `f` back; with a TTL of `ttl_ms`, else keeping the one it has.
@@ -317,9 +322,14 @@ local function run(op)
     -- KEYS: key, fence. ARGV: op, fence_ttl_ms, lease_holder, lease_ms, claim
     -- (wait|alone|force), the miss's name ('' for the lease API, whose token
     -- is the ticket), lease_ttl_us, the connection's holder prefix.
-    local value = redis.call('GET', K[1])
-    if value then return {1, value} end
-    local f = load(K[2]) or {v = stamp(), t = zero, h = '', he = zero, rest = ''}
+    -- The key and its fence in one call (a call costs about 0.9 µs). MGET
+    -- reads a value of another type as nil: a key that became a hash since
+    -- the client's GET answered nil misses as that GET did, and a fence of
+    -- an older format (a hash) is written over by `save` as `load` would
+    -- have deleted it.
+    local read = redis.call('MGET', K[1], K[2])
+    if read[1] then return {1, read[1]} end
+    local f = parse(read[2]) or {v = stamp(), t = zero, h = '', he = zero, rest = ''}
     local leader = 0
     local held = f.h ~= ''
     local lapsed = f.he <= stamp()
