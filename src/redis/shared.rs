@@ -94,6 +94,11 @@ impl Backlog {
         }
     }
 
+    /// Whether the session is to be closed (for its backlog).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
     /// The session took `n` bytes.
     pub fn took(&self, n: usize) {
         self.bytes.fetch_sub(n, Ordering::AcqRel);

@@ -26,6 +26,7 @@ pub mod requests;
 pub mod upstream;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -151,9 +152,10 @@ pub async fn run(mut client: Stream, peer: SocketAddr, app: Arc<App>, shutdown: 
             let (mut rd, mut wr) = upstream::shared_halves(app.clone(), slot, queue);
             let backlog = rd.backlog.clone();
             // Closed by the shared connection: its client does not read.
+            let closed = Wait::new(Box::pin(backlog.close.notified()), || backlog.is_closed());
             tokio::select! {
                 () = serve_client(client, (&mut rd, &mut wr), BytesMut::new(), ctx, &mut shutdown) => {}
-                () = backlog.close.notified() => debug!(%peer, "session closed: its replies stalled a shared connection"),
+                () = closed => debug!(%peer, "session closed: its replies stalled a shared connection"),
             }
         }
         // Without TLS to Redis, the upstream socket is split lock-free.
@@ -304,6 +306,9 @@ struct Shared {
     pairing: Mutex<Pairing>,
     /// Wakes the replies direction: a local reply or a drain was queued.
     wake_replies: Notify,
+    /// Set before `wake_replies` is notified, taken by the replies
+    /// direction ([`Wait`]).
+    replies_woken: AtomicBool,
     /// Wakes the requests direction: the pending queue has room again.
     room: Notify,
     /// Wakes the requests direction while a `SYNC` waits for its answer
@@ -321,6 +326,7 @@ impl Default for Shared {
         Shared {
             pairing: Mutex::default(),
             wake_replies: Notify::new(),
+            replies_woken: AtomicBool::new(false),
             room: Notify::new(),
             link: Notify::new(),
             resumed: Notify::new(),
@@ -350,13 +356,65 @@ impl Shared {
     /// Queues a reply of the proxy's own in request order.
     fn reply_locally(&self, reply: Bytes, close: bool) {
         self.pairing().push(Expect::Local { reply, close });
+        self.wake_replies();
+    }
+
+    /// Wakes the replies direction ([`Shared::wake_replies`]).
+    fn wake_replies(&self) {
+        self.replies_woken.store(true, Ordering::Release);
         self.wake_replies.notify_one();
     }
 }
 
 fn drain(shared: &Shared) {
     shared.pairing().draining = true;
-    shared.wake_replies.notify_one();
+    shared.wake_replies();
+}
+
+/// A wait that a session's task polls at each of its wake-ups (two per
+/// request), made cheap. Polling a `Notify` or `watch` wait takes its
+/// waiter lock every time (5% of the proxy's instructions per `GET`,
+/// `bench/callgrind.sh`, for one such wait); this polls it only until it
+/// has registered this task, and from then on reads `done`, an atomic the
+/// waking side sets before it wakes. A `done` found set ends the wait even
+/// if the inner one was not woken yet; a wait woken without it (a `Notify`
+/// permit left from before) ends it too, as it would have.
+struct Wait<F, D> {
+    wait: F,
+    done: D,
+    /// The task the inner wait's registered waiter wakes.
+    waker: Option<std::task::Waker>,
+}
+
+impl<F, D> Wait<F, D> {
+    fn new(wait: F, done: D) -> Wait<F, D> {
+        Wait {
+            wait,
+            done,
+            waker: None,
+        }
+    }
+}
+
+impl<F, D> std::future::Future for Wait<F, D>
+where
+    F: std::future::Future + Unpin,
+    D: FnMut() -> bool + Unpin,
+{
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if (this.done)() {
+            return Poll::Ready(());
+        }
+        if this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return Poll::Pending;
+        }
+        this.waker = Some(cx.waker().clone());
+        std::pin::Pin::new(&mut this.wait).poll(cx).map(|_| ())
+    }
 }
 
 /// Writes all of `bytes` and flushes: a TLS stream may keep the end of
@@ -399,5 +457,82 @@ mod read_size_tests {
         size.prepare(&mut buf);
         assert_eq!(&buf[..], &[b'x'; 4000][..]);
         assert!(buf.capacity() - buf.len() >= ReadSize::MIN / 4);
+    }
+}
+
+#[cfg(test)]
+mod wait_tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    const QUIET: Duration = Duration::from_millis(20);
+    const BOUND: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn a_wait_ends_when_its_flag_is_set_and_it_is_woken() {
+        let notify = Arc::new(Notify::new());
+        let flag = Arc::new(AtomicBool::new(false));
+        let taken = flag.clone();
+        let mut wait = Wait::new(Box::pin(notify.notified()), move || {
+            taken.swap(false, Ordering::AcqRel)
+        });
+        assert!(tokio::time::timeout(QUIET, &mut wait).await.is_err());
+        // Polled again by the same task: the short path, the inner wait not
+        // polled; the wake must still reach this task.
+        let waker = tokio::spawn({
+            let (notify, flag) = (notify.clone(), flag.clone());
+            async move {
+                tokio::time::sleep(QUIET).await;
+                flag.store(true, Ordering::Release);
+                notify.notify_one();
+            }
+        });
+        assert!(tokio::time::timeout(BOUND, &mut wait).await.is_ok());
+        waker.await.unwrap();
+        assert!(!flag.load(Ordering::Acquire), "the flag is taken");
+    }
+
+    #[tokio::test]
+    async fn a_wait_ends_at_a_permit_left_from_before_it_was_made() {
+        let notify = Notify::new();
+        notify.notify_one();
+        let wait = Wait::new(Box::pin(notify.notified()), || false);
+        assert!(tokio::time::timeout(BOUND, wait).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_wait_whose_flag_is_set_ends_without_being_woken() {
+        let notify = Notify::new();
+        let mut wait = Wait::new(Box::pin(notify.notified()), || false);
+        assert!(tokio::time::timeout(QUIET, &mut wait).await.is_err());
+        let wait = Wait::new(Box::pin(notify.notified()), || true);
+        assert!(tokio::time::timeout(QUIET, wait).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_wait_ends_at_the_change_and_at_the_senders_end() {
+        for close in [false, true] {
+            let (tx, rx) = watch::channel(false);
+            let mut changes = rx.clone();
+            let mut wait = Wait::new(
+                Box::pin(async move {
+                    let _ = changes.changed().await;
+                }),
+                move || rx.has_changed().unwrap_or(true),
+            );
+            assert!(tokio::time::timeout(QUIET, &mut wait).await.is_err());
+            tokio::spawn(async move {
+                tokio::time::sleep(QUIET).await;
+                match close {
+                    true => drop(tx),
+                    false => tx.send(true).unwrap(),
+                }
+            });
+            assert!(
+                tokio::time::timeout(BOUND, &mut wait).await.is_ok(),
+                "close: {close}"
+            );
+        }
     }
 }

@@ -9,6 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -18,7 +19,7 @@ use tracing::warn;
 
 use super::outbox::Outbox;
 use super::pairing::{Expect, Link, LocalReply, Pairing, Resume, Route};
-use super::{Injection, REPLY_TIMEOUT_OFF_RECHECK, ReadSize, SessionEnd, Shared, link, sleep_until};
+use super::{Injection, REPLY_TIMEOUT_OFF_RECHECK, ReadSize, SessionEnd, Shared, Wait, link, sleep_until};
 use crate::app::App;
 use crate::fence::Client;
 use crate::fence::herd::Holds;
@@ -57,6 +58,11 @@ where
     let period = || app.live.reply_timeout().unwrap_or(REPLY_TIMEOUT_OFF_RECHECK);
     let mut check = Box::pin(tokio::time::sleep(period()));
     let (mut reads, mut reads_at_check, mut due_at_check) = (0u64, 0u64, false);
+    // Kept across turns, made again only once it fired: a fresh
+    // `notified()` polled at every turn registers a waiter and drops it
+    // again, a lock each way, for every reply read.
+    let woken_now = || shared.replies_woken.swap(false, Ordering::AcqRel);
+    let mut woken = Wait::new(Box::pin(shared.wake_replies.notified()), woken_now);
     loop {
         // Local replies owed before any further upstream frame.
         let (close, drained, linked) = {
@@ -106,7 +112,10 @@ where
                 misses.injections.flush(&mut outbox);
                 continue;
             }
-            _ = shared.wake_replies.notified() => continue,
+            _ = &mut woken => {
+                woken = Wait::new(Box::pin(shared.wake_replies.notified()), woken_now);
+                continue;
+            }
             _ = misses.wake.notified(), if !misses.holds.is_empty() => {
                 misses.poll(fence.expect("herd waits imply fences"), &mut outbox, true);
                 continue;

@@ -25,7 +25,7 @@ use super::pairing::{Expect, Link, Resume};
 use super::upstream::{
     Placement, UpstreamWrite, close_requests, placement, remember, send_call, send_requests, send_unencoded,
 };
-use super::{Injection, ReadSize, RequestsEnd, Shared, drain, link, sleep_until};
+use super::{Injection, ReadSize, RequestsEnd, Shared, Wait, drain, link, sleep_until};
 use crate::app::App;
 use crate::fence::Client;
 use crate::fence::plan::{InExec, Intercept, Plan, after_command};
@@ -76,12 +76,28 @@ where
     if !reading {
         drain(shared);
     }
+    // The shutdown, waited for with a clone (the session's own receiver
+    // marks what it saw).
+    let mut changes = shutdown.clone();
+    let stopping = shutdown.clone();
+    let mut stopped = Wait::new(
+        Box::pin(async move {
+            let _ = changes.changed().await;
+        }),
+        move || stopping.has_changed().unwrap_or(true),
+    );
     // A `SYNC` sent and not answered yet: the client is not read meanwhile.
     let mut syncing = false;
     // A probed run's `MGET` sent and not answered yet: nothing more of the
     // client's is sent (or read) until its writes are ([`Pairing::resume`]).
     let mut probing = false;
     loop {
+        if reading && !matches!(shutdown.has_changed(), Ok(false)) {
+            // Seen, as `changed()` on it would have marked it.
+            shutdown.borrow_and_update();
+            reading = false;
+            drain(shared);
+        }
         let room = shared.pairing().has_room(app.live.max_pending());
         state.framer.set_max_bulk_len(app.live.max_frame_size());
         let timeout = app.live.timeout();
@@ -98,7 +114,23 @@ where
         let read = if std::mem::take(&mut unframed) {
             Ok(buf.len())
         } else {
+            // In this order, so that a client whose bytes are there costs one
+            // poll: the proxy's own calls first (they must not wait for a
+            // busy client), the client, then what only a quiet turn needs.
+            // The shutdown is also looked for at the top of every turn.
             tokio::select! {
+            biased;
+            injection = injections.recv(), if fence.is_some() && !syncing => {
+                let Some(injection) = injection else { return RequestsEnd::RepliesDone };
+                let fence = fence.expect("injections imply fences");
+                let bytes = fence.encode(&injection.call, injection.reload);
+                shared.pairing().push(injection.expect);
+                if let Err(error) = send_requests(upstream, &bytes, frames).await {
+                    debug!(%error, "upstream write failed");
+                    return RequestsEnd::UpstreamGone;
+                }
+                continue;
+            }
             read = client.read_buf(&mut buf), if reading && room && !syncing && !probing => read,
             _ = shared.room.notified(), if reading && !room && !syncing && !probing => continue,
             _ = shared.resumed.notified(), if probing => {
@@ -155,18 +187,9 @@ where
                 }
                 continue;
             }
-            injection = injections.recv(), if fence.is_some() && !syncing => {
-                let Some(injection) = injection else { return RequestsEnd::RepliesDone };
-                let fence = fence.expect("injections imply fences");
-                let bytes = fence.encode(&injection.call, injection.reload);
-                shared.pairing().push(injection.expect);
-                if let Err(error) = send_requests(upstream, &bytes, frames).await {
-                    debug!(%error, "upstream write failed");
-                    return RequestsEnd::UpstreamGone;
-                }
-                continue;
-            }
-            _ = shutdown.changed(), if reading => {
+            _ = &mut stopped, if reading => {
+                // Seen, as `changed()` on it would have marked it.
+                shutdown.borrow_and_update();
                 reading = false;
                 drain(shared);
                 continue;
@@ -236,7 +259,7 @@ where
             buf.clear();
         }
         if batch.wake {
-            shared.wake_replies.notify_one();
+            shared.wake_replies();
         }
         if let Some(resp3) = batch.protocol {
             let switched = match upstream.shared() {
