@@ -61,8 +61,11 @@ where
     // Kept across turns, made again only once it fired: a fresh
     // `notified()` polled at every turn registers a waiter and drops it
     // again, a lock each way, for every reply read.
-    let woken_now = || shared.replies_woken.swap(false, Ordering::AcqRel);
-    let mut woken = Wait::new(Box::pin(shared.wake_replies.notified()), woken_now);
+    let wait_woken = || {
+        let woken_now = || shared.replies_woken.swap(false, Ordering::AcqRel);
+        Wait::new(Box::pin(shared.wake_replies.notified()), woken_now)
+    };
+    let mut woken = wait_woken();
     loop {
         // Local replies owed before any further upstream frame.
         let (close, drained, linked) = {
@@ -113,7 +116,7 @@ where
                 continue;
             }
             _ = &mut woken => {
-                woken = Wait::new(Box::pin(shared.wake_replies.notified()), woken_now);
+                woken = wait_woken();
                 continue;
             }
             _ = misses.wake.notified(), if !misses.holds.is_empty() => {

@@ -92,6 +92,8 @@ where
     // client's is sent (or read) until its writes are ([`Pairing::resume`]).
     let mut probing = false;
     loop {
+        // The shutdown: looked for here at every turn (a busy client's
+        // read is always ready first), and woken for by `stopped`.
         if reading && !matches!(shutdown.has_changed(), Ok(false)) {
             // Seen, as `changed()` on it would have marked it.
             shutdown.borrow_and_update();
@@ -187,13 +189,9 @@ where
                 }
                 continue;
             }
-            _ = &mut stopped, if reading => {
-                // Seen, as `changed()` on it would have marked it.
-                shutdown.borrow_and_update();
-                reading = false;
-                drain(shared);
-                continue;
-            }
+            // The top of the loop acts on it (the session's own receiver
+            // has not seen the change).
+            _ = &mut stopped, if reading => continue,
             _ = sleep_until(idle_deadline) => {
                 let timeout = timeout.expect("a deadline implies a timeout");
                 if shared.pairing().is_idle() && shared.last_activity().elapsed() >= timeout {
