@@ -157,6 +157,13 @@ fn miss_claiming(holder: &str, name: &str, claim: &str) -> Op {
     )
 }
 
+/// A `GET` sent as the miss script (`fence::direct`).
+fn direct_read(holder: &str, name: &str) -> Op {
+    let mut read = miss(holder, name);
+    read.args.push("get".to_string());
+    read
+}
+
 /// The `set` arguments: scope, lease (or `<lease>,<bound>`), lag, nx,
 /// expect_fence, on_write, pending delete, and the client's command after
 /// its expiry words.
@@ -214,6 +221,7 @@ enum Before {
     Key(&'static str),
     Fence(Box<dyn Fn(u64) -> String>),
     FenceHash,
+    KeyHash,
 }
 
 struct Scenario {
@@ -240,6 +248,7 @@ async fn run(redis: &mut RawClient, db: u32, sha: &str, scenario: &Scenario) -> 
                 call(redis, &[b"SET", FENCE.as_bytes(), s.as_bytes(), b"PX", b"60000"]).await
             }
             Before::FenceHash => call(redis, &[b"HSET", FENCE.as_bytes(), b"f", b"v"]).await,
+            Before::KeyHash => call(redis, &[b"HSET", KEY.as_bytes(), b"f", b"v"]).await,
         };
         assert!(!reply.starts_with(b"-"), "{}", String::from_utf8_lossy(&reply));
     }
@@ -322,6 +331,49 @@ fn scenarios() -> Vec<Scenario> {
             }))],
             ops: vec![miss("inst:1:7:1", name)],
             fast: Some(false),
+        },
+        Scenario {
+            name: "direct read, nothing there",
+            before: vec![],
+            ops: vec![direct_read("inst:1:7:1", name)],
+            fast: Some(true),
+        },
+        Scenario {
+            name: "direct read, the value there",
+            before: vec![Before::Key("v0")],
+            ops: vec![direct_read("inst:1:7:1", name)],
+            fast: Some(true),
+        },
+        Scenario {
+            name: "direct read of a hash",
+            before: vec![Before::KeyHash],
+            ops: vec![direct_read("inst:1:7:1", name)],
+            fast: Some(true),
+        },
+        Scenario {
+            name: "direct read, a hash where the fence goes",
+            before: vec![Before::FenceHash],
+            ops: vec![direct_read("inst:1:7:1", name)],
+            fast: Some(false),
+        },
+        Scenario {
+            name: "direct read, a fence with another's herd lease",
+            before: vec![Before::Fence(Box::new(|now| {
+                fence(
+                    now - 5_000,
+                    None,
+                    Some((now + 5_000_000, "inst:2:1:1")),
+                    &[(now - 5_000, now - 4_000, "m|127.0.0.2|inst:2:1|1")],
+                )
+            }))],
+            ops: vec![direct_read("inst:1:7:1", name)],
+            fast: Some(false),
+        },
+        Scenario {
+            name: "direct read then its fill",
+            before: vec![],
+            ops: vec![direct_read("inst:1:7:1", name), set(SET)],
+            fast: Some(true),
         },
         Scenario {
             name: "two misses then their fill",
@@ -515,6 +567,9 @@ fn scenarios() -> Vec<Scenario> {
                 set(s(|s| s.command = &["SET", KEY, "v1", "EX", "-5"])),
                 set(SET),
                 set(s(|s| s.on_write = "inval")),
+                direct_read("inst:1:7:4", "m|127.0.0.1|inst:1:7|4"),
+                set(SET),
+                direct_read("inst:1:7:5", "m|127.0.0.1|inst:1:7|5"),
             ])],
             fast: None,
         },

@@ -207,7 +207,7 @@ async fn cache_commands_answer_in_the_connections_protocol() {
     assert_eq!(c.call("SET user:1 a").await, "+OK\r\n");
     assert_eq!(c.call("CACHE.INVALIDATE user:1 user:2").await, ":1\r\n");
     let resp2 = c.call("CACHE.STATS").await;
-    assert!(resp2.starts_with("*62\r\n$6\r\nmisses\r\n"), "{resp2}");
+    assert!(resp2.starts_with("*64\r\n$6\r\nmisses\r\n"), "{resp2}");
     assert!(resp2.contains("$13\r\ninvalidations\r\n:1\r\n"), "{resp2}");
     let fence = c.call("CACHE.FENCE user:1").await;
     assert!(
@@ -218,7 +218,7 @@ async fn cache_commands_answer_in_the_connections_protocol() {
     c.read_frame().await;
     let resp3 = c.call("CACHE.STATS").await;
     assert!(
-        resp3.starts_with("%31\r\n") && resp3.contains("$6\r\nmisses\r\n:0\r\n"),
+        resp3.starts_with("%32\r\n") && resp3.contains("$6\r\nmisses\r\n:0\r\n"),
         "{resp3}"
     );
     assert!(
@@ -1046,7 +1046,7 @@ async fn admin_commands_need_the_admin_password() {
     );
     assert_eq!(c.call("GET user:1").await, "$1\r\na\r\n");
     // The lease API and the read-only commands stay open to applications.
-    assert!(c.call("CACHE.STATS").await.starts_with("*62\r\n"));
+    assert!(c.call("CACHE.STATS").await.starts_with("*64\r\n"));
     assert_eq!(
         c.call("CACHE.AUTH wrong").await,
         "-WRONGPASS cachefence: invalid admin password\r\n"

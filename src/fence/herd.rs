@@ -105,6 +105,8 @@ impl Holds {
                 nil,
                 forced: now >= wait.deadline,
                 miss: *miss,
+                // Asked again with the miss script: the key read with MGET.
+                direct: false,
             };
             due.push((wait.slot, reply));
         }
@@ -124,6 +126,7 @@ mod tests {
             nil: b"$-1\r\n",
             forced: false,
             miss: 1,
+            direct: false,
         }
     }
 

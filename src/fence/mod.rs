@@ -6,7 +6,8 @@
 //!   intercepted request is sent; [`translate`]: how its reply comes back;
 //!   [`herd`]: misses held while another client fills the key (C7);
 //!   [`probe`]: pipelined writes whose fences are asked for first, sent
-//!   without the script where none exists.
+//!   without the script where none exists; [`direct`]: reads of a pattern
+//!   that mostly misses, sent as the miss script.
 //! - [`script`] (and `fence.lua`): the one Lua script that does every fence
 //!   operation in Redis, and the fence key naming.
 //! - [`epilogue`]: what follows every acknowledged invalidation.
@@ -19,6 +20,7 @@
 //!   front of it judges a SET by the same ones.
 
 pub mod client;
+pub mod direct;
 pub mod epilogue;
 pub mod failover;
 pub mod herd;
@@ -144,6 +146,9 @@ pub struct Fences {
     /// The upstream's failovers (a Sentinel or Redis Cluster upstream
     /// records them): tickets from before the last one admit no fill.
     pub failovers: std::sync::Arc<failover::Failovers>,
+    /// How much each section's reads miss: where most do, `GET`s go as
+    /// the miss script ([`direct`]).
+    pub miss_scores: direct::MissScores,
 }
 
 /// The fenced key space as it is now, shared with the workers: readers
@@ -198,6 +203,7 @@ impl Fences {
             undelivered,
             admin_password: arc_swap::ArcSwapOption::empty(),
             history,
+            miss_scores: direct::MissScores::default(),
             lag: std::sync::Arc::default(),
             script_sent: std::sync::atomic::AtomicBool::new(false),
             failovers,

@@ -18,7 +18,10 @@ pub enum ScriptReply {
     /// The proxy's miss script after a nil `GET`: the value that appeared,
     /// or the original nil (`nil`, in the client's protocol) and a ticket.
     /// Unless `forced`, a miss whose herd lease another client holds waits.
-    /// `miss` names it (its herd lease and its ticket in the fence).
+    /// `miss` names it (its herd lease and its ticket in the fence). With
+    /// `direct`, the script was sent in place of the client's `GET`
+    /// ([`super::direct`]): its reply is that `GET`'s (a value, an error,
+    /// or nil with a ticket).
     Miss {
         key: Bytes,
         policy: usize,
@@ -26,6 +29,7 @@ pub enum ScriptReply {
         nil: &'static [u8],
         forced: bool,
         miss: u64,
+        direct: bool,
     },
     /// A fill: `+OK` stored, nil when `NX` kept an existing value, and a
     /// refusal answered per `on_stale_fill` — or, for `CACHE.FILL`
@@ -434,6 +438,14 @@ impl Client<'_> {
             (Some(1), Some(Value::Bulk(value))) => {
                 MissOutcome::Reply(Reply::Bulk(value.clone()).encode(false))
             }
+            // A direct read's GET failed (WRONGTYPE): its error, as GET gives it.
+            (Some(3), Some(Value::Bulk(message))) => {
+                let mut error = Vec::with_capacity(message.len() + 3);
+                error.push(b'-');
+                error.extend_from_slice(message);
+                error.extend_from_slice(b"\r\n");
+                MissOutcome::Reply(error.into())
+            }
             (Some(0), Some(Value::Bulk(_))) if !leader && !forced => MissOutcome::Wait,
             (Some(0), Some(Value::Bulk(version))) => {
                 // Its ticket is a field of the fence now (the script wrote it).
@@ -591,6 +603,7 @@ mod tests {
             nil: b"$-1\r\n",
             forced,
             miss: 1,
+            direct: false,
         }
     }
 
@@ -614,6 +627,22 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(fences.tickets_outstanding(), 1);
+    }
+
+    #[test]
+    fn a_direct_read_answers_as_its_get() {
+        let fences = fences();
+        let client = client(&fences);
+        let reply = |frame: &[u8]| match client.miss(&miss(false), frame, false) {
+            MissOutcome::Reply(bytes) => bytes,
+            MissOutcome::Wait => panic!("no wait"),
+        };
+        assert_eq!(&reply(b"*2\r\n:1\r\n$5\r\nvalue\r\n")[..], b"$5\r\nvalue\r\n");
+        let wrongtype = b"*2\r\n:3\r\n$9\r\nWRONGTYPE\r\n";
+        assert_eq!(&reply(wrongtype)[..], b"-WRONGTYPE\r\n");
+        // An error of the script itself (after the read found nothing): nil.
+        assert_eq!(&reply(b"-OOM command not allowed\r\n")[..], b"$-1\r\n");
+        assert_eq!(fences.tickets_outstanding(), 0);
     }
 
     fn set(key: &'static str) -> ScriptReply {

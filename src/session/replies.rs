@@ -191,8 +191,12 @@ where
                             }
                             Route::Unsolicited => outbox.forward(&buf, range),
                             Route::Hidden => {}
-                            // A hit costs nothing: forwarded like any reply.
-                            Route::Fence(Intercept::Get { .. }) if !is_nil(&buf[range.clone()]) => {
+                            // A hit costs nothing: forwarded like any reply (its
+                            // section's miss score is only read while it is 0).
+                            Route::Fence(Intercept::Get { policy, .. }) if !is_nil(&buf[range.clone()]) => {
+                                if let Some(fence) = fence {
+                                    fence.fences.miss_scores.hit(policy);
+                                }
                                 outbox.forward(&buf, range)
                             }
                             // A probed run's plain write: its reply as Redis sent it, or `+OK`.
@@ -286,6 +290,7 @@ fn on_fence_reply(
         Intercept::Get { key, policy } if is_nil(frame) => {
             // A miss: hold the nil until the miss script has run.
             fence.fences.stats.misses.inc();
+            fence.fences.miss_scores.missed(policy);
             let slot = outbox.hold(Bytes::copy_from_slice(frame));
             let forced = fence.fences.scope().policy_at(policy).hold.is_zero();
             let miss = fence.next_miss();
@@ -301,6 +306,7 @@ fn on_fence_reply(
                 nil: if frame == b"_\r\n" { b"_\r\n" } else { b"$-1\r\n" },
                 forced,
                 miss,
+                direct: false,
             };
             inject(&mut held.injections, call, reply, slot, false, outbox, frame);
         }
@@ -401,6 +407,47 @@ fn on_fence_reply(
                 if state.waiting == 0 {
                     let elements = held.mgets.remove(&slot).map(|s| s.elements).unwrap_or_default();
                     outbox.resolve(slot, Reply::Array(elements).encode(resp3));
+                }
+            }
+        }
+        Intercept::Script {
+            reply:
+                ScriptReply::Miss {
+                    key,
+                    policy,
+                    forced,
+                    miss,
+                    direct: true,
+                    ..
+                },
+            slot: None,
+            ..
+        } => {
+            // A direct read: the GET's reply, or its nil held while another
+            // client fills the key.
+            let nil: &'static [u8] = if resp3 { b"_\r\n" } else { b"$-1\r\n" };
+            let reply = ScriptReply::Miss {
+                key,
+                policy,
+                nil,
+                forced,
+                miss,
+                direct: true,
+            };
+            let scores = &fence.fences.miss_scores;
+            match frame.get(..8) {
+                Some(b"*2\r\n:1\r\n") => scores.hit(policy),
+                Some(b"*5\r\n:0\r\n") => {
+                    fence.fences.stats.misses.inc();
+                    scores.missed(policy);
+                }
+                _ => {}
+            }
+            match fence.miss(&reply, frame, resp3) {
+                MissOutcome::Reply(bytes) => outbox.send(bytes),
+                MissOutcome::Wait => {
+                    let slot = outbox.hold(Bytes::from_static(nil));
+                    held.hold(fence, slot, reply);
                 }
             }
         }
@@ -711,6 +758,7 @@ impl Misses {
                 nil,
                 forced,
                 miss,
+                ..
             } = &reply
             else {
                 continue;

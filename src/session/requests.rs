@@ -541,6 +541,19 @@ fn frame_requests(
             }
             _ => None,
         };
+        // A GET of a section whose reads mostly miss goes as the miss script
+        // itself (`fence::direct`), from a client on a shared connection
+        // (on one of its own, the GETs it sends are its state: tracking).
+        let plan = match (plan, fence) {
+            (Some(Plan::Forward(Intercept::Get { key, policy })), Some(fence))
+                if state.shared
+                    && command == Command::CacheOp(CacheOp::Get)
+                    && fence.fences.miss_scores.direct(policy) =>
+            {
+                Some(fence.direct_read(key, policy, !pairing.has_pipelined(), pairing.is_resp3()))
+            }
+            (plan, _) => plan,
+        };
         let class = match (&plan, command) {
             (None, _) => Class::Passthrough,
             (Some(_), Command::Admin) => Class::Admin,

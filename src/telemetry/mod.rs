@@ -101,6 +101,8 @@ families! {
             "Pipelined runs of fenced writes whose fences were asked for first (one MGET each).";
         PROBED_WRITES: Counter "cachefence_probed_writes_total" by "sent" ["plain", "script"],
             "Writes of probed runs by how they were sent: plain (no fence existed) or through the fence script.";
+        DIRECT_READS: Counter "cachefence_direct_reads_total",
+            "GETs sent as the miss script itself, their section's reads mostly missing (one round trip to Redis, not two).";
         UNDELIVERED_PENDING: Gauge "cachefence_undelivered_deletes", "Client deletes waiting to be retried.";
         UNDELIVERED: Counter "cachefence_undelivered_deletes_total" by "event" ["queued", "delivered", "dropped"],
             "Client deletes that could not be delivered, by what became of them.";
@@ -217,6 +219,8 @@ metrics! {
         /// … their writes sent plain, and through the script.
         probed_plain: Counter, stats "probed_writes_plain", prom PROBED_WRITES["plain"];
         probed_script: Counter, stats "probed_writes_script", prom PROBED_WRITES["script"];
+        /// `GET`s sent as the miss script ([`crate::fence::direct`]).
+        direct_reads: Counter, stats "direct_reads", prom DIRECT_READS;
         /// Misses that waited for another client's fill (herd control).
         holds: Counter, stats "holds", prom HERD_HOLDS;
         /// … and got the value it filled.
@@ -414,6 +418,7 @@ mod tests {
                 "write_probes",
                 "probed_writes_plain",
                 "probed_writes_script",
+                "direct_reads",
                 "holds",
                 "holds_served",
                 "holds_timed_out",

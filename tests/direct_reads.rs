@@ -1,0 +1,120 @@
+//! Reads of a pattern that mostly misses go to Redis as the miss script
+//! (`fence::direct`): the client sees what a `GET` answers (the value, the
+//! error, nil), a miss still gets its ticket, and a fill read before an
+//! invalidation is still refused (C1). Once hits come back, reads are
+//! plain `GET`s again.
+
+use testkit::{FENCE_EVERY_KEY, Proxy, RawClient, RedisServer, escape};
+
+/// Misses enough fresh keys to send this section's reads direct, each
+/// filled as a cache-aside client does.
+async fn miss_many(client: &mut RawClient, prefix: &str, count: usize) {
+    for i in 0..count {
+        let key = format!("{prefix}:{i}");
+        assert_eq!(client.call(&format!("GET {key}")).await, "$-1\r\n");
+        assert_eq!(client.call(&format!("SET {key} v{i}")).await, "+OK\r\n");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pattern_that_mostly_misses_reads_in_one_round_trip_with_the_same_replies() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await;
+    let stats = &proxy.ctx.fences.as_ref().expect("fences on").stats;
+    let mut client = RawClient::connect(proxy.addr).await;
+    miss_many(&mut client, "warm", 20).await;
+    assert!(
+        stats.direct_reads.get() > 0,
+        "20 misses in a row send reads direct"
+    );
+
+    let mut direct = RawClient::connect(redis.addr()).await;
+    let evalsha = |direct_calls: &str| {
+        direct_calls
+            .lines()
+            .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(direct.call("CONFIG RESETSTAT").await, "+OK\r\n");
+    let before = stats.direct_reads.get();
+    // A miss: nil, from one script call (the GETs commandstats shows are
+    // the script's own).
+    assert_eq!(client.call("GET fresh").await, "$-1\r\n");
+    let info = direct.call("INFO commandstats").await;
+    assert_eq!(evalsha(&info), 1, "{info}");
+    assert_eq!(stats.direct_reads.get(), before + 1);
+    // Its fill is stored, and read back as the value.
+    assert_eq!(client.call("SET fresh filled").await, "+OK\r\n");
+    assert_eq!(client.call("GET fresh").await, "$6\r\nfilled\r\n");
+    // Another type answers GET's own error.
+    assert_eq!(direct.call("HSET h f v").await, ":1\r\n");
+    assert_eq!(
+        client.call("GET h").await,
+        "-WRONGTYPE Operation against a key holding the wrong kind of value\r\n"
+    );
+    // RESP3: the nil of RESP3.
+    assert!(client.call("HELLO 3").await.starts_with('%'));
+    assert_eq!(client.call("GET fresh2").await, "_\r\n");
+    assert_eq!(client.call("SET fresh2 v").await, "+OK\r\n");
+    assert_eq!(
+        stats.direct_reads.get(),
+        before + 4,
+        "each read above went direct"
+    );
+
+    // C1 still holds: a read before an invalidation fills nothing.
+    let mut writer = RawClient::connect(proxy.addr).await;
+    assert_eq!(client.call("GET raced").await, "_\r\n");
+    assert_eq!(writer.call("DEL raced").await, ":0\r\n");
+    assert_eq!(client.call("SET raced stale").await, "+OK\r\n");
+    assert_eq!(
+        direct.call("GET raced").await,
+        "$-1\r\n",
+        "the stale fill was refused"
+    );
+
+    // Hits bring plain GETs back.
+    for i in 0..20 {
+        assert_eq!(
+            client.call(&format!("GET warm:{i}")).await,
+            format!("${}\r\nv{i}\r\n", 1 + i.to_string().len())
+        );
+    }
+    let after = stats.direct_reads.get();
+    assert_eq!(direct.call("CONFIG RESETSTAT").await, "+OK\r\n");
+    for i in 0..5 {
+        client.call(&format!("GET warm:{i}")).await;
+    }
+    assert_eq!(stats.direct_reads.get(), after, "hits: GETs again");
+    let info = direct.call("INFO commandstats").await;
+    assert!(
+        info.contains("cmdstat_get:calls=5,"),
+        "{}",
+        escape(info.as_bytes())
+    );
+    assert_eq!(evalsha(&info), 0, "{info}");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_stay_gets_inside_multi_and_on_a_connection_of_its_own() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await;
+    let stats = &proxy.ctx.fences.as_ref().expect("fences on").stats;
+    let mut client = RawClient::connect(proxy.addr).await;
+    miss_many(&mut client, "warm", 20).await;
+    let before = stats.direct_reads.get();
+    assert!(before > 0);
+    // In MULTI the GET is queued as a GET, and EXEC answers its nil.
+    assert_eq!(client.call("MULTI").await, "+OK\r\n");
+    assert_eq!(client.call("GET inmulti").await, "+QUEUED\r\n");
+    assert_eq!(client.call("EXEC").await, "*1\r\n$-1\r\n");
+    // A connection that WATCHes has one of its own: its GETs stay GETs.
+    let mut watcher = RawClient::connect(proxy.addr).await;
+    assert_eq!(watcher.call("WATCH w").await, "+OK\r\n");
+    assert_eq!(watcher.call("GET own").await, "$-1\r\n");
+    assert_eq!(stats.direct_reads.get(), before);
+    proxy.shutdown().await;
+}
