@@ -28,7 +28,7 @@ pub mod upstream;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -317,7 +317,9 @@ struct Shared {
     /// Wakes the requests direction while a probed run waits for the
     /// `MGET` of its fences: how it goes on is in [`Pairing::resume`].
     resumed: Notify,
-    /// Last time the client sent or received anything (Redis' lastinteraction).
+    /// Where the client's idle time starts, as Redis counts it: the end of
+    /// the wall-clock second in which it last sent or received anything
+    /// (see [`Shared::touch`]).
     last_activity: Mutex<Instant>,
 }
 
@@ -330,9 +332,26 @@ impl Default for Shared {
             room: Notify::new(),
             link: Notify::new(),
             resumed: Notify::new(),
-            last_activity: Mutex::new(Instant::now()),
+            last_activity: Mutex::new(idle_from()),
         }
     }
+}
+
+/// The instant a client active now starts to be idle, as Redis counts it:
+/// Redis keeps the second of a client's last interaction and closes it once
+/// the current second is more than `timeout` past it, so a client is closed
+/// between `timeout` and `timeout` + 1 s after its last request, by where
+/// in its second that request came. The proxy closes at the same point
+/// (the end of that wall-clock second, plus `timeout`), so a client that
+/// Redis keeps is kept.
+fn idle_from() -> Instant {
+    let now = Instant::now();
+    let into_second = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(Duration::ZERO, |d| {
+            Duration::from_nanos(u64::from(d.subsec_nanos()))
+        });
+    now + (Duration::from_secs(1) - into_second)
 }
 
 impl Shared {
@@ -345,7 +364,7 @@ impl Shared {
     /// Records activity, which only the idle `timeout` needs.
     fn touch(&self, live: &Live) {
         if live.timeout().is_some() {
-            *self.last_activity.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+            *self.last_activity.lock().unwrap_or_else(|p| p.into_inner()) = idle_from();
         }
     }
 
@@ -462,8 +481,6 @@ mod read_size_tests {
 
 #[cfg(test)]
 mod wait_tests {
-    use std::time::Duration;
-
     use super::*;
 
     const QUIET: Duration = Duration::from_millis(20);
@@ -533,6 +550,29 @@ mod wait_tests {
                 tokio::time::timeout(BOUND, &mut wait).await.is_ok(),
                 "close: {close}"
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod idle_tests {
+    use super::*;
+
+    #[test]
+    fn idle_time_starts_at_the_end_of_the_wall_clock_second() {
+        for _ in 0..3 {
+            let before = Instant::now();
+            let from = idle_from();
+            let wall = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap();
+            assert!(from > before && from <= Instant::now() + Duration::from_secs(1));
+            // It falls on a whole second of the wall clock (give or take
+            // the two clock reads).
+            let to_boundary = from.saturating_duration_since(Instant::now());
+            let at = (wall + to_boundary).subsec_millis();
+            assert!(!(5..995).contains(&at), "{at} ms into a second");
+            std::thread::sleep(Duration::from_millis(137));
         }
     }
 }

@@ -194,7 +194,7 @@ where
             _ = &mut stopped, if reading => continue,
             _ = sleep_until(idle_deadline) => {
                 let timeout = timeout.expect("a deadline implies a timeout");
-                if shared.pairing().is_idle() && shared.last_activity().elapsed() >= timeout {
+                if shared.pairing().is_idle() && Instant::now() >= shared.last_activity() + timeout {
                     debug!(?timeout, "closing idle client");
                     return RequestsEnd::Idle;
                 }
