@@ -118,3 +118,45 @@ async fn reads_stay_gets_inside_multi_and_on_a_connection_of_its_own() {
     assert_eq!(stats.direct_reads.get(), before);
     proxy.shutdown().await;
 }
+
+/// Many clients at once, each sending one request at a time: their direct
+/// reads travel together on the shared connection (in one batch call where
+/// they queue next to each other), and each still gets its own reply:
+/// nil for a fresh key, then its fill read back, and the value of a key
+/// that is there (one read in four).
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_direct_reads_each_get_their_own_reply() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await;
+    let stats = &proxy.ctx.fences.as_ref().expect("fences on").stats;
+    let mut direct = RawClient::connect(redis.addr()).await;
+    for n in 0..24 {
+        assert_eq!(direct.call(&format!("SET present:{n} here{n}")).await, "+OK\r\n");
+    }
+    let clients = (0..24).map(|n| {
+        let addr = proxy.addr;
+        tokio::spawn(async move {
+            let mut client = RawClient::connect(addr).await;
+            for i in 0..40 {
+                if i % 4 == 3 {
+                    let expected = format!("${}\r\nhere{n}\r\n", 4 + n.to_string().len());
+                    assert_eq!(client.call(&format!("GET present:{n}")).await, expected);
+                    continue;
+                }
+                let key = format!("fresh:{n}:{i}");
+                assert_eq!(client.call(&format!("GET {key}")).await, "$-1\r\n", "{key}");
+                assert_eq!(client.call(&format!("SET {key} {key}")).await, "+OK\r\n");
+            }
+            for i in (0..40).filter(|i| i % 4 != 3) {
+                let key = format!("fresh:{n}:{i}");
+                let expected = format!("${}\r\n{key}\r\n", key.len());
+                assert_eq!(client.call(&format!("GET {key}")).await, expected);
+            }
+        })
+    });
+    for client in clients.collect::<Vec<_>>() {
+        client.await.expect("a client");
+    }
+    assert!(stats.direct_reads.get() > 0, "reads went direct");
+    proxy.shutdown().await;
+}

@@ -568,6 +568,13 @@ fn frame_requests(
         );
         if joins_run {
             if let Some(Plan::Rewrite { call, reply }) = plan {
+                // A direct read is a run of its own: its reply is never an
+                // element of a batch of the client's, and alone (a client
+                // that sends one request at a time) the shared connection
+                // may merge it with other sessions' calls.
+                if run.holds_read() || (is_direct_read(&reply) && !run.calls.is_empty()) {
+                    run.flush(buf, &mut batch.rewritten, &mut copied, &mut pairing, fence, false);
+                }
                 run.push(call, reply, start..batch.complete);
             }
             if run.calls.len() == BATCH_MAX_OPS
@@ -676,6 +683,11 @@ fn frame_requests(
     batch
 }
 
+/// A `GET` sent as the miss script ([`crate::fence::direct`]).
+fn is_direct_read(reply: &ScriptReply) -> bool {
+    matches!(reply, ScriptReply::Miss { direct: true, .. })
+}
+
 /// Puts `bytes` in place of `buf[span]` in what is sent (`rewritten`, made
 /// on the first replacement of the batch; `copied` is how far `buf` was
 /// copied into it).
@@ -719,10 +731,16 @@ impl Run {
     /// Whether a rewritten command may join a run: writes, invalidations
     /// and judged stores of a size the script slices easily.
     fn takes(call: &ScriptCall, reply: &ScriptReply) -> bool {
-        matches!(
+        (matches!(
             reply,
             ScriptReply::Set { .. } | ScriptReply::Command { .. } | ScriptReply::Ok { .. }
-        ) && call.keys.len() + call.args.len() <= BATCH_MAX_WORDS
+        ) || is_direct_read(reply))
+            && call.keys.len() + call.args.len() <= BATCH_MAX_WORDS
+    }
+
+    /// Whether the run is a direct read (which is always alone in its run).
+    fn holds_read(&self) -> bool {
+        self.replies.first().is_some_and(is_direct_read)
     }
 
     /// Empty again, its vectors' room kept.
@@ -796,6 +814,10 @@ impl Run {
         let (call, reply) = match self.calls.len() {
             1 => (self.calls.remove(0), self.replies.remove(0)),
             _ => {
+                debug_assert!(
+                    !self.replies.iter().any(is_direct_read),
+                    "a direct read runs alone"
+                );
                 let call = batch_call(&self.calls);
                 self.calls.clear();
                 (call, ScriptReply::Batch(std::mem::take(&mut self.replies)))
