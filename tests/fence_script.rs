@@ -273,6 +273,27 @@ async fn run(redis: &mut RawClient, db: u32, sha: &str, scenario: &Scenario) -> 
     transcript
 }
 
+fn case(name: &'static str, before: Vec<Before>, ops: Vec<Op>, fast: Option<bool>) -> Scenario {
+    Scenario {
+        name,
+        before,
+        ops,
+        fast,
+    }
+}
+
+/// A fence whose herd lease another proxy's live miss holds.
+fn another_leads() -> Before {
+    Before::Fence(Box::new(|now| {
+        fence(
+            now - 5_000,
+            None,
+            Some((now + 5_000_000, "inst:2:1:1")),
+            &[(now - 5_000, now - 4_000, "m|127.0.0.2|inst:2:1|1")],
+        )
+    }))
+}
+
 fn scenarios() -> Vec<Scenario> {
     let live = |now: u64| now - 1_000;
     // Past the lease, and past twice the lease (swept).
@@ -295,156 +316,137 @@ fn scenarios() -> Vec<Scenario> {
         set
     };
     vec![
-        Scenario {
-            name: "miss, nothing there",
-            before: vec![],
-            ops: vec![miss("inst:1:7:1", name)],
-            fast: Some(true),
-        },
-        Scenario {
-            name: "miss, the value is there",
-            before: vec![Before::Key("v0")],
-            ops: vec![miss("inst:1:7:1", name)],
-            fast: Some(true),
-        },
-        Scenario {
-            name: "miss of the lease API (no name)",
-            before: vec![],
-            ops: vec![miss("inst:1:7:1", "")],
-            fast: Some(true),
-        },
-        Scenario {
-            name: "miss, no lease holder",
-            before: vec![],
-            ops: vec![miss("", name)],
-            fast: Some(true),
-        },
-        Scenario {
-            name: "miss, a fence with another's herd lease",
-            before: vec![Before::Fence(Box::new(|now| {
-                fence(
-                    now - 5_000,
-                    None,
-                    Some((now + 5_000_000, "inst:2:1:1")),
-                    &[(now - 5_000, now - 4_000, "m|127.0.0.2|inst:2:1|1")],
-                )
-            }))],
-            ops: vec![miss("inst:1:7:1", name)],
-            fast: Some(false),
-        },
-        Scenario {
-            name: "direct read, nothing there",
-            before: vec![],
-            ops: vec![direct_read("inst:1:7:1", name)],
-            fast: Some(true),
-        },
-        Scenario {
-            name: "direct read, the value there",
-            before: vec![Before::Key("v0")],
-            ops: vec![direct_read("inst:1:7:1", name)],
-            fast: Some(true),
-        },
-        Scenario {
-            name: "direct read of a hash",
-            before: vec![Before::KeyHash],
-            ops: vec![direct_read("inst:1:7:1", name)],
-            fast: Some(true),
-        },
-        Scenario {
-            name: "direct read, a hash where the fence goes",
-            before: vec![Before::FenceHash],
-            ops: vec![direct_read("inst:1:7:1", name)],
-            fast: Some(false),
-        },
-        Scenario {
-            name: "direct read, a fence with another's herd lease",
-            before: vec![Before::Fence(Box::new(|now| {
-                fence(
-                    now - 5_000,
-                    None,
-                    Some((now + 5_000_000, "inst:2:1:1")),
-                    &[(now - 5_000, now - 4_000, "m|127.0.0.2|inst:2:1|1")],
-                )
-            }))],
-            ops: vec![direct_read("inst:1:7:1", name)],
-            fast: Some(false),
-        },
-        Scenario {
-            name: "direct read then its fill",
-            before: vec![],
-            ops: vec![direct_read("inst:1:7:1", name), set(SET)],
-            fast: Some(true),
-        },
-        Scenario {
-            name: "two misses then their fill",
-            before: vec![],
-            ops: vec![
+        case(
+            "miss, nothing there",
+            vec![],
+            vec![miss("inst:1:7:1", name)],
+            Some(true),
+        ),
+        case(
+            "miss, the value is there",
+            vec![Before::Key("v0")],
+            vec![miss("inst:1:7:1", name)],
+            Some(true),
+        ),
+        case(
+            "miss of the lease API (no name)",
+            vec![],
+            vec![miss("inst:1:7:1", "")],
+            Some(true),
+        ),
+        case("miss, no lease holder", vec![], vec![miss("", name)], Some(true)),
+        case(
+            "miss, a fence with another's herd lease",
+            vec![another_leads()],
+            vec![miss("inst:1:7:1", name)],
+            Some(false),
+        ),
+        case(
+            "direct read, nothing there",
+            vec![],
+            vec![direct_read("inst:1:7:1", name)],
+            Some(true),
+        ),
+        case(
+            "direct read, the value there",
+            vec![Before::Key("v0")],
+            vec![direct_read("inst:1:7:1", name)],
+            Some(true),
+        ),
+        case(
+            "direct read of a hash",
+            vec![Before::KeyHash],
+            vec![direct_read("inst:1:7:1", name)],
+            Some(true),
+        ),
+        case(
+            "direct read, a hash where the fence goes",
+            vec![Before::FenceHash],
+            vec![direct_read("inst:1:7:1", name)],
+            Some(false),
+        ),
+        case(
+            "direct read, a fence with another's herd lease",
+            vec![another_leads()],
+            vec![direct_read("inst:1:7:1", name)],
+            Some(false),
+        ),
+        case(
+            "direct read then its fill",
+            vec![],
+            vec![direct_read("inst:1:7:1", name), set(SET)],
+            Some(true),
+        ),
+        case(
+            "two misses then their fill",
+            vec![],
+            vec![
                 miss("inst:1:7:1", name),
                 miss_claiming("inst:1:7:2", "m|127.0.0.1|inst:1:7|2", "force"),
                 set(SET),
             ],
-            fast: Some(false),
-        },
-        Scenario {
-            name: "miss then its fill",
-            before: vec![],
-            ops: vec![miss("inst:1:7:1", name), set(SET)],
-            fast: Some(true),
-        },
-        Scenario {
-            name: "write, no fence",
-            before: vec![Before::Key("v0")],
-            ops: vec![set(SET)],
-            fast: Some(true),
-        },
-        Scenario {
-            name: "write NX, no fence, the key there",
-            before: vec![Before::Key("v0")],
-            ops: vec![set(s(|s| {
+            Some(false),
+        ),
+        case(
+            "miss then its fill",
+            vec![],
+            vec![miss("inst:1:7:1", name), set(SET)],
+            Some(true),
+        ),
+        case(
+            "write, no fence",
+            vec![Before::Key("v0")],
+            vec![set(SET)],
+            Some(true),
+        ),
+        case(
+            "write NX, no fence, the key there",
+            vec![Before::Key("v0")],
+            vec![set(s(|s| {
                 s.nx = true;
                 s.command = &["SET", KEY, "v1", "NX", "EX", "60"]
             }))],
-            fast: Some(true),
-        },
-        Scenario {
-            name: "write turned into a delete, no fence",
-            before: vec![Before::Key("v0")],
-            ops: vec![set(s(|s| s.on_write = "inval"))],
-            fast: Some(true),
-        },
-        Scenario {
-            name: "write rejected, no fence",
-            before: vec![Before::Key("v0")],
-            ops: vec![set(s(|s| s.on_write = "reject"))],
-            fast: Some(true),
-        },
-        Scenario {
-            name: "write, no fence where one was expected",
-            before: vec![],
-            ops: vec![set(s(|s| s.expect = true))],
-            fast: Some(false),
-        },
-        Scenario {
-            name: "write with a bad expiry, no fence",
-            before: vec![],
-            ops: vec![set(s(|s| s.command = &["SET", KEY, "v1", "EX", "-5"]))],
-            fast: Some(true),
-        },
-        Scenario {
-            name: "write under the lag window, no fence",
-            before: vec![],
-            ops: vec![set(s(|s| s.lag = "1000000"))],
-            fast: Some(false),
-        },
-        Scenario {
-            name: "fill of the one live miss",
-            before: vec![Before::Fence(one(live))],
-            ops: vec![set(SET)],
-            fast: Some(true),
-        },
-        Scenario {
-            name: "fill, the herd lease the miss's",
-            before: vec![Before::Fence(Box::new(|now| {
+            Some(true),
+        ),
+        case(
+            "write turned into a delete, no fence",
+            vec![Before::Key("v0")],
+            vec![set(s(|s| s.on_write = "inval"))],
+            Some(true),
+        ),
+        case(
+            "write rejected, no fence",
+            vec![Before::Key("v0")],
+            vec![set(s(|s| s.on_write = "reject"))],
+            Some(true),
+        ),
+        case(
+            "write, no fence where one was expected",
+            vec![],
+            vec![set(s(|s| s.expect = true))],
+            Some(false),
+        ),
+        case(
+            "write with a bad expiry, no fence",
+            vec![],
+            vec![set(s(|s| s.command = &["SET", KEY, "v1", "EX", "-5"]))],
+            Some(true),
+        ),
+        case(
+            "write under the lag window, no fence",
+            vec![],
+            vec![set(s(|s| s.lag = "1000000"))],
+            Some(false),
+        ),
+        case(
+            "fill of the one live miss",
+            vec![Before::Fence(one(live))],
+            vec![set(SET)],
+            Some(true),
+        ),
+        case(
+            "fill, the herd lease the miss's",
+            vec![Before::Fence(Box::new(|now| {
                 fence(
                     now - 5_000,
                     None,
@@ -452,12 +454,12 @@ fn scenarios() -> Vec<Scenario> {
                     &[(now - 5_000, now - 1_000, "m|127.0.0.1|inst:1:7|1")],
                 )
             }))],
-            ops: vec![set(SET)],
-            fast: Some(true),
-        },
-        Scenario {
-            name: "fill, a previous invalidation kept",
-            before: vec![Before::Fence(Box::new(|now| {
+            vec![set(SET)],
+            Some(true),
+        ),
+        case(
+            "fill, a previous invalidation kept",
+            vec![Before::Fence(Box::new(|now| {
                 fence(
                     now - 5_000,
                     Some(now - 9_000),
@@ -465,36 +467,36 @@ fn scenarios() -> Vec<Scenario> {
                     &[(now - 5_000, now - 1_000, "m|127.0.0.1|inst:1:7|1")],
                 )
             }))],
-            ops: vec![set(SET)],
-            fast: Some(true),
-        },
-        Scenario {
-            name: "fill NX, the key absent",
-            before: vec![Before::Fence(one(live))],
-            ops: vec![set(s(|s| {
+            vec![set(SET)],
+            Some(true),
+        ),
+        case(
+            "fill NX, the key absent",
+            vec![Before::Fence(one(live))],
+            vec![set(s(|s| {
                 s.nx = true;
                 s.command = &["SET", KEY, "v1", "NX", "EX", "60"]
             }))],
-            fast: Some(true),
-        },
-        Scenario {
-            name: "fill NX, the key there",
-            before: vec![Before::Key("v0"), Before::Fence(one(live))],
-            ops: vec![set(s(|s| {
+            Some(true),
+        ),
+        case(
+            "fill NX, the key there",
+            vec![Before::Key("v0"), Before::Fence(one(live))],
+            vec![set(s(|s| {
                 s.nx = true;
                 s.command = &["SET", KEY, "v1", "NX", "EX", "60"]
             }))],
-            fast: Some(false),
-        },
-        Scenario {
-            name: "fill with a bad expiry",
-            before: vec![Before::Fence(one(live))],
-            ops: vec![set(s(|s| s.command = &["SET", KEY, "v1", "EX", "-5"]))],
-            fast: Some(true),
-        },
-        Scenario {
-            name: "fill, the fence moved since the miss",
-            before: vec![Before::Fence(Box::new(|now| {
+            Some(false),
+        ),
+        case(
+            "fill with a bad expiry",
+            vec![Before::Fence(one(live))],
+            vec![set(s(|s| s.command = &["SET", KEY, "v1", "EX", "-5"]))],
+            Some(true),
+        ),
+        case(
+            "fill, the fence moved since the miss",
+            vec![Before::Fence(Box::new(|now| {
                 fence(
                     now - 2_000,
                     None,
@@ -502,24 +504,24 @@ fn scenarios() -> Vec<Scenario> {
                     &[(now - 5_000, now - 1_000, "m|127.0.0.1|inst:1:7|1")],
                 )
             }))],
-            ops: vec![set(SET)],
-            fast: Some(false),
-        },
-        Scenario {
-            name: "fill, the miss past its lease",
-            before: vec![Before::Fence(one(old))],
-            ops: vec![set(SET)],
-            fast: Some(false),
-        },
-        Scenario {
-            name: "fill, the miss past twice its lease",
-            before: vec![Before::Fence(one(gone))],
-            ops: vec![set(SET)],
-            fast: Some(false),
-        },
-        Scenario {
-            name: "store, the miss in another scope",
-            before: vec![Before::Fence(Box::new(|now| {
+            vec![set(SET)],
+            Some(false),
+        ),
+        case(
+            "fill, the miss past its lease",
+            vec![Before::Fence(one(old))],
+            vec![set(SET)],
+            Some(false),
+        ),
+        case(
+            "fill, the miss past twice its lease",
+            vec![Before::Fence(one(gone))],
+            vec![set(SET)],
+            Some(false),
+        ),
+        case(
+            "store, the miss in another scope",
+            vec![Before::Fence(Box::new(|now| {
                 fence(
                     now - 5_000,
                     None,
@@ -527,37 +529,37 @@ fn scenarios() -> Vec<Scenario> {
                     &[(now - 5_000, now - 1_000, "m|127.0.0.9|inst:1:7|1")],
                 )
             }))],
-            ops: vec![set(SET)],
-            fast: Some(false),
-        },
-        Scenario {
-            name: "fill, a delete pending",
-            before: vec![Before::Fence(one(live))],
-            ops: vec![set(s(|s| s.pending = true))],
-            fast: Some(false),
-        },
-        Scenario {
-            name: "fill after a failover (lease and bound)",
-            before: vec![Before::Fence(one(live))],
-            ops: vec![set(s(|s| s.lease = "10000000,5000000"))],
-            fast: Some(false),
-        },
-        Scenario {
-            name: "fill under the lag window",
-            before: vec![Before::Fence(one(live))],
-            ops: vec![set(s(|s| s.lag = "1000000"))],
-            fast: Some(false),
-        },
-        Scenario {
-            name: "store, a hash where the fence goes",
-            before: vec![Before::FenceHash],
-            ops: vec![set(SET)],
-            fast: Some(false),
-        },
-        Scenario {
-            name: "a batch of misses, fills and writes",
-            before: vec![],
-            ops: vec![batch(&[
+            vec![set(SET)],
+            Some(false),
+        ),
+        case(
+            "fill, a delete pending",
+            vec![Before::Fence(one(live))],
+            vec![set(s(|s| s.pending = true))],
+            Some(false),
+        ),
+        case(
+            "fill after a failover (lease and bound)",
+            vec![Before::Fence(one(live))],
+            vec![set(s(|s| s.lease = "10000000,5000000"))],
+            Some(false),
+        ),
+        case(
+            "fill under the lag window",
+            vec![Before::Fence(one(live))],
+            vec![set(s(|s| s.lag = "1000000"))],
+            Some(false),
+        ),
+        case(
+            "store, a hash where the fence goes",
+            vec![Before::FenceHash],
+            vec![set(SET)],
+            Some(false),
+        ),
+        case(
+            "a batch of misses, fills and writes",
+            vec![],
+            vec![batch(&[
                 miss("inst:1:7:1", name),
                 set(SET),
                 set(SET),
@@ -571,8 +573,8 @@ fn scenarios() -> Vec<Scenario> {
                 set(SET),
                 direct_read("inst:1:7:5", "m|127.0.0.1|inst:1:7|5"),
             ])],
-            fast: None,
-        },
+            None,
+        ),
     ]
 }
 
