@@ -353,33 +353,6 @@ impl Client<'_> {
     /// may wait while another miss holds the key's herd lease. `miss` names
     /// the miss (its herd lease and its ticket in the fence); 0 for the
     /// lease API, whose token is the ticket.
-    /// A `GET` of `key` sent as the miss script itself ([`super::direct`]):
-    /// the script reads the key as `GET` does and, if it is missing, records
-    /// the miss. `alone`: the client sends one request at a time (see
-    /// [`Claim::Alone`]).
-    pub fn direct_read(&self, key: Bytes, policy: usize, alone: bool, resp3: bool) -> Plan {
-        let forced = self.fences.scope().policy_at(policy).hold.is_zero();
-        let claim = match (forced, alone) {
-            (true, _) => Claim::Force,
-            (false, true) => Claim::Alone,
-            (false, false) => Claim::Wait,
-        };
-        let miss = self.next_miss();
-        let mut call = self.miss_call(&key, policy, claim, miss);
-        call.words_mut().args.push(Bytes::from_static(b"get"));
-        self.fences.stats.direct_reads.inc();
-        let reply = ScriptReply::Miss {
-            key,
-            policy,
-            // As the protocol is now (the reply's own is chosen when it comes).
-            nil: if resp3 { b"_\r\n" } else { b"$-1\r\n" },
-            forced,
-            miss,
-            direct: true,
-        };
-        Plan::Rewrite { call, reply }
-    }
-
     pub fn miss_call(&self, key: &Bytes, policy: usize, claim: Claim, miss: u64) -> ScriptCall {
         let scope = self.fences.scope();
         let rules = scope.policy_at(policy);
@@ -406,6 +379,33 @@ impl Client<'_> {
                 format!("{}:", self.holder(0)).into(),
             ],
         )
+    }
+
+    /// A `GET` of `key` sent as the miss script itself ([`super::direct`]):
+    /// the script reads the key as `GET` does and, if it is missing, records
+    /// the miss. `alone`: the client sends one request at a time (see
+    /// [`Claim::Alone`]).
+    pub fn direct_read(&self, key: Bytes, policy: usize, alone: bool, resp3: bool) -> Plan {
+        let forced = self.fences.scope().policy_at(policy).hold.is_zero();
+        let claim = match (forced, alone) {
+            (true, _) => Claim::Force,
+            (false, true) => Claim::Alone,
+            (false, false) => Claim::Wait,
+        };
+        let miss = self.next_miss();
+        let mut call = self.miss_call(&key, policy, claim, miss);
+        call.words_mut().args.push(Bytes::from_static(b"get"));
+        self.fences.stats.direct_reads.inc();
+        let reply = ScriptReply::Miss {
+            key,
+            policy,
+            // As the protocol is now (the reply's own is chosen when it comes).
+            nil: if resp3 { b"_\r\n" } else { b"$-1\r\n" },
+            forced,
+            miss,
+            direct: true,
+        };
+        Plan::Rewrite { call, reply }
     }
 }
 
