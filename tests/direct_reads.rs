@@ -160,3 +160,37 @@ async fn concurrent_direct_reads_each_get_their_own_reply() {
     assert!(stats.direct_reads.get() > 0, "reads went direct");
     proxy.shutdown().await;
 }
+
+/// A direct read of a key another client is filling waits for that fill
+/// (C7), as a `GET`'s miss does: it gets the value, not nil, and takes no
+/// ticket.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_direct_read_waits_for_the_leaders_fill() {
+    let redis = RedisServer::start();
+    let config = "[[cache]]\npattern = \"*\"\non_write = \"write\"\nhold = \"5s\"\n";
+    let proxy = Proxy::start(&redis.addr(), config).await;
+    let stats = &proxy.ctx.fences.as_ref().expect("fences on").stats;
+    let mut leader = RawClient::connect(proxy.addr).await;
+    miss_many(&mut leader, "warm", 20).await;
+    let before = stats.direct_reads.get();
+    assert_eq!(leader.call("GET herd").await, "$-1\r\n");
+    let tickets = stats.tickets_issued.get();
+    let addr = proxy.addr;
+    let follower = tokio::spawn(async move {
+        let mut follower = RawClient::connect(addr).await;
+        follower.call("GET herd").await
+    });
+    // The follower's read is held (its reply has not come) until the fill.
+    testkit::eventually("the follower's read is held", async || stats.holds.get() == 1).await;
+    assert!(!follower.is_finished());
+    assert_eq!(leader.call("SET herd from-the-database").await, "+OK\r\n");
+    let reply = tokio::time::timeout(testkit::WAIT, follower)
+        .await
+        .expect("served")
+        .unwrap();
+    assert_eq!(reply, "$17\r\nfrom-the-database\r\n");
+    assert_eq!(stats.direct_reads.get(), before + 2, "both reads went direct");
+    assert_eq!(stats.tickets_issued.get(), tickets, "the follower took no ticket");
+    assert_eq!(stats.holds_served.get(), 1);
+    proxy.shutdown().await;
+}
