@@ -16,7 +16,9 @@
 //! at [`DIRECT_AT`] or more: the score climbs only while more than two
 //! reads in three miss, and a section that starts to hit falls back to
 //! plain `GET`s within a few hits. A hit-only workload only loads the score
-//! (0): no write, no shared cache line bounced between threads.
+//! (0): no write, no shared cache line bounced between threads. A reload
+//! that renumbers the sections leaves each score to the section that now
+//! has its index, which settles it again within a few reads.
 //!
 //! The reply is the `GET`'s (its value, its error, or nil with a ticket),
 //! so nothing changes for the client. Not used where a read must stay a
