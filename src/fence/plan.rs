@@ -400,7 +400,7 @@ impl Client<'_> {
             key,
             policy,
             // As the protocol is now (the reply's own is chosen when it comes).
-            nil: if resp3 { b"_\r\n" } else { b"$-1\r\n" },
+            nil: super::translate::nil(resp3),
             forced,
             miss,
             direct: true,

@@ -117,6 +117,11 @@ const FILL_STORED: &[u8] = b":1\r\n";
 /// The `set` operation's reply for a write `on_write = "reject"` refused.
 const SET_REJECTED: &[u8] = b":5\r\n";
 
+/// The nil of a protocol, as a `GET` answers it: RESP3's `_` or RESP2's `$-1`.
+pub fn nil(resp3: bool) -> &'static [u8] {
+    if resp3 { b"_\r\n" } else { b"$-1\r\n" }
+}
+
 /// `+OK`, the same in RESP2 and RESP3.
 fn ok() -> Bytes {
     Bytes::from_static(b"+OK\r\n")

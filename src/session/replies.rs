@@ -26,7 +26,7 @@ use crate::fence::herd::Holds;
 use crate::fence::plan::{Claim, InExec, Intercept};
 use crate::fence::probe::{Probe, Step};
 use crate::fence::script::ScriptCall;
-use crate::fence::translate::{MissOutcome, ScriptReply};
+use crate::fence::translate::{self, MissOutcome, ScriptReply};
 use crate::fence::visible::{self, Unsolicited, Visible};
 use crate::resp::encode;
 use crate::resp::reply::ReplyScanner;
@@ -303,7 +303,7 @@ fn on_fence_reply(
             let reply = ScriptReply::Miss {
                 key,
                 policy,
-                nil: if frame == b"_\r\n" { b"_\r\n" } else { b"$-1\r\n" },
+                nil: translate::nil(frame == b"_\r\n"),
                 forced,
                 miss,
                 direct: false,
@@ -425,7 +425,7 @@ fn on_fence_reply(
         } => {
             // A direct read: the GET's reply, or its nil held while another
             // client fills the key.
-            let nil: &'static [u8] = if resp3 { b"_\r\n" } else { b"$-1\r\n" };
+            let nil = translate::nil(resp3);
             let reply = ScriptReply::Miss {
                 key,
                 policy,

@@ -523,7 +523,7 @@ fn frame_requests(
         // it goes as it is.
         let interceptable = state.reply_mode == ReplyMode::On && pairing.may_intercept();
         let queued = state.in_multi && fence.is_some() && interceptable && command != Command::Multi;
-        let plan = match (fence, command) {
+        let mut plan = match (fence, command) {
             // Reads inside MULTI answer later, in EXEC: no miss handling there.
             (Some(_), Command::CacheOp(CacheOp::Get | CacheOp::GetEx | CacheOp::MGet)) if state.in_multi => {
                 None
@@ -544,16 +544,20 @@ fn frame_requests(
         // A GET of a section whose reads mostly miss goes as the miss script
         // itself (`fence::direct`), from a client on a shared connection
         // (on one of its own, the GETs it sends are its state: tracking).
-        let plan = match (plan, fence) {
-            (Some(Plan::Forward(Intercept::Get { key, policy })), Some(fence))
-                if state.shared
+        // Looked at by reference: moving the plan costs every command a copy.
+        let direct = match (&plan, fence) {
+            (Some(Plan::Forward(Intercept::Get { policy, .. })), Some(fence)) => {
+                state.shared
                     && command == Command::CacheOp(CacheOp::Get)
-                    && fence.fences.miss_scores.direct(policy) =>
-            {
-                Some(fence.direct_read(key, policy, !pairing.has_pipelined(), pairing.is_resp3()))
+                    && fence.fences.miss_scores.direct(*policy)
             }
-            (plan, _) => plan,
+            _ => false,
         };
+        if direct
+            && let (Some(Plan::Forward(Intercept::Get { key, policy })), Some(fence)) = (plan.take(), fence)
+        {
+            plan = Some(fence.direct_read(key, policy, !pairing.has_pipelined(), pairing.is_resp3()));
+        }
         let class = match (&plan, command) {
             (None, _) => Class::Passthrough,
             (Some(_), Command::Admin) => Class::Admin,
@@ -572,7 +576,7 @@ fn frame_requests(
                 // element of a batch of the client's, and alone (a client
                 // that sends one request at a time) the shared connection
                 // may merge it with other sessions' calls.
-                if run.holds_read() || (is_direct_read(&reply) && !run.calls.is_empty()) {
+                if run.holds_read() || is_direct_read(&reply) {
                     run.flush(buf, &mut batch.rewritten, &mut copied, &mut pairing, fence, false);
                 }
                 run.push(call, reply, start..batch.complete);
