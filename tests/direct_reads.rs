@@ -4,7 +4,7 @@
 //! invalidation is still refused (C1). Once hits come back, reads are
 //! plain `GET`s again.
 
-use testkit::{FENCE_EVERY_KEY, Proxy, RawClient, RedisServer, escape};
+use testkit::{FENCE_EVERY_KEY, Proxy, RawClient, RedisServer, cmds, escape};
 
 /// Misses enough fresh keys to send this section's reads direct, each
 /// filled as a cache-aside client does.
@@ -192,5 +192,81 @@ async fn a_direct_read_waits_for_the_leaders_fill() {
     assert_eq!(stats.direct_reads.get(), before + 2, "both reads went direct");
     assert_eq!(stats.tickets_issued.get(), tickets, "the follower took no ticket");
     assert_eq!(stats.holds_served.get(), 1);
+    proxy.shutdown().await;
+}
+
+/// One connection that many threads share (a multiplexed client: their
+/// commands pipelined on it): two threads' direct reads, another thread's
+/// `DEL` of one key, then both fills. The fill read before the `DEL` is
+/// refused, the other stored (C1); plain Redis, the control, stores the
+/// stale one. Then the same race through a pool of connections.
+#[tokio::test(flavor = "multi_thread")]
+async fn direct_reads_on_a_multiplexed_connection_and_a_pool_refuse_the_stale_fill() {
+    const PIPELINE: &[&str] = &[
+        "GET mx:a",
+        "GET mx:b",
+        "DEL mx:a",
+        "SET mx:a stale",
+        "SET mx:b fresh",
+    ];
+    let all: Vec<u8> = PIPELINE.iter().flat_map(|line| cmds(line)).collect();
+    let read = async |client: &mut RawClient| {
+        let mut replies = Vec::new();
+        for _ in PIPELINE {
+            replies.push(escape(&client.read_frame().await));
+        }
+        replies
+    };
+
+    let control = RedisServer::start();
+    let mut plain = RawClient::connect(control.addr()).await;
+    plain.send(&all).await;
+    read(&mut plain).await;
+    assert_eq!(
+        plain.call("GET mx:a").await,
+        "$5\r\nstale\r\n",
+        "the control stores the stale fill"
+    );
+
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(&redis.addr(), FENCE_EVERY_KEY).await;
+    let stats = &proxy.ctx.fences.as_ref().expect("fences on").stats;
+    let mut shared = RawClient::connect(proxy.addr).await;
+    miss_many(&mut shared, "warm", 20).await;
+    let before = stats.direct_reads.get();
+    shared.send(&all).await;
+    let replies = read(&mut shared).await;
+    assert_eq!(
+        replies,
+        ["$-1\\r\\n", "$-1\\r\\n", ":0\\r\\n", "+OK\\r\\n", "+OK\\r\\n"]
+    );
+    assert_eq!(stats.direct_reads.get(), before + 2, "both reads went direct");
+    let mut direct = RawClient::connect(redis.addr()).await;
+    assert_eq!(
+        direct.call("GET mx:a").await,
+        "$-1\r\n",
+        "the stale fill was refused"
+    );
+    assert_eq!(direct.call("GET mx:b").await, "$5\r\nfresh\r\n");
+
+    // A pool: the read, the other request's DEL and the fill each on a
+    // connection of the pool, as redis-py or Jedis hand them out.
+    let mut pool = Vec::new();
+    for _ in 0..3 {
+        pool.push(RawClient::connect(proxy.addr).await);
+    }
+    assert_eq!(pool[0].call("GET pool:a").await, "$-1\r\n");
+    assert_eq!(
+        stats.direct_reads.get(),
+        before + 3,
+        "the pooled read went direct"
+    );
+    assert_eq!(pool[1].call("DEL pool:a").await, ":0\r\n");
+    assert_eq!(pool[2].call("SET pool:a stale").await, "+OK\r\n");
+    assert_eq!(
+        direct.call("GET pool:a").await,
+        "$-1\r\n",
+        "the pooled stale fill was refused"
+    );
     proxy.shutdown().await;
 }
