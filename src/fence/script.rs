@@ -66,6 +66,18 @@ impl ScriptCall {
         self.keys.iter().chain(&self.args).map(|b| b.len()).sum()
     }
 
+    /// Its `EVALSHA` (as `encode(false)`), written at the end of `out`.
+    pub fn encode_into(&self, out: &mut impl bytes::BufMut) {
+        use crate::resp::encode::{put_command_header, put_number_word, put_word};
+        put_command_header(out, 3 + self.keys.len() + self.args.len());
+        put_word(out, b"EVALSHA");
+        put_word(out, sha().as_bytes());
+        put_number_word(out, self.keys.len());
+        for word in self.keys.iter().chain(&self.args) {
+            put_word(out, word);
+        }
+    }
+
     pub fn encode(&self, with_source: bool) -> Bytes {
         let keys: Vec<&[u8]> = self.keys.iter().map(|k| &k[..]).collect();
         let args: Vec<&[u8]> = self.args.iter().map(|a| &a[..]).collect();
@@ -148,27 +160,60 @@ pub fn batch(calls: &[ScriptCall]) -> ScriptCall {
     ScriptCall::new(keys, args)
 }
 
-/// [`batch`]'s `EVALSHA`, encoded straight from `calls` (a batch that is
-/// never sent again as a whole: the merged calls of several sessions). The
-/// numbers are written into one buffer, not a string each.
-pub fn batch_encoded(calls: &[ScriptCall]) -> Bytes {
-    let (shapes, own) = batch_arguments(calls);
-    let keys = calls.iter().map(|c| c.keys.len()).sum::<usize>();
-    // The key count, the call count, then each shape: their digits, one after another.
-    let mut digits = Vec::with_capacity(10 * (2 + shapes.len()));
-    let mut ends = Vec::with_capacity(2 + shapes.len());
-    for n in [keys, calls.len()].into_iter().chain(shapes) {
-        crate::resp::encode::push_decimal(&mut digits, n);
-        ends.push(digits.len());
+/// [`batch`]'s `EVALSHA`, written at the end of `out` straight from
+/// `calls` (a batch that is never sent again as a whole: the merged calls
+/// of several sessions, into the shared connection's write buffer). No
+/// allocation: the shared prefixes are counted on the stack, the numbers
+/// written in place.
+pub fn batch_encode_into(calls: &[ScriptCall], out: &mut impl bytes::BufMut) {
+    use crate::resp::encode::{put_command_header, put_number_word, put_word};
+    assert!(
+        calls.len() <= BATCH_MAX_OPS,
+        "a batch has at most {BATCH_MAX_OPS} calls"
+    );
+    let mut shared = [0usize; BATCH_MAX_OPS];
+    let (mut keys, mut own) = (0, 0);
+    let mut previous: &[Bytes] = &[];
+    for (i, call) in calls.iter().enumerate() {
+        shared[i] = shared_prefix(previous, &call.args);
+        keys += call.keys.len();
+        own += call.args.len() - shared[i];
+        previous = &call.args;
     }
-    let number = |i: usize| &digits[if i == 0 { 0 } else { ends[i - 1] }..ends[i]];
-    let mut words: Vec<&[u8]> = Vec::with_capacity(4 + keys + ends.len() + own.len());
-    words.extend([b"EVALSHA".as_slice(), sha().as_bytes(), number(0)]);
-    words.extend(calls.iter().flat_map(|c| c.keys.iter().map(|k| &k[..])));
-    words.push(b"batch");
-    words.extend((1..ends.len()).map(number));
-    words.extend(own.into_iter().map(|a| &a[..]));
-    command(&words)
+    put_command_header(out, 3 + keys + 2 + calls.len() + own);
+    put_word(out, b"EVALSHA");
+    put_word(out, sha().as_bytes());
+    put_number_word(out, keys);
+    for key in calls.iter().flat_map(|c| &c.keys) {
+        put_word(out, key);
+    }
+    put_word(out, b"batch");
+    put_number_word(out, calls.len());
+    for (call, shared) in calls.iter().zip(shared) {
+        put_number_word(out, shape(call, shared));
+    }
+    for (call, shared) in calls.iter().zip(shared) {
+        for arg in &call.args[shared..] {
+            put_word(out, arg);
+        }
+    }
+}
+
+/// A call's shape in a batch: `keys * 10^8 + arguments * 10^4 + shared`.
+fn shape(call: &ScriptCall, shared: usize) -> usize {
+    debug_assert!(call.keys.len() + call.args.len() <= BATCH_MAX_WORDS);
+    call.keys.len() * 100_000_000 + call.args.len() * 10_000 + shared
+}
+
+/// How many leading arguments `args` shares with `previous`. The policy's
+/// words most often are the same `Bytes` in both: compared by address
+/// first.
+fn shared_prefix(previous: &[Bytes], args: &[Bytes]) -> usize {
+    previous
+        .iter()
+        .zip(args)
+        .take_while(|(a, b)| a.len() == b.len() && (a.as_ptr() == b.as_ptr() || a[..] == b[..]))
+        .count()
 }
 
 /// Each call's shape, and the arguments of each call not shared with the
@@ -178,13 +223,8 @@ fn batch_arguments(calls: &[ScriptCall]) -> (Vec<usize>, Vec<&Bytes>) {
     let mut own = Vec::new();
     let mut previous: &[Bytes] = &[];
     for call in calls {
-        debug_assert!(call.keys.len() + call.args.len() <= BATCH_MAX_WORDS);
-        let shared = previous
-            .iter()
-            .zip(&call.args)
-            .take_while(|(a, b)| a == b)
-            .count();
-        shapes.push(call.keys.len() * 100_000_000 + call.args.len() * 10_000 + shared);
+        let shared = shared_prefix(previous, &call.args);
+        shapes.push(shape(call, shared));
         own.extend(&call.args[shared..]);
         previous = &call.args;
     }
@@ -235,7 +275,7 @@ pub fn fence_key(key: &[u8]) -> Vec<u8> {
         }
         // A key with a `}` but no tag cannot be wrapped into a tag; outside
         // Redis Cluster the slot does not matter.
-        None if key.contains(&b'}') => {
+        None if memchr::memchr(b'}', key).is_some() => {
             out = Vec::with_capacity(12 + key.len());
             out.extend_from_slice(b"cachefence::");
             out.extend_from_slice(key);
@@ -253,8 +293,8 @@ pub fn fence_key(key: &[u8]) -> Vec<u8> {
 /// Redis Cluster's hash tag: the bytes between the first `{` and the next
 /// `}`, if not empty.
 fn hash_tag(key: &[u8]) -> Option<&[u8]> {
-    let open = key.iter().position(|&b| b == b'{')?;
-    let close = key[open + 1..].iter().position(|&b| b == b'}')?;
+    let open = memchr::memchr(b'{', key)?;
+    let close = memchr::memchr(b'}', &key[open + 1..])?;
     (close > 0).then(|| &key[open + 1..open + 1 + close])
 }
 
@@ -289,21 +329,31 @@ mod tests {
         let one = ScriptCall::new(vec![b("k"), b("f")], vec![b("set"), b("1")]);
         let two = ScriptCall::new(vec![b("d"), b("g")], vec![b("write"), b("2"), b("1")]);
         let three = ScriptCall::new(vec![b("e"), b("h")], vec![b("write"), b("2"), b("9")]);
-        let calls = [one, two, three];
+        // The last the same words again (the same `Bytes`): all shared.
+        let calls = [one, two, three.clone(), three];
         let all = batch(&calls);
         // Encoded straight from the calls, the same bytes.
-        assert_eq!(batch_encoded(&calls), all.encode(false));
-        assert_eq!(all.keys, [b("k"), b("f"), b("d"), b("g"), b("e"), b("h")]);
+        let mut encoded = bytes::BytesMut::from(&b"before"[..]);
+        batch_encode_into(&calls, &mut encoded);
+        assert_eq!(encoded[6..], all.encode(false)[..]);
+        let mut alone = Vec::new();
+        calls[0].encode_into(&mut alone);
+        assert_eq!(alone, calls[0].encode(false));
+        assert_eq!(
+            all.keys,
+            [b("k"), b("f"), b("d"), b("g"), b("e"), b("h"), b("e"), b("h")]
+        );
         // Shapes: keys * 10^8 + arguments * 10^4 + arguments shared with the
         // call before; then only the arguments not shared.
         assert_eq!(
             all.args,
             [
                 "batch",
-                "3",
+                "4",
                 "200020000",
                 "200030000",
                 "200030002",
+                "200030003",
                 "set",
                 "1",
                 "write",

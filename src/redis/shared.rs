@@ -183,11 +183,53 @@ impl Job {
     }
 }
 
-/// What a job not merged writes: its bytes, or its call encoded.
-fn written(bytes: Bytes, call: Option<ScriptCall>) -> Bytes {
-    match call {
-        Some(call) if bytes.is_empty() => call.encode(false),
-        _ => bytes,
+/// What one write of a shared connection carries: the jobs' bytes in
+/// order. One job's bytes alone are written as they are; several are
+/// gathered in one buffer, kept from write to write (merged calls and
+/// unencoded ones are encoded straight into it: no allocation per batch).
+#[derive(Debug, Default)]
+struct Outgoing {
+    out: BytesMut,
+    alone: Option<Bytes>,
+    pieces: usize,
+}
+
+/// A buffer grown past this for one write is not kept for the next.
+const OUTGOING_KEPT: usize = 1 << 20;
+
+impl Outgoing {
+    /// What a job not merged writes: its bytes, or its call encoded.
+    fn push(&mut self, bytes: Bytes, call: Option<ScriptCall>) {
+        match call {
+            Some(call) if bytes.is_empty() => call.encode_into(self.buffer()),
+            _ if self.pieces == 0 => {
+                self.alone = Some(bytes);
+                self.pieces = 1;
+            }
+            _ => self.buffer().extend_from_slice(&bytes),
+        }
+    }
+
+    /// The buffer, to append one more piece to.
+    fn buffer(&mut self) -> &mut BytesMut {
+        if let Some(alone) = self.alone.take() {
+            self.out.extend_from_slice(&alone);
+        }
+        self.pieces += 1;
+        &mut self.out
+    }
+
+    fn bytes(&self) -> &[u8] {
+        self.alone.as_deref().unwrap_or(&self.out)
+    }
+
+    fn clear(&mut self) {
+        self.alone = None;
+        self.pieces = 0;
+        match self.out.capacity() > OUTGOING_KEPT {
+            true => self.out = BytesMut::new(),
+            false => self.out.clear(),
+        }
     }
 }
 
@@ -437,6 +479,8 @@ pub struct Router {
     /// Jobs written and not answered yet.
     routes: VecDeque<Entry>,
     scanner: ReplyScanner,
+    /// Where each element of a merged call's reply is ([`Router::split`]).
+    parts: Vec<std::ops::Range<usize>>,
 }
 
 #[derive(Debug)]
@@ -581,29 +625,29 @@ impl Router {
 
     /// After a [`Step::Split`]: the oldest job's reply `frame` (the
     /// `buf[..upto]` it named; its array at `start`) cut into each merged
-    /// session's reply, with the pushes before it going to the first. A
-    /// reply that is not an array of one element per call (an error for
-    /// the whole call: `-NOSCRIPT`, `-BUSY`, `-OOM` …) goes to each of
-    /// them, as each call alone would have got it.
-    pub fn split(&mut self, frame: &[u8], start: usize) -> Vec<(Route, Bytes)> {
+    /// session's reply, handed to `deliver` in order, with the pushes
+    /// before it going to the first. Each reply is a slice of `frame` (one
+    /// copy for them all). A reply that is not an array of one element per
+    /// call (an error for the whole call: `-NOSCRIPT`, `-BUSY`, `-OOM` …)
+    /// goes to each of them, as each call alone would have got it.
+    pub fn split(&mut self, frame: &Bytes, start: usize, mut deliver: impl FnMut(Route, Bytes)) {
         self.scanner.consume(frame.len());
         let Some(entry) = self.routes.pop_front() else {
-            return Vec::new();
+            return;
         };
-        let routes: Vec<Route> = std::iter::once(entry.route).chain(entry.merged).collect();
-        let parts = elements(&frame[start..], routes.len());
-        routes
-            .into_iter()
-            .enumerate()
-            .map(|(i, route)| {
-                let part = parts.as_ref().map_or(&frame[start..], |parts| parts[i]);
-                let bytes = match i {
-                    0 if start > 0 => [&frame[..start], part].concat().into(),
-                    _ => Bytes::copy_from_slice(part),
-                };
-                (route, bytes)
-            })
-            .collect()
+        let n = 1 + entry.merged.len();
+        let parts = elements(&frame[start..], n, &mut self.parts).then_some(&self.parts);
+        let routes = std::iter::once(entry.route).chain(entry.merged);
+        for (i, route) in routes.enumerate() {
+            let part = parts.map_or(start..frame.len(), |parts| {
+                start + parts[i].start..start + parts[i].end
+            });
+            let bytes = match i {
+                0 if start > 0 => [&frame[..start], &frame[part]].concat().into(),
+                _ => frame.slice(part),
+            };
+            deliver(route, bytes);
+        }
     }
 
     /// Every job still owed a reply: the connection failed.
@@ -614,22 +658,27 @@ impl Router {
     }
 }
 
-/// The `n` elements of `array` (one whole frame), or `None` if it is not
-/// an array of `n`.
-fn elements(array: &[u8], n: usize) -> Option<Vec<&[u8]>> {
-    let header_end = memchr::memmem::find(array, b"\r\n")?;
-    if array.first() != Some(&b'*') || array[1..header_end] != *n.to_string().as_bytes() {
-        return None;
+/// Whether `array` (one whole frame) is an array of `n` elements; if so
+/// `parts` holds where each is.
+fn elements(array: &[u8], n: usize, parts: &mut Vec<std::ops::Range<usize>>) -> bool {
+    parts.clear();
+    if array.first() != Some(&b'*') {
+        return false;
     }
-    let body = &array[header_end + 2..];
+    let Some(header_end) = memchr::memmem::find(array, b"\r\n") else {
+        return false;
+    };
+    if crate::resp::request::string2ll(&array[1..header_end]) != Some(n as i64) {
+        return false;
+    }
+    let body = header_end + 2;
     let mut scanner = ReplyScanner::default();
-    let mut parts = Vec::with_capacity(n);
-    let mut at = 0;
-    while let Ok(Some(frame)) = scanner.advance(body) {
-        parts.push(&body[at..frame.end]);
-        at = frame.end;
+    let mut at = body;
+    while let Ok(Some(frame)) = scanner.advance(&array[body..]) {
+        parts.push(at..body + frame.end);
+        at = body + frame.end;
     }
-    (parts.len() == n && at == body.len()).then_some(parts)
+    parts.len() == n && at == array.len()
 }
 
 /// Turns runs of jobs that are each one fence script call into one batch
@@ -640,17 +689,17 @@ fn elements(array: &[u8], n: usize) -> Option<Vec<&[u8]>> {
 /// passes another of its session), and its reply is the element of the
 /// batch's that is what it alone would have answered. Returns what to
 /// write, with the jobs routed in order.
-fn merge(router: &Mutex<Router>, jobs: &mut Vec<Job>, batch: &mut Vec<Bytes>, metrics: &Metrics, may: bool) {
+fn merge(router: &Mutex<Router>, jobs: &mut Vec<Job>, outgoing: &mut Outgoing, metrics: &Metrics, may: bool) {
     let mut router = lock(router);
     let mut jobs = jobs.drain(..).peekable();
+    let mut calls = Vec::new();
     while let Some(job) = jobs.next() {
         let mergeable = |job: &Job| may && job.call.is_some() && job.frames == 1 && !job.eof;
         if !mergeable(&job) || !jobs.peek().is_some_and(mergeable) {
             answer_locked(&mut router, job.route, job.frames, job.eof);
-            batch.push(written(job.bytes, job.call));
+            outgoing.push(job.bytes, job.call);
             continue;
         }
-        let mut calls = Vec::with_capacity(8);
         let mut routes = Vec::with_capacity(8);
         calls.push(job.call.expect("mergeable"));
         routes.push(job.route);
@@ -665,7 +714,8 @@ fn merge(router: &Mutex<Router>, jobs: &mut Vec<Job>, batch: &mut Vec<Bytes>, me
         }
         metrics.shared_merged.add(calls.len() as u64);
         router.push_merged(routes);
-        batch.push(script::batch_encoded(&calls));
+        script::batch_encode_into(&calls, outgoing.buffer());
+        calls.clear();
     }
 }
 
@@ -685,10 +735,10 @@ fn lock(router: &Mutex<Router>) -> std::sync::MutexGuard<'_, Router> {
     router.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Queues a job's route and hands back its bytes to write.
-fn route(router: &Mutex<Router>, job: Job) -> Bytes {
+/// Queues a job's route and adds its bytes to what is written.
+fn route(router: &Mutex<Router>, job: Job, outgoing: &mut Outgoing) {
     answer(router, job.route, job.frames, job.eof);
-    written(job.bytes, job.call)
+    outgoing.push(job.bytes, job.call);
 }
 
 /// Runs one shared connection until it fails. `silence`: how long Redis
@@ -703,8 +753,7 @@ async fn serve(
     let (mut rd, mut wr) = tokio::io::split(stream);
     let router = Mutex::new(Router::default());
     let writer = async {
-        let mut out = BytesMut::new();
-        let mut batch: Vec<Bytes> = Vec::new();
+        let mut outgoing = Outgoing::default();
         let mut gathered: Vec<Job> = Vec::new();
         // Batches left to gather with a yield since one carried several jobs.
         let (mut busy, mut writes) = (0u32, 0u32);
@@ -715,7 +764,7 @@ async fn serve(
             // Routed before any await: if the connection fails meanwhile,
             // the job is answered (`Chunk::Lost`) with the others.
             let mut size = first.size();
-            batch.push(route(&router, first));
+            route(&router, first, &mut outgoing);
             // While several sessions are busy, the ones woken by the same
             // readiness event queue their jobs first: one write carries them
             // all, and Redis reads them in one call (the task that wakes
@@ -743,17 +792,9 @@ async fn serve(
             };
             let calls = gathered.iter().filter(|job| job.call.is_some()).count();
             let may_merge = calls > 1 && merging.allowed();
-            merge(&router, &mut gathered, &mut batch, &metrics, may_merge);
-            let written = if batch.len() == 1 {
-                wr.write_all(&batch[0]).await
-            } else {
-                out.clear();
-                for bytes in &batch {
-                    out.extend_from_slice(bytes);
-                }
-                wr.write_all(&out).await
-            };
-            batch.clear();
+            merge(&router, &mut gathered, &mut outgoing, &metrics, may_merge);
+            let written = wr.write_all(outgoing.bytes()).await;
+            outgoing.clear();
             if let Err(error) = written.and(wr.flush().await) {
                 return error.to_string();
             }
@@ -806,10 +847,16 @@ async fn serve(
                         }
                     }
                     Ok(Step::Split { start, upto }) => {
-                        for (to, bytes) in router.split(&buf[..upto], start) {
-                            to.deliver(bytes, true, &metrics);
-                        }
-                        buf.advance(upto);
+                        // Copied whole when small, as a delivered piece is.
+                        let frame = match upto < READ_CHUNK {
+                            true => {
+                                let frame = Bytes::copy_from_slice(&buf[..upto]);
+                                buf.advance(upto);
+                                frame
+                            }
+                            false => buf.split_to(upto).freeze(),
+                        };
+                        router.split(&frame, start, |to, bytes| to.deliver(bytes, true, &metrics));
                     }
                     Err(error) => return format!("sent bytes that are not RESP: {error}"),
                 }

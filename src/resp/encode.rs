@@ -2,7 +2,7 @@
 //! `redis-protocol` so that they follow the protocol exactly (a command,
 //! the hot one, is written directly and tested against it).
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use redis_protocol::resp2::encode::extend_encode;
 use redis_protocol::resp2::types::BytesFrame;
 
@@ -62,6 +62,55 @@ fn digits(n: usize) -> usize {
     }
 }
 
+/// `*<n>\r\n` at the end of `out`: the header of a command of `n` words
+/// whose words [`put_word`] then appends (no buffer of its own, for one
+/// that is reused).
+pub fn put_command_header(out: &mut impl BufMut, n: usize) {
+    out.put_u8(b'*');
+    put_decimal(out, n);
+    out.put_slice(b"\r\n");
+}
+
+/// `$<len>\r\n<word>\r\n` at the end of `out`.
+pub fn put_word(out: &mut impl BufMut, word: &[u8]) {
+    out.put_u8(b'$');
+    put_decimal(out, word.len());
+    out.put_slice(b"\r\n");
+    out.put_slice(word);
+    out.put_slice(b"\r\n");
+}
+
+/// `n` in decimal as a command's word, at the end of `out`.
+pub fn put_number_word(out: &mut impl BufMut, n: usize) {
+    let mut text = [0u8; 20];
+    let at = decimal_at(&mut text, n);
+    put_word(out, &text[at..]);
+}
+
+fn put_decimal(out: &mut impl BufMut, n: usize) {
+    match n {
+        0..=9 => out.put_u8(b'0' + n as u8),
+        _ => {
+            let mut text = [0u8; 20];
+            let at = decimal_at(&mut text, n);
+            out.put_slice(&text[at..]);
+        }
+    }
+}
+
+/// Writes `n` at the end of `text`; returns where it starts.
+fn decimal_at(text: &mut [u8; 20], mut n: usize) -> usize {
+    let mut at = text.len();
+    loop {
+        at -= 1;
+        text[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return at;
+        }
+    }
+}
+
 pub(crate) fn push_decimal(buf: &mut Vec<u8>, n: usize) {
     match n {
         // Most lengths in a command: a digit or two.
@@ -69,15 +118,7 @@ pub(crate) fn push_decimal(buf: &mut Vec<u8>, n: usize) {
         10..=99 => buf.extend_from_slice(&[b'0' + (n / 10) as u8, b'0' + (n % 10) as u8]),
         _ => {
             let mut text = [0u8; 20];
-            let (mut at, mut n) = (text.len(), n);
-            loop {
-                at -= 1;
-                text[at] = b'0' + (n % 10) as u8;
-                n /= 10;
-                if n == 0 {
-                    break;
-                }
-            }
+            let at = decimal_at(&mut text, n);
             buf.extend_from_slice(&text[at..]);
         }
     }
@@ -131,7 +172,21 @@ mod tests {
                     .collect(),
             );
             assert_eq!(command(&args), encode(&frame), "{} args", args.len());
+            // The same, word by word into a reused buffer.
+            let mut out = BytesMut::from(&b"before"[..]);
+            put_command_header(&mut out, args.len());
+            args.iter().for_each(|a| put_word(&mut out, a));
+            assert_eq!(out[6..], encode(&frame)[..], "{} args, put", args.len());
         }
+        let mut out = Vec::new();
+        for n in [0, 7, 10, 99, 12_345, usize::MAX] {
+            put_number_word(&mut out, n);
+        }
+        let words: Vec<String> = ["0", "7", "10", "99", "12345", &usize::MAX.to_string()]
+            .iter()
+            .map(|n| format!("${}\r\n{n}\r\n", n.len()))
+            .collect();
+        assert_eq!(String::from_utf8(out).unwrap(), words.concat());
     }
 
     #[test]

@@ -38,10 +38,10 @@ fn feed(router: &mut Router, pieces: &[&[u8]]) -> Result<(), MalformedReply> {
                     to.send(Chunk::Data { bytes, last });
                 }
                 Step::Split { start, upto } => {
-                    for (to, bytes) in router.split(&buf[..upto], start) {
-                        to.send(Chunk::Data { bytes, last: true });
-                    }
-                    buf.advance(upto);
+                    let frame = buf.split_to(upto).freeze();
+                    router.split(&frame, start, |to, bytes| {
+                        to.send(Chunk::Data { bytes, last: true })
+                    });
                 }
             }
         }
@@ -235,15 +235,16 @@ fn calls_next_to_each_other_are_merged_in_order() {
         receivers.push(rx);
         jobs.push(job(call, to));
     }
-    let mut batch_out = Vec::new();
-    merge(&router, &mut jobs, &mut batch_out, &metrics, true);
+    let mut outgoing = Outgoing::default();
+    merge(&router, &mut jobs, &mut outgoing, &metrics, true);
     assert_eq!(
-        batch_out,
+        outgoing.bytes(),
         [
             batch(&[call("a"), call("b")]).encode(false),
             Bytes::from_static(b"*1\r\n$4\r\nPING\r\n"),
             batch(&[call("c"), call("d"), call("e")]).encode(false),
         ]
+        .concat()
     );
     assert_eq!(metrics.shared_merged.get(), 5);
     let mut router = router.into_inner().unwrap();
@@ -291,8 +292,8 @@ fn unencoded_calls_are_encoded_where_they_are_written_alone() {
             });
         }
         assert_eq!(jobs[0].size(), call("a").weight() + 64);
-        let mut out = Vec::new();
-        merge(&router, &mut jobs, &mut out, &metrics, may);
+        let mut outgoing = Outgoing::default();
+        merge(&router, &mut jobs, &mut outgoing, &metrics, may);
         let expected = match may {
             true => vec![
                 call("a").encode(false),
@@ -306,14 +307,31 @@ fn unencoded_calls_are_encoded_where_they_are_written_alone() {
                 call("c").encode(false),
             ],
         };
-        assert_eq!(out, expected, "merging allowed: {may}");
+        assert_eq!(outgoing.bytes(), expected.concat(), "merging allowed: {may}");
     }
     let router = Mutex::new(Router::default());
     let (to, _rx) = route();
-    assert_eq!(
-        super::route(&router, unencoded(call("d"), to)),
-        call("d").encode(false)
-    );
+    let mut outgoing = Outgoing::default();
+    super::route(&router, unencoded(call("d"), to), &mut outgoing);
+    assert_eq!(outgoing.bytes(), call("d").encode(false));
+    // One job's bytes alone are written as they are; a buffer grown big
+    // for one write is not kept.
+    let (to, _rx) = route();
+    let big = Bytes::from(vec![b'x'; 2 << 20]);
+    let job = Job {
+        bytes: big.clone(),
+        frames: 1,
+        eof: false,
+        route: to,
+        call: None,
+    };
+    outgoing.clear();
+    super::route(&router, job, &mut outgoing);
+    assert_eq!(outgoing.bytes().as_ptr(), big.as_ptr());
+    outgoing.buffer().extend_from_slice(b"more");
+    assert_eq!(outgoing.bytes().len(), big.len() + 4);
+    outgoing.clear();
+    assert_eq!(outgoing.out.capacity(), 0);
 }
 
 /// A connection to a master that a Sentinel failover replaced is not
