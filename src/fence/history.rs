@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -150,6 +150,9 @@ pub struct History {
     /// Keys in the order first recorded, for the global bounds.
     order: Mutex<Order>,
     max_keys: AtomicUsize,
+    /// Whether any key was ever recorded: until then a write has no
+    /// history to look up (a write-only workload never pays the lookup).
+    any: AtomicBool,
 }
 
 impl History {
@@ -158,6 +161,7 @@ impl History {
             keys: DashMap::new(),
             order: Mutex::new(Order::default()),
             max_keys: AtomicUsize::new(max_keys),
+            any: AtomicBool::new(false),
         }
     }
 
@@ -187,6 +191,7 @@ impl History {
                 return;
             }
             dashmap::Entry::Vacant(slot) => {
+                self.any.store(true, Ordering::Relaxed);
                 push(slot.insert(VecDeque::with_capacity(4)).value_mut(), event);
             }
         }
@@ -207,9 +212,12 @@ impl History {
     /// before it; a key only ever written has nothing to explain, and a
     /// history entry per write would cost a pipelined write as much as the
     /// rest of its way through the proxy (`bench/fences.sh`).
-    pub fn record_if_known(&self, key: &[u8], event: Event) {
+    pub fn record_if_known(&self, key: &[u8], event: impl FnOnce() -> Event) {
+        if !self.any.load(Ordering::Relaxed) {
+            return;
+        }
         if let Some(mut events) = self.keys.get_mut(key) {
-            push(&mut events, event);
+            push(&mut events, event());
         }
     }
 
@@ -292,11 +300,11 @@ mod tests {
     #[test]
     fn a_write_is_recorded_only_where_the_key_has_a_history() {
         let history = History::new(10);
-        history.record_if_known(b"a", Event::now(1, What::Write));
+        history.record_if_known(b"a", || Event::now(1, What::Write));
         assert!(history.explain(b"a").is_empty());
         assert_eq!(history.len(), 0, "no entry made for it");
         history.record(b"a", Event::now(1, What::Miss { version: 7 }));
-        history.record_if_known(b"a", Event::now(2, What::Write));
+        history.record_if_known(b"a", || Event::now(2, What::Write));
         let whats: Vec<What> = history.explain(b"a").iter().map(|e| e.what).collect();
         assert_eq!(whats, [What::Miss { version: 7 }, What::Write]);
     }

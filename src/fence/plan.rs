@@ -394,7 +394,7 @@ impl Client<'_> {
         };
         let miss = self.next_miss();
         let mut call = self.miss_call(&key, policy, claim, miss);
-        call.words_mut().args.push(Bytes::from_static(b"get"));
+        call.edit(|_, args| args.push(Bytes::from_static(b"get")));
         self.fences.stats.direct_reads.inc();
         let reply = ScriptReply::Miss {
             key,
@@ -475,7 +475,7 @@ pub(crate) fn command_call(
 /// client's command stored goes.
 pub(crate) fn after_command(mut call: ScriptCall, reply: &ScriptReply) -> ScriptCall {
     if !matches!(reply, ScriptReply::Ok { .. }) {
-        call.words_mut().args.truncate(COMMAND_AT);
+        call.edit(|_, args| args.truncate(COMMAND_AT));
     }
     call
 }

@@ -41,6 +41,9 @@ pub struct ScriptCall(Arc<CallWords>);
 pub struct CallWords {
     pub keys: Vec<Bytes>,
     pub args: Vec<Bytes>,
+    /// Bytes of its keys and arguments, summed once (an expectation counts
+    /// it when pushed and when popped).
+    weight: usize,
 }
 
 impl std::ops::Deref for ScriptCall {
@@ -53,17 +56,20 @@ impl std::ops::Deref for ScriptCall {
 
 impl ScriptCall {
     pub fn new(keys: Vec<Bytes>, args: Vec<Bytes>) -> ScriptCall {
-        ScriptCall(Arc::new(CallWords { keys, args }))
+        let weight = weigh(&keys, &args);
+        ScriptCall(Arc::new(CallWords { keys, args, weight }))
     }
 
-    /// Its words to change (copied first if the call is shared).
-    pub fn words_mut(&mut self) -> &mut CallWords {
-        Arc::make_mut(&mut self.0)
+    /// Changes its keys and arguments (copied first if the call is shared).
+    pub fn edit(&mut self, change: impl FnOnce(&mut Vec<Bytes>, &mut Vec<Bytes>)) {
+        let words = Arc::make_mut(&mut self.0);
+        change(&mut words.keys, &mut words.args);
+        words.weight = weigh(&words.keys, &words.args);
     }
 
     /// Bytes of its keys and arguments (what an expectation keeps of it).
     pub fn weight(&self) -> usize {
-        self.keys.iter().chain(&self.args).map(|b| b.len()).sum()
+        self.weight
     }
 
     /// Its `EVALSHA` (as `encode(false)`), written at the end of `out`.
@@ -86,6 +92,10 @@ impl ScriptCall {
             false => call(&keys, &args),
         }
     }
+}
+
+fn weigh(keys: &[Bytes], args: &[Bytes]) -> usize {
+    keys.iter().chain(args).map(|b| b.len()).sum()
 }
 
 /// The script as it is sent: [`SOURCE`] without its comment lines, blank

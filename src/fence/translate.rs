@@ -420,7 +420,7 @@ impl Client<'_> {
     /// held misses woken.
     fn wrote(&self, key: &Bytes, db: u32) {
         self.fences.stats.writes.inc();
-        let event = super::history::Event::now(self.connection, What::Write);
+        let event = || super::history::Event::now(self.connection, What::Write);
         self.fences.history.record_if_known(key, event);
         self.fences.epilogue.after_write(db, std::slice::from_ref(key));
     }

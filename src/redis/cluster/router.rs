@@ -1446,7 +1446,7 @@ fn rebound(failovers: &Failovers, ops: &mut [ScriptCall]) -> bool {
                     continue;
                 };
                 if let Some(bound) = failovers.ticket_bound(Duration::from_micros(lease)) {
-                    op.words_mut().args[8] = Bytes::from(bound.as_micros().to_string());
+                    op.edit(|_, args| args[8] = Bytes::from(bound.as_micros().to_string()));
                     changed = true;
                 }
             }
@@ -1459,7 +1459,7 @@ fn rebound(failovers: &Failovers, ops: &mut [ScriptCall]) -> bool {
                 let Some(lease) = lease else { continue };
                 let limit = old.unwrap_or(lease);
                 if let Some(bound) = failovers.ticket_bound(Duration::from_micros(limit)) {
-                    op.words_mut().args[3] = Bytes::from(format!("{lease},{}", bound.as_micros()));
+                    op.edit(|_, args| args[3] = Bytes::from(format!("{lease},{}", bound.as_micros())));
                     changed = true;
                 }
             }
