@@ -44,6 +44,11 @@ const QUEUED_JOBS: usize = 4096;
 const WRITE_BATCH: usize = 256 * 1024;
 /// Bytes per read from a shared connection, and the least free space.
 const READ_CHUNK: usize = 64 * 1024;
+
+/// A merged call's reply up to this size is handed out as slices of one
+/// copy (a batch of writes answers a few bytes per call); a bigger one
+/// (values read by direct reads) is copied per session.
+const SLICED_REPLY_MAX: usize = 4 * 1024;
 /// Batches gathered with a yield after one that carried several jobs.
 const BUSY_BATCHES: u32 = 16;
 /// Without that, one batch in this many is gathered with a yield anyway.
@@ -627,7 +632,7 @@ impl Router {
     /// `buf[..upto]` it named; its array at `start`) cut into each merged
     /// session's reply, handed to `deliver` in order, with the pushes
     /// before it going to the first. Each reply is a slice of `frame` (one
-    /// copy for them all). A reply that is not an array of one element per
+    /// copy for them all) where `frame` is small. A reply that is not an array of one element per
     /// call (an error for the whole call: `-NOSCRIPT`, `-BUSY`, `-OOM` …)
     /// goes to each of them, as each call alone would have got it.
     pub fn split(&mut self, frame: &Bytes, start: usize, mut deliver: impl FnMut(Route, Bytes)) {
@@ -644,7 +649,10 @@ impl Router {
             });
             let bytes = match i {
                 0 if start > 0 => [&frame[..start], &frame[part]].concat().into(),
-                _ => frame.slice(part),
+                _ if frame.len() <= SLICED_REPLY_MAX => frame.slice(part),
+                // A slice would keep the whole batch reply alive while its
+                // client is slow, though its backlog counts only its own part.
+                _ => Bytes::copy_from_slice(&frame[part]),
             };
             deliver(route, bytes);
         }

@@ -186,6 +186,23 @@ fn a_merged_call_reply_is_split_among_its_sessions() {
         received(&mut [rb, rc]),
         [vec![">2\r\n$1\r\np\r\n:1\r\n*1\r\n:1\r\n|"], vec![":2\r\n|"]]
     );
+    // Small, each reply is a slice of the one copy; big (values), each is
+    // a copy of its own: no slow client keeps the others' values alive.
+    for (value, sliced) in [(8, true), (8 * 1024, false)] {
+        let mut router = Router::default();
+        let (b, _rb) = route();
+        let (c, _rc) = route();
+        router.push_merged(vec![b, c]);
+        let value = "v".repeat(value);
+        let frame = Bytes::from(format!("*2\r\n+OK\r\n${}\r\n{value}\r\n", value.len()));
+        assert!(matches!(router.step(&frame), Ok(Step::Split { start: 0, .. })));
+        let mut got = Vec::new();
+        router.split(&frame, 0, |_, bytes| got.push(bytes));
+        assert_eq!(got[0], "+OK\r\n");
+        assert_eq!(got[1], format!("${}\r\n{value}\r\n", value.len()));
+        let inside = |b: &Bytes| frame.as_ptr_range().contains(&b.as_ptr());
+        assert_eq!(got.iter().all(inside), sliced, "{} bytes", frame.len());
+    }
 }
 
 /// Jobs that are one script call each, next to each other, become one
