@@ -749,6 +749,20 @@ fn route(router: &Mutex<Router>, job: Job, outgoing: &mut Outgoing) {
     outgoing.push(job.bytes, job.call);
 }
 
+/// Takes the first `upto` bytes of the read buffer. A small piece is
+/// copied: a slice would keep the whole read buffer alive while its client
+/// is slow.
+fn take_front(buf: &mut BytesMut, upto: usize) -> Bytes {
+    match upto < READ_CHUNK {
+        true => {
+            let bytes = Bytes::copy_from_slice(&buf[..upto]);
+            buf.advance(upto);
+            bytes
+        }
+        false => buf.split_to(upto).freeze(),
+    }
+}
+
 /// Runs one shared connection until it fails. `silence`: how long Redis
 /// may stay silent while it owes a reply (`reply_timeout`).
 async fn serve(
@@ -840,30 +854,13 @@ async fn serve(
                 match router.step(&buf) {
                     Ok(Step::More) => break,
                     Ok(Step::Deliver { upto, last }) => {
-                        // A small piece is copied: a slice would keep the
-                        // whole read buffer alive while its client is slow.
-                        let bytes = match upto < READ_CHUNK {
-                            true => {
-                                let bytes = Bytes::copy_from_slice(&buf[..upto]);
-                                buf.advance(upto);
-                                bytes
-                            }
-                            false => buf.split_to(upto).freeze(),
-                        };
+                        let bytes = take_front(&mut buf, upto);
                         if let Some(to) = router.consumed(upto, last) {
                             to.deliver(bytes, last, &metrics);
                         }
                     }
                     Ok(Step::Split { start, upto }) => {
-                        // Copied whole when small, as a delivered piece is.
-                        let frame = match upto < READ_CHUNK {
-                            true => {
-                                let frame = Bytes::copy_from_slice(&buf[..upto]);
-                                buf.advance(upto);
-                                frame
-                            }
-                            false => buf.split_to(upto).freeze(),
-                        };
+                        let frame = take_front(&mut buf, upto);
                         router.split(&frame, start, |to, bytes| to.deliver(bytes, true, &metrics));
                     }
                     Err(error) => return format!("sent bytes that are not RESP: {error}"),
