@@ -119,8 +119,9 @@ impl<'a> Client<'a> {
     /// A write without a ticket of `keys`, recorded where they have a
     /// history ([`super::history::History::record_if_known`]).
     pub(super) fn record_written(&self, keys: &[Bytes]) {
+        let event = || Event::now(self.connection, What::Write);
         for key in keys {
-            (self.fences.history).record_if_known(key, || Event::now(self.connection, What::Write));
+            self.fences.history.record_if_known(key, event);
         }
     }
 

@@ -173,8 +173,8 @@ pub fn batch(calls: &[ScriptCall]) -> ScriptCall {
 /// [`batch`]'s `EVALSHA`, written at the end of `out` straight from
 /// `calls` (a batch that is never sent again as a whole: the merged calls
 /// of several sessions, into the shared connection's write buffer). No
-/// allocation: the shared prefixes are counted on the stack, the numbers
-/// written in place.
+/// allocation of its own: the shared prefixes are counted on the stack,
+/// the numbers written in place.
 pub fn batch_encode_into(calls: &[ScriptCall], out: &mut impl bytes::BufMut) {
     use crate::resp::encode::{put_command_header, put_number_word, put_word};
     assert!(

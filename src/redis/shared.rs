@@ -631,10 +631,10 @@ impl Router {
     /// After a [`Step::Split`]: the oldest job's reply `frame` (the
     /// `buf[..upto]` it named; its array at `start`) cut into each merged
     /// session's reply, handed to `deliver` in order, with the pushes
-    /// before it going to the first. Each reply is a slice of `frame` (one
-    /// copy for them all) where `frame` is small. A reply that is not an array of one element per
-    /// call (an error for the whole call: `-NOSCRIPT`, `-BUSY`, `-OOM` …)
-    /// goes to each of them, as each call alone would have got it.
+    /// before it going to the first. Where `frame` is small each reply is
+    /// a slice of it. A reply that is not an array of one element per call
+    /// (an error for the whole call: `-NOSCRIPT`, `-BUSY`, `-OOM` …) goes to
+    /// each of them, as each call alone would have got it.
     pub fn split(&mut self, frame: &Bytes, start: usize, mut deliver: impl FnMut(Route, Bytes)) {
         self.scanner.consume(frame.len());
         let Some(entry) = self.routes.pop_front() else {
@@ -695,8 +695,8 @@ fn elements(array: &[u8], n: usize, parts: &mut Vec<std::ops::Range<usize>>) -> 
 /// instead of once per client. Each session's call keeps its place among
 /// the others (a run is jobs next to each other in the queue, so no job
 /// passes another of its session), and its reply is the element of the
-/// batch's that is what it alone would have answered. Returns what to
-/// write, with the jobs routed in order.
+/// batch's that is what it alone would have answered. What to write goes
+/// into `outgoing`, with the jobs routed in order.
 fn merge(router: &Mutex<Router>, jobs: &mut Vec<Job>, outgoing: &mut Outgoing, metrics: &Metrics, may: bool) {
     let mut router = lock(router);
     let mut jobs = jobs.drain(..).peekable();
