@@ -196,7 +196,6 @@ impl Job {
 struct Outgoing {
     out: BytesMut,
     alone: Option<Bytes>,
-    pieces: usize,
 }
 
 /// A buffer grown past this for one write is not kept for the next.
@@ -207,10 +206,8 @@ impl Outgoing {
     fn push(&mut self, bytes: Bytes, call: Option<ScriptCall>) {
         match call {
             Some(call) if bytes.is_empty() => call.encode_into(self.buffer()),
-            _ if self.pieces == 0 => {
-                self.alone = Some(bytes);
-                self.pieces = 1;
-            }
+            // The first piece: kept aside until another comes.
+            _ if self.alone.is_none() && self.out.is_empty() => self.alone = Some(bytes),
             _ => self.buffer().extend_from_slice(&bytes),
         }
     }
@@ -220,7 +217,6 @@ impl Outgoing {
         if let Some(alone) = self.alone.take() {
             self.out.extend_from_slice(&alone);
         }
-        self.pieces += 1;
         &mut self.out
     }
 
@@ -230,7 +226,6 @@ impl Outgoing {
 
     fn clear(&mut self) {
         self.alone = None;
-        self.pieces = 0;
         match self.out.capacity() > OUTGOING_KEPT {
             true => self.out = BytesMut::new(),
             false => self.out.clear(),
